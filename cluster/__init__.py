@@ -1,0 +1,1 @@
+"""cluster: everything that touches Ray or storage."""

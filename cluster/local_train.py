@@ -1,0 +1,75 @@
+"""`vaegen train` in one process: dataset from storage → vae_core.fit → a model version in the registry."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from vae_core.artifacts import model_version_files
+from vae_core.config import TrainJobConfig, to_dict
+from vae_core.models import build_model
+from vae_core.train import EpochMetrics, ImageSet, evaluate, fit, iterate_batches, split_train_val
+
+from .datasets import bind_model_to_dataset, read_manifest, read_split
+from .registry import ModelRef, Registry
+from .storage import open_storage
+
+
+@dataclass
+class TrainResult:
+    ref: ModelRef
+    history: list[EpochMetrics]
+    summary: dict
+
+
+def to_image_set(split) -> ImageSet:
+    return ImageSet(torch.from_numpy(split.images), torch.from_numpy(split.labels))
+
+
+def train_single_process(job: TrainJobConfig, progress: bool = True) -> TrainResult:
+    storage = open_storage(job.storage, for_writing=True)
+    manifest = read_manifest(storage, job.dataset)
+    model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
+    job = replace(job, model=model_cfg)
+    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images)
+    train_set, val_set = split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
+    torch.manual_seed(job.train.seed)
+    model = build_model(model_cfg)
+
+    started = time.perf_counter()
+    with tqdm(total=job.train.epochs, unit="epoch", desc=f"train {job.name}", disable=not progress) as bar:
+        def on_epoch(m: EpochMetrics) -> None:
+            bar.set_postfix(loss=f"{m.loss:.1f}", val=f"{m.val_loss:.1f}", kl=f"{m.kl:.1f}",
+                            img_s=f"{m.images_per_s:,.0f}")
+            bar.update()
+        result = fit(model, train_set, val_set, job.train, on_epoch)
+    summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+               "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+               "train_images": len(train_set), "val_images": len(val_set),
+               "seconds": time.perf_counter() - started, "workers": 1}
+    summary.update(score_on_test_split(storage, job, model))
+    files = model_version_files(
+        model, result.history, summary=summary,
+        config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
+        val_images=val_set.images, val_labels=val_set.labels)
+    ref = Registry(storage).publish(job.name, files)
+    return TrainResult(ref, result.history, summary)
+
+
+def score_on_test_split(storage, job: TrainJobConfig, model) -> dict:
+    """Loss per image on the test split (the figure papers quote), when the dataset has one."""
+    manifest = read_manifest(storage, job.dataset)
+    if "test" not in manifest["splits"]:
+        return {}
+    test = to_image_set(read_split(storage, job.dataset, "test"))
+    means = evaluate(model, iterate_batches(test, 1024), job.train)
+    return {"test_loss": means["loss"], "test_recon": means["recon"], "test_kl": means["kl"],
+            "test_images": len(test)}
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()

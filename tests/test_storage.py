@@ -1,0 +1,87 @@
+"""Storage: one API over a local folder and S3 (moto server over HTTP), atomic publish, clear errors."""
+import pytest
+
+from cluster.storage import Storage, open_storage
+from vae_core.config import StorageConfig
+from vae_core.errors import VaegenError
+
+
+def test_publish_read_list_round_trip(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    assert storage.publish("a/b/one.bin", b"hello")
+    storage.publish("a/two.bin", b"x" * 10)
+    assert storage.read_bytes("a/b/one.bin") == b"hello"
+    assert storage.exists("a/two.bin") and not storage.exists("a/missing.bin")
+    assert [e.key for e in storage.list("a", recursive=True)] == ["a/b/one.bin", "a/two.bin"]
+    assert [(e.key, e.size) for e in storage.list("a")] == [("a/two.bin", 10)]
+    assert storage.list("nothing-here") == []
+
+
+def test_publish_if_absent_keeps_the_first_object(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    assert storage.publish("k.bin", b"first", if_absent=True) is True
+    assert storage.publish("k.bin", b"second", if_absent=True) is False
+    assert storage.read_bytes("k.bin") == b"first"
+    storage.publish("k.bin", b"third")                     # plain publish replaces
+    assert storage.read_bytes("k.bin") == b"third"
+
+
+def test_local_publish_leaves_no_temp_files(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    storage.publish("x/y.bin", b"data")
+    storage.publish("x/y.bin", b"data2", if_absent=True)
+    assert [e.key for e in storage.list("x")] == ["x/y.bin"]
+
+
+def test_s3_listing_skips_directory_marker_keys(s3_storage_config):
+    storage = open_storage(s3_storage_config, for_writing=True)
+    storage.s3_client.put_object(Bucket=storage.bucket, Key=storage.object_key("d/"), Body=b"")
+    storage.publish("d/real.bin", b"1")
+    assert [e.key for e in storage.list("d")] == ["d/real.bin"]
+
+
+def test_storage_pickles_without_its_client(s3_storage_config):
+    import pickle
+    storage = open_storage(s3_storage_config, for_writing=True)
+    storage.publish("p.bin", b"1")
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone.read_bytes("p.bin") == b"1"
+
+
+def test_endpoint_comes_from_aws_endpoint_url(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    storage = open_storage(StorageConfig(root="s3://vaegen-test/env-endpoint"), for_writing=True)
+    assert storage.publish("e.bin", b"1") and storage.read_bytes("e.bin") == b"1"
+
+
+@pytest.mark.parametrize("root, message", [
+    ("gs://bucket/x", "unsupported storage URI scheme 'gs'"),
+    ("s3:///no-bucket", "names no bucket"),
+])
+def test_bad_uris_are_refused(root, message):
+    with pytest.raises(VaegenError, match=message):
+        Storage(StorageConfig(root=root))
+
+
+def test_missing_bucket_is_one_clear_error(s3_server):
+    with pytest.raises(VaegenError, match="bucket 'no-such-bucket' does not exist"):
+        open_storage(StorageConfig(root="s3://no-such-bucket/x", s3_endpoint=s3_server), for_writing=True)
+
+
+def test_unreachable_endpoint_fails_fast():
+    from conftest import free_port
+    cfg = StorageConfig(root="s3://b/x", s3_endpoint=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(VaegenError, match="cannot reach the S3 endpoint"):
+        open_storage(cfg, for_writing=True)
+
+
+def test_unwritable_local_root(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VaegenError, match="is not writable"):
+        open_storage(StorageConfig(root=str(tmp_path / "file" / "root")), for_writing=True)
+
+
+def test_reading_a_missing_key_names_it(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    with pytest.raises(VaegenError, match="missing.bin does not exist"):
+        storage.read_bytes("missing.bin")

@@ -1,0 +1,148 @@
+"""One dataclass tree for every job: built by jobs/ from flags, serialised into every model version and
+job manifest, re-typed once at each process boundary (Ray workers and actors get plain dicts)."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import VaegenError
+
+ARCHS = ("mlp", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise VaegenError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: str = "mlp"                                # mlp (the reference design) | conv
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W); None = taken from the dataset
+    hidden_dim: int = 400
+    latent_dim: int = 20
+    num_classes: int = 0                             # > 0: class-conditional (one-hot into encoder and decoder)
+    likelihood: str = "bernoulli"                    # bernoulli | gaussian
+    sigma: float = 0.0                               # gaussian only: fixed σ; 0 means learned
+    conv_channels: tuple[int, ...] = (32, 64)        # conv only: one stride-2 layer each
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, f"--model={self.arch!r} must be one of {', '.join(ARCHS)}")
+        _require(self.likelihood in LIKELIHOODS,
+                 f"--likelihood={self.likelihood!r} must be one of {', '.join(LIKELIHOODS)}")
+        _require(self.image_shape is None or len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
+                 f"image shape {self.image_shape} must be three positive sizes (C, H, W)")
+        _require(self.latent_dim > 0, f"--latent-dim={self.latent_dim} must be > 0")
+        _require(self.hidden_dim > 0, f"--hidden-dim={self.hidden_dim} must be > 0")
+        _require(self.num_classes >= 0, f"--num-classes={self.num_classes} must be >= 0")
+        _require(self.sigma >= 0, f"--sigma={self.sigma} must be >= 0 (0 = learned)")
+        if self.arch == "conv" and self.image_shape is not None:
+            stride = 2 ** len(self.conv_channels)
+            _, h, w = self.image_shape
+            _require(h % stride == 0 and w % stride == 0,
+                     f"conv VAE with {len(self.conv_channels)} stride-2 layers needs H and W divisible by "
+                     f"{stride}; got {h}x{w}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def pixels(self) -> int:
+        if self.image_shape is None:
+            raise ValueError("ModelConfig.image_shape is unset: bind the config to a dataset first")
+        c, h, w = self.image_shape
+        return c * h * w
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0                  # weight on KL (β-VAE); 1 is the classic ELBO
+    val_fraction: float = 0.1          # held out of the training split for early stopping
+    patience: int = 3                  # epochs without a better val loss before stopping
+    seed: int = 0
+    binarize: bool = False             # dynamic binarisation: x ~ Bernoulli(pixel) per batch
+    max_images: int = 0                # use only the first N training images (0 = all)
+    threads: int = 0                   # torch threads (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
+        _require(self.batch_size > 0, f"--batch-size={self.batch_size} must be > 0")
+        _require(self.lr > 0, f"--lr={self.lr} must be > 0")
+        _require(self.beta >= 0, f"--beta={self.beta} must be >= 0")
+        _require(0 < self.val_fraction < 1, f"--val-fraction={self.val_fraction} must be in (0, 1)")
+        _require(self.patience > 0, f"--patience={self.patience} must be > 0")
+        _require(self.max_images >= 0, f"--max-images={self.max_images} must be >= 0")
+        _require(self.threads >= 0, f"--threads={self.threads} must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    root: str = "./vaegen-data"        # local folder, file://, or s3://bucket/prefix
+    s3_endpoint: str | None = None     # else AWS_ENDPOINT_URL; pyarrow itself reads neither
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJobConfig:
+    """`vaegen train`: what to train, on which dataset, and where the model version lands."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    dataset: str = "fashion-mnist"
+    name: str = "fashion-mnist-mlp"    # model name in the registry: models/<name>/v000N/
+    conditional: bool = False          # condition on the dataset's labels (num_classes from its manifest)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "--dataset must not be empty")
+        _require(bool(self.name) and "/" not in self.name and "@" not in self.name,
+                 f"--name={self.name!r} must be non-empty without '/' or '@'")
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+    """Re-type a dict made by to_dict (or read from JSON/TOML); unknown keys are refused by name."""
+    if not isinstance(raw, dict):
+        raise VaegenError(f"{cls.__name__} expects a table of settings, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise VaegenError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{cls.__name__}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise VaegenError(f"{where} must be a list, got {value!r}")
+        return tuple(int(v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise VaegenError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value

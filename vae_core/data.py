@@ -1,0 +1,111 @@
+"""Dataset readers → uint8 arrays (N, C, H, W) + int64 labels. Parquet lives in cluster/, not here."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import VaegenError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class ArraySplit:
+    images: np.ndarray                 # uint8 (N, C, H, W)
+    labels: np.ndarray                 # int64 (N,)
+
+
+@dataclass
+class ArrayDataset:
+    splits: dict[str, ArraySplit]
+    label_names: tuple[str, ...]
+    source: str
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    if not path.is_file():
+        raise VaegenError(f"missing dataset file: {path}")
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise VaegenError(f"corrupt gzip file {path}: {e}") from None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (MNIST format, optionally gzipped) of unsigned bytes: magic 0x0000 08 <ndim>."""
+    path = Path(path)
+    data = _read_maybe_gzip(path)
+    if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise VaegenError(f"{path} is not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise VaegenError(f"{path} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise VaegenError(f"{path} holds {len(data) - header} data bytes but its header {dims} needs {expected} "
+                          "(truncated or corrupt)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_fashion_mnist(folder: str | os.PathLike = FASHION_MNIST_DIR) -> ArrayDataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VaegenError(f"Fashion-MNIST folder {folder} does not exist "
+                          "(apt-get install dataset-fashion-mnist, or pass --source)")
+    splits = {}
+    for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
+        images, labels = read_idx(folder / image_file), read_idx(folder / label_file)
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise VaegenError(f"{split}: images {images.shape} and labels {labels.shape} do not match")
+        if labels.max(initial=0) >= len(FASHION_MNIST_LABELS):
+            raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
+        splits[split] = ArraySplit(images[:, None, :, :].copy(), labels.astype(np.int64))
+    return ArrayDataset(splits, FASHION_MNIST_LABELS, str(folder))
+
+
+def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayDataset:
+    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VaegenError(f"image folder {folder} does not exist")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
+    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise VaegenError(f"image folder {folder} holds no .png/.jpg images")
+    images, labels, shape, first = [], [], None, None
+    for path, label in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
+                arr = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as e:
+            raise VaegenError(f"cannot read image {path}: {e}") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)           # (C, H, W)
+        if shape is None:
+            shape, first = arr.shape, path
+        elif arr.shape != shape:
+            raise VaegenError(f"images differ in shape: {first} is {shape} (C,H,W) but {path} is {arr.shape}")
+        images.append(arr)
+        labels.append(label)
+    split_data = ArraySplit(np.stack(images), np.asarray(labels, dtype=np.int64))
+    return ArrayDataset({split: split_data}, tuple(classes), str(folder))

@@ -1,0 +1,185 @@
+"""Training in one process: the epoch step, evaluation and early stopping that Ray workers reuse too."""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .losses import elbo_loss
+from .models import VAE
+
+Batch = tuple[Tensor, Tensor | None]          # (uint8 images (B, C, H, W), int64 labels (B,) or None)
+
+
+@dataclass
+class ImageSet:
+    images: Tensor                            # uint8 (N, C, H, W)
+    labels: Tensor | None = None              # int64 (N,)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], None if self.labels is None else self.labels[index])
+
+
+def split_train_val(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A seeded random split, so the same seed always holds out the same images."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(len(data) * val_fraction)))
+    return data.subset(order[n_val:]), data.subset(order[:n_val])
+
+
+def iterate_batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    """Mini-batches over an in-memory set; shuffled when a generator is given."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        yield data.images[idx], None if data.labels is None else data.labels[idx]
+
+
+def prepare_batch(images: Tensor, cfg: TrainConfig, generator: torch.Generator | None) -> Tensor:
+    x = images.float().div_(255.0)                                   # uint8 → [0, 1]
+    if cfg.binarize:
+        x = torch.bernoulli(x, generator=generator)                   # dynamic binarisation
+    return x
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    loss: float
+    recon: float
+    kl: float
+    val_loss: float
+    val_recon: float
+    val_kl: float
+    images_per_s: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sums() -> dict[str, float]:
+    return {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
+
+
+def _add(sums: dict[str, float], terms, n: int) -> None:
+    sums["loss"] += terms.loss.item() * n
+    sums["recon"] += terms.recon.item() * n
+    sums["kl"] += terms.kl.item() * n
+    sums["n"] += n
+
+
+def _means(sums: dict[str, float]) -> dict[str, float]:
+    n = max(sums["n"], 1)
+    return {"loss": sums["loss"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n, "n": sums["n"]}
+
+
+def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
+                generator: torch.Generator | None = None) -> dict[str, float]:
+    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen."""
+    model.train()
+    sums = _sums()
+    for images, labels in batches:
+        x = prepare_batch(images, cfg, generator)
+        logits, mu, logvar = model(x, labels, generator)
+        terms = elbo_loss(logits, x, mu, logvar, likelihood=model.cfg.likelihood,
+                          log_sigma=model.log_sigma, beta=cfg.beta)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        optimizer.step()
+        _add(sums, terms, x.shape[0])
+    return _means(sums)
+
+
+@torch.no_grad()
+def evaluate(model: VAE, batches: Iterable[Batch], cfg: TrainConfig, seed: int | None = None) -> dict[str, float]:
+    """Per-image means of the (β-weighted) loss, with a fixed seed so that epochs compare fairly."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    sums = _sums()
+    for images, labels in batches:
+        x = prepare_batch(images, cfg, generator)
+        logits, mu, logvar = model(x, labels, generator)
+        terms = elbo_loss(logits, x, mu, logvar, likelihood=model.cfg.likelihood,
+                          log_sigma=model.log_sigma, beta=cfg.beta)
+        _add(sums, terms, x.shape[0])
+    return _means(sums)
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation loss; `step` says whether to stop. Its state is checkpointable."""
+    patience: int
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+
+    def step(self, epoch: int, val_loss: float, model: VAE) -> bool:
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
+        self.bad_epochs, self.best_state = state["bad_epochs"], state["best_state"]
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+
+
+def make_optimizer(model: VAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def epoch_metrics(epoch: int, train: dict, val: dict, seconds: float) -> EpochMetrics:
+    return EpochMetrics(epoch=epoch, loss=train["loss"], recon=train["recon"], kl=train["kl"],
+                        val_loss=val["loss"], val_recon=val["recon"], val_kl=val["kl"],
+                        images_per_s=train["n"] / max(seconds, 1e-9), seconds=seconds)
+
+
+def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
+        on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
+    """Adam on shuffled mini-batches, early stopping on the validation loss, best weights restored."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    optimizer = make_optimizer(model, cfg)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    stopper = EarlyStopping(cfg.patience)
+    history: list[EpochMetrics] = []
+    stopped = False
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle)
+        seconds = time.perf_counter() - start
+        val_means = evaluate(model, iterate_batches(val, 1024), cfg)
+        metrics = epoch_metrics(epoch, train_means, val_means, seconds)
+        history.append(metrics)
+        if on_epoch:
+            on_epoch(metrics)
+        if stopper.step(epoch, metrics.val_loss, model):
+            stopped = True
+            break
+    model.load_state_dict(stopper.best_state)
+    return FitResult(history, stopper.best_epoch, stopper.best_loss, stopped)
