@@ -82,3 +82,51 @@ def rng_images(n: int, shape=(1, 28, 28), seed: int = 0) -> np.ndarray:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+RAY_TEST_CPUS = 4          # logical CPUs on a 2-core box: room for actors and Ray Data's tasks side by side
+
+
+def start_local_ray() -> None:
+    import ray
+    from cluster.runtime import WORKER_ENV
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
+                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+
+
+@pytest.fixture
+def ray_local():
+    """One local Ray reused by every test that asks for it (started on first use, stopped at session end)."""
+    start_local_ray()
+    yield
+    # left running for the next test; `_stop_ray_at_exit` stops it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_exit():
+    yield
+    import sys
+    if "ray" in sys.modules:
+        import ray
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """A multi-node ray.cluster_utils.Cluster for fault tests; any shared local Ray is stopped first.
+    Usage: cluster = ray_cluster(); cluster.add_node(num_cpus=1); ray.init(address=cluster.address)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()
+    made: list[Cluster] = []
+
+    def make(**head_args) -> Cluster:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                          "object_store_memory": 128 * 2**20, **head_args})
+        made.append(c)
+        return c
+    yield make
+    ray.shutdown()
+    for c in made:
+        c.shutdown()
