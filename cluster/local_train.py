@@ -11,12 +11,12 @@ from tqdm.auto import tqdm
 
 from vae_core.artifacts import model_version_files
 from vae_core.config import TrainJobConfig, to_dict
-from vae_core.models import build_model
+from vae_core.models import VAE, build_model
 from vae_core.train import EpochMetrics, ImageSet, evaluate, fit, iterate_batches, split_train_val
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
 from .registry import ModelRef, Registry
-from .storage import open_storage
+from .storage import Storage, open_storage
 
 
 @dataclass
@@ -35,8 +35,7 @@ def train_single_process(job: TrainJobConfig, progress: bool = True) -> TrainRes
     manifest = read_manifest(storage, job.dataset)
     model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
     job = replace(job, model=model_cfg)
-    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images)
-    train_set, val_set = split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
+    train_set, val_set = read_train_val(storage, job)
     torch.manual_seed(job.train.seed)
     model = build_model(model_cfg)
 
@@ -51,13 +50,26 @@ def train_single_process(job: TrainJobConfig, progress: bool = True) -> TrainRes
                "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                "train_images": len(train_set), "val_images": len(val_set),
                "seconds": time.perf_counter() - started, "workers": 1}
-    summary.update(score_on_test_split(storage, job, model))
+    return publish_trained_model(storage, job, manifest, model, result.history, summary, val_set)
+
+
+def read_train_val(storage: Storage, job: TrainJobConfig) -> tuple[ImageSet, ImageSet]:
+    """The training split in memory, held-out images separated by the job's seeded split."""
+    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images)
+    return split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
+
+
+def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE,
+                          history: list[EpochMetrics], summary: dict, val_set: ImageSet) -> TrainResult:
+    """Score on the test split, then publish weights, config, metrics and grids as the next model version
+    (the one layout every trainer writes)."""
+    summary = {**summary, **score_on_test_split(storage, job, model)}
     files = model_version_files(
-        model, result.history, summary=summary,
+        model, history, summary=summary,
         config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
         val_images=val_set.images, val_labels=val_set.labels)
     ref = Registry(storage).publish(job.name, files)
-    return TrainResult(ref, result.history, summary)
+    return TrainResult(ref, history, summary)
 
 
 def score_on_test_split(storage, job: TrainJobConfig, model) -> dict:

@@ -90,6 +90,26 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RayTrainConfig:
+    """How `vaegen train --workers N` runs on Ray Train (ignored by the single-process trainer)."""
+    workers: int = 2                   # data-parallel workers; the global batch (--batch-size) is split across them
+    gpus_per_worker: float = 0.0       # 0 = CPU workers with gloo; > 0 = GPU workers with NCCL
+    cpus_per_worker: float = 1.0
+    run_id: str = ""                   # train-runs/<run-id>/ on the storage root; "" = a new id; same id = resume
+    max_failures: int = 2              # worker-group restarts (from the last checkpoint) before the run fails
+    checkpoints_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
+        _require(self.gpus_per_worker >= 0, f"--gpus-per-worker={self.gpus_per_worker} must be >= 0")
+        _require(self.cpus_per_worker > 0, f"--cpus-per-worker={self.cpus_per_worker} must be > 0")
+        _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
+        _require(self.checkpoints_to_keep >= 1, f"--keep-checkpoints={self.checkpoints_to_keep} must be >= 1")
+        _require(all(c.isalnum() or c in "-_." for c in self.run_id),
+                 f"--run-id={self.run_id!r} may hold only letters, digits, '-', '_' and '.'")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainJobConfig:
     """`vaegen train`: what to train, on which dataset, and where the model version lands."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,6 +118,7 @@ class TrainJobConfig:
     dataset: str = "fashion-mnist"
     name: str = "fashion-mnist-mlp"    # model name in the registry: models/<name>/v000N/
     conditional: bool = False          # condition on the dataset's labels (num_classes from its manifest)
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "--dataset must not be empty")

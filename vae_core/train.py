@@ -28,11 +28,17 @@ class ImageSet:
         return ImageSet(self.images[index], None if self.labels is None else self.labels[index])
 
 
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, val) positions of a seeded random split: the same seed always holds out the same images,
+    whether the set is in memory (split_train_val) or streamed by Ray Data (selected by position)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return order[n_val:], order[:n_val]
+
+
 def split_train_val(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """A seeded random split, so the same seed always holds out the same images."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(data) * val_fraction)))
-    return data.subset(order[n_val:]), data.subset(order[:n_val])
+    train_idx, val_idx = split_indices(len(data), val_fraction, seed)
+    return data.subset(train_idx), data.subset(val_idx)
 
 
 def iterate_batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
@@ -83,16 +89,23 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": sums["loss"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n, "n": sums["n"]}
 
 
+def unwrap(model: torch.nn.Module) -> VAE:
+    """The VAE inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
                 generator: torch.Generator | None = None) -> dict[str, float]:
-    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen."""
+    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen.
+    `model` may be wrapped in DistributedDataParallel (Ray Train workers): its forward syncs the gradients."""
     model.train()
+    vae = unwrap(model)
     sums = _sums()
     for images, labels in batches:
         x = prepare_batch(images, cfg, generator)
         logits, mu, logvar = model(x, labels, generator)
-        terms = elbo_loss(logits, x, mu, logvar, likelihood=model.cfg.likelihood,
-                          log_sigma=model.log_sigma, beta=cfg.beta)
+        terms = elbo_loss(logits, x, mu, logvar, likelihood=vae.cfg.likelihood,
+                          log_sigma=vae.log_sigma, beta=cfg.beta)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -103,8 +116,10 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[
 @torch.no_grad()
 def evaluate(model: VAE, batches: Iterable[Batch], cfg: TrainConfig, seed: int | None = None) -> dict[str, float]:
     """Per-image means of the (β-weighted) loss, with a fixed seed so that epochs compare fairly."""
+    model = unwrap(model)
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    device = next(model.parameters()).device       # a generator must live where the noise is drawn
+    generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
     sums = _sums()
     for images, labels in batches:
         x = prepare_batch(images, cfg, generator)
