@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
+from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
+from vae_core.errors import VaegenError
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
@@ -57,3 +58,36 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
     name = args.name or f"{args.dataset}-{args.arch}{'-cond' if args.conditional else ''}"
     return TrainJobConfig(model=model, train=train, storage=storage_config(args), dataset=args.dataset,
                           name=name, conditional=args.conditional)
+
+
+def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:
+    r = RayTrainConfig()
+    g = p.add_argument_group("Ray Train (data-parallel)")
+    g.add_argument("--workers", type=int, default=default_workers,
+                   help="train data-parallel on Ray Train with N workers; --batch-size is the global batch "
+                        + ("(default: %(default)s)" if default_workers else "(default: one process, no Ray)"))
+    g.add_argument("--gpus-per-worker", type=float, default=r.gpus_per_worker,
+                   help="GPUs per worker; 0 = CPU workers with gloo, > 0 = NCCL (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=float, default=r.cpus_per_worker, help="(default: %(default)s)")
+    g.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local Ray")
+    g.add_argument("--run-id", default=r.run_id,
+                   help="checkpoints go to train-runs/<run-id>/; rerunning the same id resumes (default: a new id)")
+    g.add_argument("--max-failures", type=int, default=r.max_failures,
+                   help="worker-group restarts from the last checkpoint before giving up (default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=int, default=r.checkpoints_to_keep,
+                   help="checkpoints kept per run (default: %(default)s)")
+
+
+def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
+    """The Ray Train settings, or None when --workers is not given (train in one process)."""
+    if args.workers is None:
+        ray_only = {"--address": args.address, "--run-id": args.run_id, "--gpus-per-worker": args.gpus_per_worker}
+        given = [flag for flag, value in ray_only.items() if value]
+        if given:
+            raise VaegenError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to Ray Train: "
+                              "add --workers N")
+        return None
+    return RayTrainConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          cpus_per_worker=args.cpus_per_worker, run_id=args.run_id,
+                          max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints)

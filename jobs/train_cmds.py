@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_progress_arg, add_storage_args, add_train_args, storage_config, train_job_config
+from dataclasses import replace
+
+from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
+                   storage_config, train_job_config)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a VAE on an ingested dataset and publish a model version",
                        description="Train a VAE and publish it as models/<name>/v000N/ on the storage root.")
     add_train_args(p)
+    add_ray_train_args(p)
     add_storage_args(p)
     add_progress_arg(p)
     p.set_defaults(run=run_train)
@@ -26,8 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from cluster.local_train import train_single_process
-    result = train_single_process(train_job_config(args), progress=args.progress)
+    job, ray_settings = train_job_config(args), ray_train_config(args)
+    if ray_settings is None:
+        from cluster.local_train import train_single_process
+        result = train_single_process(job, progress=args.progress)
+    else:
+        from cluster.train import train_on_ray
+        result = train_on_ray(replace(job, ray=ray_settings), address=args.address, progress=args.progress)
+        print(f"run {result.summary['run_id']}: {result.summary['workers']} workers, "
+              f"{result.summary['epochs_run']} epochs")
     s = result.summary
     test = f", test loss {s['test_loss']:.2f}" if "test_loss" in s else ""
     print(f"published {result.ref}: best epoch {s['best_epoch'] + 1}, val loss {s['best_val_loss']:.2f}{test} "
