@@ -56,9 +56,9 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
     per_worker_batch(job)
     run = f"{RUNS_DIR}/{job.ray.run_id}"
+    claim_run(storage, run, job)
     if storage.exists(f"{run}/{PUBLISHED_FILE}"):
         return published_result(storage, run)
-    claim_run(storage, run, job)
     train_ids, val_ids = train_val_ids(manifest, job)
 
     with ray_runtime(address, num_cpus=local_cpus(job)):

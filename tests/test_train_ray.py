@@ -4,6 +4,7 @@
 training (most of a fit here is Ray Train's start-up)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,9 +49,18 @@ def checkpoint_keys(storage: Storage, run_id: str) -> list[str]:
     return [e.key for e in storage.list(f"{RUNS_DIR}/{run_id}", recursive=True) if e.key.endswith(STATE_FILE)]
 
 
-def wait_for_checkpoint(storage: Storage, run_id: str, timeout_s: float = 240) -> None:
+def registered_checkpoints(storage: Storage, run_id: str) -> int:
+    """Checkpoints Ray Train has recorded in its run snapshot (a checkpoint only counts once it is there)."""
+    key = f"{RUNS_DIR}/{run_id}/checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(storage.read_bytes(key))["checkpoint_results"]) if storage.exists(key) else 0
+    except ValueError:                                   # caught mid-write
+        return 0
+
+
+def wait_for_checkpoint(storage: Storage, run_id: str, timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
-    while not checkpoint_keys(storage, run_id):
+    while not registered_checkpoints(storage, run_id):
         if time.time() > deadline:
             raise TimeoutError(f"no checkpoint of {run_id} after {timeout_s} s")
         time.sleep(0.1)
