@@ -99,9 +99,11 @@ def published_result(storage: Storage, run: str) -> TrainResult:
 
 def claim_run(storage: Storage, run: str, job: TrainJobConfig) -> None:
     """Record the run's settings; a rerun with the same id must ask for the same training."""
-    mine = to_dict(replace(job, ray=replace(job.ray, max_failures=0, checkpoints_to_keep=1)))
-    if storage.publish(f"{run}/{JOB_FILE}", json.dumps(mine, sort_keys=True).encode(), if_absent=True):
+    body = json.dumps(to_dict(replace(job, ray=replace(job.ray, max_failures=0, checkpoints_to_keep=1))),
+                      sort_keys=True)
+    if storage.publish(f"{run}/{JOB_FILE}", body.encode(), if_absent=True):
         return
+    mine = json.loads(body)                                # tuples as lists, as they come back from JSON
     theirs = json.loads(storage.read_bytes(f"{run}/{JOB_FILE}"))
     diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diffs:
