@@ -221,13 +221,23 @@ def train_loop_per_worker(raw: dict) -> None:
     val_set = collect(ray.train.get_dataset_shard("val"), device)
     train_shard = ray.train.get_dataset_shard("train")
     batch = per_worker_batch(job)
+    cached: ImageSet | None = None           # this worker's shard, once streamed (equal rows on every worker)
+    seen: list[Batch] = []
     for epoch in range(len(history), 0 if stopped_early else job.train.epochs):
         # All randomness of an epoch derives from (seed, epoch, rank): a resumed epoch replays exactly.
         generator = torch.Generator(device=device).manual_seed(job.train.seed * 1_000_003 + epoch * 1009 + rank)
         begin = time.perf_counter()
-        batches = timed_first(torch_batches(train_shard, batch, job.train.seed + epoch * 7919 + rank), starts[-1])
+        if cached is None:
+            batches = timed_first(torch_batches(train_shard, batch, job.train.seed + epoch * 7919 + rank), starts[-1])
+            if job.ray.cache_shards:
+                batches = recorded(batches, seen)
+        else:
+            batches = iterate_batches(cached, batch, generator)
         train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator), device)
         seconds = time.perf_counter() - begin
+        if seen and cached is None:
+            cached = ImageSet(torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen]))
+            seen.clear()
         val_means = broadcast_from_rank_zero(evaluate(model, iterate_batches(val_set, 1024), job.train), device)
         metrics = epoch_metrics(epoch, train_means, val_means, seconds)
         history.append(metrics.to_dict())
@@ -247,6 +257,12 @@ def torch_batches(shard, batch_size: int, seed: int) -> Iterator[Batch]:
     for b in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                       local_shuffle_seed=seed):
         yield b["image"], b["label"]
+
+
+def recorded(batches: Iterator[Batch], seen: list[Batch]) -> Iterator[Batch]:
+    for b in batches:
+        seen.append(b)
+        yield b
 
 
 def timed_first(batches: Iterator[Batch], start: dict) -> Iterator[Batch]:

@@ -77,6 +77,8 @@ def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None =
                    help="worker-group restarts from the last checkpoint before giving up (default: %(default)s)")
     g.add_argument("--keep-checkpoints", type=int, default=r.checkpoints_to_keep,
                    help="checkpoints kept per run (default: %(default)s)")
+    g.add_argument("--stream-epochs", action="store_true",
+                   help="stream every epoch from storage instead of keeping each worker's shard in memory")
 
 
 def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
@@ -90,4 +92,5 @@ def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
         return None
     return RayTrainConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, run_id=args.run_id,
-                          max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints)
+                          max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints,
+                          cache_shards=not args.stream_epochs)

@@ -98,6 +98,7 @@ class RayTrainConfig:
     run_id: str = ""                   # train-runs/<run-id>/ on the storage root; "" = a new id; same id = resume
     max_failures: int = 2              # worker-group restarts (from the last checkpoint) before the run fails
     checkpoints_to_keep: int = 2
+    cache_shards: bool = True          # keep each worker's shard in memory after epoch 1; False = stream every epoch
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
