@@ -63,7 +63,7 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
 
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
-        state = fit_on_ray(storage, job, manifest, train_ids, val_ids, started, progress)
+        state = fit_on_ray(storage, job, train_ids, val_ids, progress)
 
     model = build_model(job.model)
     model.load_state_dict(state["stopper"]["best_state"])
@@ -158,11 +158,11 @@ def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndar
     return {"id": row_ids[keep], "label": labels[keep], "image": images[keep]}
 
 
-def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray,
-               val_ids: np.ndarray, started: float, progress: bool) -> dict:
+def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val_ids: np.ndarray,
+               progress: bool) -> dict:
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved."""
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -171,12 +171,13 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids:
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job), "progress": progress},
+        train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=job.ray.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=job.ray.max_failures)),
+                             failure_config=FailureConfig(max_failures=job.ray.max_failures),
+                             logging_config=LoggingConfig(log_level="INFO" if progress else "WARNING")),
         datasets=datasets_for(storage, job, train_ids, val_ids),
         dataset_config=DataConfig(datasets_to_split=["train"]),     # every worker evaluates the whole val set
     )
@@ -206,7 +207,8 @@ def train_loop_per_worker(raw: dict) -> None:
     torch.manual_seed(job.train.seed)                      # same initial weights on every worker
     model = build_model(job.model)
     stopper = EarlyStopping(job.train.patience)
-    state = load_state(ray.train.get_checkpoint()) if ray.train.get_checkpoint() else None
+    checkpoint = ray.train.get_checkpoint()
+    state = load_state(checkpoint) if checkpoint else None
     if state:
         model.load_state_dict(state["model"])
         stopper.load_state_dict(state["stopper"])
@@ -234,6 +236,8 @@ def train_loop_per_worker(raw: dict) -> None:
         else:
             batches = iterate_batches(cached, batch, generator)
         train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator), device)
+        if train_means["n"] < raw["train_images"] - context.get_world_size():   # an even split drops < 1 row each
+            raise RuntimeError(f"epoch {epoch} saw {train_means['n']} of {raw['train_images']} training images")
         seconds = time.perf_counter() - begin
         if seen and cached is None:
             cached = ImageSet(torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen]))
@@ -277,7 +281,9 @@ def collect(shard, device: torch.device) -> ImageSet:
     """The (small) held-out set in memory, ordered by row id: every worker evaluates the same images."""
     ids, images, labels = [], [], []
     for b in shard.iter_torch_batches(batch_size=4096, device="cpu"):
-        ids.append(b["id"]), images.append(b["image"]), labels.append(b["label"])
+        ids.append(b["id"])
+        images.append(b["image"])
+        labels.append(b["label"])
     order = torch.cat(ids).argsort()
     return ImageSet(torch.cat(images)[order].to(device), torch.cat(labels)[order].to(device))
 
