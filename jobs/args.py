@@ -63,19 +63,20 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
 def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:
     r = RayTrainConfig()
     g = p.add_argument_group("Ray Train (data-parallel)")
-    g.add_argument("--workers", type=int, default=default_workers,
+    g.add_argument("--workers", type=int, default=default_workers, metavar="N",
                    help="train data-parallel on Ray Train with N workers; --batch-size is the global batch "
                         + ("(default: %(default)s)" if default_workers else "(default: one process, no Ray)"))
-    g.add_argument("--gpus-per-worker", type=float, default=r.gpus_per_worker,
+    g.add_argument("--gpus-per-worker", type=float, default=r.gpus_per_worker, metavar="G",
                    help="GPUs per worker; 0 = CPU workers with gloo, > 0 = NCCL (default: %(default)s)")
-    g.add_argument("--cpus-per-worker", type=float, default=r.cpus_per_worker, help="(default: %(default)s)")
-    g.add_argument("--address", default=None,
+    g.add_argument("--cpus-per-worker", type=float, default=r.cpus_per_worker, metavar="C",
+                   help="(default: %(default)s)")
+    g.add_argument("--address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local Ray")
-    g.add_argument("--run-id", default=r.run_id,
+    g.add_argument("--run-id", default=r.run_id, metavar="ID",
                    help="checkpoints go to train-runs/<run-id>/; rerunning the same id resumes (default: a new id)")
-    g.add_argument("--max-failures", type=int, default=r.max_failures,
+    g.add_argument("--max-failures", type=int, default=r.max_failures, metavar="K",
                    help="worker-group restarts from the last checkpoint before giving up (default: %(default)s)")
-    g.add_argument("--keep-checkpoints", type=int, default=r.checkpoints_to_keep,
+    g.add_argument("--keep-checkpoints", type=int, default=r.checkpoints_to_keep, metavar="K",
                    help="checkpoints kept per run (default: %(default)s)")
     g.add_argument("--stream-epochs", action="store_true",
                    help="stream every epoch from storage instead of keeping each worker's shard in memory")

@@ -38,7 +38,8 @@ def ingest_small_fashion(cfg: StorageConfig, small_fashion) -> Storage:
     return storage
 
 
-def job_for(cfg: StorageConfig, *, workers: int = 2, epochs: int = 6, run_id: str = "", **ray_settings) -> TrainJobConfig:
+def job_for(cfg: StorageConfig, *, workers: int = 2, epochs: int = 6, run_id: str = "",
+            **ray_settings) -> TrainJobConfig:
     return TrainJobConfig(storage=cfg, dataset=DATASET, name="fm-mlp",
                           model=ModelConfig(hidden_dim=128, latent_dim=8),
                           train=TrainConfig(epochs=epochs, batch_size=64, patience=10),
@@ -122,6 +123,7 @@ def test_two_workers_checkpoint_to_s3_and_publish_a_loadable_version(s3_fashion,
         assert Registry(storage).read_file(result.ref, fname).startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_one_worker_matches_two_workers_at_the_same_global_batch(s3_fashion, two_worker_run):
     """Same data, same global batch (64 = 1×64 = 2×32): only the shuffling differs, so the held-out loss
     agrees within 4%. Measured at 6 epochs: vae_core.fit alone spreads 285.6-288.5 over 4 shuffle seeds."""
@@ -147,7 +149,7 @@ def test_same_run_id_with_other_settings_is_refused(s3_fashion, two_worker_run):
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_storage_config, small_fashion):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
-    job = job_for(local_storage_config, epochs=12, max_failures=2)
+    job = job_for(local_storage_config, epochs=12, max_failures=2, cache_shards=False)   # streamed: slow epochs
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -166,6 +168,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
     assert [m.epoch for m in result.history] == list(range(12))                     # each epoch exactly once
 
 
+@pytest.mark.slow
 def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_storage_config, small_fashion):
     import ray
     storage = ingest_small_fashion(local_storage_config, small_fashion)
@@ -173,7 +176,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     argv = [sys.executable, "-m", "jobs.cli", "train", "--workers", "2", "--run-id", run_id,
             "--root", local_storage_config.root, "--dataset", DATASET, "--name", "fm-mlp", "--epochs", "12",
             "--batch-size", "64", "--hidden-dim", "128", "--latent-dim", "8", "--patience", "10",
-            "--address", ray.get_runtime_context().gcs_address, "--no-progress"]
+            "--address", ray.get_runtime_context().gcs_address, "--stream-epochs", "--no-progress"]
     driver = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -184,7 +187,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
         driver.kill()
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
 
-    job = job_for(local_storage_config, epochs=12, run_id=run_id)
+    job = job_for(local_storage_config, epochs=12, run_id=run_id, cache_shards=False)
     result = train_on_ray(job, progress=False)
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and restarts[-1] >= 1, restarts
