@@ -226,15 +226,17 @@ def train_loop_per_worker(raw: dict) -> None:
     cached: ImageSet | None = None           # this worker's shard, once streamed (equal rows on every worker)
     seen: list[Batch] = []
     for epoch in range(len(history), 0 if stopped_early else job.train.epochs):
-        # All randomness of an epoch derives from (seed, epoch, rank): a resumed epoch replays exactly.
-        generator = torch.Generator(device=device).manual_seed(job.train.seed * 1_000_003 + epoch * 1009 + rank)
+        # Noise and shuffling derive from (seed, epoch, rank), not from a state carried across epochs, so the
+        # epoch number in the checkpoint is all the RNG state a resumed run needs.
+        epoch_seed = job.train.seed * 1_000_003 + epoch * 1009 + rank
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)      # noise, on the device
         begin = time.perf_counter()
         if cached is None:
-            batches = timed_first(torch_batches(train_shard, batch, job.train.seed + epoch * 7919 + rank), starts[-1])
+            batches = timed_first(torch_batches(train_shard, batch, epoch_seed), starts[-1])
             if job.ray.cache_shards:
                 batches = recorded(batches, seen)
         else:
-            batches = iterate_batches(cached, batch, generator)
+            batches = iterate_batches(cached, batch, torch.Generator().manual_seed(epoch_seed))
         train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator), device)
         if train_means["n"] < raw["train_images"] - context.get_world_size():   # an even split drops < 1 row each
             raise RuntimeError(f"epoch {epoch} saw {train_means['n']} of {raw['train_images']} training images")
