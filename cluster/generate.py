@@ -377,7 +377,7 @@ def commit(storage: Storage, plan: JobPlan, records: dict[int, dict], run: dict)
     body = json.dumps(manifest, indent=2).encode()
     storage.publish(f"{plan.prefix}/{MANIFEST}", body)
     storage.publish(f"{plan.prefix}/{SUCCESS}", json.dumps({"manifest_sha256": sha256_hex(body)}).encode())
-    return manifest
+    return json.loads(body)                          # as a resumed run will read it back
 
 
 def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2, address: str | None = None,
