@@ -109,22 +109,43 @@ class ParquetShardWriter:
         return data
 
 
+def ustar_header(name: str, size: int) -> bytes:
+    """One 512-byte POSIX ustar header with fixed metadata (mtime, uid/gid 0, no owner names): byte for byte
+    what tarfile writes for such a member, at a fraction of its per-member cost."""
+    head = (name.encode().ljust(100, b"\0") + b"%07o\0" % TAR_MODE + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"%011o\0" % TAR_MTIME)
+    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 167)    # owner names, device, prefix
+    checksum = sum(head) + sum(tail) + 8 * 32                  # the checksum field counts as 8 spaces
+    return head + b"%06o\0 " % checksum + tail
+
+
+def tar_member_count(data: bytes) -> int:
+    """Walk a tar's headers, checking each checksum and that the archive ends with its two zero blocks."""
+    view, offset, count = memoryview(data), 0, 0
+    while offset + 512 <= len(data) and any(view[offset:offset + 512]):
+        header = bytes(view[offset:offset + 512])
+        stored = int(header[148:155].rstrip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + sum(header[156:]) + 8 * 32:
+            raise ValueError(f"tar header {count} at byte {offset} fails its checksum")
+        size = int(header[124:135], 8)
+        offset += 512 + -(-size // 512) * 512
+        count += 1
+    if offset + 1024 > len(data) or len(data) % 512:
+        raise ValueError("tar archive is truncated")
+    return count
+
+
 class PngTarShardWriter:
     """A WebDataset tar: per sample `<key>.png` (the image) and `<key>.json` (id, label, latent, shape, ...)."""
     extension = "tar"
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self.parts: list[bytes] = []
         self.rows = 0
 
     def _add(self, name: str, data: bytes) -> None:
-        member = tarfile.TarInfo(name)
-        member.size, member.mtime, member.mode = len(data), TAR_MTIME, TAR_MODE
-        member.uid = member.gid = 0
-        member.uname = member.gname = ""
-        self.tar.addfile(member, io.BytesIO(data))
+        self.parts += (ustar_header(name, len(data)), data, b"\0" * (-len(data) % 512))
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
@@ -142,10 +163,9 @@ class PngTarShardWriter:
     def close(self) -> bytes:
         if not self.rows:
             raise ValueError(f"shard {self.info.index}: no rows to write")
-        self.tar.close()
-        data = self.buf.getvalue()
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as check:      # every header parses
-            members = sum(1 for _ in check)
+        body = b"".join(self.parts)
+        data = body + b"\0" * (-(len(body) + 1024) % tarfile.RECORDSIZE + 1024)   # end blocks, whole records
+        members = tar_member_count(data)
         if members != 2 * self.rows:
             raise ValueError(f"shard {self.info.index}: tar holds {members} members, expected {2 * self.rows}")
         return data

@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.writers import WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, shard_name
+from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, shard_name,
+                            tar_member_count)
 from conftest import rng_images
 from generate_support import read_rows
 
@@ -78,3 +79,25 @@ def test_an_empty_shard_is_refused(fmt):
 
 def test_shard_names_come_from_one_place():
     assert shard_name(7, "parquet") == "part-00007.parquet" and shard_name(7, "png") == "part-00007.tar"
+
+
+def test_png_tar_bytes_equal_what_tarfile_writes_with_the_same_fixed_metadata():
+    ours = write(PngTarShardWriter, batches(n=7))
+    theirs = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(ours)) as src, \
+            tarfile.open(fileobj=theirs, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+    assert ours == theirs.getvalue()
+
+
+def test_a_truncated_or_damaged_tar_is_refused():
+    data = write(PngTarShardWriter, batches())
+    assert tar_member_count(data) == 20
+    for cut in (len(data) // 2, len(data) // 2 + 100, 512 * 3 + 7):
+        with pytest.raises(ValueError, match="truncated|checksum"):
+            tar_member_count(data[:cut])
+    damaged = bytearray(data)
+    damaged[5] ^= 0x01                                           # inside the first member's name
+    with pytest.raises(ValueError, match="fails its checksum"):
+        tar_member_count(bytes(damaged))
