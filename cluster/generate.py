@@ -306,20 +306,23 @@ def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -
     def submit(actor) -> None:
         if pending:
             index = pending.popleft()
-            futures[actor.run_shard.remote(index)] = actor
+            futures[actor.run_shard.remote(index)] = (actor, index)
 
     for _ in range(IN_FLIGHT_PER_WORKER):
         for actor in actors:
             submit(actor)
     while futures:
         ready, _ = ray.wait(list(futures), num_returns=1)
-        actor = futures.pop(ready[0])
+        actor, index = futures.pop(ready[0])
         try:
             record = ray.get(ready[0])
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, VaegenError):
                 raise VaegenError(str(e.cause)) from None
             raise
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"a DecoderWorker died on shard {index} more often than its restarts allow "
+                               f"({str(e).splitlines()[0]}); finished shards are kept: rerun to resume") from None
         on_done(record)
         submit(actor)
 
@@ -394,8 +397,11 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
     success_key = f"{plan.prefix}/{SUCCESS}"
     records = verified_shards(storage, plan)
     todo = [i for i in range(plan.num_shards) if i not in records]
-    if not todo and storage.exists(success_key):
-        return json.loads(storage.read_bytes(f"{plan.prefix}/{MANIFEST}"))
+    if not todo and storage.exists(success_key):                   # finished and intact: rewrite nothing
+        manifest = json.loads(storage.read_bytes(f"{plan.prefix}/{MANIFEST}"))
+        return {**manifest, "run": {"workers": 0, "shards_written": 0, "shards_skipped": plan.num_shards,
+                                    "rows_written": 0, "seconds": time.perf_counter() - started,
+                                    "shard_seconds": 0.0, "samples_per_s": None, "already_complete": True}}
     if todo and storage.exists(success_key):
         storage.delete(success_key)                                 # repairing a finished job: not trusted now
     skipped_rows = sum(r["rows"] for r in records.values())

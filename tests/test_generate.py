@@ -69,8 +69,11 @@ def test_rerun_of_a_finished_job_changes_nothing(ray_local, local_storage_config
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)
     first = run_generation(samples(), local_storage_config, workers=2, progress=False)
+    committed = storage.read_bytes(f"{first['prefix']}/manifest.json")
     again = run_generation(samples(), local_storage_config, workers=2, progress=False)
-    assert again == first                                  # the committed manifest, nothing rewritten
+    assert again["run"]["already_complete"] and again["run"]["shards_skipped"] == 4
+    assert {**again, "run": first["run"]} == first
+    assert storage.read_bytes(f"{first['prefix']}/manifest.json") == committed      # nothing rewritten
 
 
 def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, storage_config):
