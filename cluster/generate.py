@@ -166,27 +166,28 @@ class ShardMaker:
             time.sleep(self.stage_delays[stage])
 
     def batches(self, task: ShardTask):
-        """Decoded rows of a shard in fixed-size batches: (ids, labels, latents, uint8 images)."""
-        spec, size = self.plan.spec, self.plan.spec.decode_batch
+        """A shard's decoded rows, in id order, in batches of the spec's fixed decode_batch."""
+        size = self.plan.spec.decode_batch
         if task.input is None:
             ids = np.arange(task.first_id, task.first_id + task.rows, dtype=np.int64)
-            gen = torch.Generator().manual_seed(shard_seed(spec.seed, task.index))
+            gen = torch.Generator().manual_seed(shard_seed(self.plan.spec.seed, task.index))
             z = torch.randn(task.rows, self.model.cfg.latent_dim, generator=gen)       # (rows, Z), one draw
             labels = np.asarray(self.plan.labels, np.int64)[ids % len(self.plan.labels)] if self.plan.labels else None
             for start in range(0, task.rows, size):
-                zb = z[start:start + size]
-                yb = None if labels is None else torch.from_numpy(labels[start:start + size])
-                images = to_uint8(self.model.generate(zb.to(self.device), yb))
-                yield DecodedBatch(ids[start:start + size], None if labels is None else labels[start:start + size],
-                                   zb.numpy(), images)
+                self.enter("decode")
+                part = slice(start, start + size)
+                y = None if labels is None else labels[part]
+                images = self.model.generate(z[part].to(self.device), None if y is None else torch.from_numpy(y))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
-            ids, labels, images = self.read_input(task)
+            ids, labels, pixels = self.read_input(task)
             for start in range(0, len(ids), size):
-                x = torch.from_numpy(images[start:start + size]).float().div_(255.0).to(self.device)
-                yb = torch.from_numpy(labels[start:start + size]) if self.model.cfg.conditional else None
-                recon, mu = self.model.reconstruct(x, yb)
-                yield DecodedBatch(ids[start:start + size], labels[start:start + size], mu.cpu().numpy(),
-                                   to_uint8(recon))
+                self.enter("decode")
+                part = slice(start, start + size)
+                x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
+                y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
+                recon, mu = self.model.reconstruct(x, y)
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
 
     def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         spec = self.plan.spec
@@ -202,24 +203,19 @@ class ShardMaker:
         self.shard = index
         info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
                          plan.weights_sha256, plan.job_id)
-        writer, pixels, rows = self.writer_cls(info), hashlib.sha256(), 0
-        for batch in self._decoded(task):
+        writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
+        for batch in self.batches(task):
             self.enter("encode")
             pixels.update(np.ascontiguousarray(batch.images).data)
             writer.write(batch)
-            rows += len(batch)
+            rows, last_id = rows + len(batch), int(batch.ids[-1])
         data = writer.close()
         if rows != task.rows:
             raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
         record = {"index": index, "name": shard_name(index, plan.spec.format), "rows": rows,
-                  "first_id": task.first_id, "last_id": task.first_id + rows - 1 if task.input is None
-                  else task.input["last_id"], "bytes": len(data), "sha256": sha256_hex(data),
+                  "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
                   "pixels_sha256": pixels.hexdigest()}
         return data, record
-
-    def _decoded(self, task: ShardTask):
-        self.enter("decode")
-        yield from self.batches(task)
 
     def make(self, index: int) -> dict:
         """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`)."""
