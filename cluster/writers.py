@@ -109,14 +109,18 @@ class ParquetShardWriter:
         return data
 
 
+USTAR_MODE_IDS = b"%07o\0" % TAR_MODE + b"0000000\0" * 2                  # mode, uid, gid
+USTAR_MTIME = b"%011o\0" % TAR_MTIME
+USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 167)   # type, link, magic, owner, dev, prefix
+USTAR_FIXED_SUM = sum(USTAR_MODE_IDS) + sum(USTAR_MTIME) + sum(USTAR_TAIL) + 8 * 32  # checksum field = 8 spaces
+
+
 def ustar_header(name: str, size: int) -> bytes:
     """One 512-byte POSIX ustar header with fixed metadata (mtime, uid/gid 0, no owner names): byte for byte
     what tarfile writes for such a member, at a fraction of its per-member cost."""
-    head = (name.encode().ljust(100, b"\0") + b"%07o\0" % TAR_MODE + b"0000000\0" * 2 + b"%011o\0" % size
-            + b"%011o\0" % TAR_MTIME)
-    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 167)    # owner names, device, prefix
-    checksum = sum(head) + sum(tail) + 8 * 32                  # the checksum field counts as 8 spaces
-    return head + b"%06o\0 " % checksum + tail
+    name_field, size_field = name.encode().ljust(100, b"\0"), b"%011o\0" % size
+    checksum = USTAR_FIXED_SUM + sum(name_field) + sum(size_field)
+    return name_field + USTAR_MODE_IDS + size_field + USTAR_MTIME + b"%06o\0 " % checksum + USTAR_TAIL
 
 
 def tar_member_count(data: bytes) -> int:
@@ -149,15 +153,18 @@ class PngTarShardWriter:
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
-        for k in range(len(batch)):
-            sample_id = int(batch.ids[k])
+        # The JSON text is formatted by hand (~4x faster than json.dumps per sample), to exactly what
+        # json.dumps(meta, sort_keys=True) writes: floats by repr, keys sorted, ", " and ": " separators.
+        head = f'{{"channels": {c}, "height": {h}, "id": '
+        tail = (f', "model": {json.dumps(self.info.model)}, "seed": {json.dumps(self.info.seed)}, '
+                f'"shard": {self.info.index}, "width": {w}}}')
+        labels = [None] * len(batch) if batch.labels is None else batch.labels.tolist()
+        for sample_id, label, latent, image in zip(batch.ids.tolist(), labels, batch.latents.tolist(), batch.images):
             key = sample_key(sample_id)
-            meta = {"id": sample_id, "shard": self.info.index, "seed": self.info.seed,
-                    "label": None if batch.labels is None else int(batch.labels[k]),
-                    "latent": batch.latents[k].tolist(), "height": h, "width": w, "channels": c,
-                    "model": self.info.model}
-            self._add(f"{key}.png", png_bytes(batch.images[k], PNG_COMPRESS_LEVEL))
-            self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            meta = (f'{head}{sample_id}, "label": {"null" if label is None else label}, '
+                    f'"latent": [{", ".join(map(repr, latent))}]{tail}')
+            self._add(f"{key}.png", png_bytes(image, PNG_COMPRESS_LEVEL))
+            self._add(f"{key}.json", meta.encode())
         self.rows += len(batch)
 
     def close(self) -> bytes:

@@ -101,3 +101,10 @@ def test_a_truncated_or_damaged_tar_is_refused():
     damaged[5] ^= 0x01                                           # inside the first member's name
     with pytest.raises(ValueError, match="fails its checksum"):
         tar_member_count(bytes(damaged))
+
+
+def test_png_tar_json_is_exactly_what_json_dumps_writes():
+    with tarfile.open(fileobj=io.BytesIO(write(PngTarShardWriter, batches(labels=False)))) as tar:
+        texts = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".json")]
+    assert all(text == json.dumps(json.loads(text), sort_keys=True) for text in texts)
+    assert json.loads(texts[0])["label"] is None and len(json.loads(texts[0])["latent"]) == 4
