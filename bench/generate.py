@@ -6,7 +6,7 @@ root and to a moto S3 root over HTTP, for Parquet and PNG; then the driver's pea
 Model: the reference MLP 784-400-20 (random weights: speed does not depend on them).
 
     .venv/bin/python bench/generate.py [--count 500000] [--rss-count 1000000] [--workers 2]
-    quick check: .venv/bin/python bench/generate.py --count 20000 --rss-count 50000
+    quick check: .venv/bin/python bench/generate.py --count 20000 --rss-count 50000 --repeat 1
 """
 from __future__ import annotations
 
@@ -110,25 +110,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--decode-batch", type=int, default=GenerateConfig(model="-", count=1).decode_batch)
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--repeat", type=int, default=2, help="best of N for every figure (default: %(default)s)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child, args.count, args.workers)
 
     machine = {"cpus": os.cpu_count(), "workers": args.workers, "machine": platform.machine(),
-               "torch": torch.__version__}
-    compute = decode_rate(args.count, args.workers, png=False, batch=args.decode_batch)
-    emit({"measure": "decoder alone, one process", "threads": args.workers, "samples_per_s": compute, **machine})
-    png_one_core = decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch)
-    png_bound = parallel_png_rate(min(args.count, 100_000), args.workers, args.decode_batch)
-    emit({"measure": "decode + PNG encode, one process", "threads": 1, "samples_per_s": png_one_core, **machine})
-    emit({"measure": "decode + PNG encode, one process per worker (the PNG bound)", "processes": args.workers,
-          "samples_per_s": png_bound, **machine})
-
+               "torch": torch.__version__, "repeat": args.repeat}
     from cluster.runtime import ray_runtime
     if not args.skip_s3:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(key, "bench")    # moto takes any; set before Ray starts: its workers inherit it
+    bounds: dict[str, float] = {}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ray_runtime(None, num_cpus=args.workers):
         roots = {"local": StorageConfig(root=tmp)}
@@ -136,17 +130,36 @@ def main() -> None:
         if not args.skip_s3:
             roots["s3"], server = start_moto()
         try:
-            for where, cfg in roots.items():
+            for cfg in roots.values():
                 publish_model(cfg)
-                for fmt in ("parquet", "png"):
-                    r = generate_rate(cfg, fmt, args.count, args.workers, seed=1)
-                    results[f"{where}-{fmt}"] = r
-                    bound = compute if fmt == "parquet" else png_bound
-                    emit({"measure": f"vaegen generate to {where} {fmt}", "count": args.count, **r,
-                          "ratio_to_bound": r["samples_per_s"] / bound, **machine})
+            # Bounds and jobs take turns, and each figure is the best of --repeat: a shared machine's load
+            # then hits all of them alike, and a ratio compares like with like.
+            for rep in range(args.repeat):
+                for name, rate in (
+                        ("compute", decode_rate(args.count, args.workers, png=False, batch=args.decode_batch)),
+                        ("png_one_process", decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch)),
+                        ("png", parallel_png_rate(min(args.count, 100_000), args.workers, args.decode_batch))):
+                    bounds[name] = max(bounds.get(name, 0.0), rate)
+                for where, cfg in roots.items():
+                    for fmt in ("parquet", "png"):
+                        r = generate_rate(cfg, fmt, args.count, args.workers, seed=rep + 1)
+                        key = f"{where}-{fmt}"
+                        if key not in results or r["samples_per_s"] > results[key]["samples_per_s"]:
+                            results[key] = r
         finally:
             if server:
                 server.stop()
+        emit({"measure": "decoder alone, one process", "threads": args.workers, "samples_per_s": bounds["compute"],
+              **machine})
+        emit({"measure": "decode + PNG encode, one process", "threads": 1, "samples_per_s": bounds["png_one_process"],
+              **machine})
+        emit({"measure": "decode + PNG encode, one process per worker (the PNG bound)", "processes": args.workers,
+              "samples_per_s": bounds["png"], **machine})
+        for key, r in results.items():
+            where, fmt = key.split("-")
+            bound = bounds["compute"] if fmt == "parquet" else bounds["png"]
+            emit({"measure": f"vaegen generate to {where} {fmt}", "count": args.count, **r,
+                  "ratio_to_bound": r["samples_per_s"] / bound, **machine})
         small = peak_rss_child(os.path.join(tmp, "rss"), max(args.rss_count // 10, SHARD_SIZE), args.workers)
         big = peak_rss_child(os.path.join(tmp, "rss"), args.rss_count, args.workers)
     emit({"measure": "driver peak RSS, parquet to local", "counts": [small["count"], big["count"]],
@@ -154,8 +167,9 @@ def main() -> None:
           "growth_mib": big["driver_peak_rss_mib"] - small["driver_peak_rss_mib"],
           "driver_rss_before_job_mib": [small["driver_rss_before_job_mib"], big["driver_rss_before_job_mib"]],
           "samples_per_s_at_big": big["samples_per_s"], **machine})
-    emit({"measure": "summary", "compute_bound_samples_per_s": compute, "png_bound_samples_per_s": png_bound,
-          **{f"{k}_ratio": v["samples_per_s"] / (compute if k.endswith("parquet") else png_bound)
+    emit({"measure": "summary", "compute_bound_samples_per_s": bounds["compute"],
+          "png_bound_samples_per_s": bounds["png"],
+          **{f"{k}_ratio": v["samples_per_s"] / (bounds["compute"] if k.endswith("parquet") else bounds["png"])
              for k, v in results.items()},
           "targets": {"parquet_ratio": 0.8, "png_ratio": 0.8}, **machine})
 
