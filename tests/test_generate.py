@@ -13,6 +13,9 @@ from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 
 
+LOCAL_AND_SLOW_S3 = pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+
+
 def samples(**overrides) -> GenerateConfig:
     return GenerateConfig(**{"model": "tiny", "count": 50, "shard_size": 16, "seed": 7, **overrides})
 
@@ -76,7 +79,9 @@ def test_rerun_of_a_finished_job_changes_nothing(ray_local, local_storage_config
     assert storage.read_bytes(f"{first['prefix']}/manifest.json") == committed      # nothing rewritten
 
 
-def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, storage_config):
+@LOCAL_AND_SLOW_S3
+def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, request, where):
+    storage_config = request.getfixturevalue(f"{where}_storage_config")
     storage = open_storage(storage_config, for_writing=True)
     publish_tiny_model(storage)
     first = run_generation(samples(), storage_config, workers=2, progress=False)
@@ -103,7 +108,9 @@ def test_conditional_samples_cycle_through_the_chosen_labels(ray_local, local_st
     assert manifest["labels"] == [2, 0]
 
 
-def test_reconstructions_mirror_the_input_shards(ray_local, storage_config, small_fashion):
+@LOCAL_AND_SLOW_S3
+def test_reconstructions_mirror_the_input_shards(ray_local, request, where, small_fashion):
+    storage_config = request.getfixturevalue(f"{where}_storage_config")
     storage = open_storage(storage_config, for_writing=True)
     publish_tiny_model(storage)
     _, (test_images, test_labels) = small_fashion
