@@ -120,7 +120,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from cluster.submit import _call, connect, failure_line, follow_logs, job_exit_code
+    from cluster.submit import _call, connect, failure_line, follow_logs
     client = connect(args.address)
     if args.action == "list":
         for job in _call("listing jobs", client.list_jobs):
@@ -129,7 +129,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     sid = args.submission_id
     if args.action == "status":
         info = _call(f"job {sid}", client.get_job_info, sid)
-        detail = f" ({failure_line(info)})" if job_exit_code(info) and info.status.value != "RUNNING" else ""
+        detail = f" ({failure_line(info)})" if info.status.value in ("FAILED", "STOPPED") else ""
         print(f"{sid} {info.status.value}{detail}")
         return 0
     if args.action == "logs":

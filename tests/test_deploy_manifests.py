@@ -212,6 +212,7 @@ def vaegen_commands() -> list[tuple[str, list[str]]]:
             argv = c.get("command", []) + c.get("args", [])
             if argv[:1] == ["vaegen"]:
                 found.append((name, argv))
+    found += readme_commands()
     commands = []
     for name, argv in found:
         assert argv[0] == "vaegen", f"{name}: {argv[:2]} does not run vaegen"
@@ -219,6 +220,18 @@ def vaegen_commands() -> list[tuple[str, list[str]]]:
         if argv[1] == "submit":
             commands.append((f"{name} (after --)", argv[argv.index("--") + 1:]))
     return commands
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """`vaegen ...` lines in deploy/README.md's shell blocks (continuations joined, `;`/`&&` chains split)."""
+    text = (DEPLOY / "README.md").read_text().replace("\\\n", " ")
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    found = []
+    for line in (ln for block in blocks for ln in block.splitlines()):
+        for part in re.split(r";|&&", line.split("  #")[0]):
+            if part.strip().startswith("vaegen "):
+                found.append(("deploy/README.md", shlex.split(part.strip())))
+    return found
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
