@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 PACKAGES = ("vae_core", "cluster", "jobs")
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-               "AWS_EC2_METADATA_DISABLED")
+# Not AWS_EC2_METADATA_DISABLED: vaegen sets it locally, but on AWS nodes the metadata service IS the credential.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -3,6 +3,7 @@ does by default) and a real S3 endpoint (moto over HTTP). The head is this modul
 dir, its own process group, killed by pid at the end, so other Ray instances on the machine are left alone."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -66,14 +67,34 @@ def ray_head(s3_server):
             time.sleep(0.5)
         yield {"address": address, "token_path": token_path, "s3_endpoint": s3_server}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)                 # the head and everything it started, by group id
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+        stop_head(head, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to the head's process group (`ray start --block` then stops what it started), SIGKILL if it lingers;
+    then any straggler of this head (its processes name its own temp dir, e.g. workers in their own process
+    group) is killed by pid."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+    for pid in own_processes(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def own_processes(temp_dir: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture(scope="module")
