@@ -80,6 +80,19 @@ def test_margin_keeps_a_slightly_better_challenger_and_warm_start_uses_the_champ
     assert registry.champion("fm-vae")["version"] == "v0001"
 
 
+def test_a_champion_that_no_longer_loads_is_replaced_and_the_record_says_why(local_storage_config, tiny_dataset):
+    tiny_dataset(local_storage_config)
+    assert retrain_cli(local_storage_config) == 0
+    weights = Path(local_storage_config.root) / "models" / "fm-vae" / "v0001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))          # corrupted on storage
+    assert retrain_cli(local_storage_config) == 0
+    registry = Registry(Storage(local_storage_config))
+    record = decisions(registry, "fm-vae")[-1]
+    assert record["decision"] == "promote" and "could not be scored" in record["reason"]
+    assert "sha256" in record["champion"]["load_error"]
+    assert registry.champion("fm-vae")["version"] == "v0002"
+
+
 def test_compare_and_swap_lets_exactly_one_racer_promote(storage_config, tiny_dataset):
     """Eight threads race to replace the same champion: exactly one swap lands, the pointer stays whole."""
     registry = Registry(Storage(storage_config))

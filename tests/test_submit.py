@@ -144,6 +144,22 @@ def test_submit_wait_trains_into_s3_and_a_resubmission_is_reported_not_rerun(ray
     assert status.stdout.strip() == f"{submission_id} SUCCEEDED"
     logs = vaegen("jobs", "logs", "--address", address, submission_id, token_path=token)
     assert "published fm-vae@v0001" in logs.stdout
+    stop = vaegen("jobs", "stop", "--address", address, submission_id, token_path=token)
+    assert stop.stdout.strip() == f"{submission_id}: not running (nothing to stop)"
+    unknown = vaegen("jobs", "status", "--address", address, "vaegen-train-000000000000", token_path=token)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("vaegen: error: job vaegen-train-000000000000")
+
+
+def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_head, s3_dataset):
+    address, token = ray_head["address"], ray_head["token_path"]
+    argv = [*train_argv(s3_dataset), "--name", "fm-attach"]
+    first = vaegen("submit", "--address", address, "--", *argv, token_path=token)
+    assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout
+    second = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "is already submitted as vaegen-train-" in second.stdout and "not submitting it again" in second.stdout
+    assert "SUCCEEDED" in second.stdout
+    assert Registry(Storage(s3_dataset)).versions("fm-attach") == ["v0001"]
 
 
 def test_a_failing_job_makes_submit_exit_non_zero_with_the_jobs_error(ray_head, s3_dataset):
