@@ -118,3 +118,89 @@ class Registry:
 
     def metrics(self, ref: ModelRef) -> dict:
         return json.loads(self.read_file(ref, "metrics.json"))
+
+
+# -- the champion pointer and retraining decisions (used by `vaegen retrain`) ------------------------------
+DECISIONS_DIR = "decisions"
+
+
+def decision_file_name(at: float, run_id: str) -> str:
+    """Sortable by time; the run id keeps two runs in the same microsecond apart."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at))
+    return f"{stamp}.{int(at % 1 * 1e6):06d}Z-{run_id}.json"
+
+
+def _json_bytes(record: Mapping) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True).encode()
+
+
+def record_decision(registry: Registry, name: str, record: Mapping, run_id: str, at: float) -> str:
+    """Write models/<name>/decisions/<timestamp>.json in one atomic write; returns its key.
+    Any failure is a VaegenError: the caller must then promote nothing."""
+    key = registry.key(name, DECISIONS_DIR, decision_file_name(at, run_id))
+    try:
+        registry.storage.publish(key, _json_bytes(record))
+    except (OSError, VaegenError) as e:
+        raise VaegenError(f"cannot write the decision record {registry.storage.uri_of(key)} "
+                          f"({e}); nothing was promoted") from None
+    return key
+
+
+def rewrite_decision(registry: Registry, key: str, record: Mapping) -> None:
+    registry.storage.publish(key, _json_bytes(record))
+
+
+def decisions(registry: Registry, name: str) -> list[dict]:
+    """Every decision record of a model, oldest first."""
+    entries = registry.storage.list(registry.key(name, DECISIONS_DIR))
+    return [json.loads(registry.storage.read_bytes(e.key)) for e in entries if e.key.endswith(".json")]
+
+
+def swap_champion(registry: Registry, name: str, pointer: Mapping, expected_version: str | None) -> bool:
+    """Point champion.json at pointer["version"] only if it still names `expected_version` (None: no champion
+    yet). Compare-and-swap: S3 PUT If-Match=<etag> (If-None-Match=* when absent); locally an flock around
+    read-compare-rename. One whole-object write either way, so readers never see half a pointer. False means
+    another run changed the champion first and nothing was written."""
+    key = registry.key(name, CHAMPION_FILE)
+    if registry.storage.is_s3:
+        return _swap_s3(registry.storage, key, _json_bytes(pointer), expected_version)
+    return _swap_local(storage=registry.storage, key=key, lock_key=registry.key(name, ".champion.lock"),
+                       data=_json_bytes(pointer), expected_version=expected_version)
+
+
+def _pointed_version(data: bytes | None) -> str | None:
+    return json.loads(data)["version"] if data is not None else None
+
+
+def _swap_s3(storage: Storage, key: str, data: bytes, expected_version: str | None) -> bool:
+    from botocore.exceptions import ClientError
+    object_key = storage.object_key(key)
+    try:
+        current = storage._s3_call(lambda c: c.get_object(Bucket=storage.bucket, Key=object_key),
+                                   what=key, passthrough=("NoSuchKey", "404"))
+        etag, body = current["ETag"], current["Body"].read()
+    except ClientError:
+        etag, body = None, None
+    if _pointed_version(body) != expected_version:
+        return False
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        storage._s3_call(lambda c: c.put_object(Bucket=storage.bucket, Key=object_key, Body=data, **condition),
+                         what=key, passthrough=("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
+    except ClientError:
+        return False                      # someone else swapped between our read and our write
+    return True
+
+
+def _swap_local(*, storage: Storage, key: str, lock_key: str, data: bytes, expected_version: str | None) -> bool:
+    import fcntl
+    import os
+    lock_path = storage.path(lock_key)
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # held until the file closes; other runs wait here
+        current = storage.read_bytes(key) if storage.exists(key) else None
+        if _pointed_version(current) != expected_version:
+            return False
+        storage.publish(key, data)                # temp file + rename: atomic for readers
+        return True
