@@ -158,49 +158,12 @@ def decisions(registry: Registry, name: str) -> list[dict]:
 
 def swap_champion(registry: Registry, name: str, pointer: Mapping, expected_version: str | None) -> bool:
     """Point champion.json at pointer["version"] only if it still names `expected_version` (None: no champion
-    yet). Compare-and-swap: S3 PUT If-Match=<etag> (If-None-Match=* when absent); locally an flock around
-    read-compare-rename. One whole-object write either way, so readers never see half a pointer. False means
-    another run changed the champion first and nothing was written."""
-    key = registry.key(name, CHAMPION_FILE)
-    if registry.storage.is_s3:
-        return _swap_s3(registry.storage, key, _json_bytes(pointer), expected_version)
-    return _swap_local(storage=registry.storage, key=key, lock_key=registry.key(name, ".champion.lock"),
-                       data=_json_bytes(pointer), expected_version=expected_version)
+    yet): a compare-and-swap, one whole-object write, so readers never see half a pointer. False means another
+    run changed the champion first and nothing was written."""
+    return registry.storage.compare_and_swap(
+        registry.key(name, CHAMPION_FILE), _json_bytes(pointer),
+        lambda current: _pointed_version(current) == expected_version)
 
 
 def _pointed_version(data: bytes | None) -> str | None:
     return json.loads(data)["version"] if data is not None else None
-
-
-def _swap_s3(storage: Storage, key: str, data: bytes, expected_version: str | None) -> bool:
-    from botocore.exceptions import ClientError
-    object_key = storage.object_key(key)
-    try:
-        current = storage._s3_call(lambda c: c.get_object(Bucket=storage.bucket, Key=object_key),
-                                   what=key, passthrough=("NoSuchKey", "404"))
-        etag, body = current["ETag"], current["Body"].read()
-    except ClientError:
-        etag, body = None, None
-    if _pointed_version(body) != expected_version:
-        return False
-    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-    try:
-        storage._s3_call(lambda c: c.put_object(Bucket=storage.bucket, Key=object_key, Body=data, **condition),
-                         what=key, passthrough=("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
-    except ClientError:
-        return False                      # someone else swapped between our read and our write
-    return True
-
-
-def _swap_local(*, storage: Storage, key: str, lock_key: str, data: bytes, expected_version: str | None) -> bool:
-    import fcntl
-    import os
-    lock_path = storage.path(lock_key)
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)          # held until the file closes; other runs wait here
-        current = storage.read_bytes(key) if storage.exists(key) else None
-        if _pointed_version(current) != expected_version:
-            return False
-        storage.publish(key, data)                # temp file + rename: atomic for readers
-        return True
