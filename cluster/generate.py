@@ -47,7 +47,10 @@ MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
 IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never idle, the driver holds little
+# How long actors may take to start: a local Ray has what it has; a joined cluster may be autoscaling (GPU
+# nodes take minutes to arrive), so there the shortfall check is skipped and the wait is longer.
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
+JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
 # Fault-injection knob for tests and drills: "stage=seconds[,stage=seconds]" makes every worker pause at those
 # stages (decode, encode, publish), so a test can kill it at a known point. Unset in normal runs.
 STAGE_DELAY_ENV = "VAEGEN_STAGE_DELAY"
@@ -265,13 +268,16 @@ def decoder_worker_class():
 
 
 def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_per_worker: float,
-                  gpus_per_worker: float, max_restarts: int) -> list:
+                  gpus_per_worker: float, max_restarts: int, *, joined: bool = False) -> list:
+    """Start the actors and wait until each has loaded the model; a clear error instead of a hang when the
+    cluster cannot place them (at once on a local Ray, after the placement timeout on a joined cluster)."""
     import ray
     resources = ray.cluster_resources()
     need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
     short = [f"{need[r]:g} {r} (cluster has {resources.get(r, 0):g})" for r in need
              if need[r] > resources.get(r, 0) + 1e-9]
-    if short:
+    timeout = JOINED_PLACEMENT_TIMEOUT_S if joined else PLACEMENT_TIMEOUT_S
+    if short and not joined:
         raise VaegenError(f"Ray cannot place {workers} DecoderWorker(s): they need {', '.join(short)}; "
                           "lower --workers, --cpus-per-worker or --gpus-per-worker")
     device = "cuda" if gpus_per_worker > 0 else "cpu"
@@ -282,11 +288,11 @@ def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_
               .remote(plan, dataclasses.asdict(storage_cfg), device, os.environ.get(STAGE_DELAY_ENV))
               for k in range(workers)]
     try:
-        ray.get([a.ready.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
+        ray.get([a.ready.remote() for a in actors], timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         for a in actors:
             ray.kill(a)
-        raise VaegenError(f"Ray could not start {workers} DecoderWorker(s) within {PLACEMENT_TIMEOUT_S:.0f} s "
+        raise VaegenError(f"Ray could not start {workers} DecoderWorker(s) within {timeout:.0f} s "
                           f"(each needs {cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU; cluster resources "
                           f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} })") from None
     return actors
@@ -406,8 +412,9 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
         from .runtime import ray_runtime
         with ray_runtime(address):
             import ray
+            joined = bool(address or os.environ.get("RAY_ADDRESS"))
             actors = start_workers(plan, storage_cfg, min(workers, len(todo)), cpus_per_worker,
-                                   gpus_per_worker, max_restarts)
+                                   gpus_per_worker, max_restarts, joined=joined)
             shards_started = time.perf_counter()
             try:
                 with tqdm(total=plan.total_rows, initial=skipped_rows, unit="img", unit_scale=True,
