@@ -30,7 +30,9 @@ def to_image_set(split) -> ImageSet:
     return ImageSet(torch.from_numpy(split.images), torch.from_numpy(split.labels))
 
 
-def train_single_process(job: TrainJobConfig, progress: bool = True) -> TrainResult:
+def train_single_process(job: TrainJobConfig, progress: bool = True,
+                         initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """initial_state: weights to start from (a warm start, e.g. the champion's), else a fresh init."""
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)
     model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
@@ -38,6 +40,8 @@ def train_single_process(job: TrainJobConfig, progress: bool = True) -> TrainRes
     train_set, val_set = read_train_val(storage, job)
     torch.manual_seed(job.train.seed)
     model = build_model(model_cfg)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
 
     started = time.perf_counter()
     with tqdm(total=job.train.epochs, unit="epoch", desc=f"train {job.name}", disable=not progress) as bar:

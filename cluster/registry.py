@@ -118,3 +118,52 @@ class Registry:
 
     def metrics(self, ref: ModelRef) -> dict:
         return json.loads(self.read_file(ref, "metrics.json"))
+
+
+# -- the champion pointer and retraining decisions (used by `vaegen retrain`) ------------------------------
+DECISIONS_DIR = "decisions"
+
+
+def decision_file_name(at: float, run_id: str) -> str:
+    """Sortable by time; the run id keeps two runs in the same microsecond apart."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at))
+    return f"{stamp}.{int(at % 1 * 1e6):06d}Z-{run_id}.json"
+
+
+def _json_bytes(record: Mapping) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True).encode()
+
+
+def record_decision(registry: Registry, name: str, record: Mapping, run_id: str, at: float) -> str:
+    """Write models/<name>/decisions/<timestamp>.json in one atomic write; returns its key.
+    Any failure is a VaegenError: the caller must then promote nothing."""
+    key = registry.key(name, DECISIONS_DIR, decision_file_name(at, run_id))
+    try:
+        registry.storage.publish(key, _json_bytes(record))
+    except (OSError, VaegenError) as e:
+        raise VaegenError(f"cannot write the decision record {registry.storage.uri_of(key)} "
+                          f"({e}); nothing was promoted") from None
+    return key
+
+
+def rewrite_decision(registry: Registry, key: str, record: Mapping) -> None:
+    registry.storage.publish(key, _json_bytes(record))
+
+
+def decisions(registry: Registry, name: str) -> list[dict]:
+    """Every decision record of a model, oldest first."""
+    entries = registry.storage.list(registry.key(name, DECISIONS_DIR))
+    return [json.loads(registry.storage.read_bytes(e.key)) for e in entries if e.key.endswith(".json")]
+
+
+def swap_champion(registry: Registry, name: str, pointer: Mapping, expected_version: str | None) -> bool:
+    """Point champion.json at pointer["version"] only if it still names `expected_version` (None: no champion
+    yet): a compare-and-swap, one whole-object write, so readers never see half a pointer. False means another
+    run changed the champion first and nothing was written."""
+    return registry.storage.compare_and_swap(
+        registry.key(name, CHAMPION_FILE), _json_bytes(pointer),
+        lambda current: _pointed_version(current) == expected_version)
+
+
+def _pointed_version(data: bytes | None) -> str | None:
+    return json.loads(data)["version"] if data is not None else None

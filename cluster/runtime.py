@@ -12,16 +12,18 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AWS_EC2_METADATA_
 @contextmanager
 def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_mb: int | None = None) -> Iterator[None]:
-    """Use the Ray already running in this process, else join `address`, else start a local one.
-    Only a Ray started here is shut down on exit."""
+    """Use the Ray already running in this process, else join `address` (or $RAY_ADDRESS, as inside a Ray Job),
+    else start a local one. Only a Ray started or joined here is disconnected on exit."""
     import ray
     if ray.is_initialized():
         yield
         return
-    kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        # Joining: the cluster (or the job's runtime_env) owns the workers' environment; ours would conflict.
+        ray.init(address=address, log_to_driver=True)
     else:
+        kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=store * 2**20 if store else None, **kwargs)

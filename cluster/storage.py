@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import urlparse
@@ -167,6 +168,42 @@ class Storage:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def compare_and_swap(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+        """Write `data` only if `accept(current contents or None)` holds and nobody wrote `key` in between.
+
+        S3: read the ETag, then PUT If-Match=<etag> (If-None-Match=* when absent); 412/409 → False.
+        Local: an flock beside the key around read-check-rename. Either way one whole-object write."""
+        if self.is_s3:
+            return self._compare_and_swap_s3(key, data, accept)
+        import fcntl
+        lock_path = self.path(f"{key}.lock")
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
+            current = self.read_bytes(key) if self.exists(key) else None
+            if not accept(current):
+                return False
+            return self.publish(key, data)
+
+    def _compare_and_swap_s3(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
+        from botocore.exceptions import ClientError
+        object_key = self.object_key(key)
+        try:
+            current = self._s3_call(lambda c: c.get_object(Bucket=self.bucket, Key=object_key), what=key,
+                                    passthrough=("NoSuchKey", "404"))
+            etag, body = current["ETag"], current["Body"].read()
+        except ClientError:
+            etag, body = None, None
+        if not accept(body):
+            return False
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=object_key, Body=data, **condition),
+                          what=key, passthrough=("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
+        except ClientError:
+            return False                               # someone else wrote between our read and our write
+        return True
 
     def delete(self, key: str) -> None:
         if self.is_s3:

@@ -96,8 +96,9 @@ def start_local_ray() -> None:
 
 
 @pytest.fixture
-def ray_local():
-    """One local Ray reused by every test that asks for it (started on first use, stopped at session end)."""
+def ray_local(s3_server):
+    """One local Ray reused by every test that asks for it (started on first use, stopped at session end).
+    It asks for the S3 server first: Ray workers inherit the environment Ray starts with, S3 credentials too."""
     start_local_ray()
     yield
     # left running for the next test; `_stop_ray_at_exit` stops it

@@ -85,3 +85,26 @@ def test_reading_a_missing_key_names_it(local_storage_config):
     storage = open_storage(local_storage_config, for_writing=True)
     with pytest.raises(VaegenError, match="missing.bin does not exist"):
         storage.read_bytes("missing.bin")
+
+
+def test_compare_and_swap_writes_only_over_what_it_checked(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    assert storage.compare_and_swap("ptr.json", b"v1", lambda cur: cur is None)
+    assert not storage.compare_and_swap("ptr.json", b"v2", lambda cur: cur is None)     # check refuses
+    assert storage.compare_and_swap("ptr.json", b"v2", lambda cur: cur == b"v1")
+    assert storage.read_bytes("ptr.json") == b"v2"
+
+
+def test_compare_and_swap_loses_to_a_write_in_between(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    storage.publish("ptr.json", b"old")
+
+    def sneaky_check(current):
+        if storage.is_s3:
+            storage.publish("ptr.json", b"theirs")      # another writer lands after our read
+        return current == b"old"
+    won = storage.compare_and_swap("ptr.json", b"ours", sneaky_check)
+    if storage.is_s3:                                   # the ETag changed: our conditional PUT gets 412
+        assert not won and storage.read_bytes("ptr.json") == b"theirs"
+    else:                                               # locally the lock serialises writers instead
+        assert won and storage.read_bytes("ptr.json") == b"ours"

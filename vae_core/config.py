@@ -127,6 +127,41 @@ class TrainJobConfig:
                  f"--name={self.name!r} must be non-empty without '/' or '@'")
 
 
+KINDS = ("samples", "reconstructions")
+FORMATS = ("parquet", "png")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """`vaegen generate` / `vaegen reconstruct`: one job spec. Everything here (with the model resolved to a
+    version and its weights' sha256) is hashed into the job id, so the same spec resumes the same job."""
+    model: str                         # registry spec: name[@vN|@latest|@champion]
+    kind: str = "samples"              # samples (z ~ N(0, I)) | reconstructions (of an input dataset split)
+    count: int = 0                     # samples: how many (ids 0..count-1)
+    dataset: str = ""                  # reconstructions: input dataset name under datasets/
+    split: str = "test"                # reconstructions: its split
+    shard_size: int = 10_000           # samples per output shard (reconstructions mirror the input shards)
+    seed: int = 0
+    format: str = "parquet"            # parquet (raw pixels) | png (WebDataset tar of <id>.png + <id>.json)
+    labels: tuple[int, ...] = ()       # conditional models: classes cycled over ids; () = every class
+    decode_batch: int = 4096           # fixed, so a shard's floats do not depend on who decodes it
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "--model must name a model (name[@version|@champion])")
+        _require(self.kind in KINDS, f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
+        _require(self.format in FORMATS, f"--format={self.format!r} must be one of {', '.join(FORMATS)}")
+        _require(self.shard_size > 0, f"--shard-size={self.shard_size} must be > 0")
+        _require(self.decode_batch > 0, f"--decode-batch={self.decode_batch} must be > 0")
+        _require(all(label >= 0 for label in self.labels), f"--labels={list(self.labels)} must be >= 0")
+        if self.kind == "samples":
+            _require(self.count > 0, f"--count={self.count} must be > 0")
+            _require(not self.dataset, "samples take --count, not --dataset (use `vaegen reconstruct`)")
+        else:
+            _require(bool(self.dataset), "reconstructions need --dataset")
+            _require(self.count == 0, "reconstructions cover the whole --split: drop --count")
+            _require(not self.labels, "reconstructions use the dataset's labels: drop --labels")
+
+
 T = TypeVar("T")
 
 

@@ -77,7 +77,9 @@ def curves_png(series: Mapping[str, Sequence[float]], title: str = "loss per ima
             draw.line(pts, fill=colour, width=2)
         for x, y in pts:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((width - right - 150, top + 8 + 14 * k), f"— {name}", fill=colour)
+        lx, ly = width - right - 150, top + 14 + 14 * k
+        draw.line([(lx, ly), (lx + 16, ly)], fill=colour, width=2)                  # legend swatch
+        draw.text((lx + 22, ly - 6), name, fill=colour)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -1,0 +1,455 @@
+"""Bulk samples and reconstructions: a shard plan from a job spec, DecoderWorker actors that each build and
+publish whole shards, and the driver that resumes, verifies and commits. Shard protocol (DESIGN.md):
+
+- The job id hashes the spec with the model resolved to a version and its weights' sha256: the same spec
+  resumes the same job under outputs/<job-id>/.
+- Shard i depends only on (spec, i): latents from a generator seeded by (seed, i), a fixed decode batch size,
+  one torch thread, deterministic writers. Any worker, retry or rerun writes the same bytes.
+- A worker builds the whole shard in memory, validates it, publishes it as one object if absent (S3: one PUT
+  with If-None-Match; locally temp + link), then a small receipt (_receipts/part-i.json: rows, ids, bytes,
+  sha256, pixels sha256). If the shard was already there, its sha256 must equal ours, else it is replaced.
+- On resume the driver reads each receipt, re-hashes its shard, skips the good ones and redoes the rest.
+  manifest.json, then _SUCCESS, are written last; readers trust only a job with _SUCCESS."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from vae_core import __version__
+from vae_core.config import GenerateConfig, StorageConfig, to_dict
+from vae_core.errors import VaegenError
+from vae_core.images import to_uint8
+from vae_core.models import VAE
+
+from .datasets import dataset_key, read_manifest, table_arrays
+from .registry import LoadedModel, Registry
+from .storage import Storage, open_storage
+from .writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter, shard_name
+
+OUTPUT_FORMAT_VERSION = 1        # bump when a change alters shard bytes: it changes every job id
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+RECEIPTS = "_receipts"
+IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never idle, the driver holds little
+# How long actors may take to start: a local Ray has what it has; a joined cluster may be autoscaling (GPU
+# nodes take minutes to arrive), so there the shortfall check is skipped and the wait is longer.
+PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
+JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
+# Fault-injection knob for tests and drills: "stage=seconds[,stage=seconds]" makes every worker pause at those
+# stages (decode, encode, publish), so a test can kill it at a known point. Unset in normal runs.
+STAGE_DELAY_ENV = "VAEGEN_STAGE_DELAY"
+
+
+def sha256_hex(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """A per-shard generator seed from (job seed, shard index) alone: never from the worker."""
+    return int.from_bytes(hashlib.sha256(f"vaegen:{seed}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    first_id: int
+    rows: int
+    input: dict | None = None           # reconstructions: the input shard's manifest entry (name, sha256, ...)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a worker needs to build any shard of the job; small and picklable."""
+    job_id: str
+    spec: GenerateConfig
+    model_ref: str                      # name@v0001
+    weights_sha256: str
+    image_shape: tuple[int, int, int]
+    labels: tuple[int, ...]             # samples of a conditional model: classes cycled over ids
+    total_rows: int
+    num_shards: int
+    input_shards: tuple[dict, ...] = ()  # reconstructions
+
+    @property
+    def prefix(self) -> str:
+        return f"outputs/{self.job_id}"
+
+    def shard_key(self, index: int) -> str:
+        return f"{self.prefix}/{shard_name(index, self.spec.format)}"
+
+    def receipt_key(self, index: int) -> str:
+        return f"{self.prefix}/{RECEIPTS}/{shard_name(index, self.spec.format)}.json"
+
+    def task(self, index: int) -> ShardTask:
+        if self.input_shards:
+            entry = self.input_shards[index]
+            return ShardTask(index, entry["first_id"], entry["rows"], entry)
+        first = index * self.spec.shard_size
+        return ShardTask(index, first, min(self.spec.shard_size, self.total_rows - first))
+
+
+def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None = None) -> JobPlan:
+    """Resolve and check everything before any work starts: model, labels, input dataset, job id."""
+    loaded = loaded or Registry(storage).load(spec.model)
+    cfg = loaded.model.cfg
+    labels: tuple[int, ...] = ()
+    input_shards: tuple[dict, ...] = ()
+    if spec.kind == "samples":
+        if cfg.conditional:
+            bad = [label for label in spec.labels if label >= cfg.num_classes]
+            if bad:
+                raise VaegenError(f"--labels {bad} outside {loaded.ref}'s {cfg.num_classes} classes "
+                                  f"(0..{cfg.num_classes - 1})")
+            labels = spec.labels or tuple(range(cfg.num_classes))
+        elif spec.labels:
+            raise VaegenError(f"{loaded.ref} is not class-conditional: drop --labels")
+        total, num_shards = spec.count, math.ceil(spec.count / spec.shard_size)
+    else:
+        manifest = read_manifest(storage, spec.dataset)
+        if spec.split not in manifest["splits"]:
+            raise VaegenError(f"dataset {spec.dataset!r} has no split {spec.split!r} "
+                              f"(splits: {', '.join(manifest['splits'])})")
+        if tuple(manifest["image_shape"]) != tuple(cfg.image_shape):
+            raise VaegenError(f"dataset {spec.dataset!r} holds images of shape {tuple(manifest['image_shape'])} "
+                              f"but {loaded.ref} decodes {tuple(cfg.image_shape)}")
+        if cfg.conditional and len(manifest["label_names"]) != cfg.num_classes:
+            raise VaegenError(f"dataset {spec.dataset!r} has {len(manifest['label_names'])} classes but "
+                              f"{loaded.ref} is conditioned on {cfg.num_classes}")
+        input_shards = tuple(manifest["splits"][spec.split]["shards"])
+        total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
+    identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
+                "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
+                "output_format_version": OUTPUT_FORMAT_VERSION}
+    job_id = f"{spec.kind}-{sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]}"
+    return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, tuple(cfg.image_shape), labels,
+                   total, num_shards, input_shards)
+
+
+# -- building and publishing one shard (what a DecoderWorker does; no Ray here) ------------------------------
+def parse_stage_delays(text: str | None) -> dict[str, float]:
+    delays = {}
+    for part in filter(None, (text or "").split(",")):
+        stage, _, seconds = part.partition("=")
+        delays[stage.strip()] = float(seconds)
+    return delays
+
+
+class ShardMaker:
+    """Decodes, encodes, validates and publishes shards of one job with one loaded model."""
+
+    def __init__(self, plan: JobPlan, storage: Storage, model: VAE, *,
+                 writer_cls: type[ShardWriter] | None = None, stage_delays: dict[str, float] | None = None,
+                 device: str = "cpu") -> None:
+        self.plan, self.storage, self.device = plan, storage, device
+        self.model = model.to(device).eval()
+        self.writer_cls = writer_cls or WRITERS[plan.spec.format]
+        self.stage_delays = stage_delays or {}
+        self.stage, self.shard = "idle", -1          # read by DecoderWorker.status() from another thread
+
+    def enter(self, stage: str) -> None:
+        self.stage = stage
+        if stage in self.stage_delays:
+            time.sleep(self.stage_delays[stage])
+
+    def batches(self, task: ShardTask):
+        """A shard's decoded rows, in id order, in batches of the spec's fixed decode_batch."""
+        size = self.plan.spec.decode_batch
+        if task.input is None:
+            ids = np.arange(task.first_id, task.first_id + task.rows, dtype=np.int64)
+            gen = torch.Generator().manual_seed(shard_seed(self.plan.spec.seed, task.index))
+            z = torch.randn(task.rows, self.model.cfg.latent_dim, generator=gen)       # (rows, Z), one draw
+            labels = np.asarray(self.plan.labels, np.int64)[ids % len(self.plan.labels)] if self.plan.labels else None
+            for start in range(0, task.rows, size):
+                self.enter("decode")
+                part = slice(start, start + size)
+                y = None if labels is None else labels[part]
+                images = self.model.generate(z[part].to(self.device), None if y is None else torch.from_numpy(y))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
+        else:
+            ids, labels, pixels = self.read_input(task)
+            for start in range(0, len(ids), size):
+                self.enter("decode")
+                part = slice(start, start + size)
+                x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
+                y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
+                recon, mu = self.model.reconstruct(x, y)
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
+
+    def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        spec = self.plan.spec
+        body = self.storage.read_bytes(dataset_key(spec.dataset, spec.split, task.input["name"]))
+        if sha256_hex(body) != task.input["sha256"]:
+            raise VaegenError(f"dataset shard {spec.dataset}/{spec.split}/{task.input['name']} fails its sha256 "
+                              "check (corrupt)")
+        return table_arrays(pq.read_table(io.BytesIO(body)), self.plan.image_shape)
+
+    def build(self, index: int) -> tuple[bytes, dict]:
+        """The finished shard's bytes and its record (what the receipt and the manifest keep)."""
+        plan, task = self.plan, self.plan.task(index)
+        self.shard = index
+        info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
+                         plan.weights_sha256, plan.job_id)
+        writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
+        for batch in self.batches(task):
+            self.enter("encode")
+            pixels.update(np.ascontiguousarray(batch.images).data)
+            writer.write(batch)
+            rows, last_id = rows + len(batch), int(batch.ids[-1])
+        data = writer.close()
+        if rows != task.rows:
+            raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
+        record = {"index": index, "name": shard_name(index, plan.spec.format), "rows": rows,
+                  "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
+                  "pixels_sha256": pixels.hexdigest()}
+        return data, record
+
+    def make(self, index: int) -> dict:
+        """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`)."""
+        started = time.perf_counter()
+        data, record = self.build(index)
+        self.enter("publish")
+        key = self.plan.shard_key(index)
+        published = self.storage.publish(key, data, if_absent=True)
+        if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
+            self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones
+            published = True
+        self.storage.publish(self.plan.receipt_key(index), json.dumps(record, sort_keys=True).encode())
+        self.stage = "idle"
+        return {**record, "published": published, "seconds": time.perf_counter() - started}
+
+
+# -- the Ray actor ------------------------------------------------------------------------------------------
+def decoder_worker_class():
+    """The DecoderWorker actor class, made on first use so that importing this module does not import Ray."""
+    import ray
+
+    @ray.remote(concurrency_groups={"control": 1})
+    class DecoderWorker:
+        """Loads the model once, then builds and publishes whole shards, one at a time (the default
+        concurrency group runs one task at a time); status() answers from its own thread meanwhile."""
+
+        def __init__(self, plan: JobPlan, storage_cfg: dict, device: str, stage_delays: str | None) -> None:
+            torch.set_num_threads(1)          # fixed: a shard's floats must not depend on the thread count
+            storage = Storage(StorageConfig(**storage_cfg))
+            loaded = Registry(storage).load(plan.model_ref)
+            if loaded.weights_sha256 != plan.weights_sha256:
+                raise VaegenError(f"{plan.model_ref} changed under the job: weights sha256 differs")
+            self.maker = ShardMaker(plan, storage, loaded.model, device=device,
+                                    stage_delays=parse_stage_delays(stage_delays))
+
+        def ready(self) -> int:
+            return os.getpid()
+
+        @ray.method(concurrency_group="control")
+        def status(self) -> dict:
+            return {"pid": os.getpid(), "stage": self.maker.stage, "shard": self.maker.shard}
+
+        def run_shard(self, index: int) -> dict:
+            return self.maker.make(index)
+
+    return DecoderWorker
+
+
+def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_per_worker: float,
+                  gpus_per_worker: float, max_restarts: int, *, joined: bool = False) -> list:
+    """Start the actors and wait until each has loaded the model; a clear error instead of a hang when the
+    cluster cannot place them (at once on a local Ray, after the placement timeout on a joined cluster)."""
+    import ray
+    resources = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    short = [f"{need[r]:g} {r} (cluster has {resources.get(r, 0):g})" for r in need
+             if need[r] > resources.get(r, 0) + 1e-9]
+    timeout = JOINED_PLACEMENT_TIMEOUT_S if joined else PLACEMENT_TIMEOUT_S
+    if short and not joined:
+        raise VaegenError(f"Ray cannot place {workers} DecoderWorker(s): they need {', '.join(short)}; "
+                          "lower --workers, --cpus-per-worker or --gpus-per-worker")
+    device = "cuda" if gpus_per_worker > 0 else "cpu"
+    worker_cls = decoder_worker_class()
+    actors = [worker_cls.options(name=f"vaegen-decoder-{plan.job_id}-{k}-{os.getpid()}",
+                                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                 max_restarts=max_restarts, max_task_retries=max_restarts)
+              .remote(plan, dataclasses.asdict(storage_cfg), device, os.environ.get(STAGE_DELAY_ENV))
+              for k in range(workers)]
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        raise VaegenError(f"Ray could not start {workers} DecoderWorker(s) within {timeout:.0f} s "
+                          f"(each needs {cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU; cluster resources "
+                          f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} })") from None
+    return actors
+
+
+def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -> None:
+    """Feed shard indices to the actors, at most IN_FLIGHT_PER_WORKER each (backpressure): the driver holds
+    only the in-flight futures and small records, whatever the job's size."""
+    import ray
+    pending = deque(todo)
+    futures: dict = {}
+
+    def submit(actor) -> None:
+        if pending:
+            index = pending.popleft()
+            futures[actor.run_shard.remote(index)] = (actor, index)
+
+    for _ in range(IN_FLIGHT_PER_WORKER):
+        for actor in actors:
+            submit(actor)
+    while futures:
+        ready, _ = ray.wait(list(futures), num_returns=1)
+        actor, index = futures.pop(ready[0])
+        try:
+            record = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, VaegenError):
+                raise VaegenError(str(e.cause)) from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"a DecoderWorker died on shard {index} more often than its restarts allow "
+                               f"({str(e).splitlines()[0]}); finished shards are kept: rerun to resume") from None
+        on_done(record)
+        submit(actor)
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def verified_shards(storage: Storage, plan: JobPlan) -> dict[int, dict]:
+    """Shards already on storage whose bytes match their receipt; corrupt ones (and strays) are deleted."""
+    present = {e.key.rsplit("/", 1)[1]: e.size for e in storage.list(plan.prefix)}
+    receipts = [e.key for e in storage.list(f"{plan.prefix}/{RECEIPTS}")]
+
+    def check(receipt_key: str) -> dict | None:
+        try:
+            record = json.loads(storage.read_bytes(receipt_key))
+            index = record["index"]
+            if not (0 <= index < plan.num_shards and record["name"] == shard_name(index, plan.spec.format)):
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None                                             # an unreadable receipt: redo its shard
+        key = plan.shard_key(index)
+        if present.get(record["name"]) != record["bytes"] or sha256_hex(storage.read_bytes(key)) != record["sha256"]:
+            storage.delete(key)                                     # corrupt or truncated: rewrite it
+            return None
+        return record
+
+    with ThreadPoolExecutor(max_workers=4) as pool:                 # I/O bound; one shard in memory per thread
+        return {r["index"]: r for r in pool.map(check, receipts) if r is not None}
+
+
+def library_versions() -> dict[str, str]:
+    import PIL
+    import pyarrow
+    return {"vaegen": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__, "pillow": PIL.__version__,
+            "zlib": zlib.ZLIB_RUNTIME_VERSION}
+
+
+def commit(storage: Storage, plan: JobPlan, records: dict[int, dict], run: dict) -> dict:
+    shards = [records[i] for i in range(plan.num_shards)]
+    ids = sum(s["rows"] for s in shards)
+    if ids != plan.total_rows:
+        raise RuntimeError(f"job {plan.job_id}: shards hold {ids} rows, planned {plan.total_rows}")
+    if not storage.is_s3:                                           # temp files of workers killed mid-publish
+        for entry in storage.list(plan.prefix):
+            if entry.key.rsplit("/", 1)[1].startswith("."):
+                storage.delete(entry.key)
+    manifest = {"job_id": plan.job_id, "kind": plan.spec.kind, "format": plan.spec.format,
+                "spec": to_dict(plan.spec), "model": plan.model_ref, "weights_sha256": plan.weights_sha256,
+                "image_shape": list(plan.image_shape), "labels": list(plan.labels),
+                "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
+                "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
+                "totals": {"rows": ids, "shards": len(shards), "bytes": sum(s["bytes"] for s in shards)},
+                "run": run, "created_at": time.time(),
+                "shards": [{k: s[k] for k in ("name", "rows", "first_id", "last_id", "bytes", "sha256",
+                                              "pixels_sha256")} for s in shards]}
+    body = json.dumps(manifest, indent=2).encode()
+    storage.publish(f"{plan.prefix}/{MANIFEST}", body)
+    storage.publish(f"{plan.prefix}/{SUCCESS}", json.dumps({"manifest_sha256": sha256_hex(body)}).encode())
+    return json.loads(body)                          # as a resumed run will read it back
+
+
+def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2, address: str | None = None,
+            progress: bool = True, cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0,
+            max_restarts: int = 3) -> dict:
+    """Plan, resume, run the missing shards on DecoderWorker actors, commit; returns the manifest."""
+    if workers <= 0:
+        raise VaegenError(f"--workers={workers} must be > 0")
+    if cpus_per_worker < 0 or gpus_per_worker < 0:
+        raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+    started = time.perf_counter()
+    storage = open_storage(storage_cfg, for_writing=True)
+    plan = plan_job(spec, storage)
+    success_key = f"{plan.prefix}/{SUCCESS}"
+    records = verified_shards(storage, plan)
+    todo = [i for i in range(plan.num_shards) if i not in records]
+    if not todo and storage.exists(success_key):                   # finished and intact: rewrite nothing
+        manifest = json.loads(storage.read_bytes(f"{plan.prefix}/{MANIFEST}"))
+        return {**manifest, "run": {"workers": 0, "shards_written": 0, "shards_skipped": plan.num_shards,
+                                    "rows_written": 0, "seconds": time.perf_counter() - started,
+                                    "shard_seconds": 0.0, "samples_per_s": None, "already_complete": True}}
+    if todo and storage.exists(success_key):
+        storage.delete(success_key)                                 # repairing a finished job: not trusted now
+    skipped_rows = sum(r["rows"] for r in records.values())
+    written = 0
+    if todo:
+        from .runtime import ray_runtime
+        with ray_runtime(address):
+            import ray
+            joined = bool(address or os.environ.get("RAY_ADDRESS"))
+            actors = start_workers(plan, storage_cfg, min(workers, len(todo)), cpus_per_worker,
+                                   gpus_per_worker, max_restarts, joined=joined)
+            shards_started = time.perf_counter()
+            try:
+                with tqdm(total=plan.total_rows, initial=skipped_rows, unit="img", unit_scale=True,
+                          desc=f"{spec.kind} {plan.job_id}", disable=not progress) as bar:
+                    def on_done(record: dict) -> None:
+                        nonlocal written
+                        records[record["index"]] = {k: v for k, v in record.items()
+                                                    if k not in ("published", "seconds")}
+                        written += 1
+                        bar.update(record["rows"])
+                    run_shards(actors, todo, on_done)
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+            shard_seconds = time.perf_counter() - shards_started
+    else:
+        shard_seconds = 0.0
+    new_rows = plan.total_rows - skipped_rows
+    run = {"workers": workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
+           "rows_written": new_rows, "seconds": time.perf_counter() - started, "shard_seconds": shard_seconds,
+           "samples_per_s": new_rows / shard_seconds if shard_seconds else None}
+    return commit(storage, plan, records, run)
+
+
+def run_generation(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2,
+                   address: str | None = None, progress: bool = True, **options) -> dict:
+    """Samples z ~ N(0, I) → images, as shards under outputs/<job-id>/; returns the manifest."""
+    if spec.kind != "samples":
+        raise VaegenError(f"run_generation takes kind='samples', got {spec.kind!r}")
+    return run_job(spec, storage_cfg, workers=workers, address=address, progress=progress, **options)
+
+
+def run_reconstruction(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2,
+                       address: str | None = None, progress: bool = True, **options) -> dict:
+    """Reconstructions of a dataset split, one output shard per input shard; returns the manifest."""
+    if spec.kind != "reconstructions":
+        raise VaegenError(f"run_reconstruction takes kind='reconstructions', got {spec.kind!r}")
+    return run_job(spec, storage_cfg, workers=workers, address=address, progress=progress, **options)

@@ -1,0 +1,136 @@
+"""`vaegen retrain`: train a challenger on the current dataset, score it and the champion on the same held-out
+split with the same metric, and promote it only if it is better by a margin.
+
+Order of writes, so that a failure never promotes by accident: challenger version (an ordinary, complete model
+version) → decision record → compare-and-swap of champion.json. If the record cannot be written nothing is
+promoted; if another run swapped the pointer first, ours is refused and the record is rewritten to say so."""
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from vae_core import __version__
+from vae_core.config import TrainConfig, TrainJobConfig, to_dict
+from vae_core.errors import VaegenError
+from vae_core.models import VAE
+from vae_core.train import evaluate, iterate_batches
+
+from .datasets import bind_model_to_dataset, read_manifest, read_split
+from .local_train import manifest_digest, to_image_set, train_single_process
+from .registry import ModelRef, Registry, record_decision, rewrite_decision, swap_champion
+from .storage import open_storage
+
+METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower is better
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainConfig:
+    """`vaegen retrain`: the challenger's training job plus the rules of the contest."""
+    job: TrainJobConfig = field(default_factory=TrainJobConfig)   # job.name is the model being retrained
+    margin: float = 0.0            # nats/image the challenger must beat the champion by
+    warm_start: bool = False       # start the challenger from the champion's weights
+    eval_split: str = "test"       # held-out split both models are scored on
+    eval_seed: int = 0             # fixes the posterior samples of the ELBO estimate
+    eval_max_images: int = 0       # 0 = the whole split
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise VaegenError(f"--margin={self.margin} must be >= 0")
+        if self.eval_max_images < 0:
+            raise VaegenError(f"--eval-max-images={self.eval_max_images} must be >= 0")
+
+
+@dataclass
+class RetrainOutcome:
+    promoted: bool
+    champion: str | None          # the champion version after this run
+    challenger: str
+    reason: str
+    record_key: str
+    record: dict
+
+
+def train_challenger(job: TrainJobConfig, initial_state: dict | None) -> ModelRef:
+    """The one place retraining calls a trainer (switch to cluster.train.train_on_ray for --workers N)."""
+    return train_single_process(job, progress=False, initial_state=initial_state).ref
+
+
+def score(model: VAE, images, cfg: RetrainConfig) -> float:
+    """−ELBO per image (β = 1, no binarisation, fixed seed): the same yardstick for every model."""
+    yardstick = TrainConfig(beta=1.0, binarize=False, seed=cfg.eval_seed)
+    return evaluate(model, iterate_batches(images, 1024), yardstick)["loss"]
+
+
+def decide(champion_metric: float | None, challenger_metric: float, margin: float,
+           champion: str | None, challenger: str) -> tuple[bool, str]:
+    if champion is None:
+        return True, "no champion yet: the first challenger is promoted"
+    if champion_metric is None:
+        return True, f"champion {champion} could not be scored: promoting {challenger}"
+    gain = champion_metric - challenger_metric
+    if gain > margin:
+        return True, (f"challenger {challenger} beats champion {champion} by {gain:.3f} nats/image "
+                      f"(> margin {margin})")
+    if gain > 0:
+        return False, (f"challenger {challenger} is better than champion {champion} by only {gain:.3f} "
+                       f"nats/image (margin {margin})")
+    return False, f"challenger {challenger} is worse than champion {champion} by {-gain:.3f} nats/image"
+
+
+def retrain(cfg: RetrainConfig) -> RetrainOutcome:
+    job = cfg.job
+    storage = open_storage(job.storage, for_writing=True)
+    registry = Registry(storage)
+    manifest = read_manifest(storage, job.dataset)              # no dataset → a clear VaegenError now
+    if cfg.eval_split not in manifest["splits"]:
+        raise VaegenError(f"dataset {job.dataset!r} has no held-out split {cfg.eval_split!r} to score models on "
+                          f"(splits: {', '.join(manifest['splits'])}); pass --eval-split")
+    model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
+    held_out = to_image_set(read_split(storage, job.dataset, cfg.eval_split, limit=cfg.eval_max_images))
+
+    pointer = registry.champion(job.name)
+    champion = pointer["version"] if pointer else None
+    champion_model, champion_error = None, None
+    if champion:
+        try:
+            champion_model = registry.load(ModelRef(job.name, champion)).model
+        except VaegenError as e:
+            champion_error = str(e)
+    if cfg.warm_start and champion_model is not None and champion_model.cfg != model_cfg:
+        raise VaegenError(f"--warm-start: champion {job.name}@{champion} has model settings "
+                          f"{to_dict(champion_model.cfg)}, the challenger {to_dict(model_cfg)}; make them match")
+    initial = champion_model.state_dict() if cfg.warm_start and champion_model is not None else None
+
+    challenger_ref = train_challenger(job, initial)
+    challenger_metric = score(registry.load(challenger_ref).model, held_out, cfg)
+    champion_metric = score(champion_model, held_out, cfg) if champion_model is not None else None
+    promote, reason = decide(champion_metric, challenger_metric, cfg.margin, champion, challenger_ref.version)
+
+    at, run_id = time.time(), uuid.uuid4().hex[:8]
+    record = {
+        "model": job.name, "decision": "promote" if promote else "keep", "reason": reason,
+        "metric": METRIC, "margin": cfg.margin, "eval_split": cfg.eval_split, "eval_images": len(held_out),
+        "eval_seed": cfg.eval_seed,
+        "champion": {"version": champion, "metric": champion_metric, "load_error": champion_error},
+        "challenger": {"version": challenger_ref.version, "metric": challenger_metric,
+                       "warm_started_from": champion if initial is not None else None},
+        "dataset": job.dataset, "dataset_manifest_sha256": manifest_digest(manifest),
+        "train_job": to_dict(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+        "run_id": run_id, "host": socket.gethostname(), "vaegen_version": __version__,
+    }
+    record_key = record_decision(registry, job.name, record, run_id, at)     # raises → nothing promoted
+    if not promote:
+        return RetrainOutcome(False, champion, challenger_ref.version, reason, record_key, record)
+
+    new_pointer = {"version": challenger_ref.version, "metric": METRIC, "value": challenger_metric,
+                   "promoted_at": record["decided_at"], "decision": record_key.rsplit("/", 1)[-1]}
+    if swap_champion(registry, job.name, new_pointer, expected_version=champion):
+        return RetrainOutcome(True, challenger_ref.version, challenger_ref.version, reason, record_key, record)
+    now = registry.champion(job.name)
+    reason = (f"another retrain run changed the champion from {champion} to {now and now['version']} while "
+              f"this run was deciding; {challenger_ref.version} is not promoted")
+    record = {**record, "decision": "keep", "reason": reason, "lost_race": True}
+    rewrite_decision(registry, record_key, record)
+    return RetrainOutcome(False, now and now["version"], challenger_ref.version, reason, record_key, record)

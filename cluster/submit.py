@@ -1,0 +1,205 @@
+"""`vaegen submit` / `vaegen jobs`: vaegen commands as Ray jobs, through Ray's Job Submission SDK.
+
+The submission id is derived from the job spec (the vaegen argv plus an optional key), so submitting the same
+spec twice finds the first job instead of starting a second one. Only a spec whose attempts all failed or were
+stopped is submitted again, as the next attempt (<id>-r2, -r3, ...).
+
+Credentials never travel in the job spec by default: Ray shows a job's runtime_env to anyone who can read the
+dashboard, so the cluster gets keys from its own environment (a Kubernetes Secret). Only non-secret storage
+settings (endpoint, region) are passed through; --pass-credentials is an explicit opt-in."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vae_core.errors import VaegenError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+PACKAGES = ("vae_core", "cluster", "jobs")
+# Not AWS_EC2_METADATA_DISABLED: vaegen sets it locally, but on AWS nodes the metadata service IS the credential.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+ACTIVE = ("PENDING", "RUNNING")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitConfig:
+    address: str                     # the head's job server, http://HEAD:8265
+    argv: tuple[str, ...]            # the vaegen verb and its flags, as after `--`
+    wait: bool = False               # follow the logs, exit with the job's status
+    upload_code: bool = True         # ship this checkout's packages (py_modules); else use the image's vaegen
+    pass_credentials: bool = False   # copy AWS keys from this environment into the job (visible in Ray's job table)
+    key: str = ""                    # extra text in the spec hash, e.g. a CronJob run's name: one job per run
+    entrypoint_num_cpus: float = 0.0
+    entrypoint_num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.address.startswith(("http://", "https://")):
+            raise VaegenError(f"--address={self.address!r} must be the job server's http(s)://HOST:8265 URL")
+        if not self.argv:
+            raise VaegenError("nothing to submit: give a vaegen verb after `--`, e.g. "
+                              "`vaegen submit --address URL -- train --dataset fashion-mnist`")
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    status: str                      # what happened: submitted | already-running | already-succeeded | resubmitted
+    previous: str | None = None      # the attempt found before, if any
+
+
+# -- the job spec ------------------------------------------------------------------------------------------
+def spec_digest(argv: tuple[str, ...], key: str = "") -> str:
+    return hashlib.sha256(json.dumps({"argv": list(argv), "key": key}).encode()).hexdigest()
+
+
+def base_submission_id(argv: tuple[str, ...], key: str = "") -> str:
+    return f"vaegen-{argv[0]}-{spec_digest(argv, key)[:12]}"
+
+
+def attempt_number(base: str, submission_id: str) -> int | None:
+    if submission_id == base:
+        return 1
+    head, _, n = submission_id.rpartition("-r")
+    return int(n) if head == base and n.isdigit() else None
+
+
+def entrypoint(argv: tuple[str, ...]) -> str:
+    """`python -m jobs.cli ...` works with uploaded py_modules and with an installed vaegen alike."""
+    return "python -m jobs.cli " + shlex.join(argv)
+
+
+def job_env(pass_credentials: bool, environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    names = STORAGE_ENV + (CREDENTIAL_ENV if pass_credentials else ())
+    env = {k: environ[k] for k in names if environ.get(k)}
+    if pass_credentials and not all(env.get(k) for k in CREDENTIAL_ENV[:2]):
+        raise VaegenError("--pass-credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not both set "
+                          "in this environment")
+    return env
+
+
+def runtime_env(cfg: SubmitConfig) -> dict:
+    env: dict = {"env_vars": job_env(cfg.pass_credentials)}
+    if cfg.upload_code:
+        root = Path(__file__).resolve().parent.parent
+        env["py_modules"] = [str(root / p) for p in PACKAGES]
+    return env
+
+
+# -- the client ----------------------------------------------------------------------------------------------
+def auth_headers() -> dict[str, str]:
+    """Ray 2.60 clusters check a bearer token unless started with RAY_AUTH_MODE=disabled. Find it where Ray does
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and send it; the SDK itself only sends it when this
+    process is in token mode. The token never appears in output."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    from ray._raylet import AuthenticationTokenLoader
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()
+    if not loader.has_token(ignore_auth_mode=True):
+        return {}
+    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+
+
+def connect(address: str) -> "JobSubmissionClient":
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError as e:
+        refused = "failed" in str(e).split(":", 1)[0]
+        problem = "refused our token" if refused else "needs a token and none was found"
+        raise VaegenError(f"the Ray cluster at {address} {problem}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or "
+                          "copy the head's ~/.ray/auth_token (`ray get-auth-token` on the head)") from None
+    except (ConnectionError, OSError) as e:
+        raise VaegenError(f"cannot reach the Ray job server at {address} ({type(e).__name__}); is the head up "
+                          "with its dashboard on that port? (e.g. kubectl port-forward svc/vaegen-head-svc 8265)"
+                          ) from None
+    except RuntimeError as e:
+        raise VaegenError(f"{address} is not a Ray job server: {str(e).splitlines()[0]}") from None
+
+
+def _call(what: str, fn, *args, **kwargs):
+    """One SDK call with its RuntimeError (HTTP failure) turned into a one-line VaegenError."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise VaegenError(f"{what}: {str(e).strip().splitlines()[0]}") from None
+
+
+def attempts(client: "JobSubmissionClient", base: str) -> list:
+    """Earlier jobs of this spec, oldest attempt first."""
+    found = [(n, j) for j in _call("listing jobs", client.list_jobs)
+             if j.submission_id and (n := attempt_number(base, j.submission_id)) is not None]
+    return [j for _, j in sorted(found, key=lambda t: t[0])]
+
+
+def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
+    base = base_submission_id(cfg.argv, cfg.key)
+    earlier = attempts(client, base)
+    for job in earlier:
+        if str(job.status.value) in ACTIVE:
+            return Submission(job.submission_id, "already-running", job.submission_id)
+        if str(job.status.value) == "SUCCEEDED":
+            return Submission(job.submission_id, "already-succeeded", job.submission_id)
+    submission_id = base if not earlier else f"{base}-r{len(earlier) + 1}"
+    try:
+        client.submit_job(entrypoint=entrypoint(cfg.argv), submission_id=submission_id,
+                          runtime_env=runtime_env(cfg),
+                          metadata={"vaegen_spec": spec_digest(cfg.argv, cfg.key), "vaegen_key": cfg.key},
+                          entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
+                          entrypoint_num_gpus=cfg.entrypoint_num_gpus or None)
+    except RuntimeError as e:
+        if "already exists" in str(e):          # a concurrent submit of the same spec won the id
+            return Submission(submission_id, "already-running", submission_id)
+        raise VaegenError(f"submitting {submission_id}: {str(e).strip().splitlines()[0]}") from None
+    return Submission(submission_id, "resubmitted" if earlier else "submitted",
+                      earlier[-1].submission_id if earlier else None)
+
+
+# -- following a job ---------------------------------------------------------------------------------------
+def follow_logs(client: "JobSubmissionClient", submission_id: str, out=sys.stdout) -> None:
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+    try:
+        asyncio.run(tail())
+    except RuntimeError:
+        pass                                    # the stream broke: the final status is read separately
+
+
+def final_info(client: "JobSubmissionClient", submission_id: str, poll_s: float = 1.0):
+    import time
+    while True:
+        info = _call(f"reading job {submission_id}", client.get_job_info, submission_id)
+        if str(info.status.value) in TERMINAL:
+            return info
+        time.sleep(poll_s)
+
+
+def job_exit_code(info) -> int:
+    """0 for SUCCEEDED; else the driver's own exit code when Ray knows it (vaegen's bad input is 2), else 1."""
+    if str(info.status.value) == "SUCCEEDED":
+        return 0
+    return info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
+
+
+def failure_line(info) -> str:
+    """The job's error in one line: Ray's first message line plus the last line the job printed."""
+    lines = [ln for ln in (info.message or "").splitlines() if ln.strip()]
+    if not lines:
+        return f"job {info.submission_id} {info.status.value}"
+    head = lines[0].split(", last available logs")[0]
+    return f"{head}: {lines[-1].strip()}" if len(lines) > 1 else head

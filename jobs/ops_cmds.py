@@ -1,0 +1,170 @@
+"""`vaegen submit`, `vaegen jobs list|status|logs|stop` and `vaegen retrain`: cluster operations."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vae_core.errors import VaegenError
+
+from .args import add_progress_arg, add_storage_args, add_train_args, train_job_config
+
+NOT_SUBMITTABLE = ("submit", "jobs")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="run a vaegen command as a job on a Ray cluster (Ray Jobs API)",
+                       description="Submit `vaegen VERB ...` to a Ray cluster. The same spec submitted twice is "
+                                   "reported, not run twice. Example: vaegen submit --address "
+                                   "http://127.0.0.1:8265 --wait -- train --root s3://bucket/vaegen --epochs 5")
+    add_address_arg(p)
+    p.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its status")
+    p.add_argument("--key", default="", help="extra text in the spec's identity (e.g. a scheduled run's name), "
+                                             "so a scheduled repeat is a new job")
+    p.add_argument("--no-upload", dest="upload_code", action="store_false",
+                   help="run the vaegen installed on the cluster instead of uploading this checkout's packages")
+    p.add_argument("--pass-credentials", action="store_true",
+                   help="copy AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN into the job (anyone who can read the job "
+                        "table sees them; prefer credentials on the cluster itself)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-num-gpus", type=float, default=0.0, help="GPUs reserved for the job's driver")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="`--` then the vaegen verb and its flags")
+    p.set_defaults(run=run_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster",
+                       description="Jobs on a Ray cluster's job server.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("list", "every job, newest last"), ("status", "one job's status and error"),
+                         ("logs", "one job's logs"), ("stop", "stop a running job")):
+        a = actions.add_parser(action, help=text, description=text)
+        add_address_arg(a)
+        if action != "list":
+            a.add_argument("submission_id", help="the id `vaegen submit` printed")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="keep following until the job ends")
+    p.set_defaults(run=run_jobs)
+
+    p = sub.add_parser("retrain", help="train a challenger; promote it to champion only if it scores better",
+                       description="Scheduled retraining: train a challenger on the current dataset, score it and "
+                                   "the champion on the same held-out split (−ELBO per image, fixed seed), promote "
+                                   "the challenger only if better by --margin, and record the decision under "
+                                   "models/<name>/decisions/.")
+    add_train_args(p)
+    add_storage_args(p)
+    add_progress_arg(p)
+    g = p.add_argument_group("contest")
+    g.add_argument("--margin", type=float, default=0.0,
+                   help="nats/image the challenger must beat the champion by (default: %(default)s)")
+    g.add_argument("--warm-start", action="store_true", help="start the challenger from the champion's weights")
+    g.add_argument("--eval-split", default="test", help="held-out split to score on (default: %(default)s)")
+    g.add_argument("--eval-seed", type=int, default=0, help="seed of the ELBO estimate (default: %(default)s)")
+    g.add_argument("--eval-max-images", type=int, default=0, help="score on the first N images (0 = all)")
+    g.add_argument("--then-generate", type=int, default=0, metavar="N",
+                   help="after a promotion, generate N samples with the new champion (`vaegen generate`)")
+    p.set_defaults(run=run_retrain)
+
+
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="http://127.0.0.1:8265",
+                   help="the Ray head's job server (default: %(default)s; token from RAY_AUTH_TOKEN[_PATH] or "
+                        "~/.ray/auth_token)")
+
+
+def verb_names() -> list[str]:
+    from .cli import build_parser
+    parser = build_parser()
+    return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def check_command(command: list[str]) -> tuple[str, ...]:
+    """The argv after `--`, checked against this vaegen's own parser before anything is sent."""
+    from .cli import build_parser
+    argv = command[1:] if command[:1] == ["--"] else command
+    if not argv:
+        raise VaegenError("nothing to submit: give a vaegen verb after `--`")
+    verbs = verb_names()
+    if argv[0] not in verbs or argv[0] in NOT_SUBMITTABLE:
+        known = ", ".join(v for v in verbs if v not in NOT_SUBMITTABLE)
+        raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {known})")
+    build_parser().parse_args(list(argv))        # a bad flag stops here, with argparse's own message
+    return tuple(argv)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from cluster.submit import SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code, submit
+    cfg = SubmitConfig(address=args.address, argv=check_command(args.command), wait=args.wait,
+                       upload_code=args.upload_code, pass_credentials=args.pass_credentials, key=args.key,
+                       entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
+    client = connect(cfg.address)
+    result = submit(client, cfg)
+    messages = {"submitted": f"submitted {result.submission_id}",
+                "resubmitted": f"earlier attempt {result.previous} did not succeed; resubmitted as "
+                               f"{result.submission_id}",
+                "already-running": f"the same spec is already submitted as {result.submission_id} (running); "
+                                   "not submitting it again",
+                "already-succeeded": f"the same spec already ran as {result.submission_id} and succeeded; "
+                                     "not running it again (use --key to make a new job)"}
+    print(f"vaegen: {messages[result.status]} to {cfg.address}", flush=True)
+    if not cfg.wait:
+        if result.status in ("submitted", "resubmitted"):
+            print(f"  follow: vaegen jobs logs --follow --address {cfg.address} {result.submission_id}")
+        return 0
+    if result.status != "already-succeeded":
+        follow_logs(client, result.submission_id)
+    info = final_info(client, result.submission_id)
+    code = job_exit_code(info)
+    if code:
+        print(f"vaegen: error: job {info.submission_id} {info.status.value}: {failure_line(info)}", file=sys.stderr)
+    else:
+        print(f"vaegen: job {info.submission_id} SUCCEEDED")
+    return code
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    from cluster.submit import _call, connect, failure_line, follow_logs
+    client = connect(args.address)
+    if args.action == "list":
+        for job in _call("listing jobs", client.list_jobs):
+            print(f"{job.submission_id or job.job_id:<40} {job.status.value:<10} {job.entrypoint}")
+        return 0
+    sid = args.submission_id
+    if args.action == "status":
+        info = _call(f"job {sid}", client.get_job_info, sid)
+        detail = f" ({failure_line(info)})" if info.status.value in ("FAILED", "STOPPED") else ""
+        print(f"{sid} {info.status.value}{detail}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            follow_logs(client, sid)
+        else:
+            sys.stdout.write(_call(f"logs of {sid}", client.get_job_logs, sid))
+        return 0
+    stopped = _call(f"stopping {sid}", client.stop_job, sid)
+    print(f"{sid}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    return 0
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from cluster.retrain import RetrainConfig, retrain
+    cfg = RetrainConfig(job=train_job_config(args), margin=args.margin, warm_start=args.warm_start,
+                        eval_split=args.eval_split, eval_seed=args.eval_seed, eval_max_images=args.eval_max_images)
+    generate = generate_command(args) if args.then_generate else None     # checked before hours of training
+    outcome = retrain(cfg)
+    verdict = "PROMOTED" if outcome.promoted else "kept the champion"
+    print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")
+    print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")
+    if generate and outcome.promoted:
+        generate[generate.index("--model") + 1] = f"{cfg.job.name}@{outcome.champion}"
+        from .cli import build_parser
+        gen_args = build_parser().parse_args(generate)
+        print(f"  generating {args.then_generate} samples with {cfg.job.name}@{outcome.champion}")
+        return gen_args.run(gen_args)
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> list[str]:
+    """The `vaegen generate` argv for --then-generate; refused now if this build has no generate verb."""
+    if "generate" not in verb_names():
+        raise VaegenError("--then-generate needs the `vaegen generate` verb (cluster.generate.run_generation), "
+                          "which this build does not have")
+    argv = ["generate", "--model", "CHAMPION", "--count", str(args.then_generate), "--root", args.root]
+    return argv + (["--s3-endpoint", args.s3_endpoint] if args.s3_endpoint else [])

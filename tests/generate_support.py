@@ -1,0 +1,64 @@
+"""Helpers shared by the generation tests: tiny published models and readers for finished jobs."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cluster.registry import Registry
+from cluster.storage import Storage
+from vae_core.checkpoint import checkpoint_files
+from vae_core.config import ModelConfig
+from vae_core.images import decode_png
+from vae_core.models import build_model
+
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def publish_tiny_model(storage: Storage, name: str = "tiny", num_classes: int = 0, seed: int = 0) -> str:
+    """A small random-init MLP VAE in the registry (its decoder still gives varied, valid images)."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(image_shape=IMAGE_SHAPE, hidden_dim=32, latent_dim=4, num_classes=num_classes))
+    return str(Registry(storage).publish(name, checkpoint_files(model)))
+
+
+def shard_objects(storage: Storage, manifest: dict) -> dict[str, bytes]:
+    return {s["name"]: storage.read_bytes(f"{manifest['prefix']}/{s['name']}") for s in manifest["shards"]}
+
+
+def read_rows(data: bytes, fmt: str) -> dict[str, list]:
+    """id, label, latent, image (uint8 CHW) of every row of one shard, in file order."""
+    if fmt == "parquet":
+        table = pq.read_table(io.BytesIO(data))
+        c, h, w = (table.column(k)[0].as_py() for k in ("channels", "height", "width"))
+        images = [np.frombuffer(p, np.uint8).reshape(c, h, w) for p in table.column("pixels").to_pylist()]
+        return {"id": table.column("id").to_pylist(), "label": table.column("label").to_pylist(),
+                "latent": table.column("latent").to_pylist(), "image": images}
+    rows: dict[str, list] = {"id": [], "label": [], "latent": [], "image": []}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+        for png, meta in zip(members[::2], members[1::2]):
+            assert png.name.endswith(".png") and meta.name == png.name[:-4] + ".json"
+            info = json.loads(tar.extractfile(meta).read())
+            rows["id"].append(info["id"])
+            rows["label"].append(info["label"])
+            rows["latent"].append(info["latent"])
+            rows["image"].append(decode_png(tar.extractfile(png).read()))
+    return rows
+
+
+def all_rows(storage: Storage, manifest: dict) -> dict[str, list]:
+    rows: dict[str, list] = {"id": [], "label": [], "latent": [], "image": []}
+    for data in shard_objects(storage, manifest).values():
+        for k, v in read_rows(data, manifest["format"]).items():
+            rows[k] += v
+    return rows
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,194 @@
+"""Generation on real local Ray into a local folder and a moto S3 server: every id exactly once, manifest
+checksums that match the objects, the same bytes for any worker count, and resume after corruption."""
+import numpy as np
+import pytest
+
+from cluster.datasets import ingest
+from cluster.generate import SUCCESS, plan_job, run_generation, run_reconstruction, sha256_hex
+from cluster.registry import Registry
+from cluster.storage import open_storage
+from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, read_rows, shard_objects
+from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.data import ArrayDataset, ArraySplit
+from vae_core.errors import VaegenError
+
+
+LOCAL_AND_SLOW_S3 = pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+
+
+def samples(**overrides) -> GenerateConfig:
+    return GenerateConfig(**{"model": "tiny", "count": 50, "shard_size": 16, "seed": 7, **overrides})
+
+
+def test_every_id_once_and_manifest_matches_the_objects(ray_local, storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    manifest = run_generation(samples(), storage_config, workers=2, progress=False)
+
+    assert [s["name"] for s in manifest["shards"]] == [f"part-0000{i}.parquet" for i in range(4)]
+    assert [s["rows"] for s in manifest["shards"]] == [16, 16, 16, 2]
+    objects = shard_objects(storage, manifest)
+    assert {k: sha256_hex(v) for k, v in objects.items()} == {s["name"]: s["sha256"] for s in manifest["shards"]}
+    rows = all_rows(storage, manifest)
+    assert sorted(rows["id"]) == list(range(50))
+    assert {img.shape for img in rows["image"]} == {IMAGE_SHAPE}
+    assert len({img.tobytes() for img in rows["image"]}) == 50            # 50 different latents, 50 images
+    assert storage.exists(f"{manifest['prefix']}/{SUCCESS}")
+    assert manifest["model"] == "tiny@v0001" and manifest["totals"] == {
+        "rows": 50, "shards": 4, "bytes": sum(len(v) for v in objects.values())}
+
+
+def test_png_shards_hold_the_same_pixels_as_parquet_shards(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    as_parquet = run_generation(samples(), local_storage_config, workers=2, progress=False)
+    as_png = run_generation(samples(format="png"), local_storage_config, workers=2, progress=False)
+
+    assert as_png["job_id"] != as_parquet["job_id"]
+    assert [s["pixels_sha256"] for s in as_png["shards"]] == [s["pixels_sha256"] for s in as_parquet["shards"]]
+    png_rows, parquet_rows = all_rows(storage, as_png), all_rows(storage, as_parquet)
+    assert png_rows["id"] == parquet_rows["id"] == list(range(50))
+    np.testing.assert_array_equal(np.stack(png_rows["image"]), np.stack(parquet_rows["image"]))
+
+
+def test_one_or_two_workers_and_a_rerun_write_identical_bytes(ray_local, tmp_path):
+    roots = [StorageConfig(root=str(tmp_path / name)) for name in ("one", "two")]
+    for cfg in roots:
+        publish_tiny_model(open_storage(cfg, for_writing=True))
+    one = run_generation(samples(), roots[0], workers=1, progress=False)
+    two = run_generation(samples(), roots[1], workers=2, progress=False)
+    first = shard_objects(open_storage(roots[0]), one)
+    assert first == shard_objects(open_storage(roots[1]), two)
+
+    storage = open_storage(roots[1])                      # rerun from scratch: same job id, same bytes
+    for entry in storage.list(two["prefix"], recursive=True):
+        storage.delete(entry.key)
+    again = run_generation(samples(), roots[1], workers=2, progress=False)
+    assert again["job_id"] == one["job_id"] and again["run"]["shards_written"] == 4
+    assert shard_objects(storage, again) == first
+
+
+def test_rerun_of_a_finished_job_changes_nothing(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    first = run_generation(samples(), local_storage_config, workers=2, progress=False)
+    committed = storage.read_bytes(f"{first['prefix']}/manifest.json")
+    again = run_generation(samples(), local_storage_config, workers=2, progress=False)
+    assert again["run"]["already_complete"] and again["run"]["shards_skipped"] == 4
+    assert {**again, "run": first["run"]} == first
+    assert storage.read_bytes(f"{first['prefix']}/manifest.json") == committed      # nothing rewritten
+
+
+@LOCAL_AND_SLOW_S3
+def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, request, where):
+    storage_config = request.getfixturevalue(f"{where}_storage_config")
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    first = run_generation(samples(), storage_config, workers=2, progress=False)
+    good = shard_objects(storage, first)
+    prefix = first["prefix"]
+    storage.publish(f"{prefix}/part-00001.parquet", good["part-00001.parquet"][:100])         # truncated
+    flipped = bytearray(good["part-00002.parquet"])
+    flipped[len(flipped) // 2] ^= 0xFF                                                         # same size
+    storage.publish(f"{prefix}/part-00002.parquet", bytes(flipped))
+    storage.delete(f"{prefix}/part-00003.parquet")                                             # missing
+
+    again = run_generation(samples(), storage_config, workers=2, progress=False)
+    assert (again["run"]["shards_written"], again["run"]["shards_skipped"]) == (3, 1)
+    assert shard_objects(storage, again) == good
+    assert again["shards"] == first["shards"] and storage.exists(f"{prefix}/{SUCCESS}")
+
+
+def test_conditional_samples_cycle_through_the_chosen_labels(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage, "cond", num_classes=3)
+    manifest = run_generation(samples(model="cond", labels=(2, 0)), local_storage_config, progress=False)
+    rows = all_rows(storage, manifest)
+    assert rows["label"] == [(2, 0)[i % 2] for i in range(50)]
+    assert manifest["labels"] == [2, 0]
+
+
+@LOCAL_AND_SLOW_S3
+def test_reconstructions_mirror_the_input_shards(ray_local, request, where, small_fashion):
+    storage_config = request.getfixturevalue(f"{where}_storage_config")
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    _, (test_images, test_labels) = small_fashion
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(test_images[:45], test_labels[:45])},
+                                       tuple("abcdefghij"), "test"), shard_rows=20, progress=False)
+    spec = GenerateConfig(model="tiny", kind="reconstructions", dataset="fm", split="test", format="png")
+    manifest = run_reconstruction(spec, storage_config, progress=False)
+
+    assert [(s["rows"], s["first_id"], s["last_id"]) for s in manifest["shards"]] == [(20, 0, 19), (20, 20, 39),
+                                                                                       (5, 40, 44)]
+    rows = all_rows(storage, manifest)
+    assert rows["id"] == list(range(45)) and rows["label"] == test_labels[:45].tolist()
+    model = Registry(storage).load("tiny").model
+    import torch
+    recon, mu = model.reconstruct(torch.from_numpy(test_images[:45]).float() / 255.0)
+    np.testing.assert_allclose(np.array(rows["latent"]), mu.numpy(), atol=1e-5)
+    expected = (recon.numpy() * 255).round()
+    assert np.abs(np.stack(rows["image"]).astype(float) - expected).max() <= 1     # float rounding at most
+
+
+def test_job_id_is_the_spec_with_the_model_resolved(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    assert plan_job(samples(model="tiny@v0001"), storage).job_id == plan.job_id
+    assert plan_job(samples(seed=8), storage).job_id != plan.job_id
+    publish_tiny_model(storage, seed=1)                    # a new version: "tiny" now means v0002
+    assert plan_job(samples(), storage).job_id != plan.job_id
+
+
+BAD_SPECS = [
+    (dict(model="nope"), "no model named 'nope'"),
+    (dict(model="tiny@v0009"), "has no version 'v0009'"),
+    (dict(count=0), "--count=0 must be > 0"),
+    (dict(count=-5), "--count=-5 must be > 0"),
+    (dict(shard_size=0), "--shard-size=0 must be > 0"),
+    (dict(format="jpeg"), "--format='jpeg' must be one of parquet, png"),
+    (dict(labels=(1,)), "not class-conditional: drop --labels"),
+    (dict(model="cond", labels=(0, 3)), r"--labels \[3\] outside cond@v0001's 3 classes"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SPECS, ids=[m for _, m in BAD_SPECS])
+def test_bad_specs_are_one_clear_error_and_publish_nothing(local_storage_config, overrides, message):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    publish_tiny_model(storage, "cond", num_classes=3)
+    with pytest.raises(VaegenError, match=message):
+        run_generation(samples(**overrides), local_storage_config, progress=False)
+    assert storage.list("outputs", recursive=True) == []
+
+
+def test_weights_failing_their_sha256_are_refused(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    weights = storage.read_bytes("models/tiny/v0001/model.safetensors")
+    storage.publish("models/tiny/v0001/model.safetensors", weights[:-4] + b"\0\0\0\0")
+    with pytest.raises(VaegenError, match="fail their sha256 check"):
+        run_generation(samples(), local_storage_config, progress=False)
+    assert storage.list("outputs", recursive=True) == []
+
+
+def test_unwritable_root_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VaegenError, match="is not writable"):
+        run_generation(samples(), StorageConfig(root=str(tmp_path / "file" / "root")), progress=False)
+
+
+def test_workers_the_cluster_cannot_place_fail_fast(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    with pytest.raises(VaegenError, match="cannot place 2 DecoderWorker.*GPU"):
+        run_generation(samples(), local_storage_config, workers=2, gpus_per_worker=1, progress=False)
+    assert not storage.exists(f"outputs/{plan_job(samples(), storage).job_id}/{SUCCESS}")
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(local_storage_config, capsys):
+    from jobs.cli import main
+    code = main(["generate", "--model", "tiny", "--count", "0", "--root", local_storage_config.root])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "vaegen: error: --count=0 must be > 0"

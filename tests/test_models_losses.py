@@ -1,0 +1,118 @@
+"""The VAE's maths: shapes, losses against hand-computed values, gradients through the reparameterisation."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vae_core.config import ModelConfig
+from vae_core.errors import VaegenError
+from vae_core.losses import bernoulli_nll, elbo_loss, gaussian_nll, kl_divergence
+from vae_core.models import ConvVAE, MLPVAE, build_model
+
+SHAPES = [(1, 28, 28), (3, 32, 32)]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_forward_shapes(arch, shape, num_classes):
+    cfg = ModelConfig(arch=arch, image_shape=shape, latent_dim=8, hidden_dim=32, num_classes=num_classes)
+    model = build_model(cfg)
+    x = torch.rand(5, *shape)
+    labels = torch.arange(5) % 10 if num_classes else None
+    logits, mu, logvar = model(x, labels)
+    assert logits.shape == (5, *shape) and mu.shape == logvar.shape == (5, 8)
+    images = model.generate(torch.randn(5, 8), labels)
+    assert images.shape == (5, *shape) and images.min() >= 0 and images.max() <= 1
+
+
+def test_reference_design_is_784_400_20():
+    model = build_model(ModelConfig(image_shape=(1, 28, 28)))
+    assert isinstance(model, MLPVAE)
+    assert (model.enc.in_features, model.enc.out_features) == (784, 400)
+    assert model.to_moments.out_features == 2 * 20
+    assert (model.dec_hidden.in_features, model.dec_out.out_features) == (20, 784)
+
+
+def test_conditional_model_needs_labels():
+    model = build_model(ModelConfig(image_shape=(1, 28, 28), num_classes=10))
+    with pytest.raises(ValueError, match="pass labels"):
+        model(torch.rand(2, 1, 28, 28))
+
+
+def test_labels_change_the_decoder_output():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="conv", image_shape=(1, 28, 28), num_classes=10))
+    z = torch.randn(1, 20)
+    assert not torch.allclose(model.generate(z, torch.tensor([0])), model.generate(z, torch.tensor([7])))
+
+
+def test_kl_of_known_gaussians():
+    # KL(N(0,1) || N(0,1)) = 0; KL(N(1, e^1) || N(0,1)) = 0.5 (e + 1 - 1 - 1) per dim
+    assert kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3)).item() == 0.0
+    expected = 0.5 * (math.e + 1.0 - 1.0 - 1.0) * 4
+    assert kl_divergence(torch.ones(1, 4), torch.ones(1, 4)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bce_of_known_pixels():
+    # pixels 1 and 0 with p = 0.8 and 0.3: −log 0.8 − log 0.7
+    logits = torch.logit(torch.tensor([[0.8, 0.3]]))
+    x = torch.tensor([[1.0, 0.0]])
+    assert bernoulli_nll(logits, x).item() == pytest.approx(-math.log(0.8) - math.log(0.7), rel=1e-5)
+
+
+def test_gaussian_nll_of_known_values():
+    # one pixel, x − mean = 0.5, σ = 2: 0.5·(0.25)² ·... = 0.5·(0.5/2)² + log 2 + 0.5·log 2π
+    value = gaussian_nll(torch.tensor([[0.0]]), torch.tensor([[0.5]]), torch.tensor(math.log(2.0))).item()
+    assert value == pytest.approx(0.5 * 0.25 ** 2 + math.log(2.0) + 0.5 * math.log(2 * math.pi), rel=1e-6)
+
+
+def test_elbo_weights_kl_by_beta():
+    logits, x = torch.zeros(2, 4), torch.full((2, 4), 0.5)
+    mu, logvar = torch.ones(2, 3), torch.zeros(2, 3)
+    one = elbo_loss(logits, x, mu, logvar, likelihood="bernoulli", log_sigma=torch.tensor(0.0), beta=1.0)
+    four = elbo_loss(logits, x, mu, logvar, likelihood="bernoulli", log_sigma=torch.tensor(0.0), beta=4.0)
+    assert four.loss.item() == pytest.approx(one.recon.item() + 4 * one.kl.item(), rel=1e-6)
+
+
+def test_reparameterisation_lets_gradients_reach_the_encoder():
+    model = build_model(ModelConfig(image_shape=(1, 28, 28), hidden_dim=16, latent_dim=4))
+    x = torch.rand(3, 1, 28, 28)
+    logits, mu, logvar = model(x)
+    elbo_loss(logits, x, mu, logvar, likelihood="bernoulli", log_sigma=model.log_sigma).loss.backward()
+    assert model.enc.weight.grad is not None and model.enc.weight.grad.abs().sum() > 0
+    assert model.to_moments.weight.grad.abs().sum() > 0
+
+
+def test_learned_sigma_is_a_parameter_fixed_sigma_is_not():
+    learned = build_model(ModelConfig(image_shape=(1, 8, 8), likelihood="gaussian"))
+    fixed = build_model(ModelConfig(image_shape=(1, 8, 8), likelihood="gaussian", sigma=0.1))
+    assert any(n == "log_sigma" for n, _ in learned.named_parameters())
+    assert not any(n == "log_sigma" for n, _ in fixed.named_parameters())
+    assert fixed.log_sigma.item() == pytest.approx(math.log(0.1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arch": "rnn"}, "--model='rnn'"),
+    ({"latent_dim": 0}, "--latent-dim=0"),
+    ({"likelihood": "poisson"}, "--likelihood='poisson'"),
+    ({"arch": "conv", "image_shape": (1, 30, 30)}, "divisible by 4"),
+])
+def test_invalid_model_config_names_the_flag(kwargs, message):
+    with pytest.raises(VaegenError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_conv_vae_on_colour_images():
+    model = build_model(ModelConfig(arch="conv", image_shape=(3, 32, 32)))
+    assert isinstance(model, ConvVAE) and model.feature_shape == (64, 8, 8)
+
+
+def test_vae_core_never_imports_ray_pyarrow_or_boto3():
+    code = ("import sys, vae_core, vae_core.config, vae_core.models, vae_core.losses, vae_core.train, "
+            "vae_core.checkpoint, vae_core.data, vae_core.images, vae_core.artifacts; "
+            "print(sorted(m for m in ('ray', 'pyarrow', 'boto3', 'botocore') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,177 @@
+"""`vaegen retrain`: champion/challenger on real Fashion-MNIST bytes, on a local root and on S3 over HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from cluster.datasets import ingest
+from cluster.registry import Registry, decisions, swap_champion
+from cluster.storage import Storage
+from jobs.cli import main
+from vae_core.config import StorageConfig
+from vae_core.data import ArrayDataset, ArraySplit
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--epochs", "1", "--max-images", "600", "--hidden-dim", "64", "--latent-dim", "4",
+        "--eval-max-images", "300", "--no-progress"]
+
+
+@pytest.fixture
+def tiny_dataset(small_fashion):
+    """A real Fashion-MNIST slice with a train and a test split, ingested on the given root."""
+    (train_x, train_y), (test_x, test_y) = small_fashion
+
+    def make(cfg: StorageConfig, name: str = "fm", with_test: bool = True) -> str:
+        splits = {"train": ArraySplit(train_x[:600], train_y[:600])}
+        if with_test:
+            splits["test"] = ArraySplit(test_x[:300], test_y[:300])
+        ingest(Storage(cfg), name, ArrayDataset(splits, tuple(str(i) for i in range(10)), "test"), progress=False)
+        return name
+    return make
+
+
+def storage_flags(cfg: StorageConfig) -> list[str]:
+    return ["--root", cfg.root] + (["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else [])
+
+
+def retrain_cli(cfg: StorageConfig, *extra: str) -> int:
+    return main(["retrain", "--dataset", "fm", "--name", "fm-vae", *storage_flags(cfg), *TINY, *extra])
+
+
+def test_first_run_promotes_then_a_worse_challenger_is_kept_out(storage_config, tiny_dataset, capsys):
+    tiny_dataset(storage_config)
+    registry = Registry(Storage(storage_config))
+
+    assert retrain_cli(storage_config) == 0
+    assert "PROMOTED" in capsys.readouterr().out
+    assert registry.champion("fm-vae")["version"] == "v0001"
+    assert registry.resolve("fm-vae@champion").version == "v0001"
+
+    # A challenger made worse on purpose: one epoch at a learning rate too small to learn anything.
+    assert retrain_cli(storage_config, "--lr", "1e-7") == 0
+    assert "kept the champion" in capsys.readouterr().out
+    assert registry.champion("fm-vae")["version"] == "v0001"
+
+    first, second = decisions(registry, "fm-vae")
+    assert first["decision"] == "promote" and "no champion yet" in first["reason"]
+    assert first["champion"]["version"] is None and first["challenger"]["version"] == "v0001"
+    assert second["decision"] == "keep" and "worse than champion v0001" in second["reason"]
+    assert second["challenger"]["metric"] > second["champion"]["metric"]
+    assert second["dataset_manifest_sha256"] == first["dataset_manifest_sha256"]
+    assert second["champion"]["version"] == "v0001" and second["challenger"]["version"] == "v0002"
+
+
+def test_margin_keeps_a_slightly_better_challenger_and_warm_start_uses_the_champion(local_storage_config,
+                                                                                     tiny_dataset, capsys):
+    tiny_dataset(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    assert retrain_cli(local_storage_config) == 0
+    # Warm-started from the champion and trained one more epoch: better, but not by 1000 nats/image.
+    assert retrain_cli(local_storage_config, "--warm-start", "--margin", "1000") == 0
+    record = decisions(registry, "fm-vae")[-1]
+    assert record["challenger"]["warm_started_from"] == "v0001"
+    assert record["decision"] == "keep" and "margin 1000" in record["reason"]
+    assert registry.champion("fm-vae")["version"] == "v0001"
+
+
+def test_a_champion_that_no_longer_loads_is_replaced_and_the_record_says_why(local_storage_config, tiny_dataset):
+    tiny_dataset(local_storage_config)
+    assert retrain_cli(local_storage_config) == 0
+    weights = Path(local_storage_config.root) / "models" / "fm-vae" / "v0001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))          # corrupted on storage
+    assert retrain_cli(local_storage_config) == 0
+    registry = Registry(Storage(local_storage_config))
+    record = decisions(registry, "fm-vae")[-1]
+    assert record["decision"] == "promote" and "could not be scored" in record["reason"]
+    assert "sha256" in record["champion"]["load_error"]
+    assert registry.champion("fm-vae")["version"] == "v0002"
+
+
+def test_compare_and_swap_lets_exactly_one_racer_promote(storage_config, tiny_dataset):
+    """Eight threads race to replace the same champion: exactly one swap lands, the pointer stays whole."""
+    registry = Registry(Storage(storage_config))
+    assert swap_champion(registry, "m", {"version": "v0001"}, expected_version=None)
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def racer(i: int) -> None:
+        barrier.wait()
+        results.append(swap_champion(registry, "m", {"version": f"v{i + 2:04d}", "pad": "x" * 4096},
+                                     expected_version="v0001"))
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    pointer = registry.champion("m")                       # parses: never half-written
+    assert pointer["version"] != "v0001" and pointer["pad"] == "x" * 4096
+    assert not swap_champion(registry, "m", {"version": "v0099"}, expected_version="v0001")   # stale view
+
+
+def test_two_concurrent_retrain_processes_promote_at_most_once(local_storage_config, tiny_dataset):
+    tiny_dataset(local_storage_config)
+    cmd = [sys.executable, "-m", "jobs.cli", "retrain", "--dataset", "fm", "--name", "fm-vae",
+           *storage_flags(local_storage_config), *TINY, "--margin", "5"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [r.communicate(timeout=300) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outputs
+    registry = Registry(Storage(local_storage_config))
+    records = decisions(registry, "fm-vae")
+    promoted = [r for r in records if r["decision"] == "promote"]
+    assert len(records) == 2 and len(promoted) == 1
+    assert registry.champion("fm-vae")["version"] == promoted[0]["challenger"]["version"]
+    loser = next(r for r in records if r["decision"] == "keep")
+    assert loser.get("lost_race") or "margin" in loser["reason"] or "worse" in loser["reason"]
+
+
+def test_decision_record_that_cannot_be_written_promotes_nothing(local_storage_config, tiny_dataset, capsys):
+    tiny_dataset(local_storage_config)
+    models = Path(local_storage_config.root) / "models" / "fm-vae"
+    models.mkdir(parents=True)
+    (models / "decisions").write_text("a file where the decisions folder should be")
+    assert retrain_cli(local_storage_config) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the decision record" in err and "nothing was promoted" in err
+    assert Registry(Storage(local_storage_config)).champion("fm-vae") is None
+
+
+def test_retrain_with_no_dataset_is_one_clear_error(local_storage_config, capsys):
+    assert retrain_cli(local_storage_config) == 2
+    assert "no dataset 'fm'" in capsys.readouterr().err
+
+
+def test_retrain_needs_a_held_out_split(local_storage_config, tiny_dataset, capsys):
+    tiny_dataset(local_storage_config, with_test=False)
+    assert retrain_cli(local_storage_config) == 2
+    assert "no held-out split 'test'" in capsys.readouterr().err
+
+
+def test_s3_root_without_credentials_is_one_clear_error(s3_storage_config, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(REPO), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    run = subprocess.run([sys.executable, "-m", "jobs.cli", "retrain", "--dataset", "fm",
+                          *storage_flags(s3_storage_config)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "vaegen: error: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"]
+
+
+def test_then_generate_without_a_generate_verb_fails_before_training(local_storage_config, tiny_dataset,
+                                                                     capsys):
+    from jobs.ops_cmds import verb_names
+    if "generate" in verb_names():
+        pytest.skip("this build has `vaegen generate`: covered by the generate verb's own tests")
+    tiny_dataset(local_storage_config)
+    assert retrain_cli(local_storage_config, "--then-generate", "100") == 2
+    assert "needs the `vaegen generate` verb" in capsys.readouterr().err
+    assert Registry(Storage(local_storage_config)).versions("fm-vae") == []

@@ -1,0 +1,218 @@
+"""`vaegen submit` and `vaegen jobs` against a real Ray head (`ray start --head`, token auth on, as Ray 2.60
+does by default) and a real S3 endpoint (moto over HTTP). The head is this module's own: its own ports and temp
+dir, its own process group, killed by pid at the end, so other Ray instances on the machine are left alone."""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from cluster.datasets import ingest
+from cluster.registry import Registry
+from cluster.storage import Storage
+from cluster.submit import base_submission_id, job_env
+from conftest import free_port
+from vae_core.config import StorageConfig
+from vae_core.data import ArrayDataset, ArraySplit
+from vae_core.errors import VaegenError
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """A Ray head with its job server on 127.0.0.1, started after the S3 fixture so that, like a cluster fed
+    from a Kubernetes Secret, it has the storage credentials in its own environment."""
+    import ray
+    ray.shutdown()                                        # no in-process Ray competing for the two cores
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    token_path = os.path.join(temp_dir, "auth_token")
+    with open(token_path, "w") as f:
+        f.write(secrets.token_hex(16))
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, OMP_NUM_THREADS="1",
+               PATH=f"{VENV_BIN}:{os.environ['PATH']}")          # `python` in job entrypoints = this venv's
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(100 * 2**20),
+           "--temp-dir", temp_dir, "--disable-usage-stats", *(str(x) for kv in ports.items() for x in kv)]
+    log = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{address}/api/version", timeout=1).status_code in (200, 401):
+                    break
+            except requests.ConnectionError:
+                pass
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start --head did not come up: {open(log.name).read()[-2000:]}")
+            time.sleep(0.5)
+        yield {"address": address, "token_path": token_path, "s3_endpoint": s3_server}
+    finally:
+        stop_head(head, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to the head's process group (`ray start --block` then stops what it started), SIGKILL if it lingers;
+    then any straggler of this head (its processes name its own temp dir, e.g. workers in their own process
+    group) is killed by pid."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+    for pid in own_processes(temp_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def own_processes(temp_dir: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(ray_head, small_fashion):
+    (train_x, train_y), (test_x, test_y) = small_fashion
+    cfg = StorageConfig(root=f"s3://vaegen-test/submit-{uuid.uuid4().hex[:8]}", s3_endpoint=ray_head["s3_endpoint"])
+    splits = {"train": ArraySplit(train_x[:500], train_y[:500]), "test": ArraySplit(test_x[:200], test_y[:200])}
+    ingest(Storage(cfg), "fm", ArrayDataset(splits, tuple(str(i) for i in range(10)), "test"), progress=False)
+    return cfg
+
+
+def vaegen(*argv: str, token_path: str | None, home: str | None = None, timeout: int = 300):
+    """The CLI as a user runs it; the token comes from the environment, as on a laptop."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(REPO))
+    if token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = token_path
+    if home:
+        env["HOME"] = home
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_argv(cfg: StorageConfig, dataset: str = "fm") -> list[str]:
+    return ["train", "--root", cfg.root, "--s3-endpoint", cfg.s3_endpoint, "--dataset", dataset, "--name", "fm-vae",
+            "--max-images", "500", "--epochs", "1", "--hidden-dim", "64", "--latent-dim", "4", "--no-progress"]
+
+
+def test_submit_wait_trains_into_s3_and_a_resubmission_is_reported_not_rerun(ray_head, s3_dataset):
+    address, token = ray_head["address"], ray_head["token_path"]
+    run = vaegen("submit", "--address", address, "--wait", "--", *train_argv(s3_dataset), token_path=token)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    submission_id = base_submission_id(tuple(train_argv(s3_dataset)))
+    assert f"submitted {submission_id}" in run.stdout
+    assert "published fm-vae@v0001" in run.stdout              # the job's own output, followed live
+    assert Registry(Storage(s3_dataset)).versions("fm-vae") == ["v0001"]
+
+    again = vaegen("submit", "--address", address, "--wait", "--", *train_argv(s3_dataset), token_path=token)
+    assert again.returncode == 0, again.stderr
+    assert f"already ran as {submission_id} and succeeded; not running it again" in again.stdout
+    assert Registry(Storage(s3_dataset)).versions("fm-vae") == ["v0001"]
+
+    listed = vaegen("jobs", "list", "--address", address, token_path=token)
+    assert [ln for ln in listed.stdout.splitlines() if ln.startswith(submission_id)] == [
+        next(ln for ln in listed.stdout.splitlines() if submission_id in ln)]
+    status = vaegen("jobs", "status", "--address", address, submission_id, token_path=token)
+    assert status.stdout.strip() == f"{submission_id} SUCCEEDED"
+    logs = vaegen("jobs", "logs", "--address", address, submission_id, token_path=token)
+    assert "published fm-vae@v0001" in logs.stdout
+    stop = vaegen("jobs", "stop", "--address", address, submission_id, token_path=token)
+    assert stop.stdout.strip() == f"{submission_id}: not running (nothing to stop)"
+    unknown = vaegen("jobs", "status", "--address", address, "vaegen-train-000000000000", token_path=token)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("vaegen: error: job vaegen-train-000000000000")
+
+
+def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_head, s3_dataset):
+    address, token = ray_head["address"], ray_head["token_path"]
+    argv = [*train_argv(s3_dataset), "--name", "fm-attach"]
+    first = vaegen("submit", "--address", address, "--", *argv, token_path=token)
+    assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout
+    second = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "is already submitted as vaegen-train-" in second.stdout and "not submitting it again" in second.stdout
+    assert "SUCCEEDED" in second.stdout
+    assert Registry(Storage(s3_dataset)).versions("fm-attach") == ["v0001"]
+
+
+def test_a_failing_job_makes_submit_exit_non_zero_with_the_jobs_error(ray_head, s3_dataset):
+    run = vaegen("submit", "--address", ray_head["address"], "--wait", "--", *train_argv(s3_dataset, "no-such-data"),
+                 token_path=ray_head["token_path"])
+    assert run.returncode == 2                                  # the job's own exit code: vaegen's bad input
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("vaegen: error: job vaegen-train-") and " FAILED: " in last
+    assert "no dataset 'no-such-data'" in last
+
+
+def test_the_cluster_token_is_required_and_never_printed(ray_head, tmp_path):
+    argv = ("submit", "--address", ray_head["address"], "--", "ingest", "fashion-mnist")
+    missing = vaegen(*argv, token_path=None, home=str(tmp_path))
+    assert missing.returncode == 2
+    assert "needs a token and none was found" in missing.stderr
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 32)
+    refused = vaegen(*argv, token_path=str(wrong), home=str(tmp_path))
+    assert refused.returncode == 2 and "refused our token" in refused.stderr
+    token = Path(ray_head["token_path"]).read_text()
+    assert token not in missing.stdout + missing.stderr + refused.stdout + refused.stderr
+
+
+def test_unreachable_address_is_one_clear_error():
+    run = vaegen("submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "ingest", "fashion-mnist",
+                 token_path=None)
+    assert run.returncode == 2
+    assert run.stderr.startswith("vaegen: error: cannot reach the Ray job server at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("command, message", [
+    (["--", "fly", "--to", "moon"], "unknown vaegen verb 'fly' after `--`"),
+    (["--", "submit", "--", "train"], "unknown vaegen verb 'submit' after `--`"),
+    ([], "nothing to submit"),
+])
+def test_bad_commands_are_refused_before_anything_is_sent(command, message):
+    run = vaegen("submit", "--address", "http://127.0.0.1:9", *command, token_path=None)
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_credentials_stay_out_of_the_job_spec_unless_asked_for():
+    environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
+               "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    assert job_env(False, environ) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1"}
+    assert job_env(True, environ)["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    with pytest.raises(VaegenError, match="--pass-credentials"):
+        job_env(True, {"AWS_REGION": "eu-west-1"})
+
+
+def test_the_submission_id_follows_the_spec():
+    a = base_submission_id(("train", "--epochs", "1"))
+    assert a == base_submission_id(("train", "--epochs", "1"))
+    assert a != base_submission_id(("train", "--epochs", "2"))
+    assert a != base_submission_id(("train", "--epochs", "1"), key="retrain-29061440")
+    assert a.startswith("vaegen-train-")
