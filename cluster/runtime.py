@@ -23,7 +23,9 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         # Joining: the cluster (or the job's runtime_env) owns the workers' environment; ours would conflict.
         ray.init(address=address, log_to_driver=True)
     else:
-        kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
+        # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
+        kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
+                        "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING")}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=store * 2**20 if store else None, **kwargs)

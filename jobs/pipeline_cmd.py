@@ -1,44 +1,79 @@
-"""`vaegen pipeline`: the main job, end to end, on the embedded default (local storage, real Fashion-MNIST)."""
+"""`vaegen pipeline`: the main job, end to end, on the embedded default (local Ray, local folder storage, real
+Fashion-MNIST): ingest → train on Ray Train → generate samples → reconstruct the test split → summary."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from .args import add_progress_arg, add_storage_args, add_train_args, storage_config, train_job_config
+from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
+                   storage_config, train_job_config)
+
+STEPS = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="ingest Fashion-MNIST, train, publish a model version (the main job)",
-                       description="The main job: ingest Fashion-MNIST (once), train a VAE, publish a model "
-                                   "version with sample/reconstruction grids and loss curves.")
+    p = sub.add_parser("pipeline", help="the main job: ingest Fashion-MNIST, train on Ray, generate, reconstruct",
+                       description="The main job: ingest Fashion-MNIST (once), train a VAE data-parallel on Ray "
+                                   "Train, publish a model version, generate samples and reconstruct the test "
+                                   "split as Parquet shards, and print a summary.")
     add_train_args(p)
+    add_ray_train_args(p, default_workers=2)
     add_storage_args(p)
     add_progress_arg(p)
     p.add_argument("--source", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
+    p.add_argument("--count", type=int, default=10_000, help="samples to generate (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default: %(default)s)")
+    p.add_argument("--format", choices=["parquet", "png"], default="parquet", help="(default: %(default)s)")
     p.set_defaults(run=run_pipeline)
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.datasets import read_manifest
+    from cluster.generate import run_generation, run_reconstruction
     from cluster.ingest import ingest_source
-    from cluster.local_train import train_single_process
+    from cluster.runtime import ray_runtime
     from cluster.storage import open_storage
+    from cluster.train import local_cpus, train_on_ray
+    from vae_core.config import GenerateConfig
     from vae_core.errors import VaegenError
 
-    job = train_job_config(args)
+    job = replace(train_job_config(args), ray=ray_train_config(args))
+    samples = GenerateConfig(model="pending", count=args.count, shard_size=args.shard_size, format=args.format,
+                             seed=job.train.seed)                # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
     try:
         read_manifest(storage, job.dataset)
-        print(f"[1/2] dataset {job.dataset} already in {storage.uri}")
+        print(f"[1/{STEPS}] dataset {job.dataset} already in {storage.uri}")
     except VaegenError:
-        print(f"[1/2] ingesting Fashion-MNIST into {storage.uri}")
+        print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri}")
         ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
-    print(f"[2/2] training {job.name} ({job.model.arch}, {job.train.epochs} epochs)")
-    result = train_single_process(job, progress=args.progress)
-    version_uri = storage.uri_of(f"models/{result.ref.name}/{result.ref.version}")
-    s = result.summary
-    print(f"\nmodel {result.ref} → {version_uri}")
-    print(f"  test loss {s.get('test_loss', float('nan')):.2f} nats/image "
-          f"(recon {s.get('test_recon', float('nan')):.2f}, KL {s.get('test_kl', float('nan')):.2f}); "
-          f"best epoch {s['best_epoch'] + 1} of {s['epochs_run']}; {s['seconds']:.0f} s")
-    print(f"  look at: samples.png, recon.png, curves.png in {version_uri}")
+
+    with ray_runtime(args.address, num_cpus=local_cpus(job)):     # one Ray for every step
+        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) on Ray Train "
+              f"with {job.ray.workers} workers")
+        trained = train_on_ray(job, address=args.address, progress=args.progress)
+        model = str(trained.ref)
+        print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")
+        generated = run_generation(replace(samples, model=model), job.storage, address=args.address,
+                                   progress=args.progress)
+        print(f"[4/{STEPS}] reconstructing {job.dataset}/test with {model}")
+        reconstructed = run_reconstruction(
+            GenerateConfig(model=model, kind="reconstructions", dataset=job.dataset, split="test",
+                           format=args.format), job.storage, address=args.address, progress=args.progress)
+
+    print_summary(storage, trained, generated, reconstructed)
     return 0
+
+
+def print_summary(storage, trained, generated: dict, reconstructed: dict) -> None:
+    s = trained.summary
+    version_uri = storage.uri_of(f"models/{trained.ref.name}/{trained.ref.version}")
+    print(f"\nmodel   {trained.ref} → {version_uri}")
+    print(f"        test loss {s.get('test_loss', float('nan')):.2f} nats/image (recon "
+          f"{s.get('test_recon', float('nan')):.2f}, KL {s.get('test_kl', float('nan')):.2f}); best epoch "
+          f"{s['best_epoch'] + 1} of {s['epochs_run']}; {s['seconds']:.0f} s; samples.png, recon.png, curves.png")
+    for label, manifest in (("samples", generated), ("recons", reconstructed)):
+        run = manifest.get("run", {})
+        rate = f", {run['samples_per_s']:,.0f} img/s" if run.get("samples_per_s") else ""
+        print(f"{label:8s}{manifest['totals']['rows']:,} rows in {manifest['totals']['shards']} shards → "
+              f"{manifest['uri']}{rate}")
