@@ -93,14 +93,18 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
               "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
               "## Load it", "", "```python"]
     if fmt == "parquet":
-        lines += ['import datasets, pandas, ray', f'ds = datasets.load_dataset("parquet", data_files="{glob}")["train"]'
-                  '   # image: PIL, label: ClassLabel',
-                  f'df = pandas.read_parquet(".")   # image.bytes is a PGM/PPM file: PIL.Image.open(io.BytesIO(b))',
-                  f'rd = ray.data.read_parquet(".")']
+        lines += ["import glob, io, datasets, pandas, ray, PIL.Image",
+                  'ds = datasets.load_dataset("<this folder>", split="train")   # image: PIL, label: ClassLabel',
+                  f'files = sorted(glob.glob("<this folder>/{glob}"))',
+                  "df = pandas.read_parquet(files)   # df.image[i]['bytes']: a PGM/PPM file",
+                  "img = PIL.Image.open(io.BytesIO(df.image[0]['bytes']))",
+                  "rd = ray.data.read_parquet(files)"]
     else:
-        lines += ["import webdataset as wds",
-                  f'ds = wds.WebDataset("{manifest.get("shard_pattern", glob)}").decode("pil")'
-                  '   # keys: png (image), json (id, label, latent, ...)']
+        mode = "pill" if manifest["image_shape"][0] == 1 else "pil"      # webdataset's "pil" converts to RGB
+        lines += ["import datasets, webdataset as wds",
+                  'ds = datasets.load_dataset("<this folder>", split="train")   # png: PIL, json: dict',
+                  f'wd = wds.WebDataset("<this folder>/{manifest.get("shard_pattern", glob)}").decode("{mode}")'
+                  "   # keys: png, json (id, label, latent, ...)"]
     lines += ["```", ""]
     return "\n".join(lines)
 

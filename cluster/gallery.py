@@ -73,7 +73,9 @@ def resolve_target(target: str, storage_cfg: StorageConfig) -> tuple[Storage, st
     return storage, "model", target
 
 
-def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 16) -> GalleryResult:
+def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 16,
+                  out: str | None = None) -> GalleryResult:
+    """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`)."""
     storage, kind, name = resolve_target(target, storage_cfg)
     if kind == "job":
         if not storage.list(job_prefix(name), recursive=True):
@@ -85,8 +87,13 @@ def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 1
         ref = registry.resolve(name)
         page, result = model_page(registry, ref)
         key = registry.key(ref.name, ref.version, GALLERY)
-    storage.publish(key, page.encode())
-    result.location = storage.uri_of(key)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+        result.location = out
+    else:
+        storage.publish(key, page.encode())
+        result.location = storage.uri_of(key)
     return result
 
 

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "or a job id / model name[@version] under --root")
     p.add_argument("--per-class", type=int, default=16, help="images per class on a contact sheet (default: %(default)s)")
     p.add_argument("--open", action="store_true", help="print only the gallery's path (to open in a browser)")
+    p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job)")
     add_storage_args(p)
     p.set_defaults(run=run_show)
 
@@ -77,7 +78,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from cluster.gallery import write_gallery
-    result = write_gallery(args.target, storage_config(args), per_class=args.per_class)
+    result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=args.out)
     if args.open:
         print(result.location)
         return 0

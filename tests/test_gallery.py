@@ -153,3 +153,18 @@ def test_show_of_an_unknown_job_or_model_is_one_clear_error(root, capsys):
     assert vaegen(["show", "nosuchmodel", "--root", cfg.root]) == 2
     assert "no model named 'nosuchmodel'" in capsys.readouterr().err
 
+
+
+def test_a_job_on_s3_shows_to_a_local_file_and_beside_its_shards(ray_local, s3_storage_config, tmp_path, capsys):
+    storage = open_storage(s3_storage_config, for_writing=True)
+    publish_model_with_plots(storage, "tiny")
+    job = run_generation(GenerateConfig(model="tiny", count=40, shard_size=20), s3_storage_config, progress=False)
+    uri = storage.uri_of(job["prefix"])
+    out = tmp_path / "gallery.html"
+    flags = ["--s3-endpoint", s3_storage_config.s3_endpoint]
+    assert vaegen(["show", uri, "--out", str(out), "--open", *flags]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    text = out.read_text()
+    assert 'id="rows" data-count="40"' in text and len(re.findall(r'alt="id \d+"', text)) == 16
+    assert vaegen(["show", uri, *flags]) == 0
+    assert storage.read_bytes(f"{job['prefix']}/gallery.html").decode() == text

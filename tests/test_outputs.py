@@ -105,6 +105,14 @@ def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
     assert samples["label_names"] == [f"class_{i}" for i in range(10)]
 
 
+def test_hugging_face_datasets_reads_the_png_tar_job_folder_as_webdataset(jobs):
+    import datasets
+    cfg, _, _, samples, _ = jobs
+    ds = datasets.load_dataset(job_dir(cfg, samples), split="train")     # the card's data_files: part-*.tar
+    assert ds.num_rows == 120 and isinstance(ds[0]["png"], Image.Image)
+    assert sorted(row["json"]["id"] for row in ds) == list(range(120))
+
+
 def test_ray_data_and_pandas_read_the_parquet_shards(jobs):
     import pandas as pd
     import ray
