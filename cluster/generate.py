@@ -37,8 +37,8 @@ from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import VAE
 
-from .datasets import dataset_key, read_manifest, table_arrays
 from .dataset_card import model_label_names, publish_dataset_card, reader_hints
+from .datasets import dataset_key, read_manifest, table_arrays
 from .inventory import job_run_record
 from .registry import LoadedModel, Registry
 from .storage import Storage, open_storage
@@ -415,7 +415,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
     written = 0
     if todo:
         from .runtime import ray_runtime
-        with ray_runtime(address), job_run_record(storage, plan):     # _run.json: running, then failed?
+        with ray_runtime(address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
             import ray
             joined = bool(address or os.environ.get("RAY_ADDRESS"))
             actors = start_workers(plan, storage_cfg, min(workers, len(todo)), cpus_per_worker,
