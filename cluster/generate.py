@@ -37,12 +37,14 @@ from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import VAE
 
+from .dataset_card import model_label_names, publish_dataset_card, reader_hints
 from .datasets import dataset_key, read_manifest, table_arrays
+from .inventory import job_run_record
 from .registry import LoadedModel, Registry
 from .storage import Storage, open_storage
 from .writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter, shard_name
 
-OUTPUT_FORMAT_VERSION = 1        # bump when a change alters shard bytes: it changes every job id
+OUTPUT_FORMAT_VERSION = 2        # bump when a change alters shard bytes: it changes every job id
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
@@ -86,6 +88,7 @@ class JobPlan:
     total_rows: int
     num_shards: int
     input_shards: tuple[dict, ...] = ()  # reconstructions
+    label_names: tuple[str, ...] = ()   # class names (from the input or the model's training dataset)
 
     @property
     def prefix(self) -> str:
@@ -134,12 +137,13 @@ def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None 
                               f"{loaded.ref} is conditioned on {cfg.num_classes}")
         input_shards = tuple(manifest["splits"][spec.split]["shards"])
         total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
+    label_names = tuple(manifest["label_names"]) if input_shards else model_label_names(storage, loaded)
     identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
                 "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
-                "output_format_version": OUTPUT_FORMAT_VERSION}
+                "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
     job_id = f"{spec.kind}-{sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]}"
     return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, tuple(cfg.image_shape), labels,
-                   total, num_shards, input_shards)
+                   total, num_shards, input_shards, label_names)
 
 
 # -- building and publishing one shard (what a DecoderWorker does; no Ray here) ------------------------------
@@ -205,7 +209,7 @@ class ShardMaker:
         plan, task = self.plan, self.plan.task(index)
         self.shard = index
         info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
-                         plan.weights_sha256, plan.job_id)
+                         plan.weights_sha256, plan.job_id, plan.label_names)
         writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
         for batch in self.batches(task):
             self.enter("encode")
@@ -376,11 +380,12 @@ def commit(storage: Storage, plan: JobPlan, records: dict[int, dict], run: dict)
                 "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
                 "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
                 "totals": {"rows": ids, "shards": len(shards), "bytes": sum(s["bytes"] for s in shards)},
-                "run": run, "created_at": time.time(),
+                "run": run, "created_at": time.time(), **reader_hints(plan),
                 "shards": [{k: s[k] for k in ("name", "rows", "first_id", "last_id", "bytes", "sha256",
                                               "pixels_sha256")} for s in shards]}
     body = json.dumps(manifest, indent=2).encode()
     storage.publish(f"{plan.prefix}/{MANIFEST}", body)
+    publish_dataset_card(storage, json.loads(body))          # README.md for the Hub / `datasets`, before _SUCCESS
     storage.publish(f"{plan.prefix}/{SUCCESS}", json.dumps({"manifest_sha256": sha256_hex(body)}).encode())
     return json.loads(body)                          # as a resumed run will read it back
 
@@ -410,7 +415,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
     written = 0
     if todo:
         from .runtime import ray_runtime
-        with ray_runtime(address):
+        with ray_runtime(address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
             import ray
             joined = bool(address or os.environ.get("RAY_ADDRESS"))
             actors = start_workers(plan, storage_cfg, min(workers, len(todo)), cpus_per_worker,

@@ -21,6 +21,11 @@ from vae_core.images import png_bytes
 
 PNG_COMPRESS_LEVEL = 6          # part of the output format: changing it changes every PNG's bytes
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
+# Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in
+# the schema's "huggingface" metadata. The bytes are a binary Netpbm image (PGM for grey, PPM for RGB): PIL
+# decodes it like any file, it is the raw pixels plus a ~15-byte header (zstd sizes equal raw pixels), and it
+# costs ~0.3 µs per image where PNG costs ~100 µs (measured: 10k 28x28 images, 3 ms vs 1.3 s).
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 TAR_MTIME = 0                   # fixed member metadata: a rerun gives the same tar bytes
 TAR_MODE = 0o644
 
@@ -33,10 +38,33 @@ class ShardInfo:
     model: str                  # name@v0001
     weights_sha256: str
     job_id: str
+    label_names: tuple[str, ...] = ()   # class names of `label` (a ClassLabel for Hugging Face datasets)
 
     def metadata(self) -> dict[str, str]:
         return {"vaegen.model": self.model, "vaegen.weights_sha256": self.weights_sha256,
-                "vaegen.code_version": __version__, "vaegen.job_id": self.job_id, "vaegen.shard": str(self.index)}
+                "vaegen.code_version": __version__, "vaegen.job_id": self.job_id, "vaegen.shard": str(self.index),
+                "huggingface": json.dumps({"info": {"features": hf_features(self.label_names)}})}
+
+
+def hf_features(label_names: tuple[str, ...]) -> dict:
+    """The Hugging Face `datasets` features of the columns it would not infer (others it reads from the Arrow
+    types): `image` as Image, `label` as ClassLabel with names (a plain int64 when no names are known)."""
+    label = {"names": list(label_names), "_type": "ClassLabel"} if label_names else {"dtype": "int64", "_type": "Value"}
+    return {"id": {"dtype": "int64", "_type": "Value"}, "label": label, "image": {"_type": "Image"}}
+
+
+def netpbm_images(images: np.ndarray) -> pa.BinaryArray:
+    """uint8 (N, C, H, W) with C = 1 or 3 → binary PGM (P5) / PPM (P6) files, one per image, built as one
+    buffer (header + HWC pixels per row) without a Python loop."""
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images with {c} channels have no Netpbm form (1 = grey, 3 = RGB)")
+    header = np.frombuffer(b"P%d\n%d %d\n255\n" % (5 if c == 1 else 6, w, h), np.uint8)
+    files = np.empty((n, len(header) + h * w * c), np.uint8)
+    files[:, :len(header)] = header
+    files[:, len(header):] = images.transpose(0, 2, 3, 1).reshape(n, h * w * c)
+    offsets = np.arange(n + 1, dtype=np.int32) * files.shape[1]
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
 
 
 @dataclass
@@ -70,8 +98,8 @@ def sample_key(sample_id: int) -> str:
 
 
 class ParquetShardWriter:
-    """Columns: id, shard, seed, label (nullable), latent (fixed-size list float32), pixels (C·H·W uint8 as
-    fixed-size binary, CHW order), height, width, channels; zstd; model and code version in the metadata."""
+    """Columns: id, shard, seed, label (nullable), latent (fixed-size list float32), image (struct<bytes, path>:
+    a PGM/PPM file, see IMAGE_TYPE), height, width, channels; zstd; model and code version in the metadata."""
     extension = "parquet"
 
     def __init__(self, info: ShardInfo) -> None:
@@ -84,15 +112,15 @@ class ParquetShardWriter:
     def table(self) -> pa.Table:
         rows = concat_batches(self.batches)
         n, (c, h, w), z = len(rows), rows.images.shape[1:], rows.latents.shape[1]
-        flat = np.ascontiguousarray(rows.images).reshape(n, c * h * w)
-        pixels = pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * h * w), n, [None, pa.py_buffer(flat)])
+        image = pa.StructArray.from_arrays([netpbm_images(rows.images),
+                                            pa.nulls(n, pa.string())], fields=list(IMAGE_TYPE))
         latent = pa.FixedSizeListArray.from_arrays(pa.array(rows.latents.astype(np.float32).ravel()), z)
         columns = {
             "id": pa.array(rows.ids, pa.int64()),
             "shard": pa.array(np.full(n, self.info.index, np.int32)),
             "seed": pa.nulls(n, pa.int64()) if self.info.seed is None else pa.array(np.full(n, self.info.seed)),
             "label": pa.nulls(n, pa.int64()) if rows.labels is None else pa.array(rows.labels, pa.int64()),
-            "latent": latent, "pixels": pixels,
+            "latent": latent, "image": image,
             "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, w, np.int32)),
             "channels": pa.array(np.full(n, c, np.int32))}
         return pa.table(columns).replace_schema_metadata(self.info.metadata())

@@ -7,9 +7,10 @@ import sys
 from vae_core import __version__
 from vae_core.errors import VaegenError
 
-from . import data_cmds, generate_cmds, ops_cmds, pipeline_cmd, train_cmds
+from . import data_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, train_cmds
+from .config_file import add_config_flag, parse_args
 
-VERB_MODULES = (data_cmds, train_cmds, generate_cmds, pipeline_cmd, ops_cmds)
+VERB_MODULES = (data_cmds, train_cmds, generate_cmds, pipeline_cmd, ops_cmds, outputs_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,12 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for module in VERB_MODULES:
         module.register(sub)
+    add_config_flag(parser)                  # --config FILE.toml on every verb
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(build_parser(), argv)          # flags override a --config file
         return args.run(args)
     except VaegenError as e:
         print(f"vaegen: error: {e}", file=sys.stderr)

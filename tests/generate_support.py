@@ -35,8 +35,7 @@ def read_rows(data: bytes, fmt: str) -> dict[str, list]:
     """id, label, latent, image (uint8 CHW) of every row of one shard, in file order."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(data))
-        c, h, w = (table.column(k)[0].as_py() for k in ("channels", "height", "width"))
-        images = [np.frombuffer(p, np.uint8).reshape(c, h, w) for p in table.column("pixels").to_pylist()]
+        images = [decode_png(v["bytes"]) for v in table.column("image").to_pylist()]     # PIL reads the PGM too
         return {"id": table.column("id").to_pylist(), "label": table.column("label").to_pylist(),
                 "latent": table.column("latent").to_pylist(), "image": images}
     rows: dict[str, list] = {"id": [], "label": [], "latent": [], "image": []}

@@ -48,7 +48,7 @@ def test_same_rows_give_the_same_bytes_whatever_the_batching(fmt):
 def test_parquet_schema_and_file_metadata():
     data = write(ParquetShardWriter, batches(labels=False))
     table = pq.read_table(io.BytesIO(data))
-    assert table.column_names == ["id", "shard", "seed", "label", "latent", "pixels", "height", "width", "channels"]
+    assert table.column_names == ["id", "shard", "seed", "label", "latent", "image", "height", "width", "channels"]
     latent = table.schema.field("latent").type
     assert (latent.list_size, str(latent.value_type)) == (4, "float")
     assert table.column("label").null_count == 10

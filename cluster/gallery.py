@@ -1,0 +1,235 @@
+"""`vaegen show`: one static gallery.html beside a job's shards (or a model version's files). Every image is
+inline (a data: URI), so the file opens anywhere with no server and no network. A job without _SUCCESS is
+shown too, marked PARTIAL (or FAILED), from the shards its receipts list.
+
+Counts on the page carry `data-count` attributes and a small inline script sets `data-images-loaded` on
+<body> once the page has loaded, so a headless browser can check what a person would see."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vae_core.config import StorageConfig
+from vae_core.errors import VaegenError
+from vae_core.images import decode_png, png_bytes
+
+from .dataset_card import reproduce_command
+from .datasets import dataset_key, read_manifest, table_arrays
+from .inventory import OUTPUTS, JobStatus, job_prefix, job_status
+from .registry import ModelRef, Registry
+from .storage import Storage, open_storage
+
+GALLERY = "gallery.html"
+SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
+RECON_PAIRS = 24              # original/reconstruction pairs shown
+GALLERY_SEED = 0
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
+.banner{background:#fff3cd;border:1px solid #e0c068;padding:.6em 1em;font-weight:600}
+.banner.failed{background:#f8d7da;border-color:#d08088}
+.sheet{display:flex;flex-wrap:wrap;gap:3px;margin:.3em 0 1em}
+.sheet img,.pair img{width:56px;height:56px;image-rendering:pixelated;background:#000}
+.pair{display:inline-flex;flex-direction:column;gap:2px;margin:0 4px 6px 0}
+code,pre{background:#f4f4f4;padding:.1em .3em}img.plot{max-width:100%}"""
+
+# Sets <body data-images-loaded="N" data-images-total="M"> after load: N counts images that decoded.
+SCRIPT = """window.addEventListener('load',function(){var all=document.images,ok=0;
+for(var i=0;i<all.length;i++){if(all[i].complete&&all[i].naturalWidth>0)ok++;}
+document.body.dataset.imagesLoaded=ok;document.body.dataset.imagesTotal=all.length;});"""
+
+
+@dataclass
+class GalleryResult:
+    location: str           # where gallery.html was written (path or s3:// URI)
+    title: str
+    summary: str
+    partial: bool
+
+
+# -- finding the target ---------------------------------------------------------------------------------------
+def resolve_target(target: str, storage_cfg: StorageConfig) -> tuple[Storage, str, str]:
+    """(storage, 'job' | 'model', job id | name@version) from a URI or from a name under --root."""
+    target = target.rstrip("/")
+    for marker, kind in ((f"/{OUTPUTS}/", "job"), ("/models/", "model")):
+        if marker in target:
+            root, rest = target.rsplit(marker, 1)
+            storage = open_storage(StorageConfig(root=root, s3_endpoint=storage_cfg.s3_endpoint))
+            if kind == "job":
+                return storage, "job", rest
+            name, _, version = rest.partition("/")
+            return storage, "model", f"{name}@{version}" if version else name
+    storage = open_storage(storage_cfg)
+    if target in storage.list_dirs(OUTPUTS):
+        return storage, "job", target
+    return storage, "model", target
+
+
+def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 16,
+                  out: str | None = None) -> GalleryResult:
+    """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`)."""
+    storage, kind, name = resolve_target(target, storage_cfg)
+    if kind == "job":
+        if not storage.list(job_prefix(name), recursive=True):
+            raise VaegenError(f"no job {name!r} under {storage.uri_of(OUTPUTS)}")
+        page, result = job_page(storage, job_status(storage, name, with_receipts=True), per_class)
+        key = f"{job_prefix(name)}/{GALLERY}"
+    else:
+        registry = Registry(storage)
+        ref = registry.resolve(name)
+        page, result = model_page(registry, ref)
+        key = registry.key(ref.name, ref.version, GALLERY)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+        result.location = out
+    else:
+        storage.publish(key, page.encode())
+        result.location = storage.uri_of(key)
+    return result
+
+
+# -- reading shards -------------------------------------------------------------------------------------------
+def shard_rows(data: bytes, fmt: str) -> tuple[list[int], list[int | None], list[np.ndarray]]:
+    """ids, labels and uint8 CHW images of one output shard."""
+    if fmt == "parquet":
+        table = pq.read_table(io.BytesIO(data), columns=["id", "label", "image"])
+        return (table.column("id").to_pylist(), table.column("label").to_pylist(),
+                [decode_png(v["bytes"]) for v in table.column("image").to_pylist()])
+    ids, labels, images = [], [], []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            meta = json.loads(tar.extractfile(members[name]).read())
+            ids.append(meta["id"])
+            labels.append(meta["label"])
+            images.append(decode_png(tar.extractfile(members[name[:-5] + ".png"]).read()))
+    return ids, labels, images
+
+
+# -- HTML pieces ----------------------------------------------------------------------------------------------
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def img(image: np.ndarray, alt: str) -> str:
+    return f'<img src="{data_uri(png_bytes(image))}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
+
+
+def facts(items: list[tuple[str, str, int | None]]) -> str:
+    """A definition list; an item with a count gets data-count (what tests and scripts read)."""
+    rows = []
+    for label, text, count in items:
+        attrs = f' id="{label.lower().replace(" ", "-")}" data-count="{count}"' if count is not None else ""
+        rows.append(f"<dt>{html.escape(label)}</dt><dd{attrs}>{html.escape(text)}</dd>")
+    return f"<dl>{''.join(rows)}</dl>"
+
+
+def page(title: str, body: list[str]) -> str:
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
+
+
+def model_section(registry: Registry, ref: ModelRef) -> list[str]:
+    """Metrics and the plots a model version carries (whichever of them it has)."""
+    out = [f"<h2>model {html.escape(str(ref))}</h2>"]
+    storage = registry.storage
+    metrics_key = registry.key(ref.name, ref.version, "metrics.json")
+    if storage.exists(metrics_key):
+        metrics = json.loads(storage.read_bytes(metrics_key))
+        scalars = [(k, f"{v:.4g}" if isinstance(v, float) else str(v), None)
+                   for k, v in sorted(metrics.items()) if isinstance(v, (int, float, str))]
+        out.append(facts(scalars))
+    for fname, what in (("curves.png", "loss curves"), ("samples.png", "samples"), ("recon.png", "reconstructions")):
+        key = registry.key(ref.name, ref.version, fname)
+        if storage.exists(key):
+            out.append(f'<h3>{what}</h3><img class="plot" src="{data_uri(storage.read_bytes(key))}" alt="{what}">')
+    return out
+
+
+def model_page(registry: Registry, ref: ModelRef) -> tuple[str, GalleryResult]:
+    body = model_section(registry, ref)
+    champion = (registry.champion(ref.name) or {}).get("version")
+    summary = f"champion: {'yes' if champion == ref.version else 'no'}"
+    return page(f"vaegen model {ref}", [f"<p>{summary}</p>", *body]), GalleryResult("", str(ref), summary, False)
+
+
+def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, GalleryResult]:
+    manifest = status.manifest or {}
+    shards = status.receipts                      # manifest entries when finished, receipts otherwise
+    rows_done = sum(s["rows"] for s in shards)
+    planned = "?" if status.shards_planned is None else str(status.shards_planned)
+    summary = f"{rows_done:,} images in {len(shards)} of {planned} shards"
+    body = []
+    if status.state != "finished":
+        css = " failed" if status.state == "failed" else ""
+        error = f" — last run: {status.error}" if status.error else ""
+        body.append(f'<p class="banner{css}" id="state" data-state="{status.state}">{status.state.upper()}: no '
+                    f"_SUCCESS; showing the {len(shards)} of {planned} shards finished so far{html.escape(error)}</p>")
+    items = [("Job", status.job_id, None), ("State", status.state, None), ("Kind", status.kind, None),
+             ("Model", status.model, None), ("Format", status.format, None),
+             ("Shards", f"{len(shards)} of {planned}", len(shards)), ("Rows", f"{rows_done:,}", rows_done)]
+    if manifest:
+        spec = manifest["spec"]
+        root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
+        items += [("Bytes", f"{manifest['totals']['bytes']:,}", None), ("Seed", str(spec["seed"]), None),
+                  ("Command", reproduce_command(manifest, root_uri), None)]
+    body += ["<h2>summary</h2>", facts(items)]
+    if shards:
+        body += contact_sheets(storage, status, shards, manifest.get("label_names", []), per_class)
+    if status.kind == "reconstructions" and shards and manifest.get("spec"):
+        body += reconstruction_pairs(storage, status, manifest, shards[0])
+    if status.model != "?":
+        registry = Registry(storage)
+        name, _, version = status.model.partition("@")
+        body += model_section(registry, ModelRef(name, version))
+    title = f"vaegen job {status.job_id}"
+    return page(title, body), GalleryResult("", status.job_id, summary, status.state != "finished")
+
+
+def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], label_names: list[str],
+                   per_class: int) -> list[str]:
+    rng = np.random.default_rng(GALLERY_SEED)
+    picked = sorted(rng.choice(len(shards), size=min(SAMPLED_SHARDS, len(shards)), replace=False).tolist())
+    by_label: dict = {}
+    for i in picked:
+        ids, labels, images = shard_rows(storage.read_bytes(f"{job_prefix(status.job_id)}/{shards[i]['name']}"),
+                                         status.format)
+        for sample_id, label, image in zip(ids, labels, images):
+            group = by_label.setdefault(label, [])
+            if len(group) < per_class:
+                group.append((sample_id, image))
+    names = ", ".join(shards[i]["name"] for i in picked)
+    out = [f"<h2>contact sheets</h2><p>from {len(picked)} shard(s) picked at random: {html.escape(names)}</p>"]
+    for label in sorted(by_label, key=lambda v: (v is None, v)):
+        heading = "all samples (no labels)" if label is None else (
+            f"{label}: {label_names[label]}" if label < len(label_names) else str(label))
+        tiles = "".join(img(image, f"id {sample_id}") for sample_id, image in by_label[label])
+        out.append(f"<h3>{html.escape(heading)}</h3><div class=\"sheet\">{tiles}</div>")
+    return out
+
+
+def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, shard: dict) -> list[str]:
+    """Originals (top) above their reconstructions, from the input dataset's matching shard."""
+    spec = manifest["spec"]
+    dataset = read_manifest(storage, spec["dataset"])
+    index = int(shard["name"].split("-")[1].split(".")[0])
+    source = dataset["splits"][spec["split"]]["shards"][index]
+    body = storage.read_bytes(dataset_key(spec["dataset"], spec["split"], source["name"]))
+    ids, _, originals = table_arrays(pq.read_table(io.BytesIO(body)), tuple(dataset["image_shape"]))
+    out_ids, _, recons = shard_rows(storage.read_bytes(f"{job_prefix(status.job_id)}/{shard['name']}"),
+                                    status.format)
+    original_of = dict(zip(ids.tolist(), originals))
+    pairs = [f'<span class="pair">{img(original_of[i], f"original {i}")}{img(r, f"reconstruction {i}")}</span>'
+             for i, r in list(zip(out_ids, recons))[:RECON_PAIRS]]
+    return [f"<h2>reconstructions</h2><p>originals above, reconstructions below ({shard['name']})</p>",
+            f"<div>{''.join(pairs)}</div>"]

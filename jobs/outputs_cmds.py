@@ -1,0 +1,96 @@
+"""`vaegen ls`, `vaegen show` and `vaegen config show`: look at what a storage root holds."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .args import add_storage_args, storage_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ls", help="datasets, model versions (champion marked) and jobs with their state",
+                       description="List what a storage root holds: datasets, model versions (* = champion) and "
+                                   "generation jobs (finished, partial n/m shards, or failed).")
+    p.add_argument("location", nargs="?", default=None, help="storage root (default: --root)")
+    add_storage_args(p)
+    p.set_defaults(run=run_ls)
+
+    p = sub.add_parser("show", help="write a static gallery.html for a job or a model version",
+                       description="Write gallery.html beside a job's shards (or a model version's files): "
+                                   "contact sheets per class, reconstructions beside their originals, the manifest "
+                                   "summary, the model's metrics and loss curves. No server, no external assets.")
+    p.add_argument("target", help="a job or model-version URI (<root>/outputs/<job-id>, <root>/models/<name>/v0001), "
+                                  "or a job id / model name[@version] under --root")
+    p.add_argument("--per-class", type=int, default=16, help="images per class on a contact sheet (default: %(default)s)")
+    p.add_argument("--open", action="store_true", help="print only the gallery's path (to open in a browser)")
+    p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job)")
+    add_storage_args(p)
+    p.set_defaults(run=run_show)
+
+    p = sub.add_parser("config", help="config files: `vaegen config show VERB [flags]` prints the effective settings",
+                       description="Every verb takes --config FILE.toml (keys are the verb's long flags without "
+                                   "'--'; a [VERB] table applies to that verb only); flags on the command line "
+                                   "override the file.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("show", help="print the settings VERB would run with, as a TOML config file",
+                           description="Print the settings `vaegen VERB ...` would run with (file, then flags), "
+                                       "as TOML that --config accepts. Example: vaegen config show generate "
+                                       "--config gen.toml --count 10")
+    a.add_argument("command", nargs=argparse.REMAINDER, help="the verb and its flags (and --config)")
+    p.set_defaults(run=run_config_show)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from cluster.inventory import list_datasets, list_jobs, list_models
+    from cluster.storage import open_storage
+    from vae_core.config import StorageConfig
+    storage = open_storage(StorageConfig(root=args.location or args.root, s3_endpoint=args.s3_endpoint))
+    print(f"{storage.uri}\n")
+    datasets = list_datasets(storage)
+    print("datasets" + ("" if datasets else ": none"))
+    if datasets:
+        print(_table([["NAME", "SHAPE", "CLASSES", "SPLITS"]] + [
+            [d.name, "x".join(map(str, d.image_shape)), str(d.classes),
+             ", ".join(f"{s} {n:,}" for s, n in d.splits.items())] for d in datasets]))
+    models = list_models(storage)
+    print("\nmodels (* = champion)" + ("" if models else ": none"))
+    if models:
+        print(_table([["", "MODEL", "TEST LOSS"]] + [
+            ["*" if m.champion else "", f"{m.name}@{m.version}",
+             "-" if m.test_loss is None else f"{m.test_loss:.2f}"] for m in models]))
+    jobs = list_jobs(storage)
+    print("\njobs" + ("" if jobs else ": none"))
+    if jobs:
+        print(_table([["JOB", "STATE", "SHARDS", "ROWS", "KIND", "FORMAT", "MODEL", "WHEN (UTC)", "ERROR"]] + [
+            [j.job_id, j.state, j.progress, f"{j.rows_done:,}" if j.state == "finished" else "-", j.kind, j.format,
+             j.model, _when(j.when), j.error[:80]] for j in jobs]))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from cluster.gallery import write_gallery
+    result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=args.out)
+    if args.open:
+        print(result.location)
+        return 0
+    if result.partial:
+        print(f"vaegen: {result.title} is PARTIAL (no _SUCCESS): {result.summary}; showing what is there")
+    print(f"gallery of {result.title}: {result.summary}\n  {result.location}")
+    return 0
+
+
+def run_config_show(args: argparse.Namespace) -> int:
+    from .config_file import effective_settings, to_toml
+    verb, settings = effective_settings(args.command)
+    print(f"# effective settings of `vaegen {verb}` (a --config file for it)")
+    print(to_toml(settings), end="")
+    return 0
