@@ -17,6 +17,13 @@ ensure_dataset() {
     $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
 }
 
+ensure_chromium() {   # tests/test_gallery.py renders gallery.html in headless Chromium
+    [ -x /usr/bin/chromium ] && return
+    echo "dev.sh: installing the Debian package chromium (for the gallery tests)" >&2
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null
+}
+
 ensure_venv() {
     local stamp="$VENV/.vaegen-installed" want
     want=$(sha256sum pyproject.toml | cut -c1-16)
@@ -34,7 +41,7 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
-    test)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
+    test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
     vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
     *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

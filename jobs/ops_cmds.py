@@ -78,6 +78,7 @@ def verb_names() -> list[str]:
 def check_command(command: list[str]) -> tuple[str, ...]:
     """The argv after `--`, checked against this vaegen's own parser before anything is sent."""
     from .cli import build_parser
+    from .config_file import parse_args
     argv = command[1:] if command[:1] == ["--"] else command
     if not argv:
         raise VaegenError("nothing to submit: give a vaegen verb after `--`")
@@ -85,7 +86,7 @@ def check_command(command: list[str]) -> tuple[str, ...]:
     if argv[0] not in verbs or argv[0] in NOT_SUBMITTABLE:
         known = ", ".join(v for v in verbs if v not in NOT_SUBMITTABLE)
         raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {known})")
-    build_parser().parse_args(list(argv))        # a bad flag stops here, with argparse's own message
+    parse_args(build_parser(), list(argv))       # a bad flag (or --config key) stops here, with its own message
     return tuple(argv)
 
 
@@ -155,7 +156,8 @@ def run_retrain(args: argparse.Namespace) -> int:
     if generate and outcome.promoted:
         generate[generate.index("--model") + 1] = f"{cfg.job.name}@{outcome.champion}"
         from .cli import build_parser
-        gen_args = build_parser().parse_args(generate)
+        from .config_file import parse_args
+        gen_args = parse_args(build_parser(), generate)
         print(f"  generating {args.then_generate} samples with {cfg.job.name}@{outcome.champion}")
         return gen_args.run(gen_args)
     return 0
