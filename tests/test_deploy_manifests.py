@@ -29,15 +29,6 @@ PINS = dict(re.match(r"([a-zA-Z0-9_.-]+)(?:\[.*\])?==(.+)", d).groups()
 KUBERAY_SCHEMA = json.loads((DEPLOY / "schemas" / "kuberay-v1.schema.json").read_text())
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.I)
 
-# Verbs and flags the issues define whose implementation lands on other branches. While the parser here lacks
-# one, the drift check accepts it only if it is listed here; once it lands it is checked like any other flag.
-PENDING = {
-    "train": {"--workers", "--gpus-per-worker", "--run-id", "--address"},
-    "generate": {"--model", "--count", "--shard-size", "--format", "--root", "--s3-endpoint", "--labels",
-                 "--workers", "--seed", "--address", "--no-progress"},
-    "reconstruct": {"--model", "--dataset", "--split", "--root", "--s3-endpoint", "--workers", "--address"},
-}
-
 
 def manifests() -> list[tuple[str, dict]]:
     found = []
@@ -238,21 +229,6 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
-def strip_pending(verb: str, argv: list[str], known: set[str]) -> tuple[list[str], list[str]]:
-    """Remove flags the issues define for `verb` but this checkout's parser does not know yet (and their value)."""
-    kept, pending, i = [], [], 0
-    while i < len(argv):
-        flag = argv[i].split("=", 1)[0]
-        if flag.startswith("--") and flag not in known and flag in PENDING.get(verb, ()):
-            pending.append(flag)
-            takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            i += 2 if takes_value else 1
-            continue
-        kept.append(argv[i])
-        i += 1
-    return kept, pending
-
-
 COMMANDS = vaegen_commands()
 
 
@@ -266,33 +242,15 @@ def test_manifest_commands_parse_with_the_real_cli(name, argv):
     parser = build_parser()
     verbs = subparsers(parser)
     verb = argv[0]
-    if verb not in verbs:
-        assert verb in PENDING, f"{name}: `vaegen {verb}` is no vaegen verb"
-        unknown = [a for a in argv[1:] if a.startswith("--") and a.split("=", 1)[0] not in PENDING[verb]]
-        assert not unknown, f"{name}: `vaegen {verb}` flags {unknown} are not in the issue's definition"
-        return
-    known = {s for a in verbs[verb]._actions for s in a.option_strings}
+    assert verb in verbs, f"{name}: `vaegen {verb}` is no vaegen verb"
+    checked = argv
     if verb == "submit":
-        argv = argv[:argv.index("--") + 1] + ["ingest", "fashion-mnist"]     # the inner command is its own case
-    checked, _ = strip_pending(verb, argv, known)
+        checked = argv[:argv.index("--") + 1] + ["ingest", "fashion-mnist"]  # the inner command is its own case
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors), contextlib.suppress(SystemExit):
         parser.parse_args(checked)
         return
     pytest.fail(f"{name}: `vaegen {' '.join(checked)}` does not parse: {errors.getvalue().strip().splitlines()[-1]}")
-
-
-@pytest.mark.xfail(reason="flags from the train/generate issues not merged into this checkout yet", strict=False)
-def test_every_pending_flag_has_landed():
-    verbs = subparsers(build_parser())
-    missing = []
-    for name, argv in COMMANDS:
-        if argv[0] not in verbs:
-            missing.append(f"vaegen {argv[0]}")
-            continue
-        known = {s for a in verbs[argv[0]]._actions for s in a.option_strings}
-        missing += [f"vaegen {argv[0]} {flag}" for flag in strip_pending(argv[0], argv, known)[1]]
-    assert not missing, f"not in the CLI yet: {sorted(set(missing))}"
 
 
 # -- Dockerfile and launcher config ----------------------------------------------------------------------------------
