@@ -27,7 +27,9 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
                         "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING")}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
+        # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=store * 2**20 if store else None, **kwargs)
     try:
         yield

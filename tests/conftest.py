@@ -91,7 +91,7 @@ def start_local_ray() -> None:
     import ray
     from cluster.runtime import WORKER_ENV
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
+        ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
                  runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
 
 

@@ -166,12 +166,12 @@ def test_s3_root_without_credentials_is_one_clear_error(s3_storage_config, tmp_p
         "vaegen: error: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"]
 
 
-def test_then_generate_without_a_generate_verb_fails_before_training(local_storage_config, tiny_dataset,
-                                                                     capsys):
-    from jobs.ops_cmds import verb_names
-    if "generate" in verb_names():
-        pytest.skip("this build has `vaegen generate`: covered by the generate verb's own tests")
+def test_a_promotion_then_generates_with_the_new_champion(local_storage_config, tiny_dataset, ray_local):
     tiny_dataset(local_storage_config)
-    assert retrain_cli(local_storage_config, "--then-generate", "100") == 2
-    assert "needs the `vaegen generate` verb" in capsys.readouterr().err
-    assert Registry(Storage(local_storage_config)).versions("fm-vae") == []
+    assert retrain_cli(local_storage_config, "--then-generate", "300") == 0
+    storage = Storage(local_storage_config)
+    champion = Registry(storage).champion("fm-vae")["version"]
+    jobs = [d for d in storage.list_dirs("outputs")]
+    assert len(jobs) == 1 and storage.exists(f"outputs/{jobs[0]}/_SUCCESS")
+    manifest = json.loads(storage.read_bytes(f"outputs/{jobs[0]}/manifest.json"))
+    assert manifest["totals"]["rows"] == 300 and manifest["model"] == f"fm-vae@{champion}"
