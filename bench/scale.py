@@ -48,10 +48,17 @@ def emit(record: dict) -> None:
     print(json.dumps({"bench": "scale", **record}), flush=True)
 
 
+def memory_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over fork + exec, so a
+    child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
+
+
 def driver_usage() -> tuple[float, float]:
     """(CPU seconds so far, peak RSS MiB) of this process."""
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime, u.ru_maxrss / 1024                     # ru_maxrss: KiB on Linux
+    return u.ru_utime + u.ru_stime, memory_mib("VmHWM")
 
 
 def timed_job(spec: GenerateConfig, storage_cfg: StorageConfig, workers: int) -> dict:
@@ -77,7 +84,7 @@ def point(root: str, shards: int, rows_per_shard: int, workers: int) -> dict:
                           decode_batch=rows_per_shard, seed=shards)
     load_before = os.getloadavg()[0]
     with ray_runtime(None, num_cpus=workers):              # Ray's start-up is not the driver's per-shard cost
-        _, rss_before = driver_usage()
+        rss_before = memory_mib("VmRSS")
         fresh = timed_job(spec, storage_cfg, workers)
         resume = timed_job(spec, storage_cfg, workers)
     prefix = f"outputs/{open_storage(storage_cfg).list_dirs('outputs')[0]}"

@@ -54,6 +54,7 @@ JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEO
 # Fault-injection knob for tests and drills: "stage=seconds[,stage=seconds]" makes every worker pause at those
 # stages (decode, encode, publish), so a test can kill it at a known point. Unset in normal runs.
 STAGE_DELAY_ENV = "VAEGEN_STAGE_DELAY"
+VERIFY_CHUNK = 1024               # receipts checked per batch on resume (bounds the driver's futures)
 UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
 
 
@@ -409,9 +410,10 @@ def verified_shards(storage: Storage, plan: JobPlan) -> ShardLedger:
 
     ledger = ShardLedger(plan)
     with ThreadPoolExecutor(max_workers=4) as pool:                 # I/O bound; one shard in memory per thread
-        for record in pool.map(check, receipts):
-            if record is not None:
-                ledger.add(record)
+        for start in range(0, len(receipts), VERIFY_CHUNK):         # map() makes every future at once: chunk
+            for record in pool.map(check, receipts[start:start + VERIFY_CHUNK]):
+                if record is not None:
+                    ledger.add(record)
     return ledger
 
 
