@@ -1,11 +1,12 @@
 """Generation across several Ray nodes (ray.cluster_utils.Cluster: logical nodes on this machine): actors land
 on different nodes, one node is removed mid-job with its worker busy, and the job still finishes with every
-sample id exactly once and the same bytes an undisturbed worker builds."""
+sample id exactly once and the same bytes an undisturbed worker builds. Also the driver's compact per-shard
+ledger, which keeps its memory at ~100 bytes a shard."""
 import threading
 
 import pytest
 
-from cluster.generate import STAGE_DELAY_ENV, plan_job, run_generation
+from cluster.generate import STAGE_DELAY_ENV, ShardLedger, plan_job, run_generation, sha256_hex
 from cluster.runtime import WORKER_ENV
 from cluster.storage import open_storage
 from generate_support import publish_tiny_model
@@ -60,3 +61,20 @@ def test_a_node_removed_mid_job_loses_and_duplicates_nothing(ray_cluster, local_
     assert_complete_and_exact(storage, result, job)
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert victim_node_id not in alive and len(alive) == WORKER_NODES   # head + the three nodes left
+
+
+def test_the_ledger_gives_back_exactly_the_records_it_was_given(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(spec(count=20), storage)                           # 3 shards: 8, 8, 4 rows
+    ledger = ShardLedger(plan)
+    zero_tail = "ab" * 31 + "00"                                       # a digest ending in a zero byte survives
+    records = [{"index": i, "name": f"part-{i:05d}.parquet", "rows": plan.task(i).rows,
+                "first_id": plan.task(i).first_id, "last_id": plan.task(i).first_id + plan.task(i).rows - 1,
+                "bytes": 1000 + i, "sha256": sha256_hex(bytes([i])), "pixels_sha256": zero_tail} for i in (2, 0)]
+    for record in records:
+        ledger.add(record)
+    assert ledger.missing() == [1] and 0 in ledger and 1 not in ledger and len(ledger) == 2
+    assert ledger.rows() == 12 and ledger.total_bytes() == 2002
+    for record in records:
+        assert ledger.entry(record["index"]) == {k: v for k, v in record.items() if k != "index"}
