@@ -7,9 +7,9 @@ import sys
 from vae_core import __version__
 from vae_core.errors import VaegenError
 
-from . import data_cmds, pipeline_cmd, train_cmds
+from . import data_cmds, eval_cmds, pipeline_cmd, train_cmds
 
-VERB_MODULES = (data_cmds, train_cmds, pipeline_cmd)
+VERB_MODULES = (data_cmds, train_cmds, eval_cmds, pipeline_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -83,16 +84,33 @@ def _means(sums: dict[str, float]) -> dict[str, float]:
     return {"loss": sums["loss"] / n, "recon": sums["recon"] / n, "kl": sums["kl"] / n, "n": sums["n"]}
 
 
+def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate for an epoch: constant, or a cosine from lr (epoch 0) to lr/100 (last epoch)."""
+    if cfg.lr_schedule == "constant" or cfg.epochs == 1:
+        return cfg.lr
+    floor = cfg.lr / 100
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * epoch / (cfg.epochs - 1)))
+
+
+def beta_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """KL warm-up: β·(epoch+1)/W for the first W epochs, then β."""
+    if epoch >= cfg.kl_warmup_epochs:
+        return cfg.beta
+    return cfg.beta * (epoch + 1) / cfg.kl_warmup_epochs
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
-                generator: torch.Generator | None = None) -> dict[str, float]:
-    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen."""
+                generator: torch.Generator | None = None, *, beta: float | None = None) -> dict[str, float]:
+    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen.
+    `beta` overrides cfg.beta for this epoch (KL warm-up: see beta_at_epoch)."""
+    beta = cfg.beta if beta is None else beta
     model.train()
     sums = _sums()
     for images, labels in batches:
         x = prepare_batch(images, cfg, generator)
         logits, mu, logvar = model(x, labels, generator)
         terms = elbo_loss(logits, x, mu, logvar, likelihood=model.cfg.likelihood,
-                          log_sigma=model.log_sigma, beta=cfg.beta)
+                          log_sigma=model.log_sigma, beta=beta)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -161,7 +179,8 @@ def epoch_metrics(epoch: int, train: dict, val: dict, seconds: float) -> EpochMe
 
 def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
         on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
-    """Adam on shuffled mini-batches, early stopping on the validation loss, best weights restored."""
+    """Adam on shuffled mini-batches, early stopping on the validation loss (always at the full β), best
+    weights restored; the learning rate and KL weight follow lr_at_epoch and beta_at_epoch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     optimizer = make_optimizer(model, cfg)
@@ -171,7 +190,10 @@ def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
     stopped = False
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
-        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_epoch(epoch, cfg)
+        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle,
+                                  beta=beta_at_epoch(epoch, cfg))
         seconds = time.perf_counter() - start
         val_means = evaluate(model, iterate_batches(val, 1024), cfg)
         metrics = epoch_metrics(epoch, train_means, val_means, seconds)
