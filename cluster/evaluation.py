@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from vae_core.classifier import (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, ClassifierConfig, ReferenceCNN, accuracy,
                                  classifier_files, load_classifier, train_classifier)
+from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.evaluate import EvalJobConfig, evaluation_png, model_likelihood, sample_quality
 from vae_core.train import ImageSet
@@ -120,6 +121,14 @@ def evaluate_model(cfg: EvalJobConfig, progress: bool = True) -> EvaluationResul
     storage.publish(f"{prefix}/{EVALUATION_JSON}", json.dumps(report, indent=2, sort_keys=True).encode())
     _merge_into_metrics(storage, registry, ref, report)
     return EvaluationResult(ref, report, storage.uri_of(prefix))
+
+
+def quick_evaluation(model: str | ModelRef, storage: StorageConfig, *, k: int = 100,
+                     limit: int = 500) -> EvaluationResult:
+    """A short likelihood-only evaluation for the end of `vaegen pipeline` (seconds on a CPU: no
+    classifier); `vaegen evaluate` gives the full figures."""
+    return evaluate_model(EvalJobConfig(model=str(model), storage=storage, k=k, limit=limit, quality=False),
+                          progress=False)
 
 
 def _quality(storage: Storage, dataset: str, model, data: ImageSet, cfg: EvalJobConfig, progress: bool) -> dict:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cluster.datasets import ingest
-from cluster.evaluation import classifier_key, reference_classifier
+from cluster.evaluation import classifier_key, quick_evaluation, reference_classifier, summary_table
 from cluster.ingest import ingest_source
 from cluster.storage import open_storage
 from conftest import unique_name
@@ -209,6 +209,9 @@ def test_vaegen_evaluate_writes_its_results_into_the_model_version(fashion_root,
     assert storage.read_bytes(classifier_key("fm-small", CLASSIFIER_WEIGHTS)) == stored
     again = json.loads(storage.read_bytes(f"{version}/evaluation.json"))
     assert (again["likelihood"]["nll"], again["quality"]) == (report["likelihood"]["nll"], report["quality"])  # seeded
+    quick = quick_evaluation(name, fashion_root, k=5, limit=20)        # what `vaegen pipeline` prints at its end
+    assert quick.report["likelihood"]["images"] == 20 and "quality" not in quick.report
+    assert summary_table([quick]).strip().startswith(f"{name}@v0001  NLL ")
 
 
 def colour_folder(path, per_class: int = 24):

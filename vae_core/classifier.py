@@ -1,6 +1,7 @@
 """A small reference CNN: judges generated images (accuracy, TSTR) and gives the features for classifier-FID.
 
-Two conv blocks and a 128-wide feature layer; adaptive pooling makes it take any (C, H, W), so Fashion-MNIST
+Two conv blocks (~1.1M multiply-adds per 28×28 image: it must train on a shared 2-core CPU in minutes) and a
+128-wide feature layer; adaptive pooling makes it take any (C, H, W), so Fashion-MNIST
 (1×28×28) and colour image folders (3×32×32) use the same network. Inputs are uint8 images; the scaling to
 [0, 1] happens inside, so real and generated images go through one identical path."""
 from __future__ import annotations
@@ -26,7 +27,7 @@ CLASSIFIER_CONFIG = "classifier.json"
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    epochs: int = 5
+    epochs: int = 3
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -45,7 +46,7 @@ class ReferenceCNN(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),   # strided: 1/4 the cost
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),                            # (B, 64·4·4) for any H, W
             nn.Linear(64 * 16, FEATURES), nn.ReLU())                          # (B, FEATURES): FID features
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(FEATURES, num_classes))
