@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from .artifacts import reconstruction_grid, sample_grid
 from .classifier import ClassifierConfig, accuracy, classifier_features, train_classifier
@@ -23,6 +22,7 @@ from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalJobConfig:
@@ -111,7 +111,7 @@ def iwae_bounds(encode: Encoder, log_px_given_z: DecoderLogLik, x: Tensor, k: in
     return torch.cat(iwae), torch.cat(elbo)
 
 
-def model_encoder(model: VAE, labels: Tensor | None) -> tuple[Encoder, DecoderLogLik]:
+def model_callables(model: VAE, labels: Tensor | None) -> tuple[Encoder, DecoderLogLik]:
     """The generic callables for one of our VAEs on one batch of images (labels are repeated per sample)."""
     def encode(x: Tensor) -> tuple[Tensor, Tensor]:
         return model.encode(x, _rows(labels, x))
@@ -152,7 +152,7 @@ def model_likelihood(model: VAE, images: Tensor, labels: Tensor | None, *, k: in
     iwae, elbo = [], []
     for start in range(0, len(x), batch_size):
         y = None if not model.cfg.conditional else labels[start:start + batch_size]
-        encode, log_px = model_encoder(model, y)
+        encode, log_px = model_callables(model, y)
         b_iwae, b_elbo = iwae_bounds(encode, log_px, x[start:start + batch_size], k,
                                      seed=generator_seed + start, batch_size=batch_size)
         iwae.append(b_iwae)
