@@ -65,7 +65,7 @@ def bench_preset(name: str, args: argparse.Namespace, storage_cfg: StorageConfig
     report = evaluate_model(eval_cfg, progress=args.progress).report
     lik, quality = report["likelihood"], report.get("quality", {})
     return {"bench": "quality", "model": str(ref), "preset": name, "device": "cpu",
-            "threads": torch.get_num_threads(),
+            "train_threads": job.train.threads, "eval_threads": torch.get_num_threads(),
             "nll": round(lik["nll"], 2), "neg_elbo": round(lik["neg_elbo"], 2), "k": lik["k"],
             "nll_images": report["likelihood_images"], "nll_data": lik["data"],
             "test_loss_single_sample": round(metrics.get("test_loss", float("nan")), 2),
