@@ -28,7 +28,7 @@ from vae_core.config import TrainJobConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
 from vae_core.train import (Batch, EarlyStopping, EpochMetrics, ImageSet, epoch_metrics, evaluate,
-                            iterate_batches, make_optimizer, split_indices, train_epoch, unwrap)
+                            iterate_batches, make_optimizer, split_indices, start_epoch, train_epoch, unwrap)
 
 from .datasets import bind_model_to_dataset, read_manifest, shard_keys, table_arrays
 from .local_train import TrainResult, publish_trained_model, read_train_val
@@ -238,7 +238,9 @@ def train_loop_per_worker(raw: dict) -> None:
                 batches = recorded(batches, seen)
         else:
             batches = iterate_batches(cached, batch, torch.Generator().manual_seed(epoch_seed))
-        train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator), device)
+        beta = start_epoch(optimizer, epoch, job.train)          # lr schedule and KL warm-up, as in vae_core.fit
+        train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator, beta=beta),
+                                       device)
         if train_means["n"] < raw["train_images"] - context.get_world_size():   # an even split drops < 1 row each
             raise RuntimeError(f"epoch {epoch} saw {train_means['n']} of {raw['train_images']} training images")
         seconds = time.perf_counter() - begin

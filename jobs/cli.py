@@ -7,10 +7,10 @@ import sys
 from vae_core import __version__
 from vae_core.errors import VaegenError
 
-from . import data_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, train_cmds
+from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, train_cmds
 from .config_file import add_config_flag, parse_args
 
-VERB_MODULES = (data_cmds, train_cmds, generate_cmds, pipeline_cmd, ops_cmds, outputs_cmds)
+VERB_MODULES = (data_cmds, train_cmds, eval_cmds, generate_cmds, pipeline_cmd, ops_cmds, outputs_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:

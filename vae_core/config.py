@@ -12,6 +12,7 @@ from .errors import VaegenError
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -71,6 +72,8 @@ class TrainConfig:
     binarize: bool = False             # dynamic binarisation: x ~ Bernoulli(pixel) per batch
     max_images: int = 0                # use only the first N training images (0 = all)
     threads: int = 0                   # torch threads (0 = torch's default)
+    lr_schedule: str = "constant"      # constant | cosine (per epoch, from lr down to lr/100)
+    kl_warmup_epochs: int = 0          # KL weight ramps linearly from β/W to β over the first W epochs
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
@@ -81,6 +84,9 @@ class TrainConfig:
         _require(self.patience > 0, f"--patience={self.patience} must be > 0")
         _require(self.max_images >= 0, f"--max-images={self.max_images} must be >= 0")
         _require(self.threads >= 0, f"--threads={self.threads} must be >= 0")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"--lr-schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
+        _require(self.kl_warmup_epochs >= 0, f"--kl-warmup-epochs={self.kl_warmup_epochs} must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

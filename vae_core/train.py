@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -94,10 +95,34 @@ def unwrap(model: torch.nn.Module) -> VAE:
     return getattr(model, "module", model)
 
 
+def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate for an epoch: constant, or a cosine from lr (epoch 0) to lr/100 (last epoch)."""
+    if cfg.lr_schedule == "constant" or cfg.epochs == 1:
+        return cfg.lr
+    floor = cfg.lr / 100
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * epoch / (cfg.epochs - 1)))
+
+
+def beta_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """KL warm-up: β·(epoch+1)/W for the first W epochs, then β."""
+    if epoch >= cfg.kl_warmup_epochs:
+        return cfg.beta
+    return cfg.beta * (epoch + 1) / cfg.kl_warmup_epochs
+
+
+def start_epoch(optimizer: torch.optim.Optimizer, epoch: int, cfg: TrainConfig) -> float:
+    """Apply the epoch's learning rate to the optimizer; return the epoch's KL weight. Both trainers call it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at_epoch(epoch, cfg)
+    return beta_at_epoch(epoch, cfg)
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
-                generator: torch.Generator | None = None) -> dict[str, float]:
+                generator: torch.Generator | None = None, *, beta: float | None = None) -> dict[str, float]:
     """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen.
-    `model` may be wrapped in DistributedDataParallel (Ray Train workers): its forward syncs the gradients."""
+    `beta` overrides cfg.beta for this epoch (KL warm-up: see beta_at_epoch). `model` may be wrapped in
+    DistributedDataParallel (Ray Train workers): its forward syncs the gradients."""
+    beta = cfg.beta if beta is None else beta
     model.train()
     vae = unwrap(model)
     sums = _sums()
@@ -105,7 +130,7 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[
         x = prepare_batch(images, cfg, generator)
         logits, mu, logvar = model(x, labels, generator)
         terms = elbo_loss(logits, x, mu, logvar, likelihood=vae.cfg.likelihood,
-                          log_sigma=vae.log_sigma, beta=cfg.beta)
+                          log_sigma=vae.log_sigma, beta=beta)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -176,7 +201,8 @@ def epoch_metrics(epoch: int, train: dict, val: dict, seconds: float) -> EpochMe
 
 def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
         on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
-    """Adam on shuffled mini-batches, early stopping on the validation loss, best weights restored."""
+    """Adam on shuffled mini-batches, early stopping on the validation loss (always at the full β), best
+    weights restored; the learning rate and KL weight follow lr_at_epoch and beta_at_epoch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     optimizer = make_optimizer(model, cfg)
@@ -186,7 +212,9 @@ def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
     stopped = False
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
-        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle)
+        beta = start_epoch(optimizer, epoch, cfg)
+        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle,
+                                  beta=beta)
         seconds = time.perf_counter() - start
         val_means = evaluate(model, iterate_batches(val, 1024), cfg)
         metrics = epoch_metrics(epoch, train_means, val_means, seconds)
