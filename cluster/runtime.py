@@ -29,7 +29,10 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # The dashboard (127.0.0.1 only) also serves the State API that Ray Train's cleaner polls; without it
+        # that actor logs a warning every second.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1",
                  object_store_memory=store * 2**20 if store else None, **kwargs)
     try:
         yield

@@ -168,6 +168,7 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val
 
     # Ray Data bars from inside workers garble the terminal; rank 0 prints one line per epoch instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
     use_gpu = job.ray.gpus_per_worker > 0
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -1,5 +1,6 @@
 """`vaegen pipeline`: the main job, end to end, on the embedded default (local Ray, local folder storage, real
-Fashion-MNIST): ingest → train on Ray Train → generate samples → reconstruct the test split → summary."""
+Fashion-MNIST): ingest → train on Ray Train → generate samples → reconstruct the test split → a quick
+likelihood evaluation → summary."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from dataclasses import replace
 from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
                    storage_config, train_job_config)
 
-STEPS = 4
+STEPS = 5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +62,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
             GenerateConfig(model=model, kind="reconstructions", dataset=job.dataset, split="test",
                            format=args.format), job.storage, address=args.address, progress=args.progress)
 
+    from cluster.evaluation import quick_evaluation, summary_table
+    print(f"[5/{STEPS}] scoring {model} on the test split (IWAE k=100, first 500 images; "
+          f"`vaegen evaluate --model {model}` gives the full figures)")
+    evaluated = quick_evaluation(trained.ref, job.storage, k=100, limit=500)
     print_summary(storage, trained, generated, reconstructed)
+    print(summary_table([evaluated]))
     return 0
 
 
