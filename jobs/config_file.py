@@ -85,6 +85,7 @@ def apply_config(leaf: argparse.ArgumentParser, verb: str, path: str, verbs: lis
             if table == verb.split()[0]:
                 values.update(settings)                  # the verb's own table wins over top-level keys
     flags = flag_actions(leaf)
+    from_file = set()
     for key, value in values.items():
         action = flags.get(key.replace("_", "-"))
         if action is None:
@@ -92,6 +93,8 @@ def apply_config(leaf: argparse.ArgumentParser, verb: str, path: str, verbs: lis
                               f"(known: {', '.join(sorted(flags))})")
         leaf.set_defaults(**{action.dest: typed_value(action, key, value, path)})
         action.required = False                          # the file supplies it
+        from_file.add(action.dest)
+    leaf.set_defaults(given=from_file)                   # a --preset fills only what neither file nor flags set
 
 
 def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -103,7 +106,7 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def typed_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """The value the flag's dest gets, or a VaegenError naming the key."""
     where = f"config file {path}: {key!r}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if action.nargs == 0:                     # on/off flags: store_true/false and the preset-aware GivenTrue
         if not isinstance(value, bool):
             raise VaegenError(f"{where} must be true or false, got {value!r}")
         return action.const if value else action.default
@@ -146,7 +149,7 @@ def effective_settings(command: list[str]) -> tuple[str, dict[str, Any]]:
     settings = {}
     for key, action in flag_actions(leaf).items():
         value = getattr(args, action.dest, None)
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if action.nargs == 0:                     # on/off flags: store_true/false and the preset-aware GivenTrue
             value = value == action.const
         settings[key] = list(value) if isinstance(value, tuple) else value
     return verb, settings

@@ -31,6 +31,13 @@ def test_file_values_fill_the_flags_and_the_command_line_wins(tmp_path):
     assert parse(["train", "--config", path]).epochs == 3            # [train] applies to train only
 
 
+def test_a_preset_fills_only_what_neither_the_file_nor_the_flags_set(tmp_path):
+    from jobs.args import train_job_config
+    path = write(tmp_path, "epochs = 3\n")
+    job = train_job_config(parse(["train", "--config", path, "--preset", "mlp-classic", "--lr", "0.01"]))
+    assert (job.train.epochs, job.train.lr, job.train.val_fraction) == (3, 0.01, 0.02)   # file, flag, preset
+
+
 def test_required_flags_can_come_from_the_file(tmp_path):
     path = write(tmp_path, '[generate]\nmodel = "tiny@v0001"\ncount = 500\nlabels = [1, 2]\nformat = "png"\n')
     args = parse(["generate", f"--config={path}", "--shard-size", "50"])
