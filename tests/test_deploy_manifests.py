@@ -214,14 +214,15 @@ def vaegen_commands() -> list[tuple[str, list[str]]]:
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """`vaegen ...` lines in deploy/README.md's shell blocks (continuations joined, `;`/`&&` chains split)."""
-    text = (DEPLOY / "README.md").read_text().replace("\\\n", " ")
-    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    """`vaegen ...` lines in the READMEs' shell blocks (continuations joined, `;`/`&&` chains split)."""
     found = []
-    for line in (ln for block in blocks for ln in block.splitlines()):
-        for part in re.split(r";|&&", line.split("  #")[0]):
-            if part.strip().startswith("vaegen "):
-                found.append(("deploy/README.md", shlex.split(part.strip())))
+    for readme in (DEPLOY / "README.md", DEPLOY.parent / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in (ln for block in blocks for ln in block.splitlines()):
+            for part in re.split(r";|&&", line.split("  #")[0]):
+                if part.strip().startswith("vaegen "):
+                    found.append((str(readme.relative_to(DEPLOY.parent)), shlex.split(part.strip())))
     return found
 
 
