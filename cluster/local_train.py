@@ -67,7 +67,7 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
                           history: list[EpochMetrics], summary: dict, val_set: ImageSet) -> TrainResult:
     """Score on the test split, then publish weights, config, metrics and grids as the next model version
     (the one layout every trainer writes)."""
-    summary = {**summary, **score_on_test_split(storage, job, model)}
+    summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
     files = model_version_files(
         model, history, summary=summary,
         config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
@@ -76,9 +76,8 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
     return TrainResult(ref, history, summary)
 
 
-def score_on_test_split(storage, job: TrainJobConfig, model) -> dict:
+def score_on_test_split(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE) -> dict:
     """Loss per image on the test split (the figure papers quote), when the dataset has one."""
-    manifest = read_manifest(storage, job.dataset)
     if "test" not in manifest["splits"]:
         return {}
     test = to_image_set(read_split(storage, job.dataset, "test"))
