@@ -85,11 +85,16 @@ def read_manifest(storage: Storage, name: str) -> dict:
     return json.loads(storage.read_bytes(key))
 
 
-def shard_keys(storage: Storage, name: str, split: str) -> list[str]:
-    manifest = read_manifest(storage, name)
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    """The manifest's shard records of one split; a split the dataset lacks is a one-line error."""
     if split not in manifest["splits"]:
-        raise VaegenError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(manifest['splits'])})")
-    return [dataset_key(name, split, s["name"]) for s in manifest["splits"][split]["shards"]]
+        raise VaegenError(f"dataset {manifest['name']!r} has no split {split!r} "
+                          f"(splits: {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]["shards"]
+
+
+def shard_keys(storage: Storage, name: str, split: str) -> list[str]:
+    return [dataset_key(name, split, s["name"]) for s in split_shards(read_manifest(storage, name), split)]
 
 
 def table_arrays(table: pa.Table, image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,10 +118,8 @@ def read_split(storage: Storage, name: str, split: str, limit: int = 0) -> Loade
     """A whole split in memory, each shard's sha256 checked against the manifest."""
     manifest = read_manifest(storage, name)
     shape = tuple(manifest["image_shape"])
-    if split not in manifest["splits"]:
-        raise VaegenError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(manifest['splits'])})")
     parts = []
-    for shard in manifest["splits"][split]["shards"]:
+    for shard in split_shards(manifest, split):
         body = storage.read_bytes(dataset_key(name, split, shard["name"]))
         if hashlib.sha256(body).hexdigest() != shard["sha256"]:
             raise VaegenError(f"dataset shard {name}/{split}/{shard['name']} fails its sha256 check (corrupt)")

@@ -20,7 +20,7 @@ from vae_core.errors import VaegenError
 from vae_core.evaluate import EvalJobConfig, evaluation_png, model_likelihood, sample_quality
 from vae_core.train import ImageSet
 
-from .datasets import read_manifest, read_split
+from .datasets import read_manifest, read_split, split_shards
 from .local_train import manifest_digest, to_image_set
 from .registry import LoadedModel, ModelRef, Registry
 from .storage import Storage, open_storage
@@ -71,12 +71,10 @@ def model_dataset(loaded: LoadedModel) -> str:
 
 
 def pick_split(manifest: dict, wanted: str) -> str:
-    splits = manifest["splits"]
     if wanted:
-        if wanted not in splits:
-            raise VaegenError(f"dataset {manifest['name']!r} has no split {wanted!r} (splits: {', '.join(splits)})")
+        split_shards(manifest, wanted)                 # refuses a split the dataset lacks
         return wanted
-    return "test" if "test" in splits else "train"
+    return "test" if "test" in manifest["splits"] else "train"
 
 
 @dataclass

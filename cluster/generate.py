@@ -38,7 +38,7 @@ from vae_core.images import to_uint8
 from vae_core.models import VAE
 
 from .dataset_card import model_label_names, publish_dataset_card, reader_hints
-from .datasets import dataset_key, read_manifest, table_arrays
+from .datasets import dataset_key, read_manifest, split_shards, table_arrays
 from .inventory import job_run_record
 from .registry import LoadedModel, Registry
 from .storage import Storage, open_storage
@@ -128,16 +128,14 @@ def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None 
         total, num_shards = spec.count, math.ceil(spec.count / spec.shard_size)
     else:
         manifest = read_manifest(storage, spec.dataset)
-        if spec.split not in manifest["splits"]:
-            raise VaegenError(f"dataset {spec.dataset!r} has no split {spec.split!r} "
-                              f"(splits: {', '.join(manifest['splits'])})")
+        shards = split_shards(manifest, spec.split)
         if tuple(manifest["image_shape"]) != tuple(cfg.image_shape):
             raise VaegenError(f"dataset {spec.dataset!r} holds images of shape {tuple(manifest['image_shape'])} "
                               f"but {loaded.ref} decodes {tuple(cfg.image_shape)}")
         if cfg.conditional and len(manifest["label_names"]) != cfg.num_classes:
             raise VaegenError(f"dataset {spec.dataset!r} has {len(manifest['label_names'])} classes but "
                               f"{loaded.ref} is conditioned on {cfg.num_classes}")
-        input_shards = tuple(manifest["splits"][spec.split]["shards"])
+        input_shards = tuple(shards)
         total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
     label_names = tuple(manifest["label_names"]) if input_shards else model_label_names(storage, loaded)
     identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
