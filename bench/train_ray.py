@@ -6,8 +6,13 @@ seconds from the start of the call (ray.init included) to the first training bat
 with torch's default threads and with one thread (multi-threaded torch collapses on a loaded machine);
 `ratio_vs_single` compares Ray's later-epoch images/s with the faster of the two, measured in the same run.
 
+It compares at the classic global batch (128) and at a larger one (512), each trainer at the same batch: a DDP
+step pays one all-reduce of every gradient whatever the batch, so the batch sets how much compute that cost is
+spread over. The first line measures that cost here (gloo, two local processes, one thread each), so the
+ratios can be read against it.
+
     PYTHONPATH=. python bench/train_ray.py --images 60000 --epochs 4      # the full figures
-    PYTHONPATH=. python bench/train_ray.py --images 4000 --epochs 2       # a quick check that it runs
+    PYTHONPATH=. python bench/train_ray.py --images 4000 --epochs 2 --batch-sizes 128   # a quick check
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ from cluster.datasets import ingest                                        # noq
 from cluster.local_train import TrainResult, train_single_process        # noqa: E402
 from cluster.storage import open_storage                                  # noqa: E402
 from cluster.train import train_on_ray                                    # noqa: E402
-from vae_core.config import RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig  # noqa: E402
+from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig  # noqa: E402
 from vae_core.data import ArrayDataset, ArraySplit, read_fashion_mnist   # noqa: E402
+from vae_core.models import build_model                                   # noqa: E402
 
 
 def figures(result: TrainResult, seconds: float) -> dict:
@@ -42,46 +48,83 @@ def figures(result: TrainResult, seconds: float) -> dict:
             "val_loss": round(result.summary["best_val_loss"], 2)}
 
 
+def allreduce_floor(parameters: int, rounds: int = 40) -> float:
+    """Milliseconds one gloo all-reduce of `parameters` float32 gradients takes between two local processes
+    (one torch thread each, as Ray Train's CPU workers): the communication every DDP step pays."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    port = 29_000 + os.getpid() % 1000
+    procs = [ctx.Process(target=_allreduce_worker, args=(rank, parameters, rounds, port, result)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return result.get()
+
+
+def _allreduce_worker(rank: int, parameters: int, rounds: int, port: int, result) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    grads = torch.ones(parameters)
+    for _ in range(5):
+        dist.all_reduce(grads)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        dist.all_reduce(grads)
+    if rank == 0:
+        result.put(round((time.perf_counter() - started) / rounds * 1e3, 2))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=60_000, help="training images (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512],
+                   help="global batches to compare at; each trainer uses the same one (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
 
     fashion = read_fashion_mnist()
     train = fashion.splits["train"]
+    parameters = sum(t.numel() for t in build_model(ModelConfig(image_shape=(1, 28, 28))).parameters())
+    print(json.dumps({"bench": "train_ray", "trainer": "gloo-allreduce-floor", "parameters": parameters,
+                      "allreduce_ms": allreduce_floor(parameters), "cpus": os.cpu_count()}), flush=True)
     with tempfile.TemporaryDirectory(prefix="vaegen-bench-") as root:
         storage_cfg = StorageConfig(root=root)
         dataset = ArrayDataset({"train": ArraySplit(train.images[:args.images], train.labels[:args.images])},
                                fashion.label_names, fashion.source)
         ingest(open_storage(storage_cfg, for_writing=True), "fashion-mnist", dataset, progress=False)
-        job = TrainJobConfig(storage=storage_cfg, dataset="fashion-mnist", name="bench",
-                             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                               patience=args.epochs))
-        common = {"bench": "train_ray", "model": "mlp 784-400-20", "batch_global": args.batch_size,
-                  "cpus": os.cpu_count()}
+        for batch_size in args.batch_sizes:
+            compare_at(storage_cfg, batch_size, args)
 
-        base = 0
-        for threads in (0, 1):
-            torch.set_num_threads(threads or os.cpu_count())
-            started = time.perf_counter()
-            single = figures(train_single_process(replace(job, train=replace(job.train, threads=threads)),
-                                                  progress=False), time.perf_counter() - started)
-            print(json.dumps({**common, "trainer": "single-process", "workers": 1,
-                              "torch_threads": torch.get_num_threads(), **single}), flush=True)
-            base = max(base, single["img_per_s_later_epochs"] or single["img_per_s_epoch1"])
-        for workers in args.workers:
-            ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0))
-            started = time.perf_counter()
-            result = train_on_ray(ray_job, progress=False)
-            ray_figures = figures(result, time.perf_counter() - started)
-            later = ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]
-            print(json.dumps({**common, "trainer": "ray-train", "workers": workers, "torch_threads": 1,
-                              **ray_figures,
-                              "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1),
-                              "ratio_vs_single": round(later / base, 2)}), flush=True)
+
+def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Namespace) -> None:
+    """The single process (default threads and one thread), then Ray Train with each worker count."""
+    job = TrainJobConfig(storage=storage_cfg, dataset="fashion-mnist", name=f"bench-b{batch_size}",
+                         train=TrainConfig(epochs=args.epochs, batch_size=batch_size, patience=args.epochs))
+    common = {"bench": "train_ray", "model": "mlp 784-400-20", "batch_global": batch_size, "cpus": os.cpu_count()}
+    base = 0
+    for threads in (0, 1):
+        torch.set_num_threads(threads or os.cpu_count())
+        started = time.perf_counter()
+        single = figures(train_single_process(replace(job, train=replace(job.train, threads=threads)),
+                                              progress=False), time.perf_counter() - started)
+        print(json.dumps({**common, "trainer": "single-process", "workers": 1,
+                          "torch_threads": torch.get_num_threads(), **single}), flush=True)
+        base = max(base, single["img_per_s_later_epochs"] or single["img_per_s_epoch1"])
+    for workers in args.workers:
+        ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0))
+        started = time.perf_counter()
+        result = train_on_ray(ray_job, progress=False)
+        ray_figures = figures(result, time.perf_counter() - started)
+        later = ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]
+        print(json.dumps({**common, "trainer": "ray-train", "workers": workers, "torch_threads": 1,
+                          **ray_figures,
+                          "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1),
+                          "ratio_vs_single": round(later / base, 2)}), flush=True)
 
 
 if __name__ == "__main__":
