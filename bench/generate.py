@@ -3,6 +3,11 @@ encoding in one process (the PNG bound), and `vaegen generate` (run_generation: 
 root and to a moto S3 root over HTTP, for Parquet and PNG; then the driver's peak RSS for a large Parquet job
 (in a fresh process, at count/10 and count, to show it stays flat). One JSON line per measurement.
 
+The Parquet target is against the decoder in one process with one torch thread per worker (the compute
+bound). Workers decode with one thread each (a shard's floats must not depend on the thread count), so the
+same decoder in one single-threaded process per worker is shown beside it: where the two differ, the gap is
+parallelism (threads vs processes), not the pipeline's own work. The ratios stay against the one-process bound.
+
 Model: the reference MLP 784-400-20 (random weights: speed does not depend on them).
 
     .venv/bin/python bench/generate.py [--count 500000] [--rss-count 1000000] [--workers 2]
@@ -64,12 +69,13 @@ def decode_rate(count: int, threads: int, png: bool, batch: int) -> float:
     return count / (end - start)
 
 
-def parallel_png_rate(count: int, processes: int, batch: int) -> float:
-    """decode + PNG in `processes` single-threaded processes at once, like the workers: the PNG bound."""
+def parallel_rate(count: int, processes: int, png: bool, batch: int) -> float:
+    """decode (+ PNG) in `processes` single-threaded processes at once, like the workers (with PNG: the PNG
+    bound; without: the decoder bound as the workers can reach it, shown beside the one-process bound)."""
     from concurrent.futures import ProcessPoolExecutor
     per = count // processes
     with ProcessPoolExecutor(processes) as pool:
-        spans = list(pool.map(decode_span, [per] * processes, [1] * processes, [True] * processes,
+        spans = list(pool.map(decode_span, [per] * processes, [1] * processes, [png] * processes,
                               [batch] * processes))
     return per * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
 
@@ -138,7 +144,8 @@ def main() -> None:
                 for name, rate in (
                         ("compute", decode_rate(args.count, args.workers, png=False, batch=args.decode_batch)),
                         ("png_one_process", decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch)),
-                        ("png", parallel_png_rate(min(args.count, 100_000), args.workers, args.decode_batch))):
+                        ("compute_per_worker", parallel_rate(args.count, args.workers, False, args.decode_batch)),
+                        ("png", parallel_rate(min(args.count, 100_000), args.workers, True, args.decode_batch))):
                     bounds[name] = max(bounds.get(name, 0.0), rate)
                 for where, cfg in roots.items():
                     for fmt in ("parquet", "png"):
@@ -151,6 +158,8 @@ def main() -> None:
                 server.stop()
         emit({"measure": "decoder alone, one process", "threads": args.workers, "samples_per_s": bounds["compute"],
               **machine})
+        emit({"measure": "decoder alone, one single-threaded process per worker", "processes": args.workers,
+              "samples_per_s": bounds["compute_per_worker"], **machine})
         emit({"measure": "decode + PNG encode, one process", "threads": 1, "samples_per_s": bounds["png_one_process"],
               **machine})
         emit({"measure": "decode + PNG encode, one process per worker (the PNG bound)", "processes": args.workers,
@@ -168,6 +177,7 @@ def main() -> None:
           "driver_rss_before_job_mib": [small["driver_rss_before_job_mib"], big["driver_rss_before_job_mib"]],
           "samples_per_s_at_big": big["samples_per_s"], **machine})
     emit({"measure": "summary", "compute_bound_samples_per_s": bounds["compute"],
+          "compute_per_worker_samples_per_s": bounds["compute_per_worker"],
           "png_bound_samples_per_s": bounds["png"],
           **{f"{k}_ratio": v["samples_per_s"] / (bounds["compute"] if k.endswith("parquet") else bounds["png"])
              for k, v in results.items()},

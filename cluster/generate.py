@@ -44,7 +44,7 @@ from .registry import LoadedModel, Registry
 from .storage import Storage, open_storage
 from .writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter, shard_name
 
-OUTPUT_FORMAT_VERSION = 2        # bump when a change alters shard bytes: it changes every job id
+OUTPUT_FORMAT_VERSION = 3        # bump when a change alters shard bytes: it changes every job id (3: .json latents %.9g)
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"

@@ -108,3 +108,16 @@ def test_compare_and_swap_loses_to_a_write_in_between(storage_config):
         assert not won and storage.read_bytes("ptr.json") == b"theirs"
     else:                                               # locally the lock serialises writers instead
         assert won and storage.read_bytes("ptr.json") == b"ours"
+
+
+def test_an_s3_publish_signs_the_body_sha256_instead_of_adding_a_crc(s3_storage_config):
+    import hashlib
+    storage = open_storage(s3_storage_config, for_writing=True)
+    sent = []
+    storage.s3_client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(request))
+    data = b"shard bytes" * 1000
+    assert storage.publish("signed.bin", data, if_absent=True)
+    headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent[0].headers.items()}
+    assert headers["x-amz-content-sha256"] == hashlib.sha256(data).hexdigest()     # covered by the signature
+    assert not any(k.startswith("x-amz-checksum-") for k in headers)
+    assert storage.read_bytes("signed.bin") == data

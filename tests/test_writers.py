@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, shard_name,
-                            tar_member_count)
+from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
+                            shard_name, tar_member_count)
 from conftest import rng_images
 from generate_support import read_rows
 
@@ -108,3 +108,15 @@ def test_png_tar_json_is_exactly_what_json_dumps_writes():
         texts = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".json")]
     assert all(text == json.dumps(json.loads(text), sort_keys=True) for text in texts)
     assert json.loads(texts[0])["label"] is None and len(json.loads(texts[0])["latent"]) == 4
+
+
+def test_png_tar_json_latents_give_back_the_exact_float32_and_stay_what_json_dumps_writes():
+    ordinary = np.random.default_rng(2).standard_normal((200, 20)).astype(np.float32) * np.float32(3e-3)
+    unusual = np.array([[0.0, -0.0, 2.0, 1.5e-5], [np.nan, np.inf, -np.inf, 0.25], [3e9, -1.25e8, 123456.78, 1e-30]],
+                       np.float32)
+    for latents in (ordinary, unusual):
+        texts = latent_texts(latents)
+        read = [json.loads(f"[{text}]") for text in texts]
+        assert all(f"[{text}]" == json.dumps(values) for text, values in zip(texts, read))
+        np.testing.assert_array_equal(np.array(read, np.float32), latents)        # bit-exact, NaN in place
+    assert len(latent_texts(ordinary)[0]) < len(json.dumps(ordinary[0].tolist()))   # shorter than repr's 17 digits
