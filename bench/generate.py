@@ -8,9 +8,12 @@ bound). Workers decode with one thread each (a shard's floats must not depend on
 same decoder in one single-threaded process per worker is shown beside it: where the two differ, the gap is
 parallelism (threads vs processes), not the pipeline's own work. The ratios stay against the one-process bound.
 
-Model: the reference MLP 784-400-20 (random weights: speed does not depend on them).
+--model mlp (default) measures the reference MLP 784-400-20, whose decoder is so cheap (≈3 µs a sample) that
+a shard's encoding, hashing and publishing cost as much as its decoding: its ratio is the pipeline's overhead at
+its most visible. --model conv measures the --preset fmnist-best decoder, the kind of model one generates from.
 
     .venv/bin/python bench/generate.py [--count 500000] [--rss-count 1000000] [--workers 2]
+    .venv/bin/python bench/generate.py --model conv --count 100000 --rss-count 100000
     quick check: .venv/bin/python bench/generate.py --count 20000 --rss-count 50000 --repeat 1
 """
 from __future__ import annotations
@@ -36,7 +39,10 @@ from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.images import png_bytes, to_uint8
 from vae_core.models import build_model
 
-MODEL = ModelConfig(image_shape=(1, 28, 28))          # 784-400-20, Bernoulli
+MODELS = {   # random weights: speed does not depend on them
+    "mlp": ModelConfig(image_shape=(1, 28, 28)),                                   # 784-400-20, the reference
+    "conv": ModelConfig(image_shape=(1, 28, 28), arch="conv", conv_channels=(32, 64), hidden_dim=512,
+                        latent_dim=32)}                                             # --preset fmnist-best's
 SHARD_SIZE = 10_000
 
 
@@ -44,17 +50,18 @@ def emit(record: dict) -> None:
     print(json.dumps({"bench": "generate", **record}), flush=True)
 
 
-def publish_model(storage_cfg: StorageConfig) -> None:
+def publish_model(storage_cfg: StorageConfig, arch: str) -> None:
     torch.manual_seed(0)
-    Registry(open_storage(storage_cfg, for_writing=True)).publish("bench-mlp", checkpoint_files(build_model(MODEL)))
+    Registry(open_storage(storage_cfg, for_writing=True)).publish(f"bench-{arch}",
+                                                                  checkpoint_files(build_model(MODELS[arch])))
 
 
-def decode_span(count: int, threads: int, png: bool, batch: int) -> tuple[float, float]:
+def decode_span(count: int, threads: int, png: bool, batch: int, arch: str) -> tuple[float, float]:
     """(start, end) on the system-wide monotonic clock of z → decoder → uint8 (→ PNG bytes) for `count`
     images in this process: no Ray, no storage."""
     torch.set_num_threads(threads)
-    model = build_model(MODEL).eval()
-    z = torch.randn(count, MODEL.latent_dim, generator=torch.Generator().manual_seed(0))
+    model = build_model(MODELS[arch]).eval()
+    z = torch.randn(count, MODELS[arch].latent_dim, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     for i in range(0, count, batch):
         images = to_uint8(model.generate(z[i:i + batch]))
@@ -64,24 +71,24 @@ def decode_span(count: int, threads: int, png: bool, batch: int) -> tuple[float,
     return start, time.perf_counter()
 
 
-def decode_rate(count: int, threads: int, png: bool, batch: int) -> float:
-    start, end = decode_span(count, threads, png, batch)
+def decode_rate(count: int, threads: int, png: bool, batch: int, arch: str) -> float:
+    start, end = decode_span(count, threads, png, batch, arch)
     return count / (end - start)
 
 
-def parallel_rate(count: int, processes: int, png: bool, batch: int) -> float:
+def parallel_rate(count: int, processes: int, png: bool, batch: int, arch: str) -> float:
     """decode (+ PNG) in `processes` single-threaded processes at once, like the workers (with PNG: the PNG
     bound; without: the decoder bound as the workers can reach it, shown beside the one-process bound)."""
     from concurrent.futures import ProcessPoolExecutor
     per = count // processes
     with ProcessPoolExecutor(processes) as pool:
         spans = list(pool.map(decode_span, [per] * processes, [1] * processes, [png] * processes,
-                              [batch] * processes))
+                              [batch] * processes, [arch] * processes))
     return per * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
-def generate_rate(storage_cfg: StorageConfig, fmt: str, count: int, workers: int, seed: int) -> dict:
-    spec = GenerateConfig(model="bench-mlp", count=count, shard_size=SHARD_SIZE, format=fmt, seed=seed)
+def generate_rate(storage_cfg: StorageConfig, fmt: str, count: int, workers: int, seed: int, arch: str) -> dict:
+    spec = GenerateConfig(model=f"bench-{arch}", count=count, shard_size=SHARD_SIZE, format=fmt, seed=seed)
     start = time.perf_counter()
     manifest = run_generation(spec, storage_cfg, workers=workers, progress=False, cpus_per_worker=1.0)
     wall = time.perf_counter() - start
@@ -90,20 +97,20 @@ def generate_rate(storage_cfg: StorageConfig, fmt: str, count: int, workers: int
             "shard_seconds": run["shard_seconds"], "wall_seconds": wall, "bytes": manifest["totals"]["bytes"]}
 
 
-def peak_rss_child(root: str, count: int, workers: int) -> dict:
+def peak_rss_child(root: str, count: int, workers: int, arch: str) -> dict:
     """Run one Parquet job in a fresh driver process and report that driver's peak RSS."""
     out = subprocess.run([sys.executable, __file__, "--rss-child", root, "--count", str(count),
-                          "--workers", str(workers)], check=True, capture_output=True, text=True)
+                          "--workers", str(workers), "--model", arch], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def rss_child(root: str, count: int, workers: int) -> None:
+def rss_child(root: str, count: int, workers: int, arch: str) -> None:
     from cluster.runtime import ray_runtime
     storage_cfg = StorageConfig(root=root)
-    publish_model(storage_cfg)
+    publish_model(storage_cfg, arch)
     with ray_runtime(None, num_cpus=workers):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result = generate_rate(storage_cfg, "parquet", count, workers, seed=count)
+        result = generate_rate(storage_cfg, "parquet", count, workers, seed=count, arch=arch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                # KiB on Linux
     print(json.dumps({"count": count, "driver_peak_rss_mib": peak / 1024,
                       "driver_rss_before_job_mib": before / 1024, **result}))
@@ -115,15 +122,18 @@ def main() -> None:
     parser.add_argument("--rss-count", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--decode-batch", type=int, default=GenerateConfig(model="-", count=1).decode_batch)
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="decoder to measure: the reference MLP (cheapest: I/O dominates) or the conv VAE "
+                             "(default: %(default)s)")
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--repeat", type=int, default=2, help="best of N for every figure (default: %(default)s)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        return rss_child(args.rss_child, args.count, args.workers)
+        return rss_child(args.rss_child, args.count, args.workers, args.model)
 
     machine = {"cpus": os.cpu_count(), "workers": args.workers, "machine": platform.machine(),
-               "torch": torch.__version__, "repeat": args.repeat}
+               "torch": torch.__version__, "repeat": args.repeat, "model": args.model}
     from cluster.runtime import ray_runtime
     if not args.skip_s3:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -137,19 +147,20 @@ def main() -> None:
             roots["s3"], server = start_moto()
         try:
             for cfg in roots.values():
-                publish_model(cfg)
+                publish_model(cfg, args.model)
             # Bounds and jobs take turns, and each figure is the best of --repeat: a shared machine's load
             # then hits all of them alike, and a ratio compares like with like.
             for rep in range(args.repeat):
                 for name, rate in (
-                        ("compute", decode_rate(args.count, args.workers, png=False, batch=args.decode_batch)),
-                        ("png_one_process", decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch)),
-                        ("compute_per_worker", parallel_rate(args.count, args.workers, False, args.decode_batch)),
-                        ("png", parallel_rate(min(args.count, 100_000), args.workers, True, args.decode_batch))):
+                        ("compute", decode_rate(args.count, args.workers, png=False, batch=args.decode_batch, arch=args.model)),
+                        ("png_one_process", decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch,
+                                                        arch=args.model)),
+                        ("compute_per_worker", parallel_rate(args.count, args.workers, False, args.decode_batch, args.model)),
+                        ("png", parallel_rate(min(args.count, 100_000), args.workers, True, args.decode_batch, args.model))):
                     bounds[name] = max(bounds.get(name, 0.0), rate)
                 for where, cfg in roots.items():
                     for fmt in ("parquet", "png"):
-                        r = generate_rate(cfg, fmt, args.count, args.workers, seed=rep + 1)
+                        r = generate_rate(cfg, fmt, args.count, args.workers, seed=rep + 1, arch=args.model)
                         key = f"{where}-{fmt}"
                         if key not in results or r["samples_per_s"] > results[key]["samples_per_s"]:
                             results[key] = r
@@ -169,8 +180,9 @@ def main() -> None:
             bound = bounds["compute"] if fmt == "parquet" else bounds["png"]
             emit({"measure": f"vaegen generate to {where} {fmt}", "count": args.count, **r,
                   "ratio_to_bound": r["samples_per_s"] / bound, **machine})
-        small = peak_rss_child(os.path.join(tmp, "rss"), max(args.rss_count // 10, SHARD_SIZE), args.workers)
-        big = peak_rss_child(os.path.join(tmp, "rss"), args.rss_count, args.workers)
+        small = peak_rss_child(os.path.join(tmp, "rss"), max(args.rss_count // 10, SHARD_SIZE), args.workers,
+                               args.model)
+        big = peak_rss_child(os.path.join(tmp, "rss"), args.rss_count, args.workers, args.model)
     emit({"measure": "driver peak RSS, parquet to local", "counts": [small["count"], big["count"]],
           "driver_peak_rss_mib": [small["driver_peak_rss_mib"], big["driver_peak_rss_mib"]],
           "growth_mib": big["driver_peak_rss_mib"] - small["driver_peak_rss_mib"],
