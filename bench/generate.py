@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.images import png_bytes, to_uint8
 from vae_core.models import build_model
+
+from scale import memory_mib          # bench/scale.py, beside this script (its directory is on sys.path)
 
 MODELS = {   # random weights: speed does not depend on them
     "mlp": ModelConfig(image_shape=(1, 28, 28)),                                   # 784-400-20, the reference
@@ -109,11 +110,10 @@ def rss_child(root: str, count: int, workers: int, arch: str) -> None:
     storage_cfg = StorageConfig(root=root)
     publish_model(storage_cfg, arch)
     with ray_runtime(None, num_cpus=workers):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = memory_mib("VmHWM")
         result = generate_rate(storage_cfg, "parquet", count, workers, seed=count, arch=arch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                # KiB on Linux
-    print(json.dumps({"count": count, "driver_peak_rss_mib": peak / 1024,
-                      "driver_rss_before_job_mib": before / 1024, **result}))
+    peak = memory_mib("VmHWM")
+    print(json.dumps({"count": count, "driver_peak_rss_mib": peak, "driver_rss_before_job_mib": before, **result}))
 
 
 def main() -> None:
