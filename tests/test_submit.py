@@ -152,7 +152,9 @@ def test_submit_wait_trains_into_s3_and_a_resubmission_is_reported_not_rerun(ray
 
 def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_head, s3_dataset):
     address, token = ray_head["address"], ray_head["token_path"]
-    argv = [*train_argv(s3_dataset), "--name", "fm-attach"]
+    # Long enough (≈5-10 s of training) that the first job is surely still running when the second submit asks:
+    # the usual 1-epoch job can finish before a second CLI process has started.
+    argv = [*train_argv(s3_dataset), "--name", "fm-attach", "--epochs", "150", "--patience", "150"]
     first = vaegen("submit", "--address", address, "--", *argv, token_path=token)
     assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout
     second = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
