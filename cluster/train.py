@@ -12,8 +12,10 @@ latest checkpoint; a lost worker makes Ray restart the group from there (Failure
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -179,7 +181,7 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val
         run_config=RunConfig(name=job.ray.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=job.ray.max_failures),
-                             logging_config=LoggingConfig(log_level="INFO" if progress else "WARNING")),
+                             logging_config=LoggingConfig(log_level="WARNING")),   # our epoch line is the progress
         datasets=datasets_for(storage, job, train_ids, val_ids),
         dataset_config=DataConfig(datasets_to_split=["train"]),     # every worker evaluates the whole val set
     )
@@ -201,6 +203,9 @@ def train_loop_per_worker(raw: dict) -> None:
     import ray.train.torch
 
     job = from_dict(TrainJobConfig, raw["job"])
+    # Ray Train logs each report (with all its metrics) at INFO through a logger that reaches the workers' root
+    # logger, which it sets to INFO whatever RunConfig's LoggingConfig says: two lines an epoch on the console.
+    logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.set_num_threads(job.train.threads or max(1, int(job.ray.cpus_per_worker)))
@@ -253,8 +258,11 @@ def train_loop_per_worker(raw: dict) -> None:
         history.append(metrics.to_dict())
         stopped_early = stopper.step(epoch, metrics.val_loss, unwrap(model))
         if raw["progress"] and rank == 0:
-            print(f"epoch {epoch + 1}/{job.train.epochs}: loss {metrics.loss:.2f} val {metrics.val_loss:.2f} "
-                  f"kl {metrics.kl:.2f} {metrics.images_per_s:,.0f} img/s", flush=True)
+            # Written, not print()ed: Ray Train patches print() on workers to go to stdout *and* the root
+            # logger's console, so a printed line reached the terminal twice.
+            sys.stdout.write(f"epoch {epoch + 1}/{job.train.epochs}: loss {metrics.loss:.2f} val "
+                             f"{metrics.val_loss:.2f} kl {metrics.kl:.2f} {metrics.images_per_s:,.0f} img/s\n")
+            sys.stdout.flush()
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "stopper": stopper.state_dict(), "history": history, "starts": starts,
                  "stopped_early": stopped_early}

@@ -200,6 +200,20 @@ def assert_nothing_published(cfg: StorageConfig) -> None:
     assert Registry(Storage(cfg)).names() == []
 
 
+def test_progress_shows_one_line_per_epoch(ray_local, local_storage_config, small_fashion):
+    import ray
+    ingest_small_fashion(local_storage_config, small_fashion)
+    argv = [sys.executable, "-m", "jobs.cli", "train", "--workers", "2", "--root", local_storage_config.root,
+            "--dataset", DATASET, "--name", "fm-progress", "--epochs", "2", "--hidden-dim", "32", "--latent-dim", "4",
+            "--address", ray.get_runtime_context().gcs_address]
+    out = subprocess.run(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    console = out.stdout + out.stderr
+    assert [console.count(f"epoch {e}/2: loss ") for e in (1, 2)] == [1, 1], console[-3000:]
+    assert "Reporting training result" not in console                     # Ray Train's per-report INFO line
+
+
 def test_unknown_dataset(local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = replace(job_for(local_storage_config), dataset="no-such-data")
