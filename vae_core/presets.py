@@ -18,7 +18,8 @@ class Preset:
     model: dict[str, Any] = field(default_factory=dict)      # ModelConfig fields
     train: dict[str, Any] = field(default_factory=dict)      # TrainConfig fields
     conditional: bool = False
-    cpu_minutes: float = 0.0     # measured on an idle 2-core box (~20 s per conv epoch; bench/quality.py)
+    cpu_minutes: float = 0.0     # on an idle 2-core box (~20 s per conv epoch): fmnist-best measured whole
+                                 # (bench/quality.py), the others from their measured epoch times
 
 
 PRESETS: dict[str, Preset] = {
