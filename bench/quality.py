@@ -71,6 +71,8 @@ def bench_preset(name: str, args: argparse.Namespace, storage_cfg: StorageConfig
             "test_loss_single_sample": round(metrics.get("test_loss", float("nan")), 2),
             "real_accuracy": quality.get("real_accuracy"), "classifier_fid": quality.get("classifier_fid"),
             "tstr": quality.get("tstr_accuracy"), "tstr_samples": quality.get("samples"),
+            "prior_components": job.model.prior_components,
+            "prior_elbo_gain_val": metrics.get("prior_elbo_gain_val"), "prior_fit_seconds": metrics.get("prior_fit_seconds"),
             "train_seconds": round(metrics.get("seconds", 0.0), 1), "epochs_run": metrics.get("epochs_run"),
             "eval_seconds": round(time.perf_counter() - eval_started, 1),
             "wall_seconds": round(time.perf_counter() - started, 1),

@@ -44,7 +44,9 @@ from .registry import LoadedModel, Registry
 from .storage import Storage, open_storage
 from .writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter, shard_name
 
-OUTPUT_FORMAT_VERSION = 3        # bump when a change alters shard bytes: it changes every job id (3: .json latents %.9g)
+# Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
+# model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
+OUTPUT_FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
@@ -178,13 +180,14 @@ class ShardMaker:
         if task.input is None:
             ids = np.arange(task.first_id, task.first_id + task.rows, dtype=np.int64)
             gen = torch.Generator().manual_seed(shard_seed(self.plan.spec.seed, task.index))
-            z = torch.randn(task.rows, self.model.cfg.latent_dim, generator=gen)       # (rows, Z), one draw
             labels = np.asarray(self.plan.labels, np.int64)[ids % len(self.plan.labels)] if self.plan.labels else None
+            y_all = None if labels is None else torch.from_numpy(labels)
+            z = self.model.sample_prior(task.rows, y_all, gen)                         # (rows, Z), one draw
             for start in range(0, task.rows, size):
                 self.enter("decode")
                 part = slice(start, start + size)
                 y = None if labels is None else labels[part]
-                images = self.model.generate(z[part].to(self.device), None if y is None else torch.from_numpy(y))
+                images = self.model.sample_images(z[part].to(self.device), None if y is None else y_all[part], gen)
                 yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)

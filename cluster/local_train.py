@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from vae_core.artifacts import model_version_files
 from vae_core.config import TrainJobConfig, to_dict
 from vae_core.models import VAE, build_model
-from vae_core.train import EpochMetrics, ImageSet, evaluate, fit, iterate_batches, split_train_val
+from vae_core.train import EpochMetrics, ImageSet, evaluate, fit, fit_prior, iterate_batches, split_train_val
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
 from .registry import ModelRef, Registry
@@ -54,7 +54,7 @@ def train_single_process(job: TrainJobConfig, progress: bool = True,
                "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                "train_images": len(train_set), "val_images": len(val_set),
                "seconds": time.perf_counter() - started, "workers": 1}
-    return publish_trained_model(storage, job, manifest, model, result.history, summary, val_set)
+    return publish_trained_model(storage, job, manifest, model, result.history, summary, train_set, val_set)
 
 
 def read_train_val(storage: Storage, job: TrainJobConfig) -> tuple[ImageSet, ImageSet]:
@@ -64,9 +64,14 @@ def read_train_val(storage: Storage, job: TrainJobConfig) -> tuple[ImageSet, Ima
 
 
 def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE,
-                          history: list[EpochMetrics], summary: dict, val_set: ImageSet) -> TrainResult:
-    """Score on the test split, then publish weights, config, metrics and grids as the next model version
-    (the one layout every trainer writes)."""
+                          history: list[EpochMetrics], summary: dict, train_set: ImageSet,
+                          val_set: ImageSet) -> TrainResult:
+    """Fit the prior (if the model has one to fit), score on the test split, then publish weights, config,
+    metrics and grids as the next model version (the one layout every trainer writes)."""
+    if model.prior is not None:
+        started = time.perf_counter()
+        summary = {**summary, **fit_prior(model, train_set, job.train, held_out=val_set),
+                   "prior_fit_seconds": time.perf_counter() - started}
     summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
     files = model_version_files(
         model, history, summary=summary,

@@ -70,7 +70,7 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     model = build_model(job.model)
     model.load_state_dict(state["stopper"]["best_state"])
     history = [EpochMetrics(**m) for m in state["history"]]
-    _, val_set = read_train_val(storage, job)
+    train_set, val_set = read_train_val(storage, job)      # the prior's fit and the reconstruction grid
     first_batch = [s["first_batch_at"] for s in state["starts"] if s["first_batch_at"] >= started]
     summary = {"best_epoch": state["stopper"]["best_epoch"], "best_val_loss": state["stopper"]["best_loss"],
                "epochs_run": len(history), "stopped_early": state["stopped_early"],
@@ -78,7 +78,7 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
                "workers": job.ray.workers, "run_id": job.ray.run_id,
                "resumed_at_epochs": [s["epoch"] for s in state["starts"]],
                "seconds_to_first_batch": first_batch[0] - started if first_batch else None}
-    result = publish_trained_model(storage, job, manifest, model, history, summary, val_set)
+    result = publish_trained_model(storage, job, manifest, model, history, summary, train_set, val_set)
     storage.publish(f"{run}/{PUBLISHED_FILE}", json.dumps(
         {"name": result.ref.name, "version": result.ref.version, "summary": result.summary,
          "history": state["history"]}).encode())

@@ -57,6 +57,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=m.likelihood,
                    help="reconstruction term (default: %(default)s)")
     g.add_argument("--sigma", type=float, default=m.sigma, help="gaussian σ; 0 = learned (default: %(default)s)")
+    g.add_argument("--prior-components", type=int, default=m.prior_components, metavar="M",
+                   help="0: sample from N(0, I); M > 0: after training, fit a mixture of M Gaussians (per class "
+                        "when conditional) to the encoder's posterior and sample from it (default: %(default)s)")
     g = p.add_argument_group("training")
     g.add_argument("--dataset", default=TrainJobConfig.dataset, help="dataset name under datasets/ (default: %(default)s)")
     g.add_argument("--name", default=None, help="model name in the registry (default: <dataset>-<model>)")
@@ -78,7 +81,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
     model = dict(arch=args.arch, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim,
-                 likelihood=args.likelihood, sigma=args.sigma)
+                 likelihood=args.likelihood, sigma=args.sigma, prior_components=args.prior_components)
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                  patience=args.patience, val_fraction=args.val_fraction, binarize=args.binarize,
                  max_images=args.max_images, seed=args.seed, threads=args.threads,

@@ -66,7 +66,7 @@ def run_sample(args: argparse.Namespace) -> int:
                   else torch.arange(args.count) % cfg.num_classes)
     elif args.label is not None:
         raise VaegenError(f"{loaded.ref} is not conditional: drop --label")
-    z = torch.randn(args.count, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    z = loaded.model.sample_prior(args.count, labels, torch.Generator().manual_seed(args.seed))
     with open(args.out, "wb") as f:
         f.write(png_bytes(image_grid(to_uint8(loaded.model.generate(z, labels)))))
     print(f"wrote {args.count} samples of {loaded.ref} to {args.out}")

@@ -18,15 +18,14 @@ GRID_SEED = 1234
 
 
 def sample_grid(model: VAE, n: int = 64, seed: int = GRID_SEED) -> bytes:
-    """Samples from the prior; a conditional model shows one row per class."""
+    """Decoder means of latents from the prior; a conditional model shows one row per class."""
     g = torch.Generator().manual_seed(seed)
     if model.cfg.conditional:
         per_class = 8
         labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
-        z = torch.randn(len(labels), model.cfg.latent_dim, generator=g)
+        z = model.sample_prior(len(labels), labels, g)
         return png_bytes(image_grid(to_uint8(model.generate(z, labels)), ncols=per_class))
-    z = torch.randn(n, model.cfg.latent_dim, generator=g)
-    return png_bytes(image_grid(to_uint8(model.generate(z))))
+    return png_bytes(image_grid(to_uint8(model.generate(model.sample_prior(n, None, g)))))
 
 
 def reconstruction_grid(model: VAE, images: torch.Tensor, labels: torch.Tensor | None, n: int = 32) -> bytes:

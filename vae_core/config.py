@@ -30,6 +30,8 @@ class ModelConfig:
     likelihood: str = "bernoulli"                    # bernoulli | gaussian
     sigma: float = 0.0                               # gaussian only: fixed σ; 0 means learned
     conv_channels: tuple[int, ...] = (32, 64)        # conv only: one stride-2 layer each
+    prior_components: int = 0                        # 0: p(z) = N(0, I); M > 0: after training, a mixture of M
+                                                     # Gaussians fitted to the aggregate posterior (per class)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"--model={self.arch!r} must be one of {', '.join(ARCHS)}")
@@ -41,6 +43,7 @@ class ModelConfig:
         _require(self.hidden_dim > 0, f"--hidden-dim={self.hidden_dim} must be > 0")
         _require(self.num_classes >= 0, f"--num-classes={self.num_classes} must be >= 0")
         _require(self.sigma >= 0, f"--sigma={self.sigma} must be >= 0 (0 = learned)")
+        _require(self.prior_components >= 0, f"--prior-components={self.prior_components} must be >= 0")
         if self.arch == "conv" and self.image_shape is not None:
             stride = 2 ** len(self.conv_channels)
             _, h, w = self.image_shape

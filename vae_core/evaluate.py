@@ -22,6 +22,7 @@ from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
+from .prior import log_standard_normal
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,8 @@ DECODER_ROWS = 4096            # decoder rows per pass: conv activations of 4k i
 Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
 # log_px_given_z(z, x) → log p(x | z) per row: z (S·B, Z) against x repeated S times (S·B, ...).
 DecoderLogLik = Callable[[Tensor, Tensor], Tensor]
+# log_prior(z) → log p(z) for z (S, B, Z): (S, B).
+LogPrior = Callable[[Tensor], Tensor]
 
 
 def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -58,13 +61,9 @@ def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
-def log_standard_normal(z: Tensor) -> Tensor:
-    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
-
-
 @torch.no_grad()
 def log_weights(encode: Encoder, log_px_given_z: DecoderLogLik, x: Tensor, k: int, generator: torch.Generator,
-                chunk: int) -> Tensor:
+                chunk: int, log_prior: LogPrior = log_standard_normal) -> Tensor:
     """log p(x, z_i) − log q(z_i | x) for k posterior samples per image: (k, B). x is encoded once and the
     decoder sees `chunk` samples of every image at a time, so memory stays ~chunk·B images."""
     mu, logvar = encode(x)                                                   # (B, Z) each
@@ -76,7 +75,7 @@ def log_weights(encode: Encoder, log_px_given_z: DecoderLogLik, x: Tensor, k: in
         z = mu + eps * std                                                   # (s, B, Z)
         x_rep = x.unsqueeze(0).expand(s, *x.shape).reshape(s * x.shape[0], *x.shape[1:])
         log_px = log_px_given_z(z.reshape(-1, z.shape[-1]), x_rep).view(s, -1)          # (s, B)
-        out.append(log_px + log_standard_normal(z) - log_normal(z, mu, logvar))
+        out.append(log_px + log_prior(z) - log_normal(z, mu, logvar))
     return torch.cat(out)                                                    # (k, B)
 
 
@@ -97,7 +96,8 @@ class LikelihoodResult:
 
 
 def iwae_bounds(encode: Encoder, log_px_given_z: DecoderLogLik, x: Tensor, k: int, *, seed: int = 0,
-                batch_size: int = 100, chunk: int = 0) -> tuple[Tensor, Tensor]:
+                batch_size: int = 100, chunk: int = 0, log_prior: LogPrior = log_standard_normal
+                ) -> tuple[Tensor, Tensor]:
     """(IWAE_k bound, ELBO estimate) per image, (N,) each, for any encoder / decoder likelihood pair."""
     if k < 1:
         raise VaegenError(f"--k={k} must be >= 1")
@@ -105,13 +105,13 @@ def iwae_bounds(encode: Encoder, log_px_given_z: DecoderLogLik, x: Tensor, k: in
     chunk = chunk or max(1, min(k, DECODER_ROWS // batch_size))
     iwae, elbo = [], []
     for start in range(0, x.shape[0], batch_size):
-        lw = log_weights(encode, log_px_given_z, x[start:start + batch_size], k, generator, chunk)
+        lw = log_weights(encode, log_px_given_z, x[start:start + batch_size], k, generator, chunk, log_prior)
         iwae.append(torch.logsumexp(lw, 0) - math.log(k))
         elbo.append(lw.mean(0))
     return torch.cat(iwae), torch.cat(elbo)
 
 
-def model_callables(model: VAE, labels: Tensor | None) -> tuple[Encoder, DecoderLogLik]:
+def model_callables(model: VAE, labels: Tensor | None) -> tuple[Encoder, DecoderLogLik, LogPrior]:
     """The generic callables for one of our VAEs on one batch of images (labels are repeated per sample)."""
     def encode(x: Tensor) -> tuple[Tensor, Tensor]:
         return model.encode(x, _rows(labels, x))
@@ -120,7 +120,10 @@ def model_callables(model: VAE, labels: Tensor | None) -> tuple[Encoder, Decoder
         y = None if labels is None else _rows(labels, x_rep)
         logits = model.decode_logits(z, y)
         return -reconstruction_nll(logits, x_rep, model.cfg.likelihood, model.log_sigma)
-    return encode, log_px_given_z
+
+    def log_prior(z: Tensor) -> Tensor:
+        return model.log_prior(z, labels)                                  # z (S, B, Z): labels are the batch's
+    return encode, log_px_given_z, log_prior
 
 
 def _rows(labels: Tensor | None, x: Tensor) -> Tensor | None:
@@ -152,9 +155,9 @@ def model_likelihood(model: VAE, images: Tensor, labels: Tensor | None, *, k: in
     iwae, elbo = [], []
     for start in range(0, len(x), batch_size):
         y = None if not model.cfg.conditional else labels[start:start + batch_size]
-        encode, log_px = model_callables(model, y)
+        encode, log_px, log_prior = model_callables(model, y)
         b_iwae, b_elbo = iwae_bounds(encode, log_px, x[start:start + batch_size], k,
-                                     seed=generator_seed + start, batch_size=batch_size)
+                                     seed=generator_seed + start, batch_size=batch_size, log_prior=log_prior)
         iwae.append(b_iwae)
         elbo.append(b_elbo)
         if progress:
@@ -188,17 +191,17 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def generate_labelled(model: VAE, n: int, seed: int, batch_size: int = 1000) -> tuple[Tensor, Tensor | None]:
-    """n decoder-mean images as uint8 (N, C, H, W) from the prior; a conditional model gets balanced labels
-    (i mod K, then shuffled with the same seed)."""
+    """n of the model's samples (z from its prior, x from p(x | z): VAE.sample_images) as uint8 (N, C, H, W);
+    a conditional model gets balanced labels (i mod K, then shuffled with the same seed)."""
     g = torch.Generator().manual_seed(seed)
     labels = None
     if model.cfg.conditional:
         labels = (torch.arange(n) % model.cfg.num_classes)[torch.randperm(n, generator=g)]
     out = []
     for start in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - start), model.cfg.latent_dim, generator=g)
         y = None if labels is None else labels[start:start + batch_size]
-        out.append(model.generate(z, y).clamp(0, 1).mul(255).round().to(torch.uint8))
+        z = model.sample_prior(min(batch_size, n - start), y, g)
+        out.append(model.sample_images(z, y, g).clamp(0, 1).mul(255).round().to(torch.uint8))
     return torch.cat(out), labels
 
 

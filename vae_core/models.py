@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .prior import MixturePrior, log_standard_normal
 
 
 class VAE(nn.Module):
@@ -24,6 +25,9 @@ class VAE(nn.Module):
             self.log_sigma = nn.Parameter(torch.zeros(()))   # learned, shared by all pixels
         else:
             self.register_buffer("log_sigma", torch.tensor(math.log(cfg.sigma) if cfg.sigma else 0.0))
+        # Training always uses N(0, I); a fitted mixture (vae_core.prior) replaces it for sampling and likelihood.
+        self.prior = (MixturePrior(max(cfg.num_classes, 1), cfg.prior_components, cfg.latent_dim)
+                      if cfg.prior_components else None)
 
     def one_hot(self, labels: Tensor | None, device: torch.device) -> Tensor | None:
         if not self.cfg.conditional:
@@ -52,10 +56,33 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar, generator)
         return self.decode_logits(z, labels), mu, logvar
 
+    def sample_prior(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """n latents (n, Z) from p(z | y); for N(0, I) exactly torch.randn(n, Z, generator)."""
+        if self.prior is None:
+            return torch.randn(n, self.cfg.latent_dim, generator=generator)
+        return self.prior.sample(n, labels if self.cfg.conditional else None, generator)
+
+    def log_prior(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """log p(z | y) for z (..., B, Z) and labels (B,): (..., B)."""
+        if self.prior is None:
+            return log_standard_normal(z)
+        return self.prior.log_prob(z, labels if self.cfg.conditional else None)
+
     @torch.inference_mode()
     def generate(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """Decoder mean images in [0, 1], (B, C, H, W)."""
         return torch.sigmoid(self.decode_logits(z, labels))
+
+    @torch.inference_mode()
+    def sample_images(self, z: Tensor, labels: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """The model's own samples x ~ p(x | z) in [0, 1]: a Gaussian model adds its pixel noise σ·ε (clipped);
+        a Bernoulli model gives its mean, since a Bernoulli draw would binarise grey-level images."""
+        mean = self.generate(z, labels)
+        if self.cfg.likelihood == "bernoulli":
+            return mean
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + eps * torch.exp(self.log_sigma)).clamp_(0.0, 1.0)
 
     @torch.inference_mode()
     def reconstruct(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:

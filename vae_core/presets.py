@@ -32,22 +32,29 @@ PRESETS: dict[str, Preset] = {
         cpu_minutes=1.5),
     # Best likelihood: conv VAE on dynamically binarised pixels (the setting NLL papers report), KL warm-up
     # against inactive latents, cosine learning-rate decay; patience = epochs so the schedule runs out.
-    # 60 epochs rather than 20: IWAE NLL 229.6 instead of 231.9 for 3x the time.
+    # 60 epochs rather than 20: IWAE NLL 229.6 instead of 231.9 for 3x the time. Then a 50-component
+    # Gaussian mixture prior fitted to the aggregate posterior (vae_core.prior): +1.4 nats of held-out ELBO.
     "fmnist-best": Preset(
-        "conv VAE (32,64)-512-32 on dynamically binarised pixels, cosine lr, KL warm-up 5 epochs",
-        model={"arch": "conv", "conv_channels": (32, 64), "hidden_dim": 512, "latent_dim": 32},
+        "conv VAE (32,64)-512-32 on dynamically binarised pixels, cosine lr, KL warm-up 5 epochs, "
+        "50-Gaussian prior fitted after training",
+        model={"arch": "conv", "conv_channels": (32, 64), "hidden_dim": 512, "latent_dim": 32,
+               "prior_components": 50},
         train={"epochs": 60, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "kl_warmup_epochs": 5,
                "binarize": True, "patience": 60, "val_fraction": 0.02},
-        cpu_minutes=20),
-    # Best samples for TSTR: a class-conditional conv VAE on grey levels (sharper decoder means than
-    # binarised training gives), so a classifier trained on its samples transfers to real images.
-    # 36 epochs rather than 12: TSTR 71.3 % instead of 65.1 %.
+        cpu_minutes=22),
+    # Best samples for TSTR: a class-conditional conv VAE on grey levels. What held TSTR back was not the
+    # labels but the domain gap: a classifier trained on *reconstructions* of the real training images reached
+    # only 68 %, because decoder means are smooth and real images are not. So the likelihood is Gaussian with a
+    # fixed σ = 0.2 and samples are the model's own x ~ p(x | z), pixel noise included (75 %), and the prior is
+    # 10 Gaussians per class fitted to the posterior (+4.4 nats of held-out ELBO; TSTR 80 %).
     "fmnist-cond": Preset(
-        "class-conditional conv VAE (32,64)-512-32 on grey levels, cosine lr",
-        model={"arch": "conv", "conv_channels": (32, 64), "hidden_dim": 512, "latent_dim": 32},
+        "class-conditional conv VAE (32,64)-512-32, Gaussian σ=0.2 on grey levels, cosine lr, "
+        "10 Gaussians per class fitted as the prior after training",
+        model={"arch": "conv", "conv_channels": (32, 64), "hidden_dim": 512, "latent_dim": 32,
+               "likelihood": "gaussian", "sigma": 0.2, "prior_components": 10},
         train={"epochs": 36, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "patience": 36,
                "val_fraction": 0.02},
-        conditional=True, cpu_minutes=11),
+        conditional=True, cpu_minutes=12),
 }
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from .config import TrainConfig
 from .losses import elbo_loss
 from .models import VAE
+from .prior import fit_mixture, log_standard_normal
 
 Batch = tuple[Tensor, Tensor | None]          # (uint8 images (B, C, H, W), int64 labels (B,) or None)
 
@@ -226,3 +227,49 @@ def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
             break
     model.load_state_dict(stopper.best_state)
     return FitResult(history, stopper.best_epoch, stopper.best_loss, stopped)
+
+
+# Posterior samples per training image that the prior is fitted to: with one, a 100-component mixture on
+# fmnist-best gained 2.1 nats on the images it was fitted to and 0.8 on held-out ones; more draws generalise.
+PRIOR_DRAWS = 4
+
+
+@torch.no_grad()
+def fit_prior(model: VAE, train: ImageSet, cfg: TrainConfig, held_out: ImageSet | None = None) -> dict[str, float]:
+    """Replace the model's N(0, I) by a Gaussian mixture (M = prior_components, per class when conditional)
+    fitted to PRIOR_DRAWS posterior samples of every training image (vae_core.prior). The encoder and decoder
+    stay as trained, so the ELBO changes by E_q[log p_fitted(z) − log N(z; 0, I)] alone: returned per image, in
+    nats, on the training images and on `held_out`."""
+    if model.prior is None:
+        raise ValueError("this model has no prior to fit (ModelConfig.prior_components is 0)")
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    draws = [posterior_samples(model, train, cfg, generator) for _ in range(PRIOR_DRAWS)]
+    z = torch.cat([d[0] for d in draws])
+    labels = None if train.labels is None else train.labels.repeat(PRIOR_DRAWS)
+    fits = [fit_mixture(z if model.prior.groups == 1 else z[labels == g], model.cfg.prior_components, generator)
+            for g in range(model.prior.groups)]
+    model.prior.load(*(torch.stack(part) for part in zip(*fits)))
+    gains = {"prior_elbo_gain_train": prior_gain(model, *draws[0])}
+    if held_out is not None and len(held_out):
+        gains["prior_elbo_gain_val"] = prior_gain(model, *posterior_samples(model, held_out, cfg, generator))
+    return gains
+
+
+def posterior_samples(model: VAE, data: ImageSet, cfg: TrainConfig, generator: torch.Generator,
+                      batch_size: int = 1024) -> tuple[Tensor, Tensor | None]:
+    """One z ~ q(z | x) per image, on the inputs training saw (binarised if it binarised): (N, Z), labels."""
+    zs = []
+    for images, labels in iterate_batches(data, batch_size):
+        mu, logvar = model.encode(prepare_batch(images, cfg, generator), labels)
+        zs.append(model.reparameterize(mu, logvar, generator))
+    return torch.cat(zs), data.labels
+
+
+def prior_gain(model: VAE, z: Tensor, labels: Tensor | None, rows: int = 4096) -> float:
+    """Mean of log p(z | y) − log N(z; 0, I) over z (N, Z): the ELBO gain of the model's prior over N(0, I)."""
+    total = 0.0
+    for s in range(0, len(z), rows):
+        part, y = z[s:s + rows], None if labels is None else labels[s:s + rows]
+        total += (model.log_prior(part, y) - log_standard_normal(part)).sum().item()
+    return total / max(len(z), 1)

@@ -1,0 +1,105 @@
+"""The prior p(z) (p(z | y) for a conditional model): N(0, I) while training, optionally refitted afterwards.
+
+A VAE trained against N(0, I) does not fill N(0, I): its aggregate posterior q(z) = E_x q(z | x) has holes and
+lumps, so prior samples land where the decoder was never trained, and log p(x) pays for the mismatch. The best
+prior for a trained encoder and decoder is q(z) itself (Hoffman & Johnson 2016), so after training we fit a
+mixture of M full-covariance Gaussians to posterior samples of the training images (ex-post density
+estimation, Ghosh et al. 2020). The encoder and decoder do not change; only E_q[log p(z)] in the ELBO moves,
+and `prior_gain` measures by how much. A conditional model gets one mixture per class; M = 1 is the closed-form
+moment match."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .losses import LOG_2PI
+
+JITTER = 1e-3                 # added to every fitted covariance: no component collapses onto a point
+FIT_ROWS = 8192               # rows of z scored against all components at once in EM (memory ~ rows·M·Z)
+
+
+class MixturePrior(nn.Module):
+    """G groups (classes, or 1) × M components: weights (logits), means and Cholesky factors, as buffers so
+    they travel in the model's safetensors. Built as N(0, I) (every component identical); `load` sets a fit."""
+
+    def __init__(self, groups: int, components: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.zeros(groups, components))
+        self.register_buffer("loc", torch.zeros(groups, components, dim))
+        self.register_buffer("scale_tril", torch.eye(dim).repeat(groups, components, 1, 1))
+
+    @property
+    def groups(self) -> int:
+        return self.logits.shape[0]
+
+    def load(self, logits: Tensor, loc: Tensor, scale_tril: Tensor) -> None:
+        for name, value in (("logits", logits), ("loc", loc), ("scale_tril", scale_tril)):
+            getattr(self, name).copy_(value)
+
+    def sample(self, n: int, labels: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+        """n latents (n, Z): a component per row by its weight, then loc + L·ε."""
+        eps = torch.randn(n, self.loc.shape[-1], generator=generator)
+        g = torch.zeros(n, dtype=torch.long) if self.groups == 1 else labels.long().cpu()
+        if self.logits.shape[1] == 1:
+            k = torch.zeros(n, dtype=torch.long)
+        else:
+            k = torch.multinomial(torch.softmax(self.logits[g], 1), 1, generator=generator).squeeze(1)
+        return self.loc[g, k] + (self.scale_tril[g, k] @ eps.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, z: Tensor, labels: Tensor | None) -> Tensor:
+        """log p(z | y) for z (..., B, Z) with labels (B,): (..., B)."""
+        if self.groups == 1:
+            return mixture_log_prob(z, self.logits[0], self.loc[0], self.scale_tril[0])
+        out = z.new_empty(z.shape[:-1])
+        for g in labels.unique().tolist():
+            rows = labels == g
+            out[..., rows] = mixture_log_prob(z[..., rows, :], self.logits[g], self.loc[g], self.scale_tril[g])
+        return out
+
+
+def log_standard_normal(z: Tensor) -> Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def weighted_log_normals(z: Tensor, logits: Tensor, loc: Tensor, scale_tril: Tensor) -> Tensor:
+    """log π_k + log N(z; μ_k, L_k L_kᵀ) for z (..., Z) and M components: (..., M)."""
+    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    precision = torch.linalg.solve_triangular(scale_tril, eye, upper=False)         # L⁻¹, (M, Z, Z)
+    u = torch.einsum("...j,kij->...ki", z, precision) - (precision @ loc.unsqueeze(-1)).squeeze(-1)
+    log_det = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)            # (M,)
+    return torch.log_softmax(logits, -1) - 0.5 * (z.shape[-1] * LOG_2PI + u.pow(2).sum(-1)) - log_det
+
+
+def mixture_log_prob(z: Tensor, logits: Tensor, loc: Tensor, scale_tril: Tensor) -> Tensor:
+    """log Σ_k π_k N(z; μ_k, L_k L_kᵀ): (...)."""
+    return torch.logsumexp(weighted_log_normals(z, logits, loc, scale_tril), -1)
+
+
+def fit_mixture(z: Tensor, components: int, generator: torch.Generator, iterations: int = 50
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """EM for a full-covariance Gaussian mixture on z (N, Z): (logits (M,), loc (M, Z), scale_tril (M, Z, Z)).
+    Means start at distinct seeded data points, covariances at the data's; M = 1 is the moment match."""
+    z = z.float()
+    n, dim = z.shape
+    eye = torch.eye(dim, dtype=z.dtype)
+    cov = torch.cov(z.T, correction=0) + JITTER * eye
+    if components == 1:
+        return torch.zeros(1), z.mean(0, keepdim=True), torch.linalg.cholesky(cov).unsqueeze(0)
+    loc = z[torch.randperm(n, generator=generator)[:components]].clone()
+    scale_tril = torch.linalg.cholesky(cov).repeat(components, 1, 1)
+    logits = torch.zeros(components, dtype=z.dtype)
+    for _ in range(iterations):
+        resp = torch.cat([torch.softmax(weighted_log_normals(z[s:s + FIT_ROWS], logits, loc, scale_tril), -1)
+                          for s in range(0, n, FIT_ROWS)])                          # (N, M)  E-step
+        weight = resp.sum(0) + 1e-12                                                 # M-step
+        loc = (resp.T @ z) / weight[:, None]
+        cov = torch.stack([_scatter(z - loc[k], resp[:, k]) for k in range(components)]) / weight[:, None, None]
+        scale_tril = torch.linalg.cholesky(cov + JITTER * eye)
+        logits = (weight / n).log()
+    return logits, loc, scale_tril
+
+
+def _scatter(centred: Tensor, weight: Tensor) -> Tensor:
+    scaled = centred * weight.sqrt()[:, None]
+    return scaled.T @ scaled                                                         # Σ_n w_n d_n d_nᵀ
