@@ -164,7 +164,8 @@ def summary_line(report: dict) -> str:
     """e.g. 'NLL 231.4 (IWAE k=1000, 1000 imgs, binarised) −ELBO 236.0 | acc 91.2% FID 3.1 TSTR 84.0%'."""
     lik = report["likelihood"]
     kind = "binarised" if report["likelihood_model"] == "bernoulli" else "continuous"
-    line = (f"NLL {lik['nll']:.1f} nats (IWAE k={lik['k']}, {lik['images']} imgs, {kind}), "
+    prior = "" if lik.get("prior", "N(0, I)") == "N(0, I)" else f", prior: {lik['prior']}"
+    line = (f"NLL {lik['nll']:.1f} nats (IWAE k={lik['k']}, {lik['images']} imgs, {kind}{prior}), "
             f"-ELBO {lik['neg_elbo']:.1f}")
     q = report.get("quality") or {}
     if "real_accuracy" in q:

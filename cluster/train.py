@@ -219,7 +219,9 @@ def train_loop_per_worker(raw: dict) -> None:
     if state:
         model.load_state_dict(state["model"])
         stopper.load_state_dict(state["stopper"])
-    model = ray.train.torch.prepare_model(model)           # to the device, DDP when world size > 1
+    # To the device, DDP when world size > 1. Our buffers (a fixed σ, the prior: fitted only after training)
+    # never change while training, so DDP need not broadcast them before every forward (a gloo round trip).
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = make_optimizer(model, job.train)
     if state:
         optimizer.load_state_dict(state["optimizer"])

@@ -2,15 +2,18 @@
 checksums that match the objects, the same bytes for any worker count, and resume after corruption."""
 import numpy as np
 import pytest
+import torch
 
 from cluster.datasets import ingest
 from cluster.generate import SUCCESS, plan_job, run_generation, run_reconstruction, sha256_hex
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, read_rows, shard_objects
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.checkpoint import checkpoint_files
+from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
+from vae_core.models import build_model
 
 
 LOCAL_AND_SLOW_S3 = pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
@@ -107,6 +110,23 @@ def test_conditional_samples_cycle_through_the_chosen_labels(ray_local, local_st
     assert rows["label"] == [(2, 0)[i % 2] for i in range(50)]
     assert manifest["labels"] == [2, 0]
 
+
+
+def test_a_fitted_class_prior_is_what_samples_are_drawn_from(ray_local, local_storage_config):
+    """A model whose prior was fitted (vaegen train --prior-components) generates from that prior: here
+    class c's Gaussian sits at z = (10c, 10c, 10c, 10c), so each row's stored latent shows where it came from."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_shape=IMAGE_SHAPE, hidden_dim=32, latent_dim=4, num_classes=3,
+                                    prior_components=1))
+    model.prior.load(torch.zeros(3, 1), 10.0 * torch.arange(3.0).view(3, 1, 1).expand(3, 1, 4),
+                     0.1 * torch.eye(4).repeat(3, 1, 1, 1))
+    storage = open_storage(local_storage_config, for_writing=True)
+    Registry(storage).publish("fitted", checkpoint_files(model))
+    rows = all_rows(storage, run_generation(samples(model="fitted", count=60), local_storage_config, progress=False))
+    latents, labels = np.array(rows["latent"]), np.array(rows["label"])
+    for c in range(3):
+        np.testing.assert_allclose(latents[labels == c].mean(0), 10.0 * c, atol=0.1)
+        assert latents[labels == c].std(0).max() < 0.2
 
 @LOCAL_AND_SLOW_S3
 def test_reconstructions_mirror_the_input_shards(ray_local, request, where, small_fashion):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .artifacts import reconstruction_grid, sample_grid
 from .classifier import ClassifierConfig, accuracy, classifier_features, train_classifier
-from .config import StorageConfig
+from .config import ModelConfig, StorageConfig
 from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
@@ -90,6 +90,7 @@ class LikelihoodResult:
     seed: int
     seconds: float
     data: str                       # what x was: "dynamically binarised (seed s)" or "continuous in [0, 1]"
+    prior: str = "N(0, I)"          # p(z) in the bound: N(0, I) or the model's fitted mixture
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +164,15 @@ def model_likelihood(model: VAE, images: Tensor, labels: Tensor | None, *, k: in
         if progress:
             progress(len(b_iwae))
     return LikelihoodResult(nll=-torch.cat(iwae).mean().item(), neg_elbo=-torch.cat(elbo).mean().item(), k=k,
-                            images=len(x), seed=seed, seconds=time.perf_counter() - started, data=data)
+                            images=len(x), seed=seed, seconds=time.perf_counter() - started, data=data,
+                            prior=prior_description(model.cfg))
+
+
+def prior_description(cfg: ModelConfig) -> str:
+    if not cfg.prior_components:
+        return "N(0, I)"
+    per = " per class" if cfg.conditional else ""
+    return f"fitted mixture of {cfg.prior_components} Gaussian{'s' if cfg.prior_components > 1 else ''}{per}"
 
 
 # -- sample quality ------------------------------------------------------------------------------------
