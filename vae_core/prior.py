@@ -37,14 +37,16 @@ class MixturePrior(nn.Module):
             getattr(self, name).copy_(value)
 
     def sample(self, n: int, labels: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
-        """n latents (n, Z): a component per row by its weight, then loc + L·ε."""
-        eps = torch.randn(n, self.loc.shape[-1], generator=generator)
+        """n latents (n, Z) on the CPU, where the (CPU) generator draws: a component per row by its weight,
+        then loc + L·ε."""
+        logits, loc, scale_tril = self.logits.cpu(), self.loc.cpu(), self.scale_tril.cpu()   # small; any device
+        eps = torch.randn(n, loc.shape[-1], generator=generator)
         g = torch.zeros(n, dtype=torch.long) if self.groups == 1 else labels.long().cpu()
-        if self.logits.shape[1] == 1:
+        if logits.shape[1] == 1:
             k = torch.zeros(n, dtype=torch.long)
         else:
-            k = torch.multinomial(torch.softmax(self.logits[g], 1), 1, generator=generator).squeeze(1)
-        return self.loc[g, k] + (self.scale_tril[g, k] @ eps.unsqueeze(-1)).squeeze(-1)
+            k = torch.multinomial(torch.softmax(logits[g], 1), 1, generator=generator).squeeze(1)
+        return loc[g, k] + (scale_tril[g, k] @ eps.unsqueeze(-1)).squeeze(-1)
 
     def log_prob(self, z: Tensor, labels: Tensor | None) -> Tensor:
         """log p(z | y) for z (..., B, Z) with labels (B,): (..., B)."""
