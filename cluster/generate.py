@@ -187,7 +187,7 @@ class ShardMaker:
                 self.enter("decode")
                 part = slice(start, start + size)
                 y = None if labels is None else labels[part]
-                images = self.model.sample_images(z[part].to(self.device), None if y is None else y_all[part], gen)
+                images = self.model.sample_images(z[part].to(self.device), None if y_all is None else y_all[part], gen)
                 yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)

@@ -111,7 +111,6 @@ def test_conditional_samples_cycle_through_the_chosen_labels(ray_local, local_st
     assert manifest["labels"] == [2, 0]
 
 
-
 def test_a_fitted_class_prior_is_what_samples_are_drawn_from(ray_local, local_storage_config):
     """A model whose prior was fitted (vaegen train --prior-components) generates from that prior: here
     class c's Gaussian sits at z = (10c, 10c, 10c, 10c), so each row's stored latent shows where it came from."""
@@ -127,6 +126,7 @@ def test_a_fitted_class_prior_is_what_samples_are_drawn_from(ray_local, local_st
     for c in range(3):
         np.testing.assert_allclose(latents[labels == c].mean(0), 10.0 * c, atol=0.1)
         assert latents[labels == c].std(0).max() < 0.2
+
 
 @LOCAL_AND_SLOW_S3
 def test_reconstructions_mirror_the_input_shards(ray_local, request, where, small_fashion):

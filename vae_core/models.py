@@ -60,13 +60,13 @@ class VAE(nn.Module):
         """n latents (n, Z) from p(z | y); for N(0, I) exactly torch.randn(n, Z, generator)."""
         if self.prior is None:
             return torch.randn(n, self.cfg.latent_dim, generator=generator)
-        return self.prior.sample(n, labels if self.cfg.conditional else None, generator)
+        return self.prior.sample(n, labels, generator)              # one group unless conditional
 
     def log_prior(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """log p(z | y) for z (..., B, Z) and labels (B,): (..., B)."""
         if self.prior is None:
             return log_standard_normal(z)
-        return self.prior.log_prob(z, labels if self.cfg.conditional else None)
+        return self.prior.log_prob(z, labels)
 
     @torch.inference_mode()
     def generate(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
