@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     p.add_argument("--k", type=int, default=1000, help="IWAE samples per image (default: %(default)s)")
     p.add_argument("--limit", type=int, default=1000, help="first N test images for the NLL; 0 = all 10k")
-    p.add_argument("--samples", type=int, default=10_000, help="generated images for FID/TSTR")
+    p.add_argument("--samples", type=int, default=0,
+                   help="generated images for FID/TSTR; 0 = as many as the real training split (default)")
     p.add_argument("--classifier-epochs", type=int, default=ClassifierConfig().epochs)
     p.add_argument("--threads", type=int, default=0, help="torch threads for training; 0 = torch's default")
     p.add_argument("--reuse", action="store_true", help="evaluate an existing version with the same settings")

@@ -133,10 +133,11 @@ def _quality(storage: Storage, dataset: str, model, data: ImageSet, cfg: EvalJob
     if data.labels is None or len(read_manifest(storage, dataset)["label_names"]) < 2:
         return {"skipped": f"dataset {dataset!r} has fewer than 2 labels: no classifier to judge samples with"}
     reference, meta = reference_classifier(storage, dataset, cfg.classifier, progress)
+    samples = max(cfg.samples or meta["train_images"], 2)
     if progress:
-        print(f"sample quality: {cfg.samples} samples, classifier-FID"
+        print(f"sample quality: {samples} samples, classifier-FID"
               f"{' and TSTR' if model.cfg.conditional else ''}...", flush=True)
-    quality = sample_quality(model, reference, data.images, data.labels, samples=cfg.samples, seed=cfg.seed,
+    quality = sample_quality(model, reference, data.images, data.labels, samples=samples, seed=cfg.seed,
                              classifier_cfg=cfg.classifier)
     return {**quality.to_dict(), "reference_classifier": {k: meta.get(k) for k in
                                                            ("settings", "train_images", "test_accuracy")}}

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=e.split, help="dataset split (default: test if present, else train)")
     p.add_argument("--seed", type=int, default=e.seed, help="(default: %(default)s)")
     p.add_argument("--samples", type=int, default=e.samples,
-                   help="generated images for classifier-FID and TSTR (default: %(default)s)")
+                   help="generated images for classifier-FID and TSTR; 0 = as many as the real training split "
+                        "the reference classifier learnt from (default: %(default)s)")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="likelihood only: skip the reference classifier, FID and TSTR")
     p.add_argument("--classifier-epochs", type=int, default=c.epochs,

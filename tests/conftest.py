@@ -76,6 +76,24 @@ def small_fashion(fashion_mnist):
     return (train.images[:2000], train.labels[:2000]), (test.images[:500], test.labels[:500])
 
 
+@pytest.fixture
+def fashion_root(storage_config, small_fashion):
+    """A storage root (local folder, then S3) holding small_fashion as dataset 'fm-small' with both splits."""
+    from cluster.datasets import ingest
+    from cluster.storage import open_storage
+    from vae_core.data import ArrayDataset, ArraySplit
+    (train_x, train_y), (test_x, test_y) = small_fashion
+    dataset = ArrayDataset({"train": ArraySplit(train_x, train_y), "test": ArraySplit(test_x, test_y)},
+                           tuple(str(i) for i in range(10)), "small_fashion")
+    ingest(open_storage(storage_config, for_writing=True), "fm-small", dataset, progress=False)
+    return storage_config
+
+
+def root_args(cfg: StorageConfig) -> list[str]:
+    """The CLI flags that point `vaegen` at a storage root."""
+    return ["--root", cfg.root] + (["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else [])
+
+
 def rng_images(n: int, shape=(1, 28, 28), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 

@@ -14,7 +14,7 @@ from cluster.datasets import ingest
 from cluster.evaluation import classifier_key, quick_evaluation, reference_classifier, summary_table
 from cluster.ingest import ingest_source
 from cluster.storage import open_storage
-from conftest import unique_name
+from conftest import root_args, unique_name
 from jobs.args import train_job_config
 from jobs.cli import build_parser, main
 from vae_core.classifier import CLASSIFIER_WEIGHTS, ClassifierConfig, accuracy, train_classifier
@@ -171,20 +171,6 @@ def test_the_classic_flags_without_a_preset_are_unchanged():
 
 # -- `vaegen evaluate` on storage --------------------------------------------------------------------------
 
-@pytest.fixture
-def fashion_root(storage_config, small_fashion):
-    """A storage root holding 2,000 train / 500 test real Fashion-MNIST images as dataset 'fm-small'."""
-    (train_x, train_y), (test_x, test_y) = small_fashion
-    dataset = ArrayDataset({"train": ArraySplit(train_x, train_y), "test": ArraySplit(test_x, test_y)},
-                           tuple(str(i) for i in range(10)), "small_fashion")
-    ingest(open_storage(storage_config, for_writing=True), "fm-small", dataset, progress=False)
-    return storage_config
-
-
-def root_args(cfg) -> list[str]:
-    return ["--root", cfg.root] + (["--s3-endpoint", cfg.s3_endpoint] if cfg.s3_endpoint else [])
-
-
 def test_vaegen_evaluate_writes_its_results_into_the_model_version(fashion_root, capsys):
     name = unique_name("ev")
     assert main(["train", "--dataset", "fm-small", "--name", name, "--conditional", "--hidden-dim", "64",
@@ -232,12 +218,13 @@ def test_vaegen_evaluate_works_the_same_on_a_colour_image_folder(tmp_path, local
     args = root_args(local_storage_config)
     assert main(["train", "--dataset", "shapes", "--name", "shapes-conv", "--model", "conv", "--conditional",
                  "--hidden-dim", "32", "--latent-dim", "4", "--epochs", "1", "--no-progress", *args]) == 0
-    assert main(["evaluate", "--model", "shapes-conv", "--k", "8", "--samples", "40", "--classifier-epochs", "2",
+    assert main(["evaluate", "--model", "shapes-conv", "--k", "8", "--classifier-epochs", "2",
                  "--no-progress", *args]) == 0
     storage = open_storage(local_storage_config)
     report = json.loads(storage.read_bytes("models/shapes-conv/v0001/evaluation.json"))
     assert report["split"] == "train"                                 # an image folder has only that split
     assert report["likelihood"]["images"] == 48 and report["quality"]["tstr_accuracy"] is not None
+    assert report["quality"]["samples"] == 48              # by default as many as the real images it learnt from
     picture = Image.open(storage.path("models/shapes-conv/v0001/evaluation.png"))
     assert picture.mode == "RGB" and picture.height > 200
 
@@ -245,7 +232,8 @@ def test_vaegen_evaluate_works_the_same_on_a_colour_image_folder(tmp_path, local
 def test_bad_input_gives_one_line_errors(fashion_root, capsys):
     args = root_args(fashion_root)
     cases = [(["evaluate", "--model", "nosuch"], "no model named 'nosuch'"),
-             (["evaluate", "--model", "x", "--k", "0"], "--k=0 must be >= 1")]
+             (["evaluate", "--model", "x", "--k", "0"], "--k=0 must be >= 1"),
+             (["evaluate", "--model", "x", "--samples", "1"], "--samples=1: a Fréchet distance needs at least 2")]
     name = unique_name("bad")
     assert main(["train", "--dataset", "fm-small", "--name", name, "--hidden-dim", "16", "--epochs", "1",
                  "--max-images", "200", "--no-progress", *args]) == 0

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from cluster.storage import open_storage
-from conftest import unique_name
+from conftest import root_args, unique_name
 from jobs.cli import main
-from test_evaluate import fashion_root, root_args  # noqa: F401  (the 2,000-image dataset fixture)
 from vae_core.checkpoint import checkpoint_files, load_checkpoint
 from vae_core.config import ModelConfig, TrainConfig
 from vae_core.evaluate import model_likelihood

@@ -34,16 +34,22 @@ class EvalJobConfig:
     limit: int = 0                              # likelihood on the first N images of the split only (0 = all)
     split: str = ""                             # "" = test if the dataset has one, else train
     seed: int = 0
-    samples: int = 10_000                       # generated images for classifier-FID and TSTR
+    # Generated images for classifier-FID and TSTR; 0 = as many as the reference classifier's real training
+    # images, so TSTR and real-data accuracy compare classifiers trained on equal amounts (the usual protocol:
+    # on Fashion-MNIST, 60k samples gave TSTR 84.9 % where 10k gave 80.1 %).
+    samples: int = 0
     quality: bool = True                        # classifier-based metrics (trains a reference once per dataset)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     batch_size: int = 100                       # images encoded at once for the IWAE bound
 
     def __post_init__(self) -> None:
-        for flag, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 2),
+        for flag, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 0),
                                  ("batch-size", self.batch_size, 1)):
             if value < low:
                 raise VaegenError(f"--{flag}={value} must be >= {low}")
+        if self.samples == 1:
+            raise VaegenError("--samples=1: a Fréchet distance needs at least 2 samples (0 = as many as the "
+                              "real training split)")
 
 
 DECODER_ROWS = 4096            # decoder rows per pass: conv activations of 4k images stay ~100 MB
