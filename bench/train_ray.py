@@ -6,9 +6,9 @@ seconds from the start of the call (ray.init included) to the first training bat
 with torch's default threads and with one thread (multi-threaded torch collapses on a loaded machine);
 `ratio_vs_single` compares Ray's later-epoch images/s with the faster of the two, measured in the same run.
 
-It compares at the classic global batch (128) and at a larger one (512), each trainer at the same batch: a DDP
-step pays one all-reduce of every gradient whatever the batch, so the batch sets how much compute that cost is
-spread over. The first line measures that cost here (gloo, two local processes, one thread each), so the
+It compares at the classic global batch (128) and at larger ones (512 to 2048), each trainer at the same batch:
+a DDP step pays one all-reduce of every gradient whatever the batch, so the batch sets how much compute that
+cost is spread over. The first line measures that cost here (gloo, two local processes, one thread each), so the
 ratios can be read against it.
 
     PYTHONPATH=. python bench/train_ray.py --images 60000 --epochs 4      # the full figures
@@ -82,7 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=60_000, help="training images (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512],
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 1024, 2048],
                    help="global batches to compare at; each trainer uses the same one (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
