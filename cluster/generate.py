@@ -143,6 +143,8 @@ def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None 
     identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
                 "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
                 "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
+    if spec.pixels == "sample":
+        del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
     job_id = f"{spec.kind}-{sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]}"
     return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, tuple(cfg.image_shape), labels,
                    total, num_shards, input_shards, label_names)
@@ -187,7 +189,9 @@ class ShardMaker:
                 self.enter("decode")
                 part = slice(start, start + size)
                 y = None if labels is None else labels[part]
-                images = self.model.sample_images(z[part].to(self.device), None if y_all is None else y_all[part], gen)
+                y_part = None if y_all is None else y_all[part]
+                images = (self.model.generate(z[part].to(self.device), y_part) if self.plan.spec.pixels == "mean"
+                          else self.model.sample_images(z[part].to(self.device), y_part, gen))
                 yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)

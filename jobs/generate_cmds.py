@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vae_core.config import FORMATS, GenerateConfig
+from vae_core.config import FORMATS, PIXELS, GenerateConfig
 
 from .args import add_progress_arg, add_storage_args, storage_config
 
@@ -26,13 +26,17 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="decode N samples from a model version into shards under outputs/",
-                       description="Sample z ~ N(0, I), decode, and write Parquet or PNG-tar shards to "
+                       description="Sample z from the model's prior (N(0, I), or the mixture fitted by "
+                                   "--prior-components), decode, and write Parquet or PNG-tar shards to "
                                    "<root>/outputs/<job-id>/. Rerunning the same command resumes the job.")
     p.add_argument("--count", type=int, required=True, help="number of samples")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--labels", type=int, nargs="+", default=(),
                    help="conditional models: classes to cycle through (default: all)")
+    p.add_argument("--pixels", choices=PIXELS, default="sample",
+                   help="sample: the model's own x ~ p(x | z), pixel noise included for a Gaussian model; "
+                        "mean: the decoder's mean image (the same for a Bernoulli model) (default: %(default)s)")
     add_job_args(p)
     p.set_defaults(run=run_generate)
 
@@ -62,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from cluster.generate import run_generation
     spec = GenerateConfig(model=args.model, kind="samples", count=args.count, shard_size=args.shard_size,
                           seed=args.seed, format=args.format, labels=tuple(args.labels),
-                          decode_batch=args.decode_batch)
+                          decode_batch=args.decode_batch, pixels=args.pixels)
     return report(run_generation(spec, storage_config(args), **run_options(args)))
 
 

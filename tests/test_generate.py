@@ -13,6 +13,7 @@ from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
+from vae_core.images import to_uint8
 from vae_core.models import build_model
 
 
@@ -126,6 +127,25 @@ def test_a_fitted_class_prior_is_what_samples_are_drawn_from(ray_local, local_st
     for c in range(3):
         np.testing.assert_allclose(latents[labels == c].mean(0), 10.0 * c, atol=0.1)
         assert latents[labels == c].std(0).max() < 0.2
+
+
+def test_a_gaussian_model_samples_its_pixel_noise_unless_asked_for_the_mean(ray_local, local_storage_config):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_shape=IMAGE_SHAPE, hidden_dim=32, latent_dim=4, likelihood="gaussian",
+                                    sigma=0.1))
+    storage = open_storage(local_storage_config, for_writing=True)
+    Registry(storage).publish("gauss", checkpoint_files(model))
+    noisy = run_generation(samples(model="gauss"), local_storage_config, progress=False)
+    means = run_generation(samples(model="gauss", pixels="mean"), local_storage_config, progress=False)
+    assert means["job_id"] != noisy["job_id"]
+    noisy_rows, mean_rows = all_rows(storage, noisy), all_rows(storage, means)
+    np.testing.assert_array_equal(noisy_rows["latent"], mean_rows["latent"])          # the same z, decoded twice
+    expected = to_uint8(model.generate(torch.from_numpy(np.array(mean_rows["latent"], dtype=np.float32))))
+    assert np.abs(np.stack(mean_rows["image"]).astype(int) - expected.astype(int)).max() <= 1    # float rounding
+    noise = (np.stack(noisy_rows["image"]).astype(float) - np.stack(mean_rows["image"])) / 255
+    assert 0.08 < noise.std() < 0.12                                                   # σ = 0.1, a little clipped
+    with pytest.raises(VaegenError, match="--pixels applies to samples"):
+        GenerateConfig(model="gauss", kind="reconstructions", dataset="fm", pixels="mean")
 
 
 @LOCAL_AND_SLOW_S3

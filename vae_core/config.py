@@ -138,6 +138,7 @@ class TrainJobConfig:
 
 KINDS = ("samples", "reconstructions")
 FORMATS = ("parquet", "png")
+PIXELS = ("sample", "mean")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +146,7 @@ class GenerateConfig:
     """`vaegen generate` / `vaegen reconstruct`: one job spec. Everything here (with the model resolved to a
     version and its weights' sha256) is hashed into the job id, so the same spec resumes the same job."""
     model: str                         # registry spec: name[@vN|@latest|@champion]
-    kind: str = "samples"              # samples (z ~ N(0, I)) | reconstructions (of an input dataset split)
+    kind: str = "samples"              # samples (z from the model's prior) | reconstructions (of a dataset split)
     count: int = 0                     # samples: how many (ids 0..count-1)
     dataset: str = ""                  # reconstructions: input dataset name under datasets/
     split: str = "test"                # reconstructions: its split
@@ -154,6 +155,7 @@ class GenerateConfig:
     format: str = "parquet"            # parquet (raw pixels) | png (WebDataset tar of <id>.png + <id>.json)
     labels: tuple[int, ...] = ()       # conditional models: classes cycled over ids; () = every class
     decode_batch: int = 4096           # fixed, so a shard's floats do not depend on who decodes it
+    pixels: str = "sample"             # samples: x ~ p(x | z) (a Gaussian model's pixel noise included) | "mean"
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "--model must name a model (name[@version|@champion])")
@@ -161,6 +163,9 @@ class GenerateConfig:
         _require(self.format in FORMATS, f"--format={self.format!r} must be one of {', '.join(FORMATS)}")
         _require(self.shard_size > 0, f"--shard-size={self.shard_size} must be > 0")
         _require(self.decode_batch > 0, f"--decode-batch={self.decode_batch} must be > 0")
+        _require(self.pixels in PIXELS, f"--pixels={self.pixels!r} must be one of {', '.join(PIXELS)}")
+        _require(self.kind == "samples" or self.pixels == "sample",
+                 "--pixels applies to samples; reconstructions are always the decoder's mean")
         _require(all(label >= 0 for label in self.labels), f"--labels={list(self.labels)} must be >= 0")
         if self.kind == "samples":
             _require(self.count > 0, f"--count={self.count} must be > 0")
