@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 class SubmitConfig:
     address: str                     # the head's job server, http://HEAD:8265
     argv: tuple[str, ...]            # the vaegen verb and its flags, as after `--`
+    files: tuple[tuple[str, bytes], ...] = ()   # (name, bytes) the job finds in its working directory (--config)
     wait: bool = False               # follow the logs, exit with the job's status
     upload_code: bool = True         # ship this checkout's packages (py_modules); else use the image's vaegen
     pass_credentials: bool = False   # copy AWS keys from this environment into the job (visible in Ray's job table)
@@ -59,12 +61,16 @@ class Submission:
 
 
 # -- the job spec ------------------------------------------------------------------------------------------
-def spec_digest(argv: tuple[str, ...], key: str = "") -> str:
-    return hashlib.sha256(json.dumps({"argv": list(argv), "key": key}).encode()).hexdigest()
+def spec_digest(argv: tuple[str, ...], key: str = "", files: tuple[tuple[str, bytes], ...] = ()) -> str:
+    """The spec: argv, key, and the content of shipped files (an edited --config file is a new spec)."""
+    spec: dict = {"argv": list(argv), "key": key}
+    if files:
+        spec["files"] = {name: hashlib.sha256(body).hexdigest() for name, body in files}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
-def base_submission_id(argv: tuple[str, ...], key: str = "") -> str:
-    return f"vaegen-{argv[0]}-{spec_digest(argv, key)[:12]}"
+def base_submission_id(argv: tuple[str, ...], key: str = "", files: tuple[tuple[str, bytes], ...] = ()) -> str:
+    return f"vaegen-{argv[0]}-{spec_digest(argv, key, files)[:12]}"
 
 
 def attempt_number(base: str, submission_id: str) -> int | None:
@@ -89,11 +95,13 @@ def job_env(pass_credentials: bool, environ: dict[str, str] | None = None) -> di
     return env
 
 
-def runtime_env(cfg: SubmitConfig) -> dict:
+def runtime_env(cfg: SubmitConfig, working_dir: str | None = None) -> dict:
     env: dict = {"env_vars": job_env(cfg.pass_credentials)}
     if cfg.upload_code:
         root = Path(__file__).resolve().parent.parent
         env["py_modules"] = [str(root / p) for p in PACKAGES]
+    if working_dir:
+        env["working_dir"] = working_dir
     return env
 
 
@@ -146,7 +154,7 @@ def attempts(client: "JobSubmissionClient", base: str) -> list:
 
 
 def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
-    base = base_submission_id(cfg.argv, cfg.key)
+    base = base_submission_id(cfg.argv, cfg.key, cfg.files)
     earlier = attempts(client, base)
     for job in earlier:
         if str(job.status.value) in ACTIVE:
@@ -155,11 +163,15 @@ def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
             return Submission(job.submission_id, "already-succeeded", job.submission_id)
     submission_id = base if not earlier else f"{base}-r{len(earlier) + 1}"
     try:
-        client.submit_job(entrypoint=entrypoint(cfg.argv), submission_id=submission_id,
-                          runtime_env=runtime_env(cfg),
-                          metadata={"vaegen_spec": spec_digest(cfg.argv, cfg.key), "vaegen_key": cfg.key},
-                          entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
-                          entrypoint_num_gpus=cfg.entrypoint_num_gpus or None)
+        with tempfile.TemporaryDirectory(prefix="vaegen-submit-") as folder:    # uploaded by submit_job
+            for name, body in cfg.files:
+                Path(folder, name).write_bytes(body)
+            client.submit_job(entrypoint=entrypoint(cfg.argv), submission_id=submission_id,
+                              runtime_env=runtime_env(cfg, folder if cfg.files else None),
+                              metadata={"vaegen_spec": spec_digest(cfg.argv, cfg.key, cfg.files),
+                                        "vaegen_key": cfg.key},
+                              entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
+                              entrypoint_num_gpus=cfg.entrypoint_num_gpus or None)
     except RuntimeError as e:
         if "already exists" in str(e):          # a concurrent submit of the same spec won the id
             return Submission(submission_id, "already-running", submission_id)

@@ -54,6 +54,20 @@ def config_path(argv: list[str]) -> str | None:
     return None
 
 
+def with_config_name(argv: list[str], name: str) -> list[str]:
+    """argv with its --config value replaced by `name` (a job elsewhere gets the file, not this path)."""
+    out, tokens = [], iter(argv)
+    for token in tokens:
+        if token == "--":
+            return out + [token, *tokens]
+        if token == CONFIG_FLAG:
+            out += [token, name]
+            next(tokens)
+        else:
+            out.append(f"{CONFIG_FLAG}={name}" if token.startswith(CONFIG_FLAG + "=") else token)
+    return out
+
+
 def leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, str]:
     """The parser that will take the verb's flags (descending `jobs status`-style actions), and its name."""
     words, tokens = [], iter(argv)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vae_core.errors import VaegenError
@@ -75,10 +76,11 @@ def verb_names() -> list[str]:
     return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
-def check_command(command: list[str]) -> tuple[str, ...]:
-    """The argv after `--`, checked against this vaegen's own parser before anything is sent."""
+def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
+    """The argv after `--`, checked against this vaegen's own parser before anything is sent, and the --config
+    file it names (this machine's file: the job gets its bytes, and the flag just its name)."""
     from .cli import build_parser
-    from .config_file import parse_args
+    from .config_file import config_path, parse_args, with_config_name
     argv = command[1:] if command[:1] == ["--"] else command
     if not argv:
         raise VaegenError("nothing to submit: give a vaegen verb after `--`")
@@ -87,12 +89,18 @@ def check_command(command: list[str]) -> tuple[str, ...]:
         known = ", ".join(v for v in verbs if v not in NOT_SUBMITTABLE)
         raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {known})")
     parse_args(build_parser(), list(argv))       # a bad flag (or --config key) stops here, with its own message
-    return tuple(argv)
+    path = config_path(list(argv))
+    if path is None:
+        return tuple(argv), ()
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        return tuple(with_config_name(list(argv), name)), ((name, f.read()),)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from cluster.submit import SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code, submit
-    cfg = SubmitConfig(address=args.address, argv=check_command(args.command), wait=args.wait,
+    argv, files = check_command(args.command)
+    cfg = SubmitConfig(address=args.address, argv=argv, files=files, wait=args.wait,
                        upload_code=args.upload_code, pass_credentials=args.pass_credentials, key=args.key,
                        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
     client = connect(cfg.address)

@@ -150,11 +150,27 @@ def test_submit_wait_trains_into_s3_and_a_resubmission_is_reported_not_rerun(ray
     assert unknown.returncode == 2 and unknown.stderr.startswith("vaegen: error: job vaegen-train-000000000000")
 
 
+def test_a_config_file_travels_with_the_job(ray_head, s3_dataset, tmp_path):
+    """--config names a file on this machine; the job gets the file itself (the cluster cannot read our disk)."""
+    settings = tmp_path / "nightly.toml"
+    settings.write_text('name = "fm-config"\nepochs = 1\nhidden-dim = 48\n')
+    argv = ["train", "--config", str(settings), "--root", s3_dataset.root, "--s3-endpoint", s3_dataset.s3_endpoint,
+            "--dataset", "fm", "--max-images", "500", "--latent-dim", "4", "--no-progress"]
+    run = vaegen("submit", "--address", ray_head["address"], "--wait", "--", *argv, token_path=ray_head["token_path"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "published fm-config@v0001" in run.stdout
+    assert Registry(Storage(s3_dataset)).load("fm-config").model.cfg.hidden_dim == 48
+    shipped = ("train", "--config", "nightly.toml", *argv[3:])
+    assert f"submitted {base_submission_id(shipped, files=(('nightly.toml', settings.read_bytes()),))}" in run.stdout
+    assert base_submission_id(shipped, files=(("nightly.toml", b"epochs = 2\n"),)) not in run.stdout   # edited: new
+
+
 def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_head, s3_dataset):
     address, token = ray_head["address"], ray_head["token_path"]
-    # Long enough (≈5-10 s of training) that the first job is surely still running when the second submit asks:
-    # the usual 1-epoch job can finish before a second CLI process has started.
-    argv = [*train_argv(s3_dataset), "--name", "fm-attach", "--epochs", "150", "--patience", "150"]
+    # Long enough (≈20 s of training) that the first job is surely still running when the second submit asks:
+    # the usual 1-epoch job can finish before a second CLI process has started, and 150 epochs could too once
+    # the cluster had run a job before.
+    argv = [*train_argv(s3_dataset), "--name", "fm-attach", "--epochs", "400", "--patience", "400"]
     first = vaegen("submit", "--address", address, "--", *argv, token_path=token)
     assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout
     second = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
