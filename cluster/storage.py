@@ -137,16 +137,27 @@ class Storage:
 
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
-        selector = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
-        infos = self._arrow(lambda: self.fs.get_file_info(selector), prefix)
+        infos = self._file_infos(prefix, recursive)
         start = len(self.base) + 1
         return sorted((Entry(i.path[start:], i.size) for i in infos
                        if i.type == pafs.FileType.File and not i.path.endswith("/")), key=lambda e: e.key)
 
     def list_dirs(self, prefix: str) -> list[str]:
-        selector = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
-        infos = self._arrow(lambda: self.fs.get_file_info(selector), prefix)
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in self._file_infos(prefix, False) if i.type == pafs.FileType.Directory)
+
+    def _file_infos(self, prefix: str, recursive: bool, attempts: int = 5) -> list:
+        """A local walk stats each entry it finds: one that another process renames or deletes meanwhile (a
+        publish's temp file) raises FileNotFoundError, which allow_not_found does not cover. Walk again."""
+        selector = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
+
+        def walk():
+            for attempt in range(attempts):
+                try:
+                    return self.fs.get_file_info(selector)
+                except FileNotFoundError:
+                    if attempt == attempts - 1:
+                        raise
+        return self._arrow(walk, prefix)
 
     # -- writes ------------------------------------------------------------------------------------
     def publish(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
