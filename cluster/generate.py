@@ -189,9 +189,9 @@ class ShardMaker:
                 self.enter("decode")
                 part = slice(start, start + size)
                 y = None if labels is None else labels[part]
-                y_part = None if y_all is None else y_all[part]
-                images = (self.model.generate(z[part].to(self.device), y_part) if self.plan.spec.pixels == "mean"
-                          else self.model.sample_images(z[part].to(self.device), y_part, gen))
+                z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
+                images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
+                          else self.model.sample_images(z_part, y_part, gen))
                 yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)
