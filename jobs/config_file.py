@@ -40,31 +40,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return parser.parse_args(argv)
 
 
-def config_path(argv: list[str]) -> str | None:
-    """The --config value, looked for up to a bare `--` (what follows it belongs to another command)."""
+def _config_at(argv: list[str]) -> tuple[int, bool] | None:
+    """(index of the --config token, whether its value is inline as --config=FILE), looked for up to a bare
+    `--` (what follows it belongs to another command); None if there is none."""
     for i, token in enumerate(argv):
         if token == "--":
             return None
         if token == CONFIG_FLAG:
             if i + 1 >= len(argv):
                 raise VaegenError(f"{CONFIG_FLAG} needs a file")
-            return argv[i + 1]
+            return i, False
         if token.startswith(CONFIG_FLAG + "="):
-            return token.split("=", 1)[1]
+            return i, True
     return None
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The --config value, if argv has one."""
+    at = _config_at(argv)
+    if at is None:
+        return None
+    i, inline = at
+    return argv[i].split("=", 1)[1] if inline else argv[i + 1]
 
 
 def with_config_name(argv: list[str], name: str) -> list[str]:
     """argv with its --config value replaced by `name` (a job elsewhere gets the file, not this path)."""
-    out, tokens = [], iter(argv)
-    for token in tokens:
-        if token == "--":
-            return out + [token, *tokens]
-        if token == CONFIG_FLAG:
-            out += [token, name]
-            next(tokens)
-        else:
-            out.append(f"{CONFIG_FLAG}={name}" if token.startswith(CONFIG_FLAG + "=") else token)
+    at = _config_at(argv)
+    if at is None:
+        return list(argv)
+    i, inline = at
+    out = list(argv)
+    out[i if inline else i + 1] = f"{CONFIG_FLAG}={name}" if inline else name
     return out
 
 

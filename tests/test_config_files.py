@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from jobs.cli import build_parser, main as vaegen
-from jobs.config_file import effective_settings, parse_args
+from jobs.config_file import effective_settings, parse_args, with_config_name
 from jobs.generate_cmds import run_generate
 from jobs.train_cmds import run_train
 
@@ -91,3 +91,10 @@ def test_every_verb_takes_config(tmp_path):
             p for a in sub._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
         for leaf in leaves:
             assert "--config" in leaf._option_string_actions or name == "config", name
+
+
+def test_a_submitted_command_names_its_config_file_not_this_machines_path():
+    assert with_config_name(["train", "--config", "/home/me/b.toml", "--epochs", "1"], "b.toml") == [
+        "train", "--config", "b.toml", "--epochs", "1"]
+    assert with_config_name(["train", "--config=/home/me/b.toml"], "b.toml") == ["train", "--config=b.toml"]
+    assert with_config_name(["train", "--", "--config", "x"], "b.toml") == ["train", "--", "--config", "x"]
