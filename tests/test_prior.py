@@ -49,7 +49,7 @@ def test_an_unfitted_mixture_is_the_standard_normal():
 def test_em_recovers_a_known_mixture_and_sampling_follows_it():
     truth = random_mixture(groups=1, components=3, dim=2, seed=3)
     z = truth.sample(30_000, None, torch.Generator().manual_seed(0))
-    logits, loc, scale_tril = fit_mixture(z, 3, torch.Generator().manual_seed(1))
+    logits, loc, scale_tril = fit_mixture(z, None, 3, torch.Generator().manual_seed(1))
     fitted = MixturePrior(1, 3, 2)
     fitted.load(logits[None], loc[None], scale_tril[None])
     held_out = truth.sample(5_000, None, torch.Generator().manual_seed(2))
@@ -57,6 +57,30 @@ def test_em_recovers_a_known_mixture_and_sampling_follows_it():
     assert fitted.log_prob(held_out, None).mean() > truth.log_prob(held_out, None).mean() - 0.02
     order = loc[:, 0].argsort()
     torch.testing.assert_close(loc[order], truth.loc[0][truth.loc[0][:, 0].argsort()], atol=0.1, rtol=0)
+
+
+def test_em_on_posterior_gaussians_widens_each_component_by_their_variance():
+    truth = random_mixture(groups=1, components=3, dim=2, seed=3)
+    mu = truth.sample(3_000, None, torch.Generator().manual_seed(0))
+    _, loc, scale_tril = fit_mixture(mu, torch.full_like(mu, 0.1), 3, torch.Generator().manual_seed(1))
+    widened = truth.scale_tril[0] @ truth.scale_tril[0].mT + 0.1 * torch.eye(2)
+    torch.testing.assert_close((scale_tril @ scale_tril.mT)[loc[:, 0].argsort()],
+                               widened[truth.loc[0, :, 0].argsort()], atol=0.05, rtol=0)
+
+
+def test_em_on_posterior_gaussians_generalises_better_than_em_on_one_draw_of_each():
+    """Many components on few posteriors (as 100 components on fmnist-best's): a fit to one sample per
+    posterior learns those samples; the fit to the Gaussians explains fresh draws from them better."""
+    mu = random_mixture(groups=1, components=3, dim=2, seed=3).sample(300, None, torch.Generator().manual_seed(0))
+    var = torch.full_like(mu, 0.1)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        to_gaussians, to_draws = MixturePrior(1, 20, 2), MixturePrior(1, 20, 2)
+        to_gaussians.load(*(p[None] for p in fit_mixture(mu, var, 20, g)))
+        one_draw = mu + var.sqrt() * torch.randn(mu.shape, generator=g)
+        to_draws.load(*(p[None] for p in fit_mixture(one_draw, None, 20, g)))
+        fresh = torch.cat([mu + var.sqrt() * torch.randn(mu.shape, generator=g) for _ in range(20)])
+        assert to_gaussians.log_prob(fresh, None).mean() > to_draws.log_prob(fresh, None).mean() + 0.02
 
 
 def test_a_class_prior_samples_each_class_from_its_own_gaussian():
