@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from vae_core.artifacts import model_version_files
 from vae_core.config import TrainJobConfig, to_dict
 from vae_core.models import VAE, build_model
-from vae_core.train import EpochMetrics, ImageSet, evaluate, fit, fit_prior, iterate_batches, split_train_val
+from vae_core.train import (EpochMetrics, ImageSet, evaluate, fit, fit_prior, iterate_batches, mean_image,
+                            split_train_val, start_output)
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
 from .registry import ModelRef, Registry
@@ -40,6 +41,7 @@ def train_single_process(job: TrainJobConfig, progress: bool = True,
     train_set, val_set = read_train_val(storage, job)
     torch.manual_seed(job.train.seed)
     model = build_model(model_cfg)
+    start_output(model, mean_image(train_set), job.train)
     if initial_state is not None:
         model.load_state_dict(initial_state)
 

@@ -30,7 +30,8 @@ from vae_core.config import TrainJobConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
 from vae_core.train import (Batch, EarlyStopping, EpochMetrics, ImageSet, epoch_metrics, evaluate,
-                            iterate_batches, make_optimizer, split_indices, start_epoch, train_epoch, unwrap)
+                            iterate_batches, make_optimizer, mean_image, split_indices, start_epoch,
+                            start_output, train_epoch, unwrap)
 
 from .datasets import bind_model_to_dataset, read_manifest, shard_keys, table_arrays
 from .local_train import TrainResult, publish_trained_model, read_train_val
@@ -62,15 +63,17 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     if storage.exists(f"{run}/{PUBLISHED_FILE}"):
         return published_result(storage, run)
     train_ids, val_ids = train_val_ids(manifest, job)
+    # Read (and checksum) once before any worker starts: the mean image starts the decoder, and after training
+    # the same images fit the prior and draw the reconstruction grid.
+    train_set, val_set = read_train_val(storage, job)
 
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
-        state = fit_on_ray(storage, job, train_ids, val_ids, progress)
+        state = fit_on_ray(storage, job, train_ids, val_ids, mean_image(train_set), progress)
 
     model = build_model(job.model)
     model.load_state_dict(state["stopper"]["best_state"])
     history = [EpochMetrics(**m) for m in state["history"]]
-    train_set, val_set = read_train_val(storage, job)      # the prior's fit and the reconstruction grid
     first_batch = [s["first_batch_at"] for s in state["starts"] if s["first_batch_at"] >= started]
     summary = {"best_epoch": state["stopper"]["best_epoch"], "best_val_loss": state["stopper"]["best_loss"],
                "epochs_run": len(history), "stopped_early": state["stopped_early"],
@@ -161,7 +164,7 @@ def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndar
 
 
 def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val_ids: np.ndarray,
-               progress: bool) -> dict:
+               start_image: torch.Tensor, progress: bool) -> dict:
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -175,7 +178,8 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids)},
+        train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids),
+                           "mean_image": start_image.tolist()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=job.ray.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
@@ -213,6 +217,7 @@ def train_loop_per_worker(raw: dict) -> None:
 
     torch.manual_seed(job.train.seed)                      # same initial weights on every worker
     model = build_model(job.model)
+    start_output(model, torch.tensor(raw["mean_image"]), job.train)
     stopper = EarlyStopping(job.train.patience)
     checkpoint = ray.train.get_checkpoint()
     state = load_state(checkpoint) if checkpoint else None

@@ -77,6 +77,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="learning rate per epoch (default: %(default)s)")
     g.add_argument("--kl-warmup-epochs", type=int, default=t.kl_warmup_epochs,
                    help="ramp the KL weight up over the first N epochs (default: %(default)s)")
+    g.add_argument("--output-init", choices=["mean", "default"], default=t.output_init,
+                   help="mean: the decoder starts at the training images' mean image; default: PyTorch's "
+                        "initialisation (default: %(default)s)")
 
 
 def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
@@ -85,7 +88,8 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                  patience=args.patience, val_fraction=args.val_fraction, binarize=args.binarize,
                  max_images=args.max_images, seed=args.seed, threads=args.threads,
-                 lr_schedule=args.lr_schedule, kl_warmup_epochs=args.kl_warmup_epochs)
+                 lr_schedule=args.lr_schedule, kl_warmup_epochs=args.kl_warmup_epochs,
+                 output_init=args.output_init)
     conditional = args.conditional
     if args.preset:
         model, train, preset_conditional = with_preset(args.preset, model, train, given_flags(args))

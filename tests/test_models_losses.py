@@ -6,10 +6,11 @@ import sys
 import pytest
 import torch
 
-from vae_core.config import ModelConfig
+from vae_core.config import ModelConfig, TrainConfig
 from vae_core.errors import VaegenError
 from vae_core.losses import bernoulli_nll, elbo_loss, gaussian_nll, kl_divergence
 from vae_core.models import ConvVAE, MLPVAE, build_model
+from vae_core.train import ImageSet, fit, mean_image, split_train_val, start_output
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -116,3 +117,29 @@ def test_vae_core_never_imports_ray_pyarrow_or_boto3():
             "print(sorted(m for m in ('ray', 'pyarrow', 'boto3', 'botocore') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_starting_at_the_mean_image_sets_the_output_bias_to_its_log_odds():
+    grey = torch.rand(1, 28, 28) * 0.9 + 0.05
+    mlp = build_model(ModelConfig(image_shape=(1, 28, 28), hidden_dim=32, latent_dim=4))
+    mlp.start_at_mean_image(grey)                # one bias per pixel
+    torch.testing.assert_close(torch.sigmoid(mlp.dec_out.bias), grey.flatten())
+    colour = torch.rand(3, 32, 32) * 0.9 + 0.05
+    conv = build_model(ModelConfig(arch="conv", image_shape=(3, 32, 32), hidden_dim=32, latent_dim=4))
+    conv.start_at_mean_image(colour)             # one bias per channel: the channel's mean level
+    torch.testing.assert_close(torch.sigmoid(conv.deconvs[-1].bias), colour.mean((1, 2)))
+
+
+def test_starting_at_the_mean_image_trains_to_a_lower_loss(small_fashion):
+    """The classic MLP, one epoch on 1,600 real images: the mean-image start is far ahead of PyTorch's default
+    (352 against 399 nats when written)."""
+    (images, labels), _ = small_fashion
+    train, val = split_train_val(ImageSet(torch.from_numpy(images)), 0.2, seed=0)
+    val_loss = {}
+    for output_init in ("default", "mean"):
+        cfg = TrainConfig(epochs=1, output_init=output_init)
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(image_shape=(1, 28, 28)))
+        start_output(model, mean_image(train), cfg)
+        val_loss[output_init] = fit(model, train, val, cfg).best_val_loss
+    assert val_loss["mean"] < val_loss["default"] - 20, val_loss

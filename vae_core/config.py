@@ -13,6 +13,7 @@ from .errors import VaegenError
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 LR_SCHEDULES = ("constant", "cosine")
+OUTPUT_INITS = ("mean", "default")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -77,6 +78,8 @@ class TrainConfig:
     threads: int = 0                   # torch threads (0 = torch's default)
     lr_schedule: str = "constant"      # constant | cosine (per epoch, from lr down to lr/100)
     kl_warmup_epochs: int = 0          # KL weight ramps linearly from β/W to β over the first W epochs
+    output_init: str = "mean"          # mean: the decoder starts out drawing the training images' mean image
+                                       # (VAE.start_at_mean_image); default: PyTorch's own initialisation
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
@@ -90,6 +93,8 @@ class TrainConfig:
         _require(self.lr_schedule in LR_SCHEDULES,
                  f"--lr-schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
         _require(self.kl_warmup_epochs >= 0, f"--kl-warmup-epochs={self.kl_warmup_epochs} must be >= 0")
+        _require(self.output_init in OUTPUT_INITS,
+                 f"--output-init={self.output_init!r} must be one of {', '.join(OUTPUT_INITS)}")
 
 
 @dataclass(frozen=True, kw_only=True)

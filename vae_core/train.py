@@ -30,6 +30,17 @@ class ImageSet:
         return ImageSet(self.images[index], None if self.labels is None else self.labels[index])
 
 
+def mean_image(data: ImageSet) -> Tensor:
+    """The per-pixel mean in [0, 1]: (C, H, W)."""
+    return data.images.mean(0, dtype=torch.float32) / 255.0
+
+
+def start_output(model: VAE, mean: Tensor, cfg: TrainConfig) -> None:
+    """Where the decoder starts (TrainConfig.output_init); a checkpoint or warm start loaded later wins."""
+    if cfg.output_init == "mean":
+        model.start_at_mean_image(mean)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """(train, val) positions of a seeded random split: the same seed always holds out the same images,
     whether the set is in memory (split_train_val) or streamed by Ray Data (selected by position)."""
