@@ -230,6 +230,16 @@ def test_dataset_of_another_image_shape(local_storage_config, small_fashion):
     assert_nothing_published(local_storage_config)
 
 
+def test_a_corrupt_shard_fails_the_run_before_any_worker_starts(local_storage_config, small_fashion):
+    storage = ingest_small_fashion(local_storage_config, small_fashion)
+    storage.publish(f"datasets/{DATASET}/train/part-00001.parquet", b"garbage")
+    job = job_for(local_storage_config)
+    with pytest.raises(VaegenError, match="fails its sha256"):
+        train_on_ray(job, progress=False)
+    assert checkpoint_keys(storage, job.ray.run_id) == []
+    assert_nothing_published(local_storage_config)
+
+
 def test_unreachable_s3_endpoint(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
