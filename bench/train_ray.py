@@ -9,7 +9,9 @@ with torch's default threads and with one thread (multi-threaded torch collapses
 It compares at the classic global batch (128) and at larger ones (512 to 2048), each trainer at the same batch:
 a DDP step pays one all-reduce of every gradient whatever the batch, so the batch sets how much compute that
 cost is spread over. The first line measures that cost here (gloo, two local processes, one thread each), so the
-ratios can be read against it.
+ratios can be read against it. Per batch size, `independent-processes` is the ceiling for any data-parallel
+trainer: N one-thread processes, each training alone on 1/N of the images at 1/N of the batch, with no
+synchronisation at all (each still pays a whole optimizer step per step, as every DDP worker does).
 
     PYTHONPATH=. python bench/train_ray.py --images 60000 --epochs 4      # the full figures
     PYTHONPATH=. python bench/train_ray.py --images 4000 --epochs 2 --batch-sizes 128   # a quick check
@@ -78,6 +80,34 @@ def _allreduce_worker(rank: int, parameters: int, rounds: int, port: int, result
     dist.destroy_process_group()
 
 
+def independent_ceiling(images, batch_size: int, epochs: int, processes: int) -> int:
+    """Images/s summed over `processes` one-thread trainers running at once, each on its own 1/N of the
+    images at batch batch_size/N, sharing nothing (vae_core.fit in spawned processes; later-epoch median)."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    share = len(images) // processes
+    procs = [ctx.Process(target=_independent_worker, args=(images[i * share:(i + 1) * share],
+                                                           batch_size // processes, epochs, result))
+             for i in range(processes)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return round(sum(result.get() for _ in procs))
+
+
+def _independent_worker(images, batch_size: int, epochs: int, result) -> None:
+    from vae_core.train import ImageSet, fit
+    torch.set_num_threads(1)
+    x = torch.from_numpy(images)
+    torch.manual_seed(0)
+    history = fit(build_model(ModelConfig(image_shape=tuple(x.shape[1:]))), ImageSet(x), ImageSet(x[:1000]),
+                  TrainConfig(epochs=epochs, batch_size=batch_size, patience=epochs, threads=1)).history
+    result.put(statistics.median(m.images_per_s for m in history[1:]) if len(history) > 1
+               else history[0].images_per_s)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=60_000, help="training images (default: %(default)s)")
@@ -98,11 +128,12 @@ def main() -> None:
                                fashion.label_names, fashion.source)
         ingest(open_storage(storage_cfg, for_writing=True), "fashion-mnist", dataset, progress=False)
         for batch_size in args.batch_sizes:
-            compare_at(storage_cfg, batch_size, args)
+            compare_at(storage_cfg, batch_size, args, train.images[:args.images])
 
 
-def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Namespace) -> None:
-    """The single process (default threads and one thread), then Ray Train with each worker count."""
+def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Namespace, images) -> None:
+    """The single process (default threads and one thread), the no-synchronisation ceiling, then Ray Train
+    with each worker count."""
     job = TrainJobConfig(storage=storage_cfg, dataset="fashion-mnist", name=f"bench-b{batch_size}",
                          train=TrainConfig(epochs=args.epochs, batch_size=batch_size, patience=args.epochs))
     common = {"bench": "train_ray", "model": "mlp 784-400-20", "batch_global": batch_size, "cpus": os.cpu_count()}
@@ -115,6 +146,11 @@ def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Names
         print(json.dumps({**common, "trainer": "single-process", "workers": 1,
                           "torch_threads": torch.get_num_threads(), **single}), flush=True)
         base = max(base, single["img_per_s_later_epochs"] or single["img_per_s_epoch1"])
+    for workers in [w for w in args.workers if w > 1]:
+        ceiling = independent_ceiling(images, batch_size, args.epochs, workers)
+        print(json.dumps({**common, "trainer": "independent-processes", "workers": workers, "torch_threads": 1,
+                          "img_per_s_later_epochs": ceiling, "ratio_vs_single": round(ceiling / base, 2)}),
+              flush=True)
     for workers in args.workers:
         ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0))
         started = time.perf_counter()
