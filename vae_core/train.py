@@ -260,9 +260,8 @@ def fit_prior(model: VAE, train: ImageSet, cfg: TrainConfig, held_out: ImageSet 
     encodings = [posterior_moments(model, train, cfg, generator) for _ in range(passes)]
     mu, var = (torch.cat(part) for part in zip(*encodings))
     labels = None if train.labels is None else train.labels.repeat(passes)
-    fits = [fit_mixture(mu, var, model.cfg.prior_components, generator) if model.prior.groups == 1 else
-            fit_mixture(mu[labels == g], var[labels == g], model.cfg.prior_components, generator)
-            for g in range(model.prior.groups)]
+    groups = [slice(None)] if model.prior.groups == 1 else [labels == g for g in range(model.prior.groups)]
+    fits = [fit_mixture(mu[rows], var[rows], model.cfg.prior_components, generator) for rows in groups]
     model.prior.load(*(torch.stack(part) for part in zip(*fits)))
     gains = {"prior_elbo_gain_train": prior_gain(model, posterior_sample(*encodings[0], generator), train.labels)}
     if held_out is not None and len(held_out):
