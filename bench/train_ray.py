@@ -115,6 +115,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 1024, 2048],
                    help="global batches to compare at; each trainer uses the same one (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sync-every", type=int, nargs="+", default=[1, 8],
+                   help="with several workers, each of these: 1 = gradient all-reduce every step, K = weights "
+                        "averaged every K steps (post-local SGD) (default: %(default)s)")
     args = p.parse_args()
 
     fashion = read_fashion_mnist()
@@ -151,14 +154,15 @@ def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Names
         print(json.dumps({**common, "trainer": "independent-processes", "workers": workers, "torch_threads": 1,
                           "img_per_s_later_epochs": ceiling, "ratio_vs_single": round(ceiling / base, 2)}),
               flush=True)
-    for workers in args.workers:
-        ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0))
+    runs = [(w, k) for w in args.workers for k in (args.sync_every if w > 1 else [1])]
+    for workers, sync_every in runs:
+        ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0, sync_every=sync_every))
         started = time.perf_counter()
         result = train_on_ray(ray_job, progress=False)
         ray_figures = figures(result, time.perf_counter() - started)
         later = ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]
-        print(json.dumps({**common, "trainer": "ray-train", "workers": workers, "torch_threads": 1,
-                          **ray_figures,
+        print(json.dumps({**common, "trainer": "ray-train", "workers": workers, "sync_every": sync_every,
+                          "torch_threads": 1, **ray_figures,
                           "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1),
                           "ratio_vs_single": round(later / base, 2)}), flush=True)
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from vae_core.config import TrainJobConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
@@ -224,10 +225,15 @@ def train_loop_per_worker(raw: dict) -> None:
     if state:
         model.load_state_dict(state["model"])
         stopper.load_state_dict(state["stopper"])
-    # To the device, DDP when world size > 1. Our buffers (a fixed σ, the prior: fitted only after training)
-    # never change while training, so DDP need not broadcast them before every forward (a gloo round trip).
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    # To the device, DDP when world size > 1 (unless the workers average weights instead of gradients). Our
+    # buffers (a fixed σ, the prior: fitted only after training) never change while training, so DDP need not
+    # broadcast them before every forward (a gloo round trip).
+    local_steps = job.ray.sync_every > 1 and context.get_world_size() > 1
+    model = ray.train.torch.prepare_model(model, parallel_strategy=None if local_steps else "ddp",
+                                          parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = make_optimizer(model, job.train)
+    if local_steps:
+        optimizer = averaging_weights(optimizer, job.ray.sync_every)
     if state:
         optimizer.load_state_dict(state["optimizer"])
     history = state["history"] if state else []
@@ -254,6 +260,8 @@ def train_loop_per_worker(raw: dict) -> None:
         beta = start_epoch(optimizer, epoch, job.train)          # lr schedule and KL warm-up, as in vae_core.fit
         train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator, beta=beta),
                                        device)
+        if local_steps:                     # every worker evaluates, and rank 0 checkpoints, the same weights
+            average_parameters(model.parameters(), None)
         if train_means["n"] < raw["train_images"] - context.get_world_size():   # an even split drops < 1 row each
             raise RuntimeError(f"epoch {epoch} saw {train_means['n']} of {raw['train_images']} training images")
         seconds = time.perf_counter() - begin
@@ -276,6 +284,16 @@ def train_loop_per_worker(raw: dict) -> None:
         report_epoch(metrics, state if rank == 0 else None)
         if stopped_early:
             break
+
+
+def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torch.optim.Optimizer:
+    """Post-local SGD (Lin et al. 2018, torch's own implementation): each worker takes Adam steps on its own
+    batches and the workers' weights are averaged every `sync_every` steps. On CPU workers a gradient all-reduce
+    costs as much as a small batch's compute; this pays it K times less often. Each worker keeps its own Adam
+    moments; rank 0's are checkpointed."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+    return PostLocalSGDOptimizer(optimizer, PeriodicModelAverager(period=sync_every, warmup_steps=0))
 
 
 def torch_batches(shard, batch_size: int, seed: int) -> Iterator[Batch]:

@@ -119,12 +119,18 @@ def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None =
                    help="checkpoints kept per run (default: %(default)s)")
     g.add_argument("--stream-epochs", action="store_true",
                    help="stream every epoch from storage instead of keeping each worker's shard in memory")
+    g.add_argument("--sync-every", type=int, default=r.sync_every, metavar="K",
+                   help="1: all-reduce the gradients every step (exact data-parallel Adam); K > 1: each worker "
+                        "steps on its own batches and the workers' weights are averaged every K steps "
+                        "(post-local SGD: K times less communication, a slightly different optimisation) "
+                        "(default: %(default)s)")
 
 
 def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
     """The Ray Train settings, or None when --workers is not given (train in one process)."""
     if args.workers is None:
-        ray_only = {"--address": args.address, "--run-id": args.run_id, "--gpus-per-worker": args.gpus_per_worker}
+        ray_only = {"--address": args.address, "--run-id": args.run_id, "--gpus-per-worker": args.gpus_per_worker,
+                    "--sync-every": args.sync_every != 1}
         given = [flag for flag, value in ray_only.items() if value]
         if given:
             raise VaegenError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to Ray Train: "
@@ -133,4 +139,4 @@ def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
     return RayTrainConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, run_id=args.run_id,
                           max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints,
-                          cache_shards=not args.stream_epochs)
+                          cache_shards=not args.stream_epochs, sync_every=args.sync_every)

@@ -4,6 +4,7 @@
 training (most of a fit here is Ray Train's start-up)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -131,6 +132,23 @@ def test_one_worker_matches_two_workers_at_the_same_global_batch(s3_fashion, two
     one = train_on_ray(replace(job, ray=RayTrainConfig(workers=1, run_id=unique_name("run"))), progress=False)
     a, b = one.summary["best_val_loss"], two.summary["best_val_loss"]
     assert abs(a - b) / b < 0.04, (a, b)
+
+
+@pytest.mark.slow
+def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_reduce(s3_fashion, two_worker_run):
+    """--sync-every 4: each worker takes its own Adam steps and the weights are averaged every 4 steps (and at
+    every epoch's end, so that the workers evaluate and checkpoint the same model)."""
+    import torch
+    job, every_step = two_worker_run
+    local = train_on_ray(replace(job, ray=replace(job.ray, run_id=unique_name("run"), sync_every=4)),
+                         progress=False)
+    a, b = local.summary["best_val_loss"], every_step.summary["best_val_loss"]
+    assert abs(a - b) / b < 0.04, (a, b)
+    assert local.history[-1].val_loss < local.history[0].val_loss
+    storage = open_storage(s3_fashion)
+    last = max(checkpoint_keys(storage, local.summary["run_id"]))
+    optimizer = torch.load(io.BytesIO(storage.read_bytes(last)), weights_only=True)["optimizer"]
+    assert optimizer["step"] == 6 * 29       # the averager's steps (900 images a worker, 32 a batch) for a resume
 
 
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):
@@ -284,6 +302,13 @@ def test_wrong_credentials(s3_server_with_auth, monkeypatch):
 def test_workers_zero_is_a_cli_error(local_storage_config, capsys):
     assert vaegen(["train", "--workers", "0", "--root", local_storage_config.root]) == 2
     assert "vaegen: error: --workers=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_sync_every_needs_workers_and_a_positive_period(local_storage_config, capsys):
+    assert vaegen(["train", "--workers", "2", "--sync-every", "0", "--root", local_storage_config.root]) == 2
+    assert "vaegen: error: --sync-every=0 must be >= 1" in capsys.readouterr().err
+    assert vaegen(["train", "--sync-every", "4", "--root", local_storage_config.root]) == 2
+    assert "--sync-every applies only to Ray Train: add --workers N" in capsys.readouterr().err
 
 
 def test_global_batch_must_split_evenly(local_storage_config, small_fashion):

@@ -113,12 +113,14 @@ class RayTrainConfig:
     max_failures: int = 2              # worker-group restarts (from the last checkpoint) before the run fails
     checkpoints_to_keep: int = 2
     cache_shards: bool = True          # keep each worker's shard in memory after epoch 1; False = stream every epoch
+    sync_every: int = 1                # 1 = all-reduce gradients every step; K > 1 = average weights every K steps
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
         _require(self.gpus_per_worker >= 0, f"--gpus-per-worker={self.gpus_per_worker} must be >= 0")
         _require(self.cpus_per_worker > 0, f"--cpus-per-worker={self.cpus_per_worker} must be > 0")
         _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
+        _require(self.sync_every >= 1, f"--sync-every={self.sync_every} must be >= 1 (1 = every step)")
         _require(self.checkpoints_to_keep >= 1, f"--keep-checkpoints={self.checkpoints_to_keep} must be >= 1")
         _require(all(c.isalnum() or c in "-_." for c in self.run_id),
                  f"--run-id={self.run_id!r} may hold only letters, digits, '-', '_' and '.'")
