@@ -12,6 +12,9 @@ cost is spread over. The first line measures that cost here (gloo, two local pro
 ratios can be read against it. Per batch size, `independent-processes` is the ceiling for any data-parallel
 trainer: N one-thread processes, each training alone on 1/N of the images at 1/N of the batch, with no
 synchronisation at all (each still pays a whole optimizer step per step, as every DDP worker does).
+With several workers Ray Train runs once per `--sync-every` value: 1 all-reduces the gradients every step
+(exact data-parallel Adam), K > 1 averages the workers' weights every K steps (post-local SGD); compare
+their `val_loss` with the single process's for what the saved communication costs.
 
     PYTHONPATH=. python bench/train_ray.py --images 60000 --epochs 4      # the full figures
     PYTHONPATH=. python bench/train_ray.py --images 4000 --epochs 2 --batch-sizes 128   # a quick check
