@@ -3,7 +3,8 @@
 The driver checks everything it can before any worker starts (storage, dataset, shapes, cluster size), streams
 the ingested Parquet shards to the workers with Ray Data, and at the end publishes the best weights as the next
 model version, in the same layout as the single-process trainer. Each worker runs vae_core's own epoch and
-evaluation steps inside DistributedDataParallel (gloo on CPU, NCCL on GPU).
+evaluation steps inside DistributedDataParallel (gloo on CPU, NCCL on GPU), or, with --sync-every K, on its own
+with the workers' weights averaged every K steps (post-local SGD).
 
 A run lives under train-runs/<run-id>/ on the storage root: Ray Train's checkpoints (one per epoch: model,
 optimizer, early-stopping state, history) and vaegen's own two files, _job.json (the settings the run started
@@ -168,7 +169,7 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved.
     The held-out images, which the driver has read anyway, reach every worker through the object store:
     streaming them with Ray Data meant each worker reading every shard to keep a tenth of the rows (16 of the
-    40 s to the first batch on 2 cores)."""
+    43 s to the first batch on 2 cores)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
