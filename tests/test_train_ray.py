@@ -165,9 +165,12 @@ def test_same_run_id_with_other_settings_is_refused(s3_fashion, two_worker_run):
         train_on_ray(changed, progress=False)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_storage_config, small_fashion):
+@pytest.mark.parametrize("sync_every", [1, pytest.param(4, marks=pytest.mark.slow)])   # 4: weights averaged
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_storage_config, small_fashion,
+                                                           sync_every):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
-    job = job_for(local_storage_config, epochs=12, max_failures=2, cache_shards=False)   # streamed: slow epochs
+    job = job_for(local_storage_config, epochs=12, max_failures=2, cache_shards=False,   # streamed: slow epochs
+                  sync_every=sync_every)
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
