@@ -4,7 +4,8 @@ Prints one JSON line per trainer: images/s inside the training loop (epoch 1, wh
 and the later epochs), images/s end to end (start of the call to the published version), and for Ray the
 seconds from the start of the call (ray.init included) to the first training batch. The single process runs
 with torch's default threads and with one thread (multi-threaded torch collapses on a loaded machine);
-`ratio_vs_single` compares Ray's later-epoch images/s with the faster of the two, measured in the same run.
+`ratio_vs_single` compares Ray's later-epoch images/s with the faster of the two, measured in the same run
+(the default-threads one before and after the others, and averaged).
 
 It compares at the classic global batch (128) and at larger ones (512 to 2048), each trainer at the same batch:
 a DDP step pays one all-reduce of every gradient whatever the batch, so the batch sets how much compute that
@@ -138,37 +139,46 @@ def main() -> None:
 
 
 def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Namespace, images) -> None:
-    """The single process (default threads and one thread), the no-synchronisation ceiling, then Ray Train
-    with each worker count."""
+    """The single process (default threads and one thread), the no-synchronisation ceiling, Ray Train with each
+    worker count, then the default-threads single process again: the baseline is the mean of its two runs, so
+    that a machine whose speed drifts during the comparison moves the baseline as it moves the others."""
     job = TrainJobConfig(storage=storage_cfg, dataset="fashion-mnist", name=f"bench-b{batch_size}",
                          train=TrainConfig(epochs=args.epochs, batch_size=batch_size, patience=args.epochs))
     common = {"bench": "train_ray", "model": "mlp 784-400-20", "batch_global": batch_size, "cpus": os.cpu_count()}
-    base = 0
-    for threads in (0, 1):
-        torch.set_num_threads(threads or os.cpu_count())
-        started = time.perf_counter()
-        single = figures(train_single_process(replace(job, train=replace(job.train, threads=threads)),
-                                              progress=False), time.perf_counter() - started)
-        print(json.dumps({**common, "trainer": "single-process", "workers": 1,
-                          "torch_threads": torch.get_num_threads(), **single}), flush=True)
-        base = max(base, single["img_per_s_later_epochs"] or single["img_per_s_epoch1"])
+    single_rates = {threads: [single_process(job, threads, common)] for threads in (0, 1)}
+    compared = []                                          # (line, images/s), printed once the baseline is known
     for workers in [w for w in args.workers if w > 1]:
         ceiling = independent_ceiling(images, batch_size, args.epochs, workers)
-        print(json.dumps({**common, "trainer": "independent-processes", "workers": workers, "torch_threads": 1,
-                          "img_per_s_later_epochs": ceiling, "ratio_vs_single": round(ceiling / base, 2)}),
-              flush=True)
+        compared.append(({**common, "trainer": "independent-processes", "workers": workers, "torch_threads": 1,
+                          "img_per_s_later_epochs": ceiling}, ceiling))
     runs = [(w, k) for w in args.workers for k in (args.sync_every if w > 1 else [1])]
     for workers, sync_every in runs:
         ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0, sync_every=sync_every))
         started = time.perf_counter()
         result = train_on_ray(ray_job, progress=False)
         ray_figures = figures(result, time.perf_counter() - started)
-        later = ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]
-        print(json.dumps({**common, "trainer": "ray-train", "workers": workers, "sync_every": sync_every,
+        compared.append(({**common, "trainer": "ray-train", "workers": workers, "sync_every": sync_every,
                           "torch_threads": 1, **ray_figures,
-                          "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1),
-                          "ratio_vs_single": round(later / base, 2)}), flush=True)
+                          "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1)},
+                         ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]))
+    time.sleep(10)        # Ray's processes take seconds to exit after shutdown: an epoch run meanwhile ran at half speed
+    single_rates[0].append(single_process(job, 0, common))
+    base = max(statistics.mean(rates) for rates in single_rates.values())
+    print(json.dumps({**common, "trainer": "baseline", "img_per_s": round(base),
+                      "default_threads_runs": single_rates[0], "one_thread_runs": single_rates[1]}), flush=True)
+    for line, rate in compared:
+        print(json.dumps({**line, "ratio_vs_single": round(rate / base, 2)}), flush=True)
 
+
+def single_process(job: TrainJobConfig, threads: int, common: dict) -> int:
+    """vaegen's single-process trainer (threads=0: torch's default); prints its line, returns its images/s."""
+    torch.set_num_threads(threads or os.cpu_count())
+    started = time.perf_counter()
+    single = figures(train_single_process(replace(job, train=replace(job.train, threads=threads)), progress=False),
+                     time.perf_counter() - started)
+    print(json.dumps({**common, "trainer": "single-process", "workers": 1, "torch_threads": torch.get_num_threads(),
+                      **single}), flush=True)
+    return single["img_per_s_later_epochs"] or single["img_per_s_epoch1"]
 
 if __name__ == "__main__":
     main()
