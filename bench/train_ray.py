@@ -161,7 +161,7 @@ def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Names
                           "torch_threads": 1, **ray_figures,
                           "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 1)},
                          ray_figures["img_per_s_later_epochs"] or ray_figures["img_per_s_epoch1"]))
-    time.sleep(10)        # Ray's processes take seconds to exit after shutdown: an epoch run meanwhile ran at half speed
+    time.sleep(10)       # Ray's processes take seconds to exit after shutdown; an epoch meanwhile runs at half speed
     single_rates[0].append(single_process(job, 0, common))
     base = max(statistics.mean(rates) for rates in single_rates.values())
     print(json.dumps({**common, "trainer": "baseline", "img_per_s": round(base),
