@@ -180,5 +180,6 @@ def single_process(job: TrainJobConfig, threads: int, common: dict) -> int:
                       **single}), flush=True)
     return single["img_per_s_later_epochs"] or single["img_per_s_epoch1"]
 
+
 if __name__ == "__main__":
     main()
