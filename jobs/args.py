@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
+from vae_core.config import (ADAM_IMPLS, ARCHS, LIKELIHOODS, LR_SCHEDULES, OUTPUT_INITS, ModelConfig, RayTrainConfig,
+                             StorageConfig, TrainConfig, TrainJobConfig)
 from vae_core.errors import VaegenError
 from vae_core.presets import PRESETS, with_preset
 
@@ -49,12 +50,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="a named recipe that sets the defaults below (flags you type still win): "
                         + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="arch", choices=["mlp", "conv"], default=m.arch,
+    g.add_argument("--model", dest="arch", choices=ARCHS, default=m.arch,
                    help="architecture: mlp (the reference 784-400-20 design) or conv (default: %(default)s)")
     g.add_argument("--latent-dim", type=int, default=m.latent_dim, help="latent size Z (default: %(default)s)")
     g.add_argument("--hidden-dim", type=int, default=m.hidden_dim, help="hidden layer width (default: %(default)s)")
     g.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the labels")
-    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default=m.likelihood,
+    g.add_argument("--likelihood", choices=LIKELIHOODS, default=m.likelihood,
                    help="reconstruction term (default: %(default)s)")
     g.add_argument("--sigma", type=float, default=m.sigma, help="gaussian σ; 0 = learned (default: %(default)s)")
     g.add_argument("--prior-components", type=int, default=m.prior_components, metavar="M",
@@ -73,14 +74,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-images", type=int, default=0, help="train on the first N images only (0 = all)")
     g.add_argument("--seed", type=int, default=t.seed, help="(default: %(default)s)")
     g.add_argument("--threads", type=int, default=t.threads, help="torch threads; 0 = torch's default")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=t.lr_schedule,
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule,
                    help="learning rate per epoch (default: %(default)s)")
     g.add_argument("--kl-warmup-epochs", type=int, default=t.kl_warmup_epochs,
                    help="ramp the KL weight up over the first N epochs (default: %(default)s)")
-    g.add_argument("--output-init", choices=["mean", "default"], default=t.output_init,
+    g.add_argument("--output-init", choices=OUTPUT_INITS, default=t.output_init,
                    help="mean: the decoder starts at the training images' mean image; default: PyTorch's "
                         "initialisation (default: %(default)s)")
-    g.add_argument("--adam", choices=["fused", "for-loop"], default=t.adam,
+    g.add_argument("--adam", choices=ADAM_IMPLS, default=t.adam,
                    help="fused: one pass over all the weights per Adam step; for-loop: torch's per-tensor loop, "
                         "the same maths with other rounding, ~3x slower on CPU (default: %(default)s)")
 
