@@ -54,19 +54,28 @@ def figures(result: TrainResult, seconds: float) -> dict:
             "val_loss": round(result.summary["best_val_loss"], 2)}
 
 
-def allreduce_floor(parameters: int, rounds: int = 40) -> float:
-    """Milliseconds one gloo all-reduce of `parameters` float32 gradients takes between two local processes
-    (one torch thread each, as Ray Train's CPU workers): the communication every DDP step pays."""
+def spawned(target, per_process_args: list[tuple]) -> list:
+    """Run `target(*args, results)` in one spawned process per args tuple, all at once; what they put in
+    `results`, once all have exited."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
-    result = ctx.Queue()
-    port = 29_000 + os.getpid() % 1000
-    procs = [ctx.Process(target=_allreduce_worker, args=(rank, parameters, rounds, port, result)) for rank in (0, 1)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, results)) for args in per_process_args]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
-    return result.get()
+    out = []
+    while not results.empty():
+        out.append(results.get())
+    return out
+
+
+def allreduce_floor(parameters: int, rounds: int = 40) -> float:
+    """Milliseconds one gloo all-reduce of `parameters` float32 gradients takes between two local processes
+    (one torch thread each, as Ray Train's CPU workers): the communication every DDP step pays."""
+    port = 29_000 + os.getpid() % 1000
+    return spawned(_allreduce_worker, [(rank, parameters, rounds, port) for rank in (0, 1)])[0]   # rank 0's
 
 
 def _allreduce_worker(rank: int, parameters: int, rounds: int, port: int, result) -> None:
@@ -87,18 +96,9 @@ def _allreduce_worker(rank: int, parameters: int, rounds: int, port: int, result
 def independent_ceiling(images, batch_size: int, epochs: int, processes: int) -> int:
     """Images/s summed over `processes` one-thread trainers running at once, each on its own 1/N of the
     images at batch batch_size/N, sharing nothing (vae_core.fit in spawned processes; later-epoch median)."""
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    result = ctx.Queue()
     share = len(images) // processes
-    procs = [ctx.Process(target=_independent_worker, args=(images[i * share:(i + 1) * share],
-                                                           batch_size // processes, epochs, result))
-             for i in range(processes)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    return round(sum(result.get() for _ in procs))
+    return round(sum(spawned(_independent_worker, [(images[i * share:(i + 1) * share], batch_size // processes,
+                                                    epochs) for i in range(processes)])))
 
 
 def _independent_worker(images, batch_size: int, epochs: int, result) -> None:
