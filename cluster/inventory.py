@@ -11,6 +11,7 @@ shards start, `shards-done` after them (the commit follows), `failed` (with the 
 leave `running`, which reads as partial: the next run resumes either way."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -53,6 +54,22 @@ def job_run_record(storage: Storage, plan):
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------
+def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
+    """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of manifest.json's
+    bytes: a manifest rewritten by another driver after this _SUCCESS, or a stray _SUCCESS, is not a commit."""
+    success_key, manifest_key = f"{prefix}/{JOB_SUCCESS}", f"{prefix}/{JOB_MANIFEST}"
+    if not storage.exists(success_key) or not storage.exists(manifest_key):
+        return None
+    try:
+        want = json.loads(storage.read_bytes(success_key))["manifest_sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    body = storage.read_bytes(manifest_key)
+    if hashlib.sha256(body).hexdigest() != want:
+        return None
+    return json.loads(body)
+
+
 @dataclass
 class JobStatus:
     job_id: str
