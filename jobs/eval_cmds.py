@@ -5,6 +5,7 @@ import argparse
 
 from vae_core.classifier import ClassifierConfig
 from vae_core.evaluate import EvalJobConfig
+from vae_core.names import check_model_spec, check_name
 
 from .args import add_progress_arg, add_storage_args, storage_config
 
@@ -35,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def eval_job_config(args: argparse.Namespace) -> EvalJobConfig:
+    check_model_spec(args.model, "--model")
+    if args.split:                                   # "" = test if present, else train
+        check_name(args.split, "--split")
     return EvalJobConfig(model=args.model, storage=storage_config(args), k=args.k, limit=args.limit,
                          split=args.split, seed=args.seed, samples=args.samples, quality=args.quality,
                          classifier=ClassifierConfig(epochs=args.classifier_epochs, seed=args.seed),

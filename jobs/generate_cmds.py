@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from vae_core.config import FORMATS, PIXELS, GenerateConfig
+from vae_core.config import FORMATS, MAX_WORKERS, PIXELS, GenerateConfig
+from vae_core.errors import VaegenError
 
 from .args import add_progress_arg, add_storage_args, storage_config
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
-    defaults = GenerateConfig(model="-", count=1)
+    defaults = GenerateConfig(model="defaults", count=1)
     p.add_argument("--model", required=True, help="name[@version|@latest|@champion] (default version: the champion)")
     p.add_argument("--format", choices=FORMATS, default=defaults.format,
                    help="parquet (raw pixels, zstd) or png (WebDataset tar) (default: %(default)s)")
@@ -50,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_options(args: argparse.Namespace) -> dict:
+    """How to run the job (not part of its identity), checked before any storage or Ray is touched."""
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise VaegenError(f"--workers={args.workers} must be between 1 and {MAX_WORKERS}")
+    if args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
+        raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
     return {"workers": args.workers, "address": args.address, "progress": args.progress,
             "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker}
 

@@ -62,9 +62,35 @@ def load_checkpoint(files: Mapping[str, bytes], expected: ModelConfig | None = N
     except SafetensorError as e:
         raise VaegenError(f"checkpoint weights are unreadable: {e}") from None
     model = build_model(model_cfg)
+    mismatch = state_mismatch(state, model.state_dict())
+    if mismatch:
+        raise VaegenError(f"checkpoint weights do not fit the model its config describes ({mismatch}); "
+                          "config.json and model.safetensors come from different models")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise VaegenError(f"checkpoint weights do not fit the model its config describes: {first}") from None
+    except RuntimeError as e:                    # anything state_mismatch did not foresee, still on one line
+        raise VaegenError(f"checkpoint weights do not fit the model its config describes: {one_line(e)}") from None
     return model.eval(), config
+
+
+def state_mismatch(found: Mapping[str, Any], wanted: Mapping[str, Any], shown: int = 4) -> str:
+    """What load_state_dict would complain about, condensed onto one line: missing and unexpected tensor
+    names and shape mismatches (the first `shown` of each, then a count); "" when the weights fit."""
+    def names(items: list[str]) -> str:
+        more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    def shape(t: Any) -> str:
+        return "x".join(map(str, t.shape)) or "scalar"
+
+    missing = sorted(set(wanted) - set(found))
+    unexpected = sorted(set(found) - set(wanted))
+    resized = [f"{k} {shape(found[k])} in the file vs {shape(wanted[k])} in the config"
+               for k in sorted(set(found) & set(wanted)) if tuple(found[k].shape) != tuple(wanted[k].shape)]
+    parts = [f"{label}: {names(items)}" for label, items in (
+        ("missing from the file", missing), ("not in the model", unexpected), ("shape mismatch", resized)) if items]
+    return "; ".join(parts)
+
+
+def one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())

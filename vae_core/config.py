@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import VaegenError
+from .names import check_model_spec, check_name
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 LR_SCHEDULES = ("constant", "cosine")
 OUTPUT_INITS = ("mean", "default")
 ADAM_IMPLS = ("fused", "for-loop")
+# Sanity bounds on what one command may ask for. More Ray workers than this is a typo (Ray would wait forever
+# for the resources); more output shards than this would not fit the 5-digit part-NNNNN names that keep a
+# job's shards in id order when listed.
+MAX_WORKERS = 1024
+MAX_SHARDS = 100_000
 
 
 def _require(ok: bool, message: str) -> None:
@@ -121,13 +127,14 @@ class RayTrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
+        _require(self.workers <= MAX_WORKERS, f"--workers={self.workers} must be <= {MAX_WORKERS}")
         _require(self.gpus_per_worker >= 0, f"--gpus-per-worker={self.gpus_per_worker} must be >= 0")
         _require(self.cpus_per_worker > 0, f"--cpus-per-worker={self.cpus_per_worker} must be > 0")
         _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
         _require(self.sync_every >= 1, f"--sync-every={self.sync_every} must be >= 1 (1 = every step)")
         _require(self.checkpoints_to_keep >= 1, f"--keep-checkpoints={self.checkpoints_to_keep} must be >= 1")
-        _require(all(c.isalnum() or c in "-_." for c in self.run_id),
-                 f"--run-id={self.run_id!r} may hold only letters, digits, '-', '_' and '.'")
+        if self.run_id:                                 # "" = a new id, made by the trainer
+            check_name(self.run_id, "--run-id")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,9 +149,8 @@ class TrainJobConfig:
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.dataset), "--dataset must not be empty")
-        _require(bool(self.name) and "/" not in self.name and "@" not in self.name,
-                 f"--name={self.name!r} must be non-empty without '/' or '@'")
+        check_name(self.dataset, "--dataset")
+        check_name(self.name, "--name")
 
 
 KINDS = ("samples", "reconstructions")
@@ -169,7 +175,8 @@ class GenerateConfig:
     pixels: str = "sample"             # samples: x ~ p(x | z) (a Gaussian model's pixel noise included) | "mean"
 
     def __post_init__(self) -> None:
-        _require(bool(self.model), "--model must name a model (name[@version|@champion])")
+        check_model_spec(self.model, "--model")
+        check_name(self.split, "--split")
         _require(self.kind in KINDS, f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
         _require(self.format in FORMATS, f"--format={self.format!r} must be one of {', '.join(FORMATS)}")
         _require(self.shard_size > 0, f"--shard-size={self.shard_size} must be > 0")
@@ -180,9 +187,13 @@ class GenerateConfig:
         _require(all(label >= 0 for label in self.labels), f"--labels={list(self.labels)} must be >= 0")
         if self.kind == "samples":
             _require(self.count > 0, f"--count={self.count} must be > 0")
+            _require(-(-self.count // self.shard_size) <= MAX_SHARDS,
+                     f"--count={self.count} in shards of --shard-size={self.shard_size} makes "
+                     f"{-(-self.count // self.shard_size):,} shards; at most {MAX_SHARDS:,} (raise --shard-size)")
             _require(not self.dataset, "samples take --count, not --dataset (use `vaegen reconstruct`)")
         else:
             _require(bool(self.dataset), "reconstructions need --dataset")
+            check_name(self.dataset, "--dataset")
             _require(self.count == 0, "reconstructions cover the whole --split: drop --count")
             _require(not self.labels, "reconstructions use the dataset's labels: drop --labels")
 

@@ -10,6 +10,10 @@ from .errors import VaegenError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "1-128 characters from letters, digits, '.', '_' and '-', starting with a letter or digit"
+# What may follow '@' in a model spec: a version folder (v0001), its number, or a pointer. ASCII digits only,
+# and at most 9 of them, so int() of it is cheap and exact (str.isdigit also accepts '²').
+VERSION_RE = re.compile(r"v[0-9]{4,9}|[0-9]{1,9}|latest|champion")
+VERSION_RULE = "v0001, a number, 'latest' or 'champion'"
 
 
 def is_valid_name(value: object) -> bool:
@@ -21,3 +25,17 @@ def check_name(value: object, what: str) -> str:
     if not is_valid_name(value):
         raise VaegenError(f"{what}={value!r} is not a valid name: {NAME_RULE}, and no '..'")
     return value
+
+
+def check_model_spec(spec: object, what: str = "--model") -> str:
+    """`spec` if it is `name` or `name@version` with a safe name and a known kind of version, else a one-line
+    VaegenError naming the flag. The registry turns the version part into a version folder, so it is checked
+    as strictly as the name."""
+    if not isinstance(spec, str) or not spec:
+        raise VaegenError(f"{what} must name a model: name[@version|@latest|@champion], got {spec!r}")
+    name, at, version = spec.partition("@")
+    if not is_valid_name(name):
+        raise VaegenError(f"{what}={spec!r}: model name {name!r} is not a valid name: {NAME_RULE}, and no '..'")
+    if at and VERSION_RE.fullmatch(version) is None:
+        raise VaegenError(f"{what}={spec!r}: version {version!r} must be {VERSION_RULE}")
+    return spec
