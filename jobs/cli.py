@@ -1,7 +1,15 @@
-"""`vaegen`: the command line. Each verb group lives in its own module and registers its subparser here."""
+"""`vaegen`: the command line. Each verb group lives in its own module and registers its subparser here.
+
+What a failure looks like to the user, one line on stderr either way:
+- bad input or an impossible request (VaegenError, a flag argparse refuses) and what the machine refuses
+  (OSError: a missing path, no permission, a full disk, an unreachable host) → `vaegen: error: ...`, exit 2.
+  Both are the user's to fix, and the message names what to fix; a traceback would only hide it.
+- anything else is a bug in vaegen → `vaegen: internal error: ...`, exit 1, so that scripts and tests can tell
+  the two apart. VAEGEN_DEBUG=1 lets every exception but VaegenError through with its traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vae_core import __version__
@@ -11,29 +19,60 @@ from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipel
 from .config_file import add_config_flag, parse_args
 
 VERB_MODULES = (data_cmds, train_cmds, eval_cmds, generate_cmds, pipeline_cmd, ops_cmds, outputs_cmds)
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+DEBUG_ENV = "VAEGEN_DEBUG"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are VaegenErrors: one line and exit 2 like every other bad input, instead of
+    the usage text (and an exit from deep inside parse_args, which `vaegen submit` parses too)."""
+
+    def error(self, message: str):
+        raise VaegenError(f"{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaegen", description="Train VAEs and generate synthetic images at scale, locally or on Ray.")
+    parser = Parser(prog="vaegen", description="Train VAEs and generate synthetic images at scale, locally or on Ray.")
     parser.add_argument("--version", action="version", version=f"vaegen {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)      # sub-parsers are Parsers too
     for module in VERB_MODULES:
         module.register(sub)
     add_config_flag(parser)                  # --config FILE.toml on every verb
     return parser
 
 
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def os_error_line(e: OSError) -> str:
+    where = " ".join(repr(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{e.strerror or one_line(str(e)) or type(e).__name__}{': ' + where if where else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = parse_args(build_parser(), argv)          # flags override a --config file
         return args.run(args)
     except VaegenError as e:
-        print(f"vaegen: error: {e}", file=sys.stderr)
-        return 2
+        print(f"vaegen: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vaegen: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug:
+            raise
+        print(f"vaegen: error: {one_line(os_error_line(e))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if debug:
+            raise
+        print(f"vaegen: internal error: {type(e).__name__}: {one_line(e)} (a bug in vaegen; rerun with "
+              f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

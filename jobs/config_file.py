@@ -89,9 +89,17 @@ def leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argpa
 def read_config(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise VaegenError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise VaegenError(f"config file {path} is a directory: give a TOML file") from None
+    except OSError as e:
+        raise VaegenError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise VaegenError(f"config file {path} is not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise VaegenError(f"config file {path} is not valid TOML: {e}") from None
 

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import argparse
-
+import contextlib
+import os
+import stat
+import uuid
 from dataclasses import replace
+
+from vae_core.errors import VaegenError
+from vae_core.names import check_model_spec
 
 from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
                    storage_config, train_job_config)
+
+MAX_GRID_SAMPLES = 10_000          # one PNG grid; more is a job for `vaegen generate`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,11 +59,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from cluster.registry import Registry
     from cluster.storage import open_storage
-    from vae_core.errors import VaegenError
     from vae_core.images import image_grid, png_bytes, to_uint8
 
-    if args.count <= 0:
-        raise VaegenError(f"--count={args.count} must be > 0")
+    check_model_spec(args.model, "--model")
+    if not 0 < args.count <= MAX_GRID_SAMPLES:
+        raise VaegenError(f"--count={args.count} must be between 1 and {MAX_GRID_SAMPLES:,} "
+                          "(`vaegen generate` writes more, as shards)")
+    check_out_path(args.out)                      # before the model loads: a typo costs nothing
     loaded = Registry(open_storage(storage_config(args))).load(args.model)
     cfg = loaded.model.cfg
     labels = None
@@ -67,7 +77,52 @@ def run_sample(args: argparse.Namespace) -> int:
     elif args.label is not None:
         raise VaegenError(f"{loaded.ref} is not conditional: drop --label")
     z = loaded.model.sample_prior(args.count, labels, torch.Generator().manual_seed(args.seed))
-    with open(args.out, "wb") as f:
-        f.write(png_bytes(image_grid(to_uint8(loaded.model.generate(z, labels)))))
+    png = png_bytes(image_grid(to_uint8(loaded.model.generate(z, labels))))
+    try:
+        replace_file(args.out, png)
+    except OSError as e:
+        raise VaegenError(f"cannot write --out={args.out}: {e.strerror or e}") from None
     print(f"wrote {args.count} samples of {loaded.ref} to {args.out}")
     return 0
+
+
+def check_out_path(path: str) -> None:
+    """A local file path whose folder exists and is writable, or a one-line VaegenError naming --out."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise VaegenError(f"--out={path} is a directory: give a file path, e.g. {os.path.join(path, 'samples.png')}")
+    if not os.path.isdir(folder):
+        raise VaegenError(f"--out={path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise VaegenError(f"--out={path}: folder {folder} is not writable")
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Write `data` to `path` as one rename: a temp file beside it, fsynced, then os.replace. A failure leaves
+    an existing file as it was and creates no empty or partial one. A new file gets the mode open() would
+    give (0666 less the umask); a replaced file keeps its mode."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):            # the rename itself survives a power loss once its folder is synced
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
