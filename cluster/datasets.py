@@ -1,7 +1,34 @@
-"""Datasets on storage as Parquet shards: datasets/<name>/<split>/part-00000.parquet + datasets/<name>/_manifest.json.
+"""Datasets on storage as Parquet shards plus one manifest, replaced atomically by a re-ingest.
 
-Rows: id (int64), label (int64), pixels (fixed-size binary, C·H·W uint8 in CHW order). The manifest is written
-last and lists every shard with its rows and sha256: a dataset without a manifest does not exist."""
+Layout (root-relative keys):
+    datasets/<name>/_manifest.json                               the commit: names the current generation
+    datasets/<name>/<split>/g-<generation>/part-00000.parquet    one generation's shards, never rewritten
+    datasets/<name>/_pending/g-<generation>.json                 an ingest in progress (when it started)
+Rows: id (int64), label (int64), pixels (fixed-size binary, C·H·W uint8 in CHW order).
+
+The generation is a hash of everything an ingest writes (layout, shard size, label names, source, every split's
+pixels and labels), so identical input gives identical keys and bytes, and re-ingesting what is already current
+writes nothing at all. A manifest shard record's "name" carries its generation folder ("g-<id>/part-00000.parquet"),
+so every reader builds a shard's key as `dataset_key(name, split, shard["name"])`, whatever the layout; manifests
+written before generations existed name loose "part-00000.parquet" files, and still read.
+
+Replacing a dataset: an ingest writes its shards under a new generation folder, invisible to readers, then
+commits by swapping `_manifest.json` in one write (Storage.compare_and_swap: one PUT, or one rename). A reader reads
+the manifest once and then only the shards it names, so it sees the old dataset or the new one, never a mix; a
+failed or killed ingest leaves the old manifest, and with it the old dataset, untouched.
+
+Garbage collection, run by each ingest after its commit: a generation is deleted only when
+  - the manifest does not name it as current, and
+  - it is not listed under the manifest's "superseded" entries, which keep each replaced generation for
+    KEEP_SUPERSEDED_S (24 h) after the commit that replaced it, and
+  - no ingest of it is in progress (a `_pending` marker younger than PENDING_TIMEOUT_S, 24 h).
+A time bound, not "keep the last K": a reader holds a manifest for as long as its job runs, however many
+re-ingests happen meanwhile, so how long old data stays is what protects it; a count would let two quick re-ingests
+pull shards from under a trainer. A reader that outlives the grace period finds its shards gone and stops with one
+line, "dataset X was replaced while reading: rerun" (read_shard). Leftovers of a killed ingest (no manifest names
+them) are removed once its marker is older than PENDING_TIMEOUT_S. An ingest must finish within that time, and two
+ingests of one dataset name at once are safe: the last commit wins, and the compare-and-swap keeps every
+replaced generation on the superseded list."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,19 +46,28 @@ from tqdm.auto import tqdm
 from vae_core.config import ModelConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
+from vae_core.names import check_name
 
 from .storage import Storage
 
 MANIFEST = "_manifest.json"
+PENDING = "_pending"
+GENERATION_PREFIX = "g-"
+LAYOUT = "vaegen-dataset-2"             # part of every generation hash: a layout change never reuses old keys
 DEFAULT_SHARD_ROWS = 10_000
+KEEP_SUPERSEDED_S = 24 * 3600.0
+PENDING_TIMEOUT_S = 24 * 3600.0
+COMMIT_ATTEMPTS = 20
 
 
 def dataset_key(name: str, *parts: str) -> str:
     return "/".join(("datasets", name, *parts))
 
 
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+def shard_name(index: int, generation: str | None = None) -> str:
+    """A shard's name in the manifest, relative to its split folder (with the generation folder, if any)."""
+    part = f"part-{index:05d}.parquet"
+    return f"{GENERATION_PREFIX}{generation}/{part}" if generation else part
 
 
 def split_table(images: np.ndarray, labels: np.ndarray, first_id: int) -> pa.Table:
@@ -49,16 +85,58 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int = DEFAULT_SHARD_ROWS,
-           progress: bool = True) -> dict:
-    """Write every split as shards, then the manifest. Rewriting a dataset gives the same bytes."""
+# -- ingest: write a generation, then commit it --------------------------------------------------------
+def check_dataset(name: str, dataset: ArrayDataset, shard_rows: int) -> tuple[int, ...]:
+    """Everything about the input that can be wrong, before a byte is written; the common image shape."""
+    check_name(name, "--name")
     if shard_rows <= 0:
         raise VaegenError(f"--shard-rows={shard_rows} must be > 0")
+    if not dataset.splits:
+        raise VaegenError(f"dataset {name!r} has no splits")
+    for split, data in dataset.splits.items():
+        check_name(split, "--split")
+        if len(data.labels) == 0:
+            raise VaegenError(f"split {split!r} of {name!r} holds no images")
+        if data.images.dtype != np.uint8 or data.images.ndim != 4 or len(data.images) != len(data.labels):
+            raise VaegenError(f"split {split!r} of {name!r}: images must be uint8 (N, C, H, W), one label each")
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0:
+            raise VaegenError(f"split {split!r} of {name!r} has label {low}: labels must be 0 or more")
+        if dataset.label_names and high >= len(dataset.label_names):
+            raise VaegenError(f"split {split!r} of {name!r} has label {high} but only {len(dataset.label_names)} "
+                              "class names")
     shapes = {s.images.shape[1:] for s in dataset.splits.values()}
     if len(shapes) != 1:
         raise VaegenError(f"splits of {name!r} differ in image shape: {sorted(shapes)}")
-    manifest = {"name": name, "image_shape": list(shapes.pop()), "label_names": list(dataset.label_names),
-                "source": dataset.source, "created_at": time.time(), "splits": {}}
+    return shapes.pop()
+
+
+def generation_of(dataset: ArrayDataset, shard_rows: int) -> str:
+    """The content hash that names a generation: same input, same shards, same keys."""
+    h = hashlib.sha256(json.dumps([LAYOUT, shard_rows, list(dataset.label_names), dataset.source,
+                                   list(dataset.notes)]).encode())
+    for split, data in dataset.splits.items():
+        h.update(json.dumps([split, list(data.images.shape)]).encode())
+        h.update(np.ascontiguousarray(data.images).data)
+        h.update(np.ascontiguousarray(data.labels.astype("<i8")).data)
+    return h.hexdigest()[:16]
+
+
+def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int = DEFAULT_SHARD_ROWS,
+           progress: bool = True, keep_superseded_s: float = KEEP_SUPERSEDED_S) -> dict:
+    """Write every split as a new generation of shards, then commit it with one manifest write (see the module
+    docstring). Re-ingesting the current content writes nothing; a failure before the commit changes nothing
+    readers see."""
+    shape = check_dataset(name, dataset, shard_rows)
+    generation = generation_of(dataset, shard_rows)
+    current = current_manifest(storage, name)
+    if current and current.get("generation") == generation and generation_complete(storage, current):
+        return current
+    pending_key = dataset_key(name, PENDING, f"{GENERATION_PREFIX}{generation}.json")
+    storage.publish(pending_key, json.dumps({"generation": generation, "started_at": time.time()}).encode())
+    manifest = {"name": name, "layout": LAYOUT, "generation": generation, "image_shape": list(shape),
+                "label_names": list(dataset.label_names), "source": dataset.source, "notes": list(dataset.notes),
+                "created_at": time.time(), "splits": {}}
     total = sum(len(s.labels) for s in dataset.splits.values())
     with tqdm(total=total, unit="img", desc=f"ingest {name}", disable=not progress) as bar:
         for split, data in dataset.splits.items():
@@ -66,23 +144,150 @@ def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int =
             for index, start in enumerate(range(0, len(data.labels), shard_rows)):
                 stop = min(start + shard_rows, len(data.labels))
                 body = table_bytes(split_table(data.images[start:stop], data.labels[start:stop], start))
-                storage.publish(dataset_key(name, split, shard_name(index)), body)
-                shards.append({"name": shard_name(index), "rows": stop - start, "first_id": start,
-                               "last_id": stop - 1, "bytes": len(body),
-                               "sha256": hashlib.sha256(body).hexdigest()})
+                record = {"name": shard_name(index, generation), "rows": stop - start, "first_id": start,
+                          "last_id": stop - 1, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+                publish_shard(storage, dataset_key(name, split, record["name"]), body, record["sha256"])
+                shards.append(record)
                 bar.update(stop - start)
             manifest["splits"][split] = {"rows": len(data.labels), "shards": shards}
-    storage.publish(dataset_key(name, MANIFEST), json.dumps(manifest, indent=2).encode())
+    manifest = commit(storage, manifest, keep_superseded_s)
+    storage.delete(pending_key)
+    collect_garbage(storage, name)
+    return manifest
+
+
+def publish_shard(storage: Storage, key: str, body: bytes, sha256: str) -> None:
+    """Create the shard; one already there (a killed ingest of the same content) is kept if its bytes match."""
+    if not storage.publish(key, body, if_absent=True):
+        if hashlib.sha256(storage.read_bytes(key)).hexdigest() != sha256:
+            storage.publish(key, body)
+
+
+def commit(storage: Storage, manifest: dict, keep_superseded_s: float) -> dict:
+    """Swap the manifest in one write, moving the generation it replaces onto the superseded list; a concurrent
+    commit in between makes us read again and redo the list, so no replaced generation is ever forgotten."""
+    key = dataset_key(manifest["name"], MANIFEST)
+    for _ in range(COMMIT_ATTEMPTS):
+        seen = storage.read_bytes(key) if storage.exists(key) else None
+        try:
+            previous = parse_manifest(seen, manifest["name"], key, storage) if seen is not None else None
+        except VaegenError:
+            previous = None                         # a corrupt manifest: this commit is its repair
+        if previous is not None and previous.get("generation") == manifest["generation"]:
+            return previous                         # a concurrent ingest of the same content committed it
+        now = time.time()
+        manifest["superseded"] = [e for e in (previous or {}).get("superseded", [])
+                                  if now - e["superseded_at"] < keep_superseded_s
+                                  and e["generation"] != manifest["generation"]]
+        if previous is not None and keep_superseded_s > 0:
+            manifest["superseded"].append({"generation": previous.get("generation"), "superseded_at": now})
+        body = json.dumps(manifest, indent=2).encode()
+        if storage.compare_and_swap(key, body, lambda current: current == seen):
+            return manifest
+    raise VaegenError(f"dataset {manifest['name']!r} kept changing under this ingest ({COMMIT_ATTEMPTS} commits "
+                      "lost to other ingests of the same name): rerun it")
+
+
+def current_manifest(storage: Storage, name: str) -> dict | None:
+    """The committed manifest, or None where there is none or it is unreadable (an ingest replaces it)."""
+    key = dataset_key(name, MANIFEST)
+    if not storage.exists(key):
+        return None
+    try:
+        return parse_manifest(storage.read_bytes(key), name, key, storage)
+    except VaegenError:
+        return None
+
+
+def generation_complete(storage: Storage, manifest: dict) -> bool:
+    """Every shard the manifest names is there with its size (a listing per split, no reads)."""
+    name = manifest["name"]
+    for split, info in manifest["splits"].items():
+        folder = dataset_key(name, split)
+        sizes = {e.key[len(folder) + 1:]: e.size for e in storage.list(folder, recursive=True)}
+        if any(sizes.get(s["name"]) != s["bytes"] for s in info["shards"]):
+            return False
+    return True
+
+
+# -- garbage collection --------------------------------------------------------------------------------
+def collect_garbage(storage: Storage, name: str, now: float | None = None,
+                    pending_timeout_s: float = PENDING_TIMEOUT_S) -> list[str]:
+    """Delete the generations nothing may still read (the rule is in the module docstring); the keys deleted."""
+    now = time.time() if now is None else now
+    manifest = current_manifest(storage, name)
+    if manifest is None:
+        return []                                   # nothing tells us what is in use: delete nothing
+    keep = {manifest.get("generation")} | {e["generation"] for e in manifest.get("superseded", [])}
+    for entry in storage.list(dataset_key(name, PENDING)):
+        try:
+            marker = json.loads(storage.read_bytes(entry.key))
+            started, generation = float(marker["started_at"]), str(marker["generation"])
+        except (VaegenError, ValueError, KeyError, TypeError):
+            started, generation = float("-inf"), None
+        if now - started < pending_timeout_s:
+            keep.add(generation)
+        else:
+            storage.delete(entry.key)
+    deleted = []
+    for split in storage.list_dirs(dataset_key(name)):
+        if split.startswith(("_", ".")):
+            continue
+        folder = dataset_key(name, split)
+        for entry in storage.list(folder, recursive=True):
+            generation = generation_of_key(entry.key[len(folder) + 1:])
+            if generation != "" and generation not in keep:
+                storage.delete(entry.key)
+                deleted.append(entry.key)
+        remove_empty_folders(storage, folder)
+    return deleted
+
+
+def generation_of_key(path: str) -> str | None:
+    """The generation a file under a split folder belongs to: 'g-<id>/…' → id, a loose 'part-….parquet' (the
+    layout before generations) → None, anything else (a loose temp file, a stranger's file) → '' (left alone)."""
+    head, _, rest = path.partition("/")
+    if rest and head.startswith(GENERATION_PREFIX):
+        return head[len(GENERATION_PREFIX):]
+    if not rest and head.startswith("part-") and head.endswith(".parquet"):
+        return None
+    return ""
+
+
+def remove_empty_folders(storage: Storage, folder: str) -> None:
+    """Local roots keep empty folders after their files go (S3 has no folders)."""
+    if storage.is_s3:
+        return
+    import os
+    for d in storage.list_dirs(folder):
+        try:
+            os.rmdir(storage.path(f"{folder}/{d}"))
+        except OSError:
+            pass                                    # not empty, or gone already
+
+
+# -- reading -------------------------------------------------------------------------------------------
+def parse_manifest(body: bytes, name: str, key: str, storage: Storage) -> dict:
+    try:
+        manifest = json.loads(body)
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict)
+                and isinstance(manifest.get("image_shape"), list) and isinstance(manifest.get("label_names"), list)):
+            raise ValueError("not a dataset manifest")
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VaegenError(f"dataset manifest {storage.uri_of(key)} is corrupt ({reason}): re-ingest the dataset "
+                          f"(`vaegen ingest ... --name {name}`)") from None
     return manifest
 
 
 def read_manifest(storage: Storage, name: str) -> dict:
+    check_name(name, "dataset name")
     key = dataset_key(name, MANIFEST)
     if not storage.exists(key):
         known = [d for d in storage.list_dirs("datasets") if storage.exists(dataset_key(d, MANIFEST))]
         raise VaegenError(f"no dataset {name!r} in {storage.uri} (datasets there: {', '.join(known) or 'none'}; "
                           "run `vaegen ingest` first)")
-    return json.loads(storage.read_bytes(key))
+    return parse_manifest(storage.read_bytes(key), name, key, storage)
 
 
 def split_shards(manifest: dict, split: str) -> list[dict]:
@@ -95,6 +300,26 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
 
 def shard_keys(storage: Storage, name: str, split: str) -> list[str]:
     return [dataset_key(name, split, s["name"]) for s in split_shards(read_manifest(storage, name), split)]
+
+
+def read_shard(storage: Storage, manifest: dict, split: str, shard: dict) -> bytes:
+    """One shard's bytes, sha256-checked. A shard gone because a re-ingest replaced the dataset (and the grace
+    period passed) is the one-line 'replaced while reading' error, not a storage traceback."""
+    name = manifest["name"]
+    key = dataset_key(name, split, shard["name"])
+    try:
+        body = storage.read_bytes(key)
+    except VaegenError:
+        if storage.exists(key):
+            raise
+        current = current_manifest(storage, name)
+        if current is None or current.get("generation") != manifest.get("generation") \
+                or current.get("created_at") != manifest.get("created_at"):
+            raise VaegenError(f"dataset {name!r} was replaced while reading: rerun") from None
+        raise VaegenError(f"dataset shard {name}/{split}/{shard['name']} is missing: re-ingest the dataset") from None
+    if hashlib.sha256(body).hexdigest() != shard["sha256"]:
+        raise VaegenError(f"dataset shard {name}/{split}/{shard['name']} fails its sha256 check (corrupt)")
+    return body
 
 
 def table_arrays(table: pa.Table, image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,15 +340,12 @@ class LoadedSplit:
 
 
 def read_split(storage: Storage, name: str, split: str, limit: int = 0) -> LoadedSplit:
-    """A whole split in memory, each shard's sha256 checked against the manifest."""
+    """A whole split in memory, from one manifest, each shard's sha256 checked against it."""
     manifest = read_manifest(storage, name)
     shape = tuple(manifest["image_shape"])
     parts = []
     for shard in split_shards(manifest, split):
-        body = storage.read_bytes(dataset_key(name, split, shard["name"]))
-        if hashlib.sha256(body).hexdigest() != shard["sha256"]:
-            raise VaegenError(f"dataset shard {name}/{split}/{shard['name']} fails its sha256 check (corrupt)")
-        parts.append(table_arrays(pq.read_table(io.BytesIO(body)), shape))
+        parts.append(table_arrays(pq.read_table(io.BytesIO(read_shard(storage, manifest, split, shard))), shape))
         if limit and sum(len(p[0]) for p in parts) >= limit:
             break
     ids, labels, images = (np.concatenate(x) for x in zip(*parts))
@@ -133,24 +355,55 @@ def read_split(storage: Storage, name: str, split: str, limit: int = 0) -> Loade
 
 
 def array_split_from_table(table: pa.Table) -> tuple[ArraySplit, tuple[int, int, int]]:
-    """A Parquet table from outside (pixels+height/width/channels, or PNG `image`) → uint8 arrays."""
+    """A Parquet table from outside (pixels+height/width/channels, or PNG `image`) → uint8 arrays.
+    Labels must be non-null integers ≥ 0; images are converted by vae_core.images.pil_to_chw's rules."""
     from vae_core.images import decode_png
     cols = set(table.column_names)
+    if table.num_rows == 0:
+        raise VaegenError("input Parquet holds no rows")
     if "label" not in cols:
         raise VaegenError("input Parquet needs a 'label' column")
-    labels = table.column("label").to_numpy().astype(np.int64)
+    label_column = table.column("label")
+    if not pa.types.is_integer(label_column.type):
+        raise VaegenError(f"input Parquet 'label' must be integers, not {label_column.type}")
+    if label_column.null_count:
+        raise VaegenError(f"input Parquet 'label' has {label_column.null_count} empty value(s)")
+    labels = label_column.to_numpy().astype(np.int64)
+    if labels.min() < 0:
+        raise VaegenError(f"input Parquet has label {labels.min()}: labels must be 0 or more")
     if "pixels" in cols and {"height", "width", "channels"} <= cols:
-        c, h, w = (int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
-        for k, v in (("channels", c), ("height", h), ("width", w)):
+        if not (pa.types.is_binary(table.column("pixels").type) or pa.types.is_large_binary(table.column("pixels").type)
+                or pa.types.is_fixed_size_binary(table.column("pixels").type)):
+            raise VaegenError(f"input Parquet 'pixels' must be binary, not {table.column('pixels').type}")
+        try:
+            c, h, w = (int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
+        except (TypeError, ValueError):
+            raise VaegenError("input Parquet 'height', 'width' and 'channels' must be integers") from None
+        for k in ("channels", "height", "width"):
             if len(set(table.column(k).to_pylist())) != 1:
                 raise VaegenError(f"input Parquet rows differ in {k}: all images must have one shape")
-        raw = b"".join(table.column("pixels").to_pylist())
+        if c not in (1, 3) or h <= 0 or w <= 0:
+            raise VaegenError(f"input Parquet images must have 1 or 3 channels and a positive size, not {(c, h, w)}")
+        values = table.column("pixels").to_pylist()
+        if any(v is None for v in values):
+            raise VaegenError("input Parquet 'pixels' has empty values")
+        raw = b"".join(values)
         if len(raw) != len(labels) * c * h * w:
             raise VaegenError("input Parquet 'pixels' sizes do not match height×width×channels")
         return ArraySplit(np.frombuffer(raw, np.uint8).reshape(-1, c, h, w).copy(), labels), (c, h, w)
     if "image" in cols:
-        values = table.column("image").to_pylist()
-        arrays = [decode_png(v["bytes"] if isinstance(v, dict) else v) for v in values]
+        arrays = []
+        for row, v in enumerate(table.column("image").to_pylist()):
+            data = v.get("bytes") if isinstance(v, dict) else v
+            if not isinstance(data, bytes):
+                raise VaegenError(f"input Parquet row {row}: 'image' holds no image bytes")
+            try:
+                arrays.append(decode_png(data))
+            except (OSError, ValueError) as e:          # PIL's UnidentifiedImageError is an OSError
+                raise VaegenError(f"input Parquet row {row}: 'image' is not a readable image "
+                                  f"({str(e).splitlines()[0]})") from None
+            except VaegenError as e:
+                raise VaegenError(f"input Parquet row {row}: {e}") from None
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise VaegenError(f"input Parquet images differ in shape: {sorted(shapes)[:3]}")

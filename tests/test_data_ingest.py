@@ -107,9 +107,9 @@ def test_ingested_pixels_equal_the_source(local_storage_config, fashion_mnist):
 
 
 def test_corrupt_shard_is_detected_on_read(local_storage_config):
-    ingest_source("fashion-mnist", None, local_storage_config, shard_rows=50_000, progress=False)
+    manifest = ingest_source("fashion-mnist", None, local_storage_config, shard_rows=50_000, progress=False)
     storage = open_storage(local_storage_config)
-    storage.publish("datasets/fashion-mnist/test/part-00000.parquet", b"garbage")
+    storage.publish(f"datasets/fashion-mnist/test/{manifest['splits']['test']['shards'][0]['name']}", b"garbage")
     with pytest.raises(VaegenError, match="fails its sha256"):
         read_split(storage, "fashion-mnist", "test")
 

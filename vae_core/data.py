@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import VaegenError
+from .images import is_wide, pil_to_chw
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -32,6 +33,7 @@ class ArrayDataset:
     splits: dict[str, ArraySplit]
     label_names: tuple[str, ...]
     source: str
+    notes: tuple[str, ...] = ()        # what reading changed about the input, for the user (16-bit scaled)
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -81,7 +83,8 @@ def read_fashion_mnist(folder: str | os.PathLike = FASHION_MNIST_DIR) -> ArrayDa
 
 
 def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayDataset:
-    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB."""
+    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB.
+    16-bit images are scaled to 8 bits and alpha is composited onto black (images.pil_to_chw)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VaegenError(f"image folder {folder} does not exist")
@@ -92,15 +95,16 @@ def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayD
              if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise VaegenError(f"image folder {folder} holds no .png/.jpg images")
-    images, labels, shape, first = [], [], None, None
+    images, labels, shape, first, wide = [], [], None, None, 0
     for path, label in files:
         try:
             with Image.open(path) as im:
-                im = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
-                arr = np.asarray(im)
+                wide += is_wide(im)
+                arr = pil_to_chw(im)
         except (UnidentifiedImageError, OSError) as e:
             raise VaegenError(f"cannot read image {path}: {e}") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)           # (C, H, W)
+        except VaegenError as e:
+            raise VaegenError(f"cannot read image {path}: {e}") from None
         if shape is None:
             shape, first = arr.shape, path
         elif arr.shape != shape:
@@ -108,4 +112,5 @@ def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayD
         images.append(arr)
         labels.append(label)
     split_data = ArraySplit(np.stack(images), np.asarray(labels, dtype=np.int64))
-    return ArrayDataset({split: split_data}, tuple(classes), str(folder))
+    notes = (f"{wide} 16-bit image(s) scaled to 8 bits (round(v / 257))",) if wide else ()
+    return ArrayDataset({split: split_data}, tuple(classes), str(folder), notes)
