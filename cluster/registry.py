@@ -2,7 +2,12 @@
 
 A version number is claimed with a create-if-absent write of `v000N/_claim` (S3: PUT If-None-Match; local:
 link), so two runs finishing together can never take the same number. config.json is written last: a
-version without it is incomplete and invisible to readers."""
+version without it is incomplete and invisible to readers.
+
+A publish that names its run (`run_id`, e.g. a Ray Train run) is idempotent: right after claiming its number
+it reserves `runs/<run-id>.json` (create-if-absent) naming the version, and a rerun of the same run (after a
+crash anywhere in between) finds that reservation and finishes or returns the same version, never a second one.
+A crash between the claim and the reservation leaves only an unused, invisible number."""
 from __future__ import annotations
 
 import json
@@ -16,12 +21,52 @@ from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
+from vae_core.names import check_name
 
 from .storage import Storage
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+# What may follow '@' in a model spec: v0003, 3, latest, champion (ASCII digits only).
+WANT_RE = re.compile(r"v[0-9]{4,}|[0-9]{1,9}|latest|champion")
 CLAIM_FILE = "_claim"
 CHAMPION_FILE = "champion.json"
+RUNS_DIR = "runs"               # models/<name>/runs/<run-id>.json: the version a named run published
+
+
+class CorruptRecordError(VaegenError, ValueError):
+    """A registry record (champion.json, metrics.json, a run reservation) is not what vaegen writes. A ValueError
+    too, so readers that mark unreadable records (`vaegen ls`) treat it like any other unparsable file."""
+
+
+def parse_model_spec(spec: object) -> tuple[str, str]:
+    """'name', 'name@v0003', 'name@3', 'name@latest' or 'name@champion' → (name, what follows '@' or '');
+    anything else is one line naming the accepted forms."""
+    if not isinstance(spec, str):
+        raise VaegenError(f"--model={spec!r} must be a string: name[@v0003|@3|@latest|@champion]")
+    name, at, want = spec.partition("@")
+    check_name(name, "--model")
+    if at and not WANT_RE.fullmatch(want):
+        raise VaegenError(f"--model={spec!r}: the version after '@' must be v0003, 3, latest or champion")
+    return name, want
+
+
+def _read_json_record(storage: Storage, key: str, fix: str, check) -> dict:
+    """The JSON object at `key`, or a CorruptRecordError naming the file and the fix; `check(record)` says
+    whether its fields are what vaegen writes."""
+    body = storage.read_bytes(key)
+    try:
+        record = json.loads(body)
+    except ValueError:
+        problem = "is empty" if not body.strip() else "is not valid JSON (truncated or edited?)"
+    else:
+        if isinstance(record, dict) and check(record):
+            return record
+        problem = "does not hold the fields vaegen writes"
+    raise CorruptRecordError(f"{storage.uri_of(key)} {problem}: {fix}")
+
+
+def _names_a_version(record: dict) -> bool:
+    return isinstance(record.get("version"), str) and VERSION_RE.match(record["version"]) is not None
 
 
 def version_name(number: int) -> str:
@@ -64,15 +109,53 @@ class Registry:
     def _claimed_numbers(self, name: str) -> list[int]:
         return [int(m.group(1)) for d in self.storage.list_dirs(self.key(name)) if (m := VERSION_RE.match(d))]
 
-    def publish(self, name: str, files: Mapping[str, bytes]) -> ModelRef:
-        """Claim the next free version number, write every file, config.json last."""
+    def is_complete(self, name: str, version: str) -> bool:
+        return self.storage.exists(self.key(name, version, CONFIG_FILE))
+
+    def publish(self, name: str, files: Mapping[str, bytes], *, run_id: str | None = None) -> ModelRef:
+        """Claim the next free version number, write every file, config.json last. With `run_id`, the run's
+        version: the one it published (or began to publish) before, else a new one reserved for it."""
         if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
             raise ValueError("a model version needs config.json and the weights")
+        check_name(name, "--name")
+        if run_id is None:
+            return self._write_version(name, self._claim_next(name, None), files)
+        check_name(run_id, "--run-id")
+        version = self.published_by(name, run_id)
+        if version is None:
+            version = self._claim_next(name, run_id)
+            reservation = _json_bytes({"run_id": run_id, "version": version})
+            if not self.storage.publish(self._run_key(name, run_id), reservation, if_absent=True):
+                # Another driver of the same run reserved first: ours stays an unused, invisible number.
+                version = self.published_by(name, run_id)
+                if not self.is_complete(name, version):
+                    raise VaegenError(f"another driver of run {run_id!r} is publishing it as {name}@{version}; "
+                                      f"rerun with --run-id {run_id} once it has ended")
+                return ModelRef(name, version)
+        elif self.is_complete(name, version):
+            return ModelRef(name, version)                       # a rerun after the publish: nothing to write
+        return self._write_version(name, version, files)         # a rerun after a crash mid-publish: finish it
+
+    def published_by(self, name: str, run_id: str) -> str | None:
+        """The version run `run_id` reserved (complete or not), or None."""
+        key = self._run_key(name, run_id)
+        if not self.storage.exists(key):
+            return None
+        fix = (f"delete it if run {run_id!r} never published (its next rerun then publishes a new version), or "
+               f"write {{\"version\": \"v000N\"}} naming the version it published")
+        return _read_json_record(self.storage, key, fix, _names_a_version)["version"]
+
+    def _run_key(self, name: str, run_id: str) -> str:
+        return self.key(name, RUNS_DIR, f"{run_id}.json")
+
+    def _claim_next(self, name: str, run_id: str | None) -> str:
         number = max(self._claimed_numbers(name), default=0) + 1
-        claim = json.dumps({"host": socket.gethostname(), "at": time.time()}).encode()
+        claim = json.dumps({"host": socket.gethostname(), "at": time.time(), "run_id": run_id}).encode()
         while not self.storage.publish(self.key(name, version_name(number), CLAIM_FILE), claim, if_absent=True):
             number += 1                                          # lost a race: take the next one
-        version = version_name(number)
+        return version_name(number)
+
+    def _write_version(self, name: str, version: str, files: Mapping[str, bytes]) -> ModelRef:
         for fname, data in files.items():
             if fname != CONFIG_FILE:
                 self.storage.publish(self.key(name, version, fname), data)
@@ -80,12 +163,18 @@ class Registry:
         return ModelRef(name, version)
 
     def champion(self, name: str) -> dict | None:
+        """champion.json ({"version": ..., ...}) or None when there is none; a corrupt pointer is one line
+        naming the file and the fix."""
         key = self.key(name, CHAMPION_FILE)
-        return json.loads(self.storage.read_bytes(key)) if self.storage.exists(key) else None
+        if not self.storage.exists(key):
+            return None
+        fix = (f"delete it (the latest version is then used and the next `vaegen retrain --name {name}` picks a "
+               f"champion) or write {{\"version\": \"v000N\"}} into it")
+        return _read_json_record(self.storage, key, fix, _names_a_version)
 
     def resolve(self, spec: str) -> ModelRef:
         """'name' (champion, else latest), 'name@latest', 'name@champion', 'name@v0003' or 'name@3'."""
-        name, _, want = spec.partition("@")
+        name, want = parse_model_spec(spec)
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
@@ -117,7 +206,9 @@ class Registry:
         return LoadedModel(ref, model, config, config["weights_sha256"])
 
     def metrics(self, ref: ModelRef) -> dict:
-        return json.loads(self.read_file(ref, "metrics.json"))
+        return _read_json_record(self.storage, self.key(ref.name, ref.version, "metrics.json"),
+                                 f"retrain to publish a new version, or delete {ref} if it is unusable",
+                                 lambda record: True)
 
 
 # -- the champion pointer and retraining decisions (used by `vaegen retrain`) ------------------------------
@@ -151,19 +242,34 @@ def rewrite_decision(registry: Registry, key: str, record: Mapping) -> None:
 
 
 def decisions(registry: Registry, name: str) -> list[dict]:
-    """Every decision record of a model, oldest first."""
-    entries = registry.storage.list(registry.key(name, DECISIONS_DIR))
-    return [json.loads(registry.storage.read_bytes(e.key)) for e in entries if e.key.endswith(".json")]
+    """Every decision record of a model, oldest first; an unreadable one is {"file": uri, "corrupt": why}."""
+    found = []
+    for entry in registry.storage.list(registry.key(name, DECISIONS_DIR)):
+        if entry.key.endswith(".json"):
+            try:
+                found.append(_read_json_record(registry.storage, entry.key, "", lambda record: True))
+            except CorruptRecordError as e:
+                found.append({"file": registry.storage.uri_of(entry.key), "corrupt": str(e).rstrip(": ")})
+    return found
+
+
+CORRUPT_POINTER = "<corrupt champion.json>"     # what a pointer that does not parse "names", for the swap
 
 
 def swap_champion(registry: Registry, name: str, pointer: Mapping, expected_version: str | None) -> bool:
     """Point champion.json at pointer["version"] only if it still names `expected_version` (None: no champion
-    yet): a compare-and-swap, one whole-object write, so readers never see half a pointer. False means another
-    run changed the champion first and nothing was written."""
+    yet; CORRUPT_POINTER: still unreadable): a compare-and-swap, one whole-object write, so readers never see
+    half a pointer. False means another run changed the champion first and nothing was written."""
     return registry.storage.compare_and_swap(
         registry.key(name, CHAMPION_FILE), _json_bytes(pointer),
         lambda current: _pointed_version(current) == expected_version)
 
 
 def _pointed_version(data: bytes | None) -> str | None:
-    return json.loads(data)["version"] if data is not None else None
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return CORRUPT_POINTER
+    return record["version"] if isinstance(record, dict) and _names_a_version(record) else CORRUPT_POINTER

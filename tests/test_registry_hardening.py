@@ -1,0 +1,151 @@
+"""The model registry under crashes and bad input: a named run's publish is idempotent, corrupt pointers and
+metrics are one clear line, and version strings are checked strictly. Real storage (a local root and S3 over
+HTTP via moto), real model files."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cluster.registry import CorruptRecordError, Registry, decisions, parse_model_spec, swap_champion
+from cluster.storage import Storage
+from jobs.cli import main as vaegen
+from vae_core.checkpoint import CONFIG_FILE, checkpoint_files
+from vae_core.config import ModelConfig
+from vae_core.errors import VaegenError
+from vae_core.models import build_model
+
+TINY = ModelConfig(image_shape=(1, 28, 28), hidden_dim=16, latent_dim=2)
+
+
+def version_files(hidden_dim: int = 16) -> dict[str, bytes]:
+    files = checkpoint_files(build_model(dataclasses.replace(TINY, hidden_dim=hidden_dim)))
+    return {**files, "metrics.json": b'{"test_loss": 1.0, "history": []}'}
+
+
+class Crash(BaseException):
+    """A process dying at this point: nothing after it runs (not an Exception, so nothing catches it)."""
+
+
+def test_a_run_that_crashed_mid_publish_finishes_the_same_version_on_its_rerun(storage_config, monkeypatch):
+    registry = Registry(Storage(storage_config))
+    registry.publish("m", version_files())                              # someone else's v0001
+    real_publish = Storage.publish
+
+    def dies_before_config(self, key, data, **kwargs):
+        if key.endswith(f"/{CONFIG_FILE}"):
+            raise Crash()
+        return real_publish(self, key, data, **kwargs)
+
+    monkeypatch.setattr(Storage, "publish", dies_before_config)
+    with pytest.raises(Crash):
+        registry.publish("m", version_files(), run_id="run-1")
+    monkeypatch.setattr(Storage, "publish", real_publish)
+    assert registry.versions("m") == ["v0001"]                           # the half-written one is invisible
+
+    ref = registry.publish("m", version_files(), run_id="run-1")         # the rerun
+    again = registry.publish("m", version_files(), run_id="run-1")       # and a rerun after it finished
+    assert ref.version == again.version == "v0002"
+    assert registry.versions("m") == ["v0001", "v0002"]
+    assert registry.load(ref).model.cfg.hidden_dim == 16
+    other = registry.publish("m", version_files(), run_id="run-2")       # another run: its own version
+    assert other.version == "v0003"
+
+
+def test_a_rerun_after_a_complete_publish_writes_nothing(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    first = registry.publish("m", version_files(hidden_dim=16), run_id="run-1")
+    # A rerun that trained to other weights must not overwrite the version readers may already use.
+    second = registry.publish("m", version_files(hidden_dim=24), run_id="run-1")
+    assert first == second and registry.versions("m") == ["v0001"]
+    assert registry.load(first).model.cfg.hidden_dim == 16
+
+
+def test_a_corrupt_run_reservation_is_one_clear_line(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    registry.publish("m", version_files(), run_id="run-1")
+    registry.storage.publish("models/m/runs/run-1.json", b'{"versi')
+    with pytest.raises(VaegenError, match=r"models/m/runs/run-1\.json is not valid JSON .*delete it") as e:
+        registry.publish("m", version_files(), run_id="run-1")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"", "is empty"),
+    (b'{"version": "v00', "is not valid JSON"),
+    (b'{"version": 3}', "does not hold the fields vaegen writes"),
+    (b'["v0001"]', "does not hold the fields vaegen writes"),
+    (b'{"version": "../../etc"}', "does not hold the fields vaegen writes"),
+])
+def test_a_corrupt_champion_pointer_is_one_line_naming_the_file_and_the_fix(local_storage_config, body, problem):
+    registry = Registry(Storage(local_storage_config))
+    registry.publish("m", version_files())
+    registry.storage.publish("models/m/champion.json", body)
+    for call in (lambda: registry.champion("m"), lambda: registry.resolve("m@champion"),
+                 lambda: registry.resolve("m")):
+        with pytest.raises(CorruptRecordError) as e:
+            call()
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(registry.storage.uri_of("models/m/champion.json"))
+        assert problem in message and "delete it" in message
+    assert registry.resolve("m@latest").version == "v0001"             # the rest of the registry still reads
+
+
+def test_a_corrupt_champion_pointer_through_the_cli(local_storage_config, capsys, tmp_path):
+    registry = Registry(Storage(local_storage_config))
+    registry.publish("m", version_files())
+    registry.storage.publish("models/m/champion.json", b'{"version": "v0')
+    code = vaegen(["sample", "--model", "m@champion", "--root", local_storage_config.root,
+                   "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("vaegen: error: ")
+    assert "champion.json is not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_truncated_metrics_are_one_line_naming_the_file(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    ref = registry.publish("m", version_files())
+    registry.storage.publish("models/m/v0001/metrics.json", b'{"test_loss": 1.0, "hist')
+    with pytest.raises(VaegenError, match=r"models/m/v0001/metrics\.json is not valid JSON") as e:
+        registry.metrics(ref)
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_decision_record_is_marked_not_fatal(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    registry.storage.publish("models/m/decisions/20250101T000000.000000Z-aaaa.json", b'{"decision": "keep"}')
+    registry.storage.publish("models/m/decisions/20250102T000000.000000Z-bbbb.json", b'{"decis')
+    good, bad = decisions(registry, "m")
+    assert good == {"decision": "keep"} and "not valid JSON" in bad["corrupt"]
+
+
+def test_a_swap_replaces_a_corrupt_pointer_only_while_it_is_still_corrupt(local_storage_config):
+    from cluster.registry import CORRUPT_POINTER
+    registry = Registry(Storage(local_storage_config))
+    registry.storage.publish("models/m/champion.json", b"{trunc")
+    assert not swap_champion(registry, "m", {"version": "v0002"}, expected_version=None)
+    assert swap_champion(registry, "m", {"version": "v0002"}, expected_version=CORRUPT_POINTER)
+    assert not swap_champion(registry, "m", {"version": "v0003"}, expected_version=CORRUPT_POINTER)
+    assert registry.champion("m")["version"] == "v0002"
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("m", ("m", "")), ("m@v0001", ("m", "v0001")), ("m@3", ("m", "3")), ("m@latest", ("m", "latest")),
+    ("m@champion", ("m", "champion")), ("fm-vae.2@v12345", ("fm-vae.2", "v12345")),
+])
+def test_model_specs_vaegen_accepts(spec, parsed):
+    assert parse_model_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", [
+    "m@", "m@v1", "m@V0001", "m@-1", "m@latest@x", "m@v0001/x", "m@../v0001", "m@champ", "m@\u0663",
+    "m@ 3", "m@3 ", "@champion", "../m", "..", ".", "m/x@v0001", "", "m@99999999999999999999",
+])
+def test_malformed_model_specs_are_one_line(local_storage_config, spec):
+    registry = Registry(Storage(local_storage_config))
+    registry.publish("m", version_files())
+    with pytest.raises(VaegenError) as e:
+        registry.resolve(spec)
+    message = str(e.value)
+    assert "\n" not in message and "--model=" in message
