@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import VaegenError
+from .data import pil_to_chw
 
 CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
@@ -29,44 +29,6 @@ def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
-
-
-WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-
-
-def is_wide(im: Image.Image) -> bool:
-    """A grey image with more than 8 bits per pixel (16-bit PNG), which pil_to_chw scales down."""
-    return im.mode in WIDE_GREY_MODES
-
-
-def pil_to_chw(im: Image.Image) -> np.ndarray:
-    """Any PIL image → uint8 (C, H, W): grey stays 1 channel, everything else becomes RGB.
-
-    16-bit grey is scaled to 8 bits as round(v / 257) (0 → 0, 65535 → 255), never clipped; 32-bit integer
-    images must hold 0..65535 and are scaled the same. Alpha (LA, RGBA, PA, a palette's transparency) is
-    composited onto black: a fully transparent pixel is 0. Float images are refused."""
-    if im.mode in WIDE_GREY_MODES:
-        wide = np.asarray(im).astype(np.int64)
-        if wide.size and (wide.min() < 0 or wide.max() > 65535):
-            raise VaegenError(f"a {im.mode} image holds values {wide.min()}..{wide.max()}, outside the 16-bit "
-                              "range 0..65535 that vaegen scales to 8 bits")
-        return ((wide + 128) // 257).astype(np.uint8)[None]
-    if im.mode == "F":
-        raise VaegenError("floating-point images are not supported: save them as 8- or 16-bit PNG")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("PA", "RGBa", "La"):
-        im = im.convert("RGBA" if im.mode != "La" else "LA")
-    elif im.mode == "1":
-        im = im.convert("L")
-    elif im.mode not in ("L", "LA", "RGB", "RGBA"):
-        im = im.convert("RGB")
-    arr = np.asarray(im)
-    if im.mode in ("LA", "RGBA"):
-        colour, alpha = arr[..., :-1].astype(np.uint16), arr[..., -1:].astype(np.uint16)
-        arr = ((colour * alpha + 127) // 255).astype(np.uint8)
-        arr = arr[..., 0] if im.mode == "LA" else arr
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def decode_png(data: bytes) -> np.ndarray:
