@@ -129,3 +129,129 @@ def test_missing_bucket_publishes_nothing(s3_server, tmp_path):
     cfg = StorageConfig(root="s3://no-such-bucket/data", s3_endpoint=s3_server)
     with pytest.raises(VaegenError, match="bucket 'no-such-bucket' does not exist"):
         ingest_source("fashion-mnist", None, cfg, progress=False)
+
+
+# -- hostile names, odd images and odd Parquet: one line, nothing written (issue 17, items 1 and 5) --------
+def cli_error(capsys, *argv) -> str:
+    """Run `vaegen` in-process; assert exit 2 and one `vaegen: error:` line; return that line."""
+    from jobs.cli import main
+    rc = main(list(argv))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("vaegen: error:"), (rc, err)
+    return err[0]
+
+
+def tree(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--name", "../../escaped"], "--name='../../escaped' is not a valid name"),
+    (["--name", ".."], "--name='..' is not a valid name"),
+    (["--name", "a/b"], "--name='a/b' is not a valid name"),
+    (["--split", ".."], "--split='..' is not a valid name"),
+    (["--split", "../x"], "--split='../x' is not a valid name"),
+])
+def test_hostile_dataset_and_split_names_are_refused(tmp_path, capsys, flags, fragment):
+    make_folder(tmp_path / "imgs", {"a": (8, 8)})
+    root = tmp_path / "sandbox" / "root"
+    root.mkdir(parents=True)
+    before = tree(tmp_path)
+    line = cli_error(capsys, "ingest", "image-folder", str(tmp_path / "imgs"), "--root", str(root), *flags)
+    assert fragment in line
+    assert tree(tmp_path) == before                      # nothing written, inside the root or outside it
+
+
+def test_dot_names_the_dataset_after_the_current_folder(tmp_path, monkeypatch, local_storage_config):
+    make_folder(tmp_path / "imgs", {"a": (8, 8), "b": (8, 8)})
+    monkeypatch.chdir(tmp_path / "imgs")
+    manifest = ingest_source("image-folder", ".", local_storage_config, progress=False)
+    assert manifest["name"] == "imgs"
+    storage = open_storage(local_storage_config)
+    assert storage.list_dirs("datasets") == ["imgs"]
+    assert [e.key for e in storage.list("datasets")] == []          # no shards loose in datasets/
+
+
+def test_a_folder_without_a_valid_name_asks_for_name(capsys):
+    line = cli_error(capsys, "ingest", "image-folder", "/", "--root", "/nonexistent-root-never-created")
+    assert "pass --name" in line
+
+
+def test_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path, local_storage_config):
+    values = np.array([[0, 128, 129, 257, 1000], [30000, 32768, 63000, 65280, 65535]], np.uint16)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "imgs" / "a" / "deep.png")
+    with Image.open(tmp_path / "imgs" / "a" / "deep.png") as im:
+        assert im.mode.startswith("I")                   # Pillow really reads it as a 16-bit image
+    manifest = ingest_source("image-folder", str(tmp_path / "imgs"), local_storage_config, progress=False)
+    pixels = read_split(open_storage(local_storage_config), "imgs", "train").images[0, 0]
+    assert pixels.tolist() == np.round(values / 257).astype(int).tolist()
+    assert len(set(pixels.ravel().tolist())) > 2        # the old code kept only {0, 255}
+    assert any("16-bit" in note for note in manifest["notes"])
+
+
+def test_other_image_modes_read_sanely(tmp_path):
+    folder = tmp_path / "modes"
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+    rgb = np.stack([grey, 255 - grey, np.full_like(grey, 7)], axis=-1)
+    alpha = np.full((4, 4, 1), 255, np.uint8)
+    alpha[0, 0] = 0                                      # one fully transparent pixel
+    (folder / "grey").mkdir(parents=True)
+    (folder / "colour").mkdir()
+    Image.fromarray(grey).convert("1").save(folder / "grey" / "bits.png")
+    Image.fromarray(np.concatenate([grey[..., None], alpha], -1), "LA").save(folder / "grey" / "la.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "colour" / "palette.png")
+    Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(folder / "colour" / "rgba.png")
+    by_name = {}
+    for cls in ("grey", "colour"):
+        sub = tmp_path / f"only-{cls}"
+        (sub / cls).mkdir(parents=True)
+        for f in (folder / cls).iterdir():
+            (sub / cls / f.name).write_bytes(f.read_bytes())
+        by_name[cls] = read_image_folder(sub).splits["train"].images
+    assert by_name["grey"].shape == (2, 1, 4, 4) and by_name["colour"].shape == (2, 3, 4, 4)
+    one_bit, la = by_name["grey"][0, 0], by_name["grey"][1, 0]                # sorted: bits.png, la.png
+    assert set(np.unique(one_bit).tolist()) <= {0, 255}
+    assert la[0, 0] == 0 and la[1:].tolist() == grey[1:].tolist()            # alpha composited onto black
+    palette, rgba = by_name["colour"][0], by_name["colour"][1]                 # palette.png, rgba.png
+    assert rgba[:, 0, 0].tolist() == [0, 0, 0] and rgba[:, 1:].tolist() == rgb.transpose(2, 0, 1)[:, 1:].tolist()
+    assert np.abs(palette.astype(int) - rgb.transpose(2, 0, 1)).max() <= 16    # an adaptive palette is close
+    with pytest.raises(VaegenError, match="images differ in shape"):           # grey and colour do not mix
+        read_image_folder(folder)
+
+
+def write_parquet(path, labels, pixels=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = len(labels)
+    pixels = pixels if pixels is not None else [bytes([i % 256] * 16) for i in range(n)]
+    pq.write_table(pa.table({"label": pa.array(labels, pa.int64()), "pixels": pa.array(pixels, pa.binary()),
+                             "height": pa.array([4] * n, pa.int32()), "width": pa.array([4] * n, pa.int32()),
+                             "channels": pa.array([1] * n, pa.int32())}), path)
+
+
+def test_parquet_single_file_ingests(tmp_path, local_storage_config, capsys):
+    write_parquet(tmp_path / "one.parquet", [0, 1, 2, 1])
+    from jobs.cli import main
+    assert main(["ingest", "parquet", str(tmp_path / "one.parquet"), "--name", "one",
+                 "--root", local_storage_config.root, "--no-progress"]) == 0
+    data = read_split(open_storage(local_storage_config), "one", "train")
+    assert data.labels.tolist() == [0, 1, 2, 1] and data.images.shape == (4, 1, 4, 4)
+    assert data.images[3].ravel().tolist() == [3] * 16
+
+
+@pytest.mark.parametrize("labels, fragment", [([], "holds no rows"), ([0, -1, 2], "label -1")])
+def test_bad_parquet_input_is_one_line(tmp_path, capsys, labels, fragment):
+    write_parquet(tmp_path / "bad.parquet", labels)
+    root = tmp_path / "root"
+    assert fragment in cli_error(capsys, "ingest", "parquet", str(tmp_path / "bad.parquet"), "--root", str(root))
+    assert not root.exists() or tree(root) == {}
+
+
+def test_a_negative_label_is_refused_from_any_source(local_storage_config):
+    from cluster.datasets import ingest
+    from vae_core.data import ArrayDataset, ArraySplit
+    bad = ArrayDataset({"train": ArraySplit(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, -1]))}, ("a",), "x")
+    with pytest.raises(VaegenError, match="label -1"):
+        ingest(open_storage(local_storage_config, for_writing=True), "neg", bad, progress=False)
+    assert open_storage(local_storage_config).list("datasets", recursive=True) == []
