@@ -1,11 +1,16 @@
 """`vaegen retrain`: train a challenger on the current dataset, score it and the champion on the same held-out
 split with the same metric, and promote it only if it is better by a margin.
 
-Order of writes, so that a failure never promotes by accident: challenger version (an ordinary, complete model
-version) → decision record → compare-and-swap of champion.json. If the record cannot be written nothing is
-promoted; if another run swapped the pointer first, ours is refused and the record is rewritten to say so."""
+Order of writes, so that a crash never leaves a record claiming a promotion that did not happen: challenger
+version (an ordinary, complete model version) → decision record → compare-and-swap of champion.json → final
+record. A promotion's record is first written as "pending"; champion.json names its record, so a "pending"
+record is a promotion exactly when the pointer names it, and the next retrain rewrites it to "promote" before
+it may swap the pointer itself. If the record cannot be written nothing is promoted; if another run swapped
+the pointer first, ours is refused and the record says so. A score that is not a finite number never wins."""
 from __future__ import annotations
 
+import json
+import math
 import socket
 import time
 import uuid
@@ -15,11 +20,13 @@ from vae_core import __version__
 from vae_core.config import TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
+from vae_core.names import is_valid_name
 from vae_core.train import evaluate, iterate_batches
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
 from .local_train import manifest_digest, to_image_set, train_single_process
-from .registry import ModelRef, Registry, record_decision, rewrite_decision, swap_champion
+from .registry import (CORRUPT_POINTER, DECISIONS_DIR, CorruptRecordError, ModelRef, Registry, record_decision,
+                       rewrite_decision, swap_champion)
 from .storage import open_storage
 
 METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower is better
@@ -65,10 +72,16 @@ def score(model: VAE, images, cfg: RetrainConfig) -> float:
 
 def decide(champion_metric: float | None, challenger_metric: float, margin: float,
            champion: str | None, challenger: str) -> tuple[bool, str]:
+    """(promote?, why). A challenger whose score is NaN or infinite is never promoted; a champion whose score is
+    not finite loses to any challenger whose score is (NaN compares false both ways, so it must be caught first)."""
+    if not math.isfinite(challenger_metric):
+        return False, f"challenger {challenger} scored {challenger_metric} (not a finite number): not promoted"
     if champion is None:
         return True, "no champion yet: the first challenger is promoted"
     if champion_metric is None:
         return True, f"champion {champion} could not be scored: promoting {challenger}"
+    if not math.isfinite(champion_metric):
+        return True, f"champion {champion} scored {champion_metric} (not a finite number): promoting {challenger}"
     gain = champion_metric - challenger_metric
     if gain > margin:
         return True, (f"challenger {challenger} beats champion {champion} by {gain:.3f} nats/image "
@@ -90,9 +103,15 @@ def retrain(cfg: RetrainConfig) -> RetrainOutcome:
     model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
     held_out = to_image_set(read_split(storage, job.dataset, cfg.eval_split, limit=cfg.eval_max_images))
 
-    pointer = registry.champion(job.name)
-    champion = pointer["version"] if pointer else None
-    champion_model, champion_error = None, None
+    champion, champion_error, expected = None, None, None
+    try:
+        pointer = registry.champion(job.name)
+        champion = expected = pointer["version"] if pointer else None
+        if pointer:
+            finish_promotion_record(registry, job.name, pointer)
+    except CorruptRecordError as e:        # replaced like a champion that no longer loads, if it is still corrupt
+        champion_error, expected = str(e), CORRUPT_POINTER
+    champion_model = None
     if champion:
         try:
             champion_model = registry.load(ModelRef(job.name, champion)).model
@@ -106,15 +125,16 @@ def retrain(cfg: RetrainConfig) -> RetrainOutcome:
     challenger_ref = train_challenger(job, initial)
     challenger_metric = score(registry.load(challenger_ref).model, held_out, cfg)
     champion_metric = score(champion_model, held_out, cfg) if champion_model is not None else None
-    promote, reason = decide(champion_metric, challenger_metric, cfg.margin, champion, challenger_ref.version)
+    contested = champion or ("the unreadable champion.json" if expected == CORRUPT_POINTER else None)
+    promote, reason = decide(champion_metric, challenger_metric, cfg.margin, contested, challenger_ref.version)
 
     at, run_id = time.time(), uuid.uuid4().hex[:8]
     record = {
-        "model": job.name, "decision": "promote" if promote else "keep", "reason": reason,
+        "model": job.name, "decision": PENDING if promote else "keep", "reason": reason,
         "metric": METRIC, "margin": cfg.margin, "eval_split": cfg.eval_split, "eval_images": len(held_out),
         "eval_seed": cfg.eval_seed,
-        "champion": {"version": champion, "metric": champion_metric, "load_error": champion_error},
-        "challenger": {"version": challenger_ref.version, "metric": challenger_metric,
+        "champion": {"version": champion, "metric": json_number(champion_metric), "load_error": champion_error},
+        "challenger": {"version": challenger_ref.version, "metric": json_number(challenger_metric),
                        "warm_started_from": champion if initial is not None else None},
         "dataset": job.dataset, "dataset_manifest_sha256": manifest_digest(manifest),
         "train_job": to_dict(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
@@ -126,11 +146,46 @@ def retrain(cfg: RetrainConfig) -> RetrainOutcome:
 
     new_pointer = {"version": challenger_ref.version, "metric": METRIC, "value": challenger_metric,
                    "promoted_at": record["decided_at"], "decision": record_key.rsplit("/", 1)[-1]}
-    if swap_champion(registry, job.name, new_pointer, expected_version=champion):
+    if swap_champion(registry, job.name, new_pointer, expected_version=expected):
+        record = {**record, "decision": "promote"}
+        rewrite_decision(registry, record_key, record)
         return RetrainOutcome(True, challenger_ref.version, challenger_ref.version, reason, record_key, record)
-    now = registry.champion(job.name)
-    reason = (f"another retrain run changed the champion from {champion} to {now and now['version']} while "
-              f"this run was deciding; {challenger_ref.version} is not promoted")
+    now = current_champion(registry, job.name)
+    reason = (f"another retrain run changed the champion from {champion} to {now} while this run was deciding; "
+              f"{challenger_ref.version} is not promoted")
     record = {**record, "decision": "keep", "reason": reason, "lost_race": True}
     rewrite_decision(registry, record_key, record)
-    return RetrainOutcome(False, now and now["version"], challenger_ref.version, reason, record_key, record)
+    return RetrainOutcome(False, now, challenger_ref.version, reason, record_key, record)
+
+
+PENDING = "pending"       # a promotion decided and recorded, its compare-and-swap not yet known to have landed
+
+
+def json_number(value: float | None) -> float | str | None:
+    """NaN and ±inf as text: JSON has no such numbers, and a reader must not take them for scores."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
+def finish_promotion_record(registry: Registry, name: str, pointer: dict) -> None:
+    """The champion's own record still "pending" means its run stopped between the swap and the final rewrite:
+    the pointer proves the promotion, so say so before this run may replace the pointer."""
+    decision = pointer.get("decision")
+    if not is_valid_name(decision):
+        return
+    key = registry.key(name, DECISIONS_DIR, decision)
+    if not registry.storage.exists(key):
+        return
+    try:
+        record = json.loads(registry.storage.read_bytes(key))
+    except ValueError:
+        return
+    if isinstance(record, dict) and record.get("decision") == PENDING:
+        rewrite_decision(registry, key, {**record, "decision": "promote"})
+
+
+def current_champion(registry: Registry, name: str) -> str | None:
+    try:
+        pointer = registry.champion(name)
+    except CorruptRecordError:
+        return None
+    return pointer["version"] if pointer else None

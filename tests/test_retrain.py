@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,13 +10,18 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+import cluster.retrain
 from cluster.datasets import ingest
 from cluster.registry import Registry, decisions, swap_champion
+from cluster.retrain import decide
 from cluster.storage import Storage
 from jobs.cli import main
-from vae_core.config import StorageConfig
+from vae_core.checkpoint import checkpoint_files
+from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
+from vae_core.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "1", "--max-images", "600", "--hidden-dim", "64", "--latent-dim", "4",
@@ -175,3 +181,135 @@ def test_a_promotion_then_generates_with_the_new_champion(local_storage_config, 
     assert len(jobs) == 1 and storage.exists(f"outputs/{jobs[0]}/_SUCCESS")
     manifest = json.loads(storage.read_bytes(f"outputs/{jobs[0]}/manifest.json"))
     assert manifest["totals"]["rows"] == 300 and manifest["model"] == f"fm-vae@{champion}"
+
+
+# -- never a NaN champion, never a "promote" record for a challenger that was not promoted -----------------
+NAN, INF = float("nan"), float("inf")
+
+
+class Crash(BaseException):
+    """The retrain process dying at this point (not an Exception: nothing in vaegen catches it)."""
+
+
+@pytest.mark.parametrize("champion_metric, challenger_metric, champion, promoted", [
+    (None, NAN, None, False),             # a first challenger scored NaN is not promoted
+    (None, INF, None, False),
+    (None, 250.0, None, True),
+    (300.0, NAN, "v0001", False),         # NaN compares false both ways: never a "win" either
+    (300.0, -INF, "v0001", False),
+    (NAN, 250.0, "v0001", True),          # a NaN champion loses to any finite challenger...
+    (INF, 250.0, "v0001", True),
+    (NAN, NAN, "v0001", False),           # ...but not to another NaN
+    (None, NAN, "v0001", False),          # a champion that did not load does not let a NaN through
+    (300.0, 250.0, "v0001", True),
+    (300.0, 299.0, "v0001", False),       # inside the margin
+])
+def test_only_a_finite_score_can_win(champion_metric, challenger_metric, champion, promoted):
+    assert decide(champion_metric, challenger_metric, 5.0, champion, "v0002")[0] is promoted
+
+
+def promoted_records_agree_with_the_pointer(registry: Registry, name: str) -> None:
+    """The records' promotions end at the pointer: "promote" records plus a "pending" one that champion.json
+    names (its run stopped between the swap and the final rewrite); a "pending" record the pointer does not
+    name was never promoted."""
+    pointer = registry.champion(name)
+    named = pointer.get("decision", "") if pointer else ""
+    promoted = [r["challenger"]["version"] for r in decisions(registry, name)
+                if r["decision"] == "promote" or (r["decision"] == "pending" and r["run_id"] in named)]
+    assert (pointer["version"] if pointer else None) == (promoted[-1] if promoted else None), (promoted, pointer)
+
+
+def test_a_first_challenger_that_scores_nan_is_not_promoted(local_storage_config, tiny_dataset, monkeypatch,
+                                                           capsys):
+    tiny_dataset(local_storage_config)
+    monkeypatch.setattr(cluster.retrain, "score", lambda model, images, cfg: NAN)
+    assert retrain_cli(local_storage_config) == 0
+    assert "kept the champion" in capsys.readouterr().out
+    registry = Registry(Storage(local_storage_config))
+    assert registry.champion("fm-vae") is None
+    (record,) = decisions(registry, "fm-vae")
+    assert record["decision"] == "keep" and "not a finite number" in record["reason"]
+    assert record["challenger"]["metric"] == "nan"                     # text: JSON has no NaN
+
+
+def test_a_champion_that_scores_nan_loses_to_a_finite_challenger(local_storage_config, tiny_dataset):
+    tiny_dataset(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    broken = build_model(ModelConfig(image_shape=(1, 28, 28), hidden_dim=64, latent_dim=4))
+    with torch.no_grad():
+        next(broken.parameters()).fill_(NAN)                       # loads fine, scores NaN
+    nan_ref = registry.publish("fm-vae", checkpoint_files(broken))
+    assert swap_champion(registry, "fm-vae", {"version": nan_ref.version}, expected_version=None)
+
+    assert retrain_cli(local_storage_config) == 0
+    record = decisions(registry, "fm-vae")[-1]
+    assert record["champion"]["metric"] == "nan" and "not a finite number" in record["reason"]
+    assert record["decision"] == "promote"
+    champion = registry.champion("fm-vae")
+    assert champion["version"] == record["challenger"]["version"] != nan_ref.version
+    assert math.isfinite(champion["value"])
+
+
+def test_a_crash_before_the_swap_leaves_no_promote_record(local_storage_config, tiny_dataset, monkeypatch):
+    tiny_dataset(local_storage_config)
+
+    def dies(*args, **kwargs):
+        raise Crash()
+    monkeypatch.setattr(cluster.retrain, "swap_champion", dies)
+    with pytest.raises(Crash):
+        retrain_cli(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    assert registry.champion("fm-vae") is None
+    assert [r["decision"] for r in decisions(registry, "fm-vae")] == ["pending"]
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
+
+
+def test_a_crash_after_the_swap_is_recorded_as_a_promotion_by_the_next_run(local_storage_config, tiny_dataset,
+                                                                          monkeypatch):
+    tiny_dataset(local_storage_config)
+    real_rewrite = cluster.retrain.rewrite_decision
+
+    def dies(*args, **kwargs):
+        raise Crash()
+    monkeypatch.setattr(cluster.retrain, "rewrite_decision", dies)
+    with pytest.raises(Crash):
+        retrain_cli(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    assert registry.champion("fm-vae")["version"] == "v0001"
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")        # "pending", named by the pointer
+
+    monkeypatch.setattr(cluster.retrain, "rewrite_decision", real_rewrite)
+    assert retrain_cli(local_storage_config, "--lr", "1e-7") == 0      # a worse challenger: kept out
+    first, second = decisions(registry, "fm-vae")
+    assert first["decision"] == "promote" and second["decision"] == "keep"
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
+
+
+def test_two_retrains_racing_at_the_swap_promote_exactly_once(storage_config, tiny_dataset, monkeypatch):
+    """Both runs find no champion and decide to promote; a barrier makes both reach the compare-and-swap
+    together. One lands; the other's record says it lost the race."""
+    tiny_dataset(storage_config)
+    real_swap = cluster.retrain.swap_champion
+    at_the_swap = threading.Barrier(2, timeout=600)
+
+    def swap_together(*args, **kwargs):
+        at_the_swap.wait()
+        return real_swap(*args, **kwargs)
+    monkeypatch.setattr(cluster.retrain, "swap_champion", swap_together)
+    codes: list[int] = []
+    runs = [threading.Thread(target=lambda: codes.append(retrain_cli(storage_config))) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert codes == [0, 0]
+    registry = Registry(Storage(storage_config))
+    records = decisions(registry, "fm-vae")
+    assert sorted(r["decision"] for r in records) == ["keep", "promote"]
+    loser = next(r for r in records if r["decision"] == "keep")
+    assert loser["lost_race"] and "not promoted" in loser["reason"]
+    champion = registry.champion("fm-vae")
+    assert champion["version"] == next(r for r in records if r["decision"] == "promote")["challenger"]["version"]
+    assert math.isfinite(champion["value"])
+    assert registry.versions("fm-vae") == ["v0001", "v0002"]           # two challengers, two versions
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
