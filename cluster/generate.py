@@ -1,15 +1,31 @@
 """Bulk samples and reconstructions: a shard plan from a job spec, DecoderWorker actors that each build and
 publish whole shards, and the driver that resumes, verifies and commits. Shard protocol (DESIGN.md):
 
-- The job id hashes the spec with the model resolved to a version and its weights' sha256: the same spec
-  resumes the same job under outputs/<job-id>/.
+- The job id hashes the spec with the model resolved to a version, its weights' sha256 and its config.json's
+  sha256: the same spec resumes the same job under outputs/<job-id>/, and a model edited in place is a new job.
+  Each DecoderWorker checks both hashes against the plan before it builds anything.
 - Shard i depends only on (spec, i): latents from a generator seeded by (seed, i), a fixed decode batch size,
   one torch thread, deterministic writers. Any worker, retry or rerun writes the same bytes.
 - A worker builds the whole shard in memory, validates it, publishes it as one object if absent (S3: one PUT
   with If-None-Match; locally temp + link), then a small receipt (_receipts/part-i.json: rows, ids, bytes,
   sha256, pixels sha256). If the shard was already there, its sha256 must equal ours, else it is replaced.
-- On resume the driver reads each receipt, re-hashes its shard, skips the good ones and redoes the rest.
-  manifest.json, then _SUCCESS, are written last; readers trust only a job with _SUCCESS."""
+- On resume the driver reads each receipt and re-hashes its shard; nothing is ever deleted: a bad or missing
+  shard is redone through the publish path above. A finished job is trusted only when `_SUCCESS` names the
+  sha256 of manifest.json (inventory.read_committed_manifest) and every shard verifies; one found damaged has
+  its `_SUCCESS` withdrawn before any repair.
+- The commit checks every shard against its receipt on storage (size from one listing; sha256 re-read for those
+  this run did not build), then writes manifest.json, the dataset card, then `_SUCCESS` = {manifest_sha256},
+  and reads both back: a commit interleaved with another driver's is redone.
+
+Several drivers of one job (a cron retry overlapping a slow run, a user rerunning it): the second one WAITS.
+Each driver takes the job's lease (cluster/job_lease.py: outputs/<job-id>/_lease.json, created if absent,
+renewed while it runs, an expired one taken over by compare-and-swap) before it verifies; a driver that finds a
+live lease waits for it to be released or to expire, then resumes as usual, which for a job the holder finished
+means: verify, and return the committed manifest without writing anything. Waiting was chosen over sharing the
+work because it needs no coordination beyond the lease and costs nothing when drivers die: a killed holder
+blocks the job for at most one lease TTL. The lease is not what makes it correct: two drivers running at once
+(an expired lease, a stalled holder) only duplicate work, since shards are idempotent, verification never
+deletes and the commit checks what it names."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +35,8 @@ import json
 import math
 import os
 import platform
+import random
+import sys
 import time
 import zlib
 from collections import deque
@@ -32,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vae_core import __version__
+from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import GenerateConfig, StorageConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
@@ -39,10 +58,12 @@ from vae_core.models import VAE
 
 from .dataset_card import model_label_names, publish_dataset_card, reader_hints
 from .datasets import dataset_key, read_manifest, split_shards, table_arrays
-from .inventory import job_run_record
-from .registry import LoadedModel, Registry
+from .inventory import job_run_record, read_committed_manifest
+from .job_lease import JobLease
+from .registry import LoadedModel, ModelRef, Registry
 from .storage import Storage, open_storage
-from .writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter, shard_name
+from .writers import (PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes,
+                      shard_name)
 
 # Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
 # model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
@@ -50,6 +71,15 @@ OUTPUT_FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
+LEASE = "_lease.json"
+# The most shards one job may have. The driver holds a ledger entry (~100 bytes) and writes one manifest line
+# (~250 bytes, the manifest is one object built in memory) per shard: 10^6 shards are ~100 MB of ledger and a
+# ~250 MB manifest, about what one driver should hold. More shards than that is a --shard-size mistake.
+MAX_SHARDS = 1_000_000
+# A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
+# run's publish in flight, so the commit leaves them alone.
+STALE_TEMP_S = 3600.0
+COMMIT_ATTEMPTS = 5              # manifest + _SUCCESS rewrites when another driver's commit interleaves with ours
 IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never idle, the driver holds little
 # How long actors may take to start: a local Ray has what it has; a joined cluster may be autoscaling (GPU
 # nodes take minutes to arrive), so there the shortfall check is skipped and the wait is longer.
@@ -87,6 +117,7 @@ class JobPlan:
     spec: GenerateConfig
     model_ref: str                      # name@v0001
     weights_sha256: str
+    config_sha256: str                  # of the version's config.json bytes
     image_shape: tuple[int, int, int]
     labels: tuple[int, ...]             # samples of a conditional model: classes cycled over ids
     total_rows: int
@@ -112,9 +143,39 @@ class JobPlan:
         return ShardTask(index, first, min(self.spec.shard_size, self.total_rows - first))
 
 
-def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None = None) -> JobPlan:
+def load_model(storage: Storage, spec: str | ModelRef) -> tuple[LoadedModel, str]:
+    """The model and the sha256 of the config.json bytes it was built from (read once: the hash and the model
+    cannot come from two different versions of the file)."""
+    registry = Registry(storage)
+    ref = spec if isinstance(spec, ModelRef) else registry.resolve(spec)
+    files = {name: registry.read_file(ref, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    try:
+        model, config = load_checkpoint(files)
+    except VaegenError as e:
+        raise VaegenError(f"{ref}: {e}") from None
+    return LoadedModel(ref, model, config, config["weights_sha256"]), sha256_hex(files[CONFIG_FILE])
+
+
+def check_shard_limits(spec: GenerateConfig, num_shards: int, shard_rows: int, image_shape) -> None:
+    """Refuse, before any work, a plan whose shards the driver or the Parquet format cannot hold."""
+    if num_shards > MAX_SHARDS:
+        fix = (f"raise --shard-size to at least {math.ceil(spec.count / MAX_SHARDS):,}" if spec.kind == "samples"
+               else "re-ingest the dataset with larger shards")
+        raise VaegenError(f"the job would have {num_shards:,} shards; at most {MAX_SHARDS:,} per job: {fix}")
+    per_image = parquet_image_bytes(image_shape)
+    if spec.format == "parquet" and shard_rows * per_image > PARQUET_MAX_IMAGE_BYTES:
+        # Parquet/Arrow binary columns have 32-bit offsets; Hugging Face's Image feature does not read the
+        # 64-bit large_binary, so the shard must stay under 2 GiB of image bytes.
+        most = PARQUET_MAX_IMAGE_BYTES // per_image
+        fix = f"use --shard-size {most:,} or less" if spec.kind == "samples" else "re-ingest with smaller shards"
+        raise VaegenError(f"a Parquet shard of {shard_rows:,} {'x'.join(map(str, image_shape))} images holds "
+                          f"{shard_rows * per_image:,} image bytes, over the format's 2 GiB column limit: {fix}, "
+                          "or --format png")
+
+
+def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
     """Resolve and check everything before any work starts: model, labels, input dataset, job id."""
-    loaded = loaded or Registry(storage).load(spec.model)
+    loaded, config_sha256 = load_model(storage, spec.model)
     cfg = loaded.model.cfg
     labels: tuple[int, ...] = ()
     input_shards: tuple[dict, ...] = ()
@@ -139,15 +200,18 @@ def plan_job(spec: GenerateConfig, storage: Storage, loaded: LoadedModel | None 
                               f"{loaded.ref} is conditioned on {cfg.num_classes}")
         input_shards = tuple(shards)
         total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
+    shard_rows = max((s["rows"] for s in input_shards), default=0) if input_shards else min(spec.shard_size, total)
+    check_shard_limits(spec, num_shards, shard_rows, tuple(cfg.image_shape))
     label_names = tuple(manifest["label_names"]) if input_shards else model_label_names(storage, loaded)
     identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
+                "config_sha256": config_sha256,
                 "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
                 "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
     if spec.pixels == "sample":
         del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
     job_id = f"{spec.kind}-{sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]}"
-    return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, tuple(cfg.image_shape), labels,
-                   total, num_shards, input_shards, label_names)
+    return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
+                   labels, total, num_shards, input_shards, label_names)
 
 
 # -- building and publishing one shard (what a DecoderWorker does; no Ray here) ------------------------------
@@ -259,21 +323,37 @@ def decoder_worker_class():
         def __init__(self, plan: JobPlan, storage_cfg: dict, device: str, stage_delays: str | None) -> None:
             torch.set_num_threads(1)          # fixed: a shard's floats must not depend on the thread count
             storage = Storage(StorageConfig(**storage_cfg))
-            loaded = Registry(storage).load(plan.model_ref)
-            if loaded.weights_sha256 != plan.weights_sha256:
-                raise VaegenError(f"{plan.model_ref} changed under the job: weights sha256 differs")
-            self.maker = ShardMaker(plan, storage, loaded.model, device=device,
-                                    stage_delays=parse_stage_delays(stage_delays))
+            # A refusal is kept and raised by every call (a constructor's exception would be retried by Ray's
+            # restarts and reach the driver as an actor death, not as this one line).
+            self.maker, self.refusal = None, None
+            try:
+                loaded, config_sha256 = load_model(storage, ModelRef(*plan.model_ref.split("@")))
+                changed = [what for what, ours, planned in (("weights", loaded.weights_sha256, plan.weights_sha256),
+                                                            ("config.json", config_sha256, plan.config_sha256))
+                           if ours != planned]
+                if changed:
+                    raise VaegenError(f"{plan.model_ref} changed under job {plan.job_id}: its "
+                                      f"{' and '.join(changed)} sha256 differ from the plan's; rerun to start a "
+                                      "new job for the model as it is now")
+                self.maker = ShardMaker(plan, storage, loaded.model, device=device,
+                                        stage_delays=parse_stage_delays(stage_delays))
+            except VaegenError as e:
+                self.refusal = str(e)
 
         def ready(self) -> int:
+            if self.refusal:
+                raise VaegenError(self.refusal)
             return os.getpid()
 
         @ray.method(concurrency_group="control")
         def status(self) -> dict:
+            maker = self.maker
             return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                    "stage": self.maker.stage, "shard": self.maker.shard}
+                    "stage": maker.stage if maker else "refused", "shard": maker.shard if maker else -1}
 
         def run_shard(self, index: int) -> dict:
+            if self.refusal:
+                raise VaegenError(self.refusal)
             return self.maker.make(index)
 
     return DecoderWorker
@@ -301,6 +381,12 @@ def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_
               for k in range(workers)]
     try:
         ray.get([a.ready.remote() for a in actors], timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        for a in actors:
+            ray.kill(a)
+        if isinstance(e.cause, VaegenError):
+            raise VaegenError(str(e.cause)) from None
+        raise
     except ray.exceptions.GetTimeoutError:
         for a in actors:
             ray.kill(a)
@@ -365,9 +451,11 @@ class ShardLedger:
         self.done = np.zeros(plan.num_shards, bool)
         self.counts = np.zeros((plan.num_shards, 4), np.int64)        # rows, first_id, last_id (-1: none), bytes
         self.digests = np.zeros((plan.num_shards, 2, 32), np.uint8)   # sha256, pixels_sha256
+        self.built = np.zeros(plan.num_shards, bool)                  # by this run's workers (else: verified)
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, *, built: bool = False) -> None:
         index = record["index"]
+        self.built[index] = built
         last_id = -1 if record["last_id"] is None else record["last_id"]
         self.counts[index] = (record["rows"], record["first_id"], last_id, record["bytes"])
         for k, field in enumerate(("sha256", "pixels_sha256")):
@@ -396,24 +484,35 @@ class ShardLedger:
                 "last_id": None if last_id < 0 else last_id, "bytes": size,
                 "sha256": self.digests[index, 0].tobytes().hex(), "pixels_sha256": self.digests[index, 1].tobytes().hex()}
 
+    def matches(self, shards: list) -> bool:
+        """Whether a manifest's shard list is exactly what this ledger holds."""
+        return (len(self) == len(shards) == len(self.done)
+                and all(shard == self.entry(index) for index, shard in enumerate(shards)))
+
 
 def verified_shards(storage: Storage, plan: JobPlan) -> ShardLedger:
-    """Shards already on storage whose bytes match their receipt; corrupt ones (and strays) are deleted.
-    One listing of the shards and one of the receipts, then two GETs per shard (receipt, shard re-hashed)."""
+    """Shards already on storage whose bytes match their receipt. Nothing is deleted here, ever: a shard that
+    fails (missing, truncated, corrupt, or published by another driver while we looked) is only left out, and
+    redoing it goes through the normal publish path (create if absent, else compare sha256, replace only a
+    corrupt object), which is safe whoever else is writing. Receipts are listed before shards: a worker publishes
+    a shard before its receipt, so every receipt of the first listing has its shard in the second. Then two GETs
+    per shard (receipt, shard re-hashed)."""
+    receipts = [e.key for e in storage.list(f"{plan.prefix}/{RECEIPTS}") if e.key.endswith(".json")]
     present = {e.key.rsplit("/", 1)[1]: e.size for e in storage.list(plan.prefix)}
-    receipts = [e.key for e in storage.list(f"{plan.prefix}/{RECEIPTS}")]
 
     def check(receipt_key: str) -> dict | None:
         try:
             record = json.loads(storage.read_bytes(receipt_key))
             index = record["index"]
-            if not (0 <= index < plan.num_shards and record["name"] == shard_name(index, plan.spec.format)):
+            task = plan.task(index) if isinstance(index, int) and 0 <= index < plan.num_shards else None
+            if task is None or (record["name"], record["rows"], record["first_id"]) != (
+                    shard_name(index, plan.spec.format), task.rows, task.first_id):
                 return None
         except (ValueError, KeyError, TypeError):
             return None                                             # an unreadable receipt: redo its shard
-        key = plan.shard_key(index)
-        if present.get(record["name"]) != record["bytes"] or sha256_hex(storage.read_bytes(key)) != record["sha256"]:
-            storage.delete(key)                                     # corrupt or truncated: rewrite it
+        if present.get(record["name"]) != record["bytes"]:
+            return None
+        if sha256_hex(storage.read_bytes(plan.shard_key(index))) != record["sha256"]:
             return None
         return record
 
@@ -434,19 +533,58 @@ def library_versions() -> dict[str, str]:
             "zlib": zlib.ZLIB_RUNTIME_VERSION}
 
 
+def check_before_commit(storage: Storage, plan: JobPlan, records: ShardLedger) -> None:
+    """Every shard the manifest will name must be on storage as recorded. One recursive listing gives each
+    shard's size and its receipt's presence; shards this run did not build itself (verified from receipts at the
+    start, possibly hours ago) are also re-hashed, one GET each. Shards this run's workers built are not: each
+    worker published them or compared the object already there with its own bytes, and no vaegen writer ever
+    replaces an object holding the right bytes, so re-reading them would double a fresh run's I/O for nothing."""
+    listed = {e.key[len(plan.prefix) + 1:]: e.size for e in storage.list(plan.prefix, recursive=True)}
+    bad = []
+    for index in range(plan.num_shards):
+        name, size = shard_name(index, plan.spec.format), int(records.counts[index, 3])
+        if listed.get(name) != size or f"{RECEIPTS}/{name}.json" not in listed:
+            bad.append(name)
+    if not bad:
+        rehash = np.flatnonzero(~records.built).tolist()
+
+        def changed(index: int) -> str | None:
+            digest = records.digests[index, 0].tobytes().hex()
+            return None if sha256_hex(storage.read_bytes(plan.shard_key(index))) == digest else \
+                shard_name(index, plan.spec.format)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for start in range(0, len(rehash), VERIFY_CHUNK):
+                bad += filter(None, pool.map(changed, rehash[start:start + VERIFY_CHUNK]))
+    if bad:
+        raise VaegenError(f"job {plan.job_id}: {len(bad)} shard(s) changed on storage during this run "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was committed: rerun "
+                          "the same command to repair them")
+    if not storage.is_s3:                  # temp files of publishes that died; younger ones may be in flight
+        now = time.time()
+        for key in listed:
+            if key.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in key:
+                try:
+                    if now - os.stat(storage.path(f"{plan.prefix}/{key}")).st_mtime > STALE_TEMP_S:
+                        storage.delete(f"{plan.prefix}/{key}")
+                except FileNotFoundError:
+                    pass
+
+
 def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> dict:
-    """manifest.json (one line per shard, built as bytes straight from the ledger), then _SUCCESS."""
+    """Check every shard (check_before_commit), then manifest.json (one line per shard, built as bytes straight
+    from the ledger), the dataset card, then _SUCCESS naming the manifest's sha256. Another driver's commit of
+    the same job can interleave (its manifest between ours and our _SUCCESS): the result is read back, and the
+    two writes are redone until _SUCCESS names the manifest that is there. A commit of the very same shards by
+    another driver is accepted as ours."""
     if len(records) != plan.num_shards:
         raise RuntimeError(f"job {plan.job_id}: {plan.num_shards - len(records)} shards missing at commit")
     ids = records.rows()
     if ids != plan.total_rows:
         raise RuntimeError(f"job {plan.job_id}: shards hold {ids} rows, planned {plan.total_rows}")
-    if not storage.is_s3:                                           # temp files of workers killed mid-publish
-        for entry in storage.list(plan.prefix):
-            if entry.key.rsplit("/", 1)[1].startswith("."):
-                storage.delete(entry.key)
+    check_before_commit(storage, plan, records)
     manifest = {"job_id": plan.job_id, "kind": plan.spec.kind, "format": plan.spec.format,
                 "spec": to_dict(plan.spec), "model": plan.model_ref, "weights_sha256": plan.weights_sha256,
+                "config_sha256": plan.config_sha256,
                 "image_shape": list(plan.image_shape), "labels": list(plan.labels),
                 "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
                 "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
@@ -458,10 +596,22 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
         body.write((",\n    " if index else "\n    ").encode() + json.dumps(records.entry(index)).encode())
     body.write(b"\n  ]\n}")
     body = body.getvalue()
-    storage.publish(f"{plan.prefix}/{MANIFEST}", body)
-    publish_dataset_card(storage, json.loads(body))          # README.md for the Hub / `datasets`, before _SUCCESS
-    storage.publish(f"{plan.prefix}/{SUCCESS}", json.dumps({"manifest_sha256": sha256_hex(body)}).encode())
-    return json.loads(body)                          # as a resumed run will read it back
+    manifest_sha256 = sha256_hex(body)
+    success = json.dumps({"manifest_sha256": manifest_sha256}).encode()
+    for attempt in range(COMMIT_ATTEMPTS):
+        if attempt:
+            time.sleep(random.uniform(0.05, 0.5) * attempt)
+            committed = read_committed_manifest(storage, plan.prefix)
+            if committed is not None and records.matches(committed["shards"]):
+                return {**committed, "run": run}           # another driver committed these very shards meanwhile
+        storage.publish(f"{plan.prefix}/{MANIFEST}", body)
+        publish_dataset_card(storage, json.loads(body))      # README.md for the Hub / `datasets`, before _SUCCESS
+        storage.publish(f"{plan.prefix}/{SUCCESS}", success)
+        if (storage.read_bytes(f"{plan.prefix}/{SUCCESS}") == success
+                and sha256_hex(storage.read_bytes(f"{plan.prefix}/{MANIFEST}")) == manifest_sha256):
+            return json.loads(body)                          # as a resumed run will read it back
+    raise VaegenError(f"job {plan.job_id}: other drivers kept rewriting its commit; every shard is in place: "
+                      "rerun the same command to commit")
 
 
 def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2, address: str | None = None,
@@ -476,19 +626,39 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
     storage = open_storage(storage_cfg, for_writing=True)
     plan = plan_job(spec, storage)
     planned = time.perf_counter()
+    lease = JobLease(storage, f"{plan.prefix}/{LEASE}")
+
+    def waiting(holder: dict) -> None:
+        print(f"vaegen: job {plan.job_id} is being run by {holder.get('owner', '?')}; waiting for it to finish or "
+              "stop", file=sys.stderr, flush=True)
+    lease.acquire(on_wait=waiting)
+    try:
+        return run_leased(plan, storage, storage_cfg, (started, planned), workers=workers, address=address,
+                          progress=progress, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                          max_restarts=max_restarts)
+    finally:
+        lease.release()
+
+
+def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, clock: tuple[float, float], *,
+               workers: int, address: str | None, progress: bool, cpus_per_worker: float, gpus_per_worker: float,
+               max_restarts: int) -> dict:
+    """run_job's work once it holds the job's lease (or the lease expired: nothing here relies on it)."""
+    spec, (started, planned), leased = plan.spec, clock, time.perf_counter()
     success_key = f"{plan.prefix}/{SUCCESS}"
+    committed = read_committed_manifest(storage, plan.prefix)
     records = verified_shards(storage, plan)
     verified = time.perf_counter()
-    phases = {"plan_seconds": planned - started, "verify_seconds": verified - planned}
+    phases = {"plan_seconds": planned - started, "lease_wait_seconds": leased - planned,
+              "verify_seconds": verified - leased}
     todo = records.missing()
-    if not todo and storage.exists(success_key):                   # finished and intact: rewrite nothing
-        manifest = json.loads(storage.read_bytes(f"{plan.prefix}/{MANIFEST}"))
-        return {**manifest, "run": {"workers": 0, "shards_written": 0, "shards_skipped": plan.num_shards,
-                                    "rows_written": 0, "seconds": time.perf_counter() - started,
-                                    "shard_seconds": 0.0, "samples_per_s": None, "already_complete": True,
-                                    **phases}}
-    if todo and storage.exists(success_key):
-        storage.delete(success_key)                                 # repairing a finished job: not trusted now
+    if committed is not None and not todo and records.matches(committed["shards"]):   # finished and intact
+        return {**committed, "run": {"workers": 0, "shards_written": 0, "shards_skipped": plan.num_shards,
+                                     "rows_written": 0, "seconds": time.perf_counter() - started,
+                                     "shard_seconds": 0.0, "samples_per_s": None, "already_complete": True,
+                                     **phases}}
+    if storage.exists(success_key):
+        storage.delete(success_key)          # withdrawn before any repair: readers stop trusting the job first
     skipped_rows = records.rows()
     written = 0
     if todo:
@@ -504,7 +674,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
                           desc=f"{spec.kind} {plan.job_id}", disable=not progress) as bar:
                     def on_done(record: dict) -> None:
                         nonlocal written
-                        records.add(record)
+                        records.add(record, built=True)
                         written += 1
                         bar.update(record["rows"])
                     run_shards(actors, todo, on_done)
