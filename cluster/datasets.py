@@ -152,7 +152,7 @@ def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int =
             manifest["splits"][split] = {"rows": len(data.labels), "shards": shards}
     manifest = commit(storage, manifest, keep_superseded_s)
     storage.delete(pending_key)
-    collect_garbage(storage, name)
+    collect_garbage(storage, name, keep_superseded_s=keep_superseded_s)
     return manifest
 
 
@@ -211,14 +211,16 @@ def generation_complete(storage: Storage, manifest: dict) -> bool:
 
 
 # -- garbage collection --------------------------------------------------------------------------------
-def collect_garbage(storage: Storage, name: str, now: float | None = None,
+def collect_garbage(storage: Storage, name: str, *, now: float | None = None,
+                    keep_superseded_s: float = KEEP_SUPERSEDED_S,
                     pending_timeout_s: float = PENDING_TIMEOUT_S) -> list[str]:
     """Delete the generations nothing may still read (the rule is in the module docstring); the keys deleted."""
     now = time.time() if now is None else now
     manifest = current_manifest(storage, name)
     if manifest is None:
         return []                                   # nothing tells us what is in use: delete nothing
-    keep = {manifest.get("generation")} | {e["generation"] for e in manifest.get("superseded", [])}
+    keep = {manifest.get("generation")} | {e["generation"] for e in manifest.get("superseded", [])
+                                           if now - e["superseded_at"] < keep_superseded_s}
     for entry in storage.list(dataset_key(name, PENDING)):
         try:
             marker = json.loads(storage.read_bytes(entry.key))
