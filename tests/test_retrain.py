@@ -313,3 +313,16 @@ def test_two_retrains_racing_at_the_swap_promote_exactly_once(storage_config, ti
     assert math.isfinite(champion["value"])
     assert registry.versions("fm-vae") == ["v0001", "v0002"]           # two challengers, two versions
     promoted_records_agree_with_the_pointer(registry, "fm-vae")
+
+
+def test_a_corrupt_champion_pointer_is_replaced_and_the_record_says_why(local_storage_config, tiny_dataset):
+    tiny_dataset(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    assert retrain_cli(local_storage_config) == 0
+    registry.storage.publish("models/fm-vae/champion.json", b'{"version": "v00')          # truncated
+    assert retrain_cli(local_storage_config) == 0
+    record = decisions(registry, "fm-vae")[-1]
+    assert record["decision"] == "promote" and "unreadable champion.json" in record["reason"]
+    assert "champion.json is not valid JSON" in record["champion"]["load_error"]
+    assert registry.champion("fm-vae")["version"] == "v0002"
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
