@@ -2,7 +2,10 @@
 
 The submission id is derived from the job spec (the vaegen argv plus an optional key), so submitting the same
 spec twice finds the first job instead of starting a second one. Only a spec whose attempts all failed or were
-stopped is submitted again, as the next attempt (<id>-r2, -r3, ...).
+stopped is submitted again, as the next attempt (<id>-r2, -r3, ...). A --model that moves (a bare name,
+name@champion, name@latest) is pinned to the version it names at submission, so the spec says what will run:
+once the champion changes, the same command is a new job. When the registry cannot be read from the submitting
+machine, such a spec is not de-duplicated at all (an argv match would not mean the same model).
 
 Credentials never travel in the job spec by default: Ray shows a job's runtime_env to anyone who can read the
 dashboard, so the cluster gets keys from its own environment (a Kubernetes Secret). Only non-secret storage
@@ -16,10 +19,12 @@ import os
 import shlex
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
 if TYPE_CHECKING:
@@ -42,6 +47,7 @@ class SubmitConfig:
     upload_code: bool = True         # ship this checkout's packages (py_modules); else use the image's vaegen
     pass_credentials: bool = False   # copy AWS keys from this environment into the job (visible in Ray's job table)
     key: str = ""                    # extra text in the spec hash, e.g. a CronJob run's name: one job per run
+    deduplicate: bool = True         # False: a new job whatever ran before (the spec's model could not be pinned)
     entrypoint_num_cpus: float = 0.0
     entrypoint_num_gpus: float = 0.0
 
@@ -105,6 +111,42 @@ def runtime_env(cfg: SubmitConfig, working_dir: str | None = None) -> dict:
     return env
 
 
+MOVING_VERSIONS = ("", "latest", "champion")      # what may follow '@' and name another version tomorrow
+
+
+def pin_model_version(argv: list[str], spec: str, storage: StorageConfig) -> tuple[list[str], bool, str]:
+    """(argv with --model pinned to the concrete version `spec` names now, whether the spec may be de-duplicated,
+    a line for the user). A malformed spec is refused here, before anything is sent."""
+    from .registry import Registry, parse_model_spec
+    from .storage import Storage
+    _, want = parse_model_spec(spec)
+    try:
+        pinned = str(Registry(Storage(storage)).resolve(spec))
+    except VaegenError as e:
+        if want not in MOVING_VERSIONS:
+            return argv, True, ""                 # already a fixed version: the argv says what will run
+        return argv, False, (f"cannot resolve --model {spec} from this machine ({e}); submitting without "
+                             "de-duplication")
+    note = f"--model {spec} is {pinned} now; submitting that version" if pinned != spec else ""
+    return with_model(argv, pinned), True, note
+
+
+def with_model(argv: list[str], spec: str) -> list[str]:
+    """argv with its --model value replaced by `spec` (appended when the value came from a --config file:
+    the last --model wins)."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--":
+            break
+        if token == "--model" and i + 1 < len(out):
+            out[i + 1] = spec
+            return out
+        if token.startswith("--model="):
+            out[i] = f"--model={spec}"
+            return out
+    return out + ["--model", spec]
+
+
 # -- the client ----------------------------------------------------------------------------------------------
 def auth_headers() -> dict[str, str]:
     """Ray 2.60 clusters check a bearer token unless started with RAY_AUTH_MODE=disabled. Find it where Ray does
@@ -153,8 +195,14 @@ def attempts(client: "JobSubmissionClient", base: str) -> list:
     return [j for _, j in sorted(found, key=lambda t: t[0])]
 
 
+def identity_key(cfg: SubmitConfig) -> str:
+    """The key that goes into the spec hash: --key, plus a fresh nonce when the spec must not be de-duplicated."""
+    return cfg.key if cfg.deduplicate else f"{cfg.key}\nnot-deduplicated-{uuid.uuid4().hex}"
+
+
 def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
-    base = base_submission_id(cfg.argv, cfg.key, cfg.files)
+    key = identity_key(cfg)
+    base = base_submission_id(cfg.argv, key, cfg.files)
     earlier = attempts(client, base)
     for job in earlier:
         if str(job.status.value) in ACTIVE:
@@ -168,7 +216,7 @@ def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
                 Path(folder, name).write_bytes(body)
             client.submit_job(entrypoint=entrypoint(cfg.argv), submission_id=submission_id,
                               runtime_env=runtime_env(cfg, folder if cfg.files else None),
-                              metadata={"vaegen_spec": spec_digest(cfg.argv, cfg.key, cfg.files),
+                              metadata={"vaegen_spec": spec_digest(cfg.argv, key, cfg.files),
                                         "vaegen_key": cfg.key},
                               entrypoint_num_cpus=cfg.entrypoint_num_cpus or None,
                               entrypoint_num_gpus=cfg.entrypoint_num_gpus or None)

@@ -76,9 +76,10 @@ def verb_names() -> list[str]:
     return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
-def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
-    """The argv after `--`, checked against this vaegen's own parser before anything is sent, and the --config
-    file it names (this machine's file: the job gets its bytes, and the flag just its name)."""
+def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...], bool]:
+    """The argv after `--`, checked against this vaegen's own parser before anything is sent, with a moving
+    --model (name, @champion, @latest) pinned to its version now; the --config file it names (this machine's
+    file: the job gets its bytes, and the flag just its name); and whether the spec may be de-duplicated."""
     from .cli import build_parser
     from .config_file import config_path, parse_args, with_config_name
     argv = command[1:] if command[:1] == ["--"] else command
@@ -88,19 +89,35 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
     if argv[0] not in verbs or argv[0] in NOT_SUBMITTABLE:
         known = ", ".join(v for v in verbs if v not in NOT_SUBMITTABLE)
         raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {known})")
-    parse_args(build_parser(), list(argv))       # a bad flag (or --config key) stops here, with its own message
-    path = config_path(list(argv))
+    parsed = parse_args(build_parser(), list(argv))   # a bad flag (or --config key) stops here, with its message
+    argv, deduplicate = pin_model(list(argv), parsed)
+    path = config_path(argv)
     if path is None:
-        return tuple(argv), ()
+        return tuple(argv), (), deduplicate
     name = os.path.basename(path)
     with open(path, "rb") as f:
-        return tuple(with_config_name(list(argv), name)), ((name, f.read()),)
+        return tuple(with_config_name(argv, name)), ((name, f.read()),), deduplicate
+
+
+def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], bool]:
+    """Verbs that read a model version (generate, reconstruct, sample, evaluate) get the version the registry
+    names now, read through the command's own --root/--s3-endpoint; see cluster.submit.pin_model_version."""
+    spec = getattr(parsed, "model", None)
+    if not isinstance(spec, str) or not hasattr(parsed, "root"):
+        return argv, True
+    from cluster.submit import pin_model_version
+    from vae_core.config import StorageConfig
+    argv, deduplicate, note = pin_model_version(argv, spec, StorageConfig(root=parsed.root,
+                                                                          s3_endpoint=parsed.s3_endpoint))
+    if note:
+        print(f"vaegen: {note}", flush=True)
+    return argv, deduplicate
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from cluster.submit import SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code, submit
-    argv, files = check_command(args.command)
-    cfg = SubmitConfig(address=args.address, argv=argv, files=files, wait=args.wait,
+    argv, files, deduplicate = check_command(args.command)
+    cfg = SubmitConfig(address=args.address, argv=argv, files=files, wait=args.wait, deduplicate=deduplicate,
                        upload_code=args.upload_code, pass_credentials=args.pass_credentials, key=args.key,
                        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
     client = connect(cfg.address)

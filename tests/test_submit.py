@@ -4,6 +4,7 @@ dir, its own process group, killed by pid at the end, so other Ray instances on 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -19,13 +20,17 @@ import pytest
 import requests
 
 from cluster.datasets import ingest
-from cluster.registry import Registry
+from cluster.local_train import train_single_process
+from cluster.registry import Registry, swap_champion
 from cluster.storage import Storage
-from cluster.submit import base_submission_id, job_env
+from cluster.submit import SubmitConfig, base_submission_id, identity_key, job_env
 from conftest import free_port
-from vae_core.config import StorageConfig
+from jobs.ops_cmds import check_command
+from vae_core.checkpoint import checkpoint_files
+from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
+from vae_core.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -166,18 +171,95 @@ def test_a_config_file_travels_with_the_job(ray_head, s3_dataset, tmp_path):
 
 
 def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_head, s3_dataset):
+    """The first job asks for more driver CPUs than the head has, so it stays PENDING (an active job) for as long
+    as the test needs, however fast or loaded the machine: the second submit of the same spec (the CPU
+    reservation is not part of the spec) must find it rather than start another."""
     address, token = ray_head["address"], ray_head["token_path"]
-    # Long enough (≈20 s of training) that the first job is surely still running when the second submit asks:
-    # the usual 1-epoch job can finish before a second CLI process has started, and 150 epochs could too once
-    # the cluster had run a job before.
-    argv = [*train_argv(s3_dataset), "--name", "fm-attach", "--epochs", "400", "--patience", "400"]
-    first = vaegen("submit", "--address", address, "--", *argv, token_path=token)
-    assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout
-    second = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "is already submitted as vaegen-train-" in second.stdout and "not submitting it again" in second.stdout
-    assert "SUCCEEDED" in second.stdout
-    assert Registry(Storage(s3_dataset)).versions("fm-attach") == ["v0001"]
+    argv = [*train_argv(s3_dataset), "--name", "fm-attach"]
+    first = vaegen("submit", "--address", address, "--entrypoint-num-cpus", "64", "--", *argv, token_path=token)
+    assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout, first.stderr[-2000:]
+    submission_id = base_submission_id(tuple(argv))
+    try:
+        second = vaegen("submit", "--address", address, "--", *argv, token_path=token)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert f"already submitted as {submission_id} (running); not submitting it again" in second.stdout
+        listed = vaegen("jobs", "list", "--address", address, token_path=token).stdout
+        assert [ln.split()[0] for ln in listed.splitlines() if ln.startswith(submission_id)] == [submission_id]
+    finally:
+        vaegen("jobs", "stop", "--address", address, submission_id, token_path=token)
+    assert Registry(Storage(s3_dataset)).versions("fm-attach") == []
+
+
+def train_tiny(cfg: StorageConfig, name: str) -> str:
+    job = TrainJobConfig(storage=cfg, dataset="fm", name=name, model=ModelConfig(hidden_dim=32, latent_dim=2),
+                         train=TrainConfig(epochs=1, max_images=500))
+    return train_single_process(job, progress=False).ref.version
+
+
+def test_generate_with_the_champion_is_a_new_job_once_the_champion_changes(ray_head, s3_dataset):
+    """`generate --model m@champion` names a different model after a promotion: submit pins the version before
+    computing the job's identity, so the second submit runs the new champion instead of reporting the old
+    job as already succeeded; the same command with the same champion is still found, not rerun."""
+    address, token = ray_head["address"], ray_head["token_path"]
+    registry = Registry(Storage(s3_dataset))
+    first_version = train_tiny(s3_dataset, "fm-champ")
+    assert swap_champion(registry, "fm-champ", {"version": first_version}, expected_version=None)
+    argv = ["generate", "--model", "fm-champ@champion", "--count", "20", "--shard-size", "10", "--workers", "1",
+            "--root", s3_dataset.root, "--s3-endpoint", s3_dataset.s3_endpoint, "--no-progress"]
+    run = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"--model fm-champ@champion is fm-champ@{first_version} now" in run.stdout
+
+    second_version = train_tiny(s3_dataset, "fm-champ")
+    assert swap_champion(registry, "fm-champ", {"version": second_version}, expected_version=first_version)
+    again = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"is fm-champ@{second_version} now" in again.stdout and "already ran" not in again.stdout
+    assert "vaegen: submitted vaegen-generate-" in again.stdout
+    models = [json.loads(Storage(s3_dataset).read_bytes(f"outputs/{job}/manifest.json"))["model"]
+              for job in Storage(s3_dataset).list_dirs("outputs")]
+    assert sorted(models) == sorted([f"fm-champ@{first_version}", f"fm-champ@{second_version}"])
+
+    same = vaegen("submit", "--address", address, "--", *argv, token_path=token)     # champion unchanged
+    assert same.returncode == 0 and "succeeded; not running it again" in same.stdout
+
+
+def test_moving_model_specs_are_pinned_into_the_spec(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    files = checkpoint_files(build_model(ModelConfig(image_shape=(1, 28, 28), hidden_dim=16, latent_dim=2)))
+    registry.publish("m", files)
+    registry.publish("m", files)
+    assert swap_champion(registry, "m", {"version": "v0001"}, expected_version=None)
+    tail = ["--count", "10", "--root", local_storage_config.root]
+    pinned = {spec: check_command(["--", "generate", "--model", spec, *tail]) for spec in
+              ("m", "m@champion", "m@latest", "m@2", "m@v0001")}
+    assert {spec: argv[2] for spec, (argv, _, _) in pinned.items()} == {
+        "m": "m@v0001", "m@champion": "m@v0001", "m@latest": "m@v0002", "m@2": "m@v0002", "m@v0001": "m@v0001"}
+    assert all(dedup for _, _, dedup in pinned.values())
+    before = base_submission_id(pinned["m@champion"][0])
+    assert swap_champion(registry, "m", {"version": "v0002"}, expected_version="v0001")
+    after = base_submission_id(check_command(["--", "generate", "--model", "m@champion", *tail])[0])
+    assert before != after and after == base_submission_id(pinned["m@latest"][0])
+    assert check_command(["--", "generate", "--model=m@champion", *tail])[0][1] == "--model=m@v0002"
+
+
+def test_a_registry_this_machine_cannot_read_is_not_deduplicated(capsys):
+    unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}"]
+    argv, _, dedup = check_command(["--", "generate", "--model", "m@champion", "--count", "10", *unreachable])
+    assert not dedup and argv[2] == "m@champion"
+    assert "submitting without de-duplication" in capsys.readouterr().out
+    cfg = SubmitConfig(address="http://127.0.0.1:9", argv=argv, deduplicate=False)
+    assert base_submission_id(argv, identity_key(cfg)) != base_submission_id(argv, identity_key(cfg))
+    # A fixed version names one model whatever the registry says: its argv identity stays.
+    argv, _, dedup = check_command(["--", "generate", "--model", "m@v0001", "--count", "10", *unreachable])
+    assert dedup and argv[2] == "m@v0001"
+
+
+def test_a_malformed_model_spec_is_refused_before_anything_is_sent(local_storage_config):
+    run = vaegen("submit", "--address", "http://127.0.0.1:9", "--", "generate", "--model", "m@../x", "--count",
+                 "10", "--root", local_storage_config.root, token_path=None)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("vaegen: error: --model='m@../x'")
 
 
 def test_a_failing_job_makes_submit_exit_non_zero_with_the_jobs_error(ray_head, s3_dataset):
