@@ -1,11 +1,14 @@
 """deploy/: every Kubernetes manifest validates (core kinds against the Kubernetes schemas shipped by
 kubernetes-validate, KubeRay kinds against deploy/schemas/kuberay-v1.schema.json, their pod templates against the
 core PodTemplateSpec), follows the cluster rules (limits, /dev/shm, no public dashboard, keys only from Secrets),
-and names only real vaegen verbs and flags: the CLI and the deploy files cannot drift apart unnoticed."""
+is locked down (non-root, no capabilities, RuntimeDefault seccomp, read-only roots, no unneeded Kubernetes API
+token, NetworkPolicies that admit only the intended peers, MinIO's root login kept from the app), and names only
+real vaegen verbs and flags: the CLI and the deploy files cannot drift apart unnoticed."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -53,28 +56,65 @@ def ray_cluster_specs(doc: dict) -> list[dict]:
     return [job["rayClusterSpec"]] if "rayClusterSpec" in job else []
 
 
-def pod_specs(doc: dict) -> list[dict]:
-    """Every pod spec in a manifest, whatever wraps it."""
+def ray_job_specs(doc: dict) -> list[dict]:
+    if doc["kind"] == "RayJob":
+        return [doc["spec"]]
+    return [doc["spec"]["jobTemplate"]] if doc["kind"] == "RayCronJob" else []
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """Every pod template in a manifest, whatever wraps it, as (role, template): role is head, worker/<group>,
+    submitter or pod."""
     if doc["apiVersion"].startswith("ray.io/"):
-        groups = [g for c in ray_cluster_specs(doc) for g in [c["headGroupSpec"], *c.get("workerGroupSpecs", [])]]
-        return [g["template"]["spec"] for g in groups]
+        found = []
+        for cluster in ray_cluster_specs(doc):
+            found.append(("head", cluster["headGroupSpec"]["template"]))
+            found += [(f"worker/{g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])]
+        found += [("submitter", job["submitterPodTemplate"]) for job in ray_job_specs(doc)
+                  if "submitterPodTemplate" in job]
+        return found
     kind = doc["kind"]
     if kind in ("Deployment", "Job"):
-        return [doc["spec"]["template"]["spec"]]
+        return [("pod", doc["spec"]["template"])]
     if kind == "CronJob":
-        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+        return [("pod", doc["spec"]["jobTemplate"]["spec"]["template"])]
     return []
 
 
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec in a manifest, whatever wraps it."""
+    return [template["spec"] for _, template in pod_templates(doc)]
+
+
+def ray_node_pod_specs(doc: dict) -> list[dict]:
+    """The Ray heads' and workers' pod specs (not the RayJob submitters')."""
+    return [template["spec"] for role, template in pod_templates(doc) if role != "submitter"]
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
 def containers(doc: dict) -> list[dict]:
-    return [c for spec in pod_specs(doc) for c in spec["containers"]]
+    return [c for spec in pod_specs(doc) for c in all_containers(spec)]
+
+
+def autoscaler_sidecar(cluster: dict) -> dict | None:
+    """The container KubeRay adds to the head when in-tree autoscaling is on: the head's image, with the
+    securityContext and volumeMounts given in autoscalerOptions (KubeRay adds its /tmp/ray log volume itself)."""
+    if not cluster.get("enableInTreeAutoscaling"):
+        return None
+    options = cluster.get("autoscalerOptions", {})
+    sidecar = {"name": "autoscaler", "image": cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
+    sidecar.update({k: options[k] for k in ("securityContext", "volumeMounts", "resources") if k in options})
+    return sidecar
 
 
 # -- schemas ---------------------------------------------------------------------------------------------------
 def test_the_deploy_folder_has_every_kind_the_cluster_needs():
     kinds = sorted({d["kind"] for _, d in MANIFESTS})
-    assert kinds == ["CronJob", "Deployment", "Job", "Kustomization", "PersistentVolumeClaim", "RayCluster",
-                     "RayCronJob", "RayJob", "Service"]
+    assert kinds == ["ConfigMap", "CronJob", "Deployment", "Job", "Kustomization", "NetworkPolicy",
+                     "PersistentVolumeClaim", "RayCluster", "RayCronJob", "RayJob", "Service"]
     rayjobs = {d["metadata"]["name"] for _, d in KUBERAY if d["kind"] == "RayJob"}
     assert rayjobs == {"vaegen-train", "vaegen-generate"}
 
@@ -89,11 +129,15 @@ def test_core_manifests_validate_against_the_kubernetes_schemas(name, doc):
 def test_kuberay_manifests_validate_against_the_crd_fields_and_pod_schemas(name, doc):
     import kubernetes_validate
     jsonschema.validate(doc, KUBERAY_SCHEMA)
+    templates = [template for _, template in pod_templates(doc)]
     for cluster in ray_cluster_specs(doc):
-        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
-            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                            "template": group["template"]}
-            kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+        sidecar = autoscaler_sidecar(cluster)
+        if sidecar:        # the head as KubeRay runs it: the autoscaler's securityContext and mounts are core types
+            head = cluster["headGroupSpec"]["template"]
+            templates.append({**head, "spec": {**head["spec"], "containers": [*head["spec"]["containers"], sidecar]}})
+    for template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
 
 
 def test_the_kuberay_schema_catches_a_misspelt_field():
@@ -123,7 +167,7 @@ def test_ray_clusters_have_a_cpu_head_an_autoscaled_gpu_group_and_shm_in_memory(
     for _, doc in KUBERAY:
         for spec in ray_cluster_specs(doc):
             assert spec["rayVersion"] == PINS["ray"]
-        for pod in pod_specs(doc):
+        for pod in ray_node_pod_specs(doc):
             shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
             assert [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]
                     if m["name"] == shm[0]["name"]] == ["/dev/shm"]
@@ -136,7 +180,7 @@ WITH_PODS = [(n, d) for n, d in MANIFESTS if pod_specs(d)]
 def test_every_container_has_requests_and_limits_and_runs_as_non_root(name, doc):
     for pod in pod_specs(doc):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-        for c in pod["containers"]:
+        for c in all_containers(pod):
             assert set(c["resources"]) == {"requests", "limits"}, c["name"]
             assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
 
@@ -188,6 +232,365 @@ def test_images_are_the_vaegen_release_or_pinned_third_party_images():
         for pod in pod_specs(doc):
             gpus = [c for c in pod["containers"] if "nvidia.com/gpu" in c["resources"]["limits"]]
             assert all(c["image"].endswith("-cuda") for c in gpus), name
+
+
+# -- pod and container security ----------------------------------------------------------------------------------
+def dockerfile_uid() -> int:
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    (uid,) = re.findall(r"useradd .*--uid (\d+)", text)
+    assert re.findall(r"^USER (\S+)", text, re.M)[-1].split(":")[0] == uid
+    return int(uid)
+
+
+IMAGE_UID = 1000           # vaegen's image user (Dockerfile), and the uid MinIO's and mc's charts run them as
+# Containers whose root filesystem stays writable, and why (the manifest says so beside the setting).
+WRITABLE_ROOT = {"minio/minio": "MinIO creates its certs directory under $HOME at start; not verified read-only"}
+SA_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Pods that may hold a Kubernetes API token, and why. Only the listed container may mount it.
+TOKEN_ALLOWED = {"raycluster.yaml:RayCluster/vaegen head":
+                 ("autoscaler", "KubeRay's autoscaler sidecar lists and patches the RayCluster and its pods")}
+PODS = [(f"{name} {role}", doc, template) for name, doc in MANIFESTS for role, template in pod_templates(doc)]
+
+
+def pod_containers(doc: dict, role: str, spec: dict) -> list[dict]:
+    """A pod's containers as they will run: with KubeRay's autoscaler sidecar in an autoscaled head."""
+    found = all_containers(spec)
+    if role == "head":
+        found += [s for s in map(autoscaler_sidecar, ray_cluster_specs(doc)) if s]
+    return found
+
+
+def test_the_image_user_is_the_uid_the_pods_run_as():
+    assert dockerfile_uid() == IMAGE_UID
+
+
+@pytest.mark.parametrize("name, doc, template", PODS, ids=[n for n, _, _ in PODS])
+def test_every_pod_runs_as_a_non_root_uid_with_the_runtime_default_seccomp_profile(name, doc, template):
+    pod = template["spec"]["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] == pod["runAsGroup"] == pod["fsGroup"] == IMAGE_UID
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in all_containers(template["spec"]):               # nothing overrides the pod's choices
+        own = c.get("securityContext", {})
+        assert own.get("runAsUser", IMAGE_UID) != 0 and own.get("runAsNonRoot", True) is True, c["name"]
+        assert own.get("seccompProfile", pod["seccompProfile"]) == {"type": "RuntimeDefault"}, c["name"]
+
+
+@pytest.mark.parametrize("name, doc, template", PODS, ids=[n for n, _, _ in PODS])
+def test_every_container_drops_all_capabilities_cannot_escalate_and_writes_only_to_its_volumes(name, doc, template):
+    spec = template["spec"]
+    role = name.rsplit(" ", 1)[1]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for c in pod_containers(doc, role, spec):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert not sc.get("privileged", False), c["name"]
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert set(mounts.values()) <= set(volumes), f"{c['name']} mounts a volume the pod lacks"
+        image = c["image"].split(":")[0]
+        if image in WRITABLE_ROOT:
+            assert sc["readOnlyRootFilesystem"] is False, c["name"]
+            continue
+        assert sc["readOnlyRootFilesystem"] is True, f"{c['name']}: read-only root, or a reason in WRITABLE_ROOT"
+        writable = ["/tmp", "/home/ray"] if image == "vaegen" else ["/tmp"]      # Ray's sessions; $HOME's caches
+        for path in writable:
+            assert "emptyDir" in volumes[mounts[path]], f"{c['name']}: {path} is no emptyDir"
+
+
+def test_writable_root_filesystems_are_explained_in_the_manifest():
+    for image in WRITABLE_ROOT:
+        users = [path for path in (DEPLOY / "k8s").glob("*.yaml") if f"image: {image}:" in path.read_text()]
+        for path in users:
+            assert "readOnlyRootFilesystem stays off" in path.read_text(), path.name
+
+
+@pytest.mark.parametrize("name, doc, template", PODS, ids=[n for n, _, _ in PODS])
+def test_no_pod_gets_a_kubernetes_api_token_it_does_not_use(name, doc, template):
+    spec = template["spec"]
+    role = name.rsplit(" ", 1)[1]
+    assert spec["automountServiceAccountToken"] is False
+    token_volumes = {v["name"] for v in spec.get("volumes", [])
+                     if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))}
+    mounted_by = {c["name"] for c in pod_containers(doc, role, spec)
+                  for m in c.get("volumeMounts", []) if m["name"] in token_volumes}
+    if name not in TOKEN_ALLOWED:
+        assert not token_volumes, f"{name} holds a Kubernetes API token"
+        return
+    allowed_container, _reason = TOKEN_ALLOWED[name]
+    assert mounted_by == {allowed_container}
+    (sidecar,) = [s for s in map(autoscaler_sidecar, ray_cluster_specs(doc)) if s]
+    assert {m["mountPath"] for m in sidecar["volumeMounts"] if m["name"] in token_volumes} == {SA_TOKEN_PATH}
+
+
+def test_every_autoscaled_head_gives_its_autoscaler_a_token():
+    """The other side of the rule above: without a token KubeRay's autoscaler cannot scale anything."""
+    for name, doc in KUBERAY:
+        for cluster in ray_cluster_specs(doc):
+            assert bool(autoscaler_sidecar(cluster)) == (f"{name} head" in TOKEN_ALLOWED), name
+
+
+# -- credentials: the app never holds MinIO's root login ----------------------------------------------------------
+def secret_refs(spec: dict) -> set[str]:
+    refs = set()
+    for c in all_containers(spec):
+        refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                 if "secretKeyRef" in e.get("valueFrom", {})}
+        refs |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+    for v in spec.get("volumes", []):
+        refs |= {v["secret"]["secretName"]} if "secret" in v else set()
+        refs |= {s["secret"]["name"] for s in v.get("projected", {}).get("sources", []) if "secret" in s}
+    return refs
+
+
+def env_secret(container: dict, var: str) -> tuple[str, str]:
+    (env,) = [e for e in container["env"] if e["name"] == var]
+    ref = env["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def one(kind: str, name: str) -> dict:
+    (doc,) = [d for _, d in MANIFESTS if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+MINIO = one("Deployment", "vaegen-minio")
+BUCKET_JOB = one("Job", "vaegen-minio-bucket")
+ROOT_SECRET = env_secret(MINIO["spec"]["template"]["spec"]["containers"][0], "MINIO_ROOT_PASSWORD")[0]
+ROOT_HOLDERS = [MINIO["spec"]["template"]["spec"], BUCKET_JOB["spec"]["template"]["spec"]]
+
+
+def mc_steps() -> list[tuple[dict, list[str]]]:
+    """The bucket Job's `mc` commands in the order they run, without mc's global --config-dir flag."""
+    steps = []
+    for c in all_containers(BUCKET_JOB["spec"]["template"]["spec"]):
+        argv = c.get("command", []) + c.get("args", [])
+        assert argv[:1] == ["mc"], c["name"]
+        if argv[1] == "--config-dir":
+            argv = argv[:1] + argv[3:]
+        steps.append((c, argv[1:]))
+    return steps
+
+
+def app_secret() -> str:
+    (add,) = [(c, argv) for c, argv in mc_steps() if argv[:3] == ["admin", "user", "add"]]
+    container, argv = add
+    access, secret = (env_secret(container, re.fullmatch(r"\$\((\w+)\)", a).group(1)) for a in argv[4:6])
+    assert access[0] == secret[0] and (access[1], secret[1]) == ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    return access[0]
+
+
+def test_ray_pods_use_the_app_users_keys_and_only_minio_and_its_job_see_the_root_login():
+    app = app_secret()
+    assert app != ROOT_SECRET
+    for name, doc in MANIFESTS:
+        for spec in pod_specs(doc):
+            if not any(spec is holder for holder in ROOT_HOLDERS):
+                assert ROOT_SECRET not in secret_refs(spec), f"{name} can read MinIO's root login"
+    for name, doc in KUBERAY:
+        for spec in ray_node_pod_specs(doc):
+            (c,) = spec["containers"]
+            assert [s["secretRef"]["name"] for s in c["envFrom"]] == [app], name
+    holders = [s for _, d in CORE for s in pod_specs(d) if ROOT_SECRET in secret_refs(s)]
+    assert len(holders) == 2
+
+
+def test_the_bucket_job_creates_an_app_user_confined_to_the_bucket():
+    steps = mc_steps()
+    verbs = [tuple(argv[:3]) if argv[0] == "admin" else (argv[0],) for _, argv in steps]
+    assert verbs == [("mb",), ("admin", "policy", "create"), ("admin", "user", "add"), ("admin", "policy", "attach")]
+    for container, argv in steps:           # every step logs in as root, through the alias MC_HOST_<alias>
+        alias = argv[argv.index("--ignore-existing") + 1].split("/")[0] if argv[0] == "mb" else argv[3]
+        (host,) = [e["value"] for e in container["env"] if e["name"] == f"MC_HOST_{alias}"]
+        user, password = re.fullmatch(r"http://\$\((\w+)\):\$\((\w+)\)@vaegen-minio:9000", host).groups()
+        assert env_secret(container, user) == (ROOT_SECRET, "MINIO_ROOT_USER")
+        assert env_secret(container, password) == (ROOT_SECRET, "MINIO_ROOT_PASSWORD")
+    bucket = steps[0][1][-1].split("/", 1)[1]
+    (create_c, create), (add_c, add), (attach_c, attach) = steps[1:]
+    policy_name = create[4]
+    assert attach[4:] == [policy_name, "--user", add[4]]
+    assert env_secret(attach_c, add[4][2:-1]) == env_secret(add_c, add[4][2:-1])
+    # the policy file comes from the ConfigMap mounted where `mc admin policy create` reads it
+    mount_dir, file_name = create[5].rsplit("/", 1)
+    (mount,) = [m for m in create_c["volumeMounts"] if m["mountPath"] == mount_dir]
+    (volume,) = [v for v in BUCKET_JOB["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    policy = json.loads(one("ConfigMap", volume["configMap"]["name"])["data"][file_name])
+    granted = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and set(statement) == {"Effect", "Action", "Resource"}
+        for action in statement["Action"]:
+            for resource in statement["Resource"]:
+                granted.add((action, resource))
+    bucket_arn = f"arn:aws:s3:::{bucket}"
+    assert granted == {("s3:ListBucket", bucket_arn), ("s3:GetBucketLocation", bucket_arn),
+                       ("s3:GetObject", f"{bucket_arn}/*"), ("s3:PutObject", f"{bucket_arn}/*"),
+                       ("s3:DeleteObject", f"{bucket_arn}/*")}
+    roots = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for name, argv in COMMANDS if ".yaml:" in name
+             for i, a in enumerate(argv) if a.split("=")[0] == "--root" and argv[0] != "submit"]
+    assert roots and {r.split("/")[2] for r in roots} == {bucket}        # the workloads use that bucket only
+
+
+# -- network policies --------------------------------------------------------------------------------------------
+NAMESPACE = "vaegen"
+OPERATOR_NAMESPACE = "kuberay-system"
+POLICIES = [d for _, d in CORE if d["kind"] == "NetworkPolicy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+    cluster: str = ""             # the Ray cluster it belongs to, for Ray heads and workers
+    role: str = ""
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def kuberay_pod_labels(node_type: str, cluster: str, group: str, template_labels: dict) -> dict[str, str]:
+    """What KubeRay's labelPod (ray-operator/controllers/ray/common/pod.go) puts on a Ray pod: its own labels,
+    then the template's, except that ray.io/node-type, ray.io/group and ray.io/cluster cannot be overridden."""
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": group, "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update({k: v for k, v in template_labels.items()
+                   if k not in ("ray.io/node-type", "ray.io/group", "ray.io/cluster")})
+    return labels
+
+
+def cluster_pods() -> list[Pod]:
+    """Every pod the manifests make, labelled as Kubernetes and KubeRay label them; RayJob clusters get the
+    generated names KubeRay gives them (<rayjob>-<5 random characters>)."""
+    pods = []
+    for name, doc in MANIFESTS:
+        meta = doc.get("metadata", {}).get("name", "")
+        if doc["kind"] in ("RayCluster", "RayJob", "RayCronJob"):
+            rayjob = {"RayJob": meta, "RayCronJob": f"{meta}-29384756"}.get(doc["kind"], "")
+            cluster = f"{rayjob}-x7k2p" if rayjob else meta
+            for role, template in pod_templates(doc):
+                labels = template.get("metadata", {}).get("labels", {})
+                if role == "submitter":
+                    labels = {**labels, "ray.io/originated-from-cr-name": rayjob, "ray.io/originated-from-crd":
+                              "RayJob", "app.kubernetes.io/created-by": "kuberay-operator",
+                              "batch.kubernetes.io/job-name": rayjob}
+                    pods.append(Pod(f"{name} submitter", NAMESPACE, tuple(sorted(labels.items())), role=role))
+                    continue
+                node_type, group = ("head", "headgroup") if role == "head" else ("worker", role.split("/")[1])
+                labels = kuberay_pod_labels(node_type, cluster, group, labels)
+                pods.append(Pod(f"{name} {role}", NAMESPACE, tuple(sorted(labels.items())), cluster, node_type))
+        for role, template in pod_templates(doc) if doc["kind"] in ("Deployment", "Job", "CronJob") else []:
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            if doc["kind"] != "Deployment":
+                labels["batch.kubernetes.io/job-name"] = meta
+            pods.append(Pod(f"{name} pod", NAMESPACE, tuple(sorted(labels.items())), role=doc["kind"]))
+    return pods
+
+
+OUR_PODS = cluster_pods()
+OPERATOR = Pod("kuberay-operator", OPERATOR_NAMESPACE, (("app.kubernetes.io/component", "kuberay-operator"),
+               ("app.kubernetes.io/instance", "kuberay-operator"), ("app.kubernetes.io/name", "kuberay-operator")))
+STRANGER = Pod("a debug pod in the namespace", NAMESPACE, (("run", "debug"),))
+# Pods elsewhere that copy our labels: a policy's podSelector alone must not admit them.
+IMPOSTORS = [dataclasses.replace(p, name=f"{p.name} (copy in another namespace)", namespace="elsewhere")
+             for p in OUR_PODS]
+IMPOSTORS.append(dataclasses.replace(OPERATOR, name="a kuberay-operator lookalike", namespace=NAMESPACE))
+EVERYONE = [*OUR_PODS, OPERATOR, STRANGER, *IMPOSTORS]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"the test reads matchLabels only, not {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def peer_admits(peer: dict, source: Pod) -> bool:
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, f"the test does not read {peer}"
+    if "namespaceSelector" in peer:
+        ns_ok = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source.namespace})
+    else:
+        ns_ok = source.namespace == NAMESPACE
+    return ns_ok and selects(peer.get("podSelector", {}), source.label_map)
+
+
+def admits(target: Pod, source: Pod, port: int) -> bool:
+    """Whether the namespace's NetworkPolicies let `source` open TCP `port` on `target` (all policies selecting
+    a pod add up; a pod no policy selects accepts everything)."""
+    selecting = [p["spec"] for p in POLICIES if selects(p["spec"]["podSelector"], target.label_map)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for spec in selecting:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None:
+                assert all(isinstance(p["port"], int) and p.get("protocol", "TCP") == "TCP" for p in ports)
+            if (ports is None or port in {p["port"] for p in ports}) and \
+                    ("from" not in rule or any(peer_admits(peer, source) for peer in rule["from"])):
+                return True
+    return False
+
+
+def admitted(target: Pod, port: int) -> set[str]:
+    return {s.name for s in EVERYONE if s != target and admits(target, s, port)}
+
+
+def names(pods) -> set[str]:
+    return {p.name for p in pods}
+
+
+RAY_PODS = [p for p in OUR_PODS if p.cluster]
+SUBMITTERS = [p for p in OUR_PODS if p.role == "submitter" or p.role == "CronJob"]
+(MINIO_POD,) = [p for p in OUR_PODS if p.name == "minio.yaml:Deployment/vaegen-minio pod"]
+(BUCKET_JOB_POD,) = [p for p in OUR_PODS if p.name == "minio.yaml:Job/vaegen-minio-bucket pod"]
+ANY_PORT = (6379, 8265, 9000, 9001, 10001, 20002, 52365)
+
+
+def test_the_simulated_pods_cover_every_workload():
+    assert {p.cluster for p in RAY_PODS} == {"vaegen", "vaegen-train-x7k2p", "vaegen-generate-x7k2p",
+                                             "vaegen-retrain-29384756-x7k2p"}
+    assert len(SUBMITTERS) == 4 and all(p.role != "head" for p in SUBMITTERS)
+
+
+def test_ingress_is_denied_by_default_in_the_namespace():
+    deny = [p for p in POLICIES if p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+            and not p["spec"].get("ingress")]
+    assert deny
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    policy_files = {p.name for p in (DEPLOY / "k8s").glob("*.yaml") if "kind: NetworkPolicy" in p.read_text()}
+    assert policy_files and policy_files <= set(kustomization["resources"])
+    for target in OUR_PODS:
+        for port in ANY_PORT:
+            assert not admits(target, STRANGER, port), f"{target.name}:{port} is open to any pod"
+
+
+def test_minio_accepts_s3_only_from_vaegens_ray_pods_and_the_bucket_job():
+    assert admitted(MINIO_POD, 9000) == names(RAY_PODS) | {BUCKET_JOB_POD.name}
+    for port in ANY_PORT:
+        if port != 9000:
+            assert admitted(MINIO_POD, port) == set(), port
+
+
+@pytest.mark.parametrize("head", [p for p in RAY_PODS if p.role == "head"], ids=lambda p: p.cluster)
+def test_a_ray_head_accepts_the_job_api_from_submitters_and_the_operator_and_the_rest_from_its_cluster(head):
+    own = names(p for p in RAY_PODS if p.cluster == head.cluster) - {head.name}
+    assert admitted(head, 8265) == own | names(SUBMITTERS) | {OPERATOR.name}
+    for port in (6379, 10001, 20002, 52365):           # GCS, Ray client, a worker port, the dashboard agent
+        assert admitted(head, port) == own, port
+
+
+@pytest.mark.parametrize("worker", [p for p in RAY_PODS if p.role == "worker"], ids=lambda p: p.cluster)
+def test_ray_workers_accept_connections_only_from_their_own_cluster(worker):
+    own = names(p for p in RAY_PODS if p.cluster == worker.cluster) - {worker.name}
+    assert own
+    for port in ANY_PORT:
+        assert admitted(worker, port) == own, port
+
+
+def test_submitters_and_the_bucket_job_accept_no_connections():
+    for pod in [*SUBMITTERS, BUCKET_JOB_POD]:
+        for port in ANY_PORT:
+            assert admitted(pod, port) == set(), (pod.name, port)
 
 
 # -- no drift between the CLI and deploy/ -------------------------------------------------------------------------
