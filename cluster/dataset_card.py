@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import time
 
+from vae_core.names import is_valid_name
+
 from .datasets import MANIFEST as DATASET_MANIFEST
-from .datasets import dataset_key, read_manifest
+from .datasets import dataset_key
+from .inventory import read_dataset_manifest
 from .registry import LoadedModel
 from .storage import Storage
 from .writers import shard_name
@@ -17,11 +20,12 @@ CARD = "README.md"
 
 def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
     """Class names for a model's samples: those of the dataset it was trained on when that is still there and
-    agrees with the model's class count, else class_0, class_1, ... (none for an unconditional model)."""
+    agrees with the model's class count, else class_0, class_1, ... (none for an unconditional model). A dataset
+    manifest that is there but unreadable is a one-line error naming it (CorruptRecord), never a guess."""
     classes = loaded.model.cfg.num_classes
     dataset = (loaded.config.get("train_job") or {}).get("dataset")
-    if dataset and storage.exists(dataset_key(dataset, DATASET_MANIFEST)):
-        names = tuple(read_manifest(storage, dataset)["label_names"])
+    if is_valid_name(dataset) and storage.exists(dataset_key(dataset, DATASET_MANIFEST)):
+        names = tuple(read_dataset_manifest(storage, dataset)["label_names"])
         if not classes or len(names) == classes:
             return names
     return tuple(f"class_{i}" for i in range(classes))

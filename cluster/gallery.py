@@ -7,22 +7,28 @@ Counts on the page carry `data-count` attributes and a small inline script sets 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
+import os
+import re
 import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.images import decode_png, png_bytes
+from vae_core.names import check_name, is_valid_name
 
 from .dataset_card import reproduce_command
-from .datasets import dataset_key, read_manifest, table_arrays
-from .inventory import OUTPUTS, JobStatus, job_prefix, job_status
+from .datasets import dataset_key, table_arrays
+from .inventory import (OUTPUTS, RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, champion_version, job_prefix,
+                        job_status, read_dataset_manifest, read_metrics)
 from .registry import ModelRef, Registry
 from .storage import Storage, open_storage
 
@@ -56,30 +62,76 @@ class GalleryResult:
 
 
 # -- finding the target ---------------------------------------------------------------------------------------
+# A target given as a path: everything after the root's outputs/ or models/ folder must be names (check_name),
+# so `R/outputs/../../elsewhere` is refused instead of writing gallery.html outside R.
+JOB_PATH = re.compile(rf"(?:(?P<root>.*)/)?{OUTPUTS}/(?P<job>[^/]+)")
+MODEL_PATH = re.compile(r"(?:(?P<root>.*)/)?models/(?P<name>[^/]+)(?:/(?P<version>[^/]+))?")
+JOB_ID = re.compile(r"(samples|reconstructions)-[0-9a-f]+")        # what cluster.generate.plan_job names jobs
+TARGET_FORMS = ("<root>/outputs/<job-id>, <root>/models/<name>[/<version>], "
+                "or a job id or model name[@version] under --root")
+
+
+def _checked(target: str, *parts: tuple[str | None, str]) -> None:
+    for value, what in parts:
+        if value is not None:
+            try:
+                check_name(value, what)
+            except VaegenError as e:
+                raise VaegenError(f"show target {target!r}: {e}") from None
+
+
 def resolve_target(target: str, storage_cfg: StorageConfig) -> tuple[Storage, str, str]:
-    """(storage, 'job' | 'model', job id | name@version) from a URI or from a name under --root."""
-    target = target.rstrip("/")
-    for marker, kind in ((f"/{OUTPUTS}/", "job"), ("/models/", "model")):
-        if marker in target:
-            root, rest = target.rsplit(marker, 1)
-            storage = open_storage(StorageConfig(root=root, s3_endpoint=storage_cfg.s3_endpoint))
+    """(storage, 'job' | 'model', job id | name[@version]) from a path or URI, or from a name under --root."""
+    stripped = target.rstrip("/")
+    if "/" in stripped:
+        for pattern, kind in ((JOB_PATH, "job"), (MODEL_PATH, "model")):
+            found = pattern.fullmatch(stripped)
+            if not found:
+                continue
+            root = found["root"]
+            storage = open_storage(StorageConfig(root="." if root is None else root or "/",
+                                                 s3_endpoint=storage_cfg.s3_endpoint))
             if kind == "job":
-                return storage, "job", rest
-            name, _, version = rest.partition("/")
-            return storage, "model", f"{name}@{version}" if version else name
+                _checked(target, (found["job"], "job id"))
+                return storage, "job", found["job"]
+            _checked(target, (found["name"], "model name"), (found["version"], "version"))
+            return storage, "model", f"{found['name']}@{found['version']}" if found["version"] else found["name"]
+        raise VaegenError(f"show target {target!r} is not one of: {TARGET_FORMS}")
+    name, at, version = stripped.partition("@")
+    _checked(target, (name, "name"), (version if at else None, "version"))
     storage = open_storage(storage_cfg)
-    if target in storage.list_dirs(OUTPUTS):
-        return storage, "job", target
-    return storage, "model", target
+    if at:
+        return storage, "model", stripped
+    if name in storage.list_dirs(OUTPUTS):
+        return storage, "job", name
+    if JOB_ID.fullmatch(name) and not Registry(storage).versions(name):
+        return storage, "job", name                        # a job id that is not there: say that, not "no model"
+    return storage, "model", name
+
+
+def out_storage(out: str) -> tuple[Storage, str]:
+    """(storage, key) for `--out FILE`: a local file in an existing, writable folder (refused otherwise, before
+    any work), written through Storage.publish so a reader never sees half a page."""
+    if "://" in out and not out.startswith("file://"):
+        raise VaegenError(f"--out={out!r} must be a local file path (leave --out off to write beside the job)")
+    path = os.path.abspath(os.path.expanduser(out.removeprefix("file://")))
+    folder, fname = os.path.split(path)
+    if os.path.isdir(path) or fname in ("", ".", ".."):
+        raise VaegenError(f"--out={out!r} is a folder: name the file to write, e.g. {os.path.join(out, GALLERY)}")
+    if not os.path.isdir(folder):
+        raise VaegenError(f"--out={out!r}: the folder {folder} does not exist (create it first)")
+    return open_storage(StorageConfig(root=folder), for_writing=True), fname
 
 
 def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 16,
                   out: str | None = None) -> GalleryResult:
     """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`)."""
     storage, kind, name = resolve_target(target, storage_cfg)
+    destination = out_storage(out) if out else None
     if kind == "job":
         if not storage.list(job_prefix(name), recursive=True):
-            raise VaegenError(f"no job {name!r} under {storage.uri_of(OUTPUTS)}")
+            raise VaegenError(f"no job {name!r} under {storage.uri_of(OUTPUTS)}: that job does not exist "
+                              "(`vaegen ls` lists the jobs there)")
         page, result = job_page(storage, job_status(storage, name, with_receipts=True), per_class)
         key = f"{job_prefix(name)}/{GALLERY}"
     else:
@@ -87,17 +139,29 @@ def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 1
         ref = registry.resolve(name)
         page, result = model_page(registry, ref)
         key = registry.key(ref.name, ref.version, GALLERY)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(page)
-        result.location = out
-    else:
-        storage.publish(key, page.encode())
-        result.location = storage.uri_of(key)
+    if destination:
+        storage, key = destination
+    storage.publish(key, page.encode())
+    result.location = storage.uri_of(key)
     return result
 
 
 # -- reading shards -------------------------------------------------------------------------------------------
+def read_shard(storage: Storage, job_id: str, entry: dict, fmt: str) -> tuple[list[int], list[int | None],
+                                                                             list[np.ndarray]]:
+    """shard_rows of one shard of a job, checked against the sha256 its manifest entry (or receipt) records: a
+    truncated shard can still parse, and the page must not show it as if it were whole."""
+    key = f"{job_prefix(job_id)}/{entry['name']}"
+    data = storage.read_bytes(key)
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CorruptRecord(storage.uri_of(key), "does not match the sha256 its job recorded", RERUN_JOB)
+    try:
+        return shard_rows(data, fmt)
+    except (pa.ArrowException, tarfile.TarError, OSError, *RECORD_ERRORS) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorruptRecord(storage.uri_of(key), f"is not a readable {fmt} shard ({problem})", RERUN_JOB) from None
+
+
 def shard_rows(data: bytes, fmt: str) -> tuple[list[int], list[int | None], list[np.ndarray]]:
     """ids, labels and uint8 CHW images of one output shard."""
     if fmt == "parquet":
@@ -143,9 +207,8 @@ def model_section(registry: Registry, ref: ModelRef) -> list[str]:
     """Metrics and the plots a model version carries (whichever of them it has)."""
     out = [f"<h2>model {html.escape(str(ref))}</h2>"]
     storage = registry.storage
-    metrics_key = registry.key(ref.name, ref.version, "metrics.json")
-    if storage.exists(metrics_key):
-        metrics = json.loads(storage.read_bytes(metrics_key))
+    metrics = read_metrics(registry, ref.name, ref.version)
+    if metrics is not None:
         scalars = [(k, f"{v:.4g}" if isinstance(v, float) else str(v), None)
                    for k, v in sorted(metrics.items()) if isinstance(v, (int, float, str))]
         out.append(facts(scalars))
@@ -158,12 +221,14 @@ def model_section(registry: Registry, ref: ModelRef) -> list[str]:
 
 def model_page(registry: Registry, ref: ModelRef) -> tuple[str, GalleryResult]:
     body = model_section(registry, ref)
-    champion = (registry.champion(ref.name) or {}).get("version")
+    champion = champion_version(registry, ref.name)
     summary = f"champion: {'yes' if champion == ref.version else 'no'}"
     return page(f"vaegen model {ref}", [f"<p>{summary}</p>", *body]), GalleryResult("", str(ref), summary, False)
 
 
 def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, GalleryResult]:
+    if status.corrupt:                                    # never shown as if it were finished (or partial)
+        raise status.corrupt
     manifest = status.manifest or {}
     shards = status.receipts                      # manifest entries when finished, receipts otherwise
     rows_done = sum(s["rows"] for s in shards)
@@ -188,10 +253,12 @@ def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, 
         body += contact_sheets(storage, status, shards, manifest.get("label_names", []), per_class)
     if status.kind == "reconstructions" and shards and manifest.get("spec"):
         body += reconstruction_pairs(storage, status, manifest, shards[0])
-    if status.model != "?":
-        registry = Registry(storage)
-        name, _, version = status.model.partition("@")
-        body += model_section(registry, ModelRef(name, version))
+    name, _, version = status.model.partition("@")
+    if is_valid_name(name) and is_valid_name(version):        # a record names it: read nothing outside the root
+        try:
+            body += model_section(Registry(storage), ModelRef(name, version))
+        except VaegenError as e:                              # the job is fine; only its model's files are not
+            body.append(f"<h2>model {html.escape(status.model)}</h2><p>{html.escape(str(e))}</p>")
     title = f"vaegen job {status.job_id}"
     return page(title, body), GalleryResult("", status.job_id, summary, status.state != "finished")
 
@@ -202,8 +269,7 @@ def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], labe
     picked = sorted(rng.choice(len(shards), size=min(SAMPLED_SHARDS, len(shards)), replace=False).tolist())
     by_label: dict = {}
     for i in picked:
-        ids, labels, images = shard_rows(storage.read_bytes(f"{job_prefix(status.job_id)}/{shards[i]['name']}"),
-                                         status.format)
+        ids, labels, images = read_shard(storage, status.job_id, shards[i], status.format)
         for sample_id, label, image in zip(ids, labels, images):
             group = by_label.setdefault(label, [])
             if len(group) < per_class:
@@ -219,17 +285,21 @@ def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], labe
 
 
 def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, shard: dict) -> list[str]:
-    """Originals (top) above their reconstructions, from the input dataset's matching shard."""
+    """Originals (top) above their reconstructions, from the input dataset's matching shard. The job is shown
+    without them (and says why) when that dataset is gone, unreadable or no longer the one the job read."""
     spec = manifest["spec"]
-    dataset = read_manifest(storage, spec["dataset"])
-    index = int(shard["name"].split("-")[1].split(".")[0])
-    source = dataset["splits"][spec["split"]]["shards"][index]
-    body = storage.read_bytes(dataset_key(spec["dataset"], spec["split"], source["name"]))
-    ids, _, originals = table_arrays(pq.read_table(io.BytesIO(body)), tuple(dataset["image_shape"]))
-    out_ids, _, recons = shard_rows(storage.read_bytes(f"{job_prefix(status.job_id)}/{shard['name']}"),
-                                    status.format)
+    out_ids, _, recons = read_shard(storage, status.job_id, shard, status.format)
+    try:
+        dataset = read_dataset_manifest(storage, check_name(spec["dataset"], "dataset"))
+        index = int(shard["name"].split("-")[1].split(".")[0])
+        source = dataset["splits"][spec["split"]]["shards"][index]
+        key = dataset_key(spec["dataset"], check_name(spec["split"], "split"), check_name(source["name"], "shard"))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
+        ids, _, originals = table_arrays(table, tuple(dataset["image_shape"]))
+    except (VaegenError, pa.ArrowException, *RECORD_ERRORS) as e:
+        return [f"<h2>reconstructions</h2><p>the originals cannot be shown: {html.escape(str(e))}</p>"]
     original_of = dict(zip(ids.tolist(), originals))
     pairs = [f'<span class="pair">{img(original_of[i], f"original {i}")}{img(r, f"reconstruction {i}")}</span>'
-             for i, r in list(zip(out_ids, recons))[:RECON_PAIRS]]
+             for i, r in list(zip(out_ids, recons))[:RECON_PAIRS] if i in original_of]
     return [f"<h2>reconstructions</h2><p>originals above, reconstructions below ({shard['name']})</p>",
             f"<div>{''.join(pairs)}</div>"]

@@ -1,14 +1,18 @@
 """What a storage root holds (`vaegen ls`): datasets, model versions (champion marked) and generation jobs with
 their state, read from the records the jobs themselves leave:
 
-- finished: `_SUCCESS` is there (then `manifest.json` says everything);
+- finished: `_SUCCESS` names the sha256 of `manifest.json`'s bytes (then the manifest says everything);
 - failed: no `_SUCCESS`, and the run record `_run.json` says the last run stopped on an error;
 - partial: anything else (running now, interrupted, or killed): n of m shards done, from the receipts.
 
 The run record is written by the generation driver around its Ray work (`job_run_record`): `running` when the
 shards start, `shards-done` after them (the commit follows), `failed` (with the error's first line) or
 `interrupted` when they stop early. Killed drivers
-leave `running`, which reads as partial: the next run resumes either way."""
+leave `running`, which reads as partial: the next run resumes either way.
+
+`read_committed_manifest` is the one check of a commit. A record a reader needs that is unreadable (not JSON,
+missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and lists the rest,
+`show` refuses it with one line naming the file and the fix (`CorruptRecord`)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +23,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vae_core.errors import VaegenError
+
 from .datasets import MANIFEST as DATASET_MANIFEST
-from .datasets import dataset_key
-from .registry import Registry
+from .datasets import dataset_key, read_manifest
+from .registry import ModelRef, Registry
 from .storage import Storage
 
 OUTPUTS = "outputs"
@@ -53,6 +59,45 @@ def job_run_record(storage: Storage, plan):
         raise
 
 
+# -- unreadable records -------------------------------------------------------------------------------------
+RERUN_JOB = "rerun the same generate command to repair it"
+# What a broken record looks like when parsed: bad JSON (ValueError), a missing field (KeyError), a field of the
+# wrong type (TypeError, AttributeError on a list where a dict belongs).
+RECORD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+class CorruptRecord(VaegenError):
+    """A metadata file a reader needs is unreadable: the message names the file, what is wrong and the fix."""
+
+    def __init__(self, uri: str, problem: str, fix: str) -> None:
+        super().__init__(f"{uri} {problem}: {fix}")
+        self.uri, self.problem, self.fix = uri, problem, fix
+
+
+def problem_of(error: Exception) -> str:
+    if isinstance(error, ValueError):
+        return "is corrupt (not JSON)"
+    if isinstance(error, KeyError):
+        return f"is corrupt (no field {error.args[0]!r})" if error.args else "is corrupt (a field is missing)"
+    return "is corrupt (a field has the wrong type)"
+
+
+def as_object(record) -> dict:
+    if not isinstance(record, dict):
+        raise TypeError("not a JSON object")
+    return record
+
+
+def read_record(storage: Storage, key: str, fix: str, parse=lambda record: record):
+    """`parse(json of key)`, or a CorruptRecord naming the file when the bytes or their fields are not what
+    vaegen writes (a truncated write, a hand edit, another tool)."""
+    body = storage.read_bytes(key)
+    try:
+        return parse(json.loads(body))
+    except RECORD_ERRORS as e:
+        raise CorruptRecord(storage.uri_of(key), problem_of(e), fix) from None
+
+
 # -- jobs ---------------------------------------------------------------------------------------------------
 def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of manifest.json's
@@ -62,18 +107,37 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
         return None
     try:
         want = json.loads(storage.read_bytes(success_key))["manifest_sha256"]
-    except (ValueError, KeyError, TypeError):
+    except RECORD_ERRORS:
         return None
     body = storage.read_bytes(manifest_key)
     if hashlib.sha256(body).hexdigest() != want:
         return None
-    return json.loads(body)
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
+    """Why a job whose `_SUCCESS` exists is not committed (read_committed_manifest said None); None when it
+    is committed after all (a driver finished its commit between the two reads)."""
+    success_key, manifest_key = f"{prefix}/{JOB_SUCCESS}", f"{prefix}/{JOB_MANIFEST}"
+    want = read_record(storage, success_key, RERUN_JOB, lambda r: str(r["manifest_sha256"]))
+    if not storage.exists(manifest_key):
+        return CorruptRecord(storage.uri_of(manifest_key), "is missing though _SUCCESS is there", RERUN_JOB)
+    if hashlib.sha256(storage.read_bytes(manifest_key)).hexdigest() == want:
+        if read_committed_manifest(storage, prefix) is not None:
+            return None
+    read_record(storage, manifest_key, RERUN_JOB, as_object)        # not JSON / not an object: say so
+    return CorruptRecord(storage.uri_of(success_key), f"names manifest sha256 {want[:16]}…, not that of the "
+                         "manifest.json beside it (an interrupted or interleaved commit)", RERUN_JOB)
 
 
 @dataclass
 class JobStatus:
     job_id: str
-    state: str                        # finished | partial | failed
+    state: str                        # finished | partial | failed | corrupt
     kind: str = "?"
     model: str = "?"
     format: str = "?"
@@ -81,10 +145,11 @@ class JobStatus:
     shards_planned: int | None = None  # None: unknown (no run record and no manifest)
     rows_done: int = 0
     rows_planned: int | None = None
-    error: str = ""
+    error: str = ""                    # failed: the run's error; corrupt: which file and what is wrong
     when: float | None = None          # finished: created_at; else the run's start
     manifest: dict | None = None
     receipts: list[dict] = field(default_factory=list)
+    corrupt: CorruptRecord | None = None
 
     @property
     def progress(self) -> str:
@@ -97,46 +162,117 @@ def job_prefix(job_id: str) -> str:
 
 
 def job_status(storage: Storage, job_id: str, *, with_receipts: bool = False) -> JobStatus:
+    """The job's state from its records; never raises for an unreadable record: the state is then `corrupt`."""
+    try:
+        return _job_status(storage, job_id, with_receipts)
+    except CorruptRecord as e:
+        short = e.uri.rsplit(f"/{job_prefix(job_id)}/", 1)[-1]
+        return JobStatus(job_id, "corrupt", job_id.split("-")[0], error=f"{short} {e.problem}", corrupt=e)
+
+
+def _finished(job_id: str, m: dict) -> JobStatus:
+    t = m["totals"]
+    return JobStatus(job_id, "finished", str(m["kind"]), str(m["model"]), str(m["format"]), int(t["shards"]),
+                     int(t["shards"]), int(t["rows"]), int(t["rows"]), when=m["created_at"], manifest=m,
+                     receipts=list(m["shards"]))
+
+
+def _receipt(record) -> dict:
+    """A shard receipt with the fields readers use (index, rows, name) of the right types."""
+    as_object(record)
+    if not isinstance(record["name"], str):
+        raise TypeError("name")
+    record["index"], record["rows"] = int(record["index"]), int(record["rows"])
+    return record
+
+
+def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus:
     prefix = job_prefix(job_id)
-    if storage.exists(f"{prefix}/{JOB_SUCCESS}") and storage.exists(f"{prefix}/{JOB_MANIFEST}"):
-        m = json.loads(storage.read_bytes(f"{prefix}/{JOB_MANIFEST}"))
-        t = m["totals"]
-        return JobStatus(job_id, "finished", m["kind"], m["model"], m["format"], t["shards"], t["shards"],
-                         t["rows"], t["rows"], when=m["created_at"], manifest=m, receipts=m["shards"])
+    for _ in range(2):                         # twice: a commit may land between the two checks below
+        manifest = read_committed_manifest(storage, prefix)
+        if manifest is not None:
+            try:
+                return _finished(job_id, manifest)
+            except RECORD_ERRORS as e:
+                raise CorruptRecord(storage.uri_of(f"{prefix}/{JOB_MANIFEST}"), problem_of(e), RERUN_JOB) from None
+        if not storage.exists(f"{prefix}/{JOB_SUCCESS}"):
+            break
+        reason = uncommitted_reason(storage, prefix)
+        if reason is not None:
+            raise reason
     run_key = f"{prefix}/{RUN_RECORD}"
-    run = json.loads(storage.read_bytes(run_key)) if storage.exists(run_key) else {}
+    run = read_record(storage, run_key, RERUN_JOB, as_object) if storage.exists(run_key) else {}
     receipt_keys = [e.key for e in storage.list(f"{prefix}/{JOB_RECEIPTS}") if e.key.endswith(".json")]
     receipts = []
     if with_receipts:
-        receipts = sorted((json.loads(storage.read_bytes(k)) for k in receipt_keys), key=lambda r: r["index"])
-    status = JobStatus(job_id, "failed" if run.get("status") == "failed" else "partial",
-                       run.get("kind", job_id.split("-")[0]), run.get("model", "?"), run.get("format", "?"),
-                       len(receipt_keys), run.get("planned_shards"), sum(r["rows"] for r in receipts),
-                       run.get("planned_rows"), run.get("error", ""), run.get("started_at"), receipts=receipts)
-    return status
+        receipts = sorted((read_record(storage, k, RERUN_JOB, _receipt) for k in receipt_keys),
+                          key=lambda r: int(r["index"]))
+    try:
+        return JobStatus(job_id, "failed" if run.get("status") == "failed" else "partial",
+                         str(run.get("kind", job_id.split("-")[0])), str(run.get("model", "?")),
+                         str(run.get("format", "?")), len(receipt_keys), run.get("planned_shards"),
+                         sum(int(r["rows"]) for r in receipts), run.get("planned_rows"), str(run.get("error", "")),
+                         run.get("started_at"), receipts=receipts)
+    except RECORD_ERRORS as e:
+        raise CorruptRecord(storage.uri_of(run_key), problem_of(e), RERUN_JOB) from None
 
 
 def list_jobs(storage: Storage) -> list[JobStatus]:
     return [job_status(storage, job_id) for job_id in storage.list_dirs(OUTPUTS)]
 
 
+# -- the root itself -----------------------------------------------------------------------------------------
+def require_root(storage: Storage) -> Storage:
+    """A local root must be an existing folder (a typo is an error, not an empty listing); an S3 root has no
+    folders to check, and a missing bucket is refused by the first listing."""
+    if not storage.is_s3 and not os.path.isdir(storage.base):
+        what = "is not a folder" if os.path.exists(storage.base) else "does not exist"
+        raise VaegenError(f"storage root {storage.base} {what}")
+    return storage
+
+
 # -- datasets and models ------------------------------------------------------------------------------------
+def reingest_fix(name: str) -> str:
+    return f"ingest dataset {name!r} again (`vaegen ingest ... --name {name}`)"
+
+
+def read_dataset_manifest(storage: Storage, name: str) -> dict:
+    """read_manifest (itself one line for a manifest that does not parse), with the fields readers use inside
+    the splits checked too: a CorruptRecord naming the file instead of a traceback further on."""
+    key = dataset_key(name, DATASET_MANIFEST)
+    manifest = read_manifest(storage, name)
+    try:
+        manifest["image_shape"] = [int(n) for n in manifest["image_shape"]]
+        manifest["label_names"] = [str(n) for n in manifest["label_names"]]
+        for split in manifest["splits"].values():
+            split["rows"], split["shards"] = int(split["rows"]), list(split["shards"])
+    except RECORD_ERRORS as e:
+        raise CorruptRecord(storage.uri_of(key), problem_of(e), reingest_fix(name)) from None
+    return manifest
+
+
 @dataclass
 class DatasetInfo:
     name: str
     image_shape: tuple[int, ...]
     classes: int
     splits: dict[str, int]            # split -> rows
+    problem: str = ""                 # the one-line error when the manifest is unreadable (the rest is then empty)
 
 
 def list_datasets(storage: Storage) -> list[DatasetInfo]:
+    """Every ingested dataset; one whose manifest cannot be read is listed with its problem, not raised."""
     found = []
     for name in storage.list_dirs("datasets"):
-        key = dataset_key(name, DATASET_MANIFEST)
-        if storage.exists(key):                     # no manifest: an unfinished ingest, invisible to readers
-            m = json.loads(storage.read_bytes(key))
-            found.append(DatasetInfo(name, tuple(m["image_shape"]), len(m["label_names"]),
-                                     {s: v["rows"] for s, v in m["splits"].items()}))
+        if not storage.exists(dataset_key(name, DATASET_MANIFEST)):
+            continue                                # no manifest: an unfinished ingest, invisible to readers
+        try:
+            m = read_dataset_manifest(storage, name)
+        except VaegenError as e:
+            found.append(DatasetInfo(name, (), 0, {}, str(e)))
+            continue
+        found.append(DatasetInfo(name, tuple(m["image_shape"]), len(m["label_names"]),
+                                 {s: v["rows"] for s, v in m["splits"].items()}))
     return found
 
 
@@ -146,14 +282,37 @@ class ModelVersionInfo:
     version: str
     champion: bool
     test_loss: float | None           # from metrics.json, when the version has one
+    problem: str = ""                 # the one-line error of an unreadable champion.json or metrics.json
+
+
+def champion_version(registry: Registry, name: str) -> str | None:
+    """The champion's version; Registry.champion refuses an unreadable champion.json in one line."""
+    champion = registry.champion(name)
+    return None if champion is None else str(champion["version"])
+
+
+def read_metrics(registry: Registry, name: str, version: str) -> dict | None:
+    """A version's metrics.json, None when it has none; Registry.metrics refuses an unreadable one in one line."""
+    if not registry.storage.exists(registry.key(name, version, "metrics.json")):
+        return None
+    return registry.metrics(ModelRef(name, version))
 
 
 def list_models(storage: Storage) -> list[ModelVersionInfo]:
+    """Every complete model version; an unreadable champion.json or metrics.json marks only its own rows."""
     registry, found = Registry(storage), []
     for name in registry.names():
-        champion = (registry.champion(name) or {}).get("version")
+        champion_problem = ""
+        try:
+            champion = champion_version(registry, name)
+        except VaegenError as e:
+            champion, champion_problem = None, str(e)
         for version in registry.versions(name):
-            key = registry.key(name, version, "metrics.json")
-            metrics = json.loads(storage.read_bytes(key)) if storage.exists(key) else {}
-            found.append(ModelVersionInfo(name, version, version == champion, metrics.get("test_loss")))
+            problem, test_loss = champion_problem, None
+            try:
+                test_loss = (read_metrics(registry, name, version) or {}).get("test_loss")
+                test_loss = float(test_loss) if isinstance(test_loss, (int, float)) else None
+            except VaegenError as e:
+                problem = "; ".join(filter(None, (problem, str(e))))
+            found.append(ModelVersionInfo(name, version, version == champion, test_loss, problem))
     return found

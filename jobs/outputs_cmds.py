@@ -45,28 +45,34 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"
+def _when(t: object) -> str:
+    """A record's time stamp as UTC, or '-' when it has none (or one that is not a time: records may be hand-edited)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if isinstance(t, (int, float)) and t else "-"
+    except (OverflowError, OSError, ValueError):
+        return "-"
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from cluster.inventory import list_datasets, list_jobs, list_models
+    from cluster.inventory import list_datasets, list_jobs, list_models, require_root
     from cluster.storage import open_storage
     from vae_core.config import StorageConfig
-    storage = open_storage(StorageConfig(root=args.location or args.root, s3_endpoint=args.s3_endpoint))
+    storage = require_root(open_storage(StorageConfig(root=args.location or args.root, s3_endpoint=args.s3_endpoint)))
     print(f"{storage.uri}\n")
     datasets = list_datasets(storage)
     print("datasets" + ("" if datasets else ": none"))
     if datasets:
         print(_table([["NAME", "SHAPE", "CLASSES", "SPLITS"]] + [
+            [d.name, "corrupt", "-", d.problem] if d.problem else
             [d.name, "x".join(map(str, d.image_shape)), str(d.classes),
              ", ".join(f"{s} {n:,}" for s, n in d.splits.items())] for d in datasets]))
     models = list_models(storage)
     print("\nmodels (* = champion)" + ("" if models else ": none"))
     if models:
-        print(_table([["", "MODEL", "TEST LOSS"]] + [
+        print(_table([["", "MODEL", "TEST LOSS", "PROBLEM"]] + [
             ["*" if m.champion else "", f"{m.name}@{m.version}",
-             "-" if m.test_loss is None else f"{m.test_loss:.2f}"] for m in models]))
+             "-" if m.test_loss is None else f"{m.test_loss:.2f}", f"corrupt: {m.problem}" if m.problem else ""]
+            for m in models]))
     jobs = list_jobs(storage)
     print("\njobs" + ("" if jobs else ": none"))
     if jobs:
@@ -78,6 +84,9 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from cluster.gallery import write_gallery
+    from vae_core.errors import VaegenError
+    if args.per_class <= 0:
+        raise VaegenError(f"--per-class={args.per_class} must be > 0")
     result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=args.out)
     if args.open:
         print(result.location)
