@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from vae_core import __version__
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from vae_core.config import GenerateConfig, StorageConfig, to_dict
+from vae_core.config import MAX_SHARDS, GenerateConfig, StorageConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import VAE
@@ -72,10 +72,6 @@ MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
 LEASE = "_lease.json"
-# The most shards one job may have. The driver holds a ledger entry (~100 bytes) and writes one manifest line
-# (~250 bytes, the manifest is one object built in memory) per shard: 10^6 shards are ~100 MB of ledger and a
-# ~250 MB manifest, about what one driver should hold. More shards than that is a --shard-size mistake.
-MAX_SHARDS = 1_000_000
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
 STALE_TEMP_S = 3600.0
@@ -157,11 +153,13 @@ def load_model(storage: Storage, spec: str | ModelRef) -> tuple[LoadedModel, str
 
 
 def check_shard_limits(spec: GenerateConfig, num_shards: int, shard_rows: int, image_shape) -> None:
-    """Refuse, before any work, a plan whose shards the driver or the Parquet format cannot hold."""
+    """Refuse, before any work, a plan whose shards the names, the driver or the Parquet format cannot hold.
+    (GenerateConfig refuses too many samples shards already; reconstructions mirror their input's shards.)
+    Beyond MAX_SHARDS the 5-digit part names stop sorting in id order, and the driver's ledger (~100 bytes a
+    shard) and one-object manifest (~250 bytes a shard) grow past what one driver should hold."""
     if num_shards > MAX_SHARDS:
-        fix = (f"raise --shard-size to at least {math.ceil(spec.count / MAX_SHARDS):,}" if spec.kind == "samples"
-               else "re-ingest the dataset with larger shards")
-        raise VaegenError(f"the job would have {num_shards:,} shards; at most {MAX_SHARDS:,} per job: {fix}")
+        raise VaegenError(f"the job would have {num_shards:,} shards; at most {MAX_SHARDS:,} per job"
+                          + ("" if spec.kind == "samples" else ": re-ingest the dataset with larger shards"))
     per_image = parquet_image_bytes(image_shape)
     if spec.format == "parquet" and shard_rows * per_image > PARQUET_MAX_IMAGE_BYTES:
         # Parquet/Arrow binary columns have 32-bit offsets; Hugging Face's Image feature does not read the

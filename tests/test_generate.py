@@ -1,13 +1,21 @@
 """Generation on real local Ray into a local folder and a moto S3 server: every id exactly once, manifest
 checksums that match the objects, the same bytes for any worker count, and resume after corruption."""
+import json
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from cluster.datasets import ingest
-from cluster.generate import SUCCESS, plan_job, run_generation, run_reconstruction, sha256_hex
+from cluster.generate import (STALE_TEMP_S, SUCCESS, ShardLedger, ShardMaker, commit, plan_job, run_generation,
+                              run_reconstruction, sha256_hex, start_workers, verified_shards)
+from cluster.inventory import read_committed_manifest
+from cluster.job_lease import JobLease
 from cluster.registry import Registry
-from cluster.storage import open_storage
+from cluster.storage import Storage, open_storage
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, read_rows, shard_objects
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
@@ -190,6 +198,9 @@ BAD_SPECS = [
     (dict(format="jpeg"), "--format='jpeg' must be one of parquet, png"),
     (dict(labels=(1,)), "not class-conditional: drop --labels"),
     (dict(model="cond", labels=(0, 3)), r"--labels \[3\] outside cond@v0001's 3 classes"),
+    (dict(count=10**9, shard_size=1), "makes 1,000,000,000 shards; at most 100,000"),
+    (dict(count=3_000_000, shard_size=3_000_000), "a Parquet shard of 3,000,000 1x28x28 images holds "
+                                                  "2,391,000,000 image bytes, over the format's 2 GiB"),
 ]
 
 
@@ -232,3 +243,189 @@ def test_cli_bad_input_is_one_line_and_exit_2(local_storage_config, capsys):
     code = main(["generate", "--model", "tiny", "--count", "0", "--root", local_storage_config.root])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "vaegen: error: --count=0 must be > 0"
+
+
+def test_cli_a_billion_one_sample_shards_is_one_line_and_exit_2(local_storage_config, capsys):
+    from jobs.cli import main
+    publish_tiny_model(open_storage(local_storage_config, for_writing=True))
+    code = main(["generate", "--model", "tiny", "--count", "1000000000", "--shard-size", "1",
+                 "--root", local_storage_config.root, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "1,000,000,000 shards; at most 100,000" in err and err.count("\n") == 0
+    assert err.startswith("vaegen: error: ")
+
+
+def test_parquet_shards_stop_below_2_gib_of_images_and_png_tars_do_not(local_storage_config):
+    """Parquet's binary column (the one Hugging Face's Image feature reads) has 32-bit offsets: the plan takes the
+    largest shard that fits (2,694,458 images of 28x28 plus their 13-byte header) and refuses one image more."""
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    most = (2**31 - 1) // (28 * 28 + len(b"P5\n28 28\n255\n"))
+    assert plan_job(samples(count=most, shard_size=most), storage).num_shards == 1
+    with pytest.raises(VaegenError, match=f"over the format's 2 GiB column limit: use --shard-size {most:,} or less"):
+        plan_job(samples(count=most + 1, shard_size=most + 1), storage)
+    assert plan_job(samples(count=most + 1, shard_size=most + 1, format="png"), storage).num_shards == 1
+
+
+def test_editing_config_json_in_place_makes_a_new_job(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    before = plan_job(samples(), storage)
+    key = "models/tiny/v0001/config.json"
+    config = json.loads(storage.read_bytes(key))
+    storage.publish(key, json.dumps({**config, "note": "edited in place"}, indent=2, sort_keys=True).encode())
+    after = plan_job(samples(), storage)
+    assert after.job_id != before.job_id and after.weights_sha256 == before.weights_sha256
+    assert after.config_sha256 == sha256_hex(storage.read_bytes(key)) != before.config_sha256
+
+
+def test_a_worker_refuses_a_model_that_changed_under_the_job(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    key = "models/tiny/v0001/config.json"
+    storage.publish(key, storage.read_bytes(key) + b"\n")                   # same model, other bytes
+    with pytest.raises(VaegenError) as refused:
+        start_workers(plan, local_storage_config, workers=1, cpus_per_worker=0.5, gpus_per_worker=0, max_restarts=0)
+    message = str(refused.value)
+    assert "\n" not in message and "tiny@v0001 changed under job" in message and "config.json sha256" in message
+
+
+# -- exactly once under contention, without Ray: the shard protocol's pieces interleaved by hand -------------
+class InterleavedStorage(Storage):
+    """A real storage root that runs `before(key)` ahead of chosen calls: another driver acting at the worst
+    moment for this one, deterministically."""
+
+    def __init__(self, cfg, *, on_list=None, on_publish=None) -> None:
+        super().__init__(cfg)
+        self.on_list, self.on_publish = on_list, on_publish
+
+    def list(self, prefix, recursive=False):
+        entries = super().list(prefix, recursive)
+        if self.on_list:
+            hook, self.on_list = self.on_list, None                         # once
+            hook(prefix)
+        return entries
+
+    def publish(self, key, data, *, if_absent=False):
+        if self.on_publish and self.on_publish[0](key):
+            hook, self.on_publish = self.on_publish[1], None                # once
+            hook(key)
+        return super().publish(key, data, if_absent=if_absent)
+
+
+def maker_for(storage, plan) -> ShardMaker:
+    return ShardMaker(plan, storage, Registry(storage).load(plan.model_ref).model)
+
+
+def finish(storage, plan, ledger, maker, run: dict) -> dict:
+    for index in ledger.missing():
+        ledger.add(maker.make(index), built=True)
+    return commit(storage, plan, ledger, run)
+
+
+def test_a_shard_published_between_the_resume_listings_is_kept_and_committed(storage_config):
+    """The old race: the resume check listed shards, then receipts; a shard and its receipt published in between
+    by another driver looked like a receipt without its shard, and the shard was deleted."""
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    other = maker_for(storage, plan)
+    other.make(0)
+    racing = InterleavedStorage(storage_config, on_list=lambda prefix: other.make(2))
+    ledger = verified_shards(racing, plan)
+
+    assert sha256_hex(storage.read_bytes(plan.shard_key(2))) == other.build(2)[1]["sha256"]      # not deleted
+    manifest = finish(storage, plan, ledger, maker_for(storage, plan), {})
+    assert read_committed_manifest(storage, plan.prefix) == manifest
+    assert sorted(all_rows(storage, manifest)["id"]) == list(range(50))
+
+
+def test_verification_deletes_nothing_and_a_repair_goes_through_the_publish_path(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    maker = maker_for(storage, plan)
+    good = finish(storage, plan, ShardLedger(plan), maker, {})
+    corrupt = storage.read_bytes(plan.shard_key(1))[:-10]
+    storage.publish(plan.shard_key(1), corrupt)
+
+    ledger = verified_shards(storage, plan)
+    assert ledger.missing() == [1] and storage.read_bytes(plan.shard_key(1)) == corrupt      # left as it was
+    assert maker.make(1)["published"]                                       # replaced: the sha256 differed
+    again = commit(storage, plan, verified_shards(storage, plan), {})
+    assert again["shards"] == good["shards"] and read_committed_manifest(storage, plan.prefix) == again
+
+
+def test_interleaved_commits_end_with_success_naming_the_manifest_there(storage_config):
+    """Driver B commits between driver A's manifest and A's _SUCCESS: without A reading its commit back,
+    _SUCCESS would name A's manifest while B's sits there, and no reader would trust the job."""
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    finish(storage, plan, ShardLedger(plan), maker_for(storage, plan), {"driver": "first"})
+    storage.delete(f"{plan.prefix}/{SUCCESS}")
+
+    def driver_b_commits(key):
+        commit(storage, plan, verified_shards(storage, plan), {"driver": "B"})
+    driver_a = InterleavedStorage(storage_config, on_publish=(lambda key: key.endswith(SUCCESS), driver_b_commits))
+    result = commit(driver_a, plan, verified_shards(storage, plan), {"driver": "A"})
+
+    committed = read_committed_manifest(storage, plan.prefix)
+    assert committed is not None and committed["shards"] == result["shards"]
+    assert committed["run"]["driver"] in ("A", "B")
+
+
+def test_the_commit_refuses_a_shard_that_vanished_during_the_run(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    maker, ledger = maker_for(storage, plan), ShardLedger(plan)
+    for index in range(plan.num_shards):
+        ledger.add(maker.make(index), built=True)
+    storage.delete(plan.shard_key(3))
+    with pytest.raises(VaegenError, match="1 shard.*changed on storage during this run .part-00003.parquet.; "
+                                          "nothing was committed"):
+        commit(storage, plan, ledger, {})
+    assert not storage.exists(f"{plan.prefix}/{SUCCESS}") and not storage.exists(f"{plan.prefix}/manifest.json")
+
+
+def test_the_commit_removes_only_stale_temp_files(local_storage_config):
+    """A fresh dotfile is another run's publish in flight: the commit must leave it alone."""
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    folder = Path(storage.path(plan.prefix))
+    folder.mkdir(parents=True)
+    fresh, stale = folder / ".part-00001.parquet.tmp-inflight", folder / ".part-00002.parquet.tmp-dead"
+    fresh.write_bytes(b"half a shard")
+    stale.write_bytes(b"half a shard")
+    os.utime(stale, (time.time() - 2 * STALE_TEMP_S,) * 2)
+    finish(storage, plan, ShardLedger(plan), maker_for(storage, plan), {})
+    assert fresh.exists() and not stale.exists()
+
+
+# -- the job lease: a second driver waits ------------------------------------------------------------------
+def test_one_lease_holder_at_a_time_and_an_expired_lease_is_taken_over_once(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    first, second, third = (JobLease(storage, "outputs/job/_lease.json", ttl_s=30) for _ in range(3))
+    assert first.try_acquire() is None
+    assert second.try_acquire()["owner"] == first.owner                    # live: second must wait
+    first.release()
+    assert second.try_acquire() is None and third.try_acquire()["owner"] == second.owner
+    second._stop.set()                                                      # second dies: no renewal, no release
+    storage.publish("outputs/job/_lease.json", json.dumps({"owner": second.owner, "expires_at": 1.0}).encode())
+    taken = [lease.try_acquire() is None for lease in (third, first)]
+    assert taken == [True, False]                                           # one takeover, not two
+    third.release()
+
+
+def test_a_held_lease_is_renewed_past_its_ttl(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    holder, other = JobLease(storage, "outputs/job/_lease.json", ttl_s=0.6), JobLease(storage, "outputs/job/_lease.json")
+    with holder:
+        assert holder.try_acquire() is None
+        time.sleep(1.5)
+        assert other.try_acquire()["owner"] == holder.owner
+    assert other.try_acquire() is None                                     # released
+    other.release()

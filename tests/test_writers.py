@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
-                            shard_name, tar_member_count)
+                            netpbm_images, parquet_image_bytes, shard_name, tar_member_count)
 from conftest import rng_images
 from generate_support import read_rows
 
@@ -120,3 +120,10 @@ def test_png_tar_json_latents_give_back_the_exact_float32_and_stay_what_json_dum
         assert all(f"[{text}]" == json.dumps(values) for text, values in zip(texts, read))
         np.testing.assert_array_equal(np.array(read, np.float32), latents)        # bit-exact, NaN in place
     assert len(latent_texts(ordinary)[0]) < len(json.dumps(ordinary[0].tolist()))   # shorter than repr's 17 digits
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 7, 300)])
+def test_the_planned_bytes_per_parquet_image_are_what_the_writer_stores(shape):
+    """cluster.generate sizes its 2 GiB check on parquet_image_bytes: it must equal the real cell size."""
+    cells = netpbm_images(rng_images(3, shape))
+    assert [len(cell.as_py()) for cell in cells] == [parquet_image_bytes(shape)] * 3
