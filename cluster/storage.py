@@ -1,9 +1,18 @@
 """One storage root, local folder or s3://bucket/prefix, behind one small API on pyarrow.fs (+ boto3 for the
-single conditional PUT that S3 publishing needs). Keys are '/'-separated and relative to the root."""
+single conditional PUT that S3 publishing needs). Keys are '/'-separated and relative to the root, and every
+method refuses a key that could leave the root or alias another one (see check_key).
+
+S3 is allowed to fail transiently (409 ConditionalRequestConflict on concurrent conditional PUTs, 500, 503,
+SlowDown, a connection reset mid-request): every boto3 call here is retried a bounded number of times with
+capped exponential backoff and full jitter (_s3_call), and pyarrow's own client retries reads and listings."""
 from __future__ import annotations
 
+import errno
 import os
+import random
+import secrets
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,8 +25,32 @@ from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
 DEFAULT_REGION = "us-east-1"
+S3_ATTEMPTS = 8                 # boto3 calls: at most this many tries in all (then the error is the user's)
+S3_BACKOFF_BASE_S = 0.05        # backoff before try n+1: uniform(0, min(cap, base * 2**n)), "full jitter"
+S3_BACKOFF_CAP_S = 2.0
+ARROW_S3_RETRIES = 6            # pyarrow (aws-sdk-cpp) reads and listings: retries after the first try
+# S3 asks the client to retry these; 409 ConditionalRequestConflict means a concurrent conditional write to the
+# same key was in progress, and the retry is then decided like any other conditional write (412 or success).
+RETRYABLE_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted", "InternalError", "ServiceUnavailable",
+                             "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                             "RequestTimeTooSkewed"})
+RETRYABLE_STATUSES = frozenset({"500", "502", "503", "504"})
 # pyarrow's and boto3's credential chains probe the EC2 metadata service when no keys are set: seconds lost.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def check_key(key: object, *, root_ok: bool = False) -> str:
+    """`key` if it is a safe key ('/'-separated segments, none empty, '.' or '..'; no leading '/', backslash or
+    NUL), else a one-line VaegenError. The empty key means the root itself, allowed only where `root_ok`."""
+    if not isinstance(key, str):
+        raise VaegenError(f"storage key {key!r} is not a string")
+    if key == "" and root_ok:
+        return key
+    if key == "" or "\\" in key or "\0" in key or key.startswith("/") or \
+            any(segment in ("", ".", "..") for segment in key.split("/")):
+        raise VaegenError(f"refusing storage key {key!r}: a key is '/'-separated names, none of them empty, "
+                          "'.' or '..', with no leading '/', backslash or NUL")
+    return key
 
 
 @dataclass(frozen=True)
@@ -40,8 +73,10 @@ class S3Endpoint:
         return cls(url.rstrip("/") if url else None, region)
 
     def arrow_fs(self) -> pafs.S3FileSystem:
+        # The default strategy (exponential backoff, no retry quota): the standard one's token bucket could run
+        # dry in a long-lived worker under sustained 503s and then stop retrying at all.
         kwargs: dict = {"region": self.region, "connect_timeout": 2, "request_timeout": 30,
-                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+                        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_S3_RETRIES)}
         if self.url:
             parsed = urlparse(self.url)
             kwargs.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
@@ -54,7 +89,9 @@ class S3Endpoint:
         # without a checksum header botocore signs the body's sha256 into the request instead (over https too),
         # which the server checks: the same end-to-end guarantee, one hash on each side instead of two
         # (measured: a 6.7 MB shard PUT to moto costs 33 ms of CPU instead of 47).
-        config = Config(connect_timeout=2, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+        # botocore's own retries are off: Storage._s3_call retries every call itself, because botocore does not
+        # retry 409 and because a conditional PUT must know whether an earlier try may have landed.
+        config = Config(connect_timeout=2, read_timeout=60, retries={"total_max_attempts": 1, "mode": "standard"},
                         request_checksum_calculation="when_required")
         return boto3.client("s3", endpoint_url=self.url, region_name=self.region, config=config)
 
@@ -82,6 +119,7 @@ class Storage:
             raise VaegenError(f"unsupported storage URI scheme {scheme!r} in {uri!r} "
                               "(use a local path, file://path, or s3://bucket/prefix)")
         self.uri = f"s3://{self.base}" if self.is_s3 else self.base
+        self._jitter = random.Random()
 
     @property
     def is_s3(self) -> bool:
@@ -102,13 +140,15 @@ class Storage:
 
     # -- paths -------------------------------------------------------------------------------------
     def path(self, key: str = "") -> str:
-        """The pyarrow.fs path of a key (what Ray Data / Ray Train take with `filesystem=self.fs`)."""
-        return f"{self.base}/{key}".rstrip("/") if key else self.base
+        """The pyarrow.fs path of a key (what Ray Data / Ray Train take with `filesystem=self.fs`); "" = the root."""
+        check_key(key, root_ok=True)
+        return f"{self.base}/{key}" if key else self.base
 
     def uri_of(self, key: str = "") -> str:
         return f"s3://{self.path(key)}" if self.is_s3 else self.path(key)
 
     def object_key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     # -- checks ------------------------------------------------------------------------------------
@@ -127,11 +167,21 @@ class Storage:
 
     # -- reads -------------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
+        check_key(key, root_ok=True)
         return self._arrow(lambda: self.fs.get_file_info(self.path(key)).type == pafs.FileType.File, key)
 
     def read_bytes(self, key: str) -> bytes:
+        """The whole object. On S3 one GET, so one version of it: pyarrow's read (a HEAD for the size, then a
+        ranged GET) returns the first bytes of a newer, longer version when the key is replaced in between."""
+        check_key(key, root_ok=True)
+        if self.is_s3:
+            body = self._get(key)[1]
+            if body is None:
+                raise VaegenError(f"{self.uri_of(key)} does not exist")
+            return body
+
         def read() -> bytes:
-            with self.fs.open_input_file(self.path(key)) as f:     # ~50x faster than input streams on S3
+            with self.fs.open_input_file(self.path(key)) as f:
                 return f.read()
         return self._arrow(read, key)
 
@@ -148,6 +198,7 @@ class Storage:
     def _file_infos(self, prefix: str, recursive: bool, attempts: int = 5) -> list:
         """A local walk stats each entry it finds: one that another process renames or deletes meanwhile (a
         publish's temp file) raises FileNotFoundError, which allow_not_found does not cover. Walk again."""
+        check_key(prefix, root_ok=True)
         selector = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
 
         def walk():
@@ -163,38 +214,54 @@ class Storage:
     def publish(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Make `key` hold exactly `data`, atomically: readers see the old state or the whole new object.
 
-        One PUT on S3 (never a multipart stream, which can leave a partial object); temp file + rename
-        locally. With if_absent, an existing object is left alone and False is returned (S3 answers 412)."""
+        S3: one PUT (never a multipart stream, which can leave a partial object), retried on transient errors.
+        Local: a temp file created as open() would (mode 0o666 less the umask), fsynced, renamed (linked, for
+        if_absent) into place, then the folder fsynced: after a crash the key holds the old or the new bytes.
+
+        With if_absent, an existing object is left alone and False is returned (S3 answers 412). A retried
+        conditional PUT can meet its own earlier try: one whose connection was reset, or that got a 5xx, may
+        have landed, and the retry then gets 412. Only in that case is the object read back, and equal bytes
+        count as ours (True). So True: `key` now holds exactly `data`; False: it holds other bytes, or held
+        them when we looked (callers compare the sha256 they expect, so a False is never taken on trust)."""
+        check_key(key)
         if self.is_s3:
             return self._put(key, data, if_absent)
         dest = self.path(key)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.tmp-")
+        folder = os.path.dirname(dest)
+        _make_dirs(folder)
+        fd, tmp = _create_temp(folder, os.path.basename(dest))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())                   # the bytes are on disk before a name points at them
             if if_absent:
                 try:
                     os.link(tmp, dest)                 # atomic create-if-absent
                 except FileExistsError:
                     return False
+                os.unlink(tmp)
             else:
                 os.replace(tmp, dest)
+            _fsync_dir(folder)                         # ...and the name is on disk before we say it is
             return True
         finally:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):
                 os.unlink(tmp)
 
     def compare_and_swap(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
         """Write `data` only if `accept(current contents or None)` holds and nobody wrote `key` in between.
 
-        S3: read the ETag, then PUT If-Match=<etag> (If-None-Match=* when absent); 412/409 → False.
-        Local: an flock beside the key around read-check-rename. Either way one whole-object write."""
+        S3: read the ETag, then PUT If-Match=<etag> (If-None-Match=* when absent), retried on 409 and other
+        transient errors; then 412 → False (unless, as in publish, an uncertain earlier try of ours landed:
+        the object then holds exactly `data` → True). Local: an flock beside the key around
+        read-check-rename. Either way one whole-object write."""
+        check_key(key)
         if self.is_s3:
             return self._compare_and_swap_s3(key, data, accept)
         import fcntl
         lock_path = self.path(f"{key}.lock")
-        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        _make_dirs(os.path.dirname(lock_path))
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
             current = self.read_bytes(key) if self.exists(key) else None
@@ -205,23 +272,21 @@ class Storage:
     def _compare_and_swap_s3(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
         from botocore.exceptions import ClientError
         object_key = self.object_key(key)
-        try:
-            current = self._s3_call(lambda c: c.get_object(Bucket=self.bucket, Key=object_key), what=key,
-                                    passthrough=("NoSuchKey", "404"))
-            etag, body = current["ETag"], current["Body"].read()
-        except ClientError:
-            etag, body = None, None
+        etag, body = self._get(key)
         if not accept(body):
             return False
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        uncertain: list[str] = []
         try:
             self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=object_key, Body=data, **condition),
-                          what=key, passthrough=("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
-        except ClientError:
-            return False                               # someone else wrote between our read and our write
+                          what=key, passthrough=("PreconditionFailed", "412", "NoSuchKey", "404"),
+                          uncertain=uncertain)
+        except ClientError:                            # someone else wrote (or deleted) between our read and write
+            return self._landed_after_all(key, data, uncertain)
         return True
 
     def delete(self, key: str) -> None:
+        check_key(key)
         if self.is_s3:
             self._s3_call(lambda c: c.delete_object(Bucket=self.bucket, Key=self.object_key(key)), what=key)
         else:
@@ -232,31 +297,82 @@ class Storage:
 
     def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
         from botocore.exceptions import ClientError
+        object_key = self.object_key(key)
         kwargs = {"IfNoneMatch": "*"} if if_absent else {}
+        uncertain: list[str] = []
         try:
-            self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data, **kwargs),
-                          what=key, passthrough=("PreconditionFailed", "412"))
-        except ClientError:
-            return False                               # 412: someone published it first
+            self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=object_key, Body=data, **kwargs),
+                          what=key, passthrough=("PreconditionFailed", "412"), uncertain=uncertain)
+        except ClientError:                            # 412: an object is there
+            return self._landed_after_all(key, data, uncertain)
         return True
 
-    # -- error translation: one line for the user, never the credentials ----------------------------
-    def _s3_call(self, call, *, what: str, passthrough: tuple[str, ...] = ()):
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    def _get(self, key: str) -> tuple[str | None, bytes | None]:
+        """(ETag, bytes) of an S3 object, (None, None) if absent; the body read is retried with the request."""
+        from botocore.exceptions import ClientError
+        object_key = self.object_key(key) if key else self.prefix         # "": the root itself
+        if not object_key:
+            return None, None
+
+        def get(client):
+            response = client.get_object(Bucket=self.bucket, Key=object_key)
+            return response["ETag"], response["Body"].read()
         try:
-            return call(self.s3_client)
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in passthrough or status in passthrough:
-                raise
-            raise VaegenError(self._explain(code or status, what)) from None
-        except NoCredentialsError:
-            raise VaegenError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
-        except EndpointConnectionError:
-            raise VaegenError(f"cannot reach the S3 endpoint {self.endpoint.url or 'AWS'}") from None
-        except BotoCoreError as e:
-            raise VaegenError(f"S3 request for {what} failed: {e}") from None
+            return self._s3_call(get, what=key, passthrough=("NoSuchKey", "404"))
+        except ClientError:
+            return None, None
+
+    def _landed_after_all(self, key: str, data: bytes, uncertain: list[str]) -> bool:
+        """After a 412: did an earlier try of ours (one that may have taken effect) write `data` there?"""
+        return bool(uncertain) and self._get(key)[1] == data
+
+    # -- S3 calls: bounded retries; one line for the user, never the credentials ---------------------
+    def _s3_call(self, call, *, what: str, passthrough: tuple[str, ...] = (), uncertain: list[str] | None = None):
+        """call(self.s3_client), tried up to S3_ATTEMPTS times with capped, jittered exponential backoff while S3
+        answers a retryable error or the connection fails mid-request. A ClientError whose code or status is in
+        `passthrough` is raised as it is; any other failure becomes one VaegenError line. `uncertain` collects a
+        note for each failed try that may have taken effect (sent, then reset, timed out or answered 5xx)."""
+        import http.client
+
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                         HTTPClientError, IncompleteReadError, NoCredentialsError)
+        from urllib3.exceptions import HTTPError as URLLib3Error
+        uncertain = [] if uncertain is None else uncertain
+        for attempt in range(S3_ATTEMPTS):
+            last = attempt == S3_ATTEMPTS - 1
+            try:
+                return call(self.s3_client)
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+                if (code in RETRYABLE_CODES or status in RETRYABLE_STATUSES) and not last:
+                    if code != "ConditionalRequestConflict" and status[:1] == "5":
+                        uncertain.append(code or status)
+                    self._backoff(attempt)
+                    continue
+                if code in passthrough or status in passthrough:
+                    raise
+                raise VaegenError(self._explain(code or status, what)) from None
+            except NoCredentialsError:
+                raise VaegenError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+            except (EndpointConnectionError, ConnectTimeoutError):
+                # Nothing was sent. On the first try that means a wrong or dead endpoint: say so at once.
+                if attempt == 0 or last:
+                    raise VaegenError(f"cannot reach the S3 endpoint {self.endpoint.url or 'AWS'}") from None
+                self._backoff(attempt)
+            except (HTTPClientError, IncompleteReadError, URLLib3Error, http.client.HTTPException,
+                    ConnectionError) as e:           # reset, closed or timed out mid-request or mid-response
+                uncertain.append(type(e).__name__)
+                if last:
+                    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise VaegenError(f"S3 request for {what} failed {S3_ATTEMPTS} times: {message}") from None
+                self._backoff(attempt)
+            except BotoCoreError as e:
+                raise VaegenError(f"S3 request for {what} failed: {e}") from None
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _backoff(self, attempt: int) -> None:
+        time.sleep(self._jitter.uniform(0, min(S3_BACKOFF_CAP_S, S3_BACKOFF_BASE_S * 2 ** attempt)))
 
     def _explain(self, code: str, what: str) -> str:
         where = f"s3://{self.bucket} at {self.endpoint.url or 'AWS'}"
@@ -278,6 +394,43 @@ class Storage:
             if self.is_s3 and ("AWS Error ACCESS_DENIED" in str(e) or "InvalidAccessKeyId" in str(e)):
                 raise VaegenError(f"S3 credentials were refused for {self.uri_of(key)}") from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
+
+
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    """A new temp file beside `folder/name`, created as open() creates files: mode 0o666 less the umask (and any
+    default ACL). mkstemp's 0600 would follow the rename and hide published files from every other user."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):    # a filesystem without folder sync
+            raise
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(folder: str) -> None:
+    """os.makedirs, then fsync the parent of each folder it created: a new folder's name is data too."""
+    if os.path.isdir(folder):
+        return
+    created, f = [], folder
+    while not os.path.isdir(f) and os.path.dirname(f) != f:
+        created.append(f)
+        f = os.path.dirname(f)
+    os.makedirs(folder, exist_ok=True)
+    for made in reversed(created):
+        _fsync_dir(os.path.dirname(made))
 
 
 def open_storage(cfg: StorageConfig, *, for_writing: bool = False) -> Storage:

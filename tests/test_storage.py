@@ -35,7 +35,7 @@ def test_local_publish_leaves_no_temp_files(local_storage_config):
 
 def test_s3_listing_skips_directory_marker_keys(s3_storage_config):
     storage = open_storage(s3_storage_config, for_writing=True)
-    storage.s3_client.put_object(Bucket=storage.bucket, Key=storage.object_key("d/"), Body=b"")
+    storage.s3_client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/d/", Body=b"")   # another tool's
     storage.publish("d/real.bin", b"1")
     assert [e.key for e in storage.list("d")] == ["d/real.bin"]
 

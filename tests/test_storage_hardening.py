@@ -1,0 +1,334 @@
+"""Storage under a careless user and a misbehaving S3: keys that would leave the root are refused, S3's
+retryable answers (409/500/503/SlowDown, resets mid-request) are retried through a real fault-injecting proxy
+in front of moto, and local files are published with the umask's mode and fsynced."""
+import json
+import os
+import stat
+import threading
+import uuid
+
+import boto3
+import pytest
+
+from cluster.storage import Storage, open_storage
+from s3_fault_proxy import FaultProxy
+from vae_core.config import StorageConfig
+from vae_core.errors import VaegenError
+
+BAD_KEYS = ["..", ".", "../escaped", "a/../../escaped", "a/./b", "./a", "a//b", "a/", "/etc/passwd", "a\\b",
+            "..\\escaped", "a\x00b", "a/.."]
+KEY_METHODS = {   # every Storage method that takes a key, called as a user of Storage would
+    "path": lambda s, k: s.path(k),
+    "uri_of": lambda s, k: s.uri_of(k),
+    "object_key": lambda s, k: s.object_key(k),
+    "exists": lambda s, k: s.exists(k),
+    "read_bytes": lambda s, k: s.read_bytes(k),
+    "list": lambda s, k: s.list(k),
+    "list recursive": lambda s, k: s.list(k, recursive=True),
+    "list_dirs": lambda s, k: s.list_dirs(k),
+    "publish": lambda s, k: s.publish(k, b"x"),
+    "publish if_absent": lambda s, k: s.publish(k, b"x", if_absent=True),
+    "compare_and_swap": lambda s, k: s.compare_and_swap(k, b"x", lambda current: True),
+    "delete": lambda s, k: s.delete(k),
+}
+WRITES = ("publish", "publish if_absent", "compare_and_swap", "delete", "object_key")
+
+
+def everything_under(storage: Storage) -> list:
+    """The whole bucket (S3) or the whole folder around the root (local): what a refused call must not change."""
+    if storage.is_s3:
+        listed = storage.s3_client.list_objects_v2(Bucket=storage.bucket)
+        return sorted((o["Key"], o["ETag"]) for o in listed.get("Contents", []))
+    top = os.path.dirname(storage.base)
+    return sorted((os.path.relpath(os.path.join(d, f), top), os.path.getsize(os.path.join(d, f)))
+                  for d, _, files in os.walk(top) for f in files)
+
+
+@pytest.mark.parametrize("key", BAD_KEYS + [""])
+def test_a_key_that_could_leave_the_root_is_refused_by_every_method(storage_config, key):
+    storage = open_storage(storage_config, for_writing=True)
+    storage.publish("a/b", b"keep")
+    before = everything_under(storage)
+    for name, call in KEY_METHODS.items():
+        if key == "" and name not in WRITES:
+            continue                                  # the empty key is the root itself: readable (below)
+        with pytest.raises(VaegenError) as refused:
+            call(storage, key)
+        message = str(refused.value)
+        assert "\n" not in message and "refusing storage key" in message, (name, message)
+    assert everything_under(storage) == before        # nothing written, nothing deleted
+    assert storage.read_bytes("a/b") == b"keep"
+
+
+def test_the_empty_key_still_means_the_root(storage_config):
+    storage = open_storage(storage_config, for_writing=True)
+    storage.publish("d/x.bin", b"1")
+    assert storage.path("") == storage.path() == storage.base
+    assert [e.key for e in storage.list("", recursive=True)] == ["d/x.bin"]
+    assert storage.list_dirs("") == ["d"]
+    assert not storage.exists("")                     # the root is a folder, not an object
+    assert storage.exists("d/x.bin")
+
+
+# -- S3 through a fault-injecting proxy --------------------------------------------------------------
+
+@pytest.fixture
+def faulty(s3_server):
+    """(proxy, root config through it, the same root directly on moto): start a proxy with proxy.set_rates."""
+    prefix = uuid.uuid4().hex[:12]
+    with FaultProxy(s3_server, seed=7, error_rate=0, reset_rate=0, delay_rate=0) as proxy:
+        yield (proxy, StorageConfig(root=f"s3://vaegen-test/{prefix}", s3_endpoint=proxy.url),
+               StorageConfig(root=f"s3://vaegen-test/{prefix}", s3_endpoint=s3_server))
+
+
+def heal_after(storage: Storage, proxy: FaultProxy, operation: str, tries: int) -> None:
+    """Let the proxy fail `tries` sends of `operation`, then heal it (counted on the client's own sends)."""
+    sent = []
+
+    def count(**_):
+        sent.append(1)
+        if len(sent) > tries:
+            proxy.set_rates(error_rate=0)
+    storage.s3_client.meta.events.register(f"before-send.s3.{operation}", count)
+
+
+def test_a_409_on_a_conditional_put_is_retried_not_fatal(faulty):
+    proxy, through, _ = faulty
+    storage = Storage(through)
+    proxy.set_rates(error_rate=1.0)                   # every PUT fails (seed 7: a 409 among the first three)
+    heal_after(storage, proxy, "PutObject", tries=3)
+    assert storage.publish("claim.json", b"mine", if_absent=True) is True
+    assert proxy.counts["409"] >= 1
+    assert storage.read_bytes("claim.json") == b"mine"
+    assert storage.publish("claim.json", b"theirs", if_absent=True) is False     # then 412: already there
+
+
+def test_a_409_on_compare_and_swap_is_retried_then_decided(faulty):
+    proxy, through, _ = faulty
+    storage = Storage(through)
+    storage.publish("ptr.json", b"v1")
+    proxy.methods = ("PUT",)                          # the read of the current value passes
+    proxy.set_rates(error_rate=1.0)
+    heal_after(storage, proxy, "PutObject", tries=3)
+    assert storage.compare_and_swap("ptr.json", b"v2", lambda current: current == b"v1") is True
+    assert proxy.counts["409"] >= 1 and storage.read_bytes("ptr.json") == b"v2"
+
+
+def test_publish_through_faults_lands_exactly_the_bytes(faulty):
+    proxy, through, direct = faulty
+    storage = Storage(through)
+    proxy.set_rates(error_rate=0.25, reset_rate=0.1, delay_rate=0.1)
+    want = {}
+    for i in range(24):
+        key, data = f"shards/part-{i:05d}.bin", os.urandom(2_000 + 37_000 * (i % 4))
+        assert storage.publish(key, data, if_absent=i % 2 == 0) is True     # fresh keys: ours, even if retried
+        want[key] = data
+    for i in range(0, 24, 3):                         # overwrite some: the last bytes win
+        key = f"shards/part-{i:05d}.bin"
+        want[key] = os.urandom(5_000)
+        assert storage.publish(key, want[key]) is True
+    for i in range(0, 24, 4):                         # and an if_absent over an existing key changes nothing
+        assert storage.publish(f"shards/part-{i:05d}.bin", b"late", if_absent=True) is False
+    assert proxy.counts["reset"] and sum(proxy.counts[k] for k in ("409", "500", "503", "SlowDown"))
+    clean = Storage(direct)
+    assert {e.key: clean.read_bytes(e.key) for e in clean.list("shards")} == want
+
+
+def test_concurrent_if_absent_publishers_have_exactly_one_winner(faulty):
+    proxy, through, direct = faulty
+    proxy.set_rates(error_rate=0.3, reset_rate=0.08, delay_rate=0.2)
+    publishers, rounds = 4, 6
+    storages = [Storage(through) for _ in range(publishers)]
+    won = [[None] * rounds for _ in range(publishers)]
+    errors = []
+    barrier = threading.Barrier(publishers)
+
+    def publisher(p: int) -> None:
+        try:
+            for r in range(rounds):
+                barrier.wait(timeout=60)              # all four PUT the same fresh key at once
+                won[p][r] = storages[p].publish(f"claims/v{r:04d}.json", f"publisher {p}".encode(), if_absent=True)
+        except Exception as e:                        # noqa: BLE001 - reported below, with the thread's name
+            errors.append(f"publisher {p}: {type(e).__name__}: {e}")
+            barrier.abort()
+    threads = [threading.Thread(target=publisher, args=(p,)) for p in range(publishers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    clean = Storage(direct)
+    for r in range(rounds):
+        winners = [p for p in range(publishers) if won[p][r]]
+        assert len(winners) == 1, (r, [won[p][r] for p in range(publishers)])
+        assert clean.read_bytes(f"claims/v{r:04d}.json") == f"publisher {winners[0]}".encode()
+    assert proxy.counts["409"] >= 1                   # the race met S3's own conflict answer, and survived it
+
+
+def test_compare_and_swap_through_faults_loses_no_update(faulty):
+    """Writers append their entry to one list with compare-and-swap, retrying until it takes: every write that
+    returned True is in the final list, and every writer's entry got in."""
+    proxy, through, direct = faulty
+    Storage(direct).publish("log.json", b"[]")
+    proxy.set_rates(error_rate=0.25, reset_rate=0.08, delay_rate=0.2)
+    writers, entries_each = 3, 4
+    accepted: list[list] = []
+    errors = []
+
+    def writer(w: int) -> None:
+        storage = Storage(through)
+        try:
+            for n in range(entries_each):
+                while True:
+                    seen = storage.read_bytes("log.json")
+                    mine = json.dumps(json.loads(seen) + [f"{w}.{n}.{uuid.uuid4().hex[:6]}"]).encode()
+                    if storage.compare_and_swap("log.json", mine, lambda current, seen=seen: current == seen):
+                        accepted.append(json.loads(mine))
+                        break
+        except Exception as e:                        # noqa: BLE001
+            errors.append(f"writer {w}: {type(e).__name__}: {e}")
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors
+    final = json.loads(Storage(direct).read_bytes("log.json"))
+    for state in accepted:                            # each accepted write is a prefix of what came after it
+        assert final[:len(state)] == state
+    got = {(e.split(".")[0], e.split(".")[1]) for e in final}
+    assert got == {(str(w), str(n)) for w in range(writers) for n in range(entries_each)}
+
+
+def test_reads_and_listings_through_faults_succeed(faulty):
+    proxy, through, direct = faulty
+    clean = Storage(direct)
+    want = {f"ds/split{i % 3}/part-{i:05d}.bin": os.urandom(1_000 + 20_000 * (i % 3)) for i in range(15)}
+    for key, data in want.items():
+        clean.publish(key, data)
+    storage = Storage(through)
+    proxy.set_rates(error_rate=0.2, reset_rate=0.06, delay_rate=0.1)
+    for _ in range(3):
+        assert storage.list_dirs("ds") == ["split0", "split1", "split2"]
+        assert {e.key: e.size for e in storage.list("ds", recursive=True)} == {k: len(v) for k, v in want.items()}
+        for key, data in want.items():
+            assert storage.exists(key) and storage.read_bytes(key) == data
+    assert proxy.counts["reset"] and proxy.counts["500"] and proxy.counts["503"] + proxy.counts["SlowDown"]
+
+
+# -- the proxy itself ---------------------------------------------------------------------------------
+
+def test_the_fault_proxy_speaks_s3_errors_passes_bodies_through_and_stops_cleanly(s3_server):
+    import http.client
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    threads_before = set(threading.enumerate())
+    with FaultProxy(s3_server, seed=3, error_rate=1.0, reset_rate=0, delay_rate=0, methods=("GET",)) as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
+                              config=Config(retries={"total_max_attempts": 1}))
+        client.put_object(Bucket="vaegen-test", Key="proxy/a", Body=b"hello")        # PUTs pass here
+        seen = set()
+        for _ in range(12):
+            with pytest.raises(ClientError) as failed:
+                client.get_object(Bucket="vaegen-test", Key="proxy/a")
+            seen.add((failed.value.response["ResponseMetadata"]["HTTPStatusCode"],
+                      failed.value.response["Error"]["Code"]))
+        assert seen <= {(500, "InternalError"), (503, "ServiceUnavailable"), (503, "SlowDown")} and len(seen) >= 2
+        proxy.set_rates(error_rate=0)
+        body = os.urandom(300_000)
+        conn = http.client.HTTPConnection(proxy.url.removeprefix("http://"))      # a chunked upload, unsigned
+        conn.putrequest("PUT", "/vaegen-test/proxy/chunked")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for at in range(0, len(body), 65_536):
+            part = body[at:at + 65_536]
+            conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert client.get_object(Bucket="vaegen-test", Key="proxy/chunked")["Body"].read() == body
+        assert client.head_object(Bucket="vaegen-test", Key="proxy/chunked")["ContentLength"] == len(body)
+        client.close()
+        idle = http.client.HTTPConnection(proxy.url.removeprefix("http://"))          # a kept-alive idle client
+        idle.request("HEAD", "/vaegen-test/proxy/a")
+        idle.getresponse().read()
+    assert {t for t in threading.enumerate() if t.is_alive()} <= threads_before     # no handler thread left
+    idle.close()
+
+
+# -- local files: mode and durability -----------------------------------------------------------------
+
+@pytest.fixture
+def umask():
+    saved = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_local_publish_gives_the_mode_open_would(local_storage_config, umask, mask, mode):
+    storage = open_storage(local_storage_config, for_writing=True)
+    umask(mask)
+    storage.publish("out/plain.bin", b"1")
+    storage.publish("out/claim.json", b"1", if_absent=True)
+    storage.compare_and_swap("out/ptr.json", b"1", lambda current: current is None)
+    for name in ("plain.bin", "claim.json", "ptr.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(storage.base, "out", name)).st_mode) == mode, name
+
+
+@pytest.mark.parametrize("if_absent", [False, True])
+def test_local_publish_fsyncs_the_file_before_it_is_named_and_the_folder_after(local_storage_config,
+                                                                                 monkeypatch, if_absent):
+    storage = open_storage(local_storage_config, for_writing=True)
+    dest = os.path.join(storage.base, "jobs", "j1", "part-00000.parquet")
+    synced = []                                       # (what was fsynced, did dest exist, its bytes then)
+    real_fsync = os.fsync
+
+    def spy(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            synced.append(("dir", path, os.path.exists(dest)))
+        else:
+            with open(path, "rb") as f:
+                synced.append(("file", path, os.path.exists(dest), f.read()))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    data = os.urandom(50_000)
+    assert storage.publish("jobs/j1/part-00000.parquet", data, if_absent=if_absent)
+    files = [s for s in synced if s[0] == "file"]
+    assert len(files) == 1 and files[0][2] is False and files[0][3] == data      # whole bytes, before the name
+    assert ("dir", os.path.dirname(dest), True) in synced                          # the name, after
+    assert ("dir", storage.base, False) in synced                                  # the new folders' names
+    with open(dest, "rb") as f:
+        assert f.read() == data
+    assert os.listdir(os.path.dirname(dest)) == ["part-00000.parquet"]             # no temp file left
+
+
+def test_an_s3_read_returns_one_whole_version_while_the_key_is_replaced(faulty):
+    """A reader of a key another process replaces (a manifest, a pointer) gets the old or the new bytes,
+    never the start of one version cut at the length of another. GETs are delayed to widen the window."""
+    proxy, through, direct = faulty
+    writer_storage, reader = Storage(direct), Storage(through)
+    version = lambda n: json.dumps({"n": n, "pad": "x" * (100 * (n % 5))}).encode()    # noqa: E731
+    writer_storage.publish("manifest.json", version(0))
+    proxy.methods = ("GET",)
+    proxy.set_rates(delay_rate=1.0)
+    proxy.max_delay_s = 0.02
+    stop = threading.Event()
+
+    def replace_forever() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            writer_storage.publish("manifest.json", version(n))
+    writer = threading.Thread(target=replace_forever)
+    writer.start()
+    try:
+        for _ in range(40):
+            body = reader.read_bytes("manifest.json")
+            record = json.loads(body)                  # a torn read is not JSON, or has the wrong padding
+            assert body == version(record["n"])
+    finally:
+        stop.set()
+        writer.join()
