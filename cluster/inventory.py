@@ -162,9 +162,16 @@ def job_prefix(job_id: str) -> str:
 
 
 def job_status(storage: Storage, job_id: str, *, with_receipts: bool = False) -> JobStatus:
-    """The job's state from its records; never raises for an unreadable record: the state is then `corrupt`."""
+    """The job's state from its records; never raises for an unreadable record: the state is then `corrupt`.
+    A record that vanishes between being listed and being read (a driver withdrawing `_SUCCESS` to repair the
+    job, another rewriting its receipts) is read again once; a storage that keeps failing is an error."""
     try:
-        return _job_status(storage, job_id, with_receipts)
+        try:
+            return _job_status(storage, job_id, with_receipts)
+        except CorruptRecord:
+            raise
+        except VaegenError:
+            return _job_status(storage, job_id, with_receipts)
     except CorruptRecord as e:
         short = e.uri.rsplit(f"/{job_prefix(job_id)}/", 1)[-1]
         return JobStatus(job_id, "corrupt", job_id.split("-")[0], error=f"{short} {e.problem}", corrupt=e)
@@ -231,6 +238,11 @@ def require_root(storage: Storage) -> Storage:
     return storage
 
 
+def relative(storage: Storage, error: Exception) -> str:
+    """An error's line with the root's URI left out of the file names (`ls` prints the root once, on top)."""
+    return str(error).replace(f"{storage.uri}/", "")
+
+
 # -- datasets and models ------------------------------------------------------------------------------------
 def reingest_fix(name: str) -> str:
     return f"ingest dataset {name!r} again (`vaegen ingest ... --name {name}`)"
@@ -269,7 +281,7 @@ def list_datasets(storage: Storage) -> list[DatasetInfo]:
         try:
             m = read_dataset_manifest(storage, name)
         except VaegenError as e:
-            found.append(DatasetInfo(name, (), 0, {}, str(e)))
+            found.append(DatasetInfo(name, (), 0, {}, relative(storage, e)))
             continue
         found.append(DatasetInfo(name, tuple(m["image_shape"]), len(m["label_names"]),
                                  {s: v["rows"] for s, v in m["splits"].items()}))
@@ -306,13 +318,13 @@ def list_models(storage: Storage) -> list[ModelVersionInfo]:
         try:
             champion = champion_version(registry, name)
         except VaegenError as e:
-            champion, champion_problem = None, str(e)
+            champion, champion_problem = None, relative(storage, e)
         for version in registry.versions(name):
             problem, test_loss = champion_problem, None
             try:
                 test_loss = (read_metrics(registry, name, version) or {}).get("test_loss")
                 test_loss = float(test_loss) if isinstance(test_loss, (int, float)) else None
             except VaegenError as e:
-                problem = "; ".join(filter(None, (problem, str(e))))
+                problem = "; ".join(filter(None, (problem, relative(storage, e))))
             found.append(ModelVersionInfo(name, version, version == champion, test_loss, problem))
     return found

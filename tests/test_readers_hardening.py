@@ -318,3 +318,21 @@ def test_ls_on_s3_marks_a_corrupt_job_and_lists_the_rest(s3_storage_config, caps
     assert "corrupt" in lines[FINISHED] and "finished" in lines[OTHER] and "fm" in lines
     assert vaegen(["show", storage.uri_of(JOB), *flags]) == 2
     assert "manifest.json is corrupt (not JSON)" in one_error_line(capsys)
+
+
+class WithdrawsSuccessOnFirstRead(Storage):
+    """A real local root where another driver withdraws `_SUCCESS` (to repair the job) just after a reader saw
+    it exist and before the reader's GET: the moment a repair starts."""
+
+    def read_bytes(self, key: str) -> bytes:
+        if key.endswith("/_SUCCESS") and not getattr(self, "withdrawn", False):
+            self.withdrawn = True
+            self.delete(key)
+        return super().read_bytes(key)
+
+
+def test_ls_reads_a_job_again_when_its_success_is_withdrawn_mid_read(root):
+    cfg, _ = root
+    racing = WithdrawsSuccessOnFirstRead(cfg)
+    states = {j.job_id: j.state for j in list_jobs(racing)}
+    assert racing.withdrawn and states[FINISHED] == "partial" and states[OTHER] == "finished"
