@@ -67,9 +67,11 @@ def read_train_val(storage: Storage, job: TrainJobConfig) -> tuple[ImageSet, Ima
 
 def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE,
                           history: list[EpochMetrics], summary: dict, train_set: ImageSet,
-                          val_set: ImageSet) -> TrainResult:
+                          val_set: ImageSet, run_id: str | None = None) -> TrainResult:
     """Fit the prior (if the model has one to fit), score on the test split, then publish weights, config,
-    metrics and grids as the next model version (the one layout every trainer writes)."""
+    metrics and grids as the next model version (the one layout every trainer writes). With `run_id` (a
+    resumable run), the version that run already published or began to publish, never a second one; without
+    (a single-process run, which cannot be resumed), every call is a new version."""
     if model.prior is not None:
         started = time.perf_counter()
         summary = {**summary, **fit_prior(model, train_set, job.train, held_out=val_set),
@@ -79,7 +81,7 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
         model, history, summary=summary,
         config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
         val_images=val_set.images, val_labels=val_set.labels)
-    ref = Registry(storage).publish(job.name, files)
+    ref = Registry(storage).publish(job.name, files, run_id=run_id)
     return TrainResult(ref, history, summary)
 
 

@@ -9,7 +9,9 @@ with the workers' weights averaged every K steps (post-local SGD).
 A run lives under train-runs/<run-id>/ on the storage root: Ray Train's checkpoints (one per epoch: model,
 optimizer, early-stopping state, history) and vaegen's own two files, _job.json (the settings the run started
 with) and _published.json (the model version it became). Rerunning with the same run id resumes from the
-latest checkpoint; a lost worker makes Ray restart the group from there (FailureConfig)."""
+latest checkpoint; a lost worker makes Ray restart the group from there (FailureConfig). The publish names the
+run, so a driver that stopped after publishing but before writing _published.json gets the same version back
+on its rerun (Registry.publish's run reservation), not a second one."""
 from __future__ import annotations
 
 import json
@@ -37,7 +39,7 @@ from vae_core.train import (Batch, EarlyStopping, EpochMetrics, ImageSet, epoch_
 
 from .datasets import bind_model_to_dataset, read_manifest, shard_keys, table_arrays
 from .local_train import TrainResult, publish_trained_model, read_train_val
-from .registry import ModelRef
+from .registry import ModelRef, Registry
 from .runtime import ray_runtime
 from .storage import Storage, open_storage
 
@@ -64,6 +66,12 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     claim_run(storage, run, job)
     if storage.exists(f"{run}/{PUBLISHED_FILE}"):
         return published_result(storage, run)
+    registry = Registry(storage)
+    version = registry.published_by(job.name, job.ray.run_id)
+    if version is not None and registry.is_complete(job.name, version):     # published, then stopped
+        result = result_of_version(registry, ModelRef(job.name, version))
+        record_published(storage, run, result)
+        return result
     train_ids, val_ids = train_val_ids(manifest, job)
     # Read (and checksum) once before any worker starts: the mean image starts the decoder, and after training
     # the same images fit the prior and draw the reconstruction grid.
@@ -83,11 +91,24 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
                "workers": job.ray.workers, "run_id": job.ray.run_id,
                "resumed_at_epochs": [s["epoch"] for s in state["starts"]],
                "seconds_to_first_batch": first_batch[0] - started if first_batch else None}
-    result = publish_trained_model(storage, job, manifest, model, history, summary, train_set, val_set)
+    result = publish_trained_model(storage, job, manifest, model, history, summary, train_set, val_set,
+                                   run_id=job.ray.run_id)
+    record_published(storage, run, result)
+    return result
+
+
+def record_published(storage: Storage, run: str, result: TrainResult) -> None:
+    """_published.json: the version the run became (a rerun returns it without starting Ray)."""
     storage.publish(f"{run}/{PUBLISHED_FILE}", json.dumps(
         {"name": result.ref.name, "version": result.ref.version, "summary": result.summary,
-         "history": state["history"]}).encode())
-    return result
+         "history": [m.to_dict() for m in result.history]}).encode())
+
+
+def result_of_version(registry: Registry, ref: ModelRef) -> TrainResult:
+    """A published version's TrainResult, from its metrics.json (the summary plus the history)."""
+    metrics = registry.metrics(ref)
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    return TrainResult(ref, [EpochMetrics(**m) for m in metrics.get("history", [])], summary)
 
 
 def per_worker_batch(job: TrainJobConfig) -> int:

@@ -169,7 +169,8 @@ def test_same_run_id_with_other_settings_is_refused(s3_fashion, two_worker_run):
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_storage_config, small_fashion,
                                                            sync_every):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
-    job = job_for(local_storage_config, epochs=12, max_failures=2, cache_shards=False,   # streamed: slow epochs
+    # max_failures leaves room for the restarts a loaded machine adds; the assertions do not count them.
+    job = job_for(local_storage_config, epochs=12, max_failures=5, cache_shards=False,   # streamed: slow epochs
                   sync_every=sync_every)
     killed: list[int] = []
 
@@ -184,9 +185,13 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
     result = train_on_ray(job, progress=False)
     killer.join()
     assert killed and not pid_alive(killed[0])
+    # The guarantee, not a count: a busy machine may cost Ray Train another restart (e.g. [0, 1, 4]), each
+    # from the latest checkpoint. The run started at 0, every later start resumed from a checkpoint (never from
+    # scratch, never going back), it finished, and its history holds every epoch exactly once.
     restarts = result.summary["resumed_at_epochs"]
-    assert len(restarts) == 2 and restarts[0] == 0 and restarts[1] >= 1, restarts   # not restarted from 0
-    assert [m.epoch for m in result.history] == list(range(12))                     # each epoch exactly once
+    assert restarts[0] == 0 and len(restarts) >= 2, restarts
+    assert all(later >= 1 for later in restarts[1:]) and restarts == sorted(restarts), restarts
+    assert [m.epoch for m in result.history] == list(range(12))
 
 
 @pytest.mark.slow
@@ -203,7 +208,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     try:
         wait_for_checkpoint(storage, run_id)
         driver.send_signal(signal.SIGINT)                # Ctrl-C
-        assert driver.wait(timeout=60) != 0
+        assert driver.wait(timeout=300) != 0             # a hang guard, not a speed requirement
     finally:
         driver.kill()
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
@@ -324,8 +329,40 @@ def test_global_batch_must_split_evenly(local_storage_config, small_fashion):
 def test_more_gpus_than_the_cluster_has_fails_fast(ray_local, local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = job_for(local_storage_config, workers=2, gpus_per_worker=1)
-    started = time.perf_counter()
     with pytest.raises(VaegenError, match=r"asks for 2 GPUs but the Ray cluster has 0"):
         train_on_ray(job, progress=False)
-    assert time.perf_counter() - started < 30
+    # Refused before a trainer was built (no wait for resources, whatever the machine's load): the run folder
+    # holds only vaegen's own _job.json, no Ray Train state.
+    run_files = [e.key.rsplit("/", 1)[-1] for e in open_storage(local_storage_config).list(
+        f"{RUNS_DIR}/{job.ray.run_id}", recursive=True)]
+    assert run_files == ["_job.json"]
     assert_nothing_published(local_storage_config)
+
+
+class Crash(BaseException):
+    """The driver process dying at this point (not an Exception: nothing in vaegen catches it)."""
+
+
+def test_a_driver_that_died_between_publishing_and_recording_publishes_once(ray_local, local_storage_config,
+                                                                              small_fashion, monkeypatch):
+    import cluster.train
+    storage = ingest_small_fashion(local_storage_config, small_fashion)
+    job = job_for(local_storage_config, workers=1, epochs=1)
+    real_record = cluster.train.record_published
+
+    def dies(*args, **kwargs):
+        raise Crash()
+    monkeypatch.setattr(cluster.train, "record_published", dies)
+    with pytest.raises(Crash):
+        train_on_ray(job, progress=False)
+    registry = Registry(storage)
+    assert registry.versions("fm-mlp") == ["v0001"]
+    assert not storage.exists(f"{RUNS_DIR}/{job.ray.run_id}/_published.json")
+
+    monkeypatch.setattr(cluster.train, "record_published", real_record)
+    result = train_on_ray(job, progress=False)                          # the rerun
+    assert result.ref.version == "v0001" and registry.versions("fm-mlp") == ["v0001"]
+    assert [m.epoch for m in result.history] == [0] and result.summary["run_id"] == job.ray.run_id
+    assert storage.exists(f"{RUNS_DIR}/{job.ray.run_id}/_published.json")
+    assert train_on_ray(job, progress=False).ref == result.ref          # and once it is recorded
+    assert registry.versions("fm-mlp") == ["v0001"]
