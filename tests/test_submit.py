@@ -60,7 +60,7 @@ def ray_head(s3_server):
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300              # a hang guard: `ray start` is slow on a busy machine
         while True:
             try:
                 if requests.get(f"{address}/api/version", timeout=1).status_code in (200, 401):
