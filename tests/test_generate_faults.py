@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-from cluster.generate import (RECEIPTS, STAGE_DELAY_ENV, SUCCESS, ShardMaker, plan_job, run_generation,
+from cluster.generate import (LEASE, RECEIPTS, STAGE_DELAY_ENV, SUCCESS, ShardMaker, plan_job, run_generation,
                               start_workers)
+from cluster.inventory import read_committed_manifest
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from cluster.writers import ParquetShardWriter
@@ -157,3 +158,53 @@ def test_an_exception_inside_a_writer_publishes_nothing(storage_config):
     with pytest.raises(OSError, match="disk full"):
         maker.make(0)
     assert storage.list("outputs", recursive=True) == []
+
+
+def test_a_second_driver_waits_for_the_first_and_writes_nothing(ray_local, local_storage_config, monkeypatch, capfd):
+    """Two drivers of one job at once (a cron retry overlapping a slow run): the second waits on the job's lease,
+    then finds the job committed and returns its manifest; every shard is built once."""
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    job = spec()
+    prefix = plan_job(job, storage).prefix
+    monkeypatch.setenv(STAGE_DELAY_ENV, "publish=0.3")
+    results: dict = {}
+
+    def drive(name: str) -> None:
+        results[name] = run_generation(job, local_storage_config, workers=1, progress=False)
+    first = threading.Thread(target=drive, args=("first",))
+    first.start()
+    wait_for(lambda: storage.exists(f"{prefix}/{LEASE}"), what="the first driver's lease")
+    second = threading.Thread(target=drive, args=("second",))
+    second.start()
+    first.join(timeout=300)
+    second.join(timeout=300)
+
+    assert results["first"]["run"]["shards_written"] == 6
+    assert results["second"]["run"].get("already_complete") and results["second"]["run"]["shards_written"] == 0
+    assert "is being run by" in capfd.readouterr().err
+    assert read_committed_manifest(storage, prefix)["shards"] == results["second"]["shards"]
+    assert_complete_and_exact(storage, results["second"], job)
+
+
+def test_a_damaged_finished_job_is_withdrawn_before_its_repair_and_nothing_is_deleted(ray_local, local_storage_config,
+                                                                                    monkeypatch):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    job = spec()
+    first = run_generation(job, local_storage_config, workers=1, progress=False)
+    key = f"{first['prefix']}/part-00004.parquet"
+    damaged = storage.read_bytes(key)[:-50]
+    storage.publish(key, damaged)
+    monkeypatch.setenv(STAGE_DELAY_ENV, "decode=1.0")
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(run_generation(job, local_storage_config, workers=1,
+                                                                          progress=False)))
+    driver.start()
+    wait_for(lambda: worker_in_stage(first["job_id"], "decode"), what="the repair under way")
+    assert read_committed_manifest(storage, first["prefix"]) is None               # withdrawn first
+    assert not storage.exists(f"{first['prefix']}/{SUCCESS}")
+    assert storage.read_bytes(key) == damaged                                      # left for the publish path
+    driver.join(timeout=300)
+    assert (result["run"]["shards_written"], result["run"]["shards_skipped"]) == (1, 5)
+    assert_complete_and_exact(storage, result, job)
