@@ -1,5 +1,5 @@
-"""One storage root, local folder or s3://bucket/prefix, behind one small API on pyarrow.fs (+ boto3 for the
-single conditional PUT that S3 publishing needs). Keys are '/'-separated and relative to the root, and every
+"""One storage root, local folder or s3://bucket/prefix, behind one small API: pyarrow.fs for local files and
+S3 listings (and what Ray reads), boto3 for S3 object reads and writes (one GET, one conditional PUT). Keys are '/'-separated and relative to the root, and every
 method refuses a key that could leave the root or alias another one (see check_key).
 
 S3 is allowed to fail transiently (409 ConditionalRequestConflict on concurrent conditional PUTs, 500, 503,
@@ -32,8 +32,7 @@ ARROW_S3_RETRIES = 6            # pyarrow (aws-sdk-cpp) reads and listings: retr
 # S3 asks the client to retry these; 409 ConditionalRequestConflict means a concurrent conditional write to the
 # same key was in progress, and the retry is then decided like any other conditional write (412 or success).
 RETRYABLE_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted", "InternalError", "ServiceUnavailable",
-                             "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
-                             "RequestTimeTooSkewed"})
+                             "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
 RETRYABLE_STATUSES = frozenset({"500", "502", "503", "504"})
 # pyarrow's and boto3's credential chains probe the EC2 metadata service when no keys are set: seconds lost.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -227,6 +226,8 @@ class Storage:
         if self.is_s3:
             return self._put(key, data, if_absent)
         dest = self.path(key)
+        if if_absent and os.path.lexists(dest):
+            return False                               # spares the write and the fsync; the link decides races
         folder = os.path.dirname(dest)
         _make_dirs(folder)
         fd, tmp = _create_temp(folder, os.path.basename(dest))
@@ -253,9 +254,12 @@ class Storage:
         """Write `data` only if `accept(current contents or None)` holds and nobody wrote `key` in between.
 
         S3: read the ETag, then PUT If-Match=<etag> (If-None-Match=* when absent), retried on 409 and other
-        transient errors; then 412 → False (unless, as in publish, an uncertain earlier try of ours landed:
-        the object then holds exactly `data` → True). Local: an flock beside the key around
-        read-check-rename. Either way one whole-object write."""
+        transient errors; then 412 → False, unless (as in publish) an earlier try of ours may have landed and
+        the object holds exactly `data`: True. Put something unique to the writer in `data` (a run id) where
+        two writers could write equal bytes. The one case left: a try of ours landed, its answer was lost, and
+        another writer's swap (which accepted our bytes) replaced it before we looked: False, though ours was
+        briefly there. Local: an flock beside the key around read-check-rename. Either way one whole-object
+        write."""
         check_key(key)
         if self.is_s3:
             return self._compare_and_swap_s3(key, data, accept)
