@@ -23,12 +23,13 @@ Garbage collection, run by each ingest after its commit: a generation is deleted
     KEEP_SUPERSEDED_S (24 h) after the commit that replaced it, and
   - no ingest of it is in progress (a `_pending` marker younger than PENDING_TIMEOUT_S, 24 h).
 A time bound, not "keep the last K": a reader holds a manifest for as long as its job runs, however many
-re-ingests happen meanwhile, so how long old data stays is what protects it; a count would let two quick re-ingests
-pull shards from under a trainer. A reader that outlives the grace period finds its shards gone and stops with one
-line, "dataset X was replaced while reading: rerun" (read_shard). Leftovers of a killed ingest (no manifest names
-them) are removed once its marker is older than PENDING_TIMEOUT_S. An ingest must finish within that time, and two
-ingests of one dataset name at once are safe: the last commit wins, and the compare-and-swap keeps every
-replaced generation on the superseded list."""
+re-ingests happen meanwhile, so how long old data stays is what protects it; a count would let two quick
+re-ingests pull shards from under a trainer. A reader that outlives the grace period finds its shards gone and
+stops with one line, "dataset X was replaced while reading: rerun" (read_shard). A job reads the manifest once and
+passes it to read_split / shard_keys, so that all its reads come from one generation. Leftovers of a killed ingest
+(no manifest names them) are removed once its marker is older than PENDING_TIMEOUT_S; an ingest must finish within
+that time. Two ingests of one dataset name at once are safe: the last commit wins, and the compare-and-swap keeps
+every replaced generation on the superseded list."""
 from __future__ import annotations
 
 import dataclasses
@@ -300,14 +301,16 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
     return manifest["splits"][split]["shards"]
 
 
-def shard_keys(storage: Storage, name: str, split: str) -> list[str]:
-    return [dataset_key(name, split, s["name"]) for s in split_shards(read_manifest(storage, name), split)]
+def shard_keys(storage: Storage, name: str, split: str, manifest: dict | None = None) -> list[str]:
+    """The shard keys of one split. Pass the manifest a job already read, so that all its reads come from one
+    generation: reading the manifest again could meet a re-ingest's commit and mix two datasets in one job."""
+    manifest = manifest if manifest is not None else read_manifest(storage, name)
+    return [dataset_key(name, split, s["name"]) for s in split_shards(manifest, split)]
 
 
-def read_shard(storage: Storage, manifest: dict, split: str, shard: dict) -> bytes:
-    """One shard's bytes, sha256-checked. A shard gone because a re-ingest replaced the dataset (and the grace
-    period passed) is the one-line 'replaced while reading' error, not a storage traceback."""
-    name = manifest["name"]
+def read_shard(storage: Storage, name: str, split: str, shard: dict) -> bytes:
+    """One shard's bytes (a manifest's shard record), sha256-checked. A shard that is gone because a re-ingest
+    replaced the dataset (and its grace period passed) is the one-line 'replaced while reading' error."""
     key = dataset_key(name, split, shard["name"])
     try:
         body = storage.read_bytes(key)
@@ -315,8 +318,8 @@ def read_shard(storage: Storage, manifest: dict, split: str, shard: dict) -> byt
         if storage.exists(key):
             raise
         current = current_manifest(storage, name)
-        if current is None or current.get("generation") != manifest.get("generation") \
-                or current.get("created_at") != manifest.get("created_at"):
+        names = {s["name"] for s in (current or {}).get("splits", {}).get(split, {}).get("shards", [])}
+        if shard["name"] not in names:
             raise VaegenError(f"dataset {name!r} was replaced while reading: rerun") from None
         raise VaegenError(f"dataset shard {name}/{split}/{shard['name']} is missing: re-ingest the dataset") from None
     if hashlib.sha256(body).hexdigest() != shard["sha256"]:
@@ -341,13 +344,14 @@ class LoadedSplit:
     manifest: dict
 
 
-def read_split(storage: Storage, name: str, split: str, limit: int = 0) -> LoadedSplit:
-    """A whole split in memory, from one manifest, each shard's sha256 checked against it."""
-    manifest = read_manifest(storage, name)
+def read_split(storage: Storage, name: str, split: str, limit: int = 0, manifest: dict | None = None) -> LoadedSplit:
+    """A whole split in memory, from one manifest (`manifest`, else the current one; see shard_keys), each
+    shard's sha256 checked against it."""
+    manifest = manifest if manifest is not None else read_manifest(storage, name)
     shape = tuple(manifest["image_shape"])
     parts = []
     for shard in split_shards(manifest, split):
-        parts.append(table_arrays(pq.read_table(io.BytesIO(read_shard(storage, manifest, split, shard))), shape))
+        parts.append(table_arrays(pq.read_table(io.BytesIO(read_shard(storage, name, split, shard))), shape))
         if limit and sum(len(p[0]) for p in parts) >= limit:
             break
     ids, labels, images = (np.concatenate(x) for x in zip(*parts))

@@ -255,3 +255,13 @@ def test_a_negative_label_is_refused_from_any_source(local_storage_config):
     with pytest.raises(VaegenError, match="label -1"):
         ingest(open_storage(local_storage_config, for_writing=True), "neg", bad, progress=False)
     assert open_storage(local_storage_config).list("datasets", recursive=True) == []
+
+
+def test_parquet_single_file_on_s3_ingests(tmp_path, s3_storage_config):
+    write_parquet(tmp_path / "one.parquet", [2, 0])
+    storage = open_storage(s3_storage_config, for_writing=True)
+    storage.publish("in/one.parquet", (tmp_path / "one.parquet").read_bytes())
+    manifest = ingest_source("parquet", storage.uri_of("in/one.parquet"), s3_storage_config, name="s3one",
+                             progress=False)
+    assert manifest["label_names"] == ["0", "1", "2"]
+    assert read_split(storage, "s3one", "train").labels.tolist() == [2, 0]

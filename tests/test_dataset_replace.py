@@ -84,9 +84,13 @@ def test_a_reader_holding_the_old_manifest_keeps_reading_the_old_dataset(local_s
     ingest(storage, NAME, old, shard_rows=10, progress=False)
     held = read_manifest(storage, NAME)
     ingest(storage, NAME, new, shard_rows=10, progress=False)
-    parts = [table_arrays(pq.read_table(pa.BufferReader(read_shard(storage, held, "train", s))), (1, 8, 8))
+    parts = [table_arrays(pq.read_table(pa.BufferReader(read_shard(storage, NAME, "train", s))), (1, 8, 8))
              for s in held["splits"]["train"]["shards"]]
     assert np.array_equal(np.concatenate([images for _, _, images in parts]), old.splits["train"].images)
+    pinned = read_split(storage, NAME, "train", manifest=held)               # a job that read the manifest once
+    assert np.array_equal(pinned.images, old.splits["train"].images) and pinned.manifest is held
+    assert shard_keys(storage, NAME, "train", manifest=held) == \
+        [dataset_key(NAME, "train", s["name"]) for s in held["splits"]["train"]["shards"]]
     assert_reads_as(storage, new)
     assert [e["generation"] for e in read_manifest(storage, NAME)["superseded"]] == [held["generation"]]
 
@@ -100,7 +104,7 @@ def test_past_the_grace_period_old_data_goes_and_a_late_reader_gets_one_line(sto
     shard_files = {e.key for e in storage.list(dataset_key(NAME, "train"), recursive=True)}
     assert shard_files == {dataset_key(NAME, "train", s["name"]) for s in current["splits"]["train"]["shards"]}
     with pytest.raises(VaegenError, match=f"^dataset '{NAME}' was replaced while reading: rerun$"):
-        read_shard(storage, held, "train", held["splits"]["train"]["shards"][0])
+        read_shard(storage, NAME, "train", held["splits"]["train"]["shards"][0])
     assert_reads_as(storage, new)
 
 
