@@ -1,6 +1,7 @@
 """One storage root, local folder or s3://bucket/prefix, behind one small API: pyarrow.fs for local files and
-S3 listings (and what Ray reads), boto3 for S3 object reads and writes (one GET, one conditional PUT). Keys are '/'-separated and relative to the root, and every
-method refuses a key that could leave the root or alias another one (see check_key).
+S3 listings (and what Ray reads), boto3 for S3 object reads and writes (one GET, one conditional PUT). Keys
+are '/'-separated and relative to the root, and every method refuses a key that could leave the root or alias
+another one (see check_key).
 
 S3 is allowed to fail transiently (409 ConditionalRequestConflict on concurrent conditional PUTs, 500, 503,
 SlowDown, a connection reset mid-request): every boto3 call here is retried a bounded number of times with
