@@ -1,4 +1,5 @@
 """The `vaegen` command as a user runs it: help on every verb, the main path, one-line errors, exit codes."""
+import contextlib
 import json
 import os
 import subprocess
@@ -100,3 +101,129 @@ def test_concurrent_publishes_never_share_a_version_number(storage_config):
     assert registry.versions("m") == ["v0001", "v0002", "v0003", "v0004"]
     assert registry.resolve("m").version == "v0004" and registry.resolve("m@2").version == "v0002"
     assert registry.load("m@v0003").model.cfg.latent_dim == 2
+
+
+# -- issue 17: names, limits and failures, checked where they enter (in-process: no interpreter start) ------------
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--name", ".."], "--name='..' is not a valid name"),
+    (["train", "--name", "a/b"], "--name='a/b' is not a valid name"),
+    (["train", "--dataset", "../../x"], "--dataset='../../x' is not a valid name"),
+    (["train", "--workers", "1", "--run-id", "../r"], "--run-id='../r' is not a valid name"),
+    (["train", "--workers", "100000"], "--workers=100000 must be <= 1024"),
+    (["generate", "--model", "../x", "--count", "1"], "--model='../x': model name '../x' is not a valid name"),
+    (["generate", "--model", "tiny@../../x", "--count", "1"], "version '../../x' must be v0001, a number"),
+    (["generate", "--model", "tiny", "--count", "1000000000", "--shard-size", "1"], "at most 100,000"),
+    (["generate", "--model", "tiny", "--count", "10", "--workers", "5000"], "--workers=5000 must be between 1"),
+    (["reconstruct", "--model", "tiny", "--dataset", "fm", "--split", ".."], "--split='..' is not a valid name"),
+    (["reconstruct", "--model", "tiny", "--dataset", "."], "--dataset='.' is not a valid name"),
+    (["evaluate", "--model", "tiny@x"], "version 'x' must be"),
+    (["evaluate", "--model", "tiny", "--split", "../test"], "--split='../test' is not a valid name"),
+    (["sample", "--model", "a/b"], "model name 'a/b' is not a valid name"),
+    (["sample", "--model", "tiny", "--count", "100000000"], "--count=100000000 must be between 1 and 10,000"),
+    (["generate", "--model", "tiny", "--count", "many"], "argument --count: invalid int value: 'many'"),
+    (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_names_and_limits_are_refused_where_they_enter(tmp_path, capsys, args, fragment):
+    from jobs.cli import main
+    root = tmp_path / "root"
+    assert main([*args, "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaegen: error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not root.exists()                         # refused before the root was touched
+
+
+def test_the_model_spec_rule():
+    from vae_core.errors import VaegenError
+    from vae_core.names import check_model_spec
+    for good in ("tiny", "tiny@v0001", "tiny@12", "tiny@latest", "tiny@champion", "a.b_c-d@v123456"):
+        assert check_model_spec(good) == good
+    for bad in ("", "@v0001", "tiny@", "tiny@v1", "tiny@²", "tiny@1@2", "../x", "x/y@v0001", ".@latest",
+                "tiny@" + "9" * 5000):
+        with pytest.raises(VaegenError, match="--model"):
+            check_model_spec(bad)
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    root = tmp_path / "root"
+    storage = open_storage(StorageConfig(root=str(root)), for_writing=True)
+    Registry(storage).publish("tiny", checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4,
+                                                                                latent_dim=2))))
+    return root
+
+
+def test_sample_out_is_replaced_in_one_step_or_not_at_all(tiny_root, tmp_path, monkeypatch, capsys):
+    import vae_core.images
+    from jobs.cli import main
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"an earlier grid")
+    out.chmod(0o640)
+
+    def broken_encoder(*_):
+        raise MemoryError("no room for the PNG")
+    with monkeypatch.context() as patch:
+        patch.setattr(vae_core.images, "png_bytes", broken_encoder)
+        with contextlib.suppress(MemoryError):
+            main(["sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(out)])
+    assert out.read_bytes() == b"an earlier grid"               # not truncated before the samples existed
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "root"]  # and no temp file left behind
+
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--count", "4", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_mode & 0o777 == 0o640  # keeps its mode
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(tmp_path / "new.png")]) == 0
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o644    # what open() would give, not mkstemp's 0600
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "new.png", "root"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("out, fragment", [("missing/x.png", "does not exist"), (".", "is a directory")])
+def test_sample_out_that_cannot_be_written_is_one_line(tiny_root, tmp_path, capsys, out, fragment):
+    from jobs.cli import main
+    before = sorted(os.listdir(tmp_path))
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaegen: error: --out=") and fragment in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_config_weights_mismatch_is_summed_up_on_one_line(tiny_root, capsys):
+    from jobs.cli import main
+    from vae_core.checkpoint import sha256_hex
+    version = tiny_root / "models" / "tiny" / "v0001"
+    other = checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=6, latent_dim=2,
+                                                     num_classes=3)))
+    (version / "model.safetensors").write_bytes(other["model.safetensors"])
+    config = json.loads((version / "config.json").read_text())
+    config["weights_sha256"] = sha256_hex(other["model.safetensors"])
+    (version / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(tiny_root / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny@v0001: checkpoint weights do not fit" in err
+    assert "shape mismatch: dec_hidden.bias 6 in the file vs 4 in the config" in err
+    assert "(+" in err and "dec_hidden.weight 6x5 in the file vs 4x2" in err
+
+
+@pytest.mark.parametrize("error, code, start", [
+    (PermissionError(13, "Permission denied", "/srv/vaegen"), 2, "vaegen: error: Permission denied: '/srv/vaegen'"),
+    (KeyError("champion"), 1, "vaegen: internal error: KeyError: 'champion' (a bug in vaegen; rerun with "
+                              "VAEGEN_DEBUG=1"),
+])
+def test_unexpected_exceptions_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys, error,
+                                                                          code, start):
+    import cluster.inventory
+    from jobs.cli import main
+
+    def failing(*_):
+        raise error
+    monkeypatch.setattr(cluster.inventory, "list_datasets", failing)
+    (tmp_path / "root").mkdir()
+    assert main(["ls", str(tmp_path / "root")]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.count("\n") == 1, err
+    monkeypatch.setenv("VAEGEN_DEBUG", "1")
+    with pytest.raises(type(error)):
+        main(["ls", str(tmp_path / "root")])

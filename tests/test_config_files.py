@@ -98,3 +98,19 @@ def test_a_submitted_command_names_its_config_file_not_this_machines_path():
         "train", "--config", "b.toml", "--epochs", "1"]
     assert with_config_name(["train", "--config=/home/me/b.toml"], "b.toml") == ["train", "--config=b.toml"]
     assert with_config_name(["train", "--", "--config", "x"], "b.toml") == ["train", "--", "--config", "x"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp.mkdir(exist_ok=True) or tmp, "is a directory: give a TOML file"),
+    (lambda tmp: (tmp / "b.toml").write_bytes(bytes(range(256))) and tmp / "b.toml", "is not valid TOML: not UTF-8"),
+    (lambda tmp: tmp / "missing.toml", "missing.toml does not exist"),
+])
+def test_a_config_that_is_no_toml_file_is_one_line(tmp_path, capsys, make, message):
+    assert vaegen(["generate", "--model", "tiny", "--config", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaegen: error: config file ") and message in err and err.count("\n") == 1
+
+
+def test_a_name_from_the_file_is_checked_like_a_flag(tmp_path, capsys):
+    assert vaegen(["train", "--config", write(tmp_path, 'name = "a\\u0000b"\ndataset = "../up"\n')]) == 2
+    assert "--dataset='../up' is not a valid name" in capsys.readouterr().err
