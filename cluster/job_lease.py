@@ -64,7 +64,7 @@ class JobLease:
         if not self.storage.publish(self.key, self._body(time.time() + self.ttl), if_absent=True):
             seen = self.storage.read_bytes(self.key) if self.storage.exists(self.key) else None
             lease = _parse(seen)
-            if lease is not None and lease["expires_at"] > time.time():
+            if lease is not None and lease["expires_at"] > time.time() and lease.get("owner") != self.owner:
                 return lease
             if seen is None or not self.storage.compare_and_swap(
                     self.key, self._body(time.time() + self.ttl), lambda current: current == seen):

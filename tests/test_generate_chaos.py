@@ -1,0 +1,133 @@
+"""Chaos: three drivers of one generation job at once, as separate processes joined to one Ray, over S3 behind
+a fault-injecting proxy (409/500/503/SlowDown answers, connections reset mid-body, delays), with drivers and
+DecoderWorker actors SIGKILLed at random over several rounds. Then one clean driver finishes the job, and:
+every id is there exactly once, manifest.json and _SUCCESS agree, and the shards are byte for byte what a clean
+one-worker run of the same spec writes to a fresh root."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster.generate import LEASE, RECEIPTS, STAGE_DELAY_ENV, plan_job, run_generation
+from cluster.inventory import read_committed_manifest
+from cluster.job_lease import LEASE_TTL_ENV
+from cluster.storage import open_storage
+from generate_support import all_rows, publish_tiny_model, shard_objects
+from s3_fault_proxy import FaultProxy
+from vae_core.config import GenerateConfig, StorageConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARDS = 12
+JOB = GenerateConfig(model="tiny", count=SHARDS * 64, shard_size=64, seed=5, decode_batch=16)
+DRIVERS, ROUNDS = 3, 3
+HANG_GUARD_S = 300
+
+
+def driver_command(root: str, endpoint: str, address: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "generate", "--model", JOB.model, "--count", str(JOB.count),
+            "--shard-size", str(JOB.shard_size), "--seed", str(JOB.seed), "--decode-batch", str(JOB.decode_batch),
+            "--workers", "2", "--cpus-per-worker", "0.5", "--root", root, "--s3-endpoint", endpoint,
+            "--address", address, "--no-progress"]
+
+
+def decoder_pids(job_id: str) -> list[int]:
+    """pids of the live DecoderWorkers of this job, whichever driver (Ray namespace) owns them."""
+    import ray
+    pids = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if job_id in actor["name"]:
+            try:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                pids.append(ray.get(handle.status.remote(), timeout=2)["pid"])
+            except Exception:                  # restarting, or its driver just died
+                continue
+    return pids
+
+
+def done_shards(storage, plan) -> int:
+    return len(storage.list(f"{plan.prefix}/{RECEIPTS}"))
+
+
+def lease_holder_pid(storage, plan) -> int | None:
+    """The pid in the owner of the job's lease ("host:pid:nonce"), if a lease is there."""
+    key = f"{plan.prefix}/{LEASE}"
+    try:
+        return int(json.loads(storage.read_bytes(key))["owner"].split(":")[1]) if storage.exists(key) else None
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_three_drivers_under_faults_and_kills_commit_every_id_exactly_once(ray_local, s3_server, tmp_path):
+    import ray
+    rng = random.Random(17)
+    direct = StorageConfig(root="s3://vaegen-test/chaos", s3_endpoint=s3_server)       # moto, no faults
+    storage = open_storage(direct, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(JOB, storage)
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": REPO, LEASE_TTL_ENV: "4", STAGE_DELAY_ENV: "decode=0.05,publish=0.5"}
+    env.pop("RAY_ADDRESS", None)
+    kills = {"drivers": 0, "workers": 0}
+
+    with FaultProxy(s3_server, seed=3, error_rate=0.08, reset_rate=0.03, delay_rate=0.1, max_delay_s=0.2) as proxy:
+        for round_ in range(ROUNDS):
+            logs = [open(tmp_path / f"driver-{round_}-{k}.log", "wb") for k in range(DRIVERS)]
+            drivers = []
+            for log in logs:
+                drivers.append(subprocess.Popen(driver_command(direct.root, proxy.url, address), env=env, cwd=REPO,
+                                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+                time.sleep(rng.uniform(0, 1.5))
+            # Run until another quarter of the job is done (a hang guard only bounds the wait), killing a
+            # DecoderWorker now and then; then kill the lease holder, let the others take over for a moment, and
+            # kill every driver left.
+            target = min(done_shards(storage, plan) + SHARDS // (ROUNDS + 1), SHARDS)
+            deadline = time.monotonic() + HANG_GUARD_S
+            while done_shards(storage, plan) < target and any(d.poll() is None for d in drivers):
+                assert time.monotonic() < deadline, f"round {round_}: no progress to {target} shards"
+                time.sleep(rng.uniform(0.5, 2))
+                if rng.random() < 0.4 and (pids := decoder_pids(plan.job_id)):
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills["workers"] += 1
+            alive = [d for d in drivers if d.poll() is None]
+            holder = lease_holder_pid(storage, plan)
+            victims = [d for d in alive if d.pid == holder] or alive[:1]    # the holder, else any live driver
+            for driver in victims:
+                kill_group(driver)
+                kills["drivers"] += 1
+            time.sleep(rng.uniform(2, 6))
+            print(f"round {round_}: {done_shards(storage, plan)} shards done, exit codes {[d.poll() for d in drivers]}")
+            for driver in drivers:
+                kill_group(driver)
+            for log in logs:
+                log.close()
+            committed = read_committed_manifest(storage, plan.prefix)
+            assert committed is None or sorted(all_rows(storage, committed)["id"]) == list(range(JOB.count))
+
+        done_before_final = done_shards(storage, plan)
+        proxy.set_rates(error_rate=0.0, reset_rate=0.0, delay_rate=0.0)
+        final = run_generation(JOB, StorageConfig(root=direct.root, s3_endpoint=proxy.url), workers=2,
+                               progress=False)
+    print(f"kills {kills}, proxy {dict(proxy.counts)}, final run {final['run']}")     # shown when it fails
+    assert proxy.counts["passed"] and sum(v for k, v in proxy.counts.items() if k != "passed"), proxy.counts
+    assert kills["drivers"] > 0 and final["run"]["shards_skipped"] >= done_before_final    # a real resume
+
+    committed = read_committed_manifest(storage, plan.prefix)
+    assert committed is not None and committed["shards"] == final["shards"]            # _SUCCESS names it
+    assert sorted(all_rows(storage, committed)["id"]) == list(range(JOB.count))        # every id exactly once
+    fresh = StorageConfig(root=str(tmp_path / "fresh"))
+    publish_tiny_model(open_storage(fresh, for_writing=True))
+    clean = run_generation(JOB, fresh, workers=1, progress=False)
+    assert clean["job_id"] == committed["job_id"] and clean["shards"] == committed["shards"]
+    assert shard_objects(open_storage(fresh), clean) == shard_objects(storage, committed)
