@@ -38,7 +38,7 @@ def train_single_process(job: TrainJobConfig, progress: bool = True,
     manifest = read_manifest(storage, job.dataset)
     model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
     job = replace(job, model=model_cfg)
-    train_set, val_set = read_train_val(storage, job)
+    train_set, val_set = read_train_val(storage, job, manifest)
     torch.manual_seed(job.train.seed)
     model = build_model(model_cfg)
     start_output(model, mean_image(train_set), job.train)
@@ -59,9 +59,10 @@ def train_single_process(job: TrainJobConfig, progress: bool = True,
     return publish_trained_model(storage, job, manifest, model, result.history, summary, train_set, val_set)
 
 
-def read_train_val(storage: Storage, job: TrainJobConfig) -> tuple[ImageSet, ImageSet]:
-    """The training split in memory, held-out images separated by the job's seeded split."""
-    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images)
+def read_train_val(storage: Storage, job: TrainJobConfig, manifest: dict) -> tuple[ImageSet, ImageSet]:
+    """The training split in memory (from the manifest the job read: one dataset generation throughout), held-out
+    images separated by the job's seeded split."""
+    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images, manifest=manifest)
     return split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
 
 
@@ -89,7 +90,7 @@ def score_on_test_split(storage: Storage, job: TrainJobConfig, manifest: dict, m
     """Loss per image on the test split (the figure papers quote), when the dataset has one."""
     if "test" not in manifest["splits"]:
         return {}
-    test = to_image_set(read_split(storage, job.dataset, "test"))
+    test = to_image_set(read_split(storage, job.dataset, "test", manifest=manifest))
     means = evaluate(model, iterate_batches(test, 1024), job.train)
     return {"test_loss": means["loss"], "test_recon": means["recon"], "test_kl": means["kl"],
             "test_images": len(test)}

@@ -101,7 +101,8 @@ def retrain(cfg: RetrainConfig) -> RetrainOutcome:
         raise VaegenError(f"dataset {job.dataset!r} has no held-out split {cfg.eval_split!r} to score models on "
                           f"(splits: {', '.join(manifest['splits'])}); pass --eval-split")
     model_cfg = bind_model_to_dataset(job.model, manifest, job.conditional)
-    held_out = to_image_set(read_split(storage, job.dataset, cfg.eval_split, limit=cfg.eval_max_images))
+    held_out = to_image_set(read_split(storage, job.dataset, cfg.eval_split, limit=cfg.eval_max_images,
+                                      manifest=manifest))
 
     champion, champion_error, expected = None, None, None
     try:

@@ -75,11 +75,11 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     train_ids, val_ids = train_val_ids(manifest, job)
     # Read (and checksum) once before any worker starts: the mean image starts the decoder, and after training
     # the same images fit the prior and draw the reconstruction grid.
-    train_set, val_set = read_train_val(storage, job)
+    train_set, val_set = read_train_val(storage, job, manifest)
 
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
-        state = fit_on_ray(storage, job, train_ids, val_set, mean_image(train_set), progress)
+        state = fit_on_ray(storage, job, manifest, train_ids, val_set, mean_image(train_set), progress)
 
     model = build_model(job.model)
     model.load_state_dict(state["stopper"]["best_state"])
@@ -169,11 +169,11 @@ def check_cluster_fits(job: TrainJobConfig) -> None:
                               f"but the Ray cluster has {have.get(resource, 0):g}")
 
 
-def training_images(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray):
+def training_images(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray):
     """Ray Data over the manifest's shards: the training rows (by row id), decoded to uint8 images."""
     import ray.data
     return ray.data.read_parquet(
-        [storage.path(k) for k in shard_keys(storage, job.dataset, "train")], filesystem=storage.fs,
+        [storage.path(k) for k in shard_keys(storage, job.dataset, "train", manifest)], filesystem=storage.fs,
         columns=["id", "label", "pixels"],
     ).map_batches(select_rows, batch_format="pyarrow", zero_copy_batch=True,
                   fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
@@ -185,7 +185,7 @@ def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndar
     return {"id": row_ids[keep], "label": labels[keep], "image": images[keep]}
 
 
-def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val_set: ImageSet,
+def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray, val_set: ImageSet,
                start_image: torch.Tensor, progress: bool) -> dict:
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved.
     The held-out images, which the driver has read anyway, reach every worker through the object store:
@@ -212,7 +212,7 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, train_ids: np.ndarray, val
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=job.ray.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),   # our epoch line is the progress
-        datasets={"train": training_images(storage, job, train_ids)},
+        datasets={"train": training_images(storage, job, manifest, train_ids)},
     )
     try:
         result = trainer.fit()

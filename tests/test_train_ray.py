@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.datasets import ingest
+from cluster.datasets import ingest, shard_keys
 from cluster.registry import Registry
 from cluster.storage import Storage, open_storage
 from cluster.train import RUNS_DIR, STATE_FILE, train_on_ray
@@ -258,7 +258,7 @@ def test_dataset_of_another_image_shape(local_storage_config, small_fashion):
 
 def test_a_corrupt_shard_fails_the_run_before_any_worker_starts(local_storage_config, small_fashion):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
-    storage.publish(f"datasets/{DATASET}/train/part-00001.parquet", b"garbage")
+    storage.publish(shard_keys(storage, DATASET, "train")[1], b"garbage")
     job = job_for(local_storage_config)
     with pytest.raises(VaegenError, match="fails its sha256"):
         train_on_ray(job, progress=False)
