@@ -99,11 +99,15 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
         return tuple(with_config_name(argv, name)), ((name, f.read()),), deduplicate
 
 
+MODEL_READING_VERBS = ("generate", "reconstruct", "sample", "evaluate")
+
+
 def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], bool]:
     """Verbs that read a model version (generate, reconstruct, sample, evaluate) get the version the registry
     names now, read through the command's own --root/--s3-endpoint; see cluster.submit.pin_model_version."""
     spec = getattr(parsed, "model", None)
-    if not isinstance(spec, str) or not hasattr(parsed, "root"):
+    # train and retrain take --model too, but there it names an architecture (mlp, conv), not a registry spec.
+    if argv[0] not in MODEL_READING_VERBS or not isinstance(spec, str) or not hasattr(parsed, "root"):
         return argv, True
     from cluster.submit import pin_model_version
     from vae_core.config import StorageConfig

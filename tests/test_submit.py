@@ -243,6 +243,16 @@ def test_moving_model_specs_are_pinned_into_the_spec(local_storage_config):
     assert check_command(["--", "generate", "--model=m@champion", *tail])[0][1] == "--model=m@v0002"
 
 
+def test_an_architecture_model_flag_is_not_read_as_a_registry_spec(capsys):
+    """retrain's and train's --model names an architecture: submit must not look it up in a registry (the
+    CronJob's pod has no route to it) nor give up de-duplication over it."""
+    unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}"]
+    for verb in ("retrain", "train"):
+        argv, _, dedup = check_command(["--", verb, "--model", "conv", *unreachable])
+        assert dedup and argv[1:3] == ("--model", "conv")
+    assert "de-duplication" not in capsys.readouterr().out
+
+
 def test_a_registry_this_machine_cannot_read_is_not_deduplicated(capsys):
     unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}"]
     argv, _, dedup = check_command(["--", "generate", "--model", "m@champion", "--count", "10", *unreachable])
