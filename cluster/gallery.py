@@ -26,7 +26,8 @@ from vae_core.images import decode_png, png_bytes
 from vae_core.names import check_name, is_valid_name
 
 from .dataset_card import reproduce_command
-from .datasets import dataset_key, table_arrays
+from .datasets import read_shard as read_dataset_shard
+from .datasets import table_arrays
 from .inventory import (OUTPUTS, RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, champion_version, job_prefix,
                         job_status, read_dataset_manifest, read_metrics)
 from .registry import ModelRef, Registry
@@ -293,8 +294,8 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
         dataset = read_dataset_manifest(storage, check_name(spec["dataset"], "dataset"))
         index = int(shard["name"].split("-")[1].split(".")[0])
         source = dataset["splits"][spec["split"]]["shards"][index]
-        key = dataset_key(spec["dataset"], check_name(spec["split"], "split"), check_name(source["name"], "shard"))
-        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
+        body = read_dataset_shard(storage, spec["dataset"], check_name(spec["split"], "split"), source)
+        table = pq.read_table(io.BytesIO(body))
         ids, _, originals = table_arrays(table, tuple(dataset["image_shape"]))
     except (VaegenError, pa.ArrowException, *RECORD_ERRORS) as e:
         return [f"<h2>reconstructions</h2><p>the originals cannot be shown: {html.escape(str(e))}</p>"]
