@@ -198,7 +198,7 @@ def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
                               f"{loaded.ref} is conditioned on {cfg.num_classes}")
         input_shards = tuple(shards)
         total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
-    shard_rows = max((s["rows"] for s in input_shards), default=0) if input_shards else min(spec.shard_size, total)
+    shard_rows = max(s["rows"] for s in input_shards) if input_shards else min(spec.shard_size, total)
     check_shard_limits(spec, num_shards, shard_rows, tuple(cfg.image_shape))
     label_names = tuple(manifest["label_names"]) if input_shards else model_label_names(storage, loaded)
     identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
