@@ -13,6 +13,9 @@ from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, read_fashion_mnist
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Every Ray the tests start (and the CLI processes they spawn, which inherit this) binds to 127.0.0.1 instead
+# of the host's interface: Ray's switch for its loopback-only mode, read when ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def free_port() -> int:
