@@ -230,12 +230,8 @@ def list_jobs(storage: Storage) -> list[JobStatus]:
 
 # -- the root itself -----------------------------------------------------------------------------------------
 def require_root(storage: Storage) -> Storage:
-    """A local root must be an existing folder (a typo is an error, not an empty listing); an S3 root has no
-    folders to check, and a missing bucket is refused by the first listing."""
-    if not storage.is_s3 and not os.path.isdir(storage.base):
-        what = "is not a folder" if os.path.exists(storage.base) else "does not exist"
-        raise VaegenError(f"storage root {storage.base} {what}")
-    return storage
+    """`ls` of a root that is not there is an error, not an empty listing."""
+    return storage.check_readable()
 
 
 def relative(storage: Storage, error: Exception) -> str:

@@ -26,6 +26,9 @@ from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
 DEFAULT_REGION = "us-east-1"
+# How pyarrow (aws-sdk-cpp) and S3 name a refusal of the caller's credentials in an error's text.
+REFUSED_CREDENTIALS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "AccessDenied")
 S3_ATTEMPTS = 8                 # boto3 calls: at most this many tries in all (then the error is the user's)
 S3_BACKOFF_BASE_S = 0.05        # backoff before try n+1: uniform(0, min(cap, base * 2**n)), "full jitter"
 S3_BACKOFF_CAP_S = 2.0
@@ -163,6 +166,17 @@ class Storage:
                 pass
         except OSError as e:
             raise VaegenError(f"storage root {self.base} is not writable: {e.strerror or e}") from None
+        return self
+
+    def check_readable(self) -> "Storage":
+        """Fail now, with one clear line, if the root is not there: a local root must be an existing folder (a
+        typo is an error, not an empty listing); an S3 root's bucket must exist and accept our credentials
+        (a listing of a missing bucket through pyarrow is merely empty)."""
+        if self.is_s3:
+            self._s3_call(lambda c: c.head_bucket(Bucket=self.bucket), what=f"bucket {self.bucket!r}")
+        elif not os.path.isdir(self.base):
+            what = "is not a folder" if os.path.exists(self.base) else "does not exist"
+            raise VaegenError(f"storage root {self.base} {what}")
         return self
 
     # -- reads -------------------------------------------------------------------------------------
@@ -394,10 +408,12 @@ class Storage:
             raise VaegenError(f"{self.uri_of(key)} does not exist") from None
         except (OSError, pa.ArrowException) as e:
             message = str(e).splitlines()[0]
-            if "NoSuchBucket" in str(e) or "does not exist" in message and self.is_s3:
+            # Credentials first: "The AWS Access Key Id you provided does not exist" is no missing bucket.
+            if self.is_s3 and any(code in str(e) for code in REFUSED_CREDENTIALS):
+                raise VaegenError(f"S3 credentials were refused for {self.uri_of(key)}; check AWS_ACCESS_KEY_ID/"
+                                  "AWS_SECRET_ACCESS_KEY") from None
+            if self.is_s3 and ("NoSuchBucket" in str(e) or "NO_SUCH_BUCKET" in str(e) or "does not exist" in message):
                 raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}") from None
-            if self.is_s3 and ("AWS Error ACCESS_DENIED" in str(e) or "InvalidAccessKeyId" in str(e)):
-                raise VaegenError(f"S3 credentials were refused for {self.uri_of(key)}") from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
 
 
