@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vae_core.checkpoint import CONFIG_FILE
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.images import decode_png, png_bytes
@@ -28,8 +29,8 @@ from vae_core.names import check_name, is_valid_name
 from .dataset_card import reproduce_command
 from .datasets import read_shard as read_dataset_shard
 from .datasets import table_arrays
-from .inventory import (OUTPUTS, RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, champion_version, job_prefix,
-                        job_status, read_dataset_manifest, read_metrics)
+from .inventory import (OUTPUTS, RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, as_object, champion_version,
+                        job_prefix, job_status, read_dataset_manifest, read_metrics, read_record)
 from .registry import ModelRef, Registry
 from .storage import Storage, open_storage
 
@@ -208,6 +209,12 @@ def model_section(registry: Registry, ref: ModelRef) -> list[str]:
     """Metrics and the plots a model version carries (whichever of them it has)."""
     out = [f"<h2>model {html.escape(str(ref))}</h2>"]
     storage = registry.storage
+    # The settings the version was built with; a config.json that does not parse means the version cannot be
+    # loaded at all, so the page says so in one line rather than showing it as if it were usable.
+    settings = read_record(storage, registry.key(ref.name, ref.version, CONFIG_FILE),
+                           "the version cannot be loaded: publish it again, or show another version",
+                           lambda record: as_object(as_object(record)["model"]))
+    out.append("<h3>model settings</h3>" + facts([(k, str(v), None) for k, v in sorted(settings.items())]))
     metrics = read_metrics(registry, ref.name, ref.version)
     if metrics is not None:
         scalars = [(k, f"{v:.4g}" if isinstance(v, float) else str(v), None)

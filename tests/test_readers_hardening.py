@@ -87,7 +87,8 @@ def build_root(cfg: StorageConfig) -> Storage:
         split = ArraySplit(rng_images(4), np.arange(4, dtype=np.int64) % 2)
         ingest(storage, name, ArrayDataset({"train": split}, ("even", "odd"), "test"), shard_rows=4, progress=False)
     for name in ("tiny", "other"):
-        Registry(storage).publish(name, {"config.json": b"{}", "model.safetensors": b"weights",
+        Registry(storage).publish(name, {"config.json": json.dumps({"model": {"latent_dim": 2}}).encode(),
+                                         "model.safetensors": b"weights",
                                          "metrics.json": json.dumps({"test_loss": 251.5}).encode()})
         storage.publish(Registry(storage).key(name, CHAMPION_FILE), json.dumps({"version": "v0001"}).encode())
     publish_finished_job(storage, FINISHED)
