@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500_000)
     parser.add_argument("--rss-count", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--decode-batch", type=int, default=GenerateConfig(model="-", count=1).decode_batch)
+    parser.add_argument("--decode-batch", type=int, default=GenerateConfig(model="defaults", count=1).decode_batch)
     parser.add_argument("--model", choices=MODELS, default="mlp",
                         help="decoder to measure: the reference MLP (cheapest: I/O dominates) or the conv VAE "
                              "(default: %(default)s)")

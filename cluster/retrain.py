@@ -20,7 +20,7 @@ from vae_core import __version__
 from vae_core.config import TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
-from vae_core.names import is_valid_name
+from vae_core.names import check_name, is_valid_name
 from vae_core.train import evaluate, iterate_batches
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
@@ -43,6 +43,7 @@ class RetrainConfig:
     eval_max_images: int = 0       # 0 = the whole split
 
     def __post_init__(self) -> None:
+        check_name(self.eval_split, "--eval-split")
         if self.margin < 0:
             raise VaegenError(f"--margin={self.margin} must be >= 0")
         if self.eval_max_images < 0:

@@ -56,7 +56,7 @@ def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: b
     job.ray.run_id names the run; the same id resumes it, and a finished run returns its published version."""
     started = time.time()
     if not job.ray.run_id:
-        job = replace(job, ray=replace(job.ray, run_id=f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+        job = replace(job, ray=replace(job.ray, run_id=f"{job.name[:100]}-{time.strftime('%Y%m%d-%H%M%S')}-"
                                                        f"{uuid.uuid4().hex[:6]}"))
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)

@@ -11,7 +11,7 @@ from .args import add_progress_arg, add_storage_args, storage_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e, c = EvalJobConfig(model="-"), ClassifierConfig()
+    e, c = EvalJobConfig(model="defaults"), ClassifierConfig()
     p = sub.add_parser("evaluate", help="IWAE NLL, ELBO, classifier-FID and TSTR of a model version",
                        description="Evaluate a model version on its dataset's test split and write evaluation.json "
                                    "and evaluation.png into the version (metrics.json gets a summary).")

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from jobs.cli import build_parser
+from vae_core.errors import VaegenError
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -651,10 +652,15 @@ def test_manifest_commands_parse_with_the_real_cli(name, argv):
     if verb == "submit":
         checked = argv[:argv.index("--") + 1] + ["ingest", "fashion-mnist"]  # the inner command is its own case
     errors = io.StringIO()
-    with contextlib.redirect_stderr(errors), contextlib.suppress(SystemExit):
-        parser.parse_args(checked)
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(checked)
         return
-    pytest.fail(f"{name}: `vaegen {' '.join(checked)}` does not parse: {errors.getvalue().strip().splitlines()[-1]}")
+    except VaegenError as e:                      # a value the config refuses (a bad name, a bound)
+        problem = str(e)
+    except SystemExit:
+        problem = errors.getvalue().strip().splitlines()[-1]
+    pytest.fail(f"{name}: `vaegen {' '.join(checked)}` does not parse: {problem}")
 
 
 # -- Dockerfile and launcher config ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
+from .names import check_model_spec, check_name
 from .prior import log_standard_normal
 
 
@@ -43,6 +44,9 @@ class EvalJobConfig:
     batch_size: int = 100                       # images encoded at once for the IWAE bound
 
     def __post_init__(self) -> None:
+        check_model_spec(self.model, "--model")
+        if self.split:
+            check_name(self.split, "--split")
         for flag, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 0),
                                  ("batch-size", self.batch_size, 1)):
             if value < low:
