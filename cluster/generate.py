@@ -57,7 +57,7 @@ from vae_core.images import to_uint8
 from vae_core.models import VAE
 
 from .dataset_card import model_label_names, publish_dataset_card, reader_hints
-from .datasets import dataset_key, read_manifest, split_shards, table_arrays
+from .datasets import read_manifest, read_shard, split_shards, table_arrays
 from .inventory import job_run_record, read_committed_manifest
 from .job_lease import JobLease
 from .registry import LoadedModel, ModelRef, Registry
@@ -267,10 +267,7 @@ class ShardMaker:
 
     def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         spec = self.plan.spec
-        body = self.storage.read_bytes(dataset_key(spec.dataset, spec.split, task.input["name"]))
-        if sha256_hex(body) != task.input["sha256"]:
-            raise VaegenError(f"dataset shard {spec.dataset}/{spec.split}/{task.input['name']} fails its sha256 "
-                              "check (corrupt)")
+        body = read_shard(self.storage, spec.dataset, spec.split, task.input)      # sha256-checked
         return table_arrays(pq.read_table(io.BytesIO(body)), self.plan.image_shape)
 
     def build(self, index: int) -> tuple[bytes, dict]:
