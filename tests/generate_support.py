@@ -6,7 +6,6 @@ import io
 import json
 import tarfile
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 

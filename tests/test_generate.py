@@ -16,7 +16,7 @@ from cluster.inventory import read_committed_manifest
 from cluster.job_lease import JobLease
 from cluster.registry import Registry
 from cluster.storage import Storage, open_storage
-from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, read_rows, shard_objects
+from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit

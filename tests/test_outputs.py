@@ -84,7 +84,7 @@ def test_the_dataset_card_is_what_load_dataset_reads_from_the_job_folder(jobs):
     cfg, _, recon, _, names = jobs
     card = open(os.path.join(job_dir(cfg, recon), "README.md")).read()
     assert card.startswith("---\n") and "data_files" in card and recon["model"] in card
-    assert f"vaegen reconstruct --dataset fm --split test --model tiny" in card
+    assert "vaegen reconstruct --dataset fm --split test --model tiny" in card
     ds = datasets.load_dataset(job_dir(cfg, recon), split="train")     # configs + dataset_info from README.md
     assert ds.num_rows == 300 and ds.features["label"].names == list(names)
     assert isinstance(ds[5]["image"], Image.Image)
