@@ -24,10 +24,11 @@ from vae_core.names import check_name, is_valid_name
 from vae_core.train import evaluate, iterate_batches
 
 from .datasets import bind_model_to_dataset, read_manifest, read_split
-from .local_train import manifest_digest, to_image_set, train_single_process
+from .runs import manifest_digest, to_image_set
 from .registry import (CORRUPT_POINTER, DECISIONS_DIR, CorruptRecordError, ModelRef, Registry, record_decision,
                        rewrite_decision, swap_champion)
 from .storage import open_storage
+from .training import train_model
 
 METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower is better
 
@@ -60,9 +61,10 @@ class RetrainOutcome:
     record: dict
 
 
-def train_challenger(job: TrainJobConfig, initial_state: dict | None) -> ModelRef:
-    """The one place retraining calls a trainer (switch to cluster.train.train_on_ray for --workers N)."""
-    return train_single_process(job, progress=False, initial_state=initial_state).ref
+def train_challenger(job: TrainJobConfig, initial_state: dict | None, address: str | None,
+                     progress: bool) -> ModelRef:
+    """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says."""
+    return train_model(job, address=address, progress=progress, initial_state=initial_state).ref
 
 
 def score(model: VAE, images, cfg: RetrainConfig) -> float:
@@ -93,7 +95,8 @@ def decide(champion_metric: float | None, challenger_metric: float, margin: floa
     return False, f"challenger {challenger} is worse than champion {champion} by {-gain:.3f} nats/image"
 
 
-def retrain(cfg: RetrainConfig) -> RetrainOutcome:
+def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = False) -> RetrainOutcome:
+    """`address` joins a Ray cluster when the challenger trains on Ray (cfg.job.ray)."""
     job = cfg.job
     storage = open_storage(job.storage, for_writing=True)
     registry = Registry(storage)
@@ -124,7 +127,7 @@ def retrain(cfg: RetrainConfig) -> RetrainOutcome:
                           f"{to_dict(champion_model.cfg)}, the challenger {to_dict(model_cfg)}; make them match")
     initial = champion_model.state_dict() if cfg.warm_start and champion_model is not None else None
 
-    challenger_ref = train_challenger(job, initial)
+    challenger_ref = train_challenger(job, initial, address, progress)
     challenger_metric = score(registry.load(challenger_ref).model, held_out, cfg)
     champion_metric = score(champion_model, held_out, cfg) if champion_model is not None else None
     contested = champion or ("the unreadable champion.json" if expected == CORRUPT_POINTER else None)

@@ -1,29 +1,22 @@
-"""`vaegen train --workers N`: data-parallel training on Ray Train (V2 TorchTrainer).
+"""The Ray Train backend of cluster.training.train_model: data-parallel training (V2 TorchTrainer).
 
-The driver checks everything it can before any worker starts (storage, dataset, shapes, cluster size), streams
-the ingested Parquet shards to the workers with Ray Data, and at the end publishes the best weights as the next
-model version, in the same layout as the single-process trainer. Each worker runs vae_core's own epoch and
-evaluation steps inside DistributedDataParallel (gloo on CPU, NCCL on GPU), or, with --sync-every K, on its own
-with the workers' weights averaged every K steps (post-local SGD).
+The driver checks what it can before any worker starts (batch split, dataset numbering, cluster size), then each
+worker runs vae_core's epoch loop (run_epochs) on its own rows: Ray Data delivers each worker its share of the
+training rows, which it holds in memory in id order and shuffles with the (seed, epoch, rank) generator, so one
+worker trains exactly as one process does. Workers run inside DistributedDataParallel (gloo on CPU, NCCL on
+GPU), or, with --sync-every K, on their own with the weights averaged every K steps (post-local SGD).
 
-A run lives under train-runs/<run-id>/ on the storage root: Ray Train's checkpoints (one per epoch: model,
-optimizer, early-stopping state, history) and vaegen's own two files, _job.json (the settings the run started
-with) and _published.json (the model version it became). Rerunning with the same run id resumes from the
-latest checkpoint; a lost worker makes Ray restart the group from there (FailureConfig). The publish names the
-run, so a driver that stopped after publishing but before writing _published.json gets the same version back
-on its rerun (Registry.publish's run reservation), not a second one."""
+Ray Train's checkpoints (one per epoch) live under train-runs/<run-id>/ beside the run's own files
+(cluster/runs.py); a lost worker makes Ray restart the group from the last one (FailureConfig), and rerunning
+with the same run id resumes from it."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -32,83 +25,37 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from vae_core.config import TrainJobConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
-from vae_core.models import build_model
-from vae_core.train import (Batch, EarlyStopping, EpochMetrics, ImageSet, epoch_metrics, evaluate,
-                            iterate_batches, make_optimizer, mean_image, split_indices, start_epoch,
-                            start_output, train_epoch, unwrap)
+from vae_core.models import VAE, build_model
+from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResult, ImageSet, TrainingState,
+                            EarlyStopping, checkpoint_state, iterate_batches, make_optimizer, resume, run_epochs,
+                            split_indices)
 
-from .datasets import bind_model_to_dataset, read_manifest, shard_keys, table_arrays
-from .local_train import TrainResult, publish_trained_model, read_train_val
-from .registry import ModelRef, Registry
+from .datasets import shard_keys, table_arrays
+from .runs import RUNS_DIR
 from .runtime import ray_runtime
-from .storage import Storage, open_storage
+from .storage import Storage
 
-RUNS_DIR = "train-runs"
-JOB_FILE = "_job.json"
-PUBLISHED_FILE = "_published.json"
 STATE_FILE = "state.pt"
-SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle
+SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
 
 
 # -- driver ----------------------------------------------------------------------------------------------
-def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: bool = True) -> TrainResult:
-    """Train `job` data-parallel on Ray Train (local Ray unless `address`) and publish a model version.
-    job.ray.run_id names the run; the same id resumes it, and a finished run returns its published version."""
-    started = time.time()
-    if not job.ray.run_id:
-        job = replace(job, ray=replace(job.ray, run_id=f"{job.name[:100]}-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                                       f"{uuid.uuid4().hex[:6]}"))
-    storage = open_storage(job.storage, for_writing=True)
-    manifest = read_manifest(storage, job.dataset)
-    job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
+def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
+    """What can be refused before the run is claimed or any data is read."""
     per_worker_batch(job)
-    run = f"{RUNS_DIR}/{job.ray.run_id}"
-    claim_run(storage, run, job)
-    if storage.exists(f"{run}/{PUBLISHED_FILE}"):
-        return published_result(storage, run)
-    registry = Registry(storage)
-    version = registry.published_by(job.name, job.ray.run_id)
-    if version is not None and registry.is_complete(job.name, version):     # published, then stopped
-        result = result_of_version(registry, ModelRef(job.name, version))
-        record_published(storage, run, result)
-        return result
-    train_ids, val_ids = train_val_ids(manifest, job)
-    # Read (and checksum) once before any worker starts: the mean image starts the decoder, and after training
-    # the same images fit the prior and draw the reconstruction grid.
-    train_set, val_set = read_train_val(storage, job, manifest)
+    train_val_ids(manifest, job)
 
+
+def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, val_set: ImageSet, *,
+               address: str | None, progress: bool) -> FitResult:
+    """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
+    resuming the run's latest checkpoint; `model` is left at the best weights."""
+    train_ids, _ = train_val_ids(manifest, job)
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
-        state = fit_on_ray(storage, job, manifest, train_ids, val_set, mean_image(train_set), progress)
-
-    model = build_model(job.model)
+        state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress)
     model.load_state_dict(state["stopper"]["best_state"])
-    history = [EpochMetrics(**m) for m in state["history"]]
-    first_batch = [s["first_batch_at"] for s in state["starts"] if s["first_batch_at"] >= started]
-    summary = {"best_epoch": state["stopper"]["best_epoch"], "best_val_loss": state["stopper"]["best_loss"],
-               "epochs_run": len(history), "stopped_early": state["stopped_early"],
-               "train_images": len(train_ids), "val_images": len(val_ids), "seconds": time.time() - started,
-               "workers": job.ray.workers, "run_id": job.ray.run_id,
-               "resumed_at_epochs": [s["epoch"] for s in state["starts"]],
-               "seconds_to_first_batch": first_batch[0] - started if first_batch else None}
-    result = publish_trained_model(storage, job, manifest, model, history, summary, train_set, val_set,
-                                   run_id=job.ray.run_id)
-    record_published(storage, run, result)
-    return result
-
-
-def record_published(storage: Storage, run: str, result: TrainResult) -> None:
-    """_published.json: the version the run became (a rerun returns it without starting Ray)."""
-    storage.publish(f"{run}/{PUBLISHED_FILE}", json.dumps(
-        {"name": result.ref.name, "version": result.ref.version, "summary": result.summary,
-         "history": [m.to_dict() for m in result.history]}).encode())
-
-
-def result_of_version(registry: Registry, ref: ModelRef) -> TrainResult:
-    """A published version's TrainResult, from its metrics.json (the summary plus the history)."""
-    metrics = registry.metrics(ref)
-    summary = {k: v for k, v in metrics.items() if k != "history"}
-    return TrainResult(ref, [EpochMetrics(**m) for m in metrics.get("history", [])], summary)
+    return FitResult.of_checkpoint(state)
 
 
 def per_worker_batch(job: TrainJobConfig) -> int:
@@ -117,26 +64,6 @@ def per_worker_batch(job: TrainJobConfig) -> int:
         raise VaegenError(f"--batch-size={job.train.batch_size} must divide by --workers={job.ray.workers} "
                           "(it is the global batch, split across the workers)")
     return job.train.batch_size // job.ray.workers
-
-
-def published_result(storage: Storage, run: str) -> TrainResult:
-    done = json.loads(storage.read_bytes(f"{run}/{PUBLISHED_FILE}"))
-    history = [EpochMetrics(**m) for m in done["history"]]
-    return TrainResult(ModelRef(done["name"], done["version"]), history, done["summary"])
-
-
-def claim_run(storage: Storage, run: str, job: TrainJobConfig) -> None:
-    """Record the run's settings; a rerun with the same id must ask for the same training."""
-    body = json.dumps(to_dict(replace(job, ray=replace(job.ray, max_failures=0, checkpoints_to_keep=1))),
-                      sort_keys=True)
-    if storage.publish(f"{run}/{JOB_FILE}", body.encode(), if_absent=True):
-        return
-    mine = json.loads(body)                                # tuples as lists, as they come back from JSON
-    theirs = json.loads(storage.read_bytes(f"{run}/{JOB_FILE}"))
-    diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    if diffs:
-        raise VaegenError(f"run {job.ray.run_id!r} was started with other settings ({', '.join(diffs)} differ): "
-                          "its checkpoints are incompatible; use a new --run-id")
 
 
 def train_val_ids(manifest: dict, job: TrainJobConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +80,7 @@ def train_val_ids(manifest: dict, job: TrainJobConfig) -> tuple[np.ndarray, np.n
 
 def local_cpus(job: TrainJobConfig) -> int:
     """Logical CPUs for an embedded local Ray: the workers' share plus room for Ray Data's read tasks
-    (on a 2-core machine, workers holding every CPU would starve the data pipeline)."""
+    (workers holding every CPU would starve the data pipeline)."""
     return max(os.cpu_count() or 1, math.ceil(job.ray.workers * job.ray.cpus_per_worker) + 2)
 
 
@@ -185,12 +112,11 @@ def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndar
     return {"id": row_ids[keep], "label": labels[keep], "image": images[keep]}
 
 
-def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray, val_set: ImageSet,
-               start_image: torch.Tensor, progress: bool) -> dict:
+def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray,
+                initial_state: dict[str, torch.Tensor], val_set: ImageSet, progress: bool) -> dict:
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved.
-    The held-out images, which the driver has read anyway, reach every worker through the object store:
-    streaming them with Ray Data meant each worker reading every shard to keep a tenth of the rows (16 of the
-    43 s to the first batch on 2 cores)."""
+    The initial weights and the held-out images, which the driver holds anyway, reach every worker through the
+    object store."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -205,10 +131,10 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids),
-                           "mean_image": start_image.tolist(), "val_set": ray.put(val_set)},
+                           "initial_state": ray.put(initial_state), "val_set": ray.put(val_set)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=job.ray.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
+        run_config=RunConfig(name=job.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=job.ray.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),   # our epoch line is the progress
@@ -218,16 +144,16 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids:
         result = trainer.fit()
     except TrainingFailedError as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise VaegenError(f"training run {job.ray.run_id!r} failed ({cause[:300]}); rerun with "
-                          f"--run-id {job.ray.run_id} to resume from its last checkpoint") from None
+        raise VaegenError(f"training run {job.run_id!r} failed ({cause[:300]}); rerun with "
+                          f"--run-id {job.run_id} to resume from its last checkpoint") from None
     if result.checkpoint is None:
-        raise VaegenError(f"training run {job.ray.run_id!r} finished without a checkpoint")
+        raise VaegenError(f"training run {job.run_id!r} finished without a checkpoint")
     return load_state(result.checkpoint)
 
 
 # -- worker ----------------------------------------------------------------------------------------------
 def train_loop_per_worker(raw: dict) -> None:
-    """One Ray Train worker: re-type the config, restore the latest checkpoint, run vae_core's epochs."""
+    """One Ray Train worker: re-type the config, restore the latest checkpoint, run vae_core's epoch loop."""
     import ray
     import ray.train
     import ray.train.torch
@@ -237,79 +163,61 @@ def train_loop_per_worker(raw: dict) -> None:
     # logger, which it sets to INFO whatever RunConfig's LoggingConfig says: two lines an epoch on the console.
     logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.train.threads or max(1, int(job.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(job.train.seed)                      # same initial weights on every worker
     model = build_model(job.model)
-    start_output(model, torch.tensor(raw["mean_image"]), job.train)
-    stopper = EarlyStopping(job.train.patience)
-    checkpoint = ray.train.get_checkpoint()
-    state = load_state(checkpoint) if checkpoint else None
-    if state:
-        model.load_state_dict(state["model"])
-        stopper.load_state_dict(state["stopper"])
+    model.load_state_dict(ray.get(raw["initial_state"]))      # the driver's: the same on every worker
     # To the device, DDP when world size > 1 (unless the workers average weights instead of gradients). Our
     # buffers (a fixed σ, the prior: fitted only after training) never change while training, so DDP need not
     # broadcast them before every forward (a gloo round trip).
-    local_steps = job.ray.sync_every > 1 and context.get_world_size() > 1
+    local_steps = job.ray.sync_every > 1 and world > 1
     model = ray.train.torch.prepare_model(model, parallel_strategy=None if local_steps else "ddp",
                                           parallel_strategy_kwargs={"forward_sync_buffers": False})
     optimizer = make_optimizer(model, job.train)
     if local_steps:
         optimizer = averaging_weights(optimizer, job.ray.sync_every)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-    history = state["history"] if state else []
-    starts = (state["starts"] if state else []) + [{"epoch": len(history), "first_batch_at": 0.0}]
-    stopped_early = bool(state and state["stopped_early"])
+    checkpoint = ray.train.get_checkpoint()
+    state = (resume(load_state(checkpoint), model, optimizer, job.train) if checkpoint
+             else TrainingState(EarlyStopping(job.train.patience)))
 
     held_out = ray.get(raw["val_set"])                    # every worker evaluates the same images
     val_set = ImageSet(held_out.images.to(device), None if held_out.labels is None else held_out.labels.to(device))
-    train_shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train")
     batch = per_worker_batch(job)
-    cached: ImageSet | None = None           # this worker's shard, once streamed (equal rows on every worker)
-    seen: list[Batch] = []
-    for epoch in range(len(history), 0 if stopped_early else job.train.epochs):
-        # Noise and shuffling derive from (seed, epoch, rank), not from a state carried across epochs, so the
-        # epoch number in the checkpoint is all the RNG state a resumed run needs.
-        epoch_seed = job.train.seed * 1_000_003 + epoch * 1009 + rank
-        generator = torch.Generator(device=device).manual_seed(epoch_seed)      # noise, on the device
-        begin = time.perf_counter()
-        if cached is None:
-            batches = timed_first(torch_batches(train_shard, batch, epoch_seed), starts[-1])
-            if job.ray.cache_shards:
-                batches = recorded(batches, seen)
-        else:
-            batches = iterate_batches(cached, batch, torch.Generator().manual_seed(epoch_seed))
-        beta = start_epoch(optimizer, epoch, job.train)          # lr schedule and KL warm-up, as in vae_core.fit
-        train_means = all_reduce_means(train_epoch(model, optimizer, batches, job.train, generator, beta=beta),
-                                       device)
+    if job.ray.cache_shards:
+        rows = rows_in_memory(shard, device)
+
+        def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
+            return iterate_batches(rows, batch, shuffle)
+    else:
+        def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
+            return streamed_batches(shard, batch, int(torch.randint(2**31, (1,), generator=shuffle)))
+
+    def combine_train(means: dict) -> dict:
+        means = all_reduce_means(means, device)
+        if means["n"] < raw["train_images"] - world:        # an even split drops < 1 row each
+            raise RuntimeError(f"an epoch saw {means['n']} of {raw['train_images']} training images")
+        return means
+
+    def after_train() -> None:
         if local_steps:                     # every worker evaluates, and rank 0 checkpoints, the same weights
             average_parameters(model.parameters(), None)
-        if train_means["n"] < raw["train_images"] - context.get_world_size():   # an even split drops < 1 row each
-            raise RuntimeError(f"epoch {epoch} saw {train_means['n']} of {raw['train_images']} training images")
-        seconds = time.perf_counter() - begin
-        if seen and cached is None:
-            cached = ImageSet(torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen]))
-            seen.clear()
-        val_means = broadcast_from_rank_zero(evaluate(model, iterate_batches(val_set, 1024), job.train), device)
-        metrics = epoch_metrics(epoch, train_means, val_means, seconds)
-        history.append(metrics.to_dict())
-        stopped_early = stopper.step(epoch, metrics.val_loss, unwrap(model))
+
+    def record(metrics: EpochMetrics, state: TrainingState) -> None:
         if raw["progress"] and rank == 0:
             # Written, not print()ed: Ray Train patches print() on workers to go to stdout *and* the root
             # logger's console, so a printed line reached the terminal twice.
-            sys.stdout.write(f"epoch {epoch + 1}/{job.train.epochs}: loss {metrics.loss:.2f} val "
+            sys.stdout.write(f"epoch {metrics.epoch + 1}/{job.train.epochs}: loss {metrics.loss:.2f} val "
                              f"{metrics.val_loss:.2f} kl {metrics.kl:.2f} {metrics.images_per_s:,.0f} img/s\n")
             sys.stdout.flush()
-        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "stopper": stopper.state_dict(), "history": history, "starts": starts,
-                 "stopped_early": stopped_early}
-        report_epoch(metrics, state if rank == 0 else None)
-        if stopped_early:
-            break
+        report_epoch(metrics, checkpoint_state(model, optimizer, state) if rank == 0 else None)
+
+    hooks = EpochHooks(train_batches=train_batches, val_batches=lambda: iterate_batches(val_set, EVAL_BATCH),
+                       rank=rank, device=device, combine_train=combine_train,
+                       combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train)
+    run_epochs(model, optimizer, job.train, hooks, state, record)
 
 
 def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torch.optim.Optimizer:
@@ -322,24 +230,24 @@ def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torc
     return PostLocalSGDOptimizer(optimizer, PeriodicModelAverager(period=sync_every, warmup_steps=0))
 
 
-def torch_batches(shard, batch_size: int, seed: int) -> Iterator[Batch]:
+def rows_in_memory(shard, device: torch.device) -> ImageSet:
+    """This worker's training rows, in id order (one worker holds what the single-process trainer holds)."""
+    ids, labels, images = [], [], []
+    for b in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.append(b["id"])
+        labels.append(b["label"])
+        images.append(b["image"])
+    if not ids:
+        raise RuntimeError("this worker received no training rows")
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return ImageSet(torch.from_numpy(np.concatenate(images)[order]).to(device),
+                    torch.from_numpy(np.concatenate(labels)[order]).to(device))
+
+
+def streamed_batches(shard, batch_size: int, seed: int) -> Iterator[Batch]:
     for b in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                       local_shuffle_seed=seed):
         yield b["image"], b["label"]
-
-
-def recorded(batches: Iterator[Batch], seen: list[Batch]) -> Iterator[Batch]:
-    for b in batches:
-        seen.append(b)
-        yield b
-
-
-def timed_first(batches: Iterator[Batch], start: dict) -> Iterator[Batch]:
-    """Note when this worker start's first batch arrives (the start-up cost a user waits through)."""
-    for b in batches:
-        if not start["first_batch_at"]:
-            start["first_batch_at"] = time.time()
-        yield b
 
 
 def all_reduce_means(means: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -379,3 +287,11 @@ def report_epoch(metrics: EpochMetrics, state: dict | None) -> None:
 def load_state(checkpoint) -> dict:
     with checkpoint.as_directory() as folder:
         return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: bool = True):
+    """train_model for a job that names its Ray settings (job.ray)."""
+    from .training import train_model                      # the entry point imports this module
+    if job.ray is None:
+        raise VaegenError("train_on_ray needs the job's Ray settings (job.ray)")
+    return train_model(job, address=address, progress=progress)

@@ -81,6 +81,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-init", choices=OUTPUT_INITS, default=t.output_init,
                    help="mean: the decoder starts at the training images' mean image; default: PyTorch's "
                         "initialisation (default: %(default)s)")
+    g.add_argument("--run-id", default=TrainJobConfig.run_id, metavar="ID",
+                   help="checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id resumes, and "
+                        "a finished run returns its version (default: a new id)")
     g.add_argument("--adam", choices=ADAM_IMPLS, default=t.adam,
                    help="fused: one pass over all the weights per Adam step; for-loop: torch's per-tensor loop, "
                         "the same maths with other rounding, ~3x slower on CPU (default: %(default)s)")
@@ -100,10 +103,12 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
         conditional = conditional if preset_conditional is None else preset_conditional
     name = args.name or args.preset or f"{args.dataset}-{args.arch}{'-cond' if conditional else ''}"
     return TrainJobConfig(model=ModelConfig(**model), train=TrainConfig(**train), storage=storage_config(args),
-                          dataset=args.dataset, name=name, conditional=conditional)
+                          dataset=args.dataset, name=name, conditional=conditional, run_id=args.run_id,
+                          ray=ray_train_config(args))
 
 
 def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:
+    """The backend flags, the same for every verb that trains (train, retrain, pipeline)."""
     r = RayTrainConfig()
     g = p.add_argument_group("Ray Train (data-parallel)")
     g.add_argument("--workers", type=int, default=default_workers, metavar="N",
@@ -115,8 +120,6 @@ def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None =
                    help="(default: %(default)s)")
     g.add_argument("--address", default=None, metavar="ADDR",
                    help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start a local Ray")
-    g.add_argument("--run-id", default=r.run_id, metavar="ID",
-                   help="checkpoints go to train-runs/<run-id>/; rerunning the same id resumes (default: a new id)")
     g.add_argument("--max-failures", type=int, default=r.max_failures, metavar="K",
                    help="worker-group restarts from the last checkpoint before giving up (default: %(default)s)")
     g.add_argument("--keep-checkpoints", type=int, default=r.checkpoints_to_keep, metavar="K",
@@ -133,14 +136,13 @@ def add_ray_train_args(p: argparse.ArgumentParser, default_workers: int | None =
 def ray_train_config(args: argparse.Namespace) -> RayTrainConfig | None:
     """The Ray Train settings, or None when --workers is not given (train in one process)."""
     if args.workers is None:
-        ray_only = {"--address": args.address, "--run-id": args.run_id, "--gpus-per-worker": args.gpus_per_worker,
-                    "--sync-every": args.sync_every != 1}
+        ray_only = {"--address": args.address, "--gpus-per-worker": args.gpus_per_worker,
+                    "--sync-every": args.sync_every != 1, "--stream-epochs": args.stream_epochs}
         given = [flag for flag, value in ray_only.items() if value]
         if given:
             raise VaegenError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to Ray Train: "
                               "add --workers N")
         return None
     return RayTrainConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                          cpus_per_worker=args.cpus_per_worker, run_id=args.run_id,
-                          max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints,
+                          cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, checkpoints_to_keep=args.keep_checkpoints,
                           cache_shards=not args.stream_epochs, sync_every=args.sync_every)

@@ -7,7 +7,7 @@ import sys
 
 from vae_core.errors import VaegenError
 
-from .args import add_progress_arg, add_storage_args, add_train_args, train_job_config
+from .args import add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, train_job_config
 
 NOT_SUBMITTABLE = ("submit", "jobs")
 
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the challenger only if better by --margin, and record the decision under "
                                    "models/<name>/decisions/.")
     add_train_args(p)
+    add_ray_train_args(p)
     add_storage_args(p)
     add_progress_arg(p)
     g = p.add_argument_group("contest")
@@ -178,7 +179,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     cfg = RetrainConfig(job=train_job_config(args), margin=args.margin, warm_start=args.warm_start,
                         eval_split=args.eval_split, eval_seed=args.eval_seed, eval_max_images=args.eval_max_images)
     generate = generate_command(args) if args.then_generate else None     # checked before hours of training
-    outcome = retrain(cfg)
+    outcome = retrain(cfg, address=args.address, progress=args.progress)
     verdict = "PROMOTED" if outcome.promoted else "kept the champion"
     print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")
     print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")

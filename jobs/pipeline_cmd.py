@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
-                   storage_config, train_job_config)
+from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, storage_config,
+                   train_job_config)
 
 STEPS = 5
 
@@ -34,11 +34,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.ingest import ingest_source
     from cluster.runtime import ray_runtime
     from cluster.storage import open_storage
-    from cluster.train import local_cpus, train_on_ray
+    from cluster.train import local_cpus
+    from cluster.training import train_model
     from vae_core.config import GenerateConfig
     from vae_core.errors import VaegenError
 
-    job = replace(train_job_config(args), ray=ray_train_config(args))
+    job = train_job_config(args)
     samples = GenerateConfig(model="pending", count=args.count, shard_size=args.shard_size, format=args.format,
                              seed=job.train.seed)                # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
@@ -49,10 +50,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri}")
         ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
 
-    with ray_runtime(args.address, num_cpus=local_cpus(job)):     # one Ray for every step
-        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) on Ray Train "
-              f"with {job.ray.workers} workers")
-        trained = train_on_ray(job, address=args.address, progress=args.progress)
+    with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
+        backend = f"on Ray Train with {job.ray.workers} workers" if job.ray else "in this process"
+        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
+        trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
         print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")
         generated = run_generation(replace(samples, model=model), job.storage, address=args.address,

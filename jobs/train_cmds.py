@@ -6,13 +6,12 @@ import contextlib
 import os
 import stat
 import uuid
-from dataclasses import replace
 
 from vae_core.errors import VaegenError
 from vae_core.names import check_model_spec
 
-from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, ray_train_config,
-                   storage_config, train_job_config)
+from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, storage_config,
+                   train_job_config)
 
 MAX_GRID_SAMPLES = 10_000          # one PNG grid; more is a job for `vaegen generate`
 
@@ -38,16 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    job, ray_settings = train_job_config(args), ray_train_config(args)
-    if ray_settings is None:
-        from cluster.local_train import train_single_process
-        result = train_single_process(job, progress=args.progress)
-    else:
-        from cluster.train import train_on_ray
-        result = train_on_ray(replace(job, ray=ray_settings), address=args.address, progress=args.progress)
-        print(f"run {result.summary['run_id']}: {result.summary['workers']} workers, "
-              f"{result.summary['epochs_run']} epochs")
+    from cluster.training import train_model
+    result = train_model(train_job_config(args), address=args.address, progress=args.progress)
     s = result.summary
+    backend = f"{s['workers']} Ray Train workers" if "workers" in s else "one process"
+    print(f"run {s['run_id']}: {backend}, {s['epochs_run']} epochs")
     test = f", test loss {s['test_loss']:.2f}" if "test_loss" in s else ""
     print(f"published {result.ref}: best epoch {s['best_epoch'] + 1}, val loss {s['best_val_loss']:.2f}{test} "
           f"nats/image")

@@ -44,7 +44,7 @@ def job_for(cfg: StorageConfig, *, workers: int = 2, epochs: int = 6, run_id: st
     return TrainJobConfig(storage=cfg, dataset=DATASET, name="fm-mlp",
                           model=ModelConfig(hidden_dim=128, latent_dim=8),
                           train=TrainConfig(epochs=epochs, batch_size=64, patience=10),
-                          ray=RayTrainConfig(workers=workers, run_id=run_id or unique_name("run"), **ray_settings))
+                          run_id=run_id or unique_name("run"), ray=RayTrainConfig(workers=workers, **ray_settings))
 
 
 def checkpoint_keys(storage: Storage, run_id: str) -> list[str]:
@@ -112,7 +112,7 @@ def two_worker_run(s3_fashion):
 def test_two_workers_checkpoint_to_s3_and_publish_a_loadable_version(s3_fashion, two_worker_run):
     job, result = two_worker_run
     storage = open_storage(s3_fashion)
-    assert storage.is_s3 and checkpoint_keys(storage, job.ray.run_id)          # Ray Train's checkpoints on S3
+    assert storage.is_s3 and checkpoint_keys(storage, job.run_id)          # Ray Train's checkpoints on S3
     loaded = Registry(storage).load(str(result.ref))
     assert loaded.model.cfg.image_shape == (1, 28, 28) and loaded.model.cfg.hidden_dim == 128
     metrics = Registry(storage).metrics(result.ref)
@@ -129,7 +129,7 @@ def test_one_worker_matches_two_workers_at_the_same_global_batch(s3_fashion, two
     """Same data, same global batch (64 = 1×64 = 2×32): only the shuffling differs, so the held-out loss
     agrees within 4%. Measured at 6 epochs: vae_core.fit alone spreads 285.6-288.5 over 4 shuffle seeds."""
     job, two = two_worker_run
-    one = train_on_ray(replace(job, ray=RayTrainConfig(workers=1, run_id=unique_name("run"))), progress=False)
+    one = train_on_ray(replace(job, run_id=unique_name("run"), ray=RayTrainConfig(workers=1)), progress=False)
     a, b = one.summary["best_val_loss"], two.summary["best_val_loss"]
     assert abs(a - b) / b < 0.04, (a, b)
 
@@ -140,7 +140,7 @@ def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_r
     every epoch's end, so that the workers evaluate and checkpoint the same model)."""
     import torch
     job, every_step = two_worker_run
-    local = train_on_ray(replace(job, ray=replace(job.ray, run_id=unique_name("run"), sync_every=4)),
+    local = train_on_ray(replace(job, run_id=unique_name("run"), ray=replace(job.ray, sync_every=4)),
                          progress=False)
     a, b = local.summary["best_val_loss"], every_step.summary["best_val_loss"]
     assert abs(a - b) / b < 0.04, (a, b)
@@ -175,7 +175,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
-        wait_for_checkpoint(storage, job.ray.run_id)
+        wait_for_checkpoint(storage, job.run_id)
         pid = train_worker_pids()[0]
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
@@ -262,7 +262,7 @@ def test_a_corrupt_shard_fails_the_run_before_any_worker_starts(local_storage_co
     job = job_for(local_storage_config)
     with pytest.raises(VaegenError, match="fails its sha256"):
         train_on_ray(job, progress=False)
-    assert checkpoint_keys(storage, job.ray.run_id) == []
+    assert checkpoint_keys(storage, job.run_id) == []
     assert_nothing_published(local_storage_config)
 
 
@@ -334,7 +334,7 @@ def test_more_gpus_than_the_cluster_has_fails_fast(ray_local, local_storage_conf
     # Refused before a trainer was built (no wait for resources, whatever the machine's load): the run folder
     # holds only vaegen's own _job.json, no Ray Train state.
     run_files = [e.key.rsplit("/", 1)[-1] for e in open_storage(local_storage_config).list(
-        f"{RUNS_DIR}/{job.ray.run_id}", recursive=True)]
+        f"{RUNS_DIR}/{job.run_id}", recursive=True)]
     assert run_files == ["_job.json"]
     assert_nothing_published(local_storage_config)
 
@@ -345,24 +345,24 @@ class Crash(BaseException):
 
 def test_a_driver_that_died_between_publishing_and_recording_publishes_once(ray_local, local_storage_config,
                                                                               small_fashion, monkeypatch):
-    import cluster.train
+    import cluster.training
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     job = job_for(local_storage_config, workers=1, epochs=1)
-    real_record = cluster.train.record_published
+    real_record = cluster.training.record_published
 
     def dies(*args, **kwargs):
         raise Crash()
-    monkeypatch.setattr(cluster.train, "record_published", dies)
+    monkeypatch.setattr(cluster.training, "record_published", dies)
     with pytest.raises(Crash):
         train_on_ray(job, progress=False)
     registry = Registry(storage)
     assert registry.versions("fm-mlp") == ["v0001"]
-    assert not storage.exists(f"{RUNS_DIR}/{job.ray.run_id}/_published.json")
+    assert not storage.exists(f"{RUNS_DIR}/{job.run_id}/_published.json")
 
-    monkeypatch.setattr(cluster.train, "record_published", real_record)
+    monkeypatch.setattr(cluster.training, "record_published", real_record)
     result = train_on_ray(job, progress=False)                          # the rerun
     assert result.ref.version == "v0001" and registry.versions("fm-mlp") == ["v0001"]
-    assert [m.epoch for m in result.history] == [0] and result.summary["run_id"] == job.ray.run_id
-    assert storage.exists(f"{RUNS_DIR}/{job.ray.run_id}/_published.json")
+    assert [m.epoch for m in result.history] == [0] and result.summary["run_id"] == job.run_id
+    assert storage.exists(f"{RUNS_DIR}/{job.run_id}/_published.json")
     assert train_on_ray(job, progress=False).ref == result.ref          # and once it is recorded
     assert registry.versions("fm-mlp") == ["v0001"]

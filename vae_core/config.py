@@ -88,7 +88,7 @@ class TrainConfig:
     output_init: str = "mean"          # mean: the decoder starts out drawing the training images' mean image
                                        # (VAE.start_at_mean_image); default: PyTorch's own initialisation
     adam: str = "fused"                # fused: one pass over all the weights per step; for-loop: torch's per-tensor
-                                       # loop (the same maths, other rounding; 3x slower on one CPU thread)
+                                       # loop (the same maths, other rounding, slower on CPU)
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
@@ -115,14 +115,14 @@ class StorageConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RayTrainConfig:
-    """How `vaegen train --workers N` runs on Ray Train (ignored by the single-process trainer)."""
+    """Train data-parallel on Ray Train (TrainJobConfig.ray; None there means one process, no Ray)."""
     workers: int = 2                   # data-parallel workers; the global batch (--batch-size) is split across them
     gpus_per_worker: float = 0.0       # 0 = CPU workers with gloo; > 0 = GPU workers with NCCL
     cpus_per_worker: float = 1.0
-    run_id: str = ""                   # train-runs/<run-id>/ on the storage root; "" = a new id; same id = resume
     max_failures: int = 2              # worker-group restarts (from the last checkpoint) before the run fails
     checkpoints_to_keep: int = 2
-    cache_shards: bool = True          # keep each worker's shard in memory after epoch 1; False = stream every epoch
+    cache_shards: bool = True          # each worker holds its rows in memory; False = stream every epoch through
+                                       # Ray Data's shuffle buffer (batch order then not reproducible)
     sync_every: int = 1                # 1 = all-reduce gradients every step; K > 1 = average weights every K steps
 
     def __post_init__(self) -> None:
@@ -133,24 +133,25 @@ class RayTrainConfig:
         _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
         _require(self.sync_every >= 1, f"--sync-every={self.sync_every} must be >= 1 (1 = every step)")
         _require(self.checkpoints_to_keep >= 1, f"--keep-checkpoints={self.checkpoints_to_keep} must be >= 1")
-        if self.run_id:                                 # "" = a new id, made by the trainer
-            check_name(self.run_id, "--run-id")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainJobConfig:
-    """`vaegen train`: what to train, on which dataset, and where the model version lands."""
+    """`vaegen train`: what to train, on which dataset, where the model version lands, and on what backend."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     dataset: str = "fashion-mnist"
     name: str = "fashion-mnist-mlp"    # model name in the registry: models/<name>/v000N/
     conditional: bool = False          # condition on the dataset's labels (num_classes from its manifest)
-    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
+    run_id: str = ""                   # train-runs/<run-id>/ on the storage root; "" = a new id; same id = resume
+    ray: RayTrainConfig | None = None  # None: train in this process; else data-parallel on Ray Train
 
     def __post_init__(self) -> None:
         check_name(self.dataset, "--dataset")
         check_name(self.name, "--name")
+        if self.run_id:                                 # "" = a new id, made by the trainer
+            check_name(self.run_id, "--run-id")
 
 
 KINDS = ("samples", "reconstructions")
@@ -229,6 +230,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in typing.get_args(hint):
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint):
+            return from_dict(hint, value)
         origin = typing.get_origin(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

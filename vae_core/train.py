@@ -1,4 +1,5 @@
-"""Training in one process: the epoch step, evaluation and early stopping that Ray workers reuse too."""
+"""The training maths and the one epoch loop: the single-process trainer and every Ray Train worker run
+run_epochs, with their own batches and ways to combine figures across workers (EpochHooks)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .errors import VaegenError
 from .losses import elbo_loss
 from .models import VAE
 from .prior import fit_mixture, log_standard_normal
@@ -50,8 +52,10 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
 
 
 def split_train_val(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Both parts keep the set's row order: a data-parallel worker that sorts its rows by id then holds
+    exactly what one process holds (and shuffles it the same way)."""
     train_idx, val_idx = split_indices(len(data), val_fraction, seed)
-    return data.subset(train_idx), data.subset(val_idx)
+    return data.subset(train_idx.sort().values), data.subset(val_idx.sort().values)
 
 
 def iterate_batches(data: ImageSet, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
@@ -199,12 +203,17 @@ class FitResult:
     best_epoch: int
     best_val_loss: float
     stopped_early: bool
+    starts: list[dict] = field(default_factory=list)   # {"epoch", "first_batch_at"} per start of the run
+
+    @classmethod
+    def of_checkpoint(cls, saved: dict) -> "FitResult":
+        return cls([EpochMetrics(**m) for m in saved["history"]], saved["stopper"]["best_epoch"],
+                   saved["stopper"]["best_loss"], saved["stopped_early"], saved["starts"])
 
 
 def make_optimizer(model: VAE, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam. Fused by default: torch's for-loop Adam makes ~10 passes over every weight per step, which on a
-    one-thread CPU worker cost 1.7 ms of a 64-image step's ~5 ms (fused: 0.6 ms). Data-parallel workers each pay
-    the whole step, so the saving counts twice there."""
+    """Adam; fused by default (one pass over all the weights per step instead of several per tensor: a
+    data-parallel worker pays the whole step, so this counts on every worker)."""
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cfg.adam == "fused")
 
 
@@ -214,33 +223,144 @@ def epoch_metrics(epoch: int, train: dict, val: dict, seconds: float) -> EpochMe
                         images_per_s=train["n"] / max(seconds, 1e-9), seconds=seconds)
 
 
+# -- randomness: keyed by (seed, epoch, rank) --------------------------------------------------------------
+# Every random draw of training comes from generators made afresh for each epoch and worker, never from a
+# state carried across epochs: the epoch number in a checkpoint is then the whole RNG position (a resumed run
+# draws what an uninterrupted one would), and one worker of a data-parallel run draws what one process does.
+RNG_SCHEME = "seed-epoch-rank-v1"
+SHUFFLE_STREAM, NOISE_STREAM = 0, 1
+
+
+def rng_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    return (((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + stream) % 2**63
+
+
+def epoch_generators(seed: int, epoch: int, rank: int,
+                     device: torch.device | str = "cpu") -> tuple[torch.Generator, torch.Generator]:
+    """(shuffle, noise): the batch order (on the CPU, where indices are drawn) and the binarisation and
+    reparameterisation noise (on the model's device, where it is drawn)."""
+    shuffle = torch.Generator().manual_seed(rng_seed(seed, epoch, rank, SHUFFLE_STREAM))
+    noise = torch.Generator(device=device).manual_seed(rng_seed(seed, epoch, rank, NOISE_STREAM))
+    return shuffle, noise
+
+
+# -- the epoch loop ------------------------------------------------------------------------------------------
+def _same(means: dict) -> dict:
+    return means
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class EpochHooks:
+    """What a trainer supplies to the epoch loop. The single-process trainer gives its in-memory batches and
+    keeps the defaults; a data-parallel worker gives its own share of each epoch's batches, combines its figures
+    with the other workers' (all-reduce), and may average weights after the epoch's steps."""
+    train_batches: Callable[[int, torch.Generator], Iterable[Batch]]   # (epoch, shuffle generator) → batches
+    val_batches: Callable[[], Iterable[Batch]]
+    rank: int = 0
+    device: torch.device | str = "cpu"
+    combine_train: Callable[[dict], dict] = _same      # this worker's per-image means → everyone's
+    combine_val: Callable[[dict], dict] = _same        # → the figures every worker takes its stop decision on
+    after_train: Callable[[], None] = _nothing         # e.g. post-local SGD's end-of-epoch weight average
+
+
+@dataclass
+class TrainingState:
+    """Everything the loop carries from epoch to epoch besides the model and optimizer (checkpointed)."""
+    stopper: EarlyStopping
+    history: list[EpochMetrics] = field(default_factory=list)
+    starts: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def next_epoch(self) -> int:
+        return len(self.history)
+
+
+def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, hooks: EpochHooks,
+               state: TrainingState,
+               on_epoch: Callable[[EpochMetrics, TrainingState], None] | None = None) -> TrainingState:
+    """The one epoch loop of every trainer: set the epoch's lr and β → train → evaluate (at the full β) →
+    record → early stop, from state.next_epoch to cfg.epochs. `model` may be DDP-wrapped; `on_epoch` runs
+    after each epoch is recorded (progress, checkpoints)."""
+    state.starts.append({"epoch": state.next_epoch, "first_batch_at": 0.0})
+    for epoch in range(state.next_epoch, 0 if state.stopped_early else cfg.epochs):
+        shuffle, noise = epoch_generators(cfg.seed, epoch, hooks.rank, hooks.device)
+        begin = time.perf_counter()
+        beta = start_epoch(optimizer, epoch, cfg)
+        batches = _noting_first_batch(hooks.train_batches(epoch, shuffle), state.starts[-1])
+        train_means = hooks.combine_train(train_epoch(model, optimizer, batches, cfg, noise, beta=beta))
+        hooks.after_train()
+        seconds = time.perf_counter() - begin
+        val_means = hooks.combine_val(evaluate(model, hooks.val_batches(), cfg))
+        metrics = epoch_metrics(epoch, train_means, val_means, seconds)
+        state.history.append(metrics)
+        state.stopped_early = state.stopper.step(epoch, metrics.val_loss, unwrap(model))
+        if on_epoch:
+            on_epoch(metrics, state)
+        if state.stopped_early:
+            break
+    return state
+
+
+def _noting_first_batch(batches: Iterable[Batch], start: dict) -> Iterator[Batch]:
+    """Note when a start's first batch arrives: the start-up a user waits through."""
+    for b in batches:
+        if not start["first_batch_at"]:
+            start["first_batch_at"] = time.time()
+        yield b
+
+
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainingState) -> dict:
+    """A checkpoint as plain tensors, numbers and lists (torch.load(weights_only=True) reads it back)."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "stopper": state.stopper.state_dict(), "history": [m.to_dict() for m in state.history],
+            "starts": state.starts, "stopped_early": state.stopped_early,
+            "rng": {"scheme": RNG_SCHEME, "next_epoch": state.next_epoch}}
+
+
+def resume(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> TrainingState:
+    """Load a checkpoint_state into the model and optimizer; the loop state to continue from."""
+    scheme = saved.get("rng", {}).get("scheme")
+    if scheme != RNG_SCHEME:
+        raise VaegenError(f"this checkpoint draws its random numbers by another scheme ({scheme or 'unrecorded'}, "
+                          f"not {RNG_SCHEME}): it cannot be resumed; use a new --run-id")
+    unwrap(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    stopper = EarlyStopping(cfg.patience)
+    stopper.load_state_dict(saved["stopper"])
+    return TrainingState(stopper, [EpochMetrics(**m) for m in saved["history"]], list(saved["starts"]),
+                         saved["stopped_early"])
+
+
+EVAL_BATCH = 1024
+
+
 def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
-        on_epoch: Callable[[EpochMetrics], None] | None = None) -> FitResult:
-    """Adam on shuffled mini-batches, early stopping on the validation loss (always at the full β), best
-    weights restored; the learning rate and KL weight follow lr_at_epoch and beta_at_epoch."""
+        on_epoch: Callable[[EpochMetrics], None] | None = None, *, checkpoint: dict | None = None,
+        save: Callable[[dict], None] | None = None) -> FitResult:
+    """Train in this process: Adam on shuffled mini-batches, early stopping on the validation loss, best weights
+    restored. `checkpoint` (a checkpoint_state) resumes a run; `save` receives one after every epoch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     optimizer = make_optimizer(model, cfg)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    stopper = EarlyStopping(cfg.patience)
-    history: list[EpochMetrics] = []
-    stopped = False
-    for epoch in range(cfg.epochs):
-        start = time.perf_counter()
-        beta = start_epoch(optimizer, epoch, cfg)
-        train_means = train_epoch(model, optimizer, iterate_batches(train, cfg.batch_size, shuffle), cfg, shuffle,
-                                  beta=beta)
-        seconds = time.perf_counter() - start
-        val_means = evaluate(model, iterate_batches(val, 1024), cfg)
-        metrics = epoch_metrics(epoch, train_means, val_means, seconds)
-        history.append(metrics)
+    state = (resume(checkpoint, model, optimizer, cfg) if checkpoint is not None
+             else TrainingState(EarlyStopping(cfg.patience)))
+    hooks = EpochHooks(train_batches=lambda epoch, shuffle: iterate_batches(train, cfg.batch_size, shuffle),
+                       val_batches=lambda: iterate_batches(val, EVAL_BATCH))
+
+    def record(metrics: EpochMetrics, state: TrainingState) -> None:
         if on_epoch:
             on_epoch(metrics)
-        if stopper.step(epoch, metrics.val_loss, model):
-            stopped = True
-            break
-    model.load_state_dict(stopper.best_state)
-    return FitResult(history, stopper.best_epoch, stopper.best_loss, stopped)
+        if save:
+            save(checkpoint_state(model, optimizer, state))
+    run_epochs(model, optimizer, cfg, hooks, state, record)
+    model.load_state_dict(state.stopper.best_state)
+    return FitResult(state.history, state.stopper.best_epoch, state.stopper.best_loss, state.stopped_early,
+                     state.starts)
 
 
 # Binarised training sees a fresh binarisation of each image every epoch, so its aggregate posterior is the

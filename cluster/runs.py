@@ -1,0 +1,179 @@
+"""A training run on storage, whatever the backend: its id, its settings (_job.json), the model version it
+became (_published.json), the data and initial weights it starts from, its summary and its publish.
+
+train-runs/<run-id>/ holds _job.json (the settings the run started with: a rerun with the same id must ask for
+the same training), the backend's checkpoints, and _published.json once a version is published. The publish
+names the run (Registry.publish's run reservation), so a driver that stopped after publishing but before
+writing _published.json gets the same version back on its rerun, never a second one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import torch
+
+from vae_core.artifacts import model_version_files
+from vae_core.config import TrainJobConfig, to_dict
+from vae_core.errors import VaegenError
+from vae_core.models import VAE, build_model
+from vae_core.train import (EpochMetrics, FitResult, ImageSet, evaluate, fit_prior, iterate_batches, mean_image,
+                            split_train_val, start_output)
+
+from .datasets import read_split
+from .registry import ModelRef, Registry
+from .storage import Storage
+
+RUNS_DIR = "train-runs"
+JOB_FILE = "_job.json"
+PUBLISHED_FILE = "_published.json"
+
+
+@dataclass
+class TrainResult:
+    ref: ModelRef
+    history: list[EpochMetrics]
+    summary: dict
+
+
+def with_run_id(job: TrainJobConfig) -> TrainJobConfig:
+    """The job with its run id, a new one if it has none (a valid name for any model name)."""
+    if job.run_id:
+        return job
+    return replace(job, run_id=f"{job.name[:100]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def run_key(job: TrainJobConfig) -> str:
+    return f"{RUNS_DIR}/{job.run_id}"
+
+
+def job_record(job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | None) -> dict:
+    """What _job.json pins: every setting that changes the weights (Ray's restart and retention counts do not),
+    and the warm start's weights, if any."""
+    ray = None if job.ray is None else replace(job.ray, max_failures=0, checkpoints_to_keep=1)
+    record = json.loads(json.dumps(to_dict(replace(job, ray=ray))))       # tuples as lists, as JSON gives them back
+    record["warm_start_sha256"] = None if initial_state is None else state_digest(initial_state)
+    return record
+
+
+def claim_run(storage: Storage, job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | None) -> None:
+    """Record the run's settings; a rerun with the same id must ask for the same training."""
+    mine = job_record(job, initial_state)
+    key = f"{run_key(job)}/{JOB_FILE}"
+    if storage.publish(key, json.dumps(mine, sort_keys=True).encode(), if_absent=True):
+        return
+    theirs = json.loads(storage.read_bytes(key))
+    if "run_id" not in theirs or "warm_start_sha256" not in theirs:
+        # Runs started before one loop served every backend drew their random numbers by another scheme: their
+        # checkpoints would resume into a different run than the one they began.
+        raise VaegenError(f"run {job.run_id!r} was started by an earlier vaegen whose checkpoints this one cannot "
+                          "resume; use a new --run-id")
+    diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if diffs:
+        raise VaegenError(f"run {job.run_id!r} was started with other settings ({', '.join(diffs)} differ): "
+                          "its checkpoints are incompatible; use a new --run-id")
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finished_run(storage: Storage, job: TrainJobConfig) -> TrainResult | None:
+    """The version this run already published (a rerun of a finished run trains nothing), or None."""
+    run = run_key(job)
+    if storage.exists(f"{run}/{PUBLISHED_FILE}"):
+        done = json.loads(storage.read_bytes(f"{run}/{PUBLISHED_FILE}"))
+        return TrainResult(ModelRef(done["name"], done["version"]), [EpochMetrics(**m) for m in done["history"]],
+                           done["summary"])
+    registry = Registry(storage)
+    version = registry.published_by(job.name, job.run_id)
+    if version is not None and registry.is_complete(job.name, version):     # published, then stopped
+        metrics = registry.metrics(ModelRef(job.name, version))
+        result = TrainResult(ModelRef(job.name, version), [EpochMetrics(**m) for m in metrics.get("history", [])],
+                             {k: v for k, v in metrics.items() if k != "history"})
+        record_published(storage, job, result)
+        return result
+    return None
+
+
+def record_published(storage: Storage, job: TrainJobConfig, result: TrainResult) -> None:
+    """_published.json: the version the run became (a rerun returns it without training)."""
+    storage.publish(f"{run_key(job)}/{PUBLISHED_FILE}", json.dumps(
+        {"name": result.ref.name, "version": result.ref.version, "summary": result.summary,
+         "history": [m.to_dict() for m in result.history]}).encode())
+
+
+def to_image_set(split) -> ImageSet:
+    return ImageSet(torch.from_numpy(split.images), torch.from_numpy(split.labels))
+
+
+def read_train_val(storage: Storage, job: TrainJobConfig, manifest: dict) -> tuple[ImageSet, ImageSet]:
+    """The training split in memory (from the manifest the job read: one dataset generation throughout), held-out
+    images separated by the job's seeded split."""
+    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images, manifest=manifest)
+    return split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
+
+
+def initial_model(job: TrainJobConfig, train_set: ImageSet, initial_state: dict[str, torch.Tensor] | None) -> VAE:
+    """The weights every backend starts from: seeded, the decoder at the mean image, or a warm start."""
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model)
+    start_output(model, mean_image(train_set), job.train)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    return model
+
+
+def training_summary(job: TrainJobConfig, fitted: FitResult, train_set: ImageSet, val_set: ImageSet,
+                     started: float) -> dict:
+    """metrics.json's summary of a run, the same keys for every backend (Ray's settings only on a Ray run)."""
+    first_batch = [s["first_batch_at"] for s in fitted.starts if s["first_batch_at"] >= started]
+    summary = {"best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_val_loss,
+               "epochs_run": len(fitted.history), "stopped_early": fitted.stopped_early,
+               "train_images": len(train_set), "val_images": len(val_set), "seconds": time.time() - started,
+               "run_id": job.run_id, "backend": "single-process" if job.ray is None else "ray",
+               "resumed_at_epochs": [s["epoch"] for s in fitted.starts],
+               "seconds_to_first_batch": first_batch[0] - started if first_batch else None}
+    if job.ray is not None:
+        summary.update(workers=job.ray.workers, gpus_per_worker=job.ray.gpus_per_worker,
+                       sync_every=job.ray.sync_every)
+    return summary
+
+
+def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE,
+                          history: list[EpochMetrics], summary: dict, train_set: ImageSet,
+                          val_set: ImageSet) -> TrainResult:
+    """Fit the prior (if the model has one to fit), score on the test split, then publish weights, config,
+    metrics and grids as the run's model version (the one layout every backend writes): the version this run
+    already published or began to publish, never a second one."""
+    if model.prior is not None:
+        started = time.perf_counter()
+        summary = {**summary, **fit_prior(model, train_set, job.train, held_out=val_set),
+                   "prior_fit_seconds": time.perf_counter() - started}
+    summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
+    files = model_version_files(
+        model, history, summary=summary,
+        config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
+        val_images=val_set.images, val_labels=val_set.labels)
+    ref = Registry(storage).publish(job.name, files, run_id=job.run_id)
+    return TrainResult(ref, history, summary)
+
+
+def score_on_test_split(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE) -> dict:
+    """Loss per image on the test split (the figure papers quote), when the dataset has one."""
+    if "test" not in manifest["splits"]:
+        return {}
+    test = to_image_set(read_split(storage, job.dataset, "test", manifest=manifest))
+    means = evaluate(model, iterate_batches(test, 1024), job.train)
+    return {"test_loss": means["loss"], "test_recon": means["recon"], "test_kl": means["kl"],
+            "test_images": len(test)}
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()

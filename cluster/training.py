@@ -1,0 +1,48 @@
+"""The one way to train: `vaegen train`, `vaegen retrain` and `vaegen pipeline` all call train_model, which picks
+the backend from the job's config (job.ray: None = this process, else Ray Train) and runs the same steps around
+it: check the dataset, claim the run, start from the same initial weights, fit, publish once per run id."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from vae_core.config import TrainJobConfig
+
+from .datasets import bind_model_to_dataset, read_manifest
+from .local_train import fit_in_process
+from .runs import (TrainResult, claim_run, finished_run, initial_model, publish_trained_model, read_train_val,
+                   record_published, training_summary, with_run_id)
+from .storage import open_storage
+from .train import check_ray_job, fit_on_ray
+
+
+def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,
+                initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train `job` and publish it as a model version. job.run_id names the run (a new id if empty): the same id
+    resumes it from its last checkpoint, and a finished run returns its published version. `address` joins a
+    Ray cluster (Ray backend only); `initial_state` is a warm start (e.g. the champion's weights)."""
+    started = time.time()
+    job = with_run_id(job)
+    storage = open_storage(job.storage, for_writing=True)
+    manifest = read_manifest(storage, job.dataset)
+    job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
+    if job.ray is not None:
+        check_ray_job(job, manifest)
+    claim_run(storage, job, initial_state)
+    done = finished_run(storage, job)
+    if done is not None:
+        return done
+    # Read (and checksum) once, before any training: the mean image starts the decoder, and after training the
+    # same images fit the prior and draw the reconstruction grid.
+    train_set, val_set = read_train_val(storage, job, manifest)
+    model = initial_model(job, train_set, initial_state)
+    if job.ray is None:
+        fitted = fit_in_process(storage, job, model, train_set, val_set, progress)
+    else:
+        fitted = fit_on_ray(storage, job, manifest, model, val_set, address=address, progress=progress)
+    summary = training_summary(job, fitted, train_set, val_set, started)
+    result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set)
+    record_published(storage, job, result)
+    return result
