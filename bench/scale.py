@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from cluster.generate import MANIFEST, RECEIPTS, run_generation
+from cluster.generate import run_generation
+from cluster.layout import OUTPUTS, JobKeys
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
@@ -87,11 +88,11 @@ def point(root: str, shards: int, rows_per_shard: int, workers: int) -> dict:
         rss_before = memory_mib("VmRSS")
         fresh = timed_job(spec, storage_cfg, workers)
         resume = timed_job(spec, storage_cfg, workers)
-    prefix = f"outputs/{open_storage(storage_cfg).list_dirs('outputs')[0]}"
+    keys = JobKeys.of(open_storage(storage_cfg).list_dirs(OUTPUTS)[0])
     start = time.perf_counter()
-    listed = len(storage.list(prefix)) + len(storage.list(f"{prefix}/{RECEIPTS}"))
+    listed = len(storage.list(keys.prefix)) + len(storage.list(keys.receipts))
     list_s = time.perf_counter() - start
-    manifest_bytes = os.path.getsize(storage.path(f"{prefix}/{MANIFEST}"))
+    manifest_bytes = os.path.getsize(storage.path(keys.manifest))
     return {"shards": shards, "rows_per_shard": rows_per_shard, "samples": shards * rows_per_shard,
             "workers": workers,
             "fresh": {**fresh, "driver_cpu_ms_per_shard": 1e3 * fresh["driver_cpu_s"] / shards,

@@ -11,11 +11,9 @@ from vae_core.names import is_valid_name
 from .datasets import MANIFEST as DATASET_MANIFEST
 from .datasets import dataset_key
 from .inventory import read_dataset_manifest
+from .layout import MANIFEST, JobKeys, shard_braces, shard_glob
 from .registry import LoadedModel
 from .storage import Storage
-from .writers import shard_name
-
-CARD = "README.md"
 
 
 def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
@@ -31,13 +29,6 @@ def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
     return tuple(f"class_{i}" for i in range(classes))
 
 
-def shard_braces(fmt: str, num_shards: int) -> str:
-    """All shard names as one brace pattern, e.g. part-{00000..00003}.tar (webdataset expands it)."""
-    first, last = shard_name(0, fmt), shard_name(num_shards - 1, fmt)
-    stem, ext = first.split("-")[0], first.rsplit(".", 1)[1]
-    return f"{stem}-{{{first[len(stem) + 1:-len(ext) - 1]}..{last[len(stem) + 1:-len(ext) - 1]}}}.{ext}"
-
-
 def reader_hints(plan) -> dict:
     """Manifest fields for readers: the label names and the shard list as a brace pattern (relative)."""
     return {"label_names": list(plan.label_names), "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
@@ -49,7 +40,9 @@ def reproduce_command(manifest: dict, root_uri: str) -> str:
     common = f"--model {spec['model']} --format {spec['format']} --decode-batch {spec['decode_batch']}"
     if spec["kind"] == "samples":
         labels = f" --labels {' '.join(map(str, spec['labels']))}" if spec["labels"] else ""
-        verb = f"generate --count {spec['count']} --shard-size {spec['shard_size']} --seed {spec['seed']}{labels}"
+        pixels = f" --pixels {spec['pixels']}" if spec.get("pixels", "sample") != "sample" else ""
+        verb = (f"generate --count {spec['count']} --shard-size {spec['shard_size']} --seed {spec['seed']}"
+                f"{labels}{pixels}")
     else:
         verb = f"reconstruct --dataset {spec['dataset']} --split {spec['split']}"
     return f"vaegen {verb} {common} --root {root_uri}"
@@ -74,7 +67,7 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
     """README.md for a finished job: the YAML header the Hub and `datasets.load_dataset(<job folder>)` read,
     then a human summary. Strings go into the YAML as JSON strings (valid YAML double-quoted scalars)."""
     fmt, totals, spec = manifest["format"], manifest["totals"], manifest["spec"]
-    glob = f"part-*.{shard_name(0, fmt).rsplit('.', 1)[1]}"
+    glob = shard_glob(fmt)
     root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
     lines = ["---", f"pretty_name: {json.dumps('vaegen ' + manifest['job_id'])}",
              "tags:", "- synthetic", "- vaegen", "- image",
@@ -85,7 +78,8 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
                   f"    num_examples: {totals['rows']}", f"  download_size: {totals['bytes']}"]
     lines += ["---", ""]
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest["created_at"]))
-    what = (f"{totals['rows']:,} samples z ~ N(0, I) decoded by" if spec["kind"] == "samples"
+    pixels = "the decoder's mean image" if spec.get("pixels", "sample") == "mean" else "an image drawn from p(x | z)"
+    what = (f"{totals['rows']:,} samples (z from the model's prior, then {pixels}) of" if spec["kind"] == "samples"
             else f"{totals['rows']:,} reconstructions of dataset `{spec['dataset']}` split `{spec['split']}` by")
     lines += [f"# {manifest['job_id']}", "",
               f"{what} the VAE `{manifest['model']}` (weights sha256 `{manifest['weights_sha256'][:16]}…`), "
@@ -93,7 +87,7 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
               f"{manifest['libraries']['vaegen']}.", "",
               f"- seed: {spec['seed']} (shard i draws its latents from a generator seeded by (seed, i))",
               f"- labels: {', '.join(manifest.get('label_names', [])) or 'none'}",
-              f"- shards: `{manifest.get('shard_pattern', glob)}`; checksums in `manifest.json`", "",
+              f"- shards: `{manifest.get('shard_pattern', glob)}`; checksums in `{MANIFEST}`", "",
               "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
               "## Load it", "", "```python"]
     if fmt == "parquet":
@@ -114,11 +108,12 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
 
 
 def publish_dataset_card(storage: Storage, manifest: dict) -> str:
-    """Write <job>/README.md beside manifest.json; returns its key."""
-    key = f"{manifest['prefix']}/{CARD}"
+    """Write the job's README.md beside its manifest.json; returns its key."""
+    keys = JobKeys(manifest["prefix"])
     latent_dim = None
     if manifest["format"] == "parquet" and manifest["shards"]:
-        latent_dim = _latent_dim_of(storage, f"{manifest['prefix']}/{manifest['shards'][0]['name']}")
+        latent_dim = _latent_dim_of(storage, keys.shard(manifest["shards"][0]["name"]))
+    key = keys.card
     storage.publish(key, dataset_card(manifest, latent_dim).encode())
     return key
 

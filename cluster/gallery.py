@@ -29,12 +29,11 @@ from vae_core.names import check_name, is_valid_name
 from .dataset_card import reproduce_command
 from .datasets import read_shard as read_dataset_shard
 from .datasets import table_arrays
-from .inventory import (OUTPUTS, RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, as_object, champion_version,
-                        job_prefix, job_status, read_dataset_manifest, read_metrics, read_record)
+from .inventory import (RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, as_object, champion_version, job_status,
+                        read_dataset_manifest, read_metrics, read_record)
+from .layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
 from .registry import ModelRef, Registry
 from .storage import Storage, open_storage
-
-GALLERY = "gallery.html"
 SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
 RECON_PAIRS = 24              # original/reconstruction pairs shown
 GALLERY_SEED = 0
@@ -68,8 +67,7 @@ class GalleryResult:
 # so `R/outputs/../../elsewhere` is refused instead of writing gallery.html outside R.
 JOB_PATH = re.compile(rf"(?:(?P<root>.*)/)?{OUTPUTS}/(?P<job>[^/]+)")
 MODEL_PATH = re.compile(r"(?:(?P<root>.*)/)?models/(?P<name>[^/]+)(?:/(?P<version>[^/]+))?")
-JOB_ID = re.compile(r"(samples|reconstructions)-[0-9a-f]+")        # what cluster.generate.plan_job names jobs
-TARGET_FORMS = ("<root>/outputs/<job-id>, <root>/models/<name>[/<version>], "
+TARGET_FORMS = (f"<root>/{OUTPUTS}/<job-id>, <root>/models/<name>[/<version>], "
                 "or a job id or model name[@version] under --root")
 
 
@@ -131,11 +129,11 @@ def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 1
     storage, kind, name = resolve_target(target, storage_cfg)
     destination = out_storage(out) if out else None
     if kind == "job":
-        if not storage.list(job_prefix(name), recursive=True):
+        if not storage.list(JobKeys.of(name).prefix, recursive=True):
             raise VaegenError(f"no job {name!r} under {storage.uri_of(OUTPUTS)}: that job does not exist "
                               "(`vaegen ls` lists the jobs there)")
         page, result = job_page(storage, job_status(storage, name, with_receipts=True), per_class)
-        key = f"{job_prefix(name)}/{GALLERY}"
+        key = JobKeys.of(name).gallery
     else:
         registry = Registry(storage)
         ref = registry.resolve(name)
@@ -153,7 +151,7 @@ def read_shard(storage: Storage, job_id: str, entry: dict, fmt: str) -> tuple[li
                                                                              list[np.ndarray]]:
     """shard_rows of one shard of a job, checked against the sha256 its manifest entry (or receipt) records: a
     truncated shard can still parse, and the page must not show it as if it were whole."""
-    key = f"{job_prefix(job_id)}/{entry['name']}"
+    key = JobKeys.of(job_id).shard(entry["name"])
     data = storage.read_bytes(key)
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CorruptRecord(storage.uri_of(key), "does not match the sha256 its job recorded", RERUN_JOB)
@@ -247,7 +245,7 @@ def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, 
         css = " failed" if status.state == "failed" else ""
         error = f" — last run: {status.error}" if status.error else ""
         body.append(f'<p class="banner{css}" id="state" data-state="{status.state}">{status.state.upper()}: no '
-                    f"_SUCCESS; showing the {len(shards)} of {planned} shards finished so far{html.escape(error)}</p>")
+                    f"{SUCCESS}; showing the {len(shards)} of {planned} shards finished so far{html.escape(error)}</p>")
     items = [("Job", status.job_id, None), ("State", status.state, None), ("Kind", status.kind, None),
              ("Model", status.model, None), ("Format", status.format, None),
              ("Shards", f"{len(shards)} of {planned}", len(shards)), ("Rows", f"{rows_done:,}", rows_done)]
@@ -299,7 +297,7 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
     out_ids, _, recons = read_shard(storage, status.job_id, shard, status.format)
     try:
         dataset = read_dataset_manifest(storage, check_name(spec["dataset"], "dataset"))
-        index = int(shard["name"].split("-")[1].split(".")[0])
+        index = shard_index(shard["name"])
         source = dataset["splits"][spec["split"]]["shards"][index]
         body = read_dataset_shard(storage, spec["dataset"], check_name(spec["split"], "split"), source)
         table = pq.read_table(io.BytesIO(body))

@@ -60,18 +60,14 @@ from .dataset_card import model_label_names, publish_dataset_card, reader_hints
 from .datasets import read_manifest, read_shard, split_shards, table_arrays
 from .inventory import job_run_record, read_committed_manifest
 from .job_lease import JobLease
+from .layout import JobKeys, job_id, job_prefix, receipt_name, shard_name
 from .registry import LoadedModel, ModelRef, Registry
 from .storage import Storage, open_storage
-from .writers import (PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes,
-                      shard_name)
+from .writers import PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes
 
 # Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
 # model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
 OUTPUT_FORMAT_VERSION = 4
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
-RECEIPTS = "_receipts"
-LEASE = "_lease.json"
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
 STALE_TEMP_S = 3600.0
@@ -123,13 +119,17 @@ class JobPlan:
 
     @property
     def prefix(self) -> str:
-        return f"outputs/{self.job_id}"
+        return job_prefix(self.job_id)
+
+    @property
+    def keys(self) -> JobKeys:
+        return JobKeys(self.prefix)
 
     def shard_key(self, index: int) -> str:
-        return f"{self.prefix}/{shard_name(index, self.spec.format)}"
+        return self.keys.shard(shard_name(index, self.spec.format))
 
     def receipt_key(self, index: int) -> str:
-        return f"{self.prefix}/{RECEIPTS}/{shard_name(index, self.spec.format)}.json"
+        return self.keys.receipt(shard_name(index, self.spec.format))
 
     def task(self, index: int) -> ShardTask:
         if self.input_shards:
@@ -207,8 +207,7 @@ def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
                 "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
     if spec.pixels == "sample":
         del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
-    job_id = f"{spec.kind}-{sha256_hex(json.dumps(identity, sort_keys=True).encode())[:16]}"
-    return JobPlan(job_id, spec, str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
+    return JobPlan(job_id(spec.kind, sha256_hex(json.dumps(identity, sort_keys=True).encode())), spec, str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
                    labels, total, num_shards, input_shards, label_names)
 
 
@@ -492,7 +491,7 @@ def verified_shards(storage: Storage, plan: JobPlan) -> ShardLedger:
     corrupt object), which is safe whoever else is writing. Receipts are listed before shards: a worker publishes
     a shard before its receipt, so every receipt of the first listing has its shard in the second. Then two GETs
     per shard (receipt, shard re-hashed)."""
-    receipts = [e.key for e in storage.list(f"{plan.prefix}/{RECEIPTS}") if e.key.endswith(".json")]
+    receipts = [e.key for e in storage.list(plan.keys.receipts) if e.key.endswith(".json")]
     present = {e.key.rsplit("/", 1)[1]: e.size for e in storage.list(plan.prefix)}
 
     def check(receipt_key: str) -> dict | None:
@@ -538,7 +537,7 @@ def check_before_commit(storage: Storage, plan: JobPlan, records: ShardLedger) -
     bad = []
     for index in range(plan.num_shards):
         name, size = shard_name(index, plan.spec.format), int(records.counts[index, 3])
-        if listed.get(name) != size or f"{RECEIPTS}/{name}.json" not in listed:
+        if listed.get(name) != size or receipt_name(name) not in listed:
             bad.append(name)
     if not bad:
         rehash = np.flatnonzero(~records.built).tolist()
@@ -599,11 +598,11 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
             committed = read_committed_manifest(storage, plan.prefix)
             if committed is not None and records.matches(committed["shards"]):
                 return {**committed, "run": run}           # another driver committed these very shards meanwhile
-        storage.publish(f"{plan.prefix}/{MANIFEST}", body)
+        storage.publish(plan.keys.manifest, body)
         publish_dataset_card(storage, json.loads(body))      # README.md for the Hub / `datasets`, before _SUCCESS
-        storage.publish(f"{plan.prefix}/{SUCCESS}", success)
-        if (storage.read_bytes(f"{plan.prefix}/{SUCCESS}") == success
-                and sha256_hex(storage.read_bytes(f"{plan.prefix}/{MANIFEST}")) == manifest_sha256):
+        storage.publish(plan.keys.success, success)
+        if (storage.read_bytes(plan.keys.success) == success
+                and sha256_hex(storage.read_bytes(plan.keys.manifest)) == manifest_sha256):
             return json.loads(body)                          # as a resumed run will read it back
     raise VaegenError(f"job {plan.job_id}: other drivers kept rewriting its commit; every shard is in place: "
                       "rerun the same command to commit")
@@ -621,7 +620,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
     storage = open_storage(storage_cfg, for_writing=True)
     plan = plan_job(spec, storage)
     planned = time.perf_counter()
-    lease = JobLease(storage, f"{plan.prefix}/{LEASE}")
+    lease = JobLease(storage, plan.keys.lease)
 
     def waiting(holder: dict) -> None:
         print(f"vaegen: job {plan.job_id} is being run by {holder.get('owner', '?')}; waiting for it to finish or "
@@ -640,7 +639,7 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, cloc
                max_restarts: int) -> dict:
     """run_job's work once it holds the job's lease (or the lease expired: nothing here relies on it)."""
     spec, (started, planned), leased = plan.spec, clock, time.perf_counter()
-    success_key = f"{plan.prefix}/{SUCCESS}"
+    success_key = plan.keys.success
     committed = read_committed_manifest(storage, plan.prefix)
     records = verified_shards(storage, plan)
     verified = time.perf_counter()

@@ -27,18 +27,16 @@ from vae_core.errors import VaegenError
 
 from .datasets import MANIFEST as DATASET_MANIFEST
 from .datasets import dataset_key, read_manifest
+from .layout import OUTPUTS, JobKeys, job_prefix
 from .registry import ModelRef, Registry
 from .storage import Storage
-
-OUTPUTS = "outputs"
-JOB_MANIFEST, JOB_SUCCESS, JOB_RECEIPTS, RUN_RECORD = "manifest.json", "_SUCCESS", "_receipts", "_run.json"
 
 
 # -- the run record (written by cluster.generate.run_job) ----------------------------------------------------
 @contextmanager
 def job_run_record(storage: Storage, plan):
     """Record that a run of `plan` started; on an exception record how it ended, then re-raise."""
-    key = f"{plan.prefix}/{RUN_RECORD}"
+    key = JobKeys(plan.prefix).run_record
     record = {"job_id": plan.job_id, "kind": plan.spec.kind, "format": plan.spec.format, "model": plan.model_ref,
               "planned_shards": plan.num_shards, "planned_rows": plan.total_rows, "host": socket.gethostname(),
               "pid": os.getpid(), "started_at": time.time(), "status": "running"}
@@ -102,7 +100,8 @@ def read_record(storage: Storage, key: str, fix: str, parse=lambda record: recor
 def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of manifest.json's
     bytes: a manifest rewritten by another driver after this _SUCCESS, or a stray _SUCCESS, is not a commit."""
-    success_key, manifest_key = f"{prefix}/{JOB_SUCCESS}", f"{prefix}/{JOB_MANIFEST}"
+    keys = JobKeys(prefix)
+    success_key, manifest_key = keys.success, keys.manifest
     if not storage.exists(success_key) or not storage.exists(manifest_key):
         return None
     try:
@@ -122,7 +121,8 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
 def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
     """Why a job whose `_SUCCESS` exists is not committed (read_committed_manifest said None); None when it
     is committed after all (a driver finished its commit between the two reads)."""
-    success_key, manifest_key = f"{prefix}/{JOB_SUCCESS}", f"{prefix}/{JOB_MANIFEST}"
+    keys = JobKeys(prefix)
+    success_key, manifest_key = keys.success, keys.manifest
     want = read_record(storage, success_key, RERUN_JOB, lambda r: str(r["manifest_sha256"]))
     if not storage.exists(manifest_key):
         return CorruptRecord(storage.uri_of(manifest_key), "is missing though _SUCCESS is there", RERUN_JOB)
@@ -155,10 +155,6 @@ class JobStatus:
     def progress(self) -> str:
         planned = "?" if self.shards_planned is None else self.shards_planned
         return f"{self.shards_done}/{planned}"
-
-
-def job_prefix(job_id: str) -> str:
-    return f"{OUTPUTS}/{job_id}"
 
 
 def job_status(storage: Storage, job_id: str, *, with_receipts: bool = False) -> JobStatus:
@@ -194,22 +190,22 @@ def _receipt(record) -> dict:
 
 
 def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus:
-    prefix = job_prefix(job_id)
+    keys = JobKeys.of(job_id)
     for _ in range(2):                         # twice: a commit may land between the two checks below
-        manifest = read_committed_manifest(storage, prefix)
+        manifest = read_committed_manifest(storage, keys.prefix)
         if manifest is not None:
             try:
                 return _finished(job_id, manifest)
             except RECORD_ERRORS as e:
-                raise CorruptRecord(storage.uri_of(f"{prefix}/{JOB_MANIFEST}"), problem_of(e), RERUN_JOB) from None
-        if not storage.exists(f"{prefix}/{JOB_SUCCESS}"):
+                raise CorruptRecord(storage.uri_of(keys.manifest), problem_of(e), RERUN_JOB) from None
+        if not storage.exists(keys.success):
             break
-        reason = uncommitted_reason(storage, prefix)
+        reason = uncommitted_reason(storage, keys.prefix)
         if reason is not None:
             raise reason
-    run_key = f"{prefix}/{RUN_RECORD}"
+    run_key = keys.run_record
     run = read_record(storage, run_key, RERUN_JOB, as_object) if storage.exists(run_key) else {}
-    receipt_keys = [e.key for e in storage.list(f"{prefix}/{JOB_RECEIPTS}") if e.key.endswith(".json")]
+    receipt_keys = [e.key for e in storage.list(keys.receipts) if e.key.endswith(".json")]
     receipts = []
     if with_receipts:
         receipts = sorted((read_record(storage, k, RERUN_JOB, _receipt) for k in receipt_keys),

@@ -24,12 +24,12 @@ LATENT_FORMAT = "%.9g"          # PNG tar .json latents: 9 significant digits ro
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
 # Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in
 # the schema's "huggingface" metadata. The bytes are a binary Netpbm image (PGM for grey, PPM for RGB): PIL
-# decodes it like any file, it is the raw pixels plus a ~15-byte header (zstd sizes equal raw pixels), and it
-# costs ~0.3 µs per image where PNG costs ~100 µs (measured: 10k 28x28 images, 3 ms vs 1.3 s).
+# decodes it like any file, and it is the raw pixels behind a short header, so it compresses like raw pixels and
+# costs a copy to build where PNG costs a deflate per image (the PNG-tar format is there for PNG consumers).
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # pa.binary() has 32-bit offsets: a shard's image bytes must stay below 2 GiB. Hugging Face's Image feature
 # reads only this type (given large_binary it falls back to a plain struct), so the limit is kept, not lifted;
-# cluster/generate.py refuses a plan that could cross it.
+# cluster/generate/plan.py refuses a plan that could cross it.
 PARQUET_MAX_IMAGE_BYTES = 2**31 - 1
 TAR_MTIME = 0                   # fixed member metadata: a rerun gives the same tar bytes
 TAR_MODE = 0o644
@@ -103,8 +103,6 @@ def concat_batches(batches: list[DecodedBatch]) -> DecodedBatch:
 
 
 class ShardWriter(Protocol):
-    extension: str
-
     def __init__(self, info: ShardInfo) -> None: ...
     def write(self, batch: DecodedBatch) -> None: ...
     def close(self) -> bytes: ...
@@ -118,7 +116,6 @@ def sample_key(sample_id: int) -> str:
 class ParquetShardWriter:
     """Columns: id, shard, seed, label (nullable), latent (fixed-size list float32), image (struct<bytes, path>:
     a PGM/PPM file, see IMAGE_TYPE), height, width, channels; zstd; model and code version in the metadata."""
-    extension = "parquet"
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
@@ -148,8 +145,8 @@ class ParquetShardWriter:
             raise ValueError(f"shard {self.info.index}: no rows to write")
         table = self.table()
         buf = io.BytesIO()
-        # Dictionary encoding and min/max statistics only where they pay: on 784-byte pixel strings and latent
-        # lists (all distinct) they cost 2-3x the write time for nothing.
+        # Dictionary encoding and min/max statistics only where they pay: pixel strings and latent lists are all
+        # distinct, so a dictionary or min/max of them costs write time and helps no reader.
         pq.write_table(table, buf, compression="zstd", row_group_size=len(table),
                        use_dictionary=DICTIONARY_COLUMNS, write_statistics=["id", *DICTIONARY_COLUMNS])
         data = buf.getvalue()
@@ -162,8 +159,8 @@ class ParquetShardWriter:
 def latent_texts(latents: np.ndarray) -> list[str]:
     """Each float32 row (B, Z) as the items of a JSON array: LATENT_FORMAT, 9 significant digits, which give
     back exactly the float32 (the Parquet column's value) and which json.dumps writes again for the float that
-    json.loads reads (~3x faster than repr, and a 20-float latent's .json fits one 512-byte tar block instead
-    of two). Rows where %g and json differ (non-finite or integral values, |v| >= 1e8, where %g
+    json.loads reads (shorter than repr's 17 digits: a small latent's .json stays within one 512-byte tar block).
+    Rows where %g and json differ (non-finite or integral values, |v| >= 1e8, where %g
     switches to exponents before repr does) are written by json.dumps instead."""
     rows = latents.tolist()
     values = np.asarray(latents, np.float64)
@@ -181,7 +178,7 @@ USTAR_FIXED_SUM = sum(USTAR_MODE_IDS) + sum(USTAR_MTIME) + sum(USTAR_TAIL) + 8 *
 
 def ustar_header(name: str, size: int) -> bytes:
     """One 512-byte POSIX ustar header with fixed metadata (mtime, uid/gid 0, no owner names): byte for byte
-    what tarfile writes for such a member, at a fraction of its per-member cost."""
+    what tarfile writes for such a member, without tarfile's per-member TarInfo work."""
     name_field, size_field = name.encode().ljust(100, b"\0"), b"%011o\0" % size
     checksum = USTAR_FIXED_SUM + sum(name_field) + sum(size_field)
     return name_field + USTAR_MODE_IDS + size_field + USTAR_MTIME + b"%06o\0 " % checksum + USTAR_TAIL
@@ -205,7 +202,6 @@ def tar_member_count(data: bytes) -> int:
 
 class PngTarShardWriter:
     """A WebDataset tar: per sample `<key>.png` (the image) and `<key>.json` (id, label, latent, shape, ...)."""
-    extension = "tar"
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
@@ -217,8 +213,8 @@ class PngTarShardWriter:
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
-        # The JSON text is formatted by hand (~4x faster than json.dumps per sample), to exactly what
-        # json.dumps(meta, sort_keys=True) writes for what json.loads reads back from it: keys sorted, ", " and
+        # The JSON text is formatted by hand, sparing json.dumps's per-call work on every sample, to exactly
+        # what json.dumps(meta, sort_keys=True) writes for what json.loads reads back from it: keys sorted, ", " and
         # ": " separators, latents as in latent_texts.
         head = f'{{"channels": {c}, "height": {h}, "id": '
         tail = (f', "model": {json.dumps(self.info.model)}, "seed": {json.dumps(self.info.seed)}, '
@@ -244,7 +240,3 @@ class PngTarShardWriter:
 
 
 WRITERS: dict[str, type[ShardWriter]] = {"parquet": ParquetShardWriter, "png": PngTarShardWriter}
-
-
-def shard_name(index: int, fmt: str) -> str:
-    return f"part-{index:05d}.{WRITERS[fmt].extension}"

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from cluster.datasets import ingest
-from cluster.generate import RECEIPTS, SUCCESS, run_generation, run_reconstruction
+from cluster.generate import run_generation, run_reconstruction
+from cluster.layout import RECEIPTS, SUCCESS
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from conftest import start_local_ray

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cluster.datasets import ingest
-from cluster.generate import (STALE_TEMP_S, SUCCESS, ShardLedger, ShardMaker, commit, plan_job, run_generation,
-                              run_reconstruction, sha256_hex, start_workers, verified_shards)
+from cluster.generate import (STALE_TEMP_S, ShardLedger, ShardMaker, commit, plan_job, run_generation, run_reconstruction,
+                              sha256_hex, start_workers, verified_shards)
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import JobLease
+from cluster.layout import SUCCESS
 from cluster.registry import Registry
 from cluster.storage import Storage, open_storage
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from cluster.generate import LEASE, RECEIPTS, STAGE_DELAY_ENV, plan_job, run_generation
+from cluster.generate import STAGE_DELAY_ENV, plan_job, run_generation
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import LEASE_TTL_ENV
+from cluster.layout import LEASE, RECEIPTS
 from cluster.storage import open_storage
 from generate_support import all_rows, publish_tiny_model, shard_objects
 from s3_fault_proxy import FaultProxy

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from cluster.generate import (LEASE, RECEIPTS, STAGE_DELAY_ENV, SUCCESS, ShardMaker, plan_job, run_generation,
-                              start_workers)
+from cluster.generate import STAGE_DELAY_ENV, ShardMaker, plan_job, run_generation, start_workers
 from cluster.inventory import read_committed_manifest
+from cluster.layout import LEASE, RECEIPTS, SUCCESS
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from cluster.writers import ParquetShardWriter

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from cluster.datasets import ingest
-from cluster.generate import RECEIPTS, SUCCESS, plan_job, run_generation, run_reconstruction
-from cluster.inventory import RUN_RECORD, job_status, list_jobs
+from cluster.generate import plan_job, run_generation, run_reconstruction
+from cluster.inventory import job_status, list_jobs
+from cluster.layout import RECEIPTS, RUN_RECORD, SUCCESS
 from cluster.storage import open_storage
 from conftest import start_local_ray
 from generate_support import publish_tiny_model

@@ -1,4 +1,5 @@
 """Shard writers: one per format, same interface, deterministic bytes, validated before anyone publishes."""
+import fnmatch
 import io
 import json
 import tarfile
@@ -7,8 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.layout import shard_braces, shard_glob, shard_index, shard_name
 from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
-                            netpbm_images, parquet_image_bytes, shard_name, tar_member_count)
+                            netpbm_images, parquet_image_bytes, tar_member_count)
 from conftest import rng_images
 from generate_support import read_rows
 
@@ -79,6 +81,10 @@ def test_an_empty_shard_is_refused(fmt):
 
 def test_shard_names_come_from_one_place():
     assert shard_name(7, "parquet") == "part-00007.parquet" and shard_name(7, "png") == "part-00007.tar"
+    assert shard_index(shard_name(12345, "png")) == 12345
+    assert shard_braces("png", 4) == "part-{00000..00003}.tar" and shard_braces("parquet", 1) == "part-{00000..00000}.parquet"
+    assert fnmatch.fnmatch(shard_name(3, "parquet"), shard_glob("parquet")) and not fnmatch.fnmatch(
+        shard_name(3, "png"), shard_glob("parquet"))
 
 
 def test_png_tar_bytes_equal_what_tarfile_writes_with_the_same_fixed_metadata():
