@@ -162,7 +162,8 @@ def _merge_into_metrics(storage: Storage, registry: Registry, ref: ModelRef, rep
 
 
 def summary_line(report: dict) -> str:
-    """e.g. 'NLL 231.4 (IWAE k=1000, 1000 imgs, binarised) −ELBO 236.0 | acc 91.2% FID 3.1 TSTR 84.0%'."""
+    """One line: 'NLL X nats (IWAE k=K, N imgs, binarised|continuous[, prior: P]), -ELBO Y', then, when sample
+    quality was measured, ' | real acc A%, classifier-FID F[, TSTR T%]'."""
     lik = report["likelihood"]
     kind = "binarised" if report["likelihood_model"] == "bernoulli" else "continuous"
     prior = "" if lik.get("prior", "N(0, I)") == "N(0, I)" else f", prior: {lik['prior']}"

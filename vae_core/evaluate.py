@@ -36,8 +36,8 @@ class EvalJobConfig:
     split: str = ""                             # "" = test if the dataset has one, else train
     seed: int = 0
     # Generated images for classifier-FID and TSTR; 0 = as many as the reference classifier's real training
-    # images, so TSTR and real-data accuracy compare classifiers trained on equal amounts (the usual protocol:
-    # on Fashion-MNIST, 60k samples gave TSTR 84.9 % where 10k gave 80.1 %).
+    # images, so TSTR and real-data accuracy compare classifiers trained on equal amounts (the usual protocol;
+    # fewer samples understate TSTR).
     samples: int = 0
     quality: bool = True                        # classifier-based metrics (trains a reference once per dataset)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)

@@ -1,7 +1,7 @@
 """Named training recipes: `vaegen train --preset fmnist-best` reproduces a figure with one command.
 
-A preset gives defaults only: any flag the user types wins. Times are for the 2-core CPU box this project is
-developed on; see bench/quality.py for the figures."""
+A preset gives defaults only: any flag the user types wins. What each preset scores and how long it trains:
+docs/BENCHMARKS.md; why each setting is what it is: docs/EXPERIMENTS.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,26 +18,20 @@ class Preset:
     model: dict[str, Any] = field(default_factory=dict)      # ModelConfig fields
     train: dict[str, Any] = field(default_factory=dict)      # TrainConfig fields
     conditional: bool = False
-    cpu_minutes: float = 0.0     # on an idle 2-core box (~20 s per conv epoch): fmnist-best measured whole
-                                 # (bench/quality.py), the others from their measured epoch times
 
 
 PRESETS: dict[str, Preset] = {
     # The reference design at the classic settings (pytorch/examples vae): grey-level BCE, no schedule.
-    # It holds out only 2% for early stopping, so it trains on ~59k images as the classic recipe (60k) does.
-    # Test loss 243.94 mean over seeds 0-4 with the decoder started at the mean image and fused Adam (243.96 with
-    # torch's for-loop Adam; 244.4 with PyTorch's init).
+    # It holds out only 2% for early stopping, so it trains on nearly all of the images, as the classic recipe does.
     "mlp-classic": Preset(
         "MLP 784-400-20, batch 128, Adam 1e-3, 10 epochs, grey-level Bernoulli (the classic VAE)",
         model={"arch": "mlp", "hidden_dim": 400, "latent_dim": 20},
-        train={"epochs": 10, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.02},
-        cpu_minutes=1.5),
+        train={"epochs": 10, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.02}),
     # Best likelihood: conv VAE on dynamically binarised pixels (the setting NLL papers report), KL warm-up
-    # against inactive latents, cosine learning-rate decay; patience = epochs so the schedule runs out.
-    # IWAE NLL on the whole test split with 50 prior components: 60 epochs 228.55, 100 epochs 228.08. The prior
-    # is a Gaussian mixture fitted to the aggregate posterior after training (vae_core.prior): 100 components
-    # gain 1.46 nats of held-out ELBO and give NLL 227.90. Both conv presets were measured with PyTorch's own
-    # output initialisation and torch's for-loop Adam, and keep both, so they reproduce those weights.
+    # against inactive latents, cosine learning-rate decay; patience = epochs so the schedule runs out. The prior
+    # is a Gaussian mixture fitted to the aggregate posterior after training (vae_core.prior). Both conv presets
+    # keep PyTorch's own output initialisation and torch's for-loop Adam, so that they reproduce the weights
+    # their published figures come from.
     "fmnist-best": Preset(
         "conv VAE (32,64)-512-32 on dynamically binarised pixels, cosine lr, KL warm-up 5 epochs, "
         "100-Gaussian prior fitted after training",
@@ -45,13 +39,11 @@ PRESETS: dict[str, Preset] = {
                "prior_components": 100},
         train={"epochs": 100, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "kl_warmup_epochs": 5,
                "binarize": True, "patience": 100, "val_fraction": 0.02, "output_init": "default",
-               "adam": "for-loop"},
-        cpu_minutes=38),
-    # Best samples for TSTR: a class-conditional conv VAE on grey levels. What held TSTR back was not the
-    # labels but the domain gap: a classifier trained on *reconstructions* of the real training images reached
-    # only 68 %, because decoder means are smooth and real images are not. So the likelihood is Gaussian with a
-    # fixed σ = 0.2 and samples are the model's own x ~ p(x | z), pixel noise included (75 %), and the prior is
-    # 10 Gaussians per class fitted to the posterior (+4.4 nats of held-out ELBO; TSTR 85.2 % on 60k samples).
+               "adam": "for-loop"}),
+    # Best samples for TSTR: a class-conditional conv VAE on grey levels. Decoder means are smooth and real images
+    # are not, so a classifier trained on them learns the wrong domain: the likelihood is Gaussian with a fixed σ
+    # and samples are the model's own x ~ p(x | z), pixel noise included. The prior is a mixture per class fitted
+    # to the posterior, with the number of components chosen by held-out ELBO.
     "fmnist-cond": Preset(
         "class-conditional conv VAE (32,64)-512-32, Gaussian σ=0.2 on grey levels, cosine lr, "
         "10 Gaussians per class fitted as the prior after training",
@@ -59,7 +51,7 @@ PRESETS: dict[str, Preset] = {
                "likelihood": "gaussian", "sigma": 0.2, "prior_components": 10},
         train={"epochs": 36, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "patience": 36,
                "val_fraction": 0.02, "output_init": "default", "adam": "for-loop"},
-        conditional=True, cpu_minutes=12),
+        conditional=True),
 }
 
 
