@@ -1,14 +1,15 @@
 """The `vaegen` command as a user runs it: help on every verb, the main path, one-line errors, exit codes."""
+import argparse
 import contextlib
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from cluster.registry import Registry
+from jobs.cli import build_parser
 from cluster.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig, StorageConfig
@@ -31,10 +32,60 @@ def assert_one_line_error(proc, fragment):
     assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("verb", ["ingest", "train", "sample", "pipeline"])
-def test_every_verb_has_help(verb):
-    out = vaegen(verb, "--help", check=True).stdout
-    assert "--root" in out and "usage: vaegen" in out
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command the parser accepts, as the words that name it: ('train',), ('jobs',), ('jobs', 'list'), ..."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += [(*path, name), *commands(sub, (*path, name))]
+    return found
+
+
+def parser_of(words: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for word in words:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[word]
+    return parser
+
+
+COMMANDS = commands(build_parser())
+
+
+def test_the_command_list_comes_from_the_real_parser():
+    names = {" ".join(c) for c in COMMANDS}
+    assert {"ingest", "train", "sample", "generate", "reconstruct", "evaluate", "pipeline", "retrain", "submit",
+            "jobs", "jobs list", "jobs status", "jobs logs", "jobs stop", "ls", "show", "config",
+            "config show"} <= names
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_verb_and_action_has_help(words, capsys):
+    """`vaegen <verb> [action] --help` prints its usage and exits 0, and every flag and argument there says what it
+    is for."""
+    from jobs.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main([*words, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: vaegen {' '.join(words)} ")
+    (listing,) = [a for a in parser_of(words[:-1])._actions if isinstance(a, argparse._SubParsersAction)]
+    (line,) = [c for c in listing._choices_actions if c.dest == words[-1]]
+    assert line.help, f"vaegen {' '.join(words[:-1])} --help lists {words[-1]} without a line saying what it does"
+    for action in parser_of(words)._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            continue                                  # its actions are commands of their own, checked as such
+        assert action.help, f"vaegen {' '.join(words)}: {action.option_strings or action.dest} has no help"
+        for flag in action.option_strings:
+            assert flag in out
+
+
+def test_the_console_script_lists_every_verb():
+    out = vaegen("--help", check=True).stdout
+    assert out.startswith("usage: vaegen")
+    for words in COMMANDS:
+        if len(words) == 1:
+            assert f"    {words[0]} " in out or f"    {words[0]}\n" in out, words
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +137,6 @@ def test_corrupt_idx_publishes_nothing(tmp_path):
     root = tmp_path / "root"
     assert_one_line_error(vaegen("ingest", "fashion-mnist", str(src), "--root", str(root)), "truncated")
     assert not (root / "datasets").exists()
-
-
-def test_concurrent_publishes_never_share_a_version_number(storage_config):
-    registry = Registry(open_storage(storage_config, for_writing=True))
-    files = checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4, latent_dim=2)))
-    refs = []
-    threads = [threading.Thread(target=lambda: refs.append(registry.publish("m", files))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(r.version for r in refs) == ["v0001", "v0002", "v0003", "v0004"]
-    assert registry.versions("m") == ["v0001", "v0002", "v0003", "v0004"]
-    assert registry.resolve("m").version == "v0004" and registry.resolve("m@2").version == "v0002"
-    assert registry.load("m@v0003").model.cfg.latent_dim == 2
 
 
 # -- issue 17: names, limits and failures, checked where they enter (in-process: no interpreter start) ------------

@@ -121,3 +121,61 @@ def test_an_s3_publish_signs_the_body_sha256_instead_of_adding_a_crc(s3_storage_
     assert headers["x-amz-content-sha256"] == hashlib.sha256(data).hexdigest()     # covered by the signature
     assert not any(k.startswith("x-amz-checksum-") for k in headers)
     assert storage.read_bytes("signed.bin") == data
+
+
+def test_concurrent_publishes_claim_each_version_exactly_once(storage_config):
+    """Four registries (as four drivers would) publish model 'm' at once. A barrier between each one's read of the
+    taken numbers and its first claim forces the race: all four read 'none taken' and claim v0001 together. Exactly
+    one wins it; the others move on to the next free numbers, each won exactly once; and every version holds the
+    files of the publisher it was given to."""
+    import threading
+
+    from cluster.registry import CLAIM_FILE, Registry
+    from vae_core.checkpoint import checkpoint_files
+    from vae_core.config import ModelConfig
+    from vae_core.models import build_model
+    publishers = 4
+    barrier = threading.Barrier(publishers, timeout=60)
+    claims: list[tuple[str, int, bool]] = []          # (version, publisher, won)
+
+    def racing_storage(p: int) -> Storage:
+        storage = open_storage(storage_config, for_writing=True)
+        publish, waited = storage.publish, []
+
+        def publish_claims_together(key, data, **kw):
+            is_claim = key.endswith(f"/{CLAIM_FILE}")
+            if is_claim and not waited:
+                waited.append(True)
+                barrier.wait()                        # everyone has read the taken numbers; nobody has claimed
+            won = publish(key, data, **kw)
+            if is_claim:
+                claims.append((key.rsplit("/", 2)[-2], p, won))
+            return won
+        storage.publish = publish_claims_together
+        return storage
+    registries = [Registry(racing_storage(p)) for p in range(publishers)]
+    files = [checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4 + p, latent_dim=2)))
+             for p in range(publishers)]
+    refs, errors = [None] * publishers, []
+
+    def run(p: int) -> None:
+        try:
+            refs[p] = registries[p].publish("m", files[p])
+        except Exception as e:                        # noqa: BLE001 - reported below
+            errors.append(f"publisher {p}: {type(e).__name__}: {e}")
+            barrier.abort()
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(publishers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert [p for v, p, _ in sorted(claims) if v == "v0001"] == list(range(publishers))   # all raced for v0001
+    won = sorted((v, p) for v, p, w in claims if w)
+    assert [v for v, _ in won] == ["v0001", "v0002", "v0003", "v0004"], claims          # one winner per number
+    assert dict(won) == {ref.version: p for p, ref in enumerate(refs)}
+    registry = Registry(open_storage(storage_config))
+    assert registry.versions("m") == ["v0001", "v0002", "v0003", "v0004"]
+    for p, ref in enumerate(refs):
+        assert registry.read_file(ref, "model.safetensors") == files[p]["model.safetensors"]
+        assert registry.load(f"m@{ref.version}").model.cfg.hidden_dim == 4 + p
