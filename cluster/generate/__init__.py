@@ -56,14 +56,14 @@ from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import VAE
 
-from .dataset_card import model_label_names, publish_dataset_card, reader_hints
-from .datasets import read_manifest, read_shard, split_shards, table_arrays
-from .inventory import job_run_record, read_committed_manifest
-from .job_lease import JobLease
-from .layout import JobKeys, job_id, job_prefix, receipt_name, shard_name
-from .registry import LoadedModel, ModelRef, Registry
-from .storage import Storage, open_storage
-from .writers import PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes
+from ..dataset_card import model_label_names, publish_dataset_card, reader_hints
+from ..datasets import read_manifest, read_shard, split_shards, table_arrays
+from ..inventory import job_run_record, read_committed_manifest
+from ..job_lease import JobLease
+from ..layout import JobKeys, job_id, job_prefix, receipt_name, shard_name
+from ..registry import LoadedModel, ModelRef, Registry
+from ..storage import Storage, open_storage
+from ..writers import PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes
 
 # Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
 # model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
@@ -656,7 +656,7 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, cloc
     skipped_rows = records.rows()
     written = 0
     if todo:
-        from .runtime import ray_runtime
+        from ..runtime import ray_runtime
         with ray_runtime(address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
             import ray
             joined = bool(address or os.environ.get("RAY_ADDRESS"))
