@@ -73,6 +73,34 @@ def test_first_run_promotes_then_a_worse_challenger_is_kept_out(storage_config, 
     assert second["champion"]["version"] == "v0001" and second["challenger"]["version"] == "v0002"
 
 
+@pytest.mark.slow
+def test_retrain_on_two_ray_workers_promotes_a_better_challenger_and_keeps_out_a_worse_one(local_storage_config,
+                                                                                          tiny_dataset, ray_local,
+                                                                                          capsys):
+    """The challenger trains on Ray Train (the same backend flags as `vaegen train`). A weak champion first (one
+    process, a learning rate too small to learn), then a real challenger on 2 workers wins, then a weak one on
+    2 workers is kept out."""
+    tiny_dataset(local_storage_config)
+    registry = Registry(Storage(local_storage_config))
+    assert retrain_cli(local_storage_config, "--lr", "1e-7") == 0
+    assert registry.champion("fm-vae")["version"] == "v0001"
+    capsys.readouterr()
+
+    assert retrain_cli(local_storage_config, "--workers", "2", "--epochs", "2") == 0
+    assert "PROMOTED" in capsys.readouterr().out
+    assert registry.champion("fm-vae")["version"] == "v0002"
+    assert retrain_cli(local_storage_config, "--workers", "2", "--lr", "1e-7") == 0
+    assert "kept the champion" in capsys.readouterr().out
+    assert registry.champion("fm-vae")["version"] == "v0002"
+
+    _, better, worse = decisions(registry, "fm-vae")
+    assert better["decision"] == "promote" and "beats champion v0001" in better["reason"]
+    assert worse["decision"] == "keep" and "worse than champion v0002" in worse["reason"]
+    for record, version in ((better, "v0002"), (worse, "v0003")):
+        assert record["train_job"]["ray"]["workers"] == 2 and record["challenger"]["version"] == version
+        assert registry.metrics(registry.resolve(f"fm-vae@{version}"))["workers"] == 2
+
+
 def test_margin_keeps_a_slightly_better_challenger_and_warm_start_uses_the_champion(local_storage_config,
                                                                                      tiny_dataset, capsys):
     tiny_dataset(local_storage_config)
