@@ -1,37 +1,13 @@
-"""What makes a finished job a dataset other tools open without glue: class names for its labels, reader hints
-in its manifest (a brace-expandable shard list for webdataset), and a Hugging Face dataset card (README.md:
-YAML `configs`/`data_files` and `dataset_info`, then how the data was made and how to load it)."""
+"""A finished job's Hugging Face dataset card (README.md beside its manifest: YAML `configs`/`data_files` and
+`dataset_info`, then how the data was made and how to load it). It is built from the manifest the commit
+writes (plus the latent width, from the first Parquet shard's schema), so it says what the job holds."""
 from __future__ import annotations
 
 import json
 import time
 
-from vae_core.names import is_valid_name
-
-from .datasets import MANIFEST as DATASET_MANIFEST
-from .datasets import dataset_key
-from .inventory import read_dataset_manifest
-from .layout import MANIFEST, JobKeys, shard_braces, shard_glob
-from .registry import LoadedModel
+from .layout import MANIFEST, JobKeys, shard_glob
 from .storage import Storage
-
-
-def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
-    """Class names for a model's samples: those of the dataset it was trained on when that is still there and
-    agrees with the model's class count, else class_0, class_1, ... (none for an unconditional model). A dataset
-    manifest that is there but unreadable is a one-line error naming it (CorruptRecord), never a guess."""
-    classes = loaded.model.cfg.num_classes
-    dataset = (loaded.config.get("train_job") or {}).get("dataset")
-    if is_valid_name(dataset) and storage.exists(dataset_key(dataset, DATASET_MANIFEST)):
-        names = tuple(read_dataset_manifest(storage, dataset)["label_names"])
-        if not classes or len(names) == classes:
-            return names
-    return tuple(f"class_{i}" for i in range(classes))
-
-
-def reader_hints(plan) -> dict:
-    """Manifest fields for readers: the label names and the shard list as a brace pattern (relative)."""
-    return {"label_names": list(plan.label_names), "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
 
 
 def reproduce_command(manifest: dict, root_uri: str) -> str:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cluster.datasets import ingest
-from cluster.generate import (STALE_TEMP_S, ShardLedger, ShardMaker, commit, plan_job, run_generation, run_reconstruction,
-                              sha256_hex, start_workers, verified_shards)
+from cluster.generate import (STALE_TEMP_S, JobPlan, ShardLedger, ShardMaker, commit, plan_job, run_generation,
+                              run_reconstruction, sha256_hex, start_workers, verified_shards)
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import JobLease
 from cluster.layout import SUCCESS
@@ -188,6 +188,19 @@ def test_job_id_is_the_spec_with_the_model_resolved(local_storage_config):
     assert plan_job(samples(seed=8), storage).job_id != plan.job_id
     publish_tiny_model(storage, seed=1)                    # a new version: "tiny" now means v0002
     assert plan_job(samples(), storage).job_id != plan.job_id
+
+
+def test_a_plan_crosses_a_process_boundary_as_plain_json(local_storage_config, small_fashion):
+    """Actors get the plan as a plain dict (config.py's rule): JSON and back gives the very same plan."""
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage, "cond", num_classes=10)
+    (images, labels), _ = small_fashion
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(images[:40], labels[:40])}, tuple("abcdefghij"), "test"),
+           shard_rows=16, progress=False)
+    for spec in (samples(model="cond", labels=(3, 1)), GenerateConfig(model="cond", kind="reconstructions",
+                                                                       dataset="fm", format="png")):
+        plan = plan_job(spec, storage)
+        assert JobPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
 BAD_SPECS = [

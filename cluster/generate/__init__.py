@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import random
@@ -42,7 +41,6 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -50,24 +48,21 @@ import torch
 from tqdm.auto import tqdm
 
 from vae_core import __version__
-from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from vae_core.config import MAX_SHARDS, GenerateConfig, StorageConfig, to_dict
+from vae_core.config import GenerateConfig, StorageConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import VAE
 
-from ..dataset_card import model_label_names, publish_dataset_card, reader_hints
-from ..datasets import read_manifest, read_shard, split_shards, table_arrays
+from ..dataset_card import publish_dataset_card
+from ..datasets import read_shard, table_arrays
 from ..inventory import job_run_record, read_committed_manifest
 from ..job_lease import JobLease
-from ..layout import JobKeys, job_id, job_prefix, receipt_name, shard_name
-from ..registry import LoadedModel, ModelRef, Registry
+from ..layout import receipt_name, shard_braces, shard_name
+from ..registry import ModelRef
 from ..storage import Storage, open_storage
-from ..writers import PARQUET_MAX_IMAGE_BYTES, WRITERS, DecodedBatch, ShardInfo, ShardWriter, parquet_image_bytes
+from ..writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter
+from .plan import OUTPUT_FORMAT_VERSION, JobPlan, ShardTask, load_model, plan_job, sha256_hex
 
-# Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
-# model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
-OUTPUT_FORMAT_VERSION = 4
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
 STALE_TEMP_S = 3600.0
@@ -84,131 +79,9 @@ VERIFY_CHUNK = 1024               # receipts checked per batch on resume (bounds
 UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
 
 
-def sha256_hex(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def shard_seed(seed: int, index: int) -> int:
     """A per-shard generator seed from (job seed, shard index) alone: never from the worker."""
     return int.from_bytes(hashlib.sha256(f"vaegen:{seed}:{index}".encode()).digest()[:8], "big") >> 1
-
-
-# -- the plan ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardTask:
-    index: int
-    first_id: int
-    rows: int
-    input: dict | None = None           # reconstructions: the input shard's manifest entry (name, sha256, ...)
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """Everything a worker needs to build any shard of the job; small and picklable."""
-    job_id: str
-    spec: GenerateConfig
-    model_ref: str                      # name@v0001
-    weights_sha256: str
-    config_sha256: str                  # of the version's config.json bytes
-    image_shape: tuple[int, int, int]
-    labels: tuple[int, ...]             # samples of a conditional model: classes cycled over ids
-    total_rows: int
-    num_shards: int
-    input_shards: tuple[dict, ...] = ()  # reconstructions
-    label_names: tuple[str, ...] = ()   # class names (from the input or the model's training dataset)
-
-    @property
-    def prefix(self) -> str:
-        return job_prefix(self.job_id)
-
-    @property
-    def keys(self) -> JobKeys:
-        return JobKeys(self.prefix)
-
-    def shard_key(self, index: int) -> str:
-        return self.keys.shard(shard_name(index, self.spec.format))
-
-    def receipt_key(self, index: int) -> str:
-        return self.keys.receipt(shard_name(index, self.spec.format))
-
-    def task(self, index: int) -> ShardTask:
-        if self.input_shards:
-            entry = self.input_shards[index]
-            return ShardTask(index, entry["first_id"], entry["rows"], entry)
-        first = index * self.spec.shard_size
-        return ShardTask(index, first, min(self.spec.shard_size, self.total_rows - first))
-
-
-def load_model(storage: Storage, spec: str | ModelRef) -> tuple[LoadedModel, str]:
-    """The model and the sha256 of the config.json bytes it was built from (read once: the hash and the model
-    cannot come from two different versions of the file)."""
-    registry = Registry(storage)
-    ref = spec if isinstance(spec, ModelRef) else registry.resolve(spec)
-    files = {name: registry.read_file(ref, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
-    try:
-        model, config = load_checkpoint(files)
-    except VaegenError as e:
-        raise VaegenError(f"{ref}: {e}") from None
-    return LoadedModel(ref, model, config, config["weights_sha256"]), sha256_hex(files[CONFIG_FILE])
-
-
-def check_shard_limits(spec: GenerateConfig, num_shards: int, shard_rows: int, image_shape) -> None:
-    """Refuse, before any work, a plan whose shards the names, the driver or the Parquet format cannot hold.
-    (GenerateConfig refuses too many samples shards already; reconstructions mirror their input's shards.)
-    Beyond MAX_SHARDS the 5-digit part names stop sorting in id order, and the driver's ledger (~100 bytes a
-    shard) and one-object manifest (~250 bytes a shard) grow past what one driver should hold."""
-    if num_shards > MAX_SHARDS:
-        raise VaegenError(f"the job would have {num_shards:,} shards; at most {MAX_SHARDS:,} per job"
-                          + ("" if spec.kind == "samples" else ": re-ingest the dataset with larger shards"))
-    per_image = parquet_image_bytes(image_shape)
-    if spec.format == "parquet" and shard_rows * per_image > PARQUET_MAX_IMAGE_BYTES:
-        # Parquet/Arrow binary columns have 32-bit offsets; Hugging Face's Image feature does not read the
-        # 64-bit large_binary, so the shard must stay under 2 GiB of image bytes.
-        most = PARQUET_MAX_IMAGE_BYTES // per_image
-        fix = f"use --shard-size {most:,} or less" if spec.kind == "samples" else "re-ingest with smaller shards"
-        raise VaegenError(f"a Parquet shard of {shard_rows:,} {'x'.join(map(str, image_shape))} images holds "
-                          f"{shard_rows * per_image:,} image bytes, over the format's 2 GiB column limit: {fix}, "
-                          "or --format png")
-
-
-def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
-    """Resolve and check everything before any work starts: model, labels, input dataset, job id."""
-    loaded, config_sha256 = load_model(storage, spec.model)
-    cfg = loaded.model.cfg
-    labels: tuple[int, ...] = ()
-    input_shards: tuple[dict, ...] = ()
-    if spec.kind == "samples":
-        if cfg.conditional:
-            bad = [label for label in spec.labels if label >= cfg.num_classes]
-            if bad:
-                raise VaegenError(f"--labels {bad} outside {loaded.ref}'s {cfg.num_classes} classes "
-                                  f"(0..{cfg.num_classes - 1})")
-            labels = spec.labels or tuple(range(cfg.num_classes))
-        elif spec.labels:
-            raise VaegenError(f"{loaded.ref} is not class-conditional: drop --labels")
-        total, num_shards = spec.count, math.ceil(spec.count / spec.shard_size)
-    else:
-        manifest = read_manifest(storage, spec.dataset)
-        shards = split_shards(manifest, spec.split)
-        if tuple(manifest["image_shape"]) != tuple(cfg.image_shape):
-            raise VaegenError(f"dataset {spec.dataset!r} holds images of shape {tuple(manifest['image_shape'])} "
-                              f"but {loaded.ref} decodes {tuple(cfg.image_shape)}")
-        if cfg.conditional and len(manifest["label_names"]) != cfg.num_classes:
-            raise VaegenError(f"dataset {spec.dataset!r} has {len(manifest['label_names'])} classes but "
-                              f"{loaded.ref} is conditioned on {cfg.num_classes}")
-        input_shards = tuple(shards)
-        total, num_shards = sum(s["rows"] for s in input_shards), len(input_shards)
-    shard_rows = max(s["rows"] for s in input_shards) if input_shards else min(spec.shard_size, total)
-    check_shard_limits(spec, num_shards, shard_rows, tuple(cfg.image_shape))
-    label_names = tuple(manifest["label_names"]) if input_shards else model_label_names(storage, loaded)
-    identity = {**to_dict(spec), "model": str(loaded.ref), "weights_sha256": loaded.weights_sha256,
-                "config_sha256": config_sha256,
-                "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
-                "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
-    if spec.pixels == "sample":
-        del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
-    return JobPlan(job_id(spec.kind, sha256_hex(json.dumps(identity, sort_keys=True).encode())), spec, str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
-                   labels, total, num_shards, input_shards, label_names)
 
 
 # -- building and publishing one shard (what a DecoderWorker does; no Ray here) ------------------------------
@@ -583,7 +456,8 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
                 "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
                 "totals": {"rows": ids, "shards": plan.num_shards, "bytes": records.total_bytes()},
-                "run": run, "created_at": time.time(), **reader_hints(plan)}
+                "run": run, "created_at": time.time(), "label_names": list(plan.label_names),
+                "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
     body = io.BytesIO()
     body.write(json.dumps(manifest, indent=2)[:-2].encode() + b',\n  "shards": [')
     for index in range(plan.num_shards):
