@@ -151,7 +151,8 @@ def shard_build_rate(cfg: ModelConfig, fmt: str, rows: int) -> tuple[float, floa
     differently."""
     from cluster.generate import JobPlan, ShardMaker
     spec = GenerateConfig(model="rates", count=rows, shard_size=rows, format=fmt)
-    plan = JobPlan("rates", spec, "rates@v0001", "-", tuple(cfg.image_shape), (), rows, 1)
+    plan = JobPlan(job_id="rates", spec=spec, model_ref="rates@v0001", weights_sha256="-", config_sha256="-",
+                   image_shape=tuple(cfg.image_shape), labels=(), total_rows=rows, num_shards=1)
     maker = ShardMaker(plan, storage=None, model=build_model(cfg))
     return best_rate(lambda: maker.build(0), rows, seconds=2.0), maker.build(0)[1]["bytes"] / rows
 

@@ -54,7 +54,8 @@ def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
                   f"    num_examples: {totals['rows']}", f"  download_size: {totals['bytes']}"]
     lines += ["---", ""]
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest["created_at"]))
-    pixels = "the decoder's mean image" if spec.get("pixels", "sample") == "mean" else "an image drawn from p(x | z)"
+    pixels = ("the decoder's mean image" if spec.get("pixels", "sample") == "mean"
+              else "the model's own image for z, a Gaussian model's pixel noise included")
     what = (f"{totals['rows']:,} samples (z from the model's prior, then {pixels}) of" if spec["kind"] == "samples"
             else f"{totals['rows']:,} reconstructions of dataset `{spec['dataset']}` split `{spec['split']}` by")
     lines += [f"# {manifest['job_id']}", "",

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from cluster.generate import STAGE_DELAY_ENV, plan_job, run_generation
+from cluster.generate import plan_job, run_generation
+from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import LEASE_TTL_ENV
 from cluster.layout import LEASE, RECEIPTS

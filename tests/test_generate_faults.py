@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from cluster.generate import STAGE_DELAY_ENV, ShardMaker, plan_job, run_generation, start_workers
+from cluster.generate import ShardMaker, plan_job, run_generation, start_workers
+from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
 from cluster.inventory import read_committed_manifest
 from cluster.layout import LEASE, RECEIPTS, SUCCESS
 from cluster.registry import Registry
@@ -158,6 +159,17 @@ def test_an_exception_inside_a_writer_publishes_nothing(storage_config):
     with pytest.raises(OSError, match="disk full"):
         maker.make(0)
     assert storage.list("outputs", recursive=True) == []
+
+
+def test_the_drill_hook_is_off_unless_set_and_refuses_a_bad_setting():
+    assert stage_pause(None) is None and stage_pause("") is None
+    pause = stage_pause("decode=0.2, publish=0")
+    pause("encode")                                      # a stage it does not name: no pause
+    started = time.monotonic()
+    pause("decode")
+    assert time.monotonic() - started >= 0.2
+    with pytest.raises(ValueError):
+        stage_pause("decode=not-a-number")
 
 
 def test_a_second_driver_waits_for_the_first_and_writes_nothing(ray_local, local_storage_config, monkeypatch, capfd):

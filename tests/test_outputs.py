@@ -12,6 +12,7 @@ from PIL import Image
 
 from cluster.datasets import ingest
 from cluster.generate import plan_job, run_generation, run_reconstruction
+from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.inventory import job_status, list_jobs
 from cluster.layout import RECEIPTS, RUN_RECORD, SUCCESS
 from cluster.storage import open_storage
@@ -143,12 +144,12 @@ def test_ls_shows_finished_partial_and_failed_jobs(jobs, capsys):
     # failed: a run whose workers die on every shard (the stage delay is not a number: ValueError in the actor)
     spec = GenerateConfig(model="tiny", count=30, shard_size=10, seed=12)
     failed_plan = plan_job(spec, storage)
-    os.environ["VAEGEN_STAGE_DELAY"] = "decode=not-a-number"
+    os.environ[STAGE_DELAY_ENV] = "decode=not-a-number"
     try:
         with pytest.raises(Exception):
             run_generation(spec, cfg, workers=1, progress=False, max_restarts=0)
     finally:
-        del os.environ["VAEGEN_STAGE_DELAY"]
+        del os.environ[STAGE_DELAY_ENV]
 
     states = {j.job_id: (j.state, j.progress) for j in list_jobs(storage)}
     assert states[recon["job_id"]] == ("finished", "3/3") and states[samples["job_id"]] == ("finished", "3/3")

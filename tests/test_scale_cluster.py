@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from cluster.generate import STAGE_DELAY_ENV, ShardLedger, plan_job, run_generation, sha256_hex
+from cluster.generate import ShardLedger, plan_job, run_generation, sha256_hex
+from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.runtime import WORKER_ENV
 from cluster.storage import open_storage
 from generate_support import publish_tiny_model

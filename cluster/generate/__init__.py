@@ -29,7 +29,6 @@ deletes and the commit checks what it names."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -43,25 +42,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from vae_core import __version__
 from vae_core.config import GenerateConfig, StorageConfig, to_dict
 from vae_core.errors import VaegenError
-from vae_core.images import to_uint8
-from vae_core.models import VAE
 
 from ..dataset_card import publish_dataset_card
-from ..datasets import read_shard, table_arrays
 from ..inventory import job_run_record, read_committed_manifest
 from ..job_lease import JobLease
 from ..layout import receipt_name, shard_braces, shard_name
 from ..registry import ModelRef
 from ..storage import Storage, open_storage
-from ..writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter
-from .plan import OUTPUT_FORMAT_VERSION, JobPlan, ShardTask, load_model, plan_job, sha256_hex
+from .drill import stage_delay_setting, stage_pause
+from .plan import OUTPUT_FORMAT_VERSION, JobPlan, load_model, plan_job, sha256_hex
+from .shards import ShardMaker
 
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
@@ -72,109 +68,8 @@ IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never 
 # nodes take minutes to arrive), so there the shortfall check is skipped and the wait is longer.
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
 JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
-# Fault-injection knob for tests and drills: "stage=seconds[,stage=seconds]" makes every worker pause at those
-# stages (decode, encode, publish), so a test can kill it at a known point. Unset in normal runs.
-STAGE_DELAY_ENV = "VAEGEN_STAGE_DELAY"
 VERIFY_CHUNK = 1024               # receipts checked per batch on resume (bounds the driver's futures)
 UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
-
-
-def shard_seed(seed: int, index: int) -> int:
-    """A per-shard generator seed from (job seed, shard index) alone: never from the worker."""
-    return int.from_bytes(hashlib.sha256(f"vaegen:{seed}:{index}".encode()).digest()[:8], "big") >> 1
-
-
-# -- building and publishing one shard (what a DecoderWorker does; no Ray here) ------------------------------
-def parse_stage_delays(text: str | None) -> dict[str, float]:
-    delays = {}
-    for part in filter(None, (text or "").split(",")):
-        stage, _, seconds = part.partition("=")
-        delays[stage.strip()] = float(seconds)
-    return delays
-
-
-class ShardMaker:
-    """Decodes, encodes, validates and publishes shards of one job with one loaded model."""
-
-    def __init__(self, plan: JobPlan, storage: Storage, model: VAE, *,
-                 writer_cls: type[ShardWriter] | None = None, stage_delays: dict[str, float] | None = None,
-                 device: str = "cpu") -> None:
-        self.plan, self.storage, self.device = plan, storage, device
-        self.model = model.to(device).eval()
-        self.writer_cls = writer_cls or WRITERS[plan.spec.format]
-        self.stage_delays = stage_delays or {}
-        self.stage, self.shard = "idle", -1          # read by DecoderWorker.status() from another thread
-
-    def enter(self, stage: str) -> None:
-        self.stage = stage
-        if stage in self.stage_delays:
-            time.sleep(self.stage_delays[stage])
-
-    def batches(self, task: ShardTask):
-        """A shard's decoded rows, in id order, in batches of the spec's fixed decode_batch."""
-        size = self.plan.spec.decode_batch
-        if task.input is None:
-            ids = np.arange(task.first_id, task.first_id + task.rows, dtype=np.int64)
-            gen = torch.Generator().manual_seed(shard_seed(self.plan.spec.seed, task.index))
-            labels = np.asarray(self.plan.labels, np.int64)[ids % len(self.plan.labels)] if self.plan.labels else None
-            y_all = None if labels is None else torch.from_numpy(labels)
-            z = self.model.sample_prior(task.rows, y_all, gen)                         # (rows, Z), one draw
-            for start in range(0, task.rows, size):
-                self.enter("decode")
-                part = slice(start, start + size)
-                y = None if labels is None else labels[part]
-                z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
-                images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
-                          else self.model.sample_images(z_part, y_part, gen))
-                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
-        else:
-            ids, labels, pixels = self.read_input(task)
-            for start in range(0, len(ids), size):
-                self.enter("decode")
-                part = slice(start, start + size)
-                x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
-                y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
-                recon, mu = self.model.reconstruct(x, y)
-                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
-
-    def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        spec = self.plan.spec
-        body = read_shard(self.storage, spec.dataset, spec.split, task.input)      # sha256-checked
-        return table_arrays(pq.read_table(io.BytesIO(body)), self.plan.image_shape)
-
-    def build(self, index: int) -> tuple[bytes, dict]:
-        """The finished shard's bytes and its record (what the receipt and the manifest keep)."""
-        plan, task = self.plan, self.plan.task(index)
-        self.shard = index
-        info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
-                         plan.weights_sha256, plan.job_id, plan.label_names)
-        writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
-        for batch in self.batches(task):
-            self.enter("encode")
-            pixels.update(np.ascontiguousarray(batch.images).data)
-            writer.write(batch)
-            rows, last_id = rows + len(batch), int(batch.ids[-1])
-        data = writer.close()
-        if rows != task.rows:
-            raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
-        record = {"index": index, "name": shard_name(index, plan.spec.format), "rows": rows,
-                  "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
-                  "pixels_sha256": pixels.hexdigest()}
-        return data, record
-
-    def make(self, index: int) -> dict:
-        """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`)."""
-        started = time.perf_counter()
-        data, record = self.build(index)
-        self.enter("publish")
-        key = self.plan.shard_key(index)
-        published = self.storage.publish(key, data, if_absent=True)
-        if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
-            self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones
-            published = True
-        self.storage.publish(self.plan.receipt_key(index), json.dumps(record, sort_keys=True).encode())
-        self.stage = "idle"
-        return {**record, "published": published, "seconds": time.perf_counter() - started}
 
 
 # -- the Ray actor ------------------------------------------------------------------------------------------
@@ -202,8 +97,7 @@ def decoder_worker_class():
                     raise VaegenError(f"{plan.model_ref} changed under job {plan.job_id}: its "
                                       f"{' and '.join(changed)} sha256 differ from the plan's; rerun to start a "
                                       "new job for the model as it is now")
-                self.maker = ShardMaker(plan, storage, loaded.model, device=device,
-                                        stage_delays=parse_stage_delays(stage_delays))
+                self.maker = ShardMaker(plan, storage, loaded.model, device=device, pause=stage_pause(stage_delays))
             except VaegenError as e:
                 self.refusal = str(e)
 
@@ -244,7 +138,7 @@ def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_
     actors = [worker_cls.options(name=f"vaegen-decoder-{plan.job_id}-{k}-{os.getpid()}",
                                  num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                  max_restarts=max_restarts, max_task_retries=max_restarts)
-              .remote(plan, dataclasses.asdict(storage_cfg), device, os.environ.get(STAGE_DELAY_ENV))
+              .remote(plan, dataclasses.asdict(storage_cfg), device, stage_delay_setting())
               for k in range(workers)]
     try:
         ray.get([a.ready.remote() for a in actors], timeout=timeout)

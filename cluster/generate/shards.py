@@ -1,0 +1,116 @@
+"""Building one shard of a job, and publishing it exactly once: what a DecoderWorker does, without Ray (tests
+and benchmarks call it directly).
+
+- Shard i depends only on (spec, i): latents from a generator seeded by (seed, i) and drawn from the model's
+  prior (N(0, I), or the mixture fitted to it), a fixed decode batch, one torch thread (the worker sets it),
+  deterministic writers. Any worker, retry or rerun writes the same bytes.
+- The whole shard is built in memory and validated by its writer, then published as one object if absent (S3:
+  one PUT with If-None-Match; locally temp + link), then its receipt (rows, ids, bytes, sha256, pixels sha256).
+  If the shard was already there its sha256 must equal ours, else ours replaces it (a corrupt leftover)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from vae_core.images import to_uint8
+from vae_core.models import VAE
+
+from ..datasets import read_shard, table_arrays
+from ..storage import Storage
+from ..writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter
+from .plan import JobPlan, ShardTask, sha256_hex
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """A per-shard generator seed from (job seed, shard index) alone: never from the worker."""
+    return int.from_bytes(hashlib.sha256(f"vaegen:{seed}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+class ShardMaker:
+    """Decodes, encodes, validates and publishes shards of one job with one loaded model."""
+
+    def __init__(self, plan: JobPlan, storage: Storage, model: VAE, *, writer_cls: type[ShardWriter] | None = None,
+                 device: str = "cpu", pause: Callable[[str], None] | None = None) -> None:
+        self.plan, self.storage, self.device = plan, storage, device
+        self.model = model.to(device).eval()
+        self.writer_cls = writer_cls or WRITERS[plan.spec.format]
+        self.pause = pause                            # the drill hook (drill.py); None in a real run
+        self.stage, self.shard = "idle", -1          # read by DecoderWorker.status() from another thread
+
+    def enter(self, stage: str) -> None:
+        self.stage = stage
+        if self.pause is not None:
+            self.pause(stage)
+
+    def batches(self, task: ShardTask):
+        """A shard's decoded rows, in id order, in batches of the spec's fixed decode_batch."""
+        size = self.plan.spec.decode_batch
+        if task.input is None:
+            ids = np.arange(task.first_id, task.first_id + task.rows, dtype=np.int64)
+            gen = torch.Generator().manual_seed(shard_seed(self.plan.spec.seed, task.index))
+            labels = np.asarray(self.plan.labels, np.int64)[ids % len(self.plan.labels)] if self.plan.labels else None
+            y_all = None if labels is None else torch.from_numpy(labels)
+            z = self.model.sample_prior(task.rows, y_all, gen)                         # (rows, Z), one draw
+            for start in range(0, task.rows, size):
+                self.enter("decode")
+                part = slice(start, start + size)
+                y = None if labels is None else labels[part]
+                z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
+                images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
+                          else self.model.sample_images(z_part, y_part, gen))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
+        else:
+            ids, labels, pixels = self.read_input(task)
+            for start in range(0, len(ids), size):
+                self.enter("decode")
+                part = slice(start, start + size)
+                x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
+                y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
+                recon, mu = self.model.reconstruct(x, y)
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
+
+    def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        spec = self.plan.spec
+        body = read_shard(self.storage, spec.dataset, spec.split, task.input)      # sha256-checked
+        return table_arrays(pq.read_table(io.BytesIO(body)), self.plan.image_shape)
+
+    def build(self, index: int) -> tuple[bytes, dict]:
+        """The finished shard's bytes and its record (what the receipt and the manifest keep)."""
+        plan, task = self.plan, self.plan.task(index)
+        self.shard = index
+        info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
+                         plan.weights_sha256, plan.job_id, plan.label_names)
+        writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
+        for batch in self.batches(task):
+            self.enter("encode")
+            pixels.update(np.ascontiguousarray(batch.images).data)
+            writer.write(batch)
+            rows, last_id = rows + len(batch), int(batch.ids[-1])
+        data = writer.close()
+        if rows != task.rows:
+            raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
+        record = {"index": index, "name": plan.shard_name(index), "rows": rows,
+                  "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
+                  "pixels_sha256": pixels.hexdigest()}
+        return data, record
+
+    def make(self, index: int) -> dict:
+        """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`)."""
+        started = time.perf_counter()
+        data, record = self.build(index)
+        self.enter("publish")
+        key = self.plan.shard_key(index)
+        published = self.storage.publish(key, data, if_absent=True)
+        if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
+            self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones
+            published = True
+        self.storage.publish(self.plan.receipt_key(index), json.dumps(record, sort_keys=True).encode())
+        self.stage = "idle"
+        return {**record, "published": published, "seconds": time.perf_counter() - started}
