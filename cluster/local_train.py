@@ -14,10 +14,10 @@ from vae_core.config import TrainJobConfig
 from vae_core.models import VAE
 from vae_core.train import EpochMetrics, FitResult, ImageSet, fit
 
-from .runs import TrainResult, manifest_digest, run_key, to_image_set  # noqa: F401  (re-exported: see below)
+from .runs import TrainResult, run_key
+from .runs import manifest_digest, to_image_set  # noqa: F401  (cluster/evaluation.py imports them from here)
 from .storage import Storage
 
-# manifest_digest and to_image_set lived here before cluster/runs.py; other modules still import them from here.
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{5,})\.pt$")
 CHECKPOINTS_KEPT = 2          # the latest, and the one before it in case the latest is being replaced
 

@@ -66,8 +66,8 @@ def claim_run(storage: Storage, job: TrainJobConfig, initial_state: dict[str, to
         return
     theirs = json.loads(storage.read_bytes(key))
     if "run_id" not in theirs or "warm_start_sha256" not in theirs:
-        # Runs started before one loop served every backend drew their random numbers by another scheme: their
-        # checkpoints would resume into a different run than the one they began.
+        # A _job.json without these keys was written by a vaegen whose workers drew their random numbers by
+        # another scheme: its checkpoints would resume into a different run than the one they began.
         raise VaegenError(f"run {job.run_id!r} was started by an earlier vaegen whose checkpoints this one cannot "
                           "resume; use a new --run-id")
     diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]

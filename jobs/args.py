@@ -86,7 +86,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "a finished run returns its version (default: a new id)")
     g.add_argument("--adam", choices=ADAM_IMPLS, default=t.adam,
                    help="fused: one pass over all the weights per Adam step; for-loop: torch's per-tensor loop, "
-                        "the same maths with other rounding, ~3x slower on CPU (default: %(default)s)")
+                        "the same maths with other rounding, slower on CPU (default: %(default)s)")
 
 
 def train_job_config(args: argparse.Namespace) -> TrainJobConfig:

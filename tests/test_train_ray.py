@@ -102,7 +102,7 @@ def s3_fashion(s3_server, small_fashion) -> StorageConfig:
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(s3_fashion):
+def two_worker_run(s3_fashion, starts_ray):
     from conftest import start_local_ray
     start_local_ray()
     job = job_for(s3_fashion, workers=2)

@@ -127,7 +127,7 @@ def beta_at_epoch(epoch: int, cfg: TrainConfig) -> float:
 
 
 def start_epoch(optimizer: torch.optim.Optimizer, epoch: int, cfg: TrainConfig) -> float:
-    """Apply the epoch's learning rate to the optimizer; return the epoch's KL weight. Both trainers call it."""
+    """Apply the epoch's learning rate to the optimizer; return the epoch's KL weight (run_epochs calls it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at_epoch(epoch, cfg)
     return beta_at_epoch(epoch, cfg)
