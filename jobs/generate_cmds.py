@@ -1,10 +1,10 @@
-"""`vaegen generate` and `vaegen reconstruct`: flags → GenerateConfig → cluster.generate."""
+"""`vaegen generate` and `vaegen reconstruct`: flags → GenerateConfig (what the job makes) and RunSettings (how
+it runs) → cluster.generate."""
 from __future__ import annotations
 
 import argparse
 
-from vae_core.config import FORMATS, MAX_WORKERS, PIXELS, GenerateConfig
-from vae_core.errors import VaegenError
+from vae_core.config import FORMATS, PIXELS, GenerateConfig
 
 from .args import add_progress_arg, add_storage_args, storage_config
 
@@ -50,14 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_reconstruct)
 
 
-def run_options(args: argparse.Namespace) -> dict:
+def run_settings(args: argparse.Namespace):
     """How to run the job (not part of its identity), checked before any storage or Ray is touched."""
-    if not 1 <= args.workers <= MAX_WORKERS:
-        raise VaegenError(f"--workers={args.workers} must be between 1 and {MAX_WORKERS}")
-    if args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
-        raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
-    return {"workers": args.workers, "address": args.address, "progress": args.progress,
-            "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker}
+    from cluster.generate import RunSettings
+    return RunSettings(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker, address=args.address, progress=args.progress)
 
 
 def report(manifest: dict) -> int:
@@ -73,11 +70,11 @@ def run_generate(args: argparse.Namespace) -> int:
     spec = GenerateConfig(model=args.model, kind="samples", count=args.count, shard_size=args.shard_size,
                           seed=args.seed, format=args.format, labels=tuple(args.labels),
                           decode_batch=args.decode_batch, pixels=args.pixels)
-    return report(run_generation(spec, storage_config(args), **run_options(args)))
+    return report(run_generation(spec, storage_config(args), run_settings(args)))
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     from cluster.generate import run_reconstruction
     spec = GenerateConfig(model=args.model, kind="reconstructions", dataset=args.dataset, split=args.split,
                           format=args.format, decode_batch=args.decode_batch)
-    return report(run_reconstruction(spec, storage_config(args), **run_options(args)))
+    return report(run_reconstruction(spec, storage_config(args), run_settings(args)))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cluster.datasets import ingest
-from cluster.generate import (STALE_TEMP_S, JobPlan, ShardLedger, ShardMaker, commit, plan_job, run_generation,
-                              run_reconstruction, sha256_hex, start_workers, verified_shards)
+from cluster.generate import (STALE_TEMP_S, JobPlan, RunSettings, ShardLedger, ShardMaker, commit, plan_job,
+                              run_generation, run_reconstruction, sha256_hex, start_workers, verified_shards)
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import JobLease
 from cluster.layout import SUCCESS
@@ -238,6 +238,21 @@ def test_weights_failing_their_sha256_are_refused(local_storage_config):
     assert storage.list("outputs", recursive=True) == []
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(workers=0), "--workers=0 must be between 1 and 1024"),
+    (dict(workers=5000), "--workers=5000 must be between 1 and 1024"),
+    (dict(cpus_per_worker=-1), "--cpus-per-worker and --gpus-per-worker must be >= 0"),
+    (dict(max_restarts=-1), "max_restarts=-1 must be >= 0")])
+def test_bad_run_settings_are_one_clear_error_before_any_work(local_storage_config, settings, message):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    with pytest.raises(VaegenError, match=message):
+        run_generation(samples(), local_storage_config, **{"workers": 2, **settings})
+    with pytest.raises(VaegenError, match=message):
+        RunSettings(**settings)
+    assert storage.list("outputs", recursive=True) == []
+
+
 def test_unwritable_root_is_refused(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(VaegenError, match="is not writable"):
@@ -300,7 +315,7 @@ def test_a_worker_refuses_a_model_that_changed_under_the_job(ray_local, local_st
     key = "models/tiny/v0001/config.json"
     storage.publish(key, storage.read_bytes(key) + b"\n")                   # same model, other bytes
     with pytest.raises(VaegenError) as refused:
-        start_workers(plan, local_storage_config, workers=1, cpus_per_worker=0.5, gpus_per_worker=0, max_restarts=0)
+        start_workers(plan, local_storage_config, RunSettings(workers=1, max_restarts=0))
     message = str(refused.value)
     assert "\n" not in message and "tiny@v0001 changed under job" in message and "config.json sha256" in message
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cluster.generate import ShardMaker, plan_job, run_generation, start_workers
+from cluster.generate import RunSettings, ShardMaker, plan_job, run_generation, start_workers
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
 from cluster.inventory import read_committed_manifest
 from cluster.layout import LEASE, RECEIPTS, SUCCESS
@@ -130,7 +130,7 @@ def test_the_same_shard_written_twice_at_once_is_one_object(ray_local, storage_c
     storage = open_storage(storage_config, for_writing=True)
     publish_tiny_model(storage)
     plan = plan_job(spec(), storage)
-    actors = start_workers(plan, storage_config, workers=2, cpus_per_worker=0.5, gpus_per_worker=0, max_restarts=0)
+    actors = start_workers(plan, storage_config, RunSettings(workers=2, max_restarts=0))
     try:
         records = ray.get([a.run_shard.remote(2) for a in actors])
     finally:

@@ -37,8 +37,6 @@ import random
 import sys
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,152 +51,17 @@ from ..dataset_card import publish_dataset_card
 from ..inventory import job_run_record, read_committed_manifest
 from ..job_lease import JobLease
 from ..layout import receipt_name, shard_braces, shard_name
-from ..registry import ModelRef
 from ..storage import Storage, open_storage
-from .drill import stage_delay_setting, stage_pause
-from .plan import OUTPUT_FORMAT_VERSION, JobPlan, load_model, plan_job, sha256_hex
+from .plan import OUTPUT_FORMAT_VERSION, JobPlan, ShardTask, plan_job, sha256_hex
+from .pool import start_workers, run_shards, stop_workers
+from .settings import RunSettings
 from .shards import ShardMaker
 
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
 STALE_TEMP_S = 3600.0
 COMMIT_ATTEMPTS = 5              # manifest + _SUCCESS rewrites when another driver's commit interleaves with ours
-IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never idle, the driver holds little
-# How long actors may take to start: a local Ray has what it has; a joined cluster may be autoscaling (GPU
-# nodes take minutes to arrive), so there the shortfall check is skipped and the wait is longer.
-PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
-JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
 VERIFY_CHUNK = 1024               # receipts checked per batch on resume (bounds the driver's futures)
-UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
-
-
-# -- the Ray actor ------------------------------------------------------------------------------------------
-def decoder_worker_class():
-    """The DecoderWorker actor class, made on first use so that importing this module does not import Ray."""
-    import ray
-
-    @ray.remote(concurrency_groups={"control": 1})
-    class DecoderWorker:
-        """Loads the model once, then builds and publishes whole shards, one at a time (the default
-        concurrency group runs one task at a time); status() answers from its own thread meanwhile."""
-
-        def __init__(self, plan: JobPlan, storage_cfg: dict, device: str, stage_delays: str | None) -> None:
-            torch.set_num_threads(1)          # fixed: a shard's floats must not depend on the thread count
-            storage = Storage(StorageConfig(**storage_cfg))
-            # A refusal is kept and raised by every call (a constructor's exception would be retried by Ray's
-            # restarts and reach the driver as an actor death, not as this one line).
-            self.maker, self.refusal = None, None
-            try:
-                loaded, config_sha256 = load_model(storage, ModelRef(*plan.model_ref.split("@")))
-                changed = [what for what, ours, planned in (("weights", loaded.weights_sha256, plan.weights_sha256),
-                                                            ("config.json", config_sha256, plan.config_sha256))
-                           if ours != planned]
-                if changed:
-                    raise VaegenError(f"{plan.model_ref} changed under job {plan.job_id}: its "
-                                      f"{' and '.join(changed)} sha256 differ from the plan's; rerun to start a "
-                                      "new job for the model as it is now")
-                self.maker = ShardMaker(plan, storage, loaded.model, device=device, pause=stage_pause(stage_delays))
-            except VaegenError as e:
-                self.refusal = str(e)
-
-        def ready(self) -> int:
-            if self.refusal:
-                raise VaegenError(self.refusal)
-            return os.getpid()
-
-        @ray.method(concurrency_group="control")
-        def status(self) -> dict:
-            maker = self.maker
-            return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                    "stage": maker.stage if maker else "refused", "shard": maker.shard if maker else -1}
-
-        def run_shard(self, index: int) -> dict:
-            if self.refusal:
-                raise VaegenError(self.refusal)
-            return self.maker.make(index)
-
-    return DecoderWorker
-
-
-def start_workers(plan: JobPlan, storage_cfg: StorageConfig, workers: int, cpus_per_worker: float,
-                  gpus_per_worker: float, max_restarts: int, *, joined: bool = False) -> list:
-    """Start the actors and wait until each has loaded the model; a clear error instead of a hang when the
-    cluster cannot place them (at once on a local Ray, after the placement timeout on a joined cluster)."""
-    import ray
-    resources = ray.cluster_resources()
-    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
-    short = [f"{need[r]:g} {r} (cluster has {resources.get(r, 0):g})" for r in need
-             if need[r] > resources.get(r, 0) + 1e-9]
-    timeout = JOINED_PLACEMENT_TIMEOUT_S if joined else PLACEMENT_TIMEOUT_S
-    if short and not joined:
-        raise VaegenError(f"Ray cannot place {workers} DecoderWorker(s): they need {', '.join(short)}; "
-                          "lower --workers, --cpus-per-worker or --gpus-per-worker")
-    device = "cuda" if gpus_per_worker > 0 else "cpu"
-    worker_cls = decoder_worker_class()
-    actors = [worker_cls.options(name=f"vaegen-decoder-{plan.job_id}-{k}-{os.getpid()}",
-                                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                 max_restarts=max_restarts, max_task_retries=max_restarts)
-              .remote(plan, dataclasses.asdict(storage_cfg), device, stage_delay_setting())
-              for k in range(workers)]
-    try:
-        ray.get([a.ready.remote() for a in actors], timeout=timeout)
-    except ray.exceptions.RayTaskError as e:
-        for a in actors:
-            ray.kill(a)
-        if isinstance(e.cause, VaegenError):
-            raise VaegenError(str(e.cause)) from None
-        raise
-    except ray.exceptions.GetTimeoutError:
-        for a in actors:
-            ray.kill(a)
-        raise VaegenError(f"Ray could not start {workers} DecoderWorker(s) within {timeout:.0f} s "
-                          f"(each needs {cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU; cluster resources "
-                          f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} })") from None
-    return actors
-
-
-def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -> None:
-    """Feed shard indices to the actors, at most IN_FLIGHT_PER_WORKER each (backpressure): the driver holds
-    only the in-flight futures and small records, whatever the job's size."""
-    import ray
-    pending = deque(todo)
-    futures: dict = {}
-    unavailable: dict[int, int] = {}                                   # shard -> calls lost to an unreachable actor
-
-    def submit(actor) -> None:
-        if pending:
-            index = pending.popleft()
-            futures[actor.run_shard.remote(index)] = (actor, index)
-
-    for _ in range(IN_FLIGHT_PER_WORKER):
-        for actor in actors:
-            submit(actor)
-    while futures:
-        ready, _ = ray.wait(list(futures), num_returns=1)
-        actor, index = futures.pop(ready[0])
-        try:
-            record = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, VaegenError):
-                raise VaegenError(str(e.cause)) from None
-            raise
-        except ray.exceptions.ActorUnavailableError as e:
-            # The actor's node went away mid-call (or its link did): Ray does not retry such a call, since it
-            # may have run. A shard is idempotent, so run it again; the actor restarts elsewhere meanwhile.
-            unavailable[index] = unavailable.get(index, 0) + 1
-            if unavailable[index] > UNAVAILABLE_RETRIES:
-                raise RuntimeError(f"shard {index}: its DecoderWorker stayed unreachable over "
-                                   f"{UNAVAILABLE_RETRIES} retries ({str(e).splitlines()[0]}); finished shards "
-                                   "are kept: rerun to resume") from None
-            time.sleep(0.5 * unavailable[index])                     # rare: give the restart a moment
-            pending.appendleft(index)
-            submit(actor)
-            continue
-        except ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"a DecoderWorker died on shard {index} more often than its restarts allow "
-                               f"({str(e).splitlines()[0]}); finished shards are kept: rerun to resume") from None
-        on_done(record)
-        submit(actor)
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
@@ -376,14 +239,11 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                       "rerun the same command to commit")
 
 
-def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2, address: str | None = None,
-            progress: bool = True, cpus_per_worker: float = 0.5, gpus_per_worker: float = 0.0,
-            max_restarts: int = 3) -> dict:
-    """Plan, resume, run the missing shards on DecoderWorker actors, commit; returns the manifest."""
-    if workers <= 0:
-        raise VaegenError(f"--workers={workers} must be > 0")
-    if cpus_per_worker < 0 or gpus_per_worker < 0:
-        raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),
+            **changes) -> dict:
+    """Plan, take the job's lease, resume, run the missing shards on DecoderWorker actors, commit; returns the
+    manifest. `changes` are RunSettings fields to change (run_job(spec, cfg, workers=4))."""
+    settings = dataclasses.replace(settings, **changes) if changes else settings
     started = time.perf_counter()
     storage = open_storage(storage_cfg, for_writing=True)
     plan = plan_job(spec, storage)
@@ -395,16 +255,13 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 
               "stop", file=sys.stderr, flush=True)
     lease.acquire(on_wait=waiting)
     try:
-        return run_leased(plan, storage, storage_cfg, (started, planned), workers=workers, address=address,
-                          progress=progress, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                          max_restarts=max_restarts)
+        return run_leased(plan, storage, storage_cfg, settings, (started, planned))
     finally:
         lease.release()
 
 
-def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, clock: tuple[float, float], *,
-               workers: int, address: str | None, progress: bool, cpus_per_worker: float, gpus_per_worker: float,
-               max_restarts: int) -> dict:
+def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, settings: RunSettings,
+               clock: tuple[float, float]) -> dict:
     """run_job's work once it holds the job's lease (or the lease expired: nothing here relies on it)."""
     spec, (started, planned), leased = plan.spec, clock, time.perf_counter()
     success_key = plan.keys.success
@@ -425,15 +282,15 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, cloc
     written = 0
     if todo:
         from ..runtime import ray_runtime
-        with ray_runtime(address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
-            import ray
-            joined = bool(address or os.environ.get("RAY_ADDRESS"))
-            actors = start_workers(plan, storage_cfg, min(workers, len(todo)), cpus_per_worker,
-                                   gpus_per_worker, max_restarts, joined=joined)
+        with ray_runtime(settings.address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
+            joined = bool(settings.address or os.environ.get("RAY_ADDRESS"))
+            actors = start_workers(plan, storage_cfg, dataclasses.replace(settings, workers=min(settings.workers,
+                                                                                                len(todo))),
+                                   joined=joined)
             shards_started = time.perf_counter()
             try:
                 with tqdm(total=plan.total_rows, initial=skipped_rows, unit="img", unit_scale=True,
-                          desc=f"{spec.kind} {plan.job_id}", disable=not progress) as bar:
+                          desc=f"{spec.kind} {plan.job_id}", disable=not settings.progress) as bar:
                     def on_done(record: dict) -> None:
                         nonlocal written
                         records.add(record, built=True)
@@ -441,13 +298,12 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, cloc
                         bar.update(record["rows"])
                     run_shards(actors, todo, on_done)
             finally:
-                for actor in actors:
-                    ray.kill(actor)
+                stop_workers(actors)
             shard_seconds = time.perf_counter() - shards_started
     else:
         shard_seconds = 0.0
     new_rows = plan.total_rows - skipped_rows
-    run = {"workers": workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
+    run = {"workers": settings.workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
            "rows_written": new_rows, "seconds": time.perf_counter() - started, "shard_seconds": shard_seconds,
            "samples_per_s": new_rows / shard_seconds if shard_seconds else None, **phases}
     committing = time.perf_counter()
@@ -456,17 +312,18 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, cloc
     return manifest
 
 
-def run_generation(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2,
-                   address: str | None = None, progress: bool = True, **options) -> dict:
-    """Samples z ~ N(0, I) → images, as shards under outputs/<job-id>/; returns the manifest."""
+def run_generation(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),
+                   **changes) -> dict:
+    """Samples: latents from the model's prior (N(0, I), or the mixture fitted to it) decoded to images, as
+    shards under outputs/<job-id>/; returns the manifest."""
     if spec.kind != "samples":
         raise VaegenError(f"run_generation takes kind='samples', got {spec.kind!r}")
-    return run_job(spec, storage_cfg, workers=workers, address=address, progress=progress, **options)
+    return run_job(spec, storage_cfg, settings, **changes)
 
 
-def run_reconstruction(spec: GenerateConfig, storage_cfg: StorageConfig, *, workers: int = 2,
-                       address: str | None = None, progress: bool = True, **options) -> dict:
+def run_reconstruction(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),
+                       **changes) -> dict:
     """Reconstructions of a dataset split, one output shard per input shard; returns the manifest."""
     if spec.kind != "reconstructions":
         raise VaegenError(f"run_reconstruction takes kind='reconstructions', got {spec.kind!r}")
-    return run_job(spec, storage_cfg, workers=workers, address=address, progress=progress, **options)
+    return run_job(spec, storage_cfg, settings, **changes)
