@@ -21,7 +21,7 @@ import torch
 from cluster.datasets import read_manifest
 from cluster.evaluation import evaluate_model
 from cluster.ingest import ingest_source
-from cluster.local_train import train_single_process
+from cluster.training import train_model
 from cluster.registry import ModelRef, Registry
 from cluster.storage import open_storage
 from vae_core.classifier import ClassifierConfig
@@ -39,10 +39,11 @@ def existing_version(registry: Registry, job: TrainJobConfig) -> ModelRef | None
     for version in reversed(registry.versions(job.name)):
         ref = ModelRef(job.name, version)
         recorded = json.loads(registry.read_file(ref, "config.json")).get("train_job", {})
-        recorded["model"].pop("image_shape", None), recorded["model"].pop("num_classes", None)
-        wanted = to_dict(job)
-        wanted["model"].pop("image_shape", None), wanted["model"].pop("num_classes", None)
-        if recorded == json.loads(json.dumps(wanted)):
+        wanted = json.loads(json.dumps(to_dict(job)))
+        for settings in (recorded, wanted):            # filled in from the dataset, and one run's own name
+            settings["model"].pop("image_shape", None), settings["model"].pop("num_classes", None)
+            settings.pop("run_id", None)
+        if recorded == wanted:
             return ref
     return None
 
@@ -57,7 +58,7 @@ def bench_preset(name: str, args: argparse.Namespace, storage_cfg: StorageConfig
     ref = existing_version(registry, job) if args.reuse else None
     started = time.perf_counter()
     if ref is None:
-        ref = train_single_process(job, progress=args.progress).ref
+        ref = train_model(dataclasses.replace(job, ray=None), progress=args.progress).ref
     metrics = registry.metrics(ref)
     eval_cfg = EvalJobConfig(model=str(ref), storage=storage_cfg, k=args.k, limit=args.limit, seed=0,
                              samples=args.samples, classifier=ClassifierConfig(epochs=args.classifier_epochs))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from cluster.ingest import ingest_source
-from cluster.local_train import train_single_process
+from cluster.training import train_model
 from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import read_fashion_mnist
 
@@ -95,7 +95,7 @@ def vaegen_trainer(epochs: int) -> dict:
         job = TrainJobConfig(model=ModelConfig(), train=TrainConfig(epochs=epochs, patience=epochs),
                              storage=storage, name="bench-mlp")
         start = time.perf_counter()
-        result = train_single_process(job, progress=False)
+        result = train_model(job, progress=False)                    # job.ray is None: one process
         wall = time.perf_counter() - start
     history = result.history
     train_seconds = sum(m.seconds for m in history)

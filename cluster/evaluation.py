@@ -21,7 +21,7 @@ from vae_core.evaluate import EvalJobConfig, evaluation_png, model_likelihood, s
 from vae_core.train import ImageSet
 
 from .datasets import read_manifest, read_split, split_shards
-from .local_train import manifest_digest, to_image_set
+from .runs import manifest_digest, to_image_set
 from .registry import LoadedModel, ModelRef, Registry
 from .storage import Storage, open_storage
 
