@@ -1,10 +1,21 @@
 """Shared fixtures: real Fashion-MNIST bytes, a real S3 endpoint (moto's server over HTTP on 127.0.0.1),
-and one local Ray per test session (started only by the tests that ask for it)."""
+and one local Ray per test session (started only by the tests that ask for it).
+
+Test tiers. A test is marked `ray` when it uses a fixture that starts or joins Ray (ray_local, ray_cluster,
+starts_ray, or any fixture built on them) and `s3` when it uses a moto server (s3_server, starts_moto, or any
+fixture built on them); both marks are applied here at collection, from the fixtures a test uses. A test that
+starts Ray or moto another way (a `vaegen` process that runs Ray, `ray start`, `python -m moto.server`) carries
+the mark itself, and a fixture that does so asks for `starts_ray` / `starts_moto`. The unit tier,
+`pytest -m "not ray and not s3 and not slow"`, then starts neither; `_tier_guard` fails any unmarked test that
+starts one anyway (in this process, or in any process it spawns), so the marks cannot silently go stale."""
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +27,125 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # Every Ray the tests start (and the CLI processes they spawn, which inherit this) binds to 127.0.0.1 instead
 # of the host's interface: Ray's switch for its loopback-only mode, read when ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+# Every process this session spawns inherits the token, so the guard can tell its own Ray and moto servers from
+# another session's on a shared machine.
+SESSION_TOKEN = f"VAEGEN_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["VAEGEN_TEST_SESSION"] = SESSION_TOKEN.split("=", 1)[1]
+
+RAY_FIXTURES = {"ray_local", "ray_cluster", "starts_ray"}
+S3_FIXTURES = {"s3_server", "starts_moto"}
+
+
+@pytest.hookimpl(tryfirst=True)           # before -m deselects: the marks must exist when it reads them
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(item.fixturenames)         # already the transitive closure of the fixtures it asks for
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if used & S3_FIXTURES:
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(scope="session")
+def starts_ray():
+    """Ask for this in a fixture that starts or joins a Ray of its own: every test using it is marked `ray`."""
+
+
+@pytest.fixture(scope="session")
+def starts_moto():
+    """Ask for this in a fixture that starts a moto server of its own: every test using it is marked `s3`."""
+
+
+def _service_processes() -> dict[int, str]:
+    """This session's Ray and moto server processes, pid → 'ray' or 's3' (a Ray's gcs_server and raylets; moto
+    run as `moto_server` or `python -m moto.server`). Found by the session token in their environment, wherever
+    they were reparented."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            programs = [os.path.basename(a) for a in argv[:2]]      # [python, script] for a console script
+            kind = ("ray" if programs[0] in (b"gcs_server", b"raylet")
+                    else "s3" if b"moto_server" in programs or b"moto.server" in argv[:3] else None)
+            if kind:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if SESSION_TOKEN.encode() in f.read().split(b"\0"):
+                        found[int(entry.name)] = kind
+        except OSError:                       # gone, or not ours to read
+            continue
+    return found
+
+
+def _ray_running_here() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+class _ServiceWatch(threading.Thread):
+    """What one test starts, from its fixtures' setup to their teardown: Ray in this process, moto's server module
+    imported here, and every Ray or moto server process of this session that appears (a CLI process that starts
+    Ray stops it before it exits, so one look at the end would miss it; both live for seconds, a look every half
+    second sees them)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="tier-guard")
+        self.ray_before, self.moto_before = _ray_running_here(), "moto.server" in sys.modules
+        self.before = set(_service_processes())
+        self.started: set[str] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.look()
+
+    def look(self) -> None:
+        self.started |= {kind for pid, kind in _service_processes().items() if pid not in self.before}
+
+    def finish(self) -> set[str]:
+        self.done.set()
+        self.join()
+        self.look()
+        if not self.ray_before and _ray_running_here():
+            self.started.add("ray")
+        if not self.moto_before and "moto.server" in sys.modules:
+            self.started.add("s3")
+        return self.started
+
+
+_WATCH = pytest.StashKey[_ServiceWatch]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if not {"ray", "s3"} <= {m.name for m in item.iter_markers()}:
+        item.stash[_WATCH] = _ServiceWatch()
+        item.stash[_WATCH].start()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Fails (at teardown) a test that started Ray or moto without its `ray` / `s3` mark."""
+    watch = item.stash.get(_WATCH, None)
+    try:
+        result = yield
+    finally:
+        started = watch.finish() if watch else set()
+    marks = {m.name for m in item.iter_markers()}
+    unmarked = sorted(started - marks)
+    if unmarked:
+        what = {"ray": "Ray", "s3": "a moto server"}
+        message = (f"{item.nodeid} started {' and '.join(what[k] for k in unmarked)} but is not marked "
+                   f"{' and '.join(unmarked)}: use the fixture (ray_local, s3_server, ...), ask for starts_ray / "
+                   f"starts_moto in a fixture that starts its own, or mark the test")
+        if not marks & {"ray", "s3", "slow"}:
+            pytest.fail(message, pytrace=False)         # it is in the unit tier, which promises neither
+        warnings.warn(pytest.PytestWarning(message))     # outside the unit tier: a mark to fix, not a broken promise
+    return result
 
 
 def free_port() -> int:
@@ -66,7 +196,7 @@ def local_storage_config(tmp_path) -> StorageConfig:
     return StorageConfig(root=str(tmp_path / "root"))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])   # asks for S3 only at run time
 def storage_config(request) -> StorageConfig:
     """Runs a test against a local folder and against S3 over HTTP: the same code path."""
     return request.getfixturevalue(f"{request.param}_storage_config")

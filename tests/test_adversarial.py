@@ -327,7 +327,7 @@ def base_root(tmp_path_factory, small_fashion) -> Path:
 
 
 @pytest.fixture(scope="module")
-def auth_s3_server():
+def auth_s3_server(starts_moto):
     """A moto server that checks credentials from the first request on (it knows none of ours): what an S3
     endpoint does with wrong credentials."""
     port = free_port()

@@ -119,6 +119,7 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 
 # -- classifier and TSTR ----------------------------------------------------------------------------------
 
+@pytest.mark.slow         # trains classifiers and a VAE
 def test_tstr_pipeline_runs_end_to_end_on_a_few_hundred_real_images(small_fashion):
     (train_x, train_y), (test_x, test_y) = small_fashion
     train = ImageSet(torch.from_numpy(train_x[:400]), torch.from_numpy(train_y[:400]))
@@ -171,6 +172,7 @@ def test_the_classic_flags_without_a_preset_are_unchanged():
 
 # -- `vaegen evaluate` on storage --------------------------------------------------------------------------
 
+@pytest.mark.slow         # trains, then evaluates, through the CLI
 def test_vaegen_evaluate_writes_its_results_into_the_model_version(fashion_root, capsys):
     name = unique_name("ev")
     assert main(["train", "--dataset", "fm-small", "--name", name, "--conditional", "--hidden-dim", "64",
@@ -213,6 +215,7 @@ def colour_folder(path, per_class: int = 24):
     return path
 
 
+@pytest.mark.slow         # trains classifiers and a VAE
 def test_vaegen_evaluate_works_the_same_on_a_colour_image_folder(tmp_path, local_storage_config, capsys):
     ingest_source("image-folder", str(colour_folder(tmp_path / "shapes")), local_storage_config, progress=False)
     args = root_args(local_storage_config)

@@ -130,6 +130,7 @@ def test_starting_at_the_mean_image_sets_the_output_bias_to_its_log_odds():
     torch.testing.assert_close(torch.sigmoid(conv.deconvs[-1].bias), colour.mean((1, 2)))
 
 
+@pytest.mark.slow         # a training epoch
 def test_starting_at_the_mean_image_trains_to_a_lower_loss(small_fashion):
     """The classic MLP, one epoch on 1,600 real images: the mean-image start is far ahead of PyTorch's default
     (352 against 399 nats when written)."""

@@ -46,6 +46,7 @@ def test_an_unfitted_mixture_is_the_standard_normal():
     torch.testing.assert_close(MixturePrior(1, 5, 3).log_prob(z, None), standard)
 
 
+@pytest.mark.slow         # EM fits: seconds of CPU each
 def test_em_recovers_a_known_mixture_and_sampling_follows_it():
     truth = random_mixture(groups=1, components=3, dim=2, seed=3)
     z = truth.sample(30_000, None, torch.Generator().manual_seed(0))
@@ -68,6 +69,7 @@ def test_em_on_posterior_gaussians_widens_each_component_by_their_variance():
                                widened[truth.loc[0, :, 0].argsort()], atol=0.05, rtol=0)
 
 
+@pytest.mark.slow         # EM fits: seconds of CPU each
 def test_em_on_posterior_gaussians_generalises_better_than_em_on_one_draw_of_each():
     """Many components on few posteriors (as 100 components on fmnist-best's): a fit to one sample per
     posterior learns those samples; the fit to the Gaussians explains fresh draws from them better."""
@@ -121,6 +123,7 @@ def trained_with_prior(small_fashion):
     return model, train, val, cfg
 
 
+@pytest.mark.slow         # EM fits: seconds of CPU each
 def test_fitting_the_prior_raises_the_elbo_and_the_likelihood(trained_with_prior):
     model, train, val, cfg = trained_with_prior
     test = ImageSet(val.images[:100])
@@ -137,6 +140,7 @@ def test_fitting_the_prior_raises_the_elbo_and_the_likelihood(trained_with_prior
                                                                               torch.zeros_like(model.prior.loc))
 
 
+@pytest.mark.slow         # trains, then evaluates, through the CLI
 def test_vaegen_train_fits_a_class_prior_and_evaluate_uses_it(fashion_root):
     name = unique_name("prior")
     assert main(["train", "--dataset", "fm-small", "--name", name, "--conditional", "--hidden-dim", "64",

@@ -68,8 +68,10 @@ def test_missing_bucket_is_one_clear_error(s3_server):
         open_storage(StorageConfig(root="s3://no-such-bucket/x", s3_endpoint=s3_server), for_writing=True)
 
 
-def test_unreachable_endpoint_fails_fast():
+def test_unreachable_endpoint_fails_fast(monkeypatch):
     from conftest import free_port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")            # credentials present: the endpoint is the problem
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     cfg = StorageConfig(root="s3://b/x", s3_endpoint=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(VaegenError, match="cannot reach the S3 endpoint"):
         open_storage(cfg, for_writing=True)

@@ -37,7 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head(s3_server):
+def ray_head(s3_server, starts_ray):
     """A Ray head with its job server on 127.0.0.1, started after the S3 fixture so that, like a cluster fed
     from a Kubernetes Secret, it has the storage credentials in its own environment."""
     import ray
@@ -265,11 +265,20 @@ def test_a_registry_this_machine_cannot_read_is_not_deduplicated(capsys):
     assert dedup and argv[2] == "m@v0001"
 
 
-def test_a_malformed_model_spec_is_refused_before_anything_is_sent(local_storage_config):
-    run = vaegen("submit", "--address", "http://127.0.0.1:9", "--", "generate", "--model", "m@../x", "--count",
-                 "10", "--root", local_storage_config.root, token_path=None)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1
-    assert run.stderr.startswith("vaegen: error: --model='m@../x'")
+def submit_here(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+    """`vaegen submit ...` in this process (no interpreter start), with no Ray token in the environment."""
+    from jobs.cli import main
+    for name in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(name)
+    code = main(["submit", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_a_malformed_model_spec_is_refused_before_anything_is_sent(local_storage_config, monkeypatch, capsys):
+    code, err = submit_here(monkeypatch, capsys, "--address", "http://127.0.0.1:9", "--", "generate", "--model",
+                            "m@../x", "--count", "10", "--root", local_storage_config.root)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("vaegen: error: --model='m@../x'")
 
 
 def test_a_failing_job_makes_submit_exit_non_zero_with_the_jobs_error(ray_head, s3_dataset):
@@ -294,11 +303,11 @@ def test_the_cluster_token_is_required_and_never_printed(ray_head, tmp_path):
     assert token not in missing.stdout + missing.stderr + refused.stdout + refused.stderr
 
 
-def test_unreachable_address_is_one_clear_error():
-    run = vaegen("submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "ingest", "fashion-mnist",
-                 token_path=None)
-    assert run.returncode == 2
-    assert run.stderr.startswith("vaegen: error: cannot reach the Ray job server at http://127.0.0.1:")
+def test_unreachable_address_is_one_clear_error(monkeypatch, capsys):
+    code, err = submit_here(monkeypatch, capsys, "--address", f"http://127.0.0.1:{free_port()}", "--", "ingest",
+                            "fashion-mnist")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("vaegen: error: cannot reach the Ray job server at http://127.0.0.1:")
 
 
 @pytest.mark.parametrize("command, message", [
@@ -306,9 +315,9 @@ def test_unreachable_address_is_one_clear_error():
     (["--", "submit", "--", "train"], "unknown vaegen verb 'submit' after `--`"),
     ([], "nothing to submit"),
 ])
-def test_bad_commands_are_refused_before_anything_is_sent(command, message):
-    run = vaegen("submit", "--address", "http://127.0.0.1:9", *command, token_path=None)
-    assert run.returncode == 2 and message in run.stderr
+def test_bad_commands_are_refused_before_anything_is_sent(command, message, monkeypatch, capsys):
+    code, err = submit_here(monkeypatch, capsys, "--address", "http://127.0.0.1:9", *command)
+    assert code == 2 and message in err
 
 
 def test_credentials_stay_out_of_the_job_spec_unless_asked_for():
