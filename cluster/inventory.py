@@ -5,22 +5,18 @@ their state, read from the records the jobs themselves leave:
 - failed: no `_SUCCESS`, and the run record `_run.json` says the last run stopped on an error;
 - partial: anything else (running now, interrupted, or killed): n of m shards done, from the receipts.
 
-The run record is written by the generation driver around its Ray work (`job_run_record`): `running` when the
-shards start, `shards-done` after them (the commit follows), `failed` (with the error's first line) or
-`interrupted` when they stop early. Killed drivers
-leave `running`, which reads as partial: the next run resumes either way.
+The run record is written by the generation driver around its Ray work (cluster/generate/commit.py,
+`job_run_record`): `running` when the shards start, `shards-done` after them (the commit follows), `failed`
+(with the error's first line) or `interrupted` when they stop early. Killed drivers leave `running`, which
+reads as partial: the next run resumes either way. Where each record lives is cluster/layout.py's.
 
 `read_committed_manifest` is the one check of a commit. A record a reader needs that is unreadable (not JSON,
-missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and lists the rest,
-`show` refuses it with one line naming the file and the fix (`CorruptRecord`)."""
+missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and
+lists the rest, `show` refuses it with one line naming the file and the fix (`CorruptRecord`)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vae_core.errors import VaegenError
@@ -30,31 +26,6 @@ from .datasets import dataset_key, read_manifest
 from .layout import OUTPUTS, JobKeys, job_prefix
 from .registry import ModelRef, Registry
 from .storage import Storage
-
-
-# -- the run record (written by cluster.generate.run_job) ----------------------------------------------------
-@contextmanager
-def job_run_record(storage: Storage, plan):
-    """Record that a run of `plan` started; on an exception record how it ended, then re-raise."""
-    key = JobKeys(plan.prefix).run_record
-    record = {"job_id": plan.job_id, "kind": plan.spec.kind, "format": plan.spec.format, "model": plan.model_ref,
-              "planned_shards": plan.num_shards, "planned_rows": plan.total_rows, "host": socket.gethostname(),
-              "pid": os.getpid(), "started_at": time.time(), "status": "running"}
-    storage.publish(key, json.dumps(record, indent=2).encode())
-    try:
-        yield
-        record.update(status="shards-done", ended_at=time.time())     # the commit (_SUCCESS) follows
-        storage.publish(key, json.dumps(record, indent=2).encode())
-    except BaseException as e:
-        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
-        status = "interrupted" if interrupted else "failed"
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        record.update(status=status, ended_at=time.time(), error=error)
-        try:
-            storage.publish(key, json.dumps(record, indent=2).encode())
-        except Exception:                      # the storage itself may be what failed: keep the first error
-            pass
-        raise
 
 
 # -- unreadable records -------------------------------------------------------------------------------------
