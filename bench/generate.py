@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from cluster.generate import run_generation
+from cluster.generate import RunSettings, run_generation
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
@@ -91,7 +91,7 @@ def parallel_rate(count: int, processes: int, png: bool, batch: int, arch: str) 
 def generate_rate(storage_cfg: StorageConfig, fmt: str, count: int, workers: int, seed: int, arch: str) -> dict:
     spec = GenerateConfig(model=f"bench-{arch}", count=count, shard_size=SHARD_SIZE, format=fmt, seed=seed)
     start = time.perf_counter()
-    manifest = run_generation(spec, storage_cfg, workers=workers, progress=False, cpus_per_worker=1.0)
+    manifest = run_generation(spec, storage_cfg, RunSettings(workers=workers, cpus_per_worker=1.0, progress=False))
     wall = time.perf_counter() - start
     run = manifest["run"]
     return {"samples_per_s": run["samples_per_s"], "wall_samples_per_s": count / wall,

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from cluster.generate import run_generation
+from cluster.generate import RunSettings, run_generation
 from cluster.layout import OUTPUTS, JobKeys
 from cluster.registry import Registry
 from cluster.storage import open_storage
@@ -65,7 +65,7 @@ def driver_usage() -> tuple[float, float]:
 def timed_job(spec: GenerateConfig, storage_cfg: StorageConfig, workers: int) -> dict:
     cpu0, _ = driver_usage()
     start = time.perf_counter()
-    manifest = run_generation(spec, storage_cfg, workers=workers, progress=False, cpus_per_worker=0.5)
+    manifest = run_generation(spec, storage_cfg, RunSettings(workers=workers, cpus_per_worker=0.5, progress=False))
     wall = time.perf_counter() - start
     cpu1, peak = driver_usage()
     run = manifest["run"]

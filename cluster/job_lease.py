@@ -1,7 +1,7 @@
-"""A per-job lease: one object, `outputs/<job-id>/_lease.json` = {owner, expires_at}, that lets one driver of a
-generation job work at a time while the others wait. It is an efficiency and UX layer only: correctness never
-depends on it (leases expire, clocks drift, a stalled driver can outlive its lease), it comes from idempotent
-shards and the sha-checked commit in cluster/generate.py.
+"""A per-job lease: one object, the job's `_lease.json` (cluster/layout.py) = {owner, expires_at}, that lets one
+driver of a generation job work at a time while the others wait. It is an efficiency and UX layer only:
+correctness never depends on it (leases expire, clocks drift, a stalled driver can outlive its lease), it comes
+from idempotent shards (cluster/generate/shards.py) and the sha-checked commit (cluster/generate/commit.py).
 
 - Taken with a create-if-absent write (S3: PUT If-None-Match: *; local: link), so two drivers cannot both
   create it.

@@ -84,6 +84,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from cluster.gallery import write_gallery
+    from cluster.layout import SUCCESS
     from vae_core.errors import VaegenError
     if args.per_class <= 0:
         raise VaegenError(f"--per-class={args.per_class} must be > 0")
@@ -92,7 +93,7 @@ def run_show(args: argparse.Namespace) -> int:
         print(result.location)
         return 0
     if result.partial:
-        print(f"vaegen: {result.title} is PARTIAL (no _SUCCESS): {result.summary}; showing what is there")
+        print(f"vaegen: {result.title} is PARTIAL (no {SUCCESS}): {result.summary}; showing what is there")
     print(f"gallery of {result.title}: {result.summary}\n  {result.location}")
     return 0
 

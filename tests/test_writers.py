@@ -82,7 +82,8 @@ def test_an_empty_shard_is_refused(fmt):
 def test_shard_names_come_from_one_place():
     assert shard_name(7, "parquet") == "part-00007.parquet" and shard_name(7, "png") == "part-00007.tar"
     assert shard_index(shard_name(12345, "png")) == 12345
-    assert shard_braces("png", 4) == "part-{00000..00003}.tar" and shard_braces("parquet", 1) == "part-{00000..00000}.parquet"
+    assert shard_braces("png", 4) == "part-{00000..00003}.tar"
+    assert shard_braces("parquet", 1) == "part-{00000..00000}.parquet"
     assert fnmatch.fnmatch(shard_name(3, "parquet"), shard_glob("parquet")) and not fnmatch.fnmatch(
         shard_name(3, "png"), shard_glob("parquet"))
 
@@ -130,6 +131,6 @@ def test_png_tar_json_latents_give_back_the_exact_float32_and_stay_what_json_dum
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 7, 300)])
 def test_the_planned_bytes_per_parquet_image_are_what_the_writer_stores(shape):
-    """cluster.generate sizes its 2 GiB check on parquet_image_bytes: it must equal the real cell size."""
+    """cluster.generate.plan sizes its 2 GiB check on parquet_image_bytes: it must equal the real cell size."""
     cells = netpbm_images(rng_images(3, shape))
     assert [len(cell.as_py()) for cell in cells] == [parquet_image_bytes(shape)] * 3

@@ -94,7 +94,8 @@ class ShardLedger:
         rows, first_id, last_id, size = self.counts[index].tolist()
         return {"name": shard_name(index, self.format), "rows": rows, "first_id": first_id,
                 "last_id": None if last_id < 0 else last_id, "bytes": size,
-                "sha256": self.digests[index, 0].tobytes().hex(), "pixels_sha256": self.digests[index, 1].tobytes().hex()}
+                "sha256": self.digests[index, 0].tobytes().hex(),
+                "pixels_sha256": self.digests[index, 1].tobytes().hex()}
 
     def matches(self, shards: list) -> bool:
         """Whether a manifest's shard list is exactly what this ledger holds."""
@@ -176,8 +177,8 @@ def check_before_commit(storage: Storage, plan: JobPlan, records: ShardLedger) -
         for key in listed:
             if is_publish_temp(key.rsplit("/", 1)[-1]):
                 try:
-                    if now - os.stat(storage.path(f"{plan.prefix}/{key}")).st_mtime > STALE_TEMP_S:
-                        storage.delete(f"{plan.prefix}/{key}")
+                    if now - os.stat(storage.path(plan.keys.key(key))).st_mtime > STALE_TEMP_S:
+                        storage.delete(plan.keys.key(key))
                 except FileNotFoundError:
                     pass
 

@@ -25,9 +25,7 @@ from ..registry import LoadedModel, ModelRef, Registry
 from ..storage import Storage
 from ..writers import PARQUET_MAX_IMAGE_BYTES, parquet_image_bytes
 
-# Bump when a change alters shard bytes: it changes every job id. 3: .json latents %.9g. 4: latents from the
-# model's prior (a fitted mixture where it has one), and a Gaussian model's samples carry their pixel noise.
-OUTPUT_FORMAT_VERSION = 4
+OUTPUT_FORMAT_VERSION = 4       # bump when a change alters shard bytes: it is hashed into every job id
 
 
 def sha256_hex(data) -> str:

@@ -44,7 +44,7 @@ def decoder_worker_class():
         """Loads the model once, then builds and publishes whole shards, one at a time (the default
         concurrency group runs one task at a time); status() answers from its own thread meanwhile."""
 
-        def __init__(self, plan: dict, storage_cfg: dict, device: str, stage_delays: str | None) -> None:
+        def __init__(self, plan: dict, storage_cfg: dict, device: str, drill: str | None) -> None:
             torch.set_num_threads(1)          # fixed: a shard's floats must not depend on the thread count
             plan, storage = JobPlan.from_dict(plan), Storage(from_dict(StorageConfig, storage_cfg))
             # A refusal is kept and raised by every call (a constructor's exception would be retried by Ray's
@@ -59,7 +59,7 @@ def decoder_worker_class():
                     raise VaegenError(f"{plan.model_ref} changed under job {plan.job_id}: its "
                                       f"{' and '.join(changed)} sha256 differ from the plan's; rerun to start a "
                                       "new job for the model as it is now")
-                self.maker = ShardMaker(plan, storage, loaded.model, device=device, pause=stage_pause(stage_delays))
+                self.maker = ShardMaker(plan, storage, loaded.model, device=device, pause=stage_pause(drill))
             except VaegenError as e:
                 self.refusal = str(e)
 
