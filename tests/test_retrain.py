@@ -149,6 +149,7 @@ def test_compare_and_swap_lets_exactly_one_racer_promote(storage_config, tiny_da
     assert not swap_champion(registry, "m", {"version": "v0099"}, expected_version="v0001")   # stale view
 
 
+@pytest.mark.slow
 def test_two_concurrent_retrain_processes_promote_at_most_once(local_storage_config, tiny_dataset):
     tiny_dataset(local_storage_config)
     cmd = [sys.executable, "-m", "jobs.cli", "retrain", "--dataset", "fm", "--name", "fm-vae",

@@ -76,6 +76,7 @@ def train_argv(cfg: StorageConfig, run_id: str, name: str = "fm-mlp") -> list[st
             "--epochs", "12", "--patience", "12", "--threads", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_a_sigkilled_single_process_run_resumes_from_its_checkpoint_and_publishes_once(local_storage_config,
                                                                                       small_fashion):
     storage = ingest_fashion(local_storage_config, small_fashion)
