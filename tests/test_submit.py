@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from cluster.datasets import ingest
-from cluster.local_train import train_single_process
+from cluster.training import train_model
 from cluster.registry import Registry, swap_champion
 from cluster.storage import Storage
 from cluster.submit import SubmitConfig, base_submission_id, identity_key, job_env
@@ -193,7 +193,7 @@ def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_hea
 def train_tiny(cfg: StorageConfig, name: str) -> str:
     job = TrainJobConfig(storage=cfg, dataset="fm", name=name, model=ModelConfig(hidden_dim=32, latent_dim=2),
                          train=TrainConfig(epochs=1, max_images=500))
-    return train_single_process(job, progress=False).ref.version
+    return train_model(job, progress=False).ref.version              # job.ray is None: one process
 
 
 def test_generate_with_the_champion_is_a_new_job_once_the_champion_changes(ray_head, s3_dataset):
