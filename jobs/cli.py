@@ -1,4 +1,5 @@
-"""`vaegen`: the command line. Each verb group lives in its own module and registers its subparser here.
+"""`vaegen`: the command line. Each verb group lives in its own module and registers its subparsers; jobs/verbs.py
+builds the parser from them.
 
 What a failure looks like to the user, one line on stderr either way:
 - bad input or an impossible request (VaegenError, a flag argparse refuses) and what the machine refuses
@@ -8,38 +9,23 @@ What a failure looks like to the user, one line on stderr either way:
   the two apart. VAEGEN_DEBUG=1 lets every exception but VaegenError through with its traceback."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from vae_core import __version__
 from vae_core.errors import VaegenError
 
-from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, train_cmds
-from .config_file import add_config_flag, parse_args
+from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, retrain_cmd, train_cmds
+from .config_file import parse_args
+from .verbs import Parser, parser_of
 
-VERB_MODULES = (data_cmds, train_cmds, eval_cmds, generate_cmds, pipeline_cmd, ops_cmds, outputs_cmds)
+VERB_MODULES = (data_cmds, train_cmds, eval_cmds, generate_cmds, pipeline_cmd, retrain_cmd, ops_cmds, outputs_cmds)
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 DEBUG_ENV = "VAEGEN_DEBUG"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are VaegenErrors: one line and exit 2 like every other bad input, instead of
-    the usage text (and an exit from deep inside parse_args, which `vaegen submit` parses too)."""
-
-    def error(self, message: str):
-        raise VaegenError(f"{message} (see `{self.prog} --help`)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="vaegen", description="Train VAEs and generate synthetic images at scale, locally or on Ray.")
-    parser.add_argument("--version", action="version", version=f"vaegen {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)      # sub-parsers are Parsers too
-    for module in VERB_MODULES:
-        module.register(sub)
-    add_config_flag(parser)                  # --config FILE.toml on every verb
-    return parser
+def build_parser() -> Parser:
+    return parser_of(VERB_MODULES)
 
 
 def one_line(text: str) -> str:

@@ -135,7 +135,7 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def typed_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """The value the flag's dest gets, or a VaegenError naming the key."""
     where = f"config file {path}: {key!r}"
-    if action.nargs == 0:                     # on/off flags: store_true/false and the preset-aware GivenTrue
+    if action.nargs == 0:                     # on/off flags (store_true/false and jobs.flags switches)
         if not isinstance(value, bool):
             raise VaegenError(f"{where} must be true or false, got {value!r}")
         return action.const if value else action.default
@@ -166,19 +166,20 @@ def _scalar(action: argparse.Action, where: str, value: Any) -> Any:
 
 
 # -- `vaegen config show` ------------------------------------------------------------------------------------
-def effective_settings(command: list[str]) -> tuple[str, dict[str, Any]]:
-    """The settings `vaegen <command>` would run with (file, then flags), keyed as a config file keys them."""
-    from .cli import build_parser
+def effective_settings(parser: argparse.ArgumentParser, command: list[str]) -> tuple[str, dict[str, Any]]:
+    """The settings `vaegen <command>` would run with (file, then flags, then a verb's own resolution such as a
+    --preset), keyed as a config file keys them. `parser`: a fresh parser of the whole CLI."""
     argv = command[1:] if command[:1] == ["--"] else list(command)
     if not argv:
         raise VaegenError("give the verb to show, e.g. `vaegen config show generate --config gen.toml`")
-    parser = build_parser()
     args = parse_args(parser, argv)
     leaf, verb = leaf_parser(parser, argv)
+    effective = getattr(args, "effective", None)          # verbs whose flags are not the whole story (--preset)
+    resolved = effective(args) if effective else {}
     settings = {}
     for key, action in flag_actions(leaf).items():
-        value = getattr(args, action.dest, None)
-        if action.nargs == 0:                     # on/off flags: store_true/false and the preset-aware GivenTrue
+        value = resolved[action.dest] if action.dest in resolved else getattr(args, action.dest, None)
+        if action.nargs == 0:                     # on/off flags (store_true/false and jobs.flags switches)
             value = value == action.const
         settings[key] = list(value) if isinstance(value, tuple) else value
     return verb, settings

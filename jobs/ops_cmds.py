@@ -1,4 +1,4 @@
-"""`vaegen submit`, `vaegen jobs list|status|logs|stop` and `vaegen retrain`: cluster operations."""
+"""`vaegen submit` and `vaegen jobs list|status|logs|stop`: jobs on a Ray cluster's job server."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +7,8 @@ import sys
 
 from vae_core.errors import VaegenError
 
-from .args import add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, train_job_config
-
-NOT_SUBMITTABLE = ("submit", "jobs")
+from .config_file import config_path, parse_args, with_config_name
+from .verbs import job_parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Submit `vaegen VERB ...` to a Ray cluster. The same spec submitted twice is "
                                    "reported, not run twice. Example: vaegen submit --address "
                                    "http://127.0.0.1:8265 --wait -- train --root s3://bucket/vaegen --epochs 5")
-    add_address_arg(p)
+    add_job_server_arg(p)
     p.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its status")
     p.add_argument("--key", default="", help="extra text in the spec's identity (e.g. a scheduled run's name), "
                                              "so a scheduled repeat is a new job")
@@ -37,43 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     for action, text in (("list", "every job, newest last"), ("status", "one job's status and error"),
                          ("logs", "one job's logs"), ("stop", "stop a running job")):
         a = actions.add_parser(action, help=text, description=text)
-        add_address_arg(a)
+        add_job_server_arg(a)
         if action != "list":
             a.add_argument("submission_id", help="the id `vaegen submit` printed")
         if action == "logs":
             a.add_argument("--follow", action="store_true", help="keep following until the job ends")
     p.set_defaults(run=run_jobs)
 
-    p = sub.add_parser("retrain", help="train a challenger; promote it to champion only if it scores better",
-                       description="Scheduled retraining: train a challenger on the current dataset, score it and "
-                                   "the champion on the same held-out split (−ELBO per image, fixed seed), promote "
-                                   "the challenger only if better by --margin, and record the decision under "
-                                   "models/<name>/decisions/.")
-    add_train_args(p)
-    add_ray_train_args(p)
-    add_storage_args(p)
-    add_progress_arg(p)
-    g = p.add_argument_group("contest")
-    g.add_argument("--margin", type=float, default=0.0,
-                   help="nats/image the challenger must beat the champion by (default: %(default)s)")
-    g.add_argument("--warm-start", action="store_true", help="start the challenger from the champion's weights")
-    g.add_argument("--eval-split", default="test", help="held-out split to score on (default: %(default)s)")
-    g.add_argument("--eval-seed", type=int, default=0, help="seed of the ELBO estimate (default: %(default)s)")
-    g.add_argument("--eval-max-images", type=int, default=0, help="score on the first N images (0 = all)")
-    g.add_argument("--then-generate", type=int, default=0, metavar="N",
-                   help="after a promotion, generate N samples with the new champion (`vaegen generate`)")
-    p.set_defaults(run=run_retrain)
 
-
-def add_address_arg(p: argparse.ArgumentParser) -> None:
+def add_job_server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="http://127.0.0.1:8265",
                    help="the Ray head's job server (default: %(default)s; token from RAY_AUTH_TOKEN[_PATH] or "
                         "~/.ray/auth_token)")
 
 
-def verb_names() -> list[str]:
-    from .cli import build_parser
-    parser = build_parser()
+def verb_names(parser: argparse.ArgumentParser) -> list[str]:
     return list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
@@ -81,16 +58,13 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
     """The argv after `--`, checked against this vaegen's own parser before anything is sent, with a moving
     --model (name, @champion, @latest) pinned to its version now; the --config file it names (this machine's
     file: the job gets its bytes, and the flag just its name); and whether the spec may be de-duplicated."""
-    from .cli import build_parser
-    from .config_file import config_path, parse_args, with_config_name
     argv = command[1:] if command[:1] == ["--"] else command
     if not argv:
         raise VaegenError("nothing to submit: give a vaegen verb after `--`")
-    verbs = verb_names()
-    if argv[0] not in verbs or argv[0] in NOT_SUBMITTABLE:
-        known = ", ".join(v for v in verbs if v not in NOT_SUBMITTABLE)
-        raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {known})")
-    parsed = parse_args(build_parser(), list(argv))   # a bad flag (or --config key) stops here, with its message
+    verbs = verb_names(job_parser())                  # every verb but submit and jobs
+    if argv[0] not in verbs:
+        raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {', '.join(verbs)})")
+    parsed = parse_args(job_parser(), list(argv))     # a bad flag (or --config key) stops here, with its message
     argv, deduplicate = pin_model(list(argv), parsed)
     path = config_path(argv)
     if path is None:
@@ -172,28 +146,3 @@ def run_jobs(args: argparse.Namespace) -> int:
     stopped = _call(f"stopping {sid}", client.stop_job, sid)
     print(f"{sid}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
     return 0
-
-
-def run_retrain(args: argparse.Namespace) -> int:
-    from cluster.retrain import RetrainConfig, retrain
-    cfg = RetrainConfig(job=train_job_config(args), margin=args.margin, warm_start=args.warm_start,
-                        eval_split=args.eval_split, eval_seed=args.eval_seed, eval_max_images=args.eval_max_images)
-    generate = generate_command(args) if args.then_generate else None     # checked before hours of training
-    outcome = retrain(cfg, address=args.address, progress=args.progress)
-    verdict = "PROMOTED" if outcome.promoted else "kept the champion"
-    print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")
-    print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")
-    if generate and outcome.promoted:
-        generate[generate.index("--model") + 1] = f"{cfg.job.name}@{outcome.champion}"
-        from .cli import build_parser
-        from .config_file import parse_args
-        gen_args = parse_args(build_parser(), generate)
-        print(f"  generating {args.then_generate} samples with {cfg.job.name}@{outcome.champion}")
-        return gen_args.run(gen_args)
-    return 0
-
-
-def generate_command(args: argparse.Namespace) -> list[str]:
-    """The `vaegen generate` argv for --then-generate (the model is filled in once a champion is promoted)."""
-    argv = ["generate", "--model", "CHAMPION", "--count", str(args.then_generate), "--root", args.root]
-    return argv + (["--s3-endpoint", args.s3_endpoint] if args.s3_endpoint else [])

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "summary, the model's metrics and loss curves. No server, no external assets.")
     p.add_argument("target", help="a job or model-version URI (<root>/outputs/<job-id>, <root>/models/<name>/v0001), "
                                   "or a job id / model name[@version] under --root")
-    p.add_argument("--per-class", type=int, default=16, help="images per class on a contact sheet (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=16,
+                   help="images per class on a contact sheet (default: %(default)s)")
     p.add_argument("--open", action="store_true", help="print only the gallery's path (to open in a browser)")
     p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job)")
     add_storage_args(p)
@@ -30,12 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="config files: `vaegen config show VERB [flags]` prints the effective settings",
                        description="Every verb takes --config FILE.toml (keys are the verb's long flags without "
                                    "'--'; a [VERB] table applies to that verb only); flags on the command line "
-                                   "override the file.")
+                                   "override the file, and a --preset fills only what neither sets.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = actions.add_parser("show", help="print the settings VERB would run with, as a TOML config file",
-                           description="Print the settings `vaegen VERB ...` would run with (file, then flags), "
-                                       "as TOML that --config accepts. Example: vaegen config show generate "
-                                       "--config gen.toml --count 10")
+                           description="Print the settings `vaegen VERB ...` would run with (file, then flags, "
+                                       "then a --preset under both), as TOML that --config reads back to the same "
+                                       "job. Example: vaegen config show train --preset fmnist-best > f.toml")
     a.add_argument("command", nargs=argparse.REMAINDER, help="the verb and its flags (and --config)")
     p.set_defaults(run=run_config_show)
 
@@ -100,7 +101,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_config_show(args: argparse.Namespace) -> int:
     from .config_file import effective_settings, to_toml
-    verb, settings = effective_settings(args.command)
+    verb, settings = effective_settings(args.build_parser(), args.command)
     print(f"# effective settings of `vaegen {verb}` (a --config file for it)")
     print(to_toml(settings), end="")
     return 0

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, storage_config,
-                   train_job_config)
+from vae_core.config import GenerateConfig
+
+from .args import add_progress_arg, add_train_job_args, storage_config, train_job_config
+from .flags import add_flags, build
 
 STEPS = 5
+SAMPLE_FLAGS = ("count", "shard_size", "format")        # the samples' seed is the training seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The main job: ingest Fashion-MNIST (once), train a VAE data-parallel on Ray "
                                    "Train, publish a model version, generate samples and reconstruct the test "
                                    "split as Parquet shards, and print a summary.")
-    add_train_args(p)
-    add_ray_train_args(p, default_workers=2)
-    add_storage_args(p)
+    add_train_job_args(p, default_workers=2)
     add_progress_arg(p)
     p.add_argument("--source", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
-    p.add_argument("--count", type=int, default=10_000, help="samples to generate (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default: %(default)s)")
-    p.add_argument("--format", choices=["parquet", "png"], default="parquet", help="(default: %(default)s)")
+    add_flags(p, GenerateConfig, only=SAMPLE_FLAGS, defaults={"count": 10_000}, title="samples")
     p.set_defaults(run=run_pipeline)
 
 
@@ -36,12 +35,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.storage import open_storage
     from cluster.train import local_cpus
     from cluster.training import train_model
-    from vae_core.config import GenerateConfig
     from vae_core.errors import VaegenError
 
     job = train_job_config(args)
-    samples = GenerateConfig(model="pending", count=args.count, shard_size=args.shard_size, format=args.format,
-                             seed=job.train.seed)                # checks --count/--shard-size before any work
+    samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
+                    seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
     try:
         read_manifest(storage, job.dataset)

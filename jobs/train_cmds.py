@@ -10,8 +10,7 @@ import uuid
 from vae_core.errors import VaegenError
 from vae_core.names import check_model_spec
 
-from .args import (add_progress_arg, add_ray_train_args, add_storage_args, add_train_args, storage_config,
-                   train_job_config)
+from .args import add_progress_arg, add_storage_args, add_train_job_args, storage_config, train_job_config
 
 MAX_GRID_SAMPLES = 10_000          # one PNG grid; more is a job for `vaegen generate`
 
@@ -19,9 +18,7 @@ MAX_GRID_SAMPLES = 10_000          # one PNG grid; more is a job for `vaegen gen
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a VAE on an ingested dataset and publish a model version",
                        description="Train a VAE and publish it as models/<name>/v000N/ on the storage root.")
-    add_train_args(p)
-    add_ray_train_args(p)
-    add_storage_args(p)
+    add_train_job_args(p)
     add_progress_arg(p)
     p.set_defaults(run=run_train)
 

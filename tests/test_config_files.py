@@ -79,8 +79,8 @@ def test_config_show_prints_a_file_that_reads_back_the_same(tmp_path, capsys):
     assert 'model = "tiny"' in out and "count = 500" in out and "seed = 9" in out and "labels = [3]" in out
     assert "# address = (unset)" in out and "no-progress = false" in out
     again = write(tmp_path, out)
-    assert effective_settings(["generate", "--config", again]) == effective_settings(
-        ["generate", "--config", path, "--seed", "9"])
+    assert effective_settings(build_parser(), ["generate", "--config", again]) == effective_settings(
+        build_parser(), ["generate", "--config", path, "--seed", "9"])
 
 
 def test_every_verb_takes_config(tmp_path):

@@ -23,6 +23,24 @@ MAX_WORKERS = 1024
 MAX_SHARDS = 100_000
 
 
+def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
+         choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None) -> Any:
+    """A dataclass field that is also a command-line flag: its name, help and default are declared here, once,
+    and jobs/flags.py turns the field into an argparse argument and the parsed value back into the field.
+    A bool field is an on/off flag that sets the opposite of its default (`--stream-epochs`: cache_shards=False).
+    unset: what an empty default (None, "", ()) means, for the help text."""
+    metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def section(title: str, *, default_factory: Any = dataclasses.MISSING, default: Any = dataclasses.MISSING,
+            enabled_by: str | None = None) -> Any:
+    """A nested config whose flags are listed under `title`. enabled_by: an optional config (`X | None`) that
+    exists only when this field's flag is given (RayTrainConfig only with --workers)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"section": title, "enabled_by": enabled_by})
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise VaegenError(message)
@@ -30,16 +48,18 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    arch: str = "mlp"                                # mlp (the reference design) | conv
+    arch: str = flag("--model", "architecture: mlp (the reference 784-400-20 design) or conv", default="mlp",
+                     choices=ARCHS)
     image_shape: tuple[int, int, int] | None = None  # (C, H, W); None = taken from the dataset
-    hidden_dim: int = 400
-    latent_dim: int = 20
+    hidden_dim: int = flag("--hidden-dim", "hidden layer width", default=400)
+    latent_dim: int = flag("--latent-dim", "latent size Z", default=20)
     num_classes: int = 0                             # > 0: class-conditional (one-hot into encoder and decoder)
-    likelihood: str = "bernoulli"                    # bernoulli | gaussian
-    sigma: float = 0.0                               # gaussian only: fixed σ; 0 means learned
+    likelihood: str = flag("--likelihood", "reconstruction term", default="bernoulli", choices=LIKELIHOODS)
+    sigma: float = flag("--sigma", "gaussian σ; 0 = learned", default=0.0)
     conv_channels: tuple[int, ...] = (32, 64)        # conv only: one stride-2 layer each
-    prior_components: int = 0                        # 0: p(z) = N(0, I); M > 0: after training, a mixture of M
-                                                     # Gaussians fitted to the aggregate posterior (per class)
+    prior_components: int = flag(
+        "--prior-components", "0: sample from N(0, I); M > 0: after training, fit a mixture of M Gaussians (per "
+        "class when conditional) to the encoder's posterior and sample from it", default=0, metavar="M")
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"--model={self.arch!r} must be one of {', '.join(ARCHS)}")
@@ -73,22 +93,29 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    beta: float = 1.0                  # weight on KL (β-VAE); 1 is the classic ELBO
-    val_fraction: float = 0.1          # held out of the training split for early stopping
-    patience: int = 3                  # epochs without a better val loss before stopping
-    seed: int = 0
-    binarize: bool = False             # dynamic binarisation: x ~ Bernoulli(pixel) per batch
-    max_images: int = 0                # use only the first N training images (0 = all)
-    threads: int = 0                   # torch threads (0 = torch's default)
-    lr_schedule: str = "constant"      # constant | cosine (per epoch, from lr down to lr/100)
-    kl_warmup_epochs: int = 0          # KL weight ramps linearly from β/W to β over the first W epochs
-    output_init: str = "mean"          # mean: the decoder starts out drawing the training images' mean image
-                                       # (VAE.start_at_mean_image); default: PyTorch's own initialisation
-    adam: str = "fused"                # fused: one pass over all the weights per step; for-loop: torch's per-tensor
-                                       # loop (the same maths, other rounding, slower on CPU)
+    epochs: int = flag("--epochs", "training epochs (early stopping may end the run sooner)", default=10)
+    batch_size: int = flag("--batch-size", "images per optimiser step (on Ray Train: the global batch)",
+                           default=128)
+    lr: float = flag("--lr", "Adam learning rate", default=1e-3)
+    beta: float = flag("--beta", "weight on the KL term (β-VAE); 1 is the classic ELBO", default=1.0)
+    val_fraction: float = flag("--val-fraction", "share of the training split held out for early stopping",
+                               default=0.1)
+    patience: int = flag("--patience", "early-stopping patience: epochs without a better validation loss",
+                         default=3)
+    seed: int = flag("--seed", "random seed of the initial weights, the split and the batch order", default=0)
+    binarize: bool = flag("--binarize", "dynamic binarisation of the pixels per batch: x ~ Bernoulli(pixel)",
+                          default=False)
+    max_images: int = flag("--max-images", "train on the first N images only (0 = all)", default=0)
+    threads: int = flag("--threads", "torch threads; 0 = torch's default", default=0)
+    lr_schedule: str = flag("--lr-schedule", "learning rate per epoch: constant, or cosine from lr down to lr/100",
+                            default="constant", choices=LR_SCHEDULES)
+    kl_warmup_epochs: int = flag("--kl-warmup-epochs", "ramp the KL weight linearly from β/N up to β over the "
+                                 "first N epochs", default=0)
+    output_init: str = flag("--output-init", "mean: the decoder starts at the training images' mean image "
+                            "(VAE.start_at_mean_image); default: PyTorch's initialisation", default="mean",
+                            choices=OUTPUT_INITS)
+    adam: str = flag("--adam", "fused: one pass over all the weights per Adam step; for-loop: torch's per-tensor "
+                     "loop, the same maths with other rounding, slower on CPU", default="fused", choices=ADAM_IMPLS)
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
@@ -109,21 +136,31 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StorageConfig:
-    root: str = "./vaegen-data"        # local folder, file://, or s3://bucket/prefix
-    s3_endpoint: str | None = None     # else AWS_ENDPOINT_URL; pyarrow itself reads neither
+    root: str = flag("--root", "storage root: a local folder, file://path or s3://bucket/prefix",
+                     default="./vaegen-data")
+    # pyarrow itself reads neither the flag's variable nor AWS_ENDPOINT_URL: cluster.storage passes it on.
+    s3_endpoint: str | None = flag("--s3-endpoint", "S3 endpoint URL, e.g. http://127.0.0.1:9000", default=None,
+                                   unset="$AWS_ENDPOINT_URL, else AWS")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RayTrainConfig:
     """Train data-parallel on Ray Train (TrainJobConfig.ray; None there means one process, no Ray)."""
-    workers: int = 2                   # data-parallel workers; the global batch (--batch-size) is split across them
-    gpus_per_worker: float = 0.0       # 0 = CPU workers with gloo; > 0 = GPU workers with NCCL
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2              # worker-group restarts (from the last checkpoint) before the run fails
-    checkpoints_to_keep: int = 2
-    cache_shards: bool = True          # each worker holds its rows in memory; False = stream every epoch through
-                                       # Ray Data's shuffle buffer (batch order then not reproducible)
-    sync_every: int = 1                # 1 = all-reduce gradients every step; K > 1 = average weights every K steps
+    workers: int = flag("--workers", "train data-parallel on Ray Train with N workers; --batch-size is the global "
+                        "batch", default=2, metavar="N", unset="one process, no Ray")
+    gpus_per_worker: float = flag("--gpus-per-worker", "GPUs per worker; 0 = CPU workers with gloo, > 0 = NCCL",
+                                  default=0.0, metavar="G")
+    cpus_per_worker: float = flag("--cpus-per-worker", "CPUs per worker", default=1.0, metavar="C")
+    max_failures: int = flag("--max-failures", "worker-group restarts from the last checkpoint before giving up",
+                             default=2, metavar="K")
+    checkpoints_to_keep: int = flag("--keep-checkpoints", "checkpoints kept per run", default=2, metavar="K")
+    cache_shards: bool = flag("--stream-epochs", "stream every epoch from storage through Ray Data's shuffle "
+                              "buffer instead of keeping each worker's shard in memory (batch order then not "
+                              "reproducible)", default=True)
+    sync_every: int = flag("--sync-every", "1: all-reduce the gradients every step (exact data-parallel Adam); "
+                           "K > 1: each worker steps on its own batches and the workers' weights are averaged "
+                           "every K steps (post-local SGD: K times less communication, a slightly different "
+                           "optimisation)", default=1, metavar="K")
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
@@ -138,20 +175,30 @@ class RayTrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainJobConfig:
     """`vaegen train`: what to train, on which dataset, where the model version lands, and on what backend."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    dataset: str = "fashion-mnist"
-    name: str = "fashion-mnist-mlp"    # model name in the registry: models/<name>/v000N/
-    conditional: bool = False          # condition on the dataset's labels (num_classes from its manifest)
-    run_id: str = ""                   # train-runs/<run-id>/ on the storage root; "" = a new id; same id = resume
-    ray: RayTrainConfig | None = None  # None: train in this process; else data-parallel on Ray Train
+    model: ModelConfig = section("model", default_factory=ModelConfig)
+    train: TrainConfig = section("training", default_factory=TrainConfig)
+    storage: StorageConfig = section("storage", default_factory=StorageConfig)
+    dataset: str = flag("--dataset", "dataset name under datasets/", default="fashion-mnist")
+    name: str = flag("--name", "model name in the registry: models/<name>/v000N/", default="",
+                     unset="<dataset>-<model>[-cond], or the preset's name")
+    conditional: bool = flag("--conditional", "condition encoder and decoder on the labels (the number of "
+                             "classes comes from the dataset's manifest)", default=False)
+    run_id: str = flag("--run-id", "checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id "
+                       "resumes, and a finished run returns its version", default="", metavar="ID", unset="a new id")
+    # None: train in this process; else data-parallel on Ray Train (cluster.training picks the backend from it).
+    ray: RayTrainConfig | None = section("Ray Train (data-parallel)", default=None, enabled_by="workers")
 
     def __post_init__(self) -> None:
+        if not self.name:                               # "" = named after what it trains on and how
+            object.__setattr__(self, "name", default_model_name(self.dataset, self.model.arch, self.conditional))
         check_name(self.dataset, "--dataset")
         check_name(self.name, "--name")
         if self.run_id:                                 # "" = a new id, made by the trainer
             check_name(self.run_id, "--run-id")
+
+
+def default_model_name(dataset: str, arch: str, conditional: bool) -> str:
+    return f"{dataset}-{arch}{'-cond' if conditional else ''}"
 
 
 KINDS = ("samples", "reconstructions")
@@ -163,17 +210,23 @@ PIXELS = ("sample", "mean")
 class GenerateConfig:
     """`vaegen generate` / `vaegen reconstruct`: one job spec. Everything here (with the model resolved to a
     version and its weights' sha256) is hashed into the job id, so the same spec resumes the same job."""
-    model: str                         # registry spec: name[@vN|@latest|@champion]
+    model: str = flag("--model", "name[@version|@latest|@champion] (default version: the champion)")
     kind: str = "samples"              # samples (z from the model's prior) | reconstructions (of a dataset split)
-    count: int = 0                     # samples: how many (ids 0..count-1)
-    dataset: str = ""                  # reconstructions: input dataset name under datasets/
-    split: str = "test"                # reconstructions: its split
-    shard_size: int = 10_000           # samples per output shard (reconstructions mirror the input shards)
-    seed: int = 0
-    format: str = "parquet"            # parquet (raw pixels) | png (WebDataset tar of <id>.png + <id>.json)
-    labels: tuple[int, ...] = ()       # conditional models: classes cycled over ids; () = every class
-    decode_batch: int = 4096           # fixed, so a shard's floats do not depend on who decodes it
-    pixels: str = "sample"             # samples: x ~ p(x | z) (a Gaussian model's pixel noise included) | "mean"
+    count: int = flag("--count", "number of samples (ids 0..N-1)", default=0)
+    dataset: str = flag("--dataset", "reconstructions: the input dataset's name under datasets/", default="")
+    split: str = flag("--split", "reconstructions: the input dataset's split", default="test")
+    # Reconstructions mirror their input's shards instead.
+    shard_size: int = flag("--shard-size", "samples per output shard", default=10_000)
+    seed: int = flag("--seed", "random seed of the latents", default=0)
+    format: str = flag("--format", "parquet (raw pixels, zstd) or png (WebDataset tar of <id>.png + <id>.json)",
+                       default="parquet", choices=FORMATS)
+    labels: tuple[int, ...] = flag("--labels", "conditional models: classes to cycle through the ids", default=(),
+                                   unset="every class")
+    # Fixed per job, so that a shard's floats do not depend on which worker decodes it.
+    decode_batch: int = flag("--decode-batch", "images per decoder call; part of the job spec", default=4096)
+    pixels: str = flag("--pixels", "sample: the model's own x ~ p(x | z), pixel noise included for a Gaussian "
+                       "model; mean: the decoder's mean image (the same for a Bernoulli model)", default="sample",
+                       choices=PIXELS)
 
     def __post_init__(self) -> None:
         check_model_spec(self.model, "--model")
