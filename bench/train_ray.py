@@ -19,6 +19,12 @@ their `val_loss` with the single process's for what the saved communication cost
 
     PYTHONPATH=. python bench/train_ray.py --images 60000 --epochs 4      # the full figures
     PYTHONPATH=. python bench/train_ray.py --images 4000 --epochs 2 --batch-sizes 128   # a quick check
+    PYTHONPATH=. python bench/train_ray.py --startup            # where the time to the first batch goes
+
+`--startup` trains one epoch per worker count instead and prints, per run, the seconds from the call to each
+start-up stage (`startup_breakdown`, from Ray Train's own controller and worker-group callbacks and from
+wrappers around the driver's and the worker's steps), each stage's own seconds (`stage_seconds`), and the
+time to the first batch.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster.datasets import ingest                                        # noqa: E402
 from cluster.local_train import TrainResult, train_single_process        # noqa: E402
+from cluster.runtime import DASHBOARD_ENV                                  # noqa: E402
 from cluster.storage import open_storage                                  # noqa: E402
 from cluster.train import train_on_ray                                    # noqa: E402
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig  # noqa: E402
@@ -112,6 +119,138 @@ def _independent_worker(images, batch_size: int, epochs: int, result) -> None:
                else history[0].images_per_s)
 
 
+# -- --startup: where the seconds before the first batch go --------------------------------------------------
+STARTUP_LOG = "VAEGEN_BENCH_STARTUP_LOG"      # the file every process of a run appends its stage times to
+
+
+def note(stage: str, **extra) -> None:
+    """Append `stage` and its wall-clock time to the run's startup log (driver, controller or worker)."""
+    path = os.environ.get(STARTUP_LOG)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": stage, "t": time.time(), **extra}) + "\n")
+
+
+def startup_callback() -> None:
+    """Define StartupTimes, a Ray Train controller/worker-group callback, and name it in RAY_TRAIN_CALLBACKS so
+    that Ray Train adds it to the run's own callbacks (the controller runs it)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    class Times(ControllerCallback, WorkerGroupCallback):
+        def after_controller_start(self, train_run_context):
+            note("controller_started")
+
+        def before_worker_group_start(self, worker_group_context):
+            note("worker_group_starting")
+
+        def after_worker_group_start(self, worker_group):
+            note("worker_group_started")        # actors up; the backend (process group) and data set up next
+
+        def after_worker_group_training_start(self, worker_group):
+            note("training_started")
+
+    Times.__name__ = Times.__qualname__ = "StartupTimes"
+    globals()["StartupTimes"] = Times
+    os.environ["RAY_TRAIN_CALLBACKS"] = "__main__.StartupTimes"
+
+
+def timed_worker_loop(raw: dict) -> None:
+    """cluster.train's worker loop, noting when it starts and when the worker's rows are in memory."""
+    import cluster.train as worker_module
+    note("worker_loop_started")
+    for name in ("worker_rows", "rows_in_memory"):        # whichever this version of cluster.train has
+        real = getattr(worker_module, name, None)
+        if real is not None:
+            def timed(*args, _real=real, **kwargs):
+                note("rows_loading")
+                rows = _real(*args, **kwargs)
+                note("rows_in_memory")
+                return rows
+            setattr(worker_module, name, timed)
+            break
+    worker_module.train_loop_per_worker(raw)
+
+
+def time_driver_steps() -> None:
+    """Wrap the driver's ray_runtime and run_trainer so that the startup log shows ray.init and the trainer."""
+    import contextlib
+    import cluster.train as driver_module
+    real_runtime, real_trainer = driver_module.ray_runtime, driver_module.run_trainer
+
+    @contextlib.contextmanager
+    def runtime(*args, **kwargs):
+        note("ray_init_starting")
+        with real_runtime(*args, **kwargs):
+            note("ray_ready")
+            yield
+
+    def trainer(*args, **kwargs):
+        note("trainer_starting")
+        return real_trainer(*args, **kwargs)
+    driver_module.ray_runtime, driver_module.run_trainer = runtime, trainer
+    driver_module.train_loop_per_worker = timed_worker_loop
+
+
+STAGES = [("driver_prepare", "ray_init_starting"),       # manifest, claim, read + checksum, initial weights
+          ("ray_init", "ray_ready"),
+          ("trainer_and_controller", "controller_started"),   # TorchTrainer, datasets, the controller actor
+          ("controller_to_worker_group", "worker_group_starting"),
+          ("worker_group_start", "worker_group_started"),     # placement group + worker actors
+          ("backend_and_data_setup", "training_started"),     # process group, dataset shards, train context
+          ("worker_loop_start", "worker_loop_started"),
+          ("model_setup", "rows_loading"),                    # weights, DDP, checkpoint
+          ("dataset_materialisation", "rows_in_memory"),
+          ("first_batch", "first_batch")]
+
+
+def startup_run(job: TrainJobConfig, workers: int, log: str) -> dict:
+    """One Ray Train run of one epoch; the seconds from the call to each stage, and each stage's own seconds."""
+    open(log, "w").close()
+    ray_job = replace(job, run_id="", ray=RayTrainConfig(workers=workers, max_failures=0))
+    started = time.time()
+    result = train_on_ray(ray_job, progress=False)
+    ended = time.time()
+    seen: dict[str, float] = {}
+    with open(log) as f:
+        for line in f:
+            event = json.loads(line)
+            seen[event["stage"]] = max(seen.get(event["stage"], 0.0), event["t"])   # the slowest worker
+    seen["first_batch"] = started + result.summary["seconds_to_first_batch"]
+    at = {name: round(seen[stage] - started, 2) for name, stage in STAGES if stage in seen}
+    own, previous = {}, 0.0
+    for name, _ in STAGES:
+        if name in at:
+            own[name] = round(at[name] - previous, 2)
+            previous = at[name]
+    return {"bench": "train_ray", "trainer": "ray-train-startup", "workers": workers, "cpus": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 1), "train_images": result.summary["train_images"],
+            "seconds_to_first_batch": round(result.summary["seconds_to_first_batch"], 2),
+            "seconds_end_to_end": round(ended - started, 1), "stage_seconds": own, "startup_breakdown": at}
+
+
+def startup(args: argparse.Namespace) -> None:
+    fashion = read_fashion_mnist()
+    train = fashion.splits["train"]
+    with tempfile.TemporaryDirectory(prefix="vaegen-bench-") as root:
+        log = os.path.join(root, "startup.jsonl")
+        os.environ[STARTUP_LOG] = log                 # worker processes inherit the driver's environment
+        startup_callback()
+        time_driver_steps()
+        storage_cfg = StorageConfig(root=os.path.join(root, "store"))
+        dataset = ArrayDataset({"train": ArraySplit(train.images[:args.images], train.labels[:args.images])},
+                               fashion.label_names, fashion.source)
+        ingest(open_storage(storage_cfg, for_writing=True), "fashion-mnist", dataset, progress=False)
+        job = TrainJobConfig(storage=storage_cfg, dataset="fashion-mnist", name="bench-startup",
+                             train=TrainConfig(epochs=1, batch_size=args.batch_sizes[0], patience=1))
+        dashboards = {"off": ["0"], "on": ["1"], "both": ["1", "0"]}[args.dashboard]
+        for workers in args.workers:
+            for _ in range(args.repeat):
+                for dashboard in dashboards:            # alternated, so that both see the same machine
+                    os.environ[DASHBOARD_ENV] = dashboard
+                    print(json.dumps({**startup_run(job, workers, log), "dashboard": dashboard == "1"}),
+                          flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=60_000, help="training images (default: %(default)s)")
@@ -122,7 +261,16 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, nargs="+", default=[1, 8],
                    help="with several workers, each of these: 1 = gradient all-reduce every step, K = weights "
                         "averaged every K steps (post-local SGD) (default: %(default)s)")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: one epoch per worker count, printing where the time to the first batch goes")
+    p.add_argument("--repeat", type=int, default=1, help="with --startup, runs per worker count (default: 1)")
+    p.add_argument("--dashboard", choices=["off", "on", "both"], default="on",
+                   help="with --startup, start the embedded Ray with its dashboard, without, or each in turn "
+                        "(default: %(default)s, as vaegen does)")
     args = p.parse_args()
+    if args.startup:
+        startup(args)
+        return
 
     fashion = read_fashion_mnist()
     train = fashion.splits["train"]
