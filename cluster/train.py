@@ -1,9 +1,11 @@
 """The Ray Train backend of cluster.training.train_model: data-parallel training (V2 TorchTrainer).
 
 The driver checks what it can before any worker starts (batch split, dataset numbering, cluster size), then each
-worker runs vae_core's epoch loop (run_epochs) on its own rows: Ray Data delivers each worker its share of the
-training rows, which it holds in memory in id order and shuffles with the (seed, epoch, rank) generator, so one
-worker trains exactly as one process does. Workers run inside DistributedDataParallel (gloo on CPU, NCCL on
+worker runs vae_core's epoch loop (run_epochs) on its own rows, which it holds in memory in id order and shuffles
+with the (seed, epoch, rank) generator, so one worker trains exactly as one process does. The driver has already
+read (and checksummed) the training rows, so when they fit the object store each worker's share goes there as one
+object: no Ray Data read of the shards, and none of its processes, to wait for before the first batch. A larger
+set, or --stream-epochs, goes through Ray Data (every worker's share read from storage; streamed: every epoch). Workers run inside DistributedDataParallel (gloo on CPU, NCCL on
 GPU), or, with --sync-every K, on their own with the weights averaged every K steps (post-local SGD).
 
 Ray Train's checkpoints (one per epoch) live under train-runs/<run-id>/ beside the run's own files
@@ -31,12 +33,13 @@ from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResu
                             split_indices)
 
 from .datasets import shard_keys, table_arrays
-from .runs import RUNS_DIR
+from .runs import RUNS_DIR, read_train_val
 from .runtime import ray_runtime
 from .storage import Storage
 
 STATE_FILE = "state.pt"
 SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
+OBJECT_STORE_SHARE = 0.5       # the most of the object store the training rows may take; more go through Ray Data
 
 
 # -- driver ----------------------------------------------------------------------------------------------
@@ -47,13 +50,19 @@ def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
 
 
 def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, val_set: ImageSet, *,
-               address: str | None, progress: bool) -> FitResult:
+               address: str | None, progress: bool, train_set: ImageSet | None = None) -> FitResult:
     """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
-    resuming the run's latest checkpoint; `model` is left at the best weights."""
+    resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`: the training rows
+    the driver already holds, in id order (read again here when not given)."""
     train_ids, _ = train_val_ids(manifest, job)
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
-        state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress)
+        shares = None
+        if job.ray.cache_shards:
+            if train_set is None:
+                train_set, _ = read_train_val(storage, job, manifest)
+            shares = object_store_shares(train_set, job.ray.workers)
+        state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress, shares)
     model.load_state_dict(state["stopper"]["best_state"])
     return FitResult.of_checkpoint(state)
 
@@ -76,6 +85,24 @@ def train_val_ids(manifest: dict, job: TrainJobConfig) -> tuple[np.ndarray, np.n
     n = min(rows, job.train.max_images) if job.train.max_images else rows
     train_idx, val_idx = split_indices(n, job.train.val_fraction, job.train.seed)
     return np.sort(train_idx.numpy()), np.sort(val_idx.numpy())
+
+
+def worker_shares(train_set: ImageSet, workers: int) -> list[ImageSet]:
+    """Rank r's rows: every `workers`-th row from r, in id order. Every worker gets the same count, so all take the
+    same number of steps (DDP needs it); the fewer than `workers` rows left over sit the run out."""
+    per_worker = len(train_set) // workers
+    return [train_set.subset(torch.arange(rank, per_worker * workers, workers)) for rank in range(workers)]
+
+
+def object_store_shares(train_set: ImageSet, workers: int) -> list | None:
+    """Each worker's share of the training rows as one object in the object store (a worker reads its own
+    share, also after a restart: the driver owns the objects for the whole run); None when the rows would take
+    more than OBJECT_STORE_SHARE of the store, so that Ray Data reads them from storage instead."""
+    import ray
+    size = train_set.images.nbytes + (0 if train_set.labels is None else train_set.labels.nbytes)
+    if size > OBJECT_STORE_SHARE * ray.cluster_resources().get("object_store_memory", 0):
+        return None
+    return [ray.put(share) for share in worker_shares(train_set, workers)]
 
 
 def local_cpus(job: TrainJobConfig) -> int:
@@ -113,32 +140,38 @@ def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndar
 
 
 def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray,
-                initial_state: dict[str, torch.Tensor], val_set: ImageSet, progress: bool) -> dict:
+                initial_state: dict[str, torch.Tensor], val_set: ImageSet, progress: bool,
+                shares: list | None = None) -> dict:
     """Run the TorchTrainer to the end (resuming the run's latest checkpoint); the final state it saved.
     The initial weights and the held-out images, which the driver holds anyway, reach every worker through the
-    object store."""
+    object store, as do the training rows when `shares` holds them (one object per rank); else Ray Data reads
+    them."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Ray Data bars from inside workers garble the terminal; rank 0 prints one line per epoch instead.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
+    datasets = {}
+    if shares is None:
+        import ray.data
+        # Ray Data bars from inside workers garble the terminal; rank 0 prints one line per epoch instead.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        datasets = {"train": training_images(storage, job, manifest, train_ids)}
     use_gpu = job.ray.gpus_per_worker > 0
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids),
-                           "initial_state": ray.put(initial_state), "val_set": ray.put(val_set)},
+                           "initial_state": ray.put(initial_state), "val_set": ray.put(val_set),
+                           "train_shares": shares},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=job.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=job.ray.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),   # our epoch line is the progress
-        datasets={"train": training_images(storage, job, manifest, train_ids)},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
@@ -184,14 +217,15 @@ def train_loop_per_worker(raw: dict) -> None:
 
     held_out = ray.get(raw["val_set"])                    # every worker evaluates the same images
     val_set = ImageSet(held_out.images.to(device), None if held_out.labels is None else held_out.labels.to(device))
-    shard = ray.train.get_dataset_shard("train")
     batch = per_worker_batch(job)
     if job.ray.cache_shards:
-        rows = rows_in_memory(shard, device)
+        rows = worker_rows(raw["train_shares"], rank, device)
 
         def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
             return iterate_batches(rows, batch, shuffle)
     else:
+        shard = ray.train.get_dataset_shard("train")
+
         def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
             return streamed_batches(shard, batch, int(torch.randint(2**31, (1,), generator=shuffle)))
 
@@ -228,6 +262,17 @@ def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torc
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.optim import PostLocalSGDOptimizer
     return PostLocalSGDOptimizer(optimizer, PeriodicModelAverager(period=sync_every, warmup_steps=0))
+
+
+def worker_rows(shares: list | None, rank: int, device: torch.device) -> ImageSet:
+    """This worker's training rows in memory, in id order: its share from the object store, else read by Ray
+    Data."""
+    import ray
+    import ray.train
+    if shares is not None:
+        rows = ray.get(shares[rank])
+        return ImageSet(rows.images.to(device), None if rows.labels is None else rows.labels.to(device))
+    return rows_in_memory(ray.train.get_dataset_shard("train"), device)
 
 
 def rows_in_memory(shard, device: torch.device) -> ImageSet:
