@@ -275,7 +275,7 @@ def test_unreachable_s3_endpoint(monkeypatch):
 
 
 @pytest.fixture
-def s3_server_with_auth():
+def s3_server_with_auth(starts_moto):
     """A moto server in its own process that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
     port = free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
@@ -305,6 +305,19 @@ def test_wrong_credentials(s3_server_with_auth, monkeypatch):
     with pytest.raises(VaegenError, match="S3 credentials were refused") as error:
         train_on_ray(job_for(cfg), progress=False)
     assert "wrong-secret" not in str(error.value)
+
+
+def test_each_worker_gets_an_equal_disjoint_share_in_id_order():
+    """The training rows the driver sends through the object store: rank r holds every N-th row from r, in id
+    order, every rank the same count (DDP steps in lockstep); the fewer than N rows left over sit out."""
+    import torch
+    from cluster.train import worker_shares
+    from vae_core.train import ImageSet
+    rows = ImageSet(torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1), torch.arange(11) * 10)
+    shares = worker_shares(rows, 3)
+    assert [s.images.flatten().tolist() for s in shares] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert [s.labels.tolist() for s in shares] == [[0, 30, 60], [10, 40, 70], [20, 50, 80]]
+    assert worker_shares(rows, 1)[0].images.flatten().tolist() == list(range(11))   # one worker: every row
 
 
 def test_workers_zero_is_a_cli_error(local_storage_config, capsys):
