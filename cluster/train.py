@@ -33,7 +33,7 @@ from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResu
                             split_indices)
 
 from .datasets import shard_keys, table_arrays
-from .runs import RUNS_DIR, read_train_val
+from .runs import RUNS_DIR
 from .runtime import ray_runtime
 from .storage import Storage
 
@@ -49,18 +49,16 @@ def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
     train_val_ids(manifest, job)
 
 
-def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, val_set: ImageSet, *,
-               address: str | None, progress: bool, train_set: ImageSet | None = None) -> FitResult:
+def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, train_set: ImageSet,
+               val_set: ImageSet, *, address: str | None, progress: bool) -> FitResult:
     """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
     resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`: the training rows
-    the driver already holds, in id order (read again here when not given)."""
+    the driver already holds, in id order."""
     train_ids, _ = train_val_ids(manifest, job)
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
         shares = None
         if job.ray.cache_shards:
-            if train_set is None:
-                train_set, _ = read_train_val(storage, job, manifest)
             shares = object_store_shares(train_set, job.ray.workers)
         state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress, shares)
     model.load_state_dict(state["stopper"]["best_state"])

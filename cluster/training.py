@@ -41,7 +41,7 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     if job.ray is None:
         fitted = fit_in_process(storage, job, model, train_set, val_set, progress)
     else:
-        fitted = fit_on_ray(storage, job, manifest, model, val_set, address=address, progress=progress)
+        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress)
     summary = training_summary(job, fitted, train_set, val_set, started)
     result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set)
     record_published(storage, job, result)
