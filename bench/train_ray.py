@@ -42,10 +42,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster.datasets import ingest                                        # noqa: E402
-from cluster.local_train import TrainResult, train_single_process        # noqa: E402
+from cluster.runs import TrainResult                                    # noqa: E402
 from cluster.runtime import DASHBOARD_ENV                                  # noqa: E402
 from cluster.storage import open_storage                                  # noqa: E402
-from cluster.train import train_on_ray                                    # noqa: E402
+from cluster.training import train_model                                # noqa: E402
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig  # noqa: E402
 from vae_core.data import ArrayDataset, ArraySplit, read_fashion_mnist   # noqa: E402
 from vae_core.models import build_model                                   # noqa: E402
@@ -208,7 +208,7 @@ def startup_run(job: TrainJobConfig, workers: int, log: str) -> dict:
     open(log, "w").close()
     ray_job = replace(job, run_id="", ray=RayTrainConfig(workers=workers, max_failures=0))
     started = time.time()
-    result = train_on_ray(ray_job, progress=False)
+    result = train_model(ray_job, progress=False)
     ended = time.time()
     seen: dict[str, float] = {}
     with open(log) as f:
@@ -303,7 +303,7 @@ def compare_at(storage_cfg: StorageConfig, batch_size: int, args: argparse.Names
     for workers, sync_every in runs:
         ray_job = replace(job, ray=RayTrainConfig(workers=workers, max_failures=0, sync_every=sync_every))
         started = time.perf_counter()
-        result = train_on_ray(ray_job, progress=False)
+        result = train_model(ray_job, progress=False)
         ray_figures = figures(result, time.perf_counter() - started)
         compared.append(({**common, "trainer": "ray-train", "workers": workers, "sync_every": sync_every,
                           "torch_threads": 1, **ray_figures,
@@ -322,7 +322,7 @@ def single_process(job: TrainJobConfig, threads: int, common: dict) -> int:
     """vaegen's single-process trainer (threads=0: torch's default); prints its line, returns its images/s."""
     torch.set_num_threads(threads or os.cpu_count())
     started = time.perf_counter()
-    single = figures(train_single_process(replace(job, train=replace(job.train, threads=threads)), progress=False),
+    single = figures(train_model(replace(job, ray=None, train=replace(job.train, threads=threads)), progress=False),
                      time.perf_counter() - started)
     print(json.dumps({**common, "trainer": "single-process", "workers": 1, "torch_threads": torch.get_num_threads(),
                       **single}), flush=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -14,8 +13,7 @@ from vae_core.config import TrainJobConfig
 from vae_core.models import VAE
 from vae_core.train import EpochMetrics, FitResult, ImageSet, fit
 
-from .runs import TrainResult, run_key
-from .runs import manifest_digest, to_image_set  # noqa: F401  (cluster/evaluation.py imports them from here)
+from .runs import run_key
 from .storage import Storage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{5,})\.pt$")
@@ -59,10 +57,3 @@ def latest_checkpoint(storage: Storage, run: str) -> tuple[dict | None, list[int
         return None, []
     data = storage.read_bytes(f"{run}/{checkpoint_name(found[-1])}")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), found
-
-
-def train_single_process(job: TrainJobConfig, progress: bool = True,
-                         initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
-    """train_model with the single-process backend, whatever job.ray says."""
-    from .training import train_model                      # the entry point imports this module
-    return train_model(replace(job, ray=None), progress=progress, initial_state=initial_state)

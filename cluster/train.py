@@ -330,11 +330,3 @@ def report_epoch(metrics: EpochMetrics, state: dict | None) -> None:
 def load_state(checkpoint) -> dict:
     with checkpoint.as_directory() as folder:
         return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
-
-
-def train_on_ray(job: TrainJobConfig, *, address: str | None = None, progress: bool = True):
-    """train_model for a job that names its Ray settings (job.ray)."""
-    from .training import train_model                      # the entry point imports this module
-    if job.ray is None:
-        raise VaegenError("train_on_ray needs the job's Ray settings (job.ray)")
-    return train_model(job, address=address, progress=progress)

@@ -19,7 +19,8 @@ import pytest
 from cluster.datasets import ingest, shard_keys
 from cluster.registry import Registry
 from cluster.storage import Storage, open_storage
-from cluster.train import RUNS_DIR, STATE_FILE, train_on_ray
+from cluster.train import RUNS_DIR, STATE_FILE
+from cluster.training import train_model
 from conftest import free_port, unique_name
 from jobs.cli import main as vaegen
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
@@ -106,7 +107,7 @@ def two_worker_run(s3_fashion, starts_ray):
     from conftest import start_local_ray
     start_local_ray()
     job = job_for(s3_fashion, workers=2)
-    return job, train_on_ray(job, progress=False)
+    return job, train_model(job, progress=False)
 
 
 def test_two_workers_checkpoint_to_s3_and_publish_a_loadable_version(s3_fashion, two_worker_run):
@@ -129,7 +130,7 @@ def test_one_worker_matches_two_workers_at_the_same_global_batch(s3_fashion, two
     """Same data, same global batch (64 = 1×64 = 2×32): only the shuffling differs, so the held-out loss
     agrees within 4%. Measured at 6 epochs: vae_core.fit alone spreads 285.6-288.5 over 4 shuffle seeds."""
     job, two = two_worker_run
-    one = train_on_ray(replace(job, run_id=unique_name("run"), ray=RayTrainConfig(workers=1)), progress=False)
+    one = train_model(replace(job, run_id=unique_name("run"), ray=RayTrainConfig(workers=1)), progress=False)
     a, b = one.summary["best_val_loss"], two.summary["best_val_loss"]
     assert abs(a - b) / b < 0.04, (a, b)
 
@@ -140,7 +141,7 @@ def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_r
     every epoch's end, so that the workers evaluate and checkpoint the same model)."""
     import torch
     job, every_step = two_worker_run
-    local = train_on_ray(replace(job, run_id=unique_name("run"), ray=replace(job.ray, sync_every=4)),
+    local = train_model(replace(job, run_id=unique_name("run"), ray=replace(job.ray, sync_every=4)),
                          progress=False)
     a, b = local.summary["best_val_loss"], every_step.summary["best_val_loss"]
     assert abs(a - b) / b < 0.04, (a, b)
@@ -153,7 +154,7 @@ def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_r
 
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):
     job, result = two_worker_run
-    again = train_on_ray(job, progress=False)
+    again = train_model(job, progress=False)
     assert again.ref == result.ref
     assert Registry(open_storage(s3_fashion)).versions("fm-mlp").count(result.ref.version) == 1
 
@@ -162,7 +163,7 @@ def test_same_run_id_with_other_settings_is_refused(s3_fashion, two_worker_run):
     job, _ = two_worker_run
     changed = replace(job, train=replace(job.train, lr=0.01))
     with pytest.raises(VaegenError, match="started with other settings .*train.* use a new --run-id"):
-        train_on_ray(changed, progress=False)
+        train_model(changed, progress=False)
 
 
 @pytest.mark.parametrize("sync_every", [1, pytest.param(4, marks=pytest.mark.slow)])   # 4: weights averaged
@@ -182,7 +183,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
-    result = train_on_ray(job, progress=False)
+    result = train_model(job, progress=False)
     killer.join()
     assert killed and not pid_alive(killed[0])
     # The guarantee, not a count: a busy machine may cost Ray Train another restart (e.g. [0, 1, 4]), each
@@ -214,7 +215,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
 
     job = job_for(local_storage_config, epochs=12, run_id=run_id, cache_shards=False)
-    result = train_on_ray(job, progress=False)
+    result = train_model(job, progress=False)
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and restarts[-1] >= 1, restarts
     assert [m.epoch for m in result.history] == list(range(12))
@@ -244,7 +245,7 @@ def test_unknown_dataset(local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = replace(job_for(local_storage_config), dataset="no-such-data")
     with pytest.raises(VaegenError, match="no dataset 'no-such-data' .*datasets there: fm"):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
     assert_nothing_published(local_storage_config)
 
 
@@ -252,7 +253,7 @@ def test_dataset_of_another_image_shape(local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = replace(job_for(local_storage_config), model=ModelConfig(image_shape=(3, 32, 32)))
     with pytest.raises(VaegenError, match=r"holds images of shape \(1, 28, 28\) .* says \(3, 32, 32\)"):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
     assert_nothing_published(local_storage_config)
 
 
@@ -261,7 +262,7 @@ def test_a_corrupt_shard_fails_the_run_before_any_worker_starts(local_storage_co
     storage.publish(shard_keys(storage, DATASET, "train")[1], b"garbage")
     job = job_for(local_storage_config)
     with pytest.raises(VaegenError, match="fails its sha256"):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
     assert checkpoint_keys(storage, job.run_id) == []
     assert_nothing_published(local_storage_config)
 
@@ -271,7 +272,7 @@ def test_unreachable_s3_endpoint(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     cfg = StorageConfig(root="s3://vaegen-test/x", s3_endpoint=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(VaegenError, match="cannot reach the S3 endpoint"):
-        train_on_ray(job_for(cfg), progress=False)
+        train_model(job_for(cfg), progress=False)
 
 
 @pytest.fixture
@@ -303,7 +304,7 @@ def test_wrong_credentials(s3_server_with_auth, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     cfg = StorageConfig(root="s3://vaegen-test/x", s3_endpoint=s3_server_with_auth)
     with pytest.raises(VaegenError, match="S3 credentials were refused") as error:
-        train_on_ray(job_for(cfg), progress=False)
+        train_model(job_for(cfg), progress=False)
     assert "wrong-secret" not in str(error.value)
 
 
@@ -336,14 +337,14 @@ def test_global_batch_must_split_evenly(local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = job_for(local_storage_config, workers=3)
     with pytest.raises(VaegenError, match="--batch-size=64 must divide by --workers=3"):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
 
 
 def test_more_gpus_than_the_cluster_has_fails_fast(ray_local, local_storage_config, small_fashion):
     ingest_small_fashion(local_storage_config, small_fashion)
     job = job_for(local_storage_config, workers=2, gpus_per_worker=1)
     with pytest.raises(VaegenError, match=r"asks for 2 GPUs but the Ray cluster has 0"):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
     # Refused before a trainer was built (no wait for resources, whatever the machine's load): the run folder
     # holds only vaegen's own _job.json, no Ray Train state.
     run_files = [e.key.rsplit("/", 1)[-1] for e in open_storage(local_storage_config).list(
@@ -367,15 +368,15 @@ def test_a_driver_that_died_between_publishing_and_recording_publishes_once(ray_
         raise Crash()
     monkeypatch.setattr(cluster.training, "record_published", dies)
     with pytest.raises(Crash):
-        train_on_ray(job, progress=False)
+        train_model(job, progress=False)
     registry = Registry(storage)
     assert registry.versions("fm-mlp") == ["v0001"]
     assert not storage.exists(f"{RUNS_DIR}/{job.run_id}/_published.json")
 
     monkeypatch.setattr(cluster.training, "record_published", real_record)
-    result = train_on_ray(job, progress=False)                          # the rerun
+    result = train_model(job, progress=False)                          # the rerun
     assert result.ref.version == "v0001" and registry.versions("fm-mlp") == ["v0001"]
     assert [m.epoch for m in result.history] == [0] and result.summary["run_id"] == job.run_id
     assert storage.exists(f"{RUNS_DIR}/{job.run_id}/_published.json")
-    assert train_on_ray(job, progress=False).ref == result.ref          # and once it is recorded
+    assert train_model(job, progress=False).ref == result.ref          # and once it is recorded
     assert registry.versions("fm-mlp") == ["v0001"]
