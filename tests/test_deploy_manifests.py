@@ -748,3 +748,13 @@ def test_cluster_launcher_config_validates_against_rays_schema():
     assert config["docker"]["worker_image"] == f"vaegen:{VERSION}-cuda"
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     assert config["available_node_types"]["gpu_worker"]["min_workers"] < config["max_workers"]
+
+
+def test_every_package_ships_in_the_wheel():
+    """The image installs vaegen as a wheel (pip install /src): a subpackage left out of the packaging config
+    would work in the editable dev install and be missing in the cluster's pods."""
+    from setuptools import find_packages
+    shipped = set(find_packages(str(REPO), include=PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]))
+    on_disk = {str(p.parent.relative_to(REPO)).replace("/", ".") for p in REPO.glob("*/**/__init__.py")
+               if p.parts[len(REPO.parts)] in ("vae_core", "cluster", "jobs")}
+    assert on_disk and on_disk <= shipped, on_disk - shipped
