@@ -2,6 +2,7 @@
 # Set up (once) and run vaegen on a fresh machine:
 #   ./dev.sh pipeline [flags]   the main job: ingest Fashion-MNIST, train, generate, into ./vaegen-data
 #   ./dev.sh test [pytest args] the test suite (what CI runs)
+#   ./dev.sh unit [pytest args] the unit tier: no Ray, no S3 server, nothing slow
 #   ./dev.sh vaegen VERB ...    any vaegen command inside the project's environment
 # It installs what is missing: the Debian package dataset-fashion-mnist and a venv (.venv) with the pins.
 set -euo pipefail
@@ -42,6 +43,7 @@ cmd=${1:-}
 case "$cmd" in
     pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
     test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
+    unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -m "not ray and not s3 and not slow" "$@" ;;
     vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
-    *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

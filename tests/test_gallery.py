@@ -65,7 +65,7 @@ def publish_model_with_plots(storage, name: str, num_classes: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def root(s3_server, small_fashion, tmp_path_factory):
+def root(s3_server, starts_ray, small_fashion, tmp_path_factory):
     """Reconstructions (Parquet) of 200 real test images, 90 conditional samples (PNG tars) and a partial job."""
     start_local_ray()
     cfg = StorageConfig(root=str(tmp_path_factory.mktemp("gallery") / "root"))

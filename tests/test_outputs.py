@@ -26,7 +26,7 @@ os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may
 
 
 @pytest.fixture(scope="module")
-def jobs(s3_server, small_fashion, tmp_path_factory):
+def jobs(s3_server, starts_ray, small_fashion, tmp_path_factory):
     """One root with: reconstructions (Parquet) of 300 real test images with Fashion-MNIST's class names, and
     120 class-conditional samples as PNG tars. The S3 server starts first: Ray workers inherit its env."""
     start_local_ray()
