@@ -58,6 +58,10 @@ def job_record(job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | Non
     return record
 
 
+def run_started(storage: Storage, job: TrainJobConfig) -> bool:
+    return storage.exists(f"{run_key(job)}/{JOB_FILE}")
+
+
 def claim_run(storage: Storage, job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | None) -> None:
     """Record the run's settings; a rerun with the same id must ask for the same training."""
     mine = job_record(job, initial_state)

@@ -13,7 +13,7 @@ from vae_core.config import TrainJobConfig
 from .datasets import bind_model_to_dataset, read_manifest
 from .local_train import fit_in_process
 from .runs import (TrainResult, claim_run, finished_run, initial_model, publish_trained_model, read_train_val,
-                   record_published, training_summary, with_run_id)
+                   record_published, run_started, training_summary, with_run_id)
 from .storage import open_storage
 from .train import check_ray_job, fit_on_ray
 
@@ -30,13 +30,15 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
     if job.ray is not None:
         check_ray_job(job, manifest)
-    claim_run(storage, job, initial_state)
-    done = finished_run(storage, job)
-    if done is not None:
-        return done
-    # Read (and checksum) once, before any training: the mean image starts the decoder, and after training the
-    # same images fit the prior and draw the reconstruction grid.
+    if run_started(storage, job):                 # a rerun: the same settings, and maybe finished already
+        claim_run(storage, job, initial_state)
+        done = finished_run(storage, job)
+        if done is not None:
+            return done
+    # Read (and checksum) once, before the run is claimed: bad data leaves nothing on storage. The mean image
+    # starts the decoder, and after training the same images fit the prior and draw the reconstruction grid.
     train_set, val_set = read_train_val(storage, job, manifest)
+    claim_run(storage, job, initial_state)
     model = initial_model(job, train_set, initial_state)
     if job.ray is None:
         fitted = fit_in_process(storage, job, model, train_set, val_set, progress)

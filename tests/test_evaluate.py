@@ -157,12 +157,12 @@ def test_lr_schedule_and_kl_warmup_follow_their_settings():
 def test_presets_set_defaults_and_typed_flags_win(preset):
     parse = build_parser().parse_args
     job = train_job_config(parse(["train", "--preset", preset]))
-    assert job.name == preset and job.conditional == PRESETS[preset].conditional
-    assert job.train.epochs == PRESETS[preset].train["epochs"] and job.model.arch == PRESETS[preset].model["arch"]
+    assert job.name == preset and job.conditional == PRESETS[preset].job().conditional
+    assert job.train.epochs == PRESETS[preset].job().train.epochs and job.model.arch == PRESETS[preset].job().model.arch
     typed = train_job_config(parse(["train", "--preset", preset, "--epochs", "10", "--latent-dim", "20",
                                     "--name", "mine"]))
     assert (typed.train.epochs, typed.model.latent_dim, typed.name) == (10, 20, "mine")   # 10 = the default
-    assert typed.train.batch_size == PRESETS[preset].train["batch_size"]
+    assert typed.train.batch_size == PRESETS[preset].job().train.batch_size
 
 
 def test_the_classic_flags_without_a_preset_are_unchanged():
