@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from vae_core import __version__
-from vae_core.config import TrainConfig, TrainJobConfig, to_dict
+from vae_core.config import TrainConfig, TrainJobConfig, flag, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
 from vae_core.names import check_name, is_valid_name
@@ -37,11 +37,12 @@ METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower 
 class RetrainConfig:
     """`vaegen retrain`: the challenger's training job plus the rules of the contest."""
     job: TrainJobConfig = field(default_factory=TrainJobConfig)   # job.name is the model being retrained
-    margin: float = 0.0            # nats/image the challenger must beat the champion by
-    warm_start: bool = False       # start the challenger from the champion's weights
-    eval_split: str = "test"       # held-out split both models are scored on
-    eval_seed: int = 0             # fixes the posterior samples of the ELBO estimate
-    eval_max_images: int = 0       # 0 = the whole split
+    margin: float = flag("--margin", "nats/image the challenger must beat the champion by", default=0.0)
+    warm_start: bool = flag("--warm-start", "start the challenger from the champion's weights", default=False)
+    eval_split: str = flag("--eval-split", "held-out split to score on", default="test")
+    # The seed fixes the posterior samples, so both models are scored on the same draws.
+    eval_seed: int = flag("--eval-seed", "seed of the ELBO estimate", default=0)
+    eval_max_images: int = flag("--eval-max-images", "score on the first N images; 0 = the whole split", default=0)
 
     def __post_init__(self) -> None:
         check_name(self.eval_split, "--eval-split")

@@ -1,10 +1,12 @@
 """Flags shared by several verbs (storage, progress bars, the Ray address, the whole training job) and the configs
-built from them. The flags themselves are declared beside their fields in vae_core/config.py."""
+built from them. The flags themselves are declared beside their fields: vae_core/config.py for storage and
+training, cluster/generate/settings.py (RunSettings) for --address and --no-progress."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from cluster.generate.settings import RunSettings
 from vae_core.config import RayTrainConfig, StorageConfig, TrainJobConfig
 from vae_core.errors import VaegenError
 from vae_core.presets import PRESETS, layer_preset
@@ -23,13 +25,12 @@ def storage_config(args: argparse.Namespace) -> StorageConfig:
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_flags(p, RunSettings, only=("progress",))
 
 
 def add_address_arg(p: argparse.ArgumentParser | Any) -> None:
-    """--address of a verb that runs on Ray (not `submit`'s, which names a job server)."""
-    p.add_argument("--address", default=None, metavar="ADDR",
-                   help="the Ray cluster to join, e.g. ray://head:10001 or auto (default: start a local Ray)")
+    """--address of a verb that runs on Ray (not `submit`'s, which names a job server); p may be a group."""
+    add_flags(p, RunSettings, only=("address",))
 
 
 def add_train_job_args(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:

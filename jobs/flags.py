@@ -89,7 +89,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
             else:
                 kwargs.update(type=hint)
         if f.name in required:
-            kwargs.update(required=True, default=None)
+            kwargs.update(required=True, default=None, help=meta["help"])
         groups[section].add_argument(meta["flag"], **kwargs)
 
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from cluster.generate.settings import RunSettings
 from vae_core.config import GenerateConfig
 
-from .args import add_address_arg, add_progress_arg, add_storage_args, storage_config
+from .args import add_progress_arg, add_storage_args, storage_config
 from .flags import add_flags, build
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
     add_flags(p, GenerateConfig, only=("model", "format", "decode_batch"), required=("model",))
-    g = p.add_argument_group("ray")
-    g.add_argument("--workers", type=int, default=2, help="DecoderWorker actors (default: %(default)s)")
-    g.add_argument("--cpus-per-worker", type=float, default=0.5, help="(default: %(default)s)")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0 decodes on CUDA (default: %(default)s)")
-    add_address_arg(g)
+    add_flags(p, RunSettings, skip=("progress",), title="ray")
     add_storage_args(p)
     add_progress_arg(p)
 
@@ -38,11 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_reconstruct)
 
 
-def run_settings(args: argparse.Namespace):
+def run_settings(args: argparse.Namespace) -> RunSettings:
     """How to run the job (not part of its identity), checked before any storage or Ray is touched."""
-    from cluster.generate import RunSettings
-    return RunSettings(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       gpus_per_worker=args.gpus_per_worker, address=args.address, progress=args.progress)
+    return build(RunSettings, args)
 
 
 def report(manifest: dict) -> int:

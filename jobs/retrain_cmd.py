@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from cluster.generate.settings import RunSettings
+from cluster.retrain import RetrainConfig, retrain
 from vae_core.config import GenerateConfig
 
 from .args import add_progress_arg, add_train_job_args, train_job_config
+from .flags import add_flags, build
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,30 +21,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "models/<name>/decisions/.")
     add_train_job_args(p)
     add_progress_arg(p)
-    g = p.add_argument_group("contest")
-    g.add_argument("--margin", type=float, default=0.0,
-                   help="nats/image the challenger must beat the champion by (default: %(default)s)")
-    g.add_argument("--warm-start", action="store_true", help="start the challenger from the champion's weights")
-    g.add_argument("--eval-split", default="test", help="held-out split to score on (default: %(default)s)")
-    g.add_argument("--eval-seed", type=int, default=0, help="seed of the ELBO estimate (default: %(default)s)")
-    g.add_argument("--eval-max-images", type=int, default=0, help="score on the first N images (0 = all)")
-    g.add_argument("--then-generate", type=int, default=0, metavar="N",
-                   help="after a promotion, generate N samples with the new champion (as `vaegen generate` does, "
-                        "with its default workers)")
+    add_flags(p, RetrainConfig, title="contest")
+    # What happens after the contest, not a rule of it: no RetrainConfig field.
+    next(g for g in p._action_groups if g.title == "contest").add_argument(
+        "--then-generate", type=int, default=0, metavar="N",
+        help="after a promotion, generate N samples with the new champion (as `vaegen generate` does, with its "
+             "default workers)")
     p.set_defaults(run=run_retrain)
 
 
+def retrain_config(args: argparse.Namespace) -> RetrainConfig:
+    return build(RetrainConfig, args, job=train_job_config(args))
+
+
+def generation_settings(args: argparse.Namespace) -> RunSettings:
+    """How --then-generate runs: `vaegen generate`'s defaults, with the Ray address and progress bars of this run
+    (--workers and its kin on this verb are Ray Train's, not the decoders')."""
+    return build(RunSettings, args, only=("address", "progress"))
+
+
 def run_retrain(args: argparse.Namespace) -> int:
-    from cluster.generate import RunSettings, run_generation
-    from cluster.retrain import RetrainConfig, retrain
+    from cluster.generate import run_generation
 
     from .generate_cmds import report
-    cfg = RetrainConfig(job=train_job_config(args), margin=args.margin, warm_start=args.warm_start,
-                        eval_split=args.eval_split, eval_seed=args.eval_seed, eval_max_images=args.eval_max_images)
+    cfg = retrain_config(args)
     samples = None
     if args.then_generate:                # checked before hours of training; the version is known after them
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)
-        settings = RunSettings(address=args.address, progress=args.progress)
+        settings = generation_settings(args)
     outcome = retrain(cfg, address=args.address, progress=args.progress)
     verdict = "PROMOTED" if outcome.promoted else "kept the champion"
     print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")

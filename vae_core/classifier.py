@@ -18,6 +18,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .checkpoint import sha256_hex
+from .config import flag
 from .errors import VaegenError
 
 FEATURES = 128
@@ -27,7 +28,8 @@ CLASSIFIER_CONFIG = "classifier.json"
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    epochs: int = 5
+    # `vaegen evaluate` sets the seed to its own --seed; the other settings are fixed for comparable figures.
+    epochs: int = flag("--classifier-epochs", "epochs for the reference and TSTR classifiers", default=5)
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

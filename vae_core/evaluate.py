@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .artifacts import reconstruction_grid, sample_grid
 from .classifier import ClassifierConfig, accuracy, classifier_features, train_classifier
-from .config import ModelConfig, StorageConfig
+from .config import ModelConfig, StorageConfig, flag, section
 from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
@@ -29,28 +29,30 @@ from .prior import log_standard_normal
 @dataclass(frozen=True, kw_only=True)
 class EvalJobConfig:
     """`vaegen evaluate`: which model version, how hard to look, and where the results go."""
-    model: str                                  # name[@version|@latest|@champion]
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    k: int = 1000                               # importance samples per image for the IWAE bound
-    limit: int = 0                              # likelihood on the first N images of the split only (0 = all)
-    split: str = ""                             # "" = test if the dataset has one, else train
-    seed: int = 0
-    # Generated images for classifier-FID and TSTR; 0 = as many as the reference classifier's real training
-    # images, so TSTR and real-data accuracy compare classifiers trained on equal amounts (the usual protocol;
-    # fewer samples understate TSTR).
-    samples: int = 0
-    quality: bool = True                        # classifier-based metrics (trains a reference once per dataset)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    batch_size: int = 100                       # images encoded at once for the IWAE bound
+    model: str = flag("--model", "name[@version|@latest|@champion]")
+    k: int = flag("--k", "importance samples per image", default=1000)
+    limit: int = flag("--limit", "likelihood on the first N images only; 0 = the whole split", default=0)
+    split: str = flag("--split", "dataset split", default="", unset="test if present, else train")
+    seed: int = flag("--seed", "random seed of the binarisation, the importance samples, the generated images "
+                     "and the classifiers", default=0)
+    # 0 = as many as the reference classifier's real training images, so TSTR and real-data accuracy compare
+    # classifiers trained on equal amounts (the usual protocol; fewer samples understate TSTR).
+    samples: int = flag("--samples", "generated images for classifier-FID and TSTR; 0 = as many as the real "
+                        "training split the reference classifier learnt from", default=0)
+    quality: bool = flag("--no-quality", "likelihood only: skip the reference classifier, FID and TSTR",
+                         default=True)
+    classifier: ClassifierConfig = section("reference classifier", default_factory=ClassifierConfig)
+    batch_size: int = flag("--batch-size", "images encoded at once for the IWAE bound", default=100)
+    storage: StorageConfig = section("storage", default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         check_model_spec(self.model, "--model")
         if self.split:
             check_name(self.split, "--split")
-        for flag, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 0),
+        for name, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 0),
                                  ("batch-size", self.batch_size, 1)):
             if value < low:
-                raise VaegenError(f"--{flag}={value} must be >= {low}")
+                raise VaegenError(f"--{name}={value} must be >= {low}")
         if self.samples == 1:
             raise VaegenError("--samples=1: a Fréchet distance needs at least 2 samples (0 = as many as the "
                               "real training split)")
