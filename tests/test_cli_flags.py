@@ -9,12 +9,19 @@ import re
 
 import pytest
 
-from jobs.args import train_job_config
+from cluster.generate.settings import RunSettings
+from cluster.retrain import RetrainConfig
+from jobs.args import storage_config, train_job_config
 from jobs.cli import build_parser, main as vaegen
 from jobs.config_file import parse_args
-from jobs.flags import dest_paths, flagged_fields
+from jobs.eval_cmds import eval_job_config
+from jobs.flags import build, dest_paths, flagged_fields
+from jobs.generate_cmds import run_settings
+from jobs.retrain_cmd import generation_settings, retrain_config
+from vae_core.classifier import ClassifierConfig
 from vae_core.config import (GenerateConfig, ModelConfig, RayTrainConfig, StorageConfig, TrainConfig,
                              TrainJobConfig)
+from vae_core.evaluate import EvalJobConfig
 from vae_core.presets import PRESETS, fmnist_best, layer_preset, preset_job
 
 TRAINING_VERBS = ("train", "retrain", "pipeline")
@@ -133,7 +140,6 @@ def test_ray_train_flags_without_workers_are_refused(flags, named, capsys):
 def test_generate_flags_build_the_job_spec(tmp_path):
     args = parse_args(build_parser(), ["generate", "--model", "m@v0001", "--count", "30", "--labels", "1", "2",
                                        "--pixels", "mean", "--root", str(tmp_path)])
-    from jobs.flags import build
     assert build(GenerateConfig, args, kind="samples") == GenerateConfig(model="m@v0001", count=30, labels=(1, 2),
                                                                          pixels="mean")
 
@@ -163,3 +169,115 @@ def test_no_help_text_carries_measured_figures():
     for verb in ("train", "retrain", "pipeline", "generate", "reconstruct"):
         for action in leaf(verb)._actions:
             assert not figure.search(action.help or ""), (verb, action.help)
+
+
+# -- evaluate, retrain, generate, reconstruct, pipeline: every flag is a config field's ---------------------------
+VERB_CONFIGS = {
+    "evaluate": (EvalJobConfig, RunSettings),
+    "retrain": (TrainJobConfig, RetrainConfig, RunSettings),
+    "generate": (GenerateConfig, RunSettings, StorageConfig),
+    "reconstruct": (GenerateConfig, RunSettings, StorageConfig),
+    "pipeline": (TrainJobConfig, GenerateConfig, RunSettings),
+}
+# Flags that map to no config field: argparse's own, the config file, a preset's name (it picks a recipe that
+# returns a whole config), what retrain does after its contest, and pipeline's ingest source.
+NO_FIELD = {"help", "config", "preset", "then_generate", "source"}
+# Defaults a verb sets for itself: --workers off on retrain (one process unless given), on with 2 on pipeline.
+VERB_DEFAULTS = {("retrain", "workers"): None, ("pipeline", "workers"): 2, ("pipeline", "count"): 10_000}
+
+
+def field_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+@pytest.mark.parametrize("verb", list(VERB_CONFIGS))
+def test_every_flag_of_a_verb_is_declared_beside_a_config_field(verb):
+    """No flag of these verbs is written out by hand: each has the name, dest, help and default of a field."""
+    fields = [f for cls in VERB_CONFIGS[verb] for _, f, _, _ in flagged_fields(cls)]
+    for action in leaf(verb)._actions:
+        if action.dest in NO_FIELD:
+            continue
+        declared = [f for f in fields if f.name == action.dest and f.metadata["flag"] in action.option_strings]
+        assert declared, (verb, action.option_strings, "is declared by no config field")
+        default = VERB_DEFAULTS.get((verb, action.dest))
+        assert any(action.help.startswith(f.metadata["help"]) and (action.required or action.default == (
+            default if (verb, action.dest) in VERB_DEFAULTS else field_default(f))) for f in declared), \
+            (verb, action.option_strings)
+
+
+def args_of(argv: list[str]) -> argparse.Namespace:
+    return parse_args(build_parser(), argv)
+
+
+EVALUATE = ["evaluate", "--model", "m@v0002", "--k", "7", "--limit", "3", "--split", "val", "--seed", "5",
+            "--samples", "20", "--no-quality", "--classifier-epochs", "2", "--batch-size", "9", "--root", "/r",
+            "--s3-endpoint", "http://127.0.0.1:9", "--no-progress"]
+RETRAIN = ["retrain", "--margin", "0.5", "--warm-start", "--eval-split", "val", "--eval-seed", "3",
+           "--eval-max-images", "40", "--epochs", "2", "--workers", "3", "--cpus-per-worker", "2",
+           "--address", "auto", "--no-progress", "--then-generate", "6"]
+GENERATE = ["generate", "--model", "m", "--count", "30", "--workers", "3", "--cpus-per-worker", "1.5",
+            "--gpus-per-worker", "0.25", "--address", "auto", "--max-restarts", "0", "--no-progress", "--root", "/r"]
+
+
+def test_evaluate_flags_land_in_their_fields():
+    args = args_of(EVALUATE)
+    assert eval_job_config(args) == EvalJobConfig(
+        model="m@v0002", k=7, limit=3, split="val", seed=5, samples=20, quality=False, batch_size=9,
+        classifier=ClassifierConfig(epochs=2, seed=5),              # the classifiers share the evaluation's seed
+        storage=StorageConfig(root="/r", s3_endpoint="http://127.0.0.1:9"))
+    assert args.progress is False
+    assert eval_job_config(args_of(["evaluate", "--model", "m"])) == EvalJobConfig(model="m")
+
+
+def test_retrain_flags_land_in_their_fields():
+    args = args_of(RETRAIN)
+    cfg = retrain_config(args)
+    assert cfg == RetrainConfig(job=cfg.job, margin=0.5, warm_start=True, eval_split="val", eval_seed=3,
+                                eval_max_images=40)
+    assert cfg.job.train.epochs == 2 and cfg.job.ray == RayTrainConfig(workers=3, cpus_per_worker=2.0)
+    # --then-generate decodes with generate's own worker settings: --workers here were Ray Train's.
+    assert generation_settings(args) == RunSettings(address="auto", progress=False)
+    assert retrain_config(args_of(["retrain"])) == RetrainConfig(job=job_of(["train"]))
+
+
+@pytest.mark.parametrize("verb, job_flags", [("generate", ["--count", "30"]), ("reconstruct", ["--dataset", "d"])])
+def test_run_settings_flags_land_in_their_fields(verb, job_flags):
+    args = args_of([verb, "--model", "m", *job_flags, *GENERATE[5:]])
+    assert run_settings(args) == RunSettings(workers=3, cpus_per_worker=1.5, gpus_per_worker=0.25, address="auto",
+                                             max_restarts=0, progress=False)
+    assert run_settings(args_of([verb, "--model", "m", *job_flags])) == RunSettings()
+
+
+def test_pipeline_shares_the_address_and_progress_flags():
+    args = args_of(["pipeline", "--address", "auto", "--no-progress"])
+    assert (args.address, args.progress) == ("auto", False)
+
+
+@pytest.mark.parametrize("argv", [EVALUATE, ["evaluate", "--model", "m"]])
+def test_config_show_round_trips_evaluate(argv, capsys, tmp_path):
+    path = shown(capsys, tmp_path, argv)
+    again = args_of(["evaluate", "--config", path])
+    assert eval_job_config(again) == eval_job_config(args_of(argv))
+    assert again.progress == args_of(argv).progress
+
+
+@pytest.mark.parametrize("argv", [RETRAIN, ["retrain", "--preset", "fmnist-best", "--margin", "1"]])
+def test_config_show_round_trips_retrain(argv, capsys, tmp_path):
+    path = shown(capsys, tmp_path, argv)
+    again, first = args_of(["retrain", "--config", path]), args_of(argv)
+    assert retrain_config(again) == retrain_config(first)
+    assert generation_settings(again) == generation_settings(first)
+    assert again.then_generate == first.then_generate
+
+
+@pytest.mark.parametrize("argv", [GENERATE, ["reconstruct", "--model", "m", "--dataset", "d", "--split", "val",
+                                             "--format", "png", "--workers", "4"]])
+def test_config_show_round_trips_generate(argv, capsys, tmp_path):
+    path = shown(capsys, tmp_path, argv)
+    again, first = args_of([argv[0], "--config", path]), args_of(argv)
+    kind = "samples" if argv[0] == "generate" else "reconstructions"
+    assert build(GenerateConfig, again, kind=kind) == build(GenerateConfig, first, kind=kind)
+    assert run_settings(again) == run_settings(first)
+    assert storage_config(again) == storage_config(first)
