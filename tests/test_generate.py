@@ -242,7 +242,7 @@ def test_weights_failing_their_sha256_are_refused(local_storage_config):
     (dict(workers=0), "--workers=0 must be between 1 and 1024"),
     (dict(workers=5000), "--workers=5000 must be between 1 and 1024"),
     (dict(cpus_per_worker=-1), "--cpus-per-worker and --gpus-per-worker must be >= 0"),
-    (dict(max_restarts=-1), "max_restarts=-1 must be >= 0")])
+    (dict(max_restarts=-1), "--max-restarts=-1 must be >= 0")])
 def test_bad_run_settings_are_one_clear_error_before_any_work(local_storage_config, settings, message):
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)

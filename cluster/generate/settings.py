@@ -28,7 +28,7 @@ class RunSettings:
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
         if self.max_restarts < 0:
-            raise VaegenError(f"max_restarts={self.max_restarts} must be >= 0")
+            raise VaegenError(f"--max-restarts={self.max_restarts} must be >= 0")
 
     @property
     def device(self) -> str:
