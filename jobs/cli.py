@@ -61,5 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
 
 
+def console() -> None:
+    """The `vaegen` command. A run that failed has said everything in its one line and has nothing left to clean
+    up (Ray and temp folders are closed by their own context managers), so it leaves without the interpreter's
+    teardown: there, under load, a native library's thread pool can abort the process (SIGABRT) after the
+    error was printed, turning exit code 2 into a crash."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
