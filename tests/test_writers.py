@@ -11,6 +11,7 @@ import pytest
 from cluster.layout import shard_braces, shard_glob, shard_index, shard_name
 from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
                             netpbm_images, parquet_image_bytes, tar_member_count)
+from cluster.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
 from conftest import rng_images
 from generate_support import read_rows
 
@@ -50,10 +51,12 @@ def test_same_rows_give_the_same_bytes_whatever_the_batching(fmt):
 def test_parquet_schema_and_file_metadata():
     data = write(ParquetShardWriter, batches(labels=False))
     table = pq.read_table(io.BytesIO(data))
-    assert table.column_names == ["id", "shard", "seed", "label", "latent", "image", "height", "width", "channels"]
+    # rows without labels (an unconditional model's samples) have no label column, and no label feature
+    assert table.column_names == ["id", "shard", "seed", "latent", "image", "height", "width", "channels"]
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features == {"id": {"dtype": "int64", "_type": "Value"}, "image": {"_type": "Image"}}
     latent = table.schema.field("latent").type
     assert (latent.list_size, str(latent.value_type)) == (4, "float")
-    assert table.column("label").null_count == 10
     assert set(table.column("shard").to_pylist()) == {3} and set(table.column("seed").to_pylist()) == {12345}
     meta = pq.read_metadata(io.BytesIO(data))
     assert meta.row_group(0).column(0).compression == "ZSTD"
@@ -132,5 +135,46 @@ def test_png_tar_json_latents_give_back_the_exact_float32_and_stay_what_json_dum
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 7, 300)])
 def test_the_planned_bytes_per_parquet_image_are_what_the_writer_stores(shape):
     """cluster.generate.plan sizes its 2 GiB check on parquet_image_bytes: it must equal the real cell size."""
-    cells = netpbm_images(rng_images(3, shape))
+    cells = png_images(rng_images(3, shape))
     assert [len(cell.as_py()) for cell in cells] == [parquet_image_bytes(shape)] * 3
+
+
+def test_labelled_parquet_rows_carry_a_class_label_with_names():
+    info = ShardInfo(index=0, seed=1, model="tiny@v0001", weights_sha256="ab" * 32, job_id="samples-0123",
+                     label_names=("zero", "one", "two"))
+    writer = ParquetShardWriter(info)
+    for part in batches():
+        writer.write(part)
+    table = pq.read_table(io.BytesIO(writer.close()))
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["label"] == {"names": ["zero", "one", "two"], "_type": "ClassLabel"}
+    assert table.column("label").to_pylist() == [i % 3 for i in range(100, 110)]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 160, 150)])   # the last needs two stored blocks
+def test_parquet_images_are_png_files_that_pil_and_torchvision_decode(shape):
+    import PIL.Image
+    import torch
+    from torchvision.io import decode_image
+    images = rng_images(4, shape)
+    cells = [cell.as_py() for cell in png_images(images)]
+    for image, cell in zip(images, cells):
+        assert cell.startswith(b"\x89PNG\r\n\x1a\n")
+        with PIL.Image.open(io.BytesIO(cell)) as im:
+            assert im.format == "PNG"
+            pixels = np.asarray(im).reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1)
+        np.testing.assert_array_equal(pixels, image)
+        decoded = decode_image(torch.frombuffer(bytearray(cell), dtype=torch.uint8))   # checks CRCs and adler32
+        np.testing.assert_array_equal(decoded.numpy(), image)
+
+
+def test_decode_image_column_reads_new_png_and_old_pgm_shards_alike():
+    import pyarrow as pa
+    images = rng_images(6, (1, 28, 28))
+    for cells in (png_images(images), netpbm_images(images)):
+        column = pa.StructArray.from_arrays([cells, pa.nulls(6, pa.string())], fields=list(IMAGE_TYPE))
+        table = pa.table({"image": column, "channels": [1] * 6, "height": [28] * 6, "width": [28] * 6})
+        np.testing.assert_array_equal(decode_image_column(table), images)
+        np.testing.assert_array_equal(decode_image_column(table.slice(2, 3)), images[2:5])
+    shard = pq.read_table(io.BytesIO(write(ParquetShardWriter, batches())))
+    np.testing.assert_array_equal(decode_image_column(shard), np.concatenate([p.images for p in batches()]))

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
+import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -14,52 +17,98 @@ from .rows import DecodedBatch, ShardInfo, concat_batches
 
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
 # Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in
-# the schema's "huggingface" metadata. The bytes are a binary Netpbm image (PGM for grey, PPM for RGB): PIL
-# decodes it like any file, and it is the raw pixels behind a short header, so it compresses like raw pixels and
-# costs a copy to build where PNG costs a deflate per image (the PNG-tar format is there for PNG consumers).
+# the schema's "huggingface" metadata. The bytes are a PNG file whose deflate stream uses *stored* (uncompressed)
+# blocks: every reader of images takes it (PIL, torchvision.io.decode_image, browsers, HF datasets, Ray Data via
+# PIL), and building it costs a copy plus one adler32 and one crc32 per image, where a deflated PNG costs a deflate
+# per image (several times the whole shard's write). The file's zstd compresses the stored pixels as it would raw
+# pixels, so the shard stays as small. A raw fixed-shape tensor column was the other choice: zero-copy to NumPy,
+# but torchvision, PIL, pandas users and the Hub viewer would each need glue to see an image.
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # pa.binary() has 32-bit offsets: a shard's image bytes must stay below 2 GiB. Hugging Face's Image feature
 # reads only this type (given large_binary it falls back to a plain struct), so the limit is kept, not lifted;
 # cluster/generate/plan.py refuses a plan that could cross it.
 PARQUET_MAX_IMAGE_BYTES = 2**31 - 1
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOR_TYPES = {1: 0, 3: 2}          # channels -> PNG colour type (0 = grey, 2 = RGB), 8 bits per sample
+STORED_BLOCK = 65535                    # the most bytes one stored deflate block holds
+ZLIB_HEADER = b"\x78\x01"              # deflate, 32 KiB window, no preset dictionary, "fastest" level
+PNG_IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 
-def parquet_metadata(info: ShardInfo) -> dict[str, str]:
+
+def parquet_metadata(info: ShardInfo, labelled: bool) -> dict[str, str]:
     """The file metadata every Parquet shard carries: what made it, and the Hugging Face features."""
     return {"vaegen.model": info.model, "vaegen.weights_sha256": info.weights_sha256,
             "vaegen.code_version": __version__, "vaegen.job_id": info.job_id, "vaegen.shard": str(info.index),
-            "huggingface": json.dumps({"info": {"features": hf_features(info.label_names)}})}
+            "huggingface": json.dumps({"info": {"features": hf_features(info.label_names, labelled)}})}
 
 
-
-
-def hf_features(label_names: tuple[str, ...]) -> dict:
+def hf_features(label_names: tuple[str, ...], labelled: bool = True) -> dict:
     """The Hugging Face `datasets` features of the columns it would not infer (others it reads from the Arrow
-    types): `image` as Image, `label` as ClassLabel with names (a plain int64 when no names are known)."""
+    types): `image` as Image, `label` as ClassLabel with names (a plain int64 when no names are known; no `label`
+    at all for rows without labels, an unconditional model's samples)."""
     label = {"names": list(label_names), "_type": "ClassLabel"} if label_names else {"dtype": "int64", "_type": "Value"}
-    return {"id": {"dtype": "int64", "_type": "Value"}, "label": label, "image": {"_type": "Image"}}
+    return {"id": {"dtype": "int64", "_type": "Value"}, **({"label": label} if labelled else {}),
+            "image": {"_type": "Image"}}
 
 
-def netpbm_header(image_shape) -> bytes:
+def _png_layout(image_shape) -> tuple[bytes, list[tuple[int, int, int]], int]:
+    """What every PNG of `image_shape` shares: the bytes before the first stored block (signature, IHDR, IDAT's
+    length and type, zlib header), the stored blocks as (file offset of the block header, raw start, raw length)
+    and the file's size. The raw image is H scanlines of a filter byte (0: none) and W*C pixels."""
     c, h, w = image_shape
-    if c not in (1, 3):
-        raise ValueError(f"images with {c} channels have no Netpbm form (1 = grey, 3 = RGB)")
-    return b"P%d\n%d %d\n255\n" % (5 if c == 1 else 6, w, h)
+    if c not in PNG_COLOR_TYPES:
+        raise ValueError(f"images with {c} channels have no PNG form here (1 = grey, 3 = RGB)")
+    raw = h * (1 + w * c)
+    starts = range(0, raw, STORED_BLOCK)
+    idat = len(ZLIB_HEADER) + 5 * len(starts) + raw + 4
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPES[c], 0, 0, 0)
+    head = (PNG_SIGNATURE + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+            + struct.pack(">I", idat) + b"IDAT" + ZLIB_HEADER)
+    blocks = [(len(head) + i * 5 + start, start, min(STORED_BLOCK, raw - start)) for i, start in enumerate(starts)]
+    return head, blocks, len(head) + idat - len(ZLIB_HEADER) + 4 + len(PNG_IEND)
 
 
 def parquet_image_bytes(image_shape) -> int:
-    """Bytes one image takes in the Parquet `image` column (Netpbm header + pixels)."""
-    c, h, w = image_shape
-    return len(b"P5\n%d %d\n255\n" % (w, h)) + c * h * w
+    """Bytes one image takes in the Parquet `image` column (a stored-deflate PNG file)."""
+    return _png_layout(image_shape)[2]
+
+
+def png_images(images: np.ndarray) -> pa.BinaryArray:
+    """uint8 (N, C, H, W) with C = 1 or 3 → PNG files with stored deflate blocks, one per image, all laid out at
+    once in one buffer (every file has the same size); the only per-image work is zlib's adler32 and crc32."""
+    n, c, h, w = images.shape
+    head, blocks, size = _png_layout((c, h, w))
+    if n * size > PARQUET_MAX_IMAGE_BYTES:                             # the int32 offsets below would wrap
+        raise ValueError(f"{n} images of {c}x{h}x{w} exceed the 2 GiB a Parquet binary column holds")
+    raw = np.zeros((n, h, 1 + w * c), np.uint8)                         # filter byte 0 per scanline
+    raw[:, :, 1:] = images.transpose(0, 2, 3, 1).reshape(n, h, w * c)
+    raw = raw.reshape(n, -1)
+    files = np.empty((n, size), np.uint8)
+    files[:, :len(head)] = np.frombuffer(head, np.uint8)
+    for i, (at, start, length) in enumerate(blocks):
+        final = i == len(blocks) - 1
+        files[:, at:at + 5] = np.frombuffer(struct.pack("<BHH", final, length, length ^ 0xFFFF), np.uint8)
+        files[:, at + 5:at + 5 + length] = raw[:, start:start + length]
+    adler_at = size - len(PNG_IEND) - 8                                 # then IDAT's crc, then IEND
+    files[:, size - len(PNG_IEND):] = np.frombuffer(PNG_IEND, np.uint8)
+    row_bytes = raw.shape[1]
+    raw_view = memoryview(raw.reshape(-1))
+    adlers = [zlib.adler32(raw_view[i * row_bytes:(i + 1) * row_bytes]) for i in range(n)]
+    files[:, adler_at:adler_at + 4] = np.array(adlers, ">u4").view(np.uint8).reshape(n, 4)
+    idat_type = len(head) - len(ZLIB_HEADER) - 4                        # the crc covers type and data
+    file_view = memoryview(files.reshape(-1))
+    crcs = [zlib.crc32(file_view[i * size + idat_type:i * size + adler_at + 4]) for i in range(n)]
+    files[:, adler_at + 4:adler_at + 8] = np.array(crcs, ">u4").view(np.uint8).reshape(n, 4)
+    offsets = np.arange(n + 1, dtype=np.int32) * size
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
 
 
 def netpbm_images(images: np.ndarray) -> pa.BinaryArray:
-    """uint8 (N, C, H, W) with C = 1 or 3 → binary PGM (P5) / PPM (P6) files, one per image, built as one
-    buffer (header + HWC pixels per row) without a Python loop."""
+    """What the `image` column held up to output format version 4 (binary PGM/PPM), kept so that tests can build
+    such a shard and check that decode_image_column still reads the jobs made then."""
     n, c, h, w = images.shape
-    header = np.frombuffer(netpbm_header((c, h, w)), np.uint8)
-    if n * (len(header) + h * w * c) > PARQUET_MAX_IMAGE_BYTES:       # the int32 offsets below would wrap
-        raise ValueError(f"{n} images of {c}x{h}x{w} exceed the 2 GiB a Parquet binary column holds")
+    header = np.frombuffer(b"P%d\n%d %d\n255\n" % (5 if c == 1 else 6, w, h), np.uint8)
     files = np.empty((n, len(header) + h * w * c), np.uint8)
     files[:, :len(header)] = header
     files[:, len(header):] = images.transpose(0, 2, 3, 1).reshape(n, h * w * c)
@@ -67,9 +116,40 @@ def netpbm_images(images: np.ndarray) -> pa.BinaryArray:
     return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
 
 
+def decode_image_column(table: pa.Table, image_shape=None) -> np.ndarray:
+    """The `image` column of a vaegen Parquet table (any shard this or an earlier version wrote: stored PNG, or
+    PGM/PPM) as uint8 (N, C, H, W). `image_shape` (C, H, W) defaults to the table's channels/height/width columns.
+    Shards laid out by png_images are read back with NumPy slices alone; anything else goes through PIL."""
+    cells = table.column("image").combine_chunks().flatten()[0]     # flatten applies the slice offset
+    n = len(cells)
+    if image_shape is None:
+        if n == 0:
+            raise ValueError("an empty table does not say its image shape: pass image_shape")
+        image_shape = tuple(int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
+    c, h, w = image_shape
+    if n == 0:
+        return np.empty((0, c, h, w), np.uint8)
+    offsets = np.frombuffer(cells.buffers()[1], np.int32, n + 1, cells.offset * 4)
+    data = np.frombuffer(cells.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
+    if c in PNG_COLOR_TYPES and cells.null_count == 0:
+        head, blocks, size = _png_layout((c, h, w))
+        if (np.diff(offsets) == size).all():
+            files = data.reshape(n, size)
+            if (files[:, :len(head)] == np.frombuffer(head, np.uint8)).all():
+                raw = np.concatenate([files[:, at + 5:at + 5 + length] for at, _, length in blocks], axis=1)
+                return raw.reshape(n, h, 1 + w * c)[:, :, 1:].reshape(n, h, w, c).transpose(0, 3, 1, 2).copy()
+    mode = "L" if c == 1 else "RGB"
+    out = np.empty((n, h, w, c), np.uint8)
+    for i, cell in enumerate(cells.to_pylist()):
+        with PIL.Image.open(io.BytesIO(cell)) as im:
+            out[i] = np.asarray(im.convert(mode)).reshape(h, w, c)
+    return out.transpose(0, 3, 1, 2).copy()
+
+
 class ParquetShardWriter:
-    """Columns: id, shard, seed, label (nullable), latent (fixed-size list float32), image (struct<bytes, path>:
-    a PGM/PPM file, see IMAGE_TYPE), height, width, channels; zstd; model and code version in the metadata."""
+    """Columns: id, shard, seed, label (only for labelled rows), latent (fixed-size list float32), image
+    (struct<bytes, path>: a stored-deflate PNG file, see IMAGE_TYPE), height, width, channels; zstd; model and
+    code version in the metadata."""
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
@@ -81,18 +161,19 @@ class ParquetShardWriter:
     def table(self) -> pa.Table:
         rows = concat_batches(self.batches)
         n, (c, h, w), z = len(rows), rows.images.shape[1:], rows.latents.shape[1]
-        image = pa.StructArray.from_arrays([netpbm_images(rows.images),
+        image = pa.StructArray.from_arrays([png_images(rows.images),
                                             pa.nulls(n, pa.string())], fields=list(IMAGE_TYPE))
         latent = pa.FixedSizeListArray.from_arrays(pa.array(rows.latents.astype(np.float32).ravel()), z)
         columns = {
             "id": pa.array(rows.ids, pa.int64()),
             "shard": pa.array(np.full(n, self.info.index, np.int32)),
             "seed": pa.nulls(n, pa.int64()) if self.info.seed is None else pa.array(np.full(n, self.info.seed)),
-            "label": pa.nulls(n, pa.int64()) if rows.labels is None else pa.array(rows.labels, pa.int64()),
+            # rows without labels (an unconditional model's samples) have no label column at all
+            **({} if rows.labels is None else {"label": pa.array(rows.labels, pa.int64())}),
             "latent": latent, "image": image,
             "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, w, np.int32)),
             "channels": pa.array(np.full(n, c, np.int32))}
-        return pa.table(columns).replace_schema_metadata(parquet_metadata(self.info))
+        return pa.table(columns).replace_schema_metadata(parquet_metadata(self.info, rows.labels is not None))
 
     def close(self) -> bytes:
         if not self.batches:
@@ -102,7 +183,8 @@ class ParquetShardWriter:
         # Dictionary encoding and min/max statistics only where they pay: pixel strings and latent lists are all
         # distinct, so a dictionary or min/max of them costs write time and helps no reader.
         pq.write_table(table, buf, compression="zstd", row_group_size=len(table),
-                       use_dictionary=DICTIONARY_COLUMNS, write_statistics=["id", *DICTIONARY_COLUMNS])
+                       use_dictionary=[k for k in DICTIONARY_COLUMNS if k in table.column_names],
+                       write_statistics=["id", *(k for k in DICTIONARY_COLUMNS if k in table.column_names)])
         data = buf.getvalue()
         rows = pq.read_metadata(io.BytesIO(data)).num_rows           # the footer parses: the file is whole
         if rows != len(table):
