@@ -1,101 +1,260 @@
-"""A finished job's Hugging Face dataset card (README.md beside its manifest: YAML `configs`/`data_files` and
-`dataset_info`, then how the data was made and how to load it). It is built from the manifest the commit
-writes (plus the latent width, from the first Parquet shard's schema), so it says what the job holds."""
+"""A finished job's Hugging Face dataset card: YAML metadata (licence, source, size and task categories,
+`configs`/`data_files`, `dataset_info` features) built with huggingface_hub's DatasetCardData, then how the data
+was made and how to load it. It is built from the manifest the commit writes, the model's config.json (its prior)
+and the source dataset's manifest (its licence), so it says what the job holds. Where it is stored:
+layout.card_name (README.md for tar jobs, _README.md for Parquet jobs, so that pyarrow readers see only data)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import tarfile
 import time
 
-from .layout import MANIFEST, JobKeys, shard_glob
+import pyarrow.parquet as pq
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from vae_core.checkpoint import CONFIG_FILE
+from vae_core.config import GenerateConfig
+from vae_core.data import FASHION_MNIST_LABELS
+from vae_core.errors import VaegenError
+from vae_core.names import is_valid_name
+
+from .datasets import MANIFEST as DATASET_MANIFEST
+from .datasets import dataset_key
+from .layout import MANIFEST, JobKeys, card_name, shard_glob
+from .registry import ModelRef, Registry
 from .storage import Storage
+
+UNKNOWN_LICENSE = "unknown"
+# Sources vaegen ingests by name, recognised by what their manifest holds (the ingest records a folder path as the
+# source, not a name): licence, Hub id, home page.
+KNOWN_SOURCES = {(tuple(FASHION_MNIST_LABELS), (1, 28, 28)): {
+    "license": "mit", "hub_id": "zalando-datasets/fashion_mnist", "title": "Fashion-MNIST",
+    "url": "https://github.com/zalandoresearch/fashion-mnist"}}
+SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+# The verbs' own flags (jobs/generate_cmds.py): every GenerateConfig field except `kind` is hashed into the job id,
+# so the command spells out each one the verb takes, defaults included (a later default cannot change the job).
+VERB_FIELDS = {"samples": ("generate", ("count", "shard_size", "seed", "labels", "pixels")),
+               "reconstructions": ("reconstruct", ("dataset", "split"))}
+COMMON_FIELDS = ("model", "format", "decode_batch")
+
+
+def size_category(rows: int) -> str:
+    return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
 def reproduce_command(manifest: dict, root_uri: str) -> str:
-    """The `vaegen` command that makes (or resumes) this very job: same spec, same job id."""
+    """The `vaegen` command that makes (or resumes) this very job: every flag of the spec, so the job id is the
+    same (the model as it was asked for: `name@champion` resolves to the version of the day)."""
     spec = manifest["spec"]
-    common = f"--model {spec['model']} --format {spec['format']} --decode-batch {spec['decode_batch']}"
-    if spec["kind"] == "samples":
-        labels = f" --labels {' '.join(map(str, spec['labels']))}" if spec["labels"] else ""
-        pixels = f" --pixels {spec['pixels']}" if spec.get("pixels", "sample") != "sample" else ""
-        verb = (f"generate --count {spec['count']} --shard-size {spec['shard_size']} --seed {spec['seed']}"
-                f"{labels}{pixels}")
-    else:
-        verb = f"reconstruct --dataset {spec['dataset']} --split {spec['split']}"
-    return f"vaegen {verb} {common} --root {root_uri}"
+    verb, fields = VERB_FIELDS[spec["kind"]]
+    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(GenerateConfig) if "flag" in f.metadata}
+    words = []
+    for name in (*fields, *COMMON_FIELDS):
+        value = spec[name]
+        if isinstance(value, list):
+            if value:                                    # an empty --labels means every class: leave it out
+                words.append(f"{flags[name]} {' '.join(map(str, value))}")
+        else:
+            words.append(f"{flags[name]} {value}")
+    return f"vaegen {verb} {' '.join(words)} --root {root_uri}"
 
 
-def _features_yaml(label_names: list[str], latent_dim: int | None) -> list[str]:
-    lines = ["  features:", "  - name: id", "    dtype: int64", "  - name: shard", "    dtype: int32",
-             "  - name: seed", "    dtype: int64", "  - name: label"]
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """What one row of the job holds, read from its first shard."""
+    labelled: bool                      # rows carry a label (none for an unconditional model's samples)
+    latent_dim: int | None
+    tar_members: tuple[str, ...] = ()   # tar jobs: the extensions of one sample's members (png, json, cls, ...)
+    tar_json: dict | None = None        # tar jobs: the first sample's .json
+
+
+def _label_feature(label_names: list[str]):
     if label_names:
-        lines += ["    dtype:", "      class_label:", "        names:"]
-        lines += [f"          '{i}': {json.dumps(name)}" for i, name in enumerate(label_names)]
-    else:
-        lines.append("    dtype: int64")
-    if latent_dim:
-        lines += ["  - name: latent", "    list: float32", f"    length: {latent_dim}"]
-    lines += ["  - name: image", "    dtype: image"]
-    lines += [f"  - name: {k}\n    dtype: int32" for k in ("height", "width", "channels")]
-    return lines
+        return {"class_label": {"names": {str(i): name for i, name in enumerate(label_names)}}}
+    return "int64"
 
 
-def dataset_card(manifest: dict, latent_dim: int | None = None) -> str:
-    """README.md for a finished job: the YAML header the Hub and `datasets.load_dataset(<job folder>)` read,
-    then a human summary. Strings go into the YAML as JSON strings (valid YAML double-quoted scalars)."""
+JSON_TYPES = {bool: "bool", int: "int64", float: "float64", str: "string"}
+
+
+def _json_feature(name: str, value) -> dict:
+    """A .json field as `datasets` infers it (a null is an int64 label left empty)."""
+    if isinstance(value, list):
+        return {"name": name, "list": "float64"}
+    return {"name": name, "dtype": JSON_TYPES.get(type(value), "int64")}
+
+
+def features(manifest: dict, rows: RowLayout) -> list[dict]:
+    """`dataset_info.features` as `datasets` writes them in YAML: the Parquet columns, or a WebDataset tar's
+    members (image, cls, json, as webdataset's keys) and the __key__/__url__ that `datasets` adds."""
+    names = manifest.get("label_names", [])
+    if manifest["format"] == "parquet":
+        out = [{"name": "id", "dtype": "int64"}, {"name": "shard", "dtype": "int32"},
+               {"name": "seed", "dtype": "int64"}]
+        if rows.labelled:
+            out.append({"name": "label", "dtype": _label_feature(names)})
+        if rows.latent_dim:
+            out.append({"name": "latent", "list": "float32", "length": rows.latent_dim})
+        out.append({"name": "image", "dtype": "image"})
+        return out + [{"name": k, "dtype": "int32"} for k in ("height", "width", "channels")]
+    out = []
+    for ext in rows.tar_members:
+        if ext == "cls":
+            out.append({"name": ext, "dtype": _label_feature(names)})
+        elif ext == "json":
+            out.append({"name": ext, "struct": [_json_feature(k, v) for k, v in (rows.tar_json or {}).items()]})
+        else:
+            out.append({"name": ext, "dtype": "image"})
+    return out + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What the card says about where the data comes from."""
+    dataset: str | None                 # the vaegen dataset the model was trained on / the job reconstructs
+    license: str = UNKNOWN_LICENSE
+    hub_id: str | None = None
+    title: str | None = None
+    url: str | None = None
+    prior_components: int = 0           # > 0: samples come from the mixture fitted to the aggregate posterior
+    conditional: bool = False
+
+
+def provenance(storage: Storage, manifest: dict) -> Provenance:
+    """The source dataset and its licence (a licence the dataset manifest states, else a known source's, else
+    unknown) and the model's prior, each read where it is, and left unknown when it is gone."""
+    model: dict = {}
+    trained_on = None
+    try:
+        name, version = manifest["model"].split("@", 1)
+        config = json.loads(Registry(storage).read_file(ModelRef(name, version), CONFIG_FILE))
+        model, trained_on = config.get("model") or {}, (config.get("train_job") or {}).get("dataset")
+    except (VaegenError, ValueError, AttributeError):            # a model deleted or unreadable: say less
+        pass
+    dataset = manifest["spec"]["dataset"] or trained_on
+    base = {"prior_components": int(model.get("prior_components") or 0),
+            "conditional": bool(model.get("num_classes"))}
+    if not is_valid_name(dataset):
+        return Provenance(None, **base)
+    try:
+        source = json.loads(storage.read_bytes(dataset_key(dataset, DATASET_MANIFEST)))
+        if not isinstance(source, dict):
+            raise ValueError("not an object")
+    except (VaegenError, ValueError):                            # gone or unreadable: the licence is unknown
+        return Provenance(dataset, **base)
+    known = KNOWN_SOURCES.get((tuple(source.get("label_names", ())), tuple(source.get("image_shape", ()))), {})
+    return Provenance(dataset, source.get("license") or known.get("license", UNKNOWN_LICENSE),
+                      source.get("hub_id") or known.get("hub_id"), known.get("title"), known.get("url"), **base)
+
+
+def card_data(manifest: dict, rows: RowLayout, source: Provenance) -> DatasetCardData:
     fmt, totals, spec = manifest["format"], manifest["totals"], manifest["spec"]
-    glob = shard_glob(fmt)
+    samples = spec["kind"] == "samples"
+    tasks = ["unconditional-image-generation" if samples else "image-to-image"]
+    if rows.labelled:
+        tasks.append("image-classification")
+    return DatasetCardData(
+        pretty_name=f"vaegen {manifest['job_id']}", license=source.license,
+        size_categories=size_category(totals["rows"]), task_categories=tasks,
+        source_datasets=[f"extended|{source.hub_id}"] if source.hub_id else None,
+        tags=["synthetic", "vaegen", "image", "webdataset" if fmt == "png" else "parquet"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": shard_glob(fmt)}]}],
+        dataset_info={"features": features(manifest, rows),
+                      "splits": [{"name": "train", "num_bytes": totals["bytes"], "num_examples": totals["rows"]}],
+                      "download_size": totals["bytes"], "dataset_size": totals["bytes"]})
+
+
+def how_made(manifest: dict, source: Provenance) -> str:
+    spec, totals = manifest["spec"], manifest["totals"]
+    if spec["kind"] == "samples":
+        given = " given the class label" if source.conditional else ""
+        prior = (f"a mixture of {source.prior_components} Gaussians fitted to the training images' latent codes"
+                 f"{' (one per class)' if source.conditional else ''}" if source.prior_components
+                 else f"the standard normal prior N(0, I){given}")
+        pixels = ("the decoder's mean image" if spec.get("pixels", "sample") == "mean"
+                  else "the model's own image for z, a Gaussian model's pixel noise included")
+        what = f"{totals['rows']:,} samples (z drawn from {prior}; the image is {pixels}) of"
+    else:
+        what = (f"{totals['rows']:,} reconstructions (the decoder's mean image for the posterior mean) of dataset "
+                f"`{spec['dataset']}` split `{spec['split']}` by")
+    return what
+
+
+def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
+    """The whole card: the YAML header the Hub and `datasets` read, then a human summary."""
+    fmt, totals, spec, labelled = manifest["format"], manifest["totals"], manifest["spec"], rows.labelled
     root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
-    lines = ["---", f"pretty_name: {json.dumps('vaegen ' + manifest['job_id'])}",
-             "tags:", "- synthetic", "- vaegen", "- image",
-             "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {json.dumps(glob)}"]
-    if fmt == "parquet":
-        lines += ["dataset_info:", *_features_yaml(manifest.get("label_names", []), latent_dim),
-                  "  splits:", "  - name: train", f"    num_bytes: {totals['bytes']}",
-                  f"    num_examples: {totals['rows']}", f"  download_size: {totals['bytes']}"]
-    lines += ["---", ""]
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest["created_at"]))
-    pixels = ("the decoder's mean image" if spec.get("pixels", "sample") == "mean"
-              else "the model's own image for z, a Gaussian model's pixel noise included")
-    what = (f"{totals['rows']:,} samples (z from the model's prior, then {pixels}) of" if spec["kind"] == "samples"
-            else f"{totals['rows']:,} reconstructions of dataset `{spec['dataset']}` split `{spec['split']}` by")
-    lines += [f"# {manifest['job_id']}", "",
-              f"{what} the VAE `{manifest['model']}` (weights sha256 `{manifest['weights_sha256'][:16]}…`), "
-              f"in {totals['shards']} {fmt} shards ({totals['bytes']:,} bytes), made {made} by vaegen "
-              f"{manifest['libraries']['vaegen']}.", "",
-              f"- seed: {spec['seed']} (shard i draws its latents from a generator seeded by (seed, i))",
-              f"- labels: {', '.join(manifest.get('label_names', [])) or 'none'}",
-              f"- shards: `{manifest.get('shard_pattern', glob)}`; checksums in `{MANIFEST}`", "",
-              "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
-              "## Load it", "", "```python"]
+    pattern = manifest.get("shard_pattern", shard_glob(fmt))
+    if source.dataset is None:
+        origin = "The model's training data is not known here; its licence is unknown."
+    else:
+        named = f" ({source.title}, {source.url})" if source.title else ""
+        origin = (f"Source: vaegen dataset `{source.dataset}`{named}; licence: {source.license}. Generated data "
+                  "carries its source's terms.")
+    lines = [f"# {manifest['job_id']}", "",
+             f"{how_made(manifest, source)} the VAE `{manifest['model']}` (weights sha256 "
+             f"`{manifest['weights_sha256'][:16]}…`), in {totals['shards']} {fmt} shards ({totals['bytes']:,} "
+             f"bytes), made {made} by vaegen {manifest['libraries']['vaegen']}.", "", origin, "",
+             *([f"- seed: {spec['seed']} (shard i draws its latents from a generator seeded by (seed, i))"]
+               if spec["kind"] == "samples" else []),
+             f"- labels: {', '.join(manifest.get('label_names', [])) if labelled else 'none (no label column)'}",
+             f"- shards: `{pattern}`; checksums in `{MANIFEST}`", "",
+             "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
+             "## Load it", "", "```python"]
     if fmt == "parquet":
-        lines += ["import glob, io, datasets, pandas, ray, PIL.Image",
-                  'ds = datasets.load_dataset("<this folder>", split="train")   # image: PIL, label: ClassLabel',
-                  f'files = sorted(glob.glob("<this folder>/{glob}"))',
-                  "df = pandas.read_parquet(files)   # df.image[i]['bytes']: a PGM/PPM file",
-                  "img = PIL.Image.open(io.BytesIO(df.image[0]['bytes']))",
-                  "rd = ray.data.read_parquet(files)"]
+        lines += ["import io, datasets, pandas, ray, torch, torchvision, PIL.Image",
+                  'ds = datasets.load_dataset("<this folder>", split="train")   # image: PIL'
+                  + (", label: ClassLabel" if labelled else ""),
+                  'df = pandas.read_parquet("<this folder>")   # df.image[i]["bytes"]: a PNG file',
+                  'img = PIL.Image.open(io.BytesIO(df.image[0]["bytes"]))',
+                  'x = torchvision.io.decode_image(torch.frombuffer(bytearray(df.image[0]["bytes"]), dtype=torch.uint8))',
+                  'rd = ray.data.read_parquet("<this folder>")']
+        lines += ["```", "", f"On the Hub, this card is README.md: it is stored as `{card_name(fmt)}` here so that "
+                  "pyarrow's readers (pandas, Ray Data) find only data in this folder.", ""]
     else:
         mode = "pill" if manifest["image_shape"][0] == 1 else "pil"      # webdataset's "pil" converts to RGB
+        keys = '"png", "cls"' if "cls" in rows.tar_members else '"png", "json"'
         lines += ["import datasets, webdataset as wds",
-                  'ds = datasets.load_dataset("<this folder>", split="train")   # png: PIL, json: dict',
-                  f'wd = wds.WebDataset("<this folder>/{manifest.get("shard_pattern", glob)}").decode("{mode}")'
-                  "   # keys: png, json (id, label, latent, ...)"]
-    lines += ["```", ""]
-    return "\n".join(lines)
+                  'ds = datasets.load_dataset("<this folder>", split="train")   # png: PIL'
+                  + (", cls: ClassLabel" if "cls" in rows.tar_members else ""),
+                  f'wd = wds.WebDataset("<this folder>/{pattern}", shardshuffle=False).decode("{mode}")'
+                  f".to_tuple({keys})", "```", ""]
+    header = card_data(manifest, rows, source).to_yaml()
+    return f"---\n{header}\n---\n\n" + "\n".join(lines)
+
+
+def dataset_card(manifest: dict, rows: RowLayout, source: Provenance | None = None) -> DatasetCard:
+    return DatasetCard(card_text(manifest, rows, source or Provenance(None)))
 
 
 def publish_dataset_card(storage: Storage, manifest: dict) -> str:
-    """Write the job's README.md beside its manifest.json; returns its key."""
-    keys = JobKeys(manifest["prefix"])
-    latent_dim = None
-    if manifest["format"] == "parquet" and manifest["shards"]:
-        latent_dim = _latent_dim_of(storage, keys.shard(manifest["shards"][0]["name"]))
-    key = keys.card
-    storage.publish(key, dataset_card(manifest, latent_dim).encode())
+    """Write the job's card beside its manifest; returns its key. Whether rows carry labels, the latent width and
+    a tar's members come from the first shard (a Parquet schema, or a tar's first sample)."""
+    key = JobKeys(manifest["prefix"]).card(manifest["format"])
+    card = dataset_card(manifest, first_row_layout(storage, manifest), provenance(storage, manifest))
+    storage.publish(key, str(card).encode())
     return key
 
 
-def _latent_dim_of(storage: Storage, key: str) -> int:
-    import pyarrow.parquet as pq
-    with storage.fs.open_input_file(storage.path(key)) as f:
-        return pq.read_schema(f).field("latent").type.list_size
+def first_row_layout(storage: Storage, manifest: dict) -> RowLayout:
+    if not manifest["shards"]:
+        return RowLayout(bool(manifest.get("labels")), None)
+    key = JobKeys(manifest["prefix"]).shard(manifest["shards"][0]["name"])
+    if manifest["format"] == "parquet":
+        with storage.fs.open_input_file(storage.path(key)) as f:
+            schema = pq.read_schema(f)
+        return RowLayout("label" in schema.names, schema.field("latent").type.list_size)
+    members: dict[str, bytes] = {}
+    with storage.fs.open_input_stream(storage.path(key)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:                                   # streamed: only the first sample's members are read
+            sample, _, ext = member.name.partition(".")
+            if members and sample != first:
+                break
+            first = sample
+            members[ext] = tar.extractfile(member).read()
+    meta = json.loads(members.get("json", b"{}"))
+    return RowLayout("cls" in members or meta.get("label") is not None, len(meta.get("latent") or []) or None,
+                     tuple(members), meta)

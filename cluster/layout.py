@@ -1,14 +1,25 @@
 """Where a generation job's files live under a storage root, and what they are called: the one definition that the
 generation driver, its workers, `vaegen ls` (inventory), `vaegen show` (gallery) and the dataset card share.
 
-    outputs/<job-id>/part-00000.parquet | .tar     shards, in id order (5-digit index: MAX_SHARDS per job)
-                     _receipts/part-00000.parquet.json   one per shard, written after its shard
+    outputs/<job-id>/data/train-00000-of-00004.parquet | .tar   shards, in id order (Hugging Face's data-file
+                                                                 convention: `datasets` finds them unaided)
+                     _receipts/train-00000-of-00004.parquet.json one per shard, written after its shard
                      _lease.json                   which driver works on the job now (cluster/job_lease.py)
                      _run.json                     how the last run went (running, shards-done, failed, ...)
-                     manifest.json                 every shard with its checksums, the spec, the model
-                     README.md                     the Hugging Face dataset card
+                     _manifest.json                every shard with its checksums, the spec, the model
+                     README.md (tar) | _README.md (Parquet)   the Hugging Face dataset card
                      _SUCCESS                      written last: {"manifest_sha256": ...}; the commit
-                     gallery.html                  `vaegen show`'s page, when asked for
+                     _gallery.html                 `vaegen show`'s page, when asked for
+
+Only the shards are named without a leading `_`: pyarrow's dataset discovery (pandas.read_parquet, Ray Data,
+pyarrow.dataset) skips names starting with `_` or `.`, so `pandas.read_parquet(<job folder>)` reads the data and
+nothing else. That is why a Parquet job's card is `_README.md`: a README.md there breaks every such reader, and
+`datasets` takes a Parquet job's features (Image, ClassLabel names) from the files' own metadata. A tar job's card
+stays README.md, where `datasets` reads the features it cannot find in a tar (class names); no pyarrow reader
+reads a tar job's folder. Copy `_README.md` to README.md when uploading a Parquet job to the Hub.
+
+Jobs made before this layout (shards `part-00000.parquet` beside `manifest.json`) are still read: every reader
+takes shard names from the manifest, and LEGACY_MANIFEST is where their manifest is.
 
 Nothing here touches storage: these are names and keys only."""
 from __future__ import annotations
@@ -19,16 +30,21 @@ from dataclasses import dataclass
 from vae_core.config import KINDS
 
 OUTPUTS = "outputs"
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"        # jobs made before the data/ layout
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
 RUN_RECORD = "_run.json"
 LEASE = "_lease.json"
 CARD = "README.md"
-GALLERY = "gallery.html"
+HIDDEN_CARD = "_README.md"              # a Parquet job's card (see above)
+GALLERY = "gallery.html"                # a model version's page
+JOB_GALLERY = "_gallery.html"           # a job's page: beside the data, never read as data
 
-SHARD_STEM = "part"
-SHARD_EXTENSIONS = {"parquet": "parquet", "png": "tar"}      # output format -> file extension
+DATA_DIR = "data"
+SPLIT = "train"                         # every job is one split
+LEGACY_SHARD_STEM = "part"              # part-00007.parquet: shards of jobs made before the data/ layout
+SHARD_EXTENSIONS = {"parquet": "parquet", "png": "tar", "jpeg": "tar"}      # output format -> file extension
 JOB_ID_DIGITS = 16                                          # hex digits of the spec's hash in a job id
 JOB_ID = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9a-f]+")          # what job_id() names
 
@@ -42,29 +58,37 @@ def job_prefix(job_id: str) -> str:
     return f"{OUTPUTS}/{job_id}"
 
 
-def shard_name(index: int, fmt: str) -> str:
-    """part-00007.parquet / part-00007.tar: zero-padded so that a listing is in id order."""
-    return f"{SHARD_STEM}-{index:05d}.{SHARD_EXTENSIONS[fmt]}"
+def shard_name(index: int, fmt: str, num_shards: int) -> str:
+    """data/train-00007-of-00010.parquet (.tar): Hugging Face's data-file name, zero-padded so that a listing is
+    in id order."""
+    return f"{DATA_DIR}/{SPLIT}-{index:05d}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
 
 
 def shard_index(name: str) -> int:
-    """The index in a shard's name (shard_name's inverse)."""
-    return int(name.removeprefix(f"{SHARD_STEM}-").split(".", 1)[0])
+    """The index in a shard's name (shard_name's inverse; also reads part-00007.parquet, the legacy name)."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    return int(stem.removeprefix(f"{LEGACY_SHARD_STEM}-").removeprefix(f"{SPLIT}-").split("-", 1)[0])
 
 
 def shard_glob(fmt: str) -> str:
-    """Every shard of a job in `fmt`, as a glob (the dataset card's data_files)."""
-    return f"{SHARD_STEM}-*.{SHARD_EXTENSIONS[fmt]}"
+    """Every shard of a job in `fmt`, as a glob relative to the job folder (the dataset card's data_files)."""
+    return f"{DATA_DIR}/{SPLIT}-*.{SHARD_EXTENSIONS[fmt]}"
 
 
 def shard_braces(fmt: str, num_shards: int) -> str:
-    """All shard names as one brace pattern, e.g. part-{00000..00003}.tar (webdataset expands it)."""
-    return f"{SHARD_STEM}-{{{0:05d}..{num_shards - 1:05d}}}.{SHARD_EXTENSIONS[fmt]}"
+    """All shard names as one brace pattern relative to the job folder, e.g.
+    data/train-{00000..00003}-of-00004.tar (webdataset expands it)."""
+    return f"{DATA_DIR}/{SPLIT}-{{{0:05d}..{num_shards - 1:05d}}}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
+
+
+def card_name(fmt: str) -> str:
+    """The dataset card's name in a job of `fmt` (README.md, or _README.md for Parquet: see above)."""
+    return HIDDEN_CARD if SHARD_EXTENSIONS[fmt] == "parquet" else CARD
 
 
 def receipt_name(shard: str) -> str:
-    """A shard's receipt, relative to the job's prefix."""
-    return f"{RECEIPTS}/{shard}.json"
+    """A shard's receipt, relative to the job's prefix (flat: one file per shard under _receipts/)."""
+    return f"{RECEIPTS}/{shard.rsplit('/', 1)[-1]}.json"
 
 
 @dataclass(frozen=True)
@@ -106,9 +130,16 @@ class JobKeys:
         return self.key(LEASE)
 
     @property
-    def card(self) -> str:
-        return self.key(CARD)
+    def data(self) -> str:
+        return self.key(DATA_DIR)
+
+    @property
+    def legacy_manifest(self) -> str:
+        return self.key(LEGACY_MANIFEST)
+
+    def card(self, fmt: str) -> str:
+        return self.key(card_name(fmt))
 
     @property
     def gallery(self) -> str:
-        return self.key(GALLERY)
+        return self.key(JOB_GALLERY)

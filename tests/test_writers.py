@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.layout import shard_braces, shard_glob, shard_index, shard_name
+from cluster.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_index, shard_name
 from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
                             netpbm_images, parquet_image_bytes, tar_member_count)
 from cluster.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
@@ -83,12 +83,26 @@ def test_an_empty_shard_is_refused(fmt):
 
 
 def test_shard_names_come_from_one_place():
-    assert shard_name(7, "parquet") == "part-00007.parquet" and shard_name(7, "png") == "part-00007.tar"
-    assert shard_index(shard_name(12345, "png")) == 12345
-    assert shard_braces("png", 4) == "part-{00000..00003}.tar"
-    assert shard_braces("parquet", 1) == "part-{00000..00000}.parquet"
-    assert fnmatch.fnmatch(shard_name(3, "parquet"), shard_glob("parquet")) and not fnmatch.fnmatch(
-        shard_name(3, "png"), shard_glob("parquet"))
+    assert shard_name(7, "parquet", 10) == "data/train-00007-of-00010.parquet"
+    assert shard_name(7, "png", 10) == "data/train-00007-of-00010.tar"
+    assert shard_index(shard_name(12345, "png", 20000)) == 12345
+    assert shard_index("part-00042.parquet") == 42                            # a job made before the data/ layout
+    assert shard_braces("png", 4) == "data/train-{00000..00003}-of-00004.tar"
+    assert shard_braces("parquet", 1) == "data/train-{00000..00000}-of-00001.parquet"
+    assert fnmatch.fnmatch(shard_name(3, "parquet", 4), shard_glob("parquet")) and not fnmatch.fnmatch(
+        shard_name(3, "png", 4), shard_glob("parquet"))
+    assert receipt_name(shard_name(3, "parquet", 4)) == "_receipts/train-00003-of-00004.parquet.json"
+
+
+def test_only_shards_sit_where_pyarrow_looks_for_data():
+    """pyarrow's dataset discovery (pandas.read_parquet, Ray Data) skips names starting with _ or .: every
+    record of a Parquet job must start with one, and the shards must not."""
+    keys = JobKeys.of("samples-00ab")
+    records = [keys.manifest, keys.success, keys.run_record, keys.lease, keys.receipts, keys.gallery,
+               keys.card("parquet")]
+    assert all(key.removeprefix(keys.prefix + "/").startswith("_") for key in records)
+    assert keys.card("png").endswith("/README.md")          # a tar job's card is where `datasets` reads it
+    assert not shard_name(0, "parquet", 1).startswith(("_", "."))
 
 
 def test_png_tar_bytes_equal_what_tarfile_writes_with_the_same_fixed_metadata():

@@ -4,11 +4,11 @@ verification on resume, the run record, the lease, and the commit.
 - Resume: the driver reads each receipt and re-hashes its shard. Nothing is ever deleted: a bad or missing
   shard is only left out of the ledger, and redoing it goes through the worker's publish path (create if
   absent, else compare sha256, replace only a corrupt object), which is safe whoever else is writing.
-- A finished job is trusted only when `_SUCCESS` names the sha256 of manifest.json
+- A finished job is trusted only when `_SUCCESS` names the sha256 of _manifest.json
   (inventory.read_committed_manifest) and every shard verifies; one found damaged has its `_SUCCESS` withdrawn
   before any repair (the driver does that).
 - The commit checks every shard against its receipt on storage (size from one listing; sha256 re-read for those
-  this run did not build), then writes manifest.json, the dataset card, then `_SUCCESS` = {manifest_sha256},
+  this run did not build), then writes _manifest.json, the dataset card, then `_SUCCESS` = {manifest_sha256},
   and reads both back: a commit interleaved with another driver's is redone.
 - The lease (cluster/job_lease.py) makes a second driver of the job wait; correctness never depends on it.
 - The run record (_run.json) tells `vaegen ls` whether the last run is running, failed or was interrupted."""
@@ -59,7 +59,7 @@ class ShardLedger:
     the largest jobs (bench/scale.py measures it)."""
 
     def __init__(self, plan: JobPlan) -> None:
-        self.format = plan.spec.format
+        self.format, self.num_shards = plan.spec.format, plan.num_shards
         self.done = np.zeros(plan.num_shards, bool)
         self.counts = np.zeros((plan.num_shards, 4), np.int64)        # rows, first_id, last_id (-1: none), bytes
         self.digests = np.zeros((plan.num_shards, 2, 32), np.uint8)   # sha256, pixels_sha256
@@ -92,7 +92,7 @@ class ShardLedger:
     def entry(self, index: int) -> dict:
         """Shard `index` as the manifest lists it."""
         rows, first_id, last_id, size = self.counts[index].tolist()
-        return {"name": shard_name(index, self.format), "rows": rows, "first_id": first_id,
+        return {"name": shard_name(index, self.format, self.num_shards), "rows": rows, "first_id": first_id,
                 "last_id": None if last_id < 0 else last_id, "bytes": size,
                 "sha256": self.digests[index, 0].tobytes().hex(),
                 "pixels_sha256": self.digests[index, 1].tobytes().hex()}
@@ -111,7 +111,7 @@ def verified_shards(storage: Storage, plan: JobPlan) -> ShardLedger:
     a shard before its receipt, so every receipt of the first listing has its shard in the second. Then two GETs
     per shard (receipt, shard re-hashed)."""
     receipts = [e.key for e in storage.list(plan.keys.receipts) if e.key.endswith(".json")]
-    present = {e.key.rsplit("/", 1)[1]: e.size for e in storage.list(plan.prefix)}
+    present = {e.key[len(plan.prefix) + 1:]: e.size for e in storage.list(plan.keys.data)}     # by shard name
 
     def check(receipt_key: str) -> dict | None:
         try:
@@ -184,7 +184,7 @@ def check_before_commit(storage: Storage, plan: JobPlan, records: ShardLedger) -
 
 
 def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> dict:
-    """Check every shard (check_before_commit), then manifest.json (one line per shard, built as bytes straight
+    """Check every shard (check_before_commit), then _manifest.json (one line per shard, built as bytes straight
     from the ledger), the dataset card, then _SUCCESS naming the manifest's sha256. Another driver's commit of
     the same job can interleave (its manifest between ours and our _SUCCESS): the result is read back, and the
     two writes are redone until _SUCCESS names the manifest that is there. A commit of the very same shards by
@@ -219,7 +219,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
             if committed is not None and records.matches(committed["shards"]):
                 return {**committed, "run": run}           # another driver committed these very shards meanwhile
         storage.publish(plan.keys.manifest, body)
-        publish_dataset_card(storage, json.loads(body))      # README.md for the Hub / `datasets`, before _SUCCESS
+        publish_dataset_card(storage, json.loads(body))      # the card (layout.card_name), before _SUCCESS
         storage.publish(plan.keys.success, success)
         if (storage.read_bytes(plan.keys.success) == success
                 and sha256_hex(storage.read_bytes(plan.keys.manifest)) == manifest_sha256):

@@ -25,7 +25,7 @@ from ..registry import LoadedModel, ModelRef, Registry
 from ..storage import Storage
 from ..writers import PARQUET_MAX_IMAGE_BYTES, parquet_image_bytes
 
-OUTPUT_FORMAT_VERSION = 4       # bump when a change alters shard bytes: it is hashed into every job id
+OUTPUT_FORMAT_VERSION = 5       # bump when a change alters shard bytes: it is hashed into every job id
 
 
 def sha256_hex(data) -> str:
@@ -64,7 +64,7 @@ class JobPlan:
         return JobKeys(self.prefix)
 
     def shard_name(self, index: int) -> str:
-        return shard_name(index, self.spec.format)
+        return shard_name(index, self.spec.format, self.num_shards)
 
     def shard_key(self, index: int) -> str:
         return self.keys.shard(self.shard_name(index))

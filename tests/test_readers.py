@@ -1,0 +1,152 @@
+"""A Parquet job folder is read as-is, without glue code, by every reader a user reaches for: Hugging Face
+`datasets` (features typed, labels named, no label column for an unconditional model), `torchvision.io`, PIL,
+Ray Data and pandas, all given the job folder itself. Its dataset card is Hub metadata that round-trips, and the
+command in it makes the very same job."""
+import io
+import os
+import shlex
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.datasets import ingest
+from cluster.generate import run_generation, run_reconstruction
+from cluster.layout import OUTPUTS, JobKeys, card_name
+from cluster.storage import open_storage
+from conftest import start_local_ray
+from generate_support import publish_tiny_model
+from jobs.cli import main as vaegen
+from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.data import FASHION_MNIST_LABELS, ArrayDataset, ArraySplit
+
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may reach the network
+
+
+@pytest.fixture(scope="module")
+def jobs(starts_ray, small_fashion, tmp_path_factory):
+    """One root: reconstructions (Parquet) of 200 real Fashion-MNIST test images by an unconditional model (the
+    dataset's labels and class names), and 40 unconditional samples (Parquet, no labels)."""
+    start_local_ray()
+    cfg = StorageConfig(root=str(tmp_path_factory.mktemp("readers") / "root"))
+    storage = open_storage(cfg, for_writing=True)
+    _, (test_images, test_labels) = small_fashion
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(test_images[:200], test_labels[:200])},
+                                       FASHION_MNIST_LABELS, "test"), shard_rows=100, progress=False)
+    publish_tiny_model(storage, "tiny")
+    recon = run_reconstruction(GenerateConfig(model="tiny", kind="reconstructions", dataset="fm"), cfg,
+                               workers=2, progress=False)
+    samples = run_generation(GenerateConfig(model="tiny", count=40, shard_size=20, seed=4), cfg, workers=2,
+                             progress=False)
+    return cfg, storage, recon, samples
+
+
+def job_dir(cfg: StorageConfig, manifest: dict) -> str:
+    return os.path.join(cfg.root, manifest["prefix"])
+
+
+def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
+    import datasets
+    cfg, _, recon, samples = jobs
+    ds = datasets.load_dataset(job_dir(cfg, recon), split="train")
+    assert ds.num_rows == 200
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds.features["label"].names == list(FASHION_MNIST_LABELS)
+    assert ds.features["latent"].length == 4
+    assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (28, 28)
+
+    unconditional = datasets.load_dataset(job_dir(cfg, samples), split="train")
+    assert unconditional.num_rows == 40 and "label" not in unconditional.features
+    assert isinstance(unconditional.features["image"], datasets.Image)
+
+
+def test_pandas_and_ray_data_read_the_job_folder_itself(jobs):
+    import pandas as pd
+    import ray
+    cfg, _, recon, samples = jobs
+    for job, rows in ((recon, 200), (samples, 40)):
+        df = pd.read_parquet(job_dir(cfg, job))
+        assert sorted(df["id"]) == list(range(rows))
+        ds = ray.data.read_parquet(job_dir(cfg, job))
+        assert ds.count() == rows
+    assert "label" in pd.read_parquet(job_dir(cfg, recon)).columns
+    assert "label" not in pd.read_parquet(job_dir(cfg, samples)).columns
+
+
+def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
+    import pandas as pd
+    import torch
+    from torchvision.io import decode_image
+    cfg, _, recon, _ = jobs
+    df = pd.read_parquet(job_dir(cfg, recon)).sort_values("id")
+    for cell in df["image"][:5]:
+        tensor = decode_image(torch.frombuffer(bytearray(cell["bytes"]), dtype=torch.uint8))
+        assert tensor.shape == (1, 28, 28) and tensor.dtype == torch.uint8
+        with Image.open(io.BytesIO(cell["bytes"])) as im:
+            assert im.format == "PNG" and im.mode == "L"
+            np.testing.assert_array_equal(np.asarray(im), tensor[0].numpy())
+
+
+def test_the_gallery_and_every_record_stay_out_of_the_data(jobs):
+    """`vaegen show` writes its page into the job folder: the folder still reads as data alone."""
+    import pandas as pd
+    cfg, _, _, samples = jobs
+    keys = JobKeys(samples["prefix"])
+    assert vaegen(["show", samples["job_id"], "--root", cfg.root]) == 0
+    assert os.path.exists(os.path.join(cfg.root, keys.gallery))
+    top = sorted(os.listdir(job_dir(cfg, samples)))
+    assert [name for name in top if not name.startswith(("_", "."))] == ["data"]
+    assert len(pd.read_parquet(job_dir(cfg, samples))) == 40
+
+
+def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
+    from huggingface_hub import DatasetCard
+    cfg, _, recon, samples = jobs
+    path = os.path.join(job_dir(cfg, recon), card_name("parquet"))
+    card = DatasetCard.load(path)
+    again = DatasetCard(str(card))
+    assert again.data.to_dict() == card.data.to_dict() and str(again) == str(card)
+    data = card.data.to_dict()
+    assert data["license"] == "mit"                                 # Fashion-MNIST's, recognised from its manifest
+    assert data["source_datasets"] == ["extended|zalando-datasets/fashion_mnist"]
+    assert data["size_categories"] == "n<1K" and "image-to-image" in data["task_categories"]
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
+                                                                          "path": "data/train-*.parquet"}]}]
+    label = next(f for f in data["dataset_info"]["features"] if f["name"] == "label")
+    assert list(label["dtype"]["class_label"]["names"].values()) == list(FASHION_MNIST_LABELS)
+    unconditional = DatasetCard.load(os.path.join(job_dir(cfg, samples), card_name("parquet"))).data.to_dict()
+    assert "label" not in [f["name"] for f in unconditional["dataset_info"]["features"]]
+    assert "unconditional-image-generation" in unconditional["task_categories"]
+
+
+def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
+    """A job made with the real CLI, every identity flag off its default: the card's command names it again."""
+    from huggingface_hub import DatasetCard
+    cfg, storage, _, _ = jobs
+    assert vaegen(["generate", "--model", "tiny", "--count", "30", "--shard-size", "16", "--seed", "9",
+                   "--pixels", "mean", "--decode-batch", "8", "--root", cfg.root, "--workers", "1"]) == 0
+    first = capsys.readouterr().out
+    job_id = first.split(" job ", 1)[1].split()[0]
+    card = DatasetCard.load(os.path.join(cfg.root, OUTPUTS, job_id, card_name("parquet")))
+    command = card.text.split("```\nvaegen ", 1)[1].split("\n", 1)[0]
+    assert "--pixels mean" in command and "--decode-batch 8" in command
+    assert "N(0, I)" in card.text                  # the tiny model has no fitted prior
+    before = storage.list_dirs(OUTPUTS)
+    manifest = storage.read_bytes(JobKeys.of(job_id).manifest)
+    assert vaegen(shlex.split(command)) == 0
+    assert f" job {job_id} " in capsys.readouterr().out
+    assert storage.list_dirs(OUTPUTS) == before and storage.read_bytes(JobKeys.of(job_id).manifest) == manifest
+
+
+def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
+    from cluster.dataset_card import Provenance, RowLayout, dataset_card
+    manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "totals": {"rows": 20_000, "shards": 2, "bytes": 123}, "created_at": 0.0, "label_names": [],
+                "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
+                "spec": {"kind": "samples", "model": "m", "count": 20_000, "shard_size": 10_000, "seed": 0,
+                         "labels": [], "pixels": "sample", "format": "parquet", "decode_batch": 4096,
+                         "dataset": "", "split": "test"}}
+    card = dataset_card(manifest, RowLayout(False, 4), Provenance("fm", prior_components=10))
+    assert "N(0, I)" not in card.text and "mixture of 10 Gaussians" in card.text
+    assert card.data.to_dict()["size_categories"] == "10K<n<100K" and card.data.to_dict()["license"] == "unknown"
