@@ -6,12 +6,19 @@ What a failure looks like to the user, one line on stderr either way:
   (OSError: a missing path, no permission, a full disk, an unreachable host) → `vaegen: error: ...`, exit 2.
   Both are the user's to fix, and the message names what to fix; a traceback would only hide it.
 - anything else is a bug in vaegen → `vaegen: internal error: ...`, exit 1, so that scripts and tests can tell
-  the two apart. VAEGEN_DEBUG=1 lets every exception but VaegenError through with its traceback."""
+  the two apart. VAEGEN_DEBUG=1 lets every exception but VaegenError through with its traceback.
+
+What the terminal shows (cluster/console.py): vaegen's own lines and progress bars. Once a verb starts Ray,
+everything Ray prints goes to a log file (under a local root, `<root>/logs/`; for an S3 root, the user's cache
+folder), which the run's last line, or its error line, names. `--verbose` (on any verb, or VAEGEN_VERBOSE=1)
+shows everything on the terminal instead, as Ray prints it."""
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 
+from cluster.console import console_session, log_line, terminal_stderr
 from vae_core.errors import VaegenError
 
 from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, retrain_cmd, train_cmds
@@ -22,10 +29,27 @@ VERB_MODULES = (data_cmds, train_cmds, eval_cmds, generate_cmds, pipeline_cmd, r
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 DEBUG_ENV = "VAEGEN_DEBUG"
+VERBOSE_FLAG, VERBOSE_ENV = "--verbose", "VAEGEN_VERBOSE"
+DEFAULT_ROOT = "./vaegen-data"          # StorageConfig.root's default: where a verb without --root keeps its log
 
 
 def build_parser() -> Parser:
-    return parser_of(VERB_MODULES)
+    parser = parser_of(VERB_MODULES)
+    # Taken off the command line before parsing (without_verbose), so that it goes anywhere before a bare `--`
+    # without being a flag of each verb's own; declared here for `vaegen --help`.
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="on any verb: show everything Ray prints, instead of writing it to a log file "
+                             f"(also {VERBOSE_ENV}=1)")
+    return parser
+
+
+def without_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without --verbose (up to a bare `--`: what follows belongs to another command), and whether it was
+    there or $VAEGEN_VERBOSE asks for it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != VERBOSE_FLAG]
+    verbose = len(head) < end or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    return head + argv[end:], verbose
 
 
 def one_line(text: str) -> str:
@@ -37,28 +61,44 @@ def os_error_line(e: OSError) -> str:
     return f"{e.strerror or one_line(str(e)) or type(e).__name__}{': ' + where if where else ''}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, quiet_ray: bool = False) -> int:
+    """Run one command; its exit code. quiet_ray (the `vaegen` command): Ray's output goes to a log file once a
+    verb starts Ray, unless --verbose; a library caller (a test) keeps its own streams."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    try:
-        args = parse_args(build_parser(), argv)          # flags override a --config file
-        return args.run(args)
-    except VaegenError as e:
-        print(f"vaegen: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("vaegen: interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if debug:
-            raise
-        print(f"vaegen: error: {one_line(os_error_line(e))}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as e:
-        if debug:
-            raise
-        print(f"vaegen: internal error: {type(e).__name__}: {one_line(e)} (a bug in vaegen; rerun with "
-              f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+    argv, verbose = without_verbose(list(sys.argv[1:] if argv is None else argv))
+    with ExitStack() as stack:
+        session = None
+        try:
+            args = parse_args(build_parser(), argv)          # flags override a --config file
+            if quiet_ray:
+                session = stack.enter_context(console_session(args.verb, getattr(args, "root", None)
+                                                              or DEFAULT_ROOT, verbose=verbose))
+            code = args.run(args)
+            if session is not None and session.log_path is not None:
+                print(f"vaegen: Ray's messages are in {session.log_path} (--verbose shows them)")
+            return code
+        except VaegenError as e:
+            return failed(f"vaegen: error: {one_line(e)}", session, EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            return failed("vaegen: interrupted", session, 130)
+        except OSError as e:
+            if debug:
+                raise
+            return failed(f"vaegen: error: {one_line(os_error_line(e))}", session, EXIT_USER_ERROR)
+        except Exception as e:
+            if debug:
+                raise
+            return failed(f"vaegen: internal error: {type(e).__name__}: {one_line(e)} (a bug in vaegen; rerun "
+                          f"with {DEBUG_ENV}=1 for the traceback)", session, EXIT_INTERNAL_ERROR)
+
+
+def failed(line: str, session, code: int) -> int:
+    """Say why on one terminal line (naming the log, when Ray's output went to one), and put it in the log."""
+    log_line(line)
+    if session is not None and session.log_path is not None:
+        line += f" (Ray's messages: {session.log_path})"
+    print(line, file=terminal_stderr(), flush=True)
+    return code
 
 
 def console() -> None:
@@ -66,7 +106,7 @@ def console() -> None:
     up (Ray and temp folders are closed by their own context managers), so it leaves without the interpreter's
     teardown: there, under load, a native library's thread pool can abort the process (SIGABRT) after the
     error was printed, turning exit code 2 into a crash."""
-    code = main()
+    code = main(quiet_ray=True)
     if code:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,0 +1,209 @@
+"""What the terminal shows while a verb runs Ray: vaegen's own lines and progress bars; everything Ray prints goes
+to a log file instead (`--verbose` shows it all, as Ray would).
+
+Ray talks through many doors: Python logging (its handlers write to whatever `sys.stderr` is at emit time),
+warnings, the C++ core worker writing straight to file descriptor 2, child processes that inherit fds 1 and 2,
+and the lines its workers print, which the driver re-prints on `sys.stdout`/`sys.stderr` (log_to_driver). No
+Ray switch closes all of them, so the split is made at the file-descriptor level: when Ray is about to start,
+fds 1 and 2 are pointed at the log file (whatever writes there, from any thread or language, lands in the log)
+and the terminal is kept on duplicated fds, which only vaegen writes to:
+- `sys.stdout` becomes a stream to the terminal: vaegen's print()s. Writes from other threads are Ray re-printing
+  its workers' stdout; of those only vaegen's own worker lines (WORKER_LINE, the epoch line) reach the terminal,
+  the rest go to the log;
+- `sys.stderr` stays on fd 2, the log: Ray's logging, warnings and thread tracebacks;
+- tqdm bars default to the terminal's stderr (tqdm otherwise takes `sys.stderr` when a bar is made);
+- the CLI writes its error line to the terminal (terminal_stderr()).
+
+The log file is created 0o600 (readable by its owner only): it holds what Ray prints, which never includes the
+environment, but it may name hosts and paths."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+# Lines vaegen's own Ray workers print that belong on the terminal: the epoch line of Ray Train's rank 0.
+WORKER_LINE = re.compile(r"^epoch \d+/\d+: ")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+LOG_FOLDER = "logs"                       # under a local root: <root>/logs/<verb>-<UTC time>.log
+
+
+def log_folder(root: str) -> Path:
+    """Where a verb's log goes: under the root when the root is a local folder, else (an S3 root) in the user's
+    cache folder, so that nothing but vaegen's data is ever written to a bucket."""
+    if root.startswith("s3://"):
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(cache) / "vaegen" / LOG_FOLDER
+    return Path(root.removeprefix("file://")) / LOG_FOLDER
+
+
+@dataclass
+class Console:
+    """One verb's console: where its log goes and, once Ray is about to start, the captured state."""
+    verb: str
+    folder: Path
+    verbose: bool = False
+    log_path: Path | None = None
+    terminal_out: TextIO | None = None
+    terminal_err: TextIO | None = None
+    _saved: tuple = field(default=(), repr=False)
+
+    @property
+    def capturing(self) -> bool:
+        return self.terminal_out is not None
+
+
+_current: Console | None = None
+
+
+@contextmanager
+def console_session(verb: str, root: str, verbose: bool = False) -> Iterator[Console]:
+    """The console of one verb run. Nothing changes until capture() (Ray is about to start); on exit the fds,
+    sys.stdout and tqdm are as they were."""
+    global _current
+    console = Console(verb=verb, folder=log_folder(root), verbose=verbose)
+    previous, _current = _current, console
+    try:
+        yield console
+    finally:
+        _current = previous
+        release(console)
+
+
+def current() -> Console | None:
+    return _current
+
+
+def capture() -> Path | None:
+    """Send everything but vaegen's own output to this verb's log file, from now until the session ends; the
+    log's path, or None when there is no session (a library call, a test), it is verbose, or already done."""
+    console = _current
+    if console is None or console.verbose:
+        return None
+    if console.capturing:
+        return console.log_path
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = console.folder / f"{console.verb}-{stamp}.log"
+    try:
+        console.folder.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+    except OSError:
+        return None              # no log where it belongs (a read-only folder): Ray's output stays on the terminal
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    kept_out, kept_err = os.dup(1), os.dup(2)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    console.terminal_out = open(kept_out, "w", buffering=1, encoding=encoding, errors="replace")
+    console.terminal_err = open(kept_err, "w", buffering=1, encoding=encoding, errors="replace")
+    console.log_path = path
+    console._saved = (sys.stdout, _default_tqdm_file(console.terminal_err))
+    sys.stdout = TerminalStdout(console.terminal_out, log=console._saved[0])
+    return path
+
+
+def release(console: Console) -> None:
+    """Undo capture(): fds 1 and 2 back on the terminal, sys.stdout and tqdm as they were."""
+    if not console.capturing:
+        return
+    stdout, restore_tqdm = console._saved
+    for stream in (sys.stdout, sys.stderr, stdout):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    sys.stdout = stdout
+    restore_tqdm()
+    os.dup2(console.terminal_out.fileno(), 1)
+    os.dup2(console.terminal_err.fileno(), 2)
+    console.terminal_out.close()
+    console.terminal_err.close()
+    console.terminal_out = console.terminal_err = None
+
+
+def terminal_stderr() -> TextIO:
+    """Where vaegen's error line goes: the terminal, whether or not Ray's output is being captured."""
+    console = _current
+    return console.terminal_err if console is not None and console.capturing else sys.stderr
+
+
+def log_line(text: str) -> None:
+    """Write one line to the log too (the error the terminal showed, beside Ray's lines that explain it)."""
+    console = _current
+    if console is not None and console.capturing:
+        sys.stderr.write(text.rstrip("\n") + "\n")
+        sys.stderr.flush()
+
+
+class TerminalStdout(io.TextIOBase):
+    """sys.stdout while Ray's output is captured: the main thread's writes (vaegen's prints) go to the terminal;
+    another thread's are Ray re-printing its workers' output, and go line by line to the terminal when they are
+    vaegen's own worker lines (WORKER_LINE), else to the log."""
+
+    def __init__(self, terminal: TextIO, log: TextIO):
+        super().__init__()
+        self.terminal, self.log = terminal, log
+        self._partial: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.terminal.write(text)
+        with self._lock:
+            buffered = self._partial.pop(threading.get_ident(), "") + text
+            *lines, rest = buffered.split("\n")
+            if rest:
+                self._partial[threading.get_ident()] = rest
+            for line in lines:
+                own = WORKER_LINE.match(ANSI.sub("", line))
+                (self.terminal if own else self.log).write(ANSI.sub("", line) + "\n" if own else line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+    def fileno(self) -> int:
+        return self.terminal.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self.terminal.encoding
+
+    def writable(self) -> bool:
+        return True
+
+
+def _default_tqdm_file(terminal: TextIO):
+    """Make tqdm's bars default to `terminal` (they take sys.stderr, now the log, when made); returns the undo.
+    vaegen's bars are the only ones made in this process while the console is captured."""
+    try:
+        import tqdm.std
+    except ImportError:                      # pragma: no cover - tqdm is a dependency
+        return lambda: None
+    cls = tqdm.std.tqdm
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        if len(args) < 5 and kwargs.get("file") is None:       # `file` is tqdm's fifth parameter
+            kwargs["file"] = terminal
+        original(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+    def undo() -> None:
+        cls.__init__ = original
+    return undo
