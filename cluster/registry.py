@@ -7,13 +7,20 @@ version without it is incomplete and invisible to readers.
 A publish that names its run (`run_id`, e.g. a Ray Train run) is idempotent: right after claiming its number
 it reserves `runs/<run-id>.json` (create-if-absent) naming the version, and a rerun of the same run (after a
 crash anywhere in between) finds that reservation and finishes or returns the same version, never a second one.
-A crash between the claim and the reservation leaves only an unused, invisible number."""
+A crash between the claim and the reservation leaves only an unused, invisible number.
+
+The first version of a name becomes its champion when it is published (unless its recorded score is not a finite
+number), recorded as a decision like a retrain's promotion and set with the same compare-and-swap; from then on
+only `vaegen retrain` changes the champion. A bare name means the champion, and a name without one is an error
+that says how to get one: nothing falls back to another version behind the user's back."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +37,7 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 WANT_RE = re.compile(r"v[0-9]{4,}|[0-9]{1,9}|latest|champion")
 CLAIM_FILE = "_claim"
 CHAMPION_FILE = "champion.json"
+METRICS_FILE = "metrics.json"
 RUNS_DIR = "runs"               # models/<name>/runs/<run-id>.json: the version a named run published
 
 
@@ -119,7 +127,7 @@ class Registry:
             raise ValueError("a model version needs config.json and the weights")
         check_name(name, "--name")
         if run_id is None:
-            return self._write_version(name, self._claim_next(name, None), files)
+            return self._crowned_if_first(self._write_version(name, self._claim_next(name, None), files), files)
         check_name(run_id, "--run-id")
         version = self.published_by(name, run_id)
         if version is None:
@@ -131,10 +139,16 @@ class Registry:
                 if not self.is_complete(name, version):
                     raise VaegenError(f"another driver of run {run_id!r} is publishing it as {name}@{version}; "
                                       f"rerun with --run-id {run_id} once it has ended")
-                return ModelRef(name, version)
+                return self._crowned_if_first(ModelRef(name, version), files)
         elif self.is_complete(name, version):
-            return ModelRef(name, version)                       # a rerun after the publish: nothing to write
-        return self._write_version(name, version, files)         # a rerun after a crash mid-publish: finish it
+            # A rerun after the publish: nothing to write, but a crash may have come before the crowning.
+            return self._crowned_if_first(ModelRef(name, version), files)
+        # A new version, or a rerun after a crash mid-publish: finish it.
+        return self._crowned_if_first(self._write_version(name, version, files), files)
+
+    def _crowned_if_first(self, ref: ModelRef, files: Mapping[str, bytes]) -> ModelRef:
+        crown_first_version(self, ref, files.get(METRICS_FILE))
+        return ref
 
     def published_by(self, name: str, run_id: str) -> str | None:
         """The version run `run_id` reserved (complete or not), or None."""
@@ -168,12 +182,13 @@ class Registry:
         key = self.key(name, CHAMPION_FILE)
         if not self.storage.exists(key):
             return None
-        fix = (f"delete it (the latest version is then used and the next `vaegen retrain --name {name}` picks a "
-               f"champion) or write {{\"version\": \"v000N\"}} into it")
+        fix = (f"delete it (the next `vaegen retrain --name {name}` then picks a champion) or write "
+               f"{{\"version\": \"v000N\"}} into it")
         return _read_json_record(self.storage, key, fix, _names_a_version)
 
     def resolve(self, spec: str) -> ModelRef:
-        """'name' (champion, else latest), 'name@latest', 'name@champion', 'name@v0003' or 'name@3'."""
+        """'name' and 'name@champion' (the champion: an error when the name has none), 'name@latest' (the newest
+        version), 'name@v0003' or 'name@3'."""
         name, want = parse_model_spec(spec)
         versions = self.versions(name)
         if not versions:
@@ -183,9 +198,10 @@ class Registry:
             champ = self.champion(name)
             if champ:
                 return ModelRef(name, champ["version"])
-            if want == "champion":
-                raise VaegenError(f"model {name!r} has no champion yet (run `vaegen retrain`, or name a version)")
-            return ModelRef(name, versions[-1])
+            said = f"--model {spec}" + (" (a bare name means the champion)" if not want else "")
+            raise VaegenError(f"{said}: model {name!r} has no champion (its first version was not made one: "
+                              f"see models/{name}/decisions/); run `vaegen retrain --name {name}` to pick one, or "
+                              f"name a version: {name}@latest ({versions[-1]}) or {name}@v0001")
         if want == "latest":
             return ModelRef(name, versions[-1])
         version = version_name(int(want)) if want.isdigit() else want
@@ -260,9 +276,11 @@ def swap_champion(registry: Registry, name: str, pointer: Mapping, expected_vers
     """Point champion.json at pointer["version"] only if it still names `expected_version` (None: no champion
     yet; CORRUPT_POINTER: still unreadable): a compare-and-swap, one whole-object write, so readers never see
     half a pointer. False means another run changed the champion first and nothing was written."""
+    # A pointer that already names this version changes no champion, so that swap is allowed too: a retrain whose
+    # challenger was crowned as the name's first version at its publish still records its promotion.
     return registry.storage.compare_and_swap(
         registry.key(name, CHAMPION_FILE), _json_bytes(pointer),
-        lambda current: _pointed_version(current) == expected_version)
+        lambda current: _pointed_version(current) in (expected_version, pointer["version"]))
 
 
 def _pointed_version(data: bytes | None) -> str | None:
@@ -273,3 +291,58 @@ def _pointed_version(data: bytes | None) -> str | None:
     except ValueError:
         return CORRUPT_POINTER
     return record["version"] if isinstance(record, dict) and _names_a_version(record) else CORRUPT_POINTER
+
+
+# -- the first version of a name is its champion ---------------------------------------------------------------
+FIRST_VERSION_RULE = "first-version"
+
+
+def recorded_score(metrics: bytes | None) -> tuple[str | None, float | None]:
+    """(which, value) of the score a training run recorded in metrics.json: the test split's loss, else the
+    best validation loss; (None, None) when there is none (a version published without metrics)."""
+    if not metrics:
+        return None, None
+    try:
+        record = json.loads(metrics)
+    except ValueError:
+        return None, None
+    for key in ("test_loss", "best_val_loss"):
+        if isinstance(record, dict) and isinstance(record.get(key), (int, float)):
+            return key, float(record[key])
+    return None, None
+
+
+def crown_first_version(registry: Registry, ref: ModelRef, metrics: bytes | None) -> bool:
+    """Make `ref` its name's champion if it is the name's first complete version and the name has no champion.
+    Written like a retrain's promotion: a "pending" decision record, the compare-and-swap from "no champion",
+    then the final record ("promote", or "keep" when another first version won the swap). A version whose
+    recorded score is not a finite number is not crowned (its record says so). True when this call crowned it."""
+    name, version = ref.name, ref.version
+    if registry.storage.exists(registry.key(name, CHAMPION_FILE)):
+        return False                  # a champion (or a corrupt pointer, retrain's to replace) exists already
+    if any(int(v[1:]) < int(version[1:]) for v in registry.versions(name)):
+        return False                  # not the first: a name without a champion keeps waiting for retrain
+    which, value = recorded_score(metrics)
+    finite = value is None or math.isfinite(value)
+    at, run_id = time.time(), uuid.uuid4().hex[:8]
+    decided_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    reason = (f"{version} is the first version of {name!r}: its champion until a retrain promotes a better one"
+              if finite else f"{version} is the first version of {name!r} but its {which} is {value} (not a finite "
+                                 "number): not made champion")
+    record = {"model": name, "decision": "pending" if finite else "keep", "rule": FIRST_VERSION_RULE,
+              "reason": reason, "metric": which, "decided_at": decided_at, "run_id": run_id,
+              "host": socket.gethostname(),
+              "champion": {"version": None, "metric": None, "load_error": None},
+              "challenger": {"version": version, "metric": value if value is None or finite else str(value)}}
+    key = record_decision(registry, name, record, run_id, at)
+    if not finite:
+        return False
+    pointer = {"version": version, "metric": which, "value": value, "promoted_at": decided_at,
+               "decision": key.rsplit("/", 1)[-1]}
+    if swap_champion(registry, name, pointer, expected_version=None):
+        rewrite_decision(registry, key, {**record, "decision": "promote"})
+        return True
+    rewrite_decision(registry, key, {**record, "decision": "keep", "lost_race": True,
+                                     "reason": f"{version} was published as a first version of {name!r}, but "
+                                               "another version became its champion first"})
+    return False

@@ -149,3 +149,61 @@ def test_malformed_model_specs_are_one_line(local_storage_config, spec):
         registry.resolve(spec)
     message = str(e.value)
     assert "\n" not in message and "--model=" in message
+
+
+# -- the first version of a name is its champion ---------------------------------------------------------------
+def test_the_first_version_of_a_name_is_its_champion_recorded_as_a_decision(local_storage_config, capsys):
+    """What makes `generate --model m@champion` work right after the first training (the README's first example):
+    the publish crowns the name's first version, with a decision record the pointer names, like a retrain's."""
+    registry = Registry(Storage(local_storage_config))
+    assert registry.publish("m", version_files()).version == "v0001"
+    pointer = registry.champion("m")
+    assert pointer["version"] == "v0001" and pointer["value"] == 1.0
+    (record,) = decisions(registry, "m")
+    assert record["rule"] == "first-version" and record["decision"] == "promote"
+    assert record["run_id"] in pointer["decision"] and record["challenger"]["version"] == "v0001"
+    assert registry.publish("m", version_files(24)).version == "v0002"          # later versions: retrain's call
+    assert [registry.resolve(s).version for s in ("m", "m@champion", "m@latest")] == ["v0001", "v0001", "v0002"]
+    assert len(decisions(registry, "m")) == 1
+    root = local_storage_config.root
+    assert vaegen(["sample", "--model", "m@champion", "--count", "4", "--out", f"{root}/s.png", "--root", root]) == 0
+
+
+def test_a_first_version_whose_score_is_not_finite_is_not_crowned_and_a_bare_name_says_so(local_storage_config,
+                                                                                           capsys):
+    registry = Registry(Storage(local_storage_config))
+    registry.publish("m", {**version_files(), "metrics.json": b'{"test_loss": NaN, "history": []}'})
+    assert registry.champion("m") is None
+    (record,) = decisions(registry, "m")
+    assert record["decision"] == "keep" and "not a finite number" in record["reason"]
+    for spec in ("m", "m@champion"):                 # no silent fall-back to another version
+        with pytest.raises(VaegenError, match="has no champion") as e:
+            registry.resolve(spec)
+        assert "m@latest (v0001)" in str(e.value) and "vaegen retrain --name m" in str(e.value)
+    assert "a bare name means the champion" in str(pytest.raises(VaegenError, registry.resolve, "m").value)
+    root = local_storage_config.root
+    assert vaegen(["sample", "--model", "m", "--count", "4", "--out", f"{root}/s.png", "--root", root]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no champion" in err
+
+
+def test_first_versions_published_at_once_crown_exactly_one(storage_config):
+    """Four runs publish a name's first versions together: one compare-and-swap lands, every record agrees."""
+    import threading
+    registry = Registry(Storage(storage_config))
+    start = threading.Barrier(4, timeout=120)
+
+    def publish(i: int) -> None:
+        start.wait()
+        registry.publish("m", version_files(16 + i), run_id=f"run-{i}")
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(registry.versions("m")) == 4
+    pointer = registry.champion("m")
+    promoted = [r for r in decisions(registry, "m") if r["decision"] == "promote"]
+    assert [r["challenger"]["version"] for r in promoted] == [pointer["version"]]
+    assert all(r["decision"] in ("promote", "keep") for r in decisions(registry, "m"))
+    assert any(promoted[0]["run_id"] in pointer["decision"] for _ in [0])
