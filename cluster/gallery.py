@@ -1,14 +1,10 @@
 """`vaegen show`: one static gallery.html beside a job's shards (or a model version's files). Every image is
 inline (a data: URI), so the file opens anywhere with no server and no network. A job without _SUCCESS is
-shown too, marked PARTIAL (or FAILED), from the shards its receipts list.
-
-Counts on the page carry `data-count` attributes and a small inline script sets `data-images-loaded` on
-<body> once the page has loaded, so a headless browser can check what a person would see."""
+shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The page's pieces are in
+gallery_html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in gallery_model.py."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import io
 import json
 import os
@@ -20,38 +16,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vae_core.checkpoint import CONFIG_FILE
-from vae_core.config import StorageConfig
+from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.errors import VaegenError
-from vae_core.images import decode_png, png_bytes
+from vae_core.images import decode_png
 from vae_core.names import check_name, is_valid_name
 
 from .dataset_card import reproduce_command
 from .datasets import read_shard as read_dataset_shard
 from .datasets import table_arrays
-from .inventory import (RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, as_object, champion_version, job_status,
-                        read_dataset_manifest, read_metrics, read_record)
+from .gallery_html import esc, facts, img, page, settings_table
+from .gallery_model import model_section
+from .inventory import (RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, champion_version, job_status,
+                        read_dataset_manifest)
 from .layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
 from .registry import ModelRef, Registry
 from .storage import Storage, open_storage
+from .writers.parquet import decode_image_column
+
 SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
 RECON_PAIRS = 24              # original/reconstruction pairs shown
+PER_CLASS = 16                # tiles per class on a labelled job's contact sheet
+UNLABELLED = 64               # tiles on an unlabelled job's one sheet (8 x 8)
 GALLERY_SEED = 0
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
-dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
-.banner{background:#fff3cd;border:1px solid #e0c068;padding:.6em 1em;font-weight:600}
-.banner.failed{background:#f8d7da;border-color:#d08088}
-.sheet{display:flex;flex-wrap:wrap;gap:3px;margin:.3em 0 1em}
-.sheet img,.pair img{width:56px;height:56px;image-rendering:pixelated;background:#000}
-.pair{display:inline-flex;flex-direction:column;gap:2px;margin:0 4px 6px 0}
-code,pre{background:#f4f4f4;padding:.1em .3em}img.plot{max-width:100%}"""
-
-# Sets <body data-images-loaded="N" data-images-total="M"> after load: N counts images that decoded.
-SCRIPT = """window.addEventListener('load',function(){var all=document.images,ok=0;
-for(var i=0;i<all.length;i++){if(all[i].complete&&all[i].naturalWidth>0)ok++;}
-document.body.dataset.imagesLoaded=ok;document.body.dataset.imagesTotal=all.length;});"""
 
 
 @dataclass
@@ -123,25 +109,26 @@ def out_storage(out: str) -> tuple[Storage, str]:
     return open_storage(StorageConfig(root=folder), for_writing=True), fname
 
 
-def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int = 16,
+def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int | None = None,
                   out: str | None = None) -> GalleryResult:
-    """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`)."""
+    """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`).
+    per_class: tiles per class on a contact sheet (None: PER_CLASS, or UNLABELLED for a job without labels)."""
     storage, kind, name = resolve_target(target, storage_cfg)
     destination = out_storage(out) if out else None
     if kind == "job":
         if not storage.list(JobKeys.of(name).prefix, recursive=True):
             raise VaegenError(f"no job {name!r} under {storage.uri_of(OUTPUTS)}: that job does not exist "
                               "(`vaegen ls` lists the jobs there)")
-        page, result = job_page(storage, job_status(storage, name, with_receipts=True), per_class)
+        text, result = job_page(storage, job_status(storage, name, with_receipts=True), per_class)
         key = JobKeys.of(name).gallery
     else:
         registry = Registry(storage)
         ref = registry.resolve(name)
-        page, result = model_page(registry, ref)
+        text, result = model_page(registry, ref)
         key = registry.key(ref.name, ref.version, GALLERY)
     if destination:
         storage, key = destination
-    storage.publish(key, page.encode())
+    storage.publish(key, text.encode())
     result.location = storage.uri_of(key)
     return result
 
@@ -163,68 +150,23 @@ def read_shard(storage: Storage, job_id: str, entry: dict, fmt: str) -> tuple[li
 
 
 def shard_rows(data: bytes, fmt: str) -> tuple[list[int], list[int | None], list[np.ndarray]]:
-    """ids, labels and uint8 CHW images of one output shard."""
+    """ids, labels (None where a row has none) and uint8 CHW images of one output shard."""
     if fmt == "parquet":
-        table = pq.read_table(io.BytesIO(data), columns=["id", "label", "image"])
-        return (table.column("id").to_pylist(), table.column("label").to_pylist(),
-                [decode_png(v["bytes"]) for v in table.column("image").to_pylist()])
+        table = pq.read_table(io.BytesIO(data))
+        labels = (table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table))
+        return table.column("id").to_pylist(), labels, list(decode_image_column(table))
     ids, labels, images = [], [], []
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         for name in sorted(n for n in members if n.endswith(".json")):
             meta = json.loads(tar.extractfile(members[name]).read())
             ids.append(meta["id"])
-            labels.append(meta["label"])
+            labels.append(meta.get("label"))
             images.append(decode_png(tar.extractfile(members[name[:-5] + ".png"]).read()))
     return ids, labels, images
 
 
-# -- HTML pieces ----------------------------------------------------------------------------------------------
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-def img(image: np.ndarray, alt: str) -> str:
-    return f'<img src="{data_uri(png_bytes(image))}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
-
-
-def facts(items: list[tuple[str, str, int | None]]) -> str:
-    """A definition list; an item with a count gets data-count (what tests and scripts read)."""
-    rows = []
-    for label, text, count in items:
-        attrs = f' id="{label.lower().replace(" ", "-")}" data-count="{count}"' if count is not None else ""
-        rows.append(f"<dt>{html.escape(label)}</dt><dd{attrs}>{html.escape(text)}</dd>")
-    return f"<dl>{''.join(rows)}</dl>"
-
-
-def page(title: str, body: list[str]) -> str:
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
-            f"<h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
-
-
-def model_section(registry: Registry, ref: ModelRef) -> list[str]:
-    """Metrics and the plots a model version carries (whichever of them it has)."""
-    out = [f"<h2>model {html.escape(str(ref))}</h2>"]
-    storage = registry.storage
-    # The settings the version was built with; a config.json that does not parse means the version cannot be
-    # loaded at all, so the page says so in one line rather than showing it as if it were usable.
-    settings = read_record(storage, registry.key(ref.name, ref.version, CONFIG_FILE),
-                           "the version cannot be loaded: publish it again, or show another version",
-                           lambda record: as_object(as_object(record)["model"]))
-    out.append("<h3>model settings</h3>" + facts([(k, str(v), None) for k, v in sorted(settings.items())]))
-    metrics = read_metrics(registry, ref.name, ref.version)
-    if metrics is not None:
-        scalars = [(k, f"{v:.4g}" if isinstance(v, float) else str(v), None)
-                   for k, v in sorted(metrics.items()) if isinstance(v, (int, float, str))]
-        out.append(facts(scalars))
-    for fname, what in (("curves.png", "loss curves"), ("samples.png", "samples"), ("recon.png", "reconstructions")):
-        key = registry.key(ref.name, ref.version, fname)
-        if storage.exists(key):
-            out.append(f'<h3>{what}</h3><img class="plot" src="{data_uri(storage.read_bytes(key))}" alt="{what}">')
-    return out
-
-
+# -- pages ----------------------------------------------------------------------------------------------------
 def model_page(registry: Registry, ref: ModelRef) -> tuple[str, GalleryResult]:
     body = model_section(registry, ref)
     champion = champion_version(registry, ref.name)
@@ -232,7 +174,7 @@ def model_page(registry: Registry, ref: ModelRef) -> tuple[str, GalleryResult]:
     return page(f"vaegen model {ref}", [f"<p>{summary}</p>", *body]), GalleryResult("", str(ref), summary, False)
 
 
-def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, GalleryResult]:
+def job_page(storage: Storage, status: JobStatus, per_class: int | None) -> tuple[str, GalleryResult]:
     if status.corrupt:                                    # never shown as if it were finished (or partial)
         raise status.corrupt
     manifest = status.manifest or {}
@@ -245,7 +187,7 @@ def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, 
         css = " failed" if status.state == "failed" else ""
         error = f" — last run: {status.error}" if status.error else ""
         body.append(f'<p class="banner{css}" id="state" data-state="{status.state}">{status.state.upper()}: no '
-                    f"{SUCCESS}; showing the {len(shards)} of {planned} shards finished so far{html.escape(error)}</p>")
+                    f"{SUCCESS}; showing the {len(shards)} of {planned} shards finished so far{esc(error)}</p>")
     items = [("Job", status.job_id, None), ("State", status.state, None), ("Kind", status.kind, None),
              ("Model", status.model, None), ("Format", status.format, None),
              ("Shards", f"{len(shards)} of {planned}", len(shards)), ("Rows", f"{rows_done:,}", rows_done)]
@@ -255,6 +197,8 @@ def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, 
         items += [("Bytes", f"{manifest['totals']['bytes']:,}", None), ("Seed", str(spec["seed"]), None),
                   ("Command", reproduce_command(manifest, root_uri), None)]
     body += ["<h2>summary</h2>", facts(items)]
+    if isinstance(manifest.get("spec"), dict):
+        body += ['<h3 id="job-settings">settings</h3>', settings_table(GenerateConfig, manifest["spec"], "job-spec")]
     if shards:
         body += contact_sheets(storage, status, shards, manifest.get("label_names", []), per_class)
     if status.kind == "reconstructions" and shards and manifest.get("spec"):
@@ -264,13 +208,14 @@ def job_page(storage: Storage, status: JobStatus, per_class: int) -> tuple[str, 
         try:
             body += model_section(Registry(storage), ModelRef(name, version))
         except VaegenError as e:                              # the job is fine; only its model's files are not
-            body.append(f"<h2>model {html.escape(status.model)}</h2><p>{html.escape(str(e))}</p>")
+            body.append(f"<h2>model {esc(status.model)}</h2><p>{esc(e)}</p>")
     title = f"vaegen job {status.job_id}"
     return page(title, body), GalleryResult("", status.job_id, summary, status.state != "finished")
 
 
 def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], label_names: list[str],
-                   per_class: int) -> list[str]:
+                   per_class: int | None) -> list[str]:
+    """A sheet per label (one for unlabelled rows) of images from up to SAMPLED_SHARDS shards picked at random."""
     rng = np.random.default_rng(GALLERY_SEED)
     picked = sorted(rng.choice(len(shards), size=min(SAMPLED_SHARDS, len(shards)), replace=False).tolist())
     by_label: dict = {}
@@ -278,15 +223,17 @@ def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], labe
         ids, labels, images = read_shard(storage, status.job_id, shards[i], status.format)
         for sample_id, label, image in zip(ids, labels, images):
             group = by_label.setdefault(label, [])
-            if len(group) < per_class:
+            if len(group) < (per_class or (UNLABELLED if label is None else PER_CLASS)):
                 group.append((sample_id, image))
     names = ", ".join(shards[i]["name"] for i in picked)
-    out = [f"<h2>contact sheets</h2><p>from {len(picked)} shard(s) picked at random: {html.escape(names)}</p>"]
+    what = "reconstructions" if status.kind == "reconstructions" else "generated images"
+    out = [f"<h2>contact sheets</h2><p>{what} from {len(picked)} shard(s) picked at random ({esc(names)}), in id "
+           "order, 8 a row; hover over an image for its id</p>"]
     for label in sorted(by_label, key=lambda v: (v is None, v)):
-        heading = "all samples (no labels)" if label is None else (
+        heading = "all images (no labels)" if label is None else (
             f"{label}: {label_names[label]}" if label < len(label_names) else str(label))
         tiles = "".join(img(image, f"id {sample_id}") for sample_id, image in by_label[label])
-        out.append(f"<h3>{html.escape(heading)}</h3><div class=\"sheet\">{tiles}</div>")
+        out.append(f"<h3>{esc(heading)}</h3><div class=\"sheet\">{tiles}</div>")
     return out
 
 
@@ -303,9 +250,10 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
         table = pq.read_table(io.BytesIO(body))
         ids, _, originals = table_arrays(table, tuple(dataset["image_shape"]))
     except (VaegenError, pa.ArrowException, *RECORD_ERRORS) as e:
-        return [f"<h2>reconstructions</h2><p>the originals cannot be shown: {html.escape(str(e))}</p>"]
+        return [f"<h2>reconstructions</h2><p>the originals cannot be shown: {esc(str(e))}</p>"]
     original_of = dict(zip(ids.tolist(), originals))
     pairs = [f'<span class="pair">{img(original_of[i], f"original {i}")}{img(r, f"reconstruction {i}")}</span>'
              for i, r in list(zip(out_ids, recons))[:RECON_PAIRS] if i in original_of]
-    return [f"<h2>reconstructions</h2><p>originals above, reconstructions below ({shard['name']})</p>",
+    return [f"<h2>reconstructions</h2><p>each column: an image of {esc(spec['dataset'])}/{esc(spec['split'])} (top) "
+            f"and its reconstruction (bottom), the first {len(pairs)} of {esc(shard['name'])}</p>",
             f"<div>{''.join(pairs)}</div>"]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
+import sys
 import time
 
 from .args import add_storage_args, storage_config
@@ -21,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "summary, the model's metrics and loss curves. No server, no external assets.")
     p.add_argument("target", help="a job or model-version URI (<root>/outputs/<job-id>, <root>/models/<name>/v0001), "
                                   "or a job id / model name[@version] under --root")
-    p.add_argument("--per-class", type=int, default=16,
-                   help="images per class on a contact sheet (default: %(default)s)")
-    p.add_argument("--open", action="store_true", help="print only the gallery's path (to open in a browser)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="images per class on a contact sheet (default: 16, or 64 for a job without labels)")
+    p.add_argument("--open", action="store_true",
+                   help="open the gallery in the web browser when there is a display (Linux: $DISPLAY or "
+                        "$WAYLAND_DISPLAY; $BROWSER picks the browser); print only its path either way")
     p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job)")
     add_storage_args(p)
     p.set_defaults(run=run_show)
@@ -87,16 +92,40 @@ def run_show(args: argparse.Namespace) -> int:
     from cluster.gallery import write_gallery
     from cluster.layout import SUCCESS
     from vae_core.errors import VaegenError
-    if args.per_class <= 0:
+    if args.per_class is not None and args.per_class <= 0:
         raise VaegenError(f"--per-class={args.per_class} must be > 0")
     result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=args.out)
     if args.open:
-        print(result.location)
+        print(result.location)                         # a script reads the path; a person also gets the page
+        open_in_browser(result.location)
         return 0
     if result.partial:
         print(f"vaegen: {result.title} is PARTIAL (no {SUCCESS}): {result.summary}; showing what is there")
     print(f"gallery of {result.title}: {result.summary}\n  {result.location}")
     return 0
+
+
+def has_display(environ=os.environ, platform: str = sys.platform) -> bool:
+    """Whether a browser window can be shown: always on macOS and Windows; on Linux and other Unixes only with
+    an X or Wayland display (over SSH or in a container there is none, and a text browser would take the
+    terminal)."""
+    return platform in ("darwin", "win32") or bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
+
+
+def open_in_browser(location: str) -> bool:
+    """Open a local gallery in the user's browser (webbrowser: $BROWSER, else the desktop's); False, and a note
+    on stderr, when there is no display or the page is not a local file."""
+    import webbrowser
+    if "://" in location and not location.startswith("file://"):
+        print(f"vaegen: {location} is not a local file: write one with --out FILE to open it", file=sys.stderr)
+        return False
+    if not has_display():
+        return False
+    url = location if location.startswith("file://") else pathlib.Path(location).resolve().as_uri()
+    opened = webbrowser.open(url)
+    if not opened:
+        print("vaegen: no web browser could be started: open the path above", file=sys.stderr)
+    return opened
 
 
 def run_config_show(args: argparse.Namespace) -> int:

@@ -1,47 +1,103 @@
 """Everything a model version holds besides its weights, as bytes: metrics, sample and reconstruction grids,
-loss curves. The single-process and the Ray trainers both call `model_version_files`."""
+loss curves, and the per-epoch sample grid (the same latents decoded after every epoch, as in PyTorch's VAE
+example). The single-process and the Ray trainers both call these; grids are torchvision's make_grid/save_image,
+and each grid has a caption saying what its rows are (the gallery shows it)."""
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
+from torchvision.utils import save_image
 
 from .checkpoint import checkpoint_files
-from .images import curves_png, image_grid, png_bytes, to_uint8
 from .models import VAE
+from .plots import loss_curves_png
 from .train import EpochMetrics
 
 GRID_SEED = 1234
+EPOCH_SAMPLES_SEED = 4321     # the fixed latents decoded after every epoch
+SAMPLES = 64                  # an 8 x 8 grid of unconditional samples
+PER_CLASS = 8                 # a conditional grid: a row of this many per class
+NROW = 8
 
 
-def sample_grid(model: VAE, n: int = 64, seed: int = GRID_SEED) -> bytes:
-    """Decoder means of latents from the prior; a conditional model shows one row per class."""
-    g = torch.Generator().manual_seed(seed)
-    if model.cfg.conditional:
-        per_class = 8
-        labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
-        z = model.sample_prior(len(labels), labels, g)
-        return png_bytes(image_grid(to_uint8(model.generate(z, labels)), ncols=per_class))
-    return png_bytes(image_grid(to_uint8(model.generate(model.sample_prior(n, None, g)))))
+def grid_png(images: torch.Tensor, nrow: int = NROW) -> bytes:
+    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row, 2-pixel borders (make_grid's)."""
+    buffer = io.BytesIO()
+    save_image(images.detach().float().cpu().clamp(0, 1), buffer, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    return buffer.getvalue()
 
 
+def grid_labels(model: VAE) -> torch.Tensor | None:
+    """PER_CLASS labels per class, in class order, for a conditional model's grid; None for an unconditional one."""
+    return torch.arange(model.cfg.num_classes).repeat_interleave(PER_CLASS) if model.cfg.conditional else None
+
+
+def prior_latents(model: VAE, seed: int, n: int = SAMPLES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents from p(z | y) (the fitted prior, if the model has one), seeded, with their grid labels."""
+    labels = grid_labels(model)
+    return model.sample_prior(n if labels is None else len(labels), labels, torch.Generator().manual_seed(seed)), labels
+
+
+def epoch_latents(model: VAE, n: int = SAMPLES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed latents of the per-epoch grids: from N(0, I), the prior training uses (a fitted prior comes only
+    after training), on CPU and seeded, so every epoch and every backend decodes the same ones."""
+    labels = grid_labels(model)
+    g = torch.Generator().manual_seed(EPOCH_SAMPLES_SEED)
+    return torch.randn(n if labels is None else len(labels), model.cfg.latent_dim, generator=g), labels
+
+
+def samples_caption(model_cfg: Any) -> str:
+    if getattr(model_cfg, "conditional", False):
+        return (f"decoder means of latents from the prior: one row per class (row 1 = class 0), "
+                f"{PER_CLASS} samples each")
+    return f"{SAMPLES} decoder means of latents from the prior, {NROW} a row"
+
+
+def epoch_samples_caption(model_cfg: Any) -> str:
+    layout = (f"one row per class, {PER_CLASS} each" if getattr(model_cfg, "conditional", False)
+              else f"{SAMPLES} samples, {NROW} a row")
+    return f"the same latents from N(0, I) decoded after each epoch ({layout}), as in PyTorch's VAE example"
+
+
+RECON_CAPTION = ("odd rows (1st, 3rd, ...): validation images; the row below each: their reconstructions "
+                 "(decoder mean at the posterior mean)")
+
+
+@torch.no_grad()
+def sample_grid(model: VAE, n: int = SAMPLES, seed: int = GRID_SEED) -> bytes:
+    """Decoder means of latents from the prior (samples_caption says how they are laid out)."""
+    z, labels = prior_latents(model, seed, n)
+    return grid_png(model.generate(z, labels), nrow=PER_CLASS if labels is not None else NROW)
+
+
+@torch.no_grad()
+def epoch_sample_grid(model: VAE, latents: tuple[torch.Tensor, torch.Tensor | None]) -> bytes:
+    """One decode of the run's fixed latents (epoch_latents) with the weights as they are now: a run's grids, epoch after epoch, show the same latents as training goes."""
+    device = next(model.parameters()).device
+    z, labels = latents
+    images = model.generate(z.to(device), None if labels is None else labels.to(device))
+    return grid_png(images, nrow=PER_CLASS if labels is not None else NROW)
+
+
+@torch.no_grad()
 def reconstruction_grid(model: VAE, images: torch.Tensor, labels: torch.Tensor | None, n: int = 32) -> bytes:
-    """Row pairs: originals above, reconstructions (from the posterior mean) below."""
+    """Row pairs (RECON_CAPTION): originals above, reconstructions (from the posterior mean) below."""
     images = images[:n]
     labels = None if labels is None else labels[:n]
-    recon, _ = model.reconstruct(images.float() / 255.0, labels)
-    ncols = 8
+    originals = images.float() / 255.0
+    recon, _ = model.reconstruct(originals, labels)
     rows = []
-    for start in range(0, len(images), ncols):
-        rows += [images[start:start + ncols].numpy(), to_uint8(recon[start:start + ncols])]
-    return png_bytes(image_grid(np.concatenate(rows), ncols=ncols))
+    for start in range(0, len(images), NROW):
+        rows += [originals[start:start + NROW], recon[start:start + NROW].cpu()]
+    return grid_png(torch.cat(rows), nrow=NROW)
 
 
-def loss_curves(history: Sequence[EpochMetrics]) -> bytes:
-    return curves_png({"train loss": [m.loss for m in history], "val loss": [m.val_loss for m in history]})
+def loss_curves(history: Sequence[EpochMetrics], best_epoch: int | None = None) -> bytes:
+    return loss_curves_png([m.to_dict() for m in history], best_epoch=best_epoch)
 
 
 def model_version_files(model: VAE, history: Sequence[EpochMetrics], *, summary: Mapping[str, Any],
@@ -54,5 +110,5 @@ def model_version_files(model: VAE, history: Sequence[EpochMetrics], *, summary:
     files["metrics.json"] = json.dumps(metrics, indent=2, sort_keys=True).encode()
     files["samples.png"] = sample_grid(model)
     files["recon.png"] = reconstruction_grid(model, val_images, val_labels)
-    files["curves.png"] = loss_curves(history)
+    files["curves.png"] = loss_curves(history, summary.get("best_epoch"))
     return files
