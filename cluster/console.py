@@ -36,10 +36,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LOG_FOLDER = "logs"                       # under a local root: <root>/logs/<verb>-<UTC time>.log
 
 
-def log_folder(root: str) -> Path:
-    """Where a verb's log goes: under the root when the root is a local folder, else (an S3 root) in the user's
-    cache folder, so that nothing but vaegen's data is ever written to a bucket."""
-    if root.startswith("s3://"):
+def log_folder(root: str | None) -> Path:
+    """Where a verb's log goes: under the root when the root is a local folder, else (an S3 root, or a verb with
+    no root such as `submit`) in the user's cache folder, so that nothing but vaegen's data is ever written to a
+    bucket."""
+    if root is None or root.startswith("s3://"):
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return Path(cache) / "vaegen" / LOG_FOLDER
     return Path(root.removeprefix("file://")) / LOG_FOLDER
@@ -65,7 +66,7 @@ _current: Console | None = None
 
 
 @contextmanager
-def console_session(verb: str, root: str, verbose: bool = False) -> Iterator[Console]:
+def console_session(verb: str, root: str | None, verbose: bool = False) -> Iterator[Console]:
     """The console of one verb run. Nothing changes until capture() (Ray is about to start); on exit the fds,
     sys.stdout and tqdm are as they were."""
     global _current
@@ -107,8 +108,9 @@ def capture() -> Path | None:
     console.terminal_out = open(kept_out, "w", buffering=1, encoding=encoding, errors="replace")
     console.terminal_err = open(kept_err, "w", buffering=1, encoding=encoding, errors="replace")
     console.log_path = path
-    console._saved = (sys.stdout, _default_tqdm_file(console.terminal_err))
-    sys.stdout = TerminalStdout(console.terminal_out, log=console._saved[0])
+    router = TerminalStdout(console.terminal_out, log=sys.stdout)
+    console._saved = (sys.stdout, router, _default_tqdm_file(console.terminal_err))
+    sys.stdout = router
     return path
 
 
@@ -116,13 +118,16 @@ def release(console: Console) -> None:
     """Undo capture(): fds 1 and 2 back on the terminal, sys.stdout and tqdm as they were."""
     if not console.capturing:
         return
-    stdout, restore_tqdm = console._saved
+    stdout, router, restore_tqdm = console._saved
     for stream in (sys.stdout, sys.stderr, stdout):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
     sys.stdout = stdout
+    # Whoever kept a reference to the router (Ray's colorama does, for its at-exit reset) writes where
+    # sys.stdout now does, rather than to a closed file.
+    router.terminal = router.log = stdout
     restore_tqdm()
     os.dup2(console.terminal_out.fileno(), 1)
     os.dup2(console.terminal_err.fileno(), 2)

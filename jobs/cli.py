@@ -30,7 +30,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 DEBUG_ENV = "VAEGEN_DEBUG"
 VERBOSE_FLAG, VERBOSE_ENV = "--verbose", "VAEGEN_VERBOSE"
-DEFAULT_ROOT = "./vaegen-data"          # StorageConfig.root's default: where a verb without --root keeps its log
 
 
 def build_parser() -> Parser:
@@ -71,8 +70,8 @@ def main(argv: list[str] | None = None, *, quiet_ray: bool = False) -> int:
         try:
             args = parse_args(build_parser(), argv)          # flags override a --config file
             if quiet_ray:
-                session = stack.enter_context(console_session(args.verb, getattr(args, "root", None)
-                                                              or DEFAULT_ROOT, verbose=verbose))
+                session = stack.enter_context(console_session(args.verb, getattr(args, "root", None),
+                                                              verbose=verbose))
             code = args.run(args)
             if session is not None and session.log_path is not None:
                 print(f"vaegen: Ray's messages are in {session.log_path} (--verbose shows them)")

@@ -128,6 +128,7 @@ PROBE = textwrap.dedent("""
     with console_session("probe", sys.argv[1]) as session:
         print("vaegen: before capture", flush=True)
         path = capture()
+        kept = sys.stdout          # as Ray's colorama keeps it, for an at-exit reset
         print("vaegen: a line of ours")
         os.write(1, b"native line on fd 1\\n")
         os.write(2, b"native line on fd 2\\n")
@@ -144,6 +145,8 @@ PROBE = textwrap.dedent("""
         log_line("vaegen: error: the error line")
         print("vaegen: error: the error line", file=terminal_stderr(), flush=True)
     print("vaegen: after release", flush=True)
+    kept.isatty()
+    print("vaegen: through a kept reference", file=kept, flush=True)
     os.write(2, b"native after release\\n")
     print(path)
 """)
@@ -156,7 +159,8 @@ def test_capture_sends_every_kind_of_output_but_vaegens_to_the_log(tmp_path):
     assert proc.returncode == 0, proc.stderr
     *shown, path = proc.stdout.splitlines()
     assert shown == ["vaegen: before capture", "vaegen: a line of ours",
-                     "epoch 1/2: loss 1.00 val 1.00 kl 0.10 5 img/s", "vaegen: after release"]
+                     "epoch 1/2: loss 1.00 val 1.00 kl 0.10 5 img/s", "vaegen: after release",
+                     "vaegen: through a kept reference"]
     assert foreign_pieces(proc.stderr) == ["native after release"], proc.stderr
     assert "bar: 100%|" in proc.stderr and "vaegen: error: the error line" in proc.stderr
     log = Path(path)
@@ -181,3 +185,4 @@ def test_a_local_root_keeps_its_log_beside_its_data_and_an_s3_root_in_the_cache(
     assert log_folder(f"file://{tmp_path}") == tmp_path / "logs"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert log_folder("s3://bucket/prefix") == tmp_path / "cache" / "vaegen" / "logs"
+    assert log_folder(None) == tmp_path / "cache" / "vaegen" / "logs"              # `submit`: no root
