@@ -5,6 +5,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .console import capture
+
 # Each Ray worker gets one torch/OpenMP thread unless told otherwise: N busy workers on N cores, not N².
 # A local Ray is never drained or preempted, so Ray Train's preemption watcher (an actor process per run) has
 # nothing to watch there.
@@ -24,6 +26,7 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
     else start a local one, with its dashboard unless `dashboard` is False (default: unless
     $VAEGEN_RAY_DASHBOARD=0). Only a Ray
     started or joined here is disconnected on exit."""
+    capture()        # from here Ray's output goes to the verb's log file, unless --verbose (cluster/console.py)
     import ray
     if ray.is_initialized():
         yield
