@@ -202,7 +202,7 @@ def default_model_name(dataset: str, arch: str, conditional: bool) -> str:
 
 
 KINDS = ("samples", "reconstructions")
-FORMATS = ("parquet", "png")
+FORMATS = ("parquet", "png", "jpeg")
 PIXELS = ("sample", "mean")
 
 
@@ -218,8 +218,10 @@ class GenerateConfig:
     # Reconstructions mirror their input's shards instead.
     shard_size: int = flag("--shard-size", "samples per output shard", default=10_000)
     seed: int = flag("--seed", "random seed of the latents", default=0)
-    format: str = flag("--format", "parquet (raw pixels, zstd) or png (WebDataset tar of <id>.png + <id>.json)",
-                       default="parquet", choices=FORMATS)
+    format: str = flag("--format", "parquet (raw pixels, zstd), png (WebDataset tar of <id>.png + <id>.cls + "
+                       "<id>.json) or jpeg (the same with <id>.jpg: lossy)", default="parquet", choices=FORMATS)
+    jpeg_quality: int = flag("--jpeg-quality", "--format jpeg: JPEG quality, 1..100 (img2dataset's default)",
+                             default=95)
     labels: tuple[int, ...] = flag("--labels", "conditional models: classes to cycle through the ids", default=(),
                                    unset="every class")
     # Fixed per job, so that a shard's floats do not depend on which worker decodes it.
@@ -236,6 +238,7 @@ class GenerateConfig:
         _require(self.shard_size > 0, f"--shard-size={self.shard_size} must be > 0")
         _require(self.decode_batch > 0, f"--decode-batch={self.decode_batch} must be > 0")
         _require(self.pixels in PIXELS, f"--pixels={self.pixels!r} must be one of {', '.join(PIXELS)}")
+        _require(1 <= self.jpeg_quality <= 100, f"--jpeg-quality={self.jpeg_quality} must be in 1..100")
         _require(self.kind == "samples" or self.pixels == "sample",
                  "--pixels applies to samples; reconstructions are always the decoder's mean")
         _require(all(label >= 0 for label in self.labels), f"--labels={list(self.labels)} must be >= 0")

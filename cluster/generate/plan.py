@@ -23,7 +23,7 @@ from ..inventory import read_dataset_manifest
 from ..layout import JobKeys, job_id, job_prefix, shard_name
 from ..registry import LoadedModel, ModelRef, Registry
 from ..storage import Storage
-from ..writers import PARQUET_MAX_IMAGE_BYTES, parquet_image_bytes
+from ..writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
 
 OUTPUT_FORMAT_VERSION = 5       # bump when a change alters shard bytes: it is hashed into every job id
 
@@ -173,6 +173,10 @@ def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
                 "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
     if spec.pixels == "sample":
         del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
+    if spec.format == "jpeg":
+        identity["image_encoder"] = image_encoder(spec)      # a JPEG's bytes are its encoder's (torchvision's)
+    else:
+        del identity["jpeg_quality"]            # only a JPEG job's identity holds it: other job ids stay as they were
     return JobPlan(job_id(spec.kind, sha256_hex(json.dumps(identity, sort_keys=True).encode())), spec,
                    str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
                    labels, total, num_shards, input_shards, label_names)

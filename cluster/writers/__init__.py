@@ -2,15 +2,32 @@
 memory and `close()` returns the finished shard as bytes, checked; the caller publishes it as one object. Nothing
 here touches storage, so an exception anywhere in a writer publishes nothing.
 
-Every format is deterministic: the same rows give the same bytes (fixed Parquet settings; tar members with a fixed
-mtime, owner and mode, in id order; PNGs without timestamps)."""
+Every format is deterministic: the same rows give the same bytes for a given encoder and version (fixed Parquet
+settings; tar members with a fixed mtime, owner and mode, in id order; PNGs without timestamps, from a pinned
+libdeflate; JPEGs from torchvision's libjpeg-turbo, or nvJPEG on a GPU: image_encoder says which)."""
 from .parquet import (PARQUET_MAX_IMAGE_BYTES, ParquetShardWriter, hf_features, netpbm_images,
                       parquet_image_bytes)
 from .rows import DecodedBatch, ShardInfo, ShardWriter, concat_batches, sample_key
-from .tar import PngTarShardWriter, latent_texts, tar_member_count
+from .tar import (JpegTarShardWriter, PngTarShardWriter, TarShardWriter, jpeg_tar_writer, latent_texts,
+                  tar_member_count)
 
-WRITERS: dict[str, type[ShardWriter]] = {"parquet": ParquetShardWriter, "png": PngTarShardWriter}
+WRITERS: dict[str, type[ShardWriter]] = {"parquet": ParquetShardWriter, "png": PngTarShardWriter,
+                                         "jpeg": JpegTarShardWriter}
 
-__all__ = ["WRITERS", "DecodedBatch", "PARQUET_MAX_IMAGE_BYTES", "ParquetShardWriter", "PngTarShardWriter",
-           "ShardInfo", "ShardWriter", "concat_batches", "hf_features", "latent_texts", "netpbm_images",
+
+def writer_for(spec) -> type[ShardWriter]:
+    """The writer class of a job's spec (a GenerateConfig): its format's, with the spec's settings for it."""
+    return jpeg_tar_writer(spec.jpeg_quality) if spec.format == "jpeg" else WRITERS[spec.format]
+
+
+def image_encoder(spec, device: str = "cpu") -> dict | None:
+    """What encodes a job's images (library, version, settings) when its workers run on `device`: what its
+    manifest records. None for Parquet, whose images are raw pixels."""
+    encoder = getattr(writer_for(spec), "encoder", None)
+    return None if encoder is None else encoder(device)
+
+
+__all__ = ["WRITERS", "DecodedBatch", "JpegTarShardWriter", "PARQUET_MAX_IMAGE_BYTES", "ParquetShardWriter",
+           "PngTarShardWriter", "ShardInfo", "ShardWriter", "TarShardWriter", "image_encoder", "jpeg_tar_writer",
+           "writer_for", "concat_batches", "hf_features", "latent_texts", "netpbm_images",
            "parquet_image_bytes", "sample_key", "tar_member_count"]

@@ -1,17 +1,18 @@
-"""The WebDataset tar shard writer: per sample `<key>.png` and `<key>.json`, members in id order, with fixed
-metadata so that the same rows give the same bytes."""
+"""The WebDataset tar shard writers: per sample `<key>.png` (or `.jpg`), `<key>.cls` (the label, when the rows
+have labels) and `<key>.json`, samples in id order, with fixed member metadata so that the same rows give the
+same bytes for a given encoder (each writer's `encoder`, recorded in the job's manifest)."""
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 
 import numpy as np
 
-from vae_core.images import png_bytes
+from vae_core.images import JPEG_QUALITY, jpeg_encoder, jpeg_files, png_encoder, png_files
 
 from .rows import DecodedBatch, ShardInfo, sample_key
 
-PNG_COMPRESS_LEVEL = 6          # part of the output format: changing it changes every PNG's bytes
 LATENT_FORMAT = "%.9g"          # PNG tar .json latents: 9 significant digits round-trip a float32 exactly
 TAR_MTIME = 0                   # fixed member metadata: a rerun gives the same tar bytes
 TAR_MODE = 0o644
@@ -61,16 +62,23 @@ def tar_member_count(data: bytes) -> int:
     return count
 
 
-class PngTarShardWriter:
-    """A WebDataset tar: per sample `<key>.png` (the image) and `<key>.json` (id, label, latent, shape, ...)."""
+class TarShardWriter:
+    """A WebDataset tar: per sample `<key>.<image_ext>` (the image), `<key>.cls` (the label as ASCII decimal,
+    WebDataset's convention, so that `.to_tuple("png", "cls")` works; absent for an unconditional model's
+    samples) and `<key>.json` (id, label, latent, shape, ...). A subclass says how a batch of images is encoded."""
+    image_ext = ""
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
         self.parts: list[bytes] = []
-        self.rows = 0
+        self.rows = self.members = 0
+
+    def encode(self, images) -> list[bytes]:
+        raise NotImplementedError
 
     def _add(self, name: str, data: bytes) -> None:
         self.parts += (ustar_header(name, len(data)), data, b"\0" * (-len(data) % 512))
+        self.members += 1
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
@@ -81,11 +89,13 @@ class PngTarShardWriter:
         tail = (f', "model": {json.dumps(self.info.model)}, "seed": {json.dumps(self.info.seed)}, '
                 f'"shard": {self.info.index}, "width": {w}}}')
         labels = [None] * len(batch) if batch.labels is None else batch.labels.tolist()
-        for sample_id, label, latent, image in zip(batch.ids.tolist(), labels, latent_texts(batch.latents),
-                                                   batch.images):
+        files = self.encode(batch.images)
+        for sample_id, label, latent, image in zip(batch.ids.tolist(), labels, latent_texts(batch.latents), files):
             key = sample_key(sample_id)
             meta = f'{head}{sample_id}, "label": {"null" if label is None else label}, "latent": [{latent}]{tail}'
-            self._add(f"{key}.png", png_bytes(image, PNG_COMPRESS_LEVEL))
+            self._add(f"{key}.{self.image_ext}", image)
+            if label is not None:
+                self._add(f"{key}.cls", b"%d" % label)
             self._add(f"{key}.json", meta.encode())
         self.rows += len(batch)
 
@@ -95,6 +105,42 @@ class PngTarShardWriter:
         body = b"".join(self.parts)
         data = body + b"\0" * (-(len(body) + 1024) % tarfile.RECORDSIZE + 1024)   # end blocks, whole records
         members = tar_member_count(data)
-        if members != 2 * self.rows:
-            raise ValueError(f"shard {self.info.index}: tar holds {members} members, expected {2 * self.rows}")
+        if members != self.members:
+            raise ValueError(f"shard {self.info.index}: tar holds {members} members, expected {self.members}")
         return data
+
+
+class PngTarShardWriter(TarShardWriter):
+    """Lossless: `<key>.png`, encoded by vae_core.images.png_files (libdeflate)."""
+    image_ext = "png"
+
+    @staticmethod
+    def encoder(device: str = "cpu") -> dict:
+        return png_encoder()            # the same on any device
+
+    def encode(self, images) -> list[bytes]:
+        return png_files(images)
+
+
+class JpegTarShardWriter(TarShardWriter):
+    """Lossy: `<key>.jpg` at `quality` (a subclass per quality: jpeg_tar_writer). Takes the decoder's images where
+    they are (device_images: a torch tensor on the worker's device, or a NumPy array): RGB batches on a GPU are
+    encoded there by nvJPEG, everything else by libjpeg-turbo on the CPU (vae_core.images.jpeg_files)."""
+    image_ext = "jpg"
+    quality = JPEG_QUALITY
+    device_images = True
+
+    @classmethod
+    def encoder(cls, device: str = "cpu") -> dict:
+        return jpeg_encoder(device, cls.quality)
+
+    def encode(self, images) -> list[bytes]:
+        return jpeg_files(images, self.quality)
+
+
+@functools.cache
+def jpeg_tar_writer(quality: int) -> type[JpegTarShardWriter]:
+    """The JPEG writer class at `quality` (a writer is built from its ShardInfo alone)."""
+    if quality == JpegTarShardWriter.quality:
+        return JpegTarShardWriter
+    return type(f"JpegQ{quality}TarShardWriter", (JpegTarShardWriter,), {"quality": quality})
