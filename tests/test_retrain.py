@@ -14,6 +14,7 @@ import torch
 
 import cluster.retrain
 from cluster.datasets import ingest
+from cluster.layout import JobKeys
 from cluster.registry import Registry, decisions, swap_champion
 from cluster.retrain import decide
 from cluster.storage import Storage
@@ -64,7 +65,10 @@ def test_first_run_promotes_then_a_worse_challenger_is_kept_out(storage_config, 
     assert "kept the champion" in capsys.readouterr().out
     assert registry.champion("fm-vae")["version"] == "v0001"
 
-    first, second = decisions(registry, "fm-vae")
+    crowned, first, second = decisions(registry, "fm-vae")
+    # The challenger was the name's first version: crowned at its publish, then promoted by the retrain too.
+    assert crowned["rule"] == "first-version" and crowned["decision"] == "promote"
+    assert crowned["challenger"]["version"] == "v0001"
     assert first["decision"] == "promote" and "no champion yet" in first["reason"]
     assert first["champion"]["version"] is None and first["challenger"]["version"] == "v0001"
     assert second["decision"] == "keep" and "worse than champion v0001" in second["reason"]
@@ -162,8 +166,10 @@ def test_two_concurrent_retrain_processes_promote_at_most_once(local_storage_con
     registry = Registry(Storage(local_storage_config))
     records = decisions(registry, "fm-vae")
     promoted = [r for r in records if r["decision"] == "promote"]
-    assert len(records) == 2 and len(promoted) == 1
-    assert registry.champion("fm-vae")["version"] == promoted[0]["challenger"]["version"]
+    contest = [r for r in records if r.get("rule") != "first-version"]
+    assert len(contest) == 2 and len([r for r in contest if r["decision"] == "promote"]) <= 1
+    assert registry.champion("fm-vae")["version"] == promoted[-1]["challenger"]["version"]
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
     loser = next(r for r in records if r["decision"] == "keep")
     assert loser.get("lost_race") or "margin" in loser["reason"] or "worse" in loser["reason"]
 
@@ -207,8 +213,9 @@ def test_a_promotion_then_generates_with_the_new_champion(local_storage_config, 
     storage = Storage(local_storage_config)
     champion = Registry(storage).champion("fm-vae")["version"]
     jobs = [d for d in storage.list_dirs("outputs")]
-    assert len(jobs) == 1 and storage.exists(f"outputs/{jobs[0]}/_SUCCESS")
-    manifest = json.loads(storage.read_bytes(f"outputs/{jobs[0]}/manifest.json"))
+    keys = JobKeys.of(jobs[0])
+    assert len(jobs) == 1 and storage.exists(keys.success)
+    manifest = json.loads(storage.read_bytes(keys.manifest))
     assert manifest["totals"]["rows"] == 300 and manifest["model"] == f"fm-vae@{champion}"
 
 
@@ -248,17 +255,18 @@ def promoted_records_agree_with_the_pointer(registry: Registry, name: str) -> No
     assert (pointer["version"] if pointer else None) == (promoted[-1] if promoted else None), (promoted, pointer)
 
 
-def test_a_first_challenger_that_scores_nan_is_not_promoted(local_storage_config, tiny_dataset, monkeypatch,
-                                                           capsys):
+def test_a_challenger_that_scores_nan_is_not_promoted(local_storage_config, tiny_dataset, monkeypatch, capsys):
     tiny_dataset(local_storage_config)
+    assert retrain_cli(local_storage_config) == 0                      # v0001: the champion
     monkeypatch.setattr(cluster.retrain, "score", lambda model, images, cfg: NAN)
     assert retrain_cli(local_storage_config) == 0
     assert "kept the champion" in capsys.readouterr().out
     registry = Registry(Storage(local_storage_config))
-    assert registry.champion("fm-vae") is None
-    (record,) = decisions(registry, "fm-vae")
+    assert registry.champion("fm-vae")["version"] == "v0001"
+    record = decisions(registry, "fm-vae")[-1]
     assert record["decision"] == "keep" and "not a finite number" in record["reason"]
     assert record["challenger"]["metric"] == "nan"                     # text: JSON has no NaN
+    promoted_records_agree_with_the_pointer(registry, "fm-vae")
 
 
 def test_a_champion_that_scores_nan_loses_to_a_finite_challenger(local_storage_config, tiny_dataset):
@@ -288,8 +296,12 @@ def test_a_crash_before_the_swap_leaves_no_promote_record(local_storage_config, 
     with pytest.raises(Crash):
         retrain_cli(local_storage_config)
     registry = Registry(Storage(local_storage_config))
-    assert registry.champion("fm-vae") is None
-    assert [r["decision"] for r in decisions(registry, "fm-vae")] == ["pending"]
+    # The challenger, the name's first version, was crowned at its publish; the retrain's own promotion never
+    # reached the swap, so its record stays "pending" and the pointer does not name it.
+    crowned, pending = decisions(registry, "fm-vae")
+    assert crowned["rule"] == "first-version" and pending["decision"] == "pending"
+    assert registry.champion("fm-vae")["decision"] != "" and pending["run_id"] not in registry.champion("fm-vae")[
+        "decision"]
     promoted_records_agree_with_the_pointer(registry, "fm-vae")
 
 
@@ -309,8 +321,8 @@ def test_a_crash_after_the_swap_is_recorded_as_a_promotion_by_the_next_run(local
 
     monkeypatch.setattr(cluster.retrain, "rewrite_decision", real_rewrite)
     assert retrain_cli(local_storage_config, "--lr", "1e-7") == 0      # a worse challenger: kept out
-    first, second = decisions(registry, "fm-vae")
-    assert first["decision"] == "promote" and second["decision"] == "keep"
+    crowned, first, second = decisions(registry, "fm-vae")
+    assert crowned["rule"] == "first-version" and first["decision"] == "promote" and second["decision"] == "keep"
     promoted_records_agree_with_the_pointer(registry, "fm-vae")
 
 
@@ -333,7 +345,7 @@ def test_two_retrains_racing_at_the_swap_promote_exactly_once(storage_config, ti
         t.join()
     assert codes == [0, 0]
     registry = Registry(Storage(storage_config))
-    records = decisions(registry, "fm-vae")
+    records = [r for r in decisions(registry, "fm-vae") if r.get("rule") != "first-version"]
     assert sorted(r["decision"] for r in records) == ["keep", "promote"]
     loser = next(r for r in records if r["decision"] == "keep")
     assert loser["lost_race"] and "not promoted" in loser["reason"]
