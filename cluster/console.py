@@ -79,10 +79,6 @@ def console_session(verb: str, root: str | None, verbose: bool = False) -> Itera
         release(console)
 
 
-def current() -> Console | None:
-    return _current
-
-
 def capture() -> Path | None:
     """Send everything but vaegen's own output to this verb's log file, from now until the session ends; the
     log's path, or None when there is no session (a library call, a test), it is verbose, or already done."""
