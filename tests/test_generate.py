@@ -458,3 +458,79 @@ def test_a_held_lease_is_renewed_past_its_ttl(local_storage_config):
         assert other.try_acquire()["owner"] == holder.owner
     assert other.try_acquire() is None                                     # released
     other.release()
+
+
+def test_a_maker_decodes_the_next_shard_while_the_last_one_encodes_and_never_two_at_once(local_storage_config):
+    """Overlap inside a worker: shard B decodes while shard A (its decoding done) encodes and publishes, decoding
+    never runs for two shards at once, and both shards are byte for byte what one thread builds."""
+    import threading
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(count=64, shard_size=32, decode_batch=8), storage)
+    model = Registry(storage).load("tiny").model
+    inside, most, guard = {}, [0], threading.Lock()       # thread -> decoder calls it is in (they nest)
+    b_decodes, a_waited = threading.Event(), threading.Event()
+
+    def counted(method):
+        def call(*args, **kwargs):
+            me = threading.current_thread().name
+            with guard:
+                inside[me] = inside.get(me, 0) + 1
+                most[0] = max(most[0], sum(1 for n in inside.values() if n))
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with guard:
+                    inside[me] -= 1
+        return call
+    model.sample_images, model.generate = counted(model.sample_images), counted(model.generate)
+
+    def pause(stage: str) -> None:                     # the drill hook's place: each stage entered, per thread
+        name = threading.current_thread().name
+        if name == "B" and stage == "decode":
+            b_decodes.set()
+            time.sleep(0.01)                           # let A's thread run meanwhile
+        elif name == "A" and stage == "encode" and not a_waited.is_set():
+            a_waited.set()
+            B.start()
+            assert b_decodes.wait(30), "shard B did not decode while shard A was encoding"
+    maker = ShardMaker(plan, storage, model, pause=pause)
+    records = {}
+    A = threading.Thread(target=lambda: records.update(A=maker.make(0)), name="A")
+    B = threading.Thread(target=lambda: records.update(B=maker.make(1)), name="B")
+    A.start()
+    A.join(60)
+    B.join(60)
+    assert b_decodes.is_set() and most[0] == 1
+    serial = ShardMaker(plan, storage, Registry(storage).load("tiny").model)
+    assert [records["A"]["sha256"], records["B"]["sha256"]] == [serial.build(i)[1]["sha256"] for i in (0, 1)]
+    assert maker.stages == {} and maker.stage == "idle"
+
+
+def test_a_decoder_worker_runs_two_shards_at_once(ray_local, local_storage_config, monkeypatch):
+    """The actor takes its two in-flight shards together (one decoding while the other encodes or publishes),
+    and they land as one undisturbed worker builds them."""
+    import ray
+    from cluster.generate.drill import STAGE_DELAY_ENV
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    plan = plan_job(samples(), storage)
+    monkeypatch.setenv(STAGE_DELAY_ENV, "publish=1.0")
+    (actor,) = start_workers(plan, local_storage_config, RunSettings(workers=1, cpus_per_worker=0.5,
+                                                                      gpus_per_worker=0.0))
+    try:
+        futures = [actor.run_shard.remote(i) for i in (0, 1)]
+        seen, deadline = set(), time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline and len(ray.wait(futures, timeout=0)[0]) < 2:
+            seen = max(seen, set(ray.get(actor.status.remote()).get("stages", {})), key=len)
+        records = ray.get(futures)
+    finally:
+        ray.kill(actor)
+    assert len(seen) == 2, "the worker never had two shards in flight"
+    serial = ShardMaker(plan, storage, Registry(storage).load("tiny").model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert [r["sha256"] for r in records] == [serial.build(i)[1]["sha256"] for i in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)

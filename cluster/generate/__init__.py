@@ -35,8 +35,8 @@ from ..runtime import ray_runtime
 from ..storage import Storage, open_storage
 from .commit import STALE_TEMP_S, ShardLedger, commit, job_lease, job_run_record, verified_shards
 from .plan import OUTPUT_FORMAT_VERSION, JobPlan, ShardTask, plan_job, sha256_hex
-from .pool import run_shards, start_workers, stop_workers
-from .settings import RunSettings
+from .pool import placed_settings, run_shards, start_workers, stop_workers
+from .settings import AUTO, RunSettings
 from .shards import ShardMaker
 
 __all__ = ["OUTPUT_FORMAT_VERSION", "STALE_TEMP_S", "JobPlan", "RunSettings", "ShardLedger", "ShardMaker", "ShardTask",
@@ -77,9 +77,12 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, sett
         storage.delete(success_key)          # withdrawn before any repair: readers stop trusting the job first
     skipped_rows = records.rows()
     written = 0
+    # Steady state: the rate after each worker's first shard (which carries its start and pipeline fill).
+    timeline = {"warm_at": 0.0, "warm_rows": 0, "last_at": 0.0, "rows": 0, "startup": None}
     if todo:
         with ray_runtime(settings.address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
             joined = bool(settings.address or os.environ.get("RAY_ADDRESS"))
+            settings = placed_settings(settings, plan, storage)          # --workers auto: sized to the cluster
             no_idle = dataclasses.replace(settings, workers=min(settings.workers, len(todo)))
             actors = start_workers(plan, storage_cfg, no_idle, joined=joined)
             shards_started = time.perf_counter()
@@ -91,16 +94,24 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, sett
                         records.add(record, built=True)
                         written += 1
                         bar.update(record["rows"])
+                        timeline.update(last_at=time.perf_counter(), rows=timeline["rows"] + record["rows"])
+                        if written == len(actors):
+                            timeline.update(warm_at=timeline["last_at"], warm_rows=timeline["rows"])
                     run_shards(actors, todo, on_done)
             finally:
                 stop_workers(actors)
             shard_seconds = time.perf_counter() - shards_started
+            timeline["startup"] = shards_started - verified
     else:
         shard_seconds = 0.0
     new_rows = plan.total_rows - skipped_rows
-    run = {"workers": settings.workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
+    workers = 0 if settings.workers == AUTO else settings.workers          # auto: sized only when shards ran
+    run = {"workers": workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
            "rows_written": new_rows, "seconds": time.perf_counter() - started, "shard_seconds": shard_seconds,
-           "samples_per_s": new_rows / shard_seconds if shard_seconds else None, **phases}
+           "samples_per_s": new_rows / shard_seconds if shard_seconds else None, **phases,
+           "startup_seconds": timeline["startup"],          # verified → Ray up, every worker holding its model
+           "steady_samples_per_s": (timeline["rows"] - timeline["warm_rows"]) / steady_span
+           if (steady_span := timeline["last_at"] - timeline["warm_at"]) > 0 and timeline["warm_at"] else None}
     committing = time.perf_counter()
     manifest = commit(storage, plan, records, run)
     manifest["run"]["commit_seconds"] = time.perf_counter() - committing      # this run's answer only

@@ -5,8 +5,12 @@
   arrive), so there the check is skipped and the wait is longer.
 - Start-up: an actor loads the model once and checks its weights' and config.json's sha256 against the plan
   (a model edited under a running job is refused in one line, not built from).
-- Backpressure: at most IN_FLIGHT_PER_WORKER shards per actor are submitted at a time, so the driver holds only
-  those futures and small records, whatever the job's size.
+- Backpressure and overlap: at most IN_FLIGHT_PER_WORKER shards per actor are submitted at a time, and an actor
+  runs that many at once (threads): one decodes while the other encodes and publishes (shards.py), so the device
+  never waits on a shard's compression or upload, and memory holds at most two shards per actor. The driver
+  holds only those futures and small records, whatever the job's size.
+- Device: an actor given a GPU decodes on CUDA; one that sees no CUDA (a fake or misdeclared GPU resource)
+  decodes on the CPU rather than failing.
 - Faults: an actor that dies is restarted by Ray (max_restarts) and its shard retried; a call lost to an
   unreachable actor (its node removed) is resubmitted, since shards are idempotent; past those limits the run
   stops, keeping every finished shard for the next run to resume."""
@@ -22,14 +26,16 @@ import torch
 from vae_core.config import StorageConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
 
-from ..registry import ModelRef
+from vae_core.checkpoint import WEIGHTS_FILE
+
+from ..registry import ModelRef, Registry
 from ..storage import Storage
 from .drill import stage_delay_setting, stage_pause
 from .plan import JobPlan, load_model
-from .settings import RunSettings
+from .settings import RunSettings, worker_gpu_bytes
 from .shards import ShardMaker
 
-IN_FLIGHT_PER_WORKER = 2         # one shard running, one queued: workers never idle, the driver holds little
+IN_FLIGHT_PER_WORKER = 2         # one shard decoding, one encoding/publishing: the device never idles on a write
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
 JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
 UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
@@ -39,13 +45,14 @@ def decoder_worker_class():
     """The DecoderWorker actor class, made on first use so that importing this module does not import Ray."""
     import ray
 
-    @ray.remote(concurrency_groups={"control": 1})
+    @ray.remote(concurrency_groups={"control": 1}, max_concurrency=IN_FLIGHT_PER_WORKER)
     class DecoderWorker:
-        """Loads the model once, then builds and publishes whole shards, one at a time (the default
-        concurrency group runs one task at a time); status() answers from its own thread meanwhile."""
+        """Loads the model once, then builds and publishes whole shards, IN_FLIGHT_PER_WORKER at a time (their
+        decoding one at a time, see ShardMaker); status() answers from its own thread meanwhile."""
 
         def __init__(self, plan: dict, storage_cfg: dict, device: str, drill: str | None) -> None:
             torch.set_num_threads(1)          # fixed: a shard's floats must not depend on the thread count
+            device = worker_device(device)
             plan, storage = JobPlan.from_dict(plan), Storage(from_dict(StorageConfig, storage_cfg))
             # A refusal is kept and raised by every call (a constructor's exception would be retried by Ray's
             # restarts and reach the driver as an actor death, not as this one line).
@@ -72,7 +79,9 @@ def decoder_worker_class():
         def status(self) -> dict:
             maker = self.maker
             return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                    "stage": maker.stage if maker else "refused", "shard": maker.shard if maker else -1}
+                    "stage": maker.stage if maker else "refused", "shard": maker.shard if maker else -1,
+                    "stages": dict(maker.stages) if maker else {},        # every shard in flight
+                    "device": maker.device if maker else None, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
         def run_shard(self, index: int) -> dict:
             if self.refusal:
@@ -82,11 +91,33 @@ def decoder_worker_class():
     return DecoderWorker
 
 
+def placed_settings(settings: RunSettings, plan: JobPlan, storage: Storage) -> RunSettings:
+    """settings with --workers auto and unset per-worker resources sized for the Ray cluster now connected
+    (settings.size_placement): its alive nodes' resources, and this job's model's GPU footprint."""
+    if settings.sized:
+        return settings
+    import ray
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    ref = ModelRef(*plan.model_ref.split("@"))
+    weights = sum(e.size for e in storage.list(Registry(storage).key(ref.name, ref.version))
+                  if e.key.endswith(WEIGHTS_FILE))
+    driver_gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return settings.placed(nodes, worker_gpu_bytes=worker_gpu_bytes(weights, plan.image_shape, plan.spec.decode_batch),
+                           gpu_memory_bytes=driver_gpu)
+
+
+def worker_device(requested: str) -> str:
+    """The device a worker decodes on: CUDA when asked for and present, else the CPU."""
+    return requested if requested != "cuda" or torch.cuda.is_available() else "cpu"
+
+
 def start_workers(plan: JobPlan, storage_cfg: StorageConfig, settings: RunSettings, *, joined: bool = False) -> list:
     """Start settings.workers actors and wait until each has loaded the model; a clear error instead of a hang
     when the cluster cannot place them (at once on a local Ray, after the placement timeout on a joined
     cluster). Each actor gets the plan and the storage settings as plain dicts."""
     import ray
+    if not settings.sized:                                     # auto values: sized here for a direct caller
+        settings = placed_settings(settings, plan, Storage(storage_cfg))
     workers, cpus_per_worker, gpus_per_worker = settings.workers, settings.cpus_per_worker, settings.gpus_per_worker
     resources = ray.cluster_resources()
     need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}

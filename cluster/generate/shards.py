@@ -6,12 +6,20 @@ and benchmarks call it directly).
   deterministic writers. Any worker, retry or rerun writes the same bytes.
 - The whole shard is built in memory and validated by its writer, then published as one object if absent (S3:
   one PUT with If-None-Match; locally temp + link), then its receipt (rows, ids, bytes, sha256, pixels sha256).
-  If the shard was already there its sha256 must equal ours, else ours replaces it (a corrupt leftover)."""
+  If the shard was already there its sha256 must equal ours, else ours replaces it (a corrupt leftover).
+- Overlap: make() may run in several threads of one worker at once (the DecoderWorker runs two). Decoding holds
+  the maker's device lock, so one shard decodes at a time, and everything after it (uint8 rows hashed, the
+  writer's encoding and compression, the publish) runs outside it: while shard i encodes and publishes, shard
+  i+1 decodes. torch, zstd, zlib, hashlib and file/socket writes release the GIL, so the two really overlap.
+  Each shard stays one all-or-nothing make() call: the protocol does not change, only when the device is busy.
+- Hashing: each digest is one pass over its bytes: the pixels as they are encoded, the shard's bytes once when
+  they are finished (kept for the "already there" comparison); a shard this worker built is not re-read."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import threading
 import time
 from collections.abc import Callable
 
@@ -42,10 +50,26 @@ class ShardMaker:
         self.model = model.to(device).eval()
         self.writer_cls = writer_cls or WRITERS[plan.spec.format]
         self.pause = pause                            # the drill hook (drill.py); None in a real run
-        self.stage, self.shard = "idle", -1          # read by DecoderWorker.status() from another thread
+        # A writer that encodes on the device (a GPU JPEG encoder) declares `device_images = True` and gets each
+        # batch's images as a uint8 torch tensor on self.device instead of a host array; the pixel digest is
+        # then taken from a host copy. Every writer today takes host arrays.
+        self.device_images = bool(getattr(self.writer_cls, "device_images", False))
+        self.device_lock = threading.Lock()          # one shard decodes at a time; encoding overlaps it
+        self.stages: dict[int, str] = {}             # shard -> stage, for the shards in flight, oldest first
+        if storage.is_s3:
+            storage.s3_client                         # made once here: boto3 makes clients unsafely in threads
 
-    def enter(self, stage: str) -> None:
-        self.stage = stage
+    @property
+    def stage(self) -> str:
+        """The stage of the oldest shard in flight ("idle": none); read by DecoderWorker.status()."""
+        return next(iter(list(self.stages.values())), "idle")
+
+    @property
+    def shard(self) -> int:
+        return next(iter(list(self.stages)), -1)
+
+    def enter(self, index: int, stage: str) -> None:
+        self.stages[index] = stage
         if self.pause is not None:
             self.pause(stage)
 
@@ -59,22 +83,33 @@ class ShardMaker:
             y_all = None if labels is None else torch.from_numpy(labels)
             z = self.model.sample_prior(task.rows, y_all, gen)                         # (rows, Z), one draw
             for start in range(0, task.rows, size):
-                self.enter("decode")
+                self.enter(task.index, "decode")
                 part = slice(start, start + size)
                 y = None if labels is None else labels[part]
                 z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
                 images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
                           else self.model.sample_images(z_part, y_part, gen))
-                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), self.uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)
             for start in range(0, len(ids), size):
-                self.enter("decode")
+                self.enter(task.index, "decode")
                 part = slice(start, start + size)
                 x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
                 y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
                 recon, mu = self.model.reconstruct(x, y)
-                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), self.uint8(recon))
+
+    def uint8(self, images: torch.Tensor):
+        """Decoded floats → uint8 rows: on the host (numpy), or left on the device for a device writer."""
+        if self.device_images:
+            return images.detach().clamp(0, 1).mul(255).round_().to(torch.uint8)
+        return to_uint8(images)
+
+    def decode(self, task: ShardTask) -> list[DecodedBatch]:
+        """The whole shard decoded, holding the device lock: the only part of a shard that uses the device."""
+        with self.device_lock:
+            return list(self.batches(task))
 
     def read_input(self, task: ShardTask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         spec = self.plan.spec
@@ -83,14 +118,23 @@ class ShardMaker:
 
     def build(self, index: int) -> tuple[bytes, dict]:
         """The finished shard's bytes and its record (what the receipt and the manifest keep)."""
+        try:
+            return self._build(index)
+        finally:
+            self.stages.pop(index, None)
+
+    def _build(self, index: int) -> tuple[bytes, dict]:
         plan, task = self.plan, self.plan.task(index)
-        self.shard = index
+        self.stages[index] = "queued"
         info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
                          plan.weights_sha256, plan.job_id, plan.label_names)
+        decoded = self.decode(task)                     # the device is free again from here on
         writer, pixels, rows, last_id = self.writer_cls(info), hashlib.sha256(), 0, None
-        for batch in self.batches(task):
-            self.enter("encode")
-            pixels.update(np.ascontiguousarray(batch.images).data)
+        while decoded:
+            batch = decoded.pop(0)                      # handed on: the writer holds what it keeps
+            self.enter(index, "encode")
+            host = batch.images.cpu().numpy() if self.device_images else batch.images
+            pixels.update(np.ascontiguousarray(host).data)
             writer.write(batch)
             rows, last_id = rows + len(batch), int(batch.ids[-1])
         data = writer.close()
@@ -102,15 +146,18 @@ class ShardMaker:
         return data, record
 
     def make(self, index: int) -> dict:
-        """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`)."""
+        """Build shard `index` and publish it exactly once; returns its record (+ `published`, `seconds`).
+        Safe to call from several threads at once (see the module's note on overlap)."""
         started = time.perf_counter()
-        data, record = self.build(index)
-        self.enter("publish")
-        key = self.plan.shard_key(index)
-        published = self.storage.publish(key, data, if_absent=True)
-        if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
-            self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones
-            published = True
-        self.storage.publish(self.plan.receipt_key(index), json.dumps(record, sort_keys=True).encode())
-        self.stage = "idle"
+        try:
+            data, record = self._build(index)
+            self.enter(index, "publish")
+            key = self.plan.shard_key(index)
+            published = self.storage.publish(key, data, if_absent=True)
+            if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
+                self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones
+                published = True
+            self.storage.publish(self.plan.receipt_key(index), json.dumps(record, sort_keys=True).encode())
+        finally:
+            self.stages.pop(index, None)
         return {**record, "published": published, "seconds": time.perf_counter() - started}
