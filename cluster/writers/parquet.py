@@ -1,6 +1,7 @@
 """The Parquet shard writer: one row per sample, zstd, the Hugging Face features in the file's metadata."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -74,32 +75,59 @@ def parquet_image_bytes(image_shape) -> int:
     return _png_layout(image_shape)[2]
 
 
+@functools.lru_cache(maxsize=8)
+def _png_template(image_shape) -> tuple[np.ndarray, list[tuple[int, int, int]], int]:
+    """One PNG file of `image_shape` with every byte that does not depend on the pixels in place (signature,
+    IHDR, block headers, filter bytes 0, IEND), the blocks, and where IDAT's adler32 goes."""
+    head, blocks, size = _png_layout(image_shape)
+    template = np.zeros(size, np.uint8)
+    template[:len(head)] = np.frombuffer(head, np.uint8)
+    for i, (at, _, length) in enumerate(blocks):
+        template[at:at + 5] = np.frombuffer(struct.pack("<BHH", i == len(blocks) - 1, length, length ^ 0xFFFF),
+                                            np.uint8)
+    template[size - len(PNG_IEND):] = np.frombuffer(PNG_IEND, np.uint8)
+    template.flags.writeable = False
+    return template, blocks, size - len(PNG_IEND) - 8
+
+
+def _checksums(parts, n: int, checksum, start=None) -> np.ndarray:
+    """`checksum` (zlib.adler32 / crc32) of each row, continued over several column ranges `parts` of (N, k)
+    views whose rows are contiguous; map over the rows, not a Python loop: the per-call overhead is the cost."""
+    values = start
+    for part in parts:
+        rows = map(checksum, part) if values is None else map(checksum, part, values.tolist())
+        values = np.fromiter(rows, np.uint32, n)
+    return values
+
+
+def _put_u32(files: np.ndarray, at: int, values: np.ndarray) -> None:
+    files[:, at:at + 4] = values.astype(">u4").view(np.uint8).reshape(-1, 4)
+
+
 def png_images(images: np.ndarray) -> pa.BinaryArray:
     """uint8 (N, C, H, W) with C = 1 or 3 → PNG files with stored deflate blocks, one per image, all laid out at
     once in one buffer (every file has the same size); the only per-image work is zlib's adler32 and crc32."""
     n, c, h, w = images.shape
-    head, blocks, size = _png_layout((c, h, w))
+    template, blocks, adler_at = _png_template((c, h, w))
+    size = len(template)
     if n * size > PARQUET_MAX_IMAGE_BYTES:                             # the int32 offsets below would wrap
         raise ValueError(f"{n} images of {c}x{h}x{w} exceed the 2 GiB a Parquet binary column holds")
-    raw = np.zeros((n, h, 1 + w * c), np.uint8)                         # filter byte 0 per scanline
-    raw[:, :, 1:] = images.transpose(0, 2, 3, 1).reshape(n, h, w * c)
-    raw = raw.reshape(n, -1)
     files = np.empty((n, size), np.uint8)
-    files[:, :len(head)] = np.frombuffer(head, np.uint8)
-    for i, (at, start, length) in enumerate(blocks):
-        final = i == len(blocks) - 1
-        files[:, at:at + 5] = np.frombuffer(struct.pack("<BHH", final, length, length ^ 0xFFFF), np.uint8)
-        files[:, at + 5:at + 5 + length] = raw[:, start:start + length]
-    adler_at = size - len(PNG_IEND) - 8                                 # then IDAT's crc, then IEND
-    files[:, size - len(PNG_IEND):] = np.frombuffer(PNG_IEND, np.uint8)
-    row_bytes = raw.shape[1]
-    raw_view = memoryview(raw.reshape(-1))
-    adlers = [zlib.adler32(raw_view[i * row_bytes:(i + 1) * row_bytes]) for i in range(n)]
-    files[:, adler_at:adler_at + 4] = np.array(adlers, ">u4").view(np.uint8).reshape(n, 4)
-    idat_type = len(head) - len(ZLIB_HEADER) - 4                        # the crc covers type and data
-    file_view = memoryview(files.reshape(-1))
-    crcs = [zlib.crc32(file_view[i * size + idat_type:i * size + adler_at + 4]) for i in range(n)]
-    files[:, adler_at + 4:adler_at + 8] = np.array(crcs, ">u4").view(np.uint8).reshape(n, 4)
+    files[:] = template
+    scanlines = images.transpose(0, 2, 3, 1).reshape(n, h, w * c)
+    if len(blocks) == 1:                                                # the raw image sits in one block
+        at, _, length = blocks[0]
+        files[:, at + 5:at + 5 + length].reshape(n, h, 1 + w * c)[:, :, 1:] = scanlines
+    else:
+        raw = np.zeros((n, h, 1 + w * c), np.uint8)                     # filter byte 0 per scanline
+        raw[:, :, 1:] = scanlines
+        raw = raw.reshape(n, -1)
+        for at, start, length in blocks:
+            files[:, at + 5:at + 5 + length] = raw[:, start:start + length]
+    _put_u32(files, adler_at, _checksums([files[:, at + 5:at + 5 + length] for at, _, length in blocks], n,
+                                         zlib.adler32))
+    idat_type = blocks[0][0] - len(ZLIB_HEADER) - 4                    # IDAT's crc covers its type and data
+    _put_u32(files, adler_at + 4, _checksums([files[:, idat_type:adler_at + 4]], n, zlib.crc32))
     offsets = np.arange(n + 1, dtype=np.int32) * size
     return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
 
