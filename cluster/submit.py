@@ -9,11 +9,17 @@ machine, such a spec is not de-duplicated at all (an argv match would not mean t
 
 Credentials never travel in the job spec by default: Ray shows a job's runtime_env to anyone who can read the
 dashboard, so the cluster gets keys from its own environment (a Kubernetes Secret). Only non-secret storage
-settings (endpoint, region) are passed through; --pass-credentials is an explicit opt-in."""
+settings (endpoint, region) are passed through, and an endpoint on a loopback address (this machine's MinIO behind
+a port-forward) is not: inside the cluster it would name the pod itself. --pass-credentials is an explicit opt-in.
+
+Where the job server is and how to authenticate follow `ray job submit`: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS,
+override --address (Ray's order: the SDK applies it whatever address it is given), and the token is read from the
+documented places (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token)."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import shlex
@@ -23,9 +29,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
+from vae_core.names import check_name
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -34,16 +42,36 @@ PACKAGES = ("vae_core", "cluster", "jobs")
 # Not AWS_EC2_METADATA_DISABLED: vaegen sets it locally, but on AWS nodes the metadata service IS the credential.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")      # Ray's order: the first set one wins
+
+
+def job_server_address(flag: str | None, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """(the job server address, a line for the user when the environment overrode --address), in Ray's order:
+    RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, then --address, then http://127.0.0.1:8265. Ray's SDK applies the
+    same override to whatever address it is given, so resolving it here keeps the line we print true."""
+    environ = os.environ if environ is None else environ
+    for name in ADDRESS_ENV:
+        if environ.get(name):
+            value = environ[name]
+            note = f"{name}={value} overrides --address {flag} (as in `ray job submit`)" if flag and flag != value \
+                else ""
+            return value, note
+    return flag or DEFAULT_ADDRESS, ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SubmitConfig:
-    address: str                     # the head's job server, http://HEAD:8265
+    address: str                     # the head's job server, http://HEAD:8265 (or any address Ray's SDK resolves)
     argv: tuple[str, ...]            # the vaegen verb and its flags, as after `--`
     files: tuple[tuple[str, bytes], ...] = ()   # (name, bytes) the job finds in its working directory (--config)
-    wait: bool = False               # follow the logs, exit with the job's status
+    wait: bool = True                # follow the logs, exit with the job's status (`ray job submit` waits too)
+    submission_id: str = ""          # the job's id as given (--submission-id); else derived from the spec
     upload_code: bool = True         # ship this checkout's packages (py_modules); else use the image's vaegen
     pass_credentials: bool = False   # copy AWS keys from this environment into the job (visible in Ray's job table)
     key: str = ""                    # extra text in the spec hash, e.g. a CronJob run's name: one job per run
@@ -52,8 +80,10 @@ class SubmitConfig:
     entrypoint_num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.address.startswith(("http://", "https://")):
+        if not self.address or any(c.isspace() for c in self.address):
             raise VaegenError(f"--address={self.address!r} must be the job server's http(s)://HOST:8265 URL")
+        if self.submission_id:
+            check_name(self.submission_id, "--submission-id")
         if not self.argv:
             raise VaegenError("nothing to submit: give a vaegen verb after `--`, e.g. "
                               "`vaegen submit --address URL -- train --dataset fashion-mnist`")
@@ -91,10 +121,28 @@ def entrypoint(argv: tuple[str, ...]) -> str:
     return "python -m jobs.cli " + shlex.join(argv)
 
 
+def is_loopback_url(url: str) -> bool:
+    """http://127.0.0.1:9000, http://localhost:9000, http://[::1]:9000: this machine, wherever it is read."""
+    host = (urlsplit(url if "://" in url else f"//{url}").hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_only_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The endpoint variables that name this machine (a port-forwarded MinIO): never sent to the cluster."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in ENDPOINT_ENV if environ.get(k) and is_loopback_url(environ[k])}
+
+
 def job_env(pass_credentials: bool, environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     names = STORAGE_ENV + (CREDENTIAL_ENV if pass_credentials else ())
-    env = {k: environ[k] for k in names if environ.get(k)}
+    local = local_only_env(environ)
+    env = {k: environ[k] for k in names if environ.get(k) and k not in local}
     if pass_credentials and not all(env.get(k) for k in CREDENTIAL_ENV[:2]):
         raise VaegenError("--pass-credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not both set "
                           "in this environment")
@@ -148,18 +196,49 @@ def with_model(argv: list[str], spec: str) -> list[str]:
 
 
 # -- the client ----------------------------------------------------------------------------------------------
-def auth_headers() -> dict[str, str]:
-    """Ray 2.60 clusters check a bearer token unless started with RAY_AUTH_MODE=disabled. Find it where Ray does
-    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and send it; the SDK itself only sends it when this
-    process is in token mode. The token never appears in output."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def default_token_path() -> Path:
+    return Path.home() / ".ray" / "auth_token"
+
+
+def find_token(environ: dict[str, str] | None = None) -> str | None:
+    """The Ray token where Ray's token-authentication docs say it is, in their order: RAY_AUTH_TOKEN (non-empty),
+    else the file RAY_AUTH_TOKEN_PATH names (unreadable or empty is an error, as in Ray: no silent fallback),
+    else ~/.ray/auth_token if it exists. None when there is none. The token never appears in a message."""
+    environ = os.environ if environ is None else environ
+    if environ.get(TOKEN_ENV, "").strip():
+        return environ[TOKEN_ENV].strip()
+    if environ.get(TOKEN_PATH_ENV):
+        path = Path(environ[TOKEN_PATH_ENV]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise VaegenError(f"{TOKEN_PATH_ENV}={path} cannot be read ({type(e).__name__}); point it at the "
+                              "cluster's token file or unset it") from None
+        if not token:
+            raise VaegenError(f"{TOKEN_PATH_ENV}={path} is empty; point it at the cluster's token file or unset it")
+        return token
+    path = default_token_path()
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VaegenError(f"{path} cannot be read ({type(e).__name__}); fix its permissions or set "
+                          f"{TOKEN_ENV}") from None
+
+
+def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Ray 2.60 clusters check a bearer token unless started with RAY_AUTH_MODE=disabled; the SDK itself sends one
+    only when this process is in token mode, so vaegen sends the token it finds. RAY_AUTH_MODE=disabled sends
+    none (the token is a secret: not for a server that did not ask for it)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
-    from ray._raylet import AuthenticationTokenLoader
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()
-    if not loader.has_token(ignore_auth_mode=True):
-        return {}
-    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    token = find_token(environ)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def connect(address: str) -> "JobSubmissionClient":
@@ -202,13 +281,23 @@ def identity_key(cfg: SubmitConfig) -> str:
 
 def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
     key = identity_key(cfg)
-    base = base_submission_id(cfg.argv, key, cfg.files)
-    earlier = attempts(client, base)
+    if cfg.submission_id:
+        earlier = [j for j in _call("listing jobs", client.list_jobs) if j.submission_id == cfg.submission_id]
+        base = cfg.submission_id
+        if earlier and (earlier[0].metadata or {}).get("vaegen_spec") != spec_digest(cfg.argv, key, cfg.files):
+            raise VaegenError(f"--submission-id {base} is taken by another job on this cluster (another command "
+                              "or key); give another id")
+    else:
+        base = base_submission_id(cfg.argv, key, cfg.files)
+        earlier = attempts(client, base)
     for job in earlier:
         if str(job.status.value) in ACTIVE:
             return Submission(job.submission_id, "already-running", job.submission_id)
         if str(job.status.value) == "SUCCEEDED":
             return Submission(job.submission_id, "already-succeeded", job.submission_id)
+    if earlier and cfg.submission_id:       # Ray never reuses an id; nor do we rename one the user chose
+        raise VaegenError(f"job {cfg.submission_id} already ran and ended {earlier[0].status.value}; give another "
+                          "--submission-id, or leave it out to get the spec's next attempt")
     submission_id = base if not earlier else f"{base}-r{len(earlier) + 1}"
     try:
         with tempfile.TemporaryDirectory(prefix="vaegen-submit-") as folder:    # uploaded by submit_job

@@ -13,11 +13,16 @@ from .verbs import job_parser
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="run a vaegen command as a job on a Ray cluster (Ray Jobs API)",
-                       description="Submit `vaegen VERB ...` to a Ray cluster. The same spec submitted twice is "
-                                   "reported, not run twice. Example: vaegen submit --address "
-                                   "http://127.0.0.1:8265 --wait -- train --root s3://bucket/vaegen --epochs 5")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=SUBMIT_DESCRIPTION)
     add_job_server_arg(p)
-    p.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its status")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="follow the job's logs and exit with its status (the default, as in `ray job submit`); "
+                        "--no-wait returns once the job is submitted")
+    p.add_argument("--submission-id", default="",
+                   help="the job's id, as in `ray job submit`; if a job with this id exists it is reported, not "
+                        "run again. Default: derived from the command (vaegen-<verb>-<hash>), so the same command "
+                        "submitted twice finds the first job")
     p.add_argument("--key", default="", help="extra text in the spec's identity (e.g. a scheduled run's name), "
                                              "so a scheduled repeat is a new job")
     p.add_argument("--no-upload", dest="upload_code", action="store_false",
@@ -44,10 +49,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_jobs)
 
 
+SUBMIT_DESCRIPTION = """\
+Submit `vaegen VERB ...` to a Ray cluster as a Ray job, following `ray job submit`:
+the address comes from RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else --address (Ray's order: the variables win);
+the token from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; it waits for the job and
+exits with its status unless --no-wait.
+
+Where vaegen differs from `ray job submit`, and why:
+  - the submission id is derived from the command, so the same spec submitted twice (a retried CronJob pod) is
+    reported, not run twice; --submission-id sets it instead
+  - the command is checked against vaegen's own parser before anything is sent, and a moving --model
+    (name, name@champion, name@latest) is pinned to the version it names now, so the job runs what you saw
+  - with no address anywhere it uses http://127.0.0.1:8265 (a port-forwarded head) instead of looking for a
+    local Ray instance
+  - AWS keys never travel with the job (Ray shows a job's environment on its dashboard) unless
+    --pass-credentials; AWS_ENDPOINT_URL[_S3] travels only when it is not a loopback address (127.0.0.1 here
+    is not the cluster's MinIO)
+
+Example: vaegen submit --address http://127.0.0.1:8265 -- train --root s3://bucket/vaegen --epochs 5"""
+
+
 def add_job_server_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="http://127.0.0.1:8265",
-                   help="the Ray head's job server (default: %(default)s; token from RAY_AUTH_TOKEN[_PATH] or "
-                        "~/.ray/auth_token)")
+    p.add_argument("--address", default=None,
+                   help="the Ray head's job server, http://HEAD:8265; RAY_API_SERVER_ADDRESS or RAY_ADDRESS "
+                        "override it, as in Ray's CLI (default: http://127.0.0.1:8265; token from RAY_AUTH_TOKEN, "
+                        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+
+
+def resolved_address(args: argparse.Namespace) -> str:
+    from cluster.submit import job_server_address
+    address, note = job_server_address(args.address)
+    if note:
+        print(f"vaegen: {note}", file=sys.stderr, flush=True)
+    return address
 
 
 def verb_names(parser: argparse.ArgumentParser) -> list[str]:
@@ -94,11 +128,17 @@ def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], b
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from cluster.submit import SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code, submit
+    from cluster.submit import (SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code,
+                                local_only_env, submit)
     argv, files, deduplicate = check_command(args.command)
-    cfg = SubmitConfig(address=args.address, argv=argv, files=files, wait=args.wait, deduplicate=deduplicate,
+    cfg = SubmitConfig(address=resolved_address(args), argv=argv, files=files, wait=args.wait,
+                       submission_id=args.submission_id, deduplicate=deduplicate,
                        upload_code=args.upload_code, pass_credentials=args.pass_credentials, key=args.key,
                        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
+    for name, value in local_only_env().items():
+        print(f"vaegen: not passing {name}={value} to the job: a loopback address names this machine, not the "
+              "cluster's storage (give the cluster's endpoint with --s3-endpoint in the command if it needs one)",
+              file=sys.stderr, flush=True)
     client = connect(cfg.address)
     result = submit(client, cfg)
     messages = {"submitted": f"submitted {result.submission_id}",
@@ -110,7 +150,7 @@ def run_submit(args: argparse.Namespace) -> int:
                                      "not running it again (use --key to make a new job)"}
     print(f"vaegen: {messages[result.status]} to {cfg.address}", flush=True)
     if not cfg.wait:
-        if result.status in ("submitted", "resubmitted"):
+        if result.status != "already-succeeded":
             print(f"  follow: vaegen jobs logs --follow --address {cfg.address} {result.submission_id}")
         return 0
     if result.status != "already-succeeded":
@@ -126,7 +166,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_jobs(args: argparse.Namespace) -> int:
     from cluster.submit import _call, connect, failure_line, follow_logs
-    client = connect(args.address)
+    client = connect(resolved_address(args))
     if args.action == "list":
         for job in _call("listing jobs", client.list_jobs):
             print(f"{job.submission_id or job.job_id:<40} {job.status.value:<10} {job.entrypoint}")

@@ -20,10 +20,12 @@ import pytest
 import requests
 
 from cluster.datasets import ingest
+from cluster.layout import JobKeys
 from cluster.training import train_model
 from cluster.registry import Registry, swap_champion
 from cluster.storage import Storage
-from cluster.submit import SubmitConfig, base_submission_id, identity_key, job_env
+from cluster.submit import (SubmitConfig, base_submission_id, find_token, identity_key, is_loopback_url, job_env,
+                            job_server_address)
 from conftest import free_port
 from jobs.ops_cmds import check_command
 from vae_core.checkpoint import checkpoint_files
@@ -111,10 +113,11 @@ def s3_dataset(ray_head, small_fashion):
     return cfg
 
 
-def vaegen(*argv: str, token_path: str | None, home: str | None = None, timeout: int = 300):
+def vaegen(*argv: str, token_path: str | None, home: str | None = None, timeout: int = 300,
+           extra_env: dict[str, str] | None = None):
     """The CLI as a user runs it; the token comes from the environment, as on a laptop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PYTHONPATH=str(REPO))
+    env.update(PYTHONPATH=str(REPO), **(extra_env or {}))
     if token_path:
         env["RAY_AUTH_TOKEN_PATH"] = token_path
     if home:
@@ -216,7 +219,7 @@ def test_generate_with_the_champion_is_a_new_job_once_the_champion_changes(ray_h
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"is fm-champ@{second_version} now" in again.stdout and "already ran" not in again.stdout
     assert "vaegen: submitted vaegen-generate-" in again.stdout
-    models = [json.loads(Storage(s3_dataset).read_bytes(f"outputs/{job}/manifest.json"))["model"]
+    models = [json.loads(Storage(s3_dataset).read_bytes(JobKeys.of(job).manifest))["model"]
               for job in Storage(s3_dataset).list_dirs("outputs")]
     assert sorted(models) == sorted([f"fm-champ@{first_version}", f"fm-champ@{second_version}"])
 
@@ -335,3 +338,113 @@ def test_the_submission_id_follows_the_spec():
     assert a != base_submission_id(("train", "--epochs", "2"))
     assert a != base_submission_id(("train", "--epochs", "1"), key="retrain-29061440")
     assert a.startswith("vaegen-train-")
+
+
+# -- `ray job submit`'s conventions: address variables, waiting by default, --submission-id, the token's places ------
+def test_submit_follows_ray_job_submit_against_a_real_head(ray_head, s3_dataset, tmp_path):
+    """No --address and no --wait: RAY_API_SERVER_ADDRESS names the head (RAY_ADDRESS, lower in Ray's order, names
+    nothing), the token comes from RAY_AUTH_TOKEN, and submit waits for the job like `ray job submit`. The laptop's
+    loopback AWS_ENDPOINT_URL is not in the job's environment; the job reaches S3 through its own --s3-endpoint."""
+    from ray.job_submission import JobSubmissionClient
+    token = Path(ray_head["token_path"]).read_text()
+    env = {"RAY_API_SERVER_ADDRESS": ray_head["address"], "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
+           "RAY_AUTH_TOKEN": token, "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "us-east-1"}
+    argv = ["ls", "--root", s3_dataset.root, "--s3-endpoint", s3_dataset.s3_endpoint]
+    sid = f"readme-ls-{uuid.uuid4().hex[:6]}"
+    run = vaegen("submit", "--submission-id", sid, "--", *argv, token_path=None, extra_env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"submitted {sid} to {ray_head['address']}" in run.stdout
+    assert f"job {sid} SUCCEEDED" in run.stdout and "fm" in run.stdout        # waited, and followed its output
+    assert "not passing AWS_ENDPOINT_URL=http://127.0.0.1:9000" in run.stderr
+    assert token not in run.stdout + run.stderr
+    info = JobSubmissionClient(ray_head["address"], headers={"Authorization": f"Bearer {token}"}).get_job_info(sid)
+    assert info.runtime_env["env_vars"] == {"AWS_REGION": "us-east-1"}
+
+    again = vaegen("submit", "--no-wait", "--submission-id", sid, "--", *argv, token_path=None, extra_env=env)
+    assert again.returncode == 0 and f"already ran as {sid} and succeeded" in again.stdout
+    other = vaegen("submit", "--no-wait", "--submission-id", sid, "--", "ls", "--root", s3_dataset.root,
+                   token_path=None, extra_env=env)
+    assert other.returncode == 2 and f"--submission-id {sid} is taken by another job" in other.stderr
+
+    home = tmp_path / "home"                                   # the default place: ~/.ray/auth_token
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    listed = vaegen("jobs", "list", token_path=None, home=str(home),
+                    extra_env={"RAY_API_SERVER_ADDRESS": ray_head["address"]})
+    assert listed.returncode == 0 and sid in listed.stdout, listed.stderr
+
+
+def test_the_job_server_address_follows_ray_s_order():
+    flag = "http://flag:8265"
+    assert job_server_address(None, {}) == ("http://127.0.0.1:8265", "")
+    assert job_server_address(flag, {})[0] == flag
+    assert job_server_address(flag, {"RAY_ADDRESS": "http://env:8265"})[0] == "http://env:8265"
+    both = {"RAY_ADDRESS": "http://env:8265", "RAY_API_SERVER_ADDRESS": "http://api:8265"}
+    address, note = job_server_address(flag, both)
+    assert address == "http://api:8265" and "RAY_API_SERVER_ADDRESS=http://api:8265 overrides --address" in note
+
+
+def test_the_environment_s_address_is_the_one_used_and_said(monkeypatch, capsys):
+    closed = f"http://127.0.0.1:{free_port()}"
+    for name in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", closed)
+    from jobs.cli import main
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "ingest", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert f"RAY_API_SERVER_ADDRESS={closed} overrides --address http://127.0.0.1:9" in err
+    assert err.strip().splitlines()[-1].startswith(f"vaegen: error: cannot reach the Ray job server at {closed}")
+
+
+def test_submit_waits_by_default_and_no_wait_opts_out():
+    from jobs.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["submit", "--", "ls"]).wait is True
+    assert parse(["submit", "--no-wait", "--", "ls"]).wait is False
+    assert parse(["submit", "--wait", "--", "ls"]).wait is True              # still accepted
+    with pytest.raises(VaegenError, match="--submission-id"):
+        SubmitConfig(address="http://127.0.0.1:9", argv=("ls",), submission_id="../x")
+
+
+@pytest.mark.parametrize("url, loopback", [
+    ("http://127.0.0.1:9000", True), ("http://localhost:9000", True), ("http://[::1]:9000", True),
+    ("https://127.8.0.1", True), ("http://LOCALHOST.:9000/", True), ("127.0.0.1:9000", True),
+    ("http://minio:9000", False), ("http://vaegen-minio.vaegen.svc:9000", False), ("https://s3.amazonaws.com", False),
+    ("http://10.0.0.5:9000", False)])
+def test_a_loopback_endpoint_is_not_forwarded_into_the_job(url, loopback):
+    assert is_loopback_url(url) is loopback
+    env = job_env(False, {"AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url, "AWS_REGION": "eu-west-1"})
+    assert env == ({"AWS_REGION": "eu-west-1"} if loopback else
+                   {"AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url, "AWS_REGION": "eu-west-1"})
+
+
+def test_the_token_is_found_where_ray_documents_it(tmp_path, monkeypatch):
+    """RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names (unreadable or empty: an error, no fall-back),
+    else ~/.ray/auth_token; read without Ray's private modules."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_token({}) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    named = tmp_path / "named"
+    named.write_text("from-path")
+    assert find_token({}) == "from-home"
+    assert find_token({"RAY_AUTH_TOKEN_PATH": str(named)}) == "from-path"
+    assert find_token({"RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": "from-env"}) == "from-env"
+    assert find_token({"RAY_AUTH_TOKEN_PATH": str(named), "RAY_AUTH_TOKEN": " "}) == "from-path"
+    with pytest.raises(VaegenError, match="RAY_AUTH_TOKEN_PATH=.*cannot be read"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(VaegenError, match="is empty"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
+    source = (REPO / "cluster" / "submit.py").read_text()
+    assert "_raylet" not in source and "ray._private" not in source
+
+
+def test_an_unreadable_token_path_is_one_line_before_anything_is_sent(tmp_path, monkeypatch, capsys):
+    from jobs.cli import main
+    for name in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "ingest", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RAY_AUTH_TOKEN_PATH=" in err and "cannot be read" in err
