@@ -13,6 +13,7 @@ from vae_core.config import TrainJobConfig
 from vae_core.models import VAE
 from vae_core.train import EpochMetrics, FitResult, ImageSet, fit
 
+from .epoch_samples import EpochSampleWriter
 from .runs import run_key
 from .storage import Storage
 
@@ -41,9 +42,11 @@ def fit_in_process(storage: Storage, job: TrainJobConfig, model: VAE, train_set:
         done[:] = [e for e in done if e > epochs - CHECKPOINTS_KEPT] + [epochs]
 
     resumed_at = len(saved["history"]) if saved else 0
+    epoch_samples = EpochSampleWriter(storage, run, model)
     with tqdm(total=job.train.epochs, initial=resumed_at, unit="epoch", desc=f"train {job.name}",
               disable=not progress) as bar:
         def on_epoch(m: EpochMetrics) -> None:
+            epoch_samples(model, m.epoch)
             bar.set_postfix(loss=f"{m.loss:.1f}", val=f"{m.val_loss:.1f}", kl=f"{m.kl:.1f}",
                             img_s=f"{m.images_per_s:,.0f}")
             bar.update()

@@ -23,6 +23,7 @@ from vae_core.train import (EpochMetrics, FitResult, ImageSet, evaluate, fit_pri
                             split_train_val, start_output)
 
 from .datasets import read_split
+from .epoch_samples import epoch_sample_files
 from .registry import ModelRef, Registry
 from .storage import Storage
 
@@ -165,6 +166,7 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
         model, history, summary=summary,
         config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
         val_images=val_set.images, val_labels=val_set.labels)
+    files.update(epoch_sample_files(storage, run_key(job)))       # samples/sample_N.png, one per epoch
     ref = Registry(storage).publish(job.name, files, run_id=job.run_id)
     return TrainResult(ref, history, summary)
 

@@ -30,12 +30,13 @@ from vae_core.errors import VaegenError
 from vae_core.models import VAE, build_model
 from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResult, ImageSet, TrainingState,
                             EarlyStopping, checkpoint_state, iterate_batches, make_optimizer, resume, run_epochs,
-                            split_indices)
+                            split_indices, unwrap)
 
 from .datasets import shard_keys, table_arrays
+from .epoch_samples import EpochSampleWriter
 from .runs import RUNS_DIR
 from .runtime import ray_runtime
-from .storage import Storage
+from .storage import Storage, open_storage
 
 STATE_FILE = "state.pt"
 SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
@@ -200,6 +201,8 @@ def train_loop_per_worker(raw: dict) -> None:
 
     model = build_model(job.model)
     model.load_state_dict(ray.get(raw["initial_state"]))      # the driver's: the same on every worker
+    epoch_samples = (EpochSampleWriter(open_storage(job.storage, for_writing=True), f"{RUNS_DIR}/{job.run_id}", model)
+                     if rank == 0 else None)
     # To the device, DDP when world size > 1 (unless the workers average weights instead of gradients). Our
     # buffers (a fixed σ, the prior: fitted only after training) never change while training, so DDP need not
     # broadcast them before every forward (a gloo round trip).
@@ -244,6 +247,8 @@ def train_loop_per_worker(raw: dict) -> None:
             sys.stdout.write(f"epoch {metrics.epoch + 1}/{job.train.epochs}: loss {metrics.loss:.2f} val "
                              f"{metrics.val_loss:.2f} kl {metrics.kl:.2f} {metrics.images_per_s:,.0f} img/s\n")
             sys.stdout.flush()
+        if epoch_samples:
+            epoch_samples(unwrap(model), metrics.epoch)
         report_epoch(metrics, checkpoint_state(model, optimizer, state) if rank == 0 else None)
 
     hooks = EpochHooks(train_batches=train_batches, val_batches=lambda: iterate_batches(val_set, EVAL_BATCH),
