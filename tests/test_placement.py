@@ -167,4 +167,5 @@ def test_a_gpu_node_killed_mid_job_loses_and_duplicates_nothing(ray_cluster, loc
     assert result["job_id"] == job_id and result["run"]["shards_written"] == 12
     assert result["run"]["workers"] == 4
     assert_complete_and_exact(storage, result, job)
-    assert victim_node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    wait_for(lambda: victim_node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
+             what="the killed node reported dead")                      # the GCS notices within its health checks
