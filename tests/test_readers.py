@@ -41,6 +41,15 @@ def jobs(starts_ray, small_fashion, tmp_path_factory):
     return cfg, storage, recon, samples
 
 
+@pytest.fixture(scope="module")
+def tar_job(jobs):
+    """20 class-conditional samples as WebDataset tars, in the same root."""
+    cfg, storage, _, _ = jobs
+    publish_tiny_model(storage, "tiny-cond", num_classes=10)
+    return run_generation(GenerateConfig(model="tiny-cond", count=20, shard_size=10, format="png", seed=2), cfg,
+                          workers=2, progress=False)
+
+
 def job_dir(cfg: StorageConfig, manifest: dict) -> str:
     return os.path.join(cfg.root, manifest["prefix"])
 
@@ -150,3 +159,18 @@ def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
     card = dataset_card(manifest, RowLayout(False, 4), Provenance("fm", prior_components=10))
     assert "N(0, I)" not in card.text and "mixture of 10 Gaussians" in card.text
     assert card.data.to_dict()["size_categories"] == "10K<n<100K" and card.data.to_dict()["license"] == "unknown"
+
+
+def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs, tar_job):
+    import datasets
+    from huggingface_hub import DatasetCard
+    cfg = jobs[0]
+    card = DatasetCard.load(os.path.join(job_dir(cfg, tar_job), card_name("png"))).data.to_dict()
+    assert card["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.tar"}]
+    assert "png" in [f["name"] for f in card["dataset_info"]["features"]]
+    ds = datasets.load_dataset(job_dir(cfg, tar_job), split="train")      # the card's features, as declared
+    assert ds.num_rows == 20 and isinstance(ds.features["png"], datasets.Image)
+    assert isinstance(ds[0]["png"], Image.Image)
+    if "cls" in ds.features:                                              # a tar with .cls members
+        assert ds.features["cls"].names == [f"class_{i}" for i in range(10)]
+        assert sorted(ds["cls"]) == sorted(i % 10 for i in range(20))
