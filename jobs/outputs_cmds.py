@@ -19,9 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_ls)
 
     p = sub.add_parser("show", help="write a static gallery.html for a job or a model version",
-                       description="Write gallery.html beside a job's shards (or a model version's files): "
-                                   "contact sheets per class, reconstructions beside their originals, the manifest "
-                                   "summary, the model's metrics and loss curves. No server, no external assets.")
+                       description="Write one self-contained gallery page beside a job's shards (or a model "
+                                   "version's files): contact sheets per class, reconstructions beside their "
+                                   "originals, the job's settings; the model's metrics, training settings, loss "
+                                   "curves, sample grids after each epoch and its evaluation (NLL, -ELBO, "
+                                   "classifier-FID, TSTR). No server, no external assets.")
     p.add_argument("target", help="a job or model-version URI (<root>/outputs/<job-id>, <root>/models/<name>/v0001), "
                                   "or a job id / model name[@version] under --root")
     p.add_argument("--per-class", type=int, default=None,
