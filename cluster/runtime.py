@@ -1,8 +1,9 @@
 """Starting or joining Ray: the embedded default starts a local Ray; --address joins a cluster."""
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .console import capture
@@ -12,19 +13,49 @@ from .console import capture
 # nothing to watch there.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true",
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-DASHBOARD_ENV = "VAEGEN_RAY_DASHBOARD"     # "0": the embedded Ray starts without its dashboard (and State API)
+DASHBOARD_ENV = "VAEGEN_RAY_DASHBOARD"     # "1": the embedded Ray starts its dashboard, when its packages are here
 
 
-def dashboard_wanted() -> bool:
-    return os.environ.get(DASHBOARD_ENV, "1").strip().lower() not in ("0", "false", "no")
+def dashboard_import_error(module: str = "ray.dashboard.optional_deps") -> ImportError | None:
+    """Why Ray's dashboard cannot start in this environment (ray[default]'s packages are missing), or None: the
+    import Ray itself checks before it refuses include_dashboard=True."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return e
+    return None
+
+
+def include_dashboard(asked: bool | None = None,
+                      import_error: Callable[[], ImportError | None] = dashboard_import_error) -> bool:
+    """Whether the embedded Ray starts its dashboard: when asked (`asked`, else $VAEGEN_RAY_DASHBOARD=1) and its
+    packages import. Off unless asked: it lives only as long as the command, and it is a dozen Python processes
+    (its head and one per module) that compete with the workers' start-up for the CPUs. Asked for on a Ray
+    without its packages, it says so and Ray starts without it."""
+    if asked is None:
+        asked = os.environ.get(DASHBOARD_ENV, "0").strip().lower() in ("1", "true", "yes")
+    if not asked:
+        return False
+    error = import_error()
+    if error is not None:
+        print(f"vaegen: Ray's dashboard needs pip install 'ray[default]' ({error}); starting Ray without it")
+        return False
+    return True
+
+
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to: that Ray stops when this process does."""
+    import ray._private.worker
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node is not None and node.is_head()
 
 
 @contextmanager
 def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_mb: int | None = None, dashboard: bool | None = None) -> Iterator[None]:
     """Use the Ray already running in this process, else join `address` (or $RAY_ADDRESS, as inside a Ray Job),
-    else start a local one, with its dashboard unless `dashboard` is False (default: unless
-    $VAEGEN_RAY_DASHBOARD=0). Only a Ray
+    else start a local one, with its dashboard if `dashboard` (default: $VAEGEN_RAY_DASHBOARD=1) and its packages
+    are installed (include_dashboard). Only a Ray
     started or joined here is disconnected on exit."""
     capture()        # from here Ray's output goes to the verb's log file, unless --verbose (cluster/console.py)
     import ray
@@ -36,19 +67,18 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         # Joining: the cluster (or the job's runtime_env) owns the workers' environment; ours would conflict.
         ray.init(address=address, log_to_driver=True)
     else:
-        dashboard = dashboard_wanted() if dashboard is None else dashboard
+        dashboard = include_dashboard(dashboard)
         # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
         kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
                         "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING")}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.
-        # The dashboard (127.0.0.1 only) also serves the State API that Ray Train's placement-group cleaner polls;
-        # without it that actor warns every second. It is a dozen Python processes (its head and one per module)
-        # that compete with the workers' start-up for the CPUs, hence the switch.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 dashboard_host="127.0.0.1",
-                 object_store_memory=store * 2**20 if store else None, **kwargs)
+        context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", object_store_memory=store * 2**20 if store else None,
+                           **kwargs)
+        if dashboard:
+            print(f"vaegen: Ray's dashboard at http://{context.dashboard_url} while this command runs")
     try:
         yield
     finally:

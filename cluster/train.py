@@ -35,7 +35,7 @@ from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResu
 from .datasets import shard_keys, table_arrays
 from .epoch_samples import EpochSampleWriter
 from .runs import RUNS_DIR
-from .runtime import ray_runtime
+from .runtime import ray_runtime, ray_started_here
 from .storage import Storage, open_storage
 
 STATE_FILE = "state.pt"
@@ -148,7 +148,7 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     datasets = {}
     if shares is None:
@@ -159,7 +159,7 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
         datasets = {"train": training_images(storage, job, manifest, train_ids)}
     use_gpu = job.ray.gpus_per_worker > 0
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class(local=ray_started_here())(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids),
                            "initial_state": ray.put(initial_state), "val_set": ray.put(val_set),
@@ -181,6 +181,24 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
     if result.checkpoint is None:
         raise VaegenError(f"training run {job.run_id!r} finished without a checkpoint")
     return load_state(result.checkpoint)
+
+
+def torch_trainer_class(*, local: bool) -> type:
+    """Ray Train's TorchTrainer; on a Ray this process started (`local`), one without its placement-group cleaner.
+    That detached actor exists to remove a dead controller's placement group from a cluster that outlives it; a Ray
+    started here stops with this process, so it has nothing to clean. It would also be one more worker process to
+    start before the first batch, and it polls the State API every second: without the dashboard, which serves
+    that API, it logs a warning each time, and it fails when other Ray instances run on the same host."""
+    from ray.train.torch import TorchTrainer
+    if not local:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+    return LocalTorchTrainer
 
 
 # -- worker ----------------------------------------------------------------------------------------------

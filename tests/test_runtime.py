@@ -1,0 +1,83 @@
+"""cluster.runtime: whether the embedded Ray starts its dashboard, and Ray starting on an install without the
+dashboard's packages (ray without the [default] extra)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cluster.runtime import DASHBOARD_ENV, dashboard_import_error, include_dashboard
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Packages that only ray[default] brings and that Ray checks before it starts the dashboard
+# (ray.dashboard.optional_deps). Not aiohttp: Ray's runtime-env agent needs it, so Ray cannot run without it.
+DASHBOARD_PACKAGES = ("aiohttp_cors", "opencensus")
+
+
+def missing_packages() -> ImportError | None:
+    """The check as it goes on an install without the dashboard's packages: a real failed import."""
+    return dashboard_import_error("vaegen_test_no_such_dashboard_package")
+
+
+def test_the_dashboard_starts_when_asked_and_its_packages_import(monkeypatch):
+    assert dashboard_import_error() is None          # this environment has ray[default]
+    monkeypatch.setenv(DASHBOARD_ENV, "1")
+    assert include_dashboard() is True
+    assert include_dashboard(True) is True
+
+
+def test_the_embedded_ray_starts_without_its_dashboard_unless_asked(monkeypatch):
+    monkeypatch.delenv(DASHBOARD_ENV, raising=False)
+    assert include_dashboard() is False
+    monkeypatch.setenv(DASHBOARD_ENV, "0")
+    assert include_dashboard() is False
+    monkeypatch.setenv(DASHBOARD_ENV, "1")
+    assert include_dashboard(False) is False          # the argument wins over the environment
+
+
+def test_asked_for_without_its_packages_ray_starts_without_the_dashboard_and_says_so(monkeypatch, capsys):
+    assert isinstance(missing_packages(), ImportError)
+    monkeypatch.setenv(DASHBOARD_ENV, "1")
+    assert include_dashboard(import_error=missing_packages) is False
+    assert include_dashboard(True, import_error=missing_packages) is False
+    assert "ray[default]" in capsys.readouterr().out
+
+
+# A Python that cannot import the dashboard's packages, in this process and in every process Ray starts from it
+# (they inherit PYTHONPATH): what Ray sees on a machine where they were never installed.
+WITHOUT_DASHBOARD_PACKAGES = f"""
+import sys
+
+class WithoutDashboardPackages:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {DASHBOARD_PACKAGES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, WithoutDashboardPackages())
+"""
+
+RUN_ON_EMBEDDED_RAY = """
+import ray
+from cluster.runtime import dashboard_import_error, ray_runtime
+
+assert dashboard_import_error() is not None, "the dashboard's packages are still importable"
+with ray_runtime(num_cpus=1):
+    print("task answered", ray.get(ray.remote(lambda: 41 + 1).remote()))
+"""
+
+
+@pytest.mark.ray
+def test_vaegen_starts_ray_on_an_install_without_the_dashboard_packages(tmp_path, starts_ray):
+    """Asked for the dashboard (as the default was before) where its packages are missing, Ray starts without it
+    instead of raising "Cannot include dashboard with missing packages"."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(WITHOUT_DASHBOARD_PACKAGES))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO]), DASHBOARD_ENV: "1"}
+    run = subprocess.run([sys.executable, "-c", RUN_ON_EMBEDDED_RAY], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "task answered 42" in run.stdout
+    assert "ray[default]" in run.stdout
