@@ -152,6 +152,29 @@ def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_r
     assert optimizer["step"] == 6 * 29       # the averager's steps (900 images a worker, 32 a batch) for a resume
 
 
+def test_ray_train_on_a_ray_started_here_runs_no_placement_group_cleaner(two_worker_run):
+    """That detached actor removes a dead controller's placement group from a cluster that outlives it; a Ray this
+    process started stops with it, and without the dashboard (this Ray has none) the actor warns every second."""
+    from ray._private.state import actors          # the GCS's actor table, dead actors too: no dashboard needed
+    from cluster.runtime import ray_started_here
+    assert ray_started_here()
+    classes = {actor["ActorClassName"] for actor in actors().values()}
+    assert any("TrainController" in name for name in classes), classes     # the run went through Ray Train here
+    assert not any("PlacementGroupCleaner" in name for name in classes), classes
+
+
+def test_a_joined_cluster_keeps_ray_trains_placement_group_cleaner():
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from cluster.train import torch_trainer_class
+
+    def default_callbacks(local: bool) -> set[type]:
+        trainer = torch_trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+        return {type(c) for c in trainer._create_default_callbacks()}
+    assert PlacementGroupCleanerCallback in default_callbacks(local=False)
+    assert PlacementGroupCleanerCallback not in default_callbacks(local=True)
+
+
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):
     job, result = two_worker_run
     again = train_model(job, progress=False)
