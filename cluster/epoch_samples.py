@@ -28,7 +28,8 @@ class EpochSampleWriter:
         self.latents = epoch_latents(model)
 
     def __call__(self, model: VAE, epoch: int) -> None:
-        self.storage.publish(f"{self.prefix}/{SAMPLES_DIR}/{sample_name(epoch)}", epoch_sample_grid(model, self.latents))
+        grid = epoch_sample_grid(model, self.latents)
+        self.storage.publish(f"{self.prefix}/{SAMPLES_DIR}/{sample_name(epoch)}", grid)
 
 
 def epoch_sample_files(storage: Storage, prefix: str) -> dict[str, bytes]:

@@ -16,7 +16,8 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-wid
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}h3{font-size:1em}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 table.settings{border-collapse:collapse}table.settings td{padding:.15em .8em .15em 0;vertical-align:top}
-table.settings td.help{color:#666;font-size:.9em}table.settings td:first-child,table.settings td:nth-child(2){white-space:nowrap}
+table.settings td.help{color:#666;font-size:.9em}
+table.settings td:first-child,table.settings td:nth-child(2){white-space:nowrap}
 .banner{background:#fff3cd;border:1px solid #e0c068;padding:.6em 1em;font-weight:600}
 .banner.failed{background:#f8d7da;border-color:#d08088}
 .sheet{display:grid;grid-template-columns:repeat(8,max-content);gap:3px;margin:.3em 0 1em}

@@ -27,7 +27,8 @@ METRIC_LABELS = {
     "epochs_run": "epochs run", "stopped_early": "stopped early", "train_images": "training images",
     "val_images": "validation images", "seconds": "training time (s)", "run_id": "training run id",
     "backend": "trained on", "resumed_at_epochs": "started at epoch", "seconds_to_first_batch": "first batch after (s)",
-    "workers": "Ray Train workers", "gpus_per_worker": "GPUs per worker", "sync_every": "weights averaged every (steps)",
+    "workers": "Ray Train workers", "gpus_per_worker": "GPUs per worker",
+    "sync_every": "weights averaged every (steps)",
     "prior_fit_seconds": "prior fit time (s)",
 }
 ONE_BASED = {"best_epoch", "resumed_at_epochs"}        # stored 0-based, shown as a person counts epochs

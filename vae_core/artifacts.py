@@ -76,7 +76,8 @@ def sample_grid(model: VAE, n: int = SAMPLES, seed: int = GRID_SEED) -> bytes:
 
 @torch.no_grad()
 def epoch_sample_grid(model: VAE, latents: tuple[torch.Tensor, torch.Tensor | None]) -> bytes:
-    """One decode of the run's fixed latents (epoch_latents) with the weights as they are now: a run's grids, epoch after epoch, show the same latents as training goes."""
+    """One decode of the run's fixed latents (epoch_latents) with the weights as they are now: a run's grids,
+    epoch after epoch, show the same latents as training goes."""
     device = next(model.parameters()).device
     z, labels = latents
     images = model.generate(z.to(device), None if labels is None else labels.to(device))
