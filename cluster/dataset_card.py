@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import tarfile
 import time
 
@@ -49,16 +50,17 @@ def reproduce_command(manifest: dict, root_uri: str) -> str:
     same (the model as it was asked for: `name@champion` resolves to the version of the day)."""
     spec = manifest["spec"]
     verb, fields = VERB_FIELDS[spec["kind"]]
-    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(GenerateConfig) if "flag" in f.metadata}
+    fields_of = {f.name: f for f in dataclasses.fields(GenerateConfig) if "flag" in f.metadata}
     words = []
     for name in (*fields, *COMMON_FIELDS):
-        value = spec[name]
+        value = spec.get(name, fields_of[name].default)       # a spec from before the field existed: its default
+        value = list(value) if isinstance(value, tuple) else value
         if isinstance(value, list):
             if value:                                    # an empty --labels means every class: leave it out
-                words.append(f"{flags[name]} {' '.join(map(str, value))}")
+                words.append(f"{fields_of[name].metadata['flag']} {' '.join(map(str, value))}")
         else:
-            words.append(f"{flags[name]} {value}")
-    return f"vaegen {verb} {' '.join(words)} --root {root_uri}"
+            words.append(f"{fields_of[name].metadata['flag']} {value}")
+    return f"vaegen {verb} {' '.join(words)} --root {shlex.quote(root_uri)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +218,10 @@ def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
                   "pyarrow's readers (pandas, Ray Data) find only data in this folder.", ""]
     else:
         mode = "pill" if manifest["image_shape"][0] == 1 else "pil"      # webdataset's "pil" converts to RGB
-        keys = '"png", "cls"' if "cls" in rows.tar_members else '"png", "json"'
+        image = next((m for m in rows.tar_members if m not in ("cls", "json")), "png")
+        keys = f'"{image}", "cls"' if "cls" in rows.tar_members else f'"{image}", "json"'
         lines += ["import datasets, webdataset as wds",
-                  'ds = datasets.load_dataset("<this folder>", split="train")   # png: PIL'
+                  f'ds = datasets.load_dataset("<this folder>", split="train")   # {image}: PIL'
                   + (", cls: ClassLabel" if "cls" in rows.tar_members else ""),
                   f'wd = wds.WebDataset("<this folder>/{pattern}", shardshuffle=False).decode("{mode}")'
                   f".to_tuple({keys})", "```", ""]

@@ -1,4 +1,16 @@
-"""The Parquet shard writer: one row per sample, zstd, the Hugging Face features in the file's metadata."""
+"""The Parquet shard writer: one row per sample, zstd, the Hugging Face features in the file's metadata.
+
+The schema decision, for the `image` column: a Hugging Face `Image` struct<bytes, path> holding a PNG file whose
+deflate stream is *stored* blocks (no compression inside the PNG).
+- PNG, because every image reader takes it without glue: PIL, torchvision.io.decode_image, browsers and the Hub
+  viewer, HF `datasets` (Image feature declared in the metadata), pandas/Ray Data users via PIL. The PGM/PPM
+  bytes written before are refused by torchvision and browsers.
+- Stored rather than deflated, because a deflate per image would cost several times the rest of the shard's
+  write; a stored PNG is the pixels plus a filter byte per scanline and fixed headers, laid out for all images
+  at once with NumPy, then one adler32 and one crc32 per image. The Parquet file's zstd then compresses the
+  pixels as it would raw ones, so the shard stays as small.
+- Not a raw fixed-shape tensor column: zero-copy to NumPy, but every image reader above would need glue to see
+  an image; and not both, which would store every pixel twice. `decode_image_column` gives NumPy back."""
 from __future__ import annotations
 
 import functools
@@ -18,12 +30,7 @@ from .rows import DecodedBatch, ShardInfo, concat_batches
 
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
 # Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in
-# the schema's "huggingface" metadata. The bytes are a PNG file whose deflate stream uses *stored* (uncompressed)
-# blocks: every reader of images takes it (PIL, torchvision.io.decode_image, browsers, HF datasets, Ray Data via
-# PIL), and building it costs a copy plus one adler32 and one crc32 per image, where a deflated PNG costs a deflate
-# per image (several times the whole shard's write). The file's zstd compresses the stored pixels as it would raw
-# pixels, so the shard stays as small. A raw fixed-shape tensor column was the other choice: zero-copy to NumPy,
-# but torchvision, PIL, pandas users and the Hub viewer would each need glue to see an image.
+# the schema's "huggingface" metadata; the bytes are a stored-deflate PNG (the module docstring says why).
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # pa.binary() has 32-bit offsets: a shard's image bytes must stay below 2 GiB. Hugging Face's Image feature
 # reads only this type (given large_binary it falls back to a plain struct), so the limit is kept, not lifted;
