@@ -1,7 +1,8 @@
 """Generation throughput, in one run: the decoder alone in one process (the compute bound), decode + PNG
-encoding in one process (the PNG bound), and `vaegen generate` (run_generation: Ray DecoderWorkers) to a local
-root and to a moto S3 root over HTTP, for Parquet and PNG; then the driver's peak RSS for a large Parquet job
-(in a fresh process, at count/10 and count, to show it stays flat). One JSON line per measurement.
+and decode + JPEG encoding in one process (the PNG and JPEG bounds), and `vaegen generate` (run_generation: Ray
+DecoderWorkers) to a local root and to a moto S3 root over HTTP, for Parquet, PNG and JPEG; then the driver's
+peak RSS for a large Parquet job (in a fresh process, at count/10 and count, to show it stays flat). One JSON
+line per measurement.
 
 The Parquet target is against the decoder in one process with one torch thread per worker (the compute
 bound). Workers decode with one thread each (a shard's floats must not depend on the thread count), so the
@@ -35,7 +36,7 @@ from cluster.registry import Registry
 from cluster.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
-from vae_core.images import png_bytes, to_uint8
+from vae_core.images import jpeg_encoder, jpeg_files, png_encoder, png_files, to_uint8
 from vae_core.models import build_model
 
 from scale import memory_mib          # bench/scale.py, beside this script (its directory is on sys.path)
@@ -45,6 +46,7 @@ MODELS = {   # random weights: speed does not depend on them
     "conv": ModelConfig(image_shape=(1, 28, 28), arch="conv", conv_channels=(32, 64), hidden_dim=512,
                         latent_dim=32)}                                             # --preset fmnist-best's
 SHARD_SIZE = 10_000
+FORMATS = ("parquet", "png", "jpeg")
 
 
 def emit(record: dict) -> None:
@@ -57,33 +59,35 @@ def publish_model(storage_cfg: StorageConfig, arch: str) -> None:
                                                                   checkpoint_files(build_model(MODELS[arch])))
 
 
-def decode_span(count: int, threads: int, png: bool, batch: int, arch: str) -> tuple[float, float]:
-    """(start, end) on the system-wide monotonic clock of z → decoder → uint8 (→ PNG bytes) for `count`
-    images in this process: no Ray, no storage."""
+ENCODERS = {"png": png_files, "jpeg": jpeg_files}       # what the tar formats' writers call, a batch at a time
+
+
+def decode_span(count: int, threads: int, encode: str | None, batch: int, arch: str) -> tuple[float, float]:
+    """(start, end) on the system-wide monotonic clock of z → decoder → uint8 (→ PNG or JPEG bytes, `encode`) for
+    `count` images in this process: no Ray, no storage."""
     torch.set_num_threads(threads)
     model = build_model(MODELS[arch]).eval()
     z = torch.randn(count, MODELS[arch].latent_dim, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     for i in range(0, count, batch):
         images = to_uint8(model.generate(z[i:i + batch]))
-        if png:
-            for image in images:
-                png_bytes(image)
+        if encode:
+            ENCODERS[encode](images)
     return start, time.perf_counter()
 
 
-def decode_rate(count: int, threads: int, png: bool, batch: int, arch: str) -> float:
-    start, end = decode_span(count, threads, png, batch, arch)
+def decode_rate(count: int, threads: int, encode: str | None, batch: int, arch: str) -> float:
+    start, end = decode_span(count, threads, encode, batch, arch)
     return count / (end - start)
 
 
-def parallel_rate(count: int, processes: int, png: bool, batch: int, arch: str) -> float:
-    """decode (+ PNG) in `processes` single-threaded processes at once, like the workers (with PNG: the PNG
-    bound; without: the decoder bound as the workers can reach it, shown beside the one-process bound)."""
+def parallel_rate(count: int, processes: int, encode: str | None, batch: int, arch: str) -> float:
+    """decode (+ PNG or JPEG) in `processes` single-threaded processes at once, like the workers (with an encoder:
+    that format's bound; without: the decoder bound as the workers can reach it, beside the one-process bound)."""
     from concurrent.futures import ProcessPoolExecutor
     per = count // processes
     with ProcessPoolExecutor(processes) as pool:
-        spans = list(pool.map(decode_span, [per] * processes, [1] * processes, [png] * processes,
+        spans = list(pool.map(decode_span, [per] * processes, [1] * processes, [encode] * processes,
                               [batch] * processes, [arch] * processes))
     return per * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
 
@@ -152,14 +156,18 @@ def main() -> None:
             # then hits all of them alike, and a ratio compares like with like.
             for rep in range(args.repeat):
                 for name, rate in (
-                        ("compute", decode_rate(args.count, args.workers, png=False, batch=args.decode_batch, arch=args.model)),
-                        ("png_one_process", decode_rate(min(args.count, 50_000), 1, png=True, batch=args.decode_batch,
+                        ("compute", decode_rate(args.count, args.workers, None, batch=args.decode_batch, arch=args.model)),
+                        ("png_one_process", decode_rate(min(args.count, 50_000), 1, "png", batch=args.decode_batch,
                                                         arch=args.model)),
-                        ("compute_per_worker", parallel_rate(args.count, args.workers, False, args.decode_batch, args.model)),
-                        ("png", parallel_rate(min(args.count, 100_000), args.workers, True, args.decode_batch, args.model))):
+                        ("jpeg_one_process", decode_rate(min(args.count, 50_000), 1, "jpeg", batch=args.decode_batch,
+                                                         arch=args.model)),
+                        ("compute_per_worker", parallel_rate(args.count, args.workers, None, args.decode_batch, args.model)),
+                        ("png", parallel_rate(min(args.count, 100_000), args.workers, "png", args.decode_batch, args.model)),
+                        ("jpeg", parallel_rate(min(args.count, 100_000), args.workers, "jpeg", args.decode_batch,
+                                               args.model))):
                     bounds[name] = max(bounds.get(name, 0.0), rate)
                 for where, cfg in roots.items():
-                    for fmt in ("parquet", "png"):
+                    for fmt in FORMATS:
                         r = generate_rate(cfg, fmt, args.count, args.workers, seed=rep + 1, arch=args.model)
                         key = f"{where}-{fmt}"
                         if key not in results or r["samples_per_s"] > results[key]["samples_per_s"]:
@@ -174,10 +182,14 @@ def main() -> None:
         emit({"measure": "decode + PNG encode, one process", "threads": 1, "samples_per_s": bounds["png_one_process"],
               **machine})
         emit({"measure": "decode + PNG encode, one process per worker (the PNG bound)", "processes": args.workers,
-              "samples_per_s": bounds["png"], **machine})
+              "samples_per_s": bounds["png"], "encoder": png_encoder(), **machine})
+        emit({"measure": "decode + JPEG encode, one process", "threads": 1, "samples_per_s": bounds["jpeg_one_process"],
+              **machine})
+        emit({"measure": "decode + JPEG encode, one process per worker (the JPEG bound)", "processes": args.workers,
+              "samples_per_s": bounds["jpeg"], "encoder": jpeg_encoder("cpu"), **machine})
         for key, r in results.items():
             where, fmt = key.split("-")
-            bound = bounds["compute"] if fmt == "parquet" else bounds["png"]
+            bound = bound_of(bounds, fmt)
             emit({"measure": f"vaegen generate to {where} {fmt}", "count": args.count, **r,
                   "ratio_to_bound": r["samples_per_s"] / bound, **machine})
         small = peak_rss_child(os.path.join(tmp, "rss"), max(args.rss_count // 10, SHARD_SIZE), args.workers,
@@ -190,10 +202,14 @@ def main() -> None:
           "samples_per_s_at_big": big["samples_per_s"], **machine})
     emit({"measure": "summary", "compute_bound_samples_per_s": bounds["compute"],
           "compute_per_worker_samples_per_s": bounds["compute_per_worker"],
-          "png_bound_samples_per_s": bounds["png"],
-          **{f"{k}_ratio": v["samples_per_s"] / (bounds["compute"] if k.endswith("parquet") else bounds["png"])
-             for k, v in results.items()},
-          "targets": {"parquet_ratio": 0.8, "png_ratio": 0.8}, **machine})
+          "png_bound_samples_per_s": bounds["png"], "jpeg_bound_samples_per_s": bounds["jpeg"],
+          **{f"{k}_ratio": v["samples_per_s"] / bound_of(bounds, k.split("-")[1]) for k, v in results.items()},
+          "targets": {"parquet_ratio": 0.8, "png_ratio": 0.8, "jpeg_ratio": 0.8}, **machine})
+
+
+def bound_of(bounds: dict[str, float], fmt: str) -> float:
+    """A format's bound: the decoder's for Parquet, decode + that format's encoder per worker for a tar format."""
+    return bounds["compute"] if fmt == "parquet" else bounds[fmt]
 
 
 def start_moto():

@@ -71,14 +71,13 @@ class TarShardWriter:
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
         self.parts: list[bytes] = []
-        self.rows = self.members = 0
+        self.rows = self.members = 0            # members: as the rows require (.cls only with a label)
 
     def encode(self, images) -> list[bytes]:
         raise NotImplementedError
 
     def _add(self, name: str, data: bytes) -> None:
         self.parts += (ustar_header(name, len(data)), data, b"\0" * (-len(data) % 512))
-        self.members += 1
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
@@ -98,6 +97,7 @@ class TarShardWriter:
                 self._add(f"{key}.cls", b"%d" % label)
             self._add(f"{key}.json", meta.encode())
         self.rows += len(batch)
+        self.members += len(batch) * (2 if batch.labels is None else 3)
 
     def close(self) -> bytes:
         if not self.rows:
