@@ -19,6 +19,33 @@ from .storage import Storage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{5,})\.pt$")
 CHECKPOINTS_KEPT = 2          # the latest, and the one before it in case the latest is being replaced
+DEVICE_SHARE = 0.5            # the most of a GPU's free memory the images may take: the rest is the model's,
+                              # its activations' and the allocator's
+
+
+def training_device() -> torch.device:
+    """Where the single-process trainer trains: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fits_on_device(nbytes: int, device: torch.device | str, free_bytes: int | None = None) -> bool:
+    """Whether `nbytes` of images may live on `device` for the whole run (free_bytes: the device's free memory,
+    measured when not given). The host trivially holds what it already holds."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_SHARE * free_bytes
+
+
+def resident(data: ImageSet, device: torch.device | str, free_bytes: int | None = None) -> ImageSet:
+    """The set moved to `device` once, for the whole run, when it fits there (on the device it already lives on:
+    the same tensors, no copy); else the set itself, and the trainer copies each batch as it uses it."""
+    size = data.images.nbytes + (0 if data.labels is None else data.labels.nbytes)
+    if not fits_on_device(size, device, free_bytes):
+        return data
+    return ImageSet(data.images.to(device), None if data.labels is None else data.labels.to(device))
 
 
 def checkpoint_name(epochs_done: int) -> str:
@@ -50,7 +77,15 @@ def fit_in_process(storage: Storage, job: TrainJobConfig, model: VAE, train_set:
             bar.set_postfix(loss=f"{m.loss:.1f}", val=f"{m.val_loss:.1f}", kl=f"{m.kl:.1f}",
                             img_s=f"{m.images_per_s:,.0f}")
             bar.update()
-        return fit(model, train_set, val_set, job.train, on_epoch, checkpoint=saved, save=save)
+        device = training_device()
+        model.to(device)
+        try:
+            # The held-out images first: they are read every epoch too, and are the smaller set.
+            val_on_device = resident(val_set, device)
+            return fit(model, resident(train_set, device), val_on_device, job.train, on_epoch, checkpoint=saved,
+                       save=save)
+        finally:
+            model.to("cpu")          # publishing, the prior fit and the figures after training run on the host
 
 
 def latest_checkpoint(storage: Storage, run: str) -> tuple[dict | None, list[int]]:

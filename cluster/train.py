@@ -34,6 +34,7 @@ from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResu
 
 from .datasets import shard_keys, table_arrays
 from .epoch_samples import EpochSampleWriter
+from .local_train import resident
 from .runs import RUNS_DIR
 from .runtime import ray_runtime, ray_started_here
 from .storage import Storage, open_storage
@@ -235,7 +236,7 @@ def train_loop_per_worker(raw: dict) -> None:
              else TrainingState(EarlyStopping(job.train.patience)))
 
     held_out = ray.get(raw["val_set"])                    # every worker evaluates the same images
-    val_set = ImageSet(held_out.images.to(device), None if held_out.labels is None else held_out.labels.to(device))
+    val_set = resident(held_out, device)
     batch = per_worker_batch(job)
     if job.ray.cache_shards:
         rows = worker_rows(raw["train_shares"], rank, device)
@@ -286,17 +287,16 @@ def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torc
 
 
 def worker_rows(shares: list | None, rank: int, device: torch.device) -> ImageSet:
-    """This worker's training rows in memory, in id order: its share from the object store, else read by Ray
-    Data."""
+    """This worker's training rows in memory, in id order, moved to the device once when they fit there: its share
+    from the object store, else read by Ray Data."""
     import ray
     import ray.train
     if shares is not None:
-        rows = ray.get(shares[rank])
-        return ImageSet(rows.images.to(device), None if rows.labels is None else rows.labels.to(device))
-    return rows_in_memory(ray.train.get_dataset_shard("train"), device)
+        return resident(ray.get(shares[rank]), device)
+    return resident(rows_in_memory(ray.train.get_dataset_shard("train")), device)
 
 
-def rows_in_memory(shard, device: torch.device) -> ImageSet:
+def rows_in_memory(shard) -> ImageSet:
     """This worker's training rows, in id order (one worker holds what the single-process trainer holds)."""
     ids, labels, images = [], [], []
     for b in shard.iter_batches(batch_size=4096, batch_format="numpy"):
@@ -306,8 +306,7 @@ def rows_in_memory(shard, device: torch.device) -> ImageSet:
     if not ids:
         raise RuntimeError("this worker received no training rows")
     order = np.argsort(np.concatenate(ids), kind="stable")
-    return ImageSet(torch.from_numpy(np.concatenate(images)[order]).to(device),
-                    torch.from_numpy(np.concatenate(labels)[order]).to(device))
+    return ImageSet(torch.from_numpy(np.concatenate(images)[order]), torch.from_numpy(np.concatenate(labels)[order]))
 
 
 def streamed_batches(shard, batch_size: int, seed: int) -> Iterator[Batch]:

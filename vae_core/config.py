@@ -16,6 +16,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 LR_SCHEDULES = ("constant", "cosine")
 OUTPUT_INITS = ("mean", "default")
 ADAM_IMPLS = ("fused", "for-loop")
+PRECISIONS = ("fp32", "bf16")
 # Sanity bounds on what one command may ask for. More Ray workers than this is a typo (Ray would wait forever
 # for the resources); more output shards than this would not fit the 5-digit part-NNNNN names that keep a
 # job's shards in id order when listed.
@@ -116,6 +117,8 @@ class TrainConfig:
                             choices=OUTPUT_INITS)
     adam: str = flag("--adam", "fused: one pass over all the weights per Adam step; for-loop: torch's per-tensor "
                      "loop, the same maths with other rounding, slower on CPU", default="fused", choices=ADAM_IMPLS)
+    precision: str = flag("--precision", "fp32, or bf16: the forward pass under bfloat16 autocast (the loss, the "
+                          "weights and the evaluation stay fp32)", default="fp32", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
@@ -132,6 +135,8 @@ class TrainConfig:
         _require(self.output_init in OUTPUT_INITS,
                  f"--output-init={self.output_init!r} must be one of {', '.join(OUTPUT_INITS)}")
         _require(self.adam in ADAM_IMPLS, f"--adam={self.adam!r} must be one of {', '.join(ADAM_IMPLS)}")
+        _require(self.precision in PRECISIONS,
+                 f"--precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True, kw_only=True)

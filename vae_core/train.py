@@ -133,6 +133,12 @@ def start_epoch(optimizer: torch.optim.Optimizer, epoch: int, cfg: TrainConfig) 
     return beta_at_epoch(epoch, cfg)
 
 
+def forward_precision(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """--precision bf16: the forward pass under bfloat16 autocast (CPU and CUDA alike); weights, gradients and
+    Adam's moments stay fp32, and bf16 keeps fp32's exponent range, so no loss scaling is needed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
                 generator: torch.Generator | None = None, *, beta: float | None = None) -> dict[str, float]:
     """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen.
@@ -141,11 +147,15 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[
     beta = cfg.beta if beta is None else beta
     model.train()
     vae = unwrap(model)
+    device = next(vae.parameters()).device
     sums = _sums()
     for images, labels in batches:
-        x = prepare_batch(images, cfg, generator)
-        logits, mu, logvar = model(x, labels, generator)
-        terms = elbo_loss(logits, x, mu, logvar, likelihood=vae.cfg.likelihood,
+        x = prepare_batch(images.to(device, non_blocking=True), cfg, generator)   # no copy when resident there
+        with forward_precision(cfg, device):
+            logits, mu, logvar = model(x, labels, generator)
+        # The loss in fp32 whatever the forward's precision: bf16's 8-bit mantissa would round a sum over an
+        # image's pixels by about a nat.
+        terms = elbo_loss(logits.float(), x, mu.float(), logvar.float(), likelihood=vae.cfg.likelihood,
                           log_sigma=vae.log_sigma, beta=beta)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
@@ -156,14 +166,16 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[
 
 @torch.no_grad()
 def evaluate(model: VAE, batches: Iterable[Batch], cfg: TrainConfig, seed: int | None = None) -> dict[str, float]:
-    """Per-image means of the (β-weighted) loss, with a fixed seed so that epochs compare fairly."""
+    """Per-image means of the (β-weighted) loss, with a fixed seed so that epochs compare fairly. Always fp32,
+    whatever cfg.precision: early stopping and the reported losses then measure the weights a run trained, and
+    runs at either precision compare on one scale (a forward pass without a backward costs little)."""
     model = unwrap(model)
     model.eval()
     device = next(model.parameters()).device       # a generator must live where the noise is drawn
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
     sums = _sums()
     for images, labels in batches:
-        x = prepare_batch(images, cfg, generator)
+        x = prepare_batch(images.to(device, non_blocking=True), cfg, generator)
         logits, mu, logvar = model(x, labels, generator)
         terms = elbo_loss(logits, x, mu, logvar, likelihood=model.cfg.likelihood,
                           log_sigma=model.log_sigma, beta=cfg.beta)
@@ -350,7 +362,7 @@ def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
     state = (resume(checkpoint, model, optimizer, cfg) if checkpoint is not None
              else TrainingState(EarlyStopping(cfg.patience)))
     hooks = EpochHooks(train_batches=lambda epoch, shuffle: iterate_batches(train, cfg.batch_size, shuffle),
-                       val_batches=lambda: iterate_batches(val, EVAL_BATCH))
+                       val_batches=lambda: iterate_batches(val, EVAL_BATCH), device=next(model.parameters()).device)
 
     def record(metrics: EpochMetrics, state: TrainingState) -> None:
         if on_epoch:
