@@ -12,7 +12,7 @@ from .flags import add_flags, build
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
-    add_flags(p, GenerateConfig, only=("model", "format", "decode_batch"), required=("model",))
+    add_flags(p, GenerateConfig, only=("model", "format", "jpeg_quality", "decode_batch"), required=("model",))
     add_flags(p, RunSettings, skip=("progress",), title="ray")
     add_storage_args(p)
     add_progress_arg(p)

@@ -34,19 +34,23 @@ def read_rows(data: bytes, fmt: str) -> dict[str, list]:
     """id, label, latent, image (uint8 CHW) of every row of one shard, in file order."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(data))
-        images = [decode_png(v["bytes"]) for v in table.column("image").to_pylist()]     # PIL reads the PGM too
-        return {"id": table.column("id").to_pylist(), "label": table.column("label").to_pylist(),
+        images = [decode_png(v["bytes"]) for v in table.column("image").to_pylist()]  
+        labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table)
+        return {"id": table.column("id").to_pylist(), "label": labels,
                 "latent": table.column("latent").to_pylist(), "image": images}
     rows: dict[str, list] = {"id": [], "label": [], "latent": [], "image": []}
+    samples: dict[str, dict[str, bytes]] = {}          # members grouped by key, as webdataset groups them
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        members = tar.getmembers()
-        for png, meta in zip(members[::2], members[1::2]):
-            assert png.name.endswith(".png") and meta.name == png.name[:-4] + ".json"
-            info = json.loads(tar.extractfile(meta).read())
-            rows["id"].append(info["id"])
-            rows["label"].append(info["label"])
-            rows["latent"].append(info["latent"])
-            rows["image"].append(decode_png(tar.extractfile(png).read()))
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for files in samples.values():
+        info = json.loads(files["json"])
+        assert files.get("cls") == (None if info["label"] is None else str(info["label"]).encode())
+        rows["id"].append(info["id"])
+        rows["label"].append(info["label"])
+        rows["latent"].append(info["latent"])
+        rows["image"].append(decode_png(files["png"] if "png" in files else files["jpg"]))
     return rows
 
 
