@@ -80,8 +80,10 @@ class SubmitConfig:
     entrypoint_num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.address or any(c.isspace() for c in self.address):
-            raise VaegenError(f"--address={self.address!r} must be the job server's http(s)://HOST:8265 URL")
+        scheme = self.address.split("://", 1)[0] if "://" in self.address else ""
+        if not self.address or any(c.isspace() for c in self.address) or scheme not in ("", "http", "https", "ray"):
+            raise VaegenError(f"--address={self.address!r} must be the job server's http(s)://HOST:8265 URL (or an "
+                              "address Ray resolves to it: ray://HOST:10001, HOST:6379, auto)")
         if self.submission_id:
             check_name(self.submission_id, "--submission-id")
         if not self.argv:
