@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
 
 from cluster.datasets import ingest
 from cluster.local_train import training_device
@@ -38,8 +39,9 @@ from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, ArraySplit, read_fash
 from vae_core.presets import fmnist_best
 
 BATCH = 128
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / ".gpu" / "fmnist"    # ../shared/gpu/make-bundle's subset
 FULL = {"images": 60_000, "epochs": 3}
-SMOKE = {"images": 512, "epochs": 2}
+SMOKE = {"images": 256, "epochs": 2}
 
 
 class ClassicVAE(nn.Module):
@@ -84,31 +86,8 @@ def sync(device: torch.device) -> None:
 
 
 # -- (a) the classic example's input pipeline ----------------------------------------------------------------
-class ToTensorFashionMNIST(Dataset):
-    """What torchvision's FashionMNIST(transform=ToTensor()) does per item (uint8 → PIL image → float tensor in
-    [0, 1]), for a machine without torchvision."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = torch.from_numpy(images[:, 0])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        pic = Image.fromarray(self.images[i].numpy())          # uint8 (H, W): mode L
-        x = torch.from_numpy(np.array(pic, np.uint8, copy=True)).view(pic.size[1], pic.size[0], 1)
-        return x.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255), 0
-
-
-def classic_dataset(data_dir: Path, scratch: Path, images: int) -> tuple[Dataset, str]:
-    """torchvision's FashionMNIST over the local IDX files (decompressed into `scratch`: never downloaded), else
-    its per-item work without torchvision."""
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        return Subset(ToTensorFashionMNIST(read_fashion_mnist(data_dir).splits["train"].images), range(images)), \
-            "ToTensor-equivalent (no torchvision)"
+def classic_dataset(data_dir: Path, scratch: Path, images: int) -> Dataset:
+    """torchvision's FashionMNIST over the local IDX files, decompressed into `scratch`: never downloaded."""
     raw = scratch / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -116,7 +95,7 @@ def classic_dataset(data_dir: Path, scratch: Path, images: int) -> tuple[Dataset
         with gzip.open(data_dir / f"{name}.gz") as src:
             (raw / name).write_bytes(src.read())
     full = datasets.FashionMNIST(str(scratch), train=True, download=False, transform=transforms.ToTensor())
-    return Subset(full, range(min(images, len(full)))), "torchvision FashionMNIST + ToTensor"
+    return Subset(full, range(min(images, len(full))))
 
 
 def classic_loop(device: torch.device, dataset: Dataset, epochs: int) -> dict:
@@ -179,7 +158,12 @@ def ingest_subset(root: str, data: ArrayDataset, images: int) -> None:
     ingest(open_storage(StorageConfig(root=root), for_writing=True), "bench", subset, progress=False)
 
 
-def training_rows(device: str, smoke: bool, *, data_dir: str | os.PathLike = FASHION_MNIST_DIR,
+def default_data_dir() -> Path:
+    """The system's Fashion-MNIST, else the subset a GPU bundle carries (a GPU machine has no system copy)."""
+    return Path(FASHION_MNIST_DIR) if Path(FASHION_MNIST_DIR).is_dir() or not BUNDLED_DATA.is_dir() else BUNDLED_DATA
+
+
+def training_rows(device: str, smoke: bool, *, data_dir: str | os.PathLike | None = None,
                   images: int | None = None, epochs: int | None = None) -> list[dict]:
     """One dict per trainer: name, device, images_per_s, ratio_to_resident (and what each row trained).
     smoke: tiny sizes, seconds on a CPU. vaegen's trainer picks its own device (the GPU when there is one), so
@@ -187,12 +171,13 @@ def training_rows(device: str, smoke: bool, *, data_dir: str | os.PathLike = FAS
     sizes = dict(SMOKE if smoke else FULL)
     sizes.update({k: v for k, v in (("images", images), ("epochs", epochs)) if v})
     target = torch.device(device)
+    data_dir = Path(data_dir or default_data_dir())
     data = read_fashion_mnist(data_dir)
     n = min(sizes["images"], len(data.splits["train"].images))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        dataset, reader = classic_dataset(Path(data_dir), Path(tmp) / "torchvision", n)
-        rows.append({"name": "classic DataLoader(ToTensor) loop", "device": str(target), "reader": reader,
+        dataset = classic_dataset(data_dir, Path(tmp) / "torchvision", n)
+        rows.append({"name": "classic DataLoader(ToTensor) loop", "device": str(target),
                      **classic_loop(target, dataset, sizes["epochs"])})
         rows.append({"name": "plain data-resident loop", "device": str(target),
                      **resident_loop(target, data.splits["train"].images[:n], sizes["epochs"])})
@@ -215,7 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds on a CPU)")
     parser.add_argument("--device", default=str(training_device()), help="where the reference loops run")
-    parser.add_argument("--data", default=str(FASHION_MNIST_DIR), help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--data", default=str(default_data_dir()), help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--images", type=int, default=0, help="training images (0: the mode's default)")
     parser.add_argument("--epochs", type=int, default=0, help="epochs (0: the mode's default)")
     args = parser.parse_args()
