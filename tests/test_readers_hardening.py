@@ -19,6 +19,7 @@ import pytest
 from cluster.datasets import MANIFEST as DATASET_MANIFEST
 from cluster.datasets import dataset_key, ingest
 from cluster.inventory import list_jobs
+from cluster.layout import JOB_GALLERY
 from cluster.registry import CHAMPION_FILE, Registry
 from cluster.storage import Storage, open_storage
 from conftest import rng_images
@@ -225,11 +226,13 @@ def test_a_sound_root_lists_and_shows_as_before(root, capsys):
     assert lines["tiny@v0001"].startswith("*") and "251.50" in lines["tiny@v0001"] and "corrupt" not in str(lines)
     assert vaegen(["show", FINISHED, "--root", cfg.root]) == 0
     assert "4 images in 1 of 1 shards" in capsys.readouterr().out
-    page = open(os.path.join(cfg.root, JOB, "gallery.html")).read()
+    page = open(os.path.join(cfg.root, JOB, JOB_GALLERY)).read()
     assert 'id="rows" data-count="4"' in page and "<h3>1: odd</h3>" in page
 
 
-def test_show_takes_job_and_model_paths_even_under_a_folder_named_outputs(tmp_path, capsys):
+def test_show_takes_job_and_model_paths_even_under_a_folder_named_outputs(tmp_path, capsys, monkeypatch):
+    for display in ("DISPLAY", "WAYLAND_DISPLAY"):                  # --open prints the path, opens no browser
+        monkeypatch.delenv(display, raising=False)
     cfg = StorageConfig(root=str(tmp_path / "outputs" / "root"))      # the root's own path has an outputs/ in it
     build_root(cfg)
     assert vaegen(["show", os.path.join(cfg.root, "models", "tiny", "v0001"), "--open"]) == 0
@@ -237,7 +240,7 @@ def test_show_takes_job_and_model_paths_even_under_a_folder_named_outputs(tmp_pa
     assert page == os.path.join(cfg.root, "models", "tiny", "v0001", "gallery.html")
     assert "<title>vaegen model tiny@v0001</title>" in open(page).read()        # a model page, not a "job"
     assert vaegen(["show", os.path.join(cfg.root, JOB) + "/", "--open"]) == 0
-    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, "gallery.html")
+    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, JOB_GALLERY)
     assert vaegen(["show", "tiny@v0001", "--root", cfg.root, "--open"]) == 0
 
 
