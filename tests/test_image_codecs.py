@@ -170,8 +170,9 @@ def test_the_spec_chooses_the_writer_and_its_quality():
     assert writer_for(GenerateConfig(model="m", count=10, format="png")) is PngTarShardWriter
     assert image_encoder(spec) == {"format": "jpeg", "encoder": "libjpeg-turbo", "quality": 60,
                                    "package": image_encoder(spec)["package"]}
-    assert image_encoder(spec, "cuda")["encoder"] == "nvjpeg"
-    assert image_encoder(GenerateConfig(model="m", count=10)) is None             # Parquet: raw pixels
+    assert image_encoder(spec, "cuda")["encoder"] == "libjpeg-turbo"     # one encoder per job: the CPU's
+    assert not getattr(writer, "device_images", False)
+    assert image_encoder(GenerateConfig(model="m", count=10)) is None             # Parquet: stored PNG, no encoder choice
     low = write(writer, batches(labels=False))
     assert len(low) < len(write(JpegTarShardWriter, batches(labels=False)))
     with pytest.raises(VaegenError, match="--jpeg-quality=0 must be in 1..100"):

@@ -32,7 +32,7 @@ from vae_core.models import VAE
 
 from ..datasets import read_shard, table_arrays
 from ..storage import Storage
-from ..writers import WRITERS, DecodedBatch, ShardInfo, ShardWriter
+from ..writers import DecodedBatch, ShardInfo, ShardWriter, writer_for
 from .plan import JobPlan, ShardTask, sha256_hex
 
 
@@ -48,11 +48,11 @@ class ShardMaker:
                  device: str = "cpu", pause: Callable[[str], None] | None = None) -> None:
         self.plan, self.storage, self.device = plan, storage, device
         self.model = model.to(device).eval()
-        self.writer_cls = writer_cls or WRITERS[plan.spec.format]
+        self.writer_cls = writer_cls or writer_for(plan.spec)
         self.pause = pause                            # the drill hook (drill.py); None in a real run
         # A writer that encodes on the device (a GPU JPEG encoder) declares `device_images = True` and gets each
         # batch's images as a uint8 torch tensor on self.device instead of a host array; the pixel digest is
-        # then taken from a host copy. Every writer today takes host arrays.
+        # then taken from a host copy. Every writer today takes host arrays (see writers/tar.py for why JPEG does).
         self.device_images = bool(getattr(self.writer_cls, "device_images", False))
         self.device_lock = threading.Lock()          # one shard decodes at a time; encoding overlaps it
         self.stages: dict[int, str] = {}             # shard -> stage, for the shards in flight, oldest first

@@ -123,16 +123,17 @@ class PngTarShardWriter(TarShardWriter):
 
 
 class JpegTarShardWriter(TarShardWriter):
-    """Lossy: `<key>.jpg` at `quality` (a subclass per quality: jpeg_tar_writer). Takes the decoder's images where
-    they are (device_images: a torch tensor on the worker's device, or a NumPy array): RGB batches on a GPU are
-    encoded there by nvJPEG, everything else by libjpeg-turbo on the CPU (vae_core.images.jpeg_files)."""
+    """Lossy: `<key>.jpg` at `quality` (a subclass per quality: jpeg_tar_writer), by libjpeg-turbo on the CPU.
+    A JPEG's bytes are its encoder's, and the job id names the encoder (plan.py): nvJPEG (jpeg_files on a CUDA
+    tensor) writes other bytes, so a job whose workers mixed GPUs and CPUs would hold shards of two encoders under
+    one id, and a retry on the other kind of worker would replace a sound shard. Until the job id can name the
+    device's encoder, every worker encodes on the CPU (device_images stays False): one encoder per job."""
     image_ext = "jpg"
     quality = JPEG_QUALITY
-    device_images = True
 
     @classmethod
     def encoder(cls, device: str = "cpu") -> dict:
-        return jpeg_encoder(device, cls.quality)
+        return jpeg_encoder("cpu", cls.quality)             # on any worker: see the class's note
 
     def encode(self, images) -> list[bytes]:
         return jpeg_files(images, self.quality)
