@@ -2,7 +2,7 @@
 pipeline` (whose model, fashion-mnist-mlp, is trained here at a tiny size through the same publish): real CLI
 entry point, a temp working folder (so the default root ./vaegen-data is its own), real Fashion-MNIST bytes and
 the test session's Ray. Each command gets only flags that shrink the work (appended: the last value of a flag
-wins), so the README cannot drift from what vaegen accepts and does. `vaegen submit` needs a Ray job server: here
+wins) and the temp root, so the README cannot drift from what vaegen accepts and does. `vaegen submit` needs a Ray job server: here
 it runs up to the network (parsed, its --model pinned against the root) and must fail only at the connection;
 tests/test_submit.py runs submit against a real head."""
 from __future__ import annotations
@@ -39,9 +39,13 @@ def usage_block() -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
-def shrunk(argv: list[str]) -> list[str]:
+def shrunk(argv: list[str], root: Path) -> list[str]:
+    """The command with the flags that shrink its work, and the temp root named absolutely: the test session's
+    Ray started in another folder, and its workers would resolve ./vaegen-data there."""
     verb = argv[1]
-    extra = list(SHRINK.get(verb, []))
+    if verb == "show":
+        return [a.replace("./vaegen-data", str(root)) for a in argv[1:]]
+    extra = [*SHRINK.get(verb, []), "--root", str(root)]
     if verb == "train" and "--workers" in argv:
         extra += ["--workers", "1", "--gpus-per-worker", "0"]     # one CPU worker on the test's Ray
     return argv[1:] + extra
@@ -55,6 +59,7 @@ def make_image_folder(folder: Path) -> None:
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / label / f"{i}.png")
 
 
+@pytest.mark.slow              # thirteen commands: all of Fashion-MNIST ingested, Ray Train, the test split reconstructed
 def test_every_command_in_the_readme_usage_block_runs(tmp_path, monkeypatch, capsys, ray_local):
     commands = usage_block()
     assert commands and all(argv[0] == "vaegen" for argv in commands)
@@ -63,16 +68,18 @@ def test_every_command_in_the_readme_usage_block_runs(tmp_path, monkeypatch, cap
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BROWSER", "true")                  # `show --open` must not start a real browser here
     make_image_folder(tmp_path / "my-images")
+    root = tmp_path / "vaegen-data"
 
     ran_pipeline_model = False
     for argv in commands:
         if argv[1] == "generate" and not ran_pipeline_model:
             # What `./dev.sh pipeline` leaves: fashion-mnist-mlp published by a training run (its first version).
-            assert main(["train", "--name", "fashion-mnist-mlp", *TINY_TRAIN]) == 0, capsys.readouterr()
+            assert main(["train", "--name", "fashion-mnist-mlp", *TINY_TRAIN, "--root", str(root)]) == 0, \
+                capsys.readouterr()
             ran_pipeline_model = True
-        args = shrunk(argv)
+        args = shrunk(argv, root)
         if args[0] == "show":
-            jobs = sorted(p.name for p in (tmp_path / "vaegen-data" / "outputs").iterdir())
+            jobs = sorted(p.name for p in (root / "outputs").iterdir())
             args = [a.replace("<job-id>", jobs[0]) for a in args]
         if args[0] == "submit":
             # No job server here: the command must get as far as connecting to the address, and no further.
