@@ -14,9 +14,10 @@ from cluster.generate import (STALE_TEMP_S, JobPlan, RunSettings, ShardLedger, S
                               run_generation, run_reconstruction, sha256_hex, start_workers, verified_shards)
 from cluster.inventory import read_committed_manifest
 from cluster.job_lease import JobLease
-from cluster.layout import SUCCESS
+from cluster.layout import SUCCESS, JobKeys, shard_name
 from cluster.registry import Registry
 from cluster.storage import Storage, open_storage
+from cluster.writers import parquet_image_bytes
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
@@ -38,7 +39,7 @@ def test_every_id_once_and_manifest_matches_the_objects(ray_local, storage_confi
     publish_tiny_model(storage)
     manifest = run_generation(samples(), storage_config, workers=2, progress=False)
 
-    assert [s["name"] for s in manifest["shards"]] == [f"part-0000{i}.parquet" for i in range(4)]
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(i, "parquet", 4) for i in range(4)]
     assert [s["rows"] for s in manifest["shards"]] == [16, 16, 16, 2]
     objects = shard_objects(storage, manifest)
     assert {k: sha256_hex(v) for k, v in objects.items()} == {s["name"]: s["sha256"] for s in manifest["shards"]}
@@ -85,11 +86,11 @@ def test_rerun_of_a_finished_job_changes_nothing(ray_local, local_storage_config
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)
     first = run_generation(samples(), local_storage_config, workers=2, progress=False)
-    committed = storage.read_bytes(f"{first['prefix']}/manifest.json")
+    committed = storage.read_bytes(JobKeys(first["prefix"]).manifest)
     again = run_generation(samples(), local_storage_config, workers=2, progress=False)
     assert again["run"]["already_complete"] and again["run"]["shards_skipped"] == 4
     assert {**again, "run": first["run"]} == first
-    assert storage.read_bytes(f"{first['prefix']}/manifest.json") == committed      # nothing rewritten
+    assert storage.read_bytes(JobKeys(first["prefix"]).manifest) == committed      # nothing rewritten
 
 
 @LOCAL_AND_SLOW_S3
@@ -99,12 +100,13 @@ def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, request
     publish_tiny_model(storage)
     first = run_generation(samples(), storage_config, workers=2, progress=False)
     good = shard_objects(storage, first)
-    prefix = first["prefix"]
-    storage.publish(f"{prefix}/part-00001.parquet", good["part-00001.parquet"][:100])         # truncated
-    flipped = bytearray(good["part-00002.parquet"])
+    prefix, keys = first["prefix"], JobKeys(first["prefix"])
+    one, two, three = (shard_name(i, "parquet", 4) for i in (1, 2, 3))
+    storage.publish(keys.shard(one), good[one][:100])                                          # truncated
+    flipped = bytearray(good[two])
     flipped[len(flipped) // 2] ^= 0xFF                                                         # same size
-    storage.publish(f"{prefix}/part-00002.parquet", bytes(flipped))
-    storage.delete(f"{prefix}/part-00003.parquet")                                             # missing
+    storage.publish(keys.shard(two), bytes(flipped))
+    storage.delete(keys.shard(three))                                                          # missing
 
     again = run_generation(samples(), storage_config, workers=2, progress=False)
     assert (again["run"]["shards_written"], again["run"]["shards_skipped"]) == (3, 1)
@@ -186,8 +188,9 @@ def test_job_id_is_the_spec_with_the_model_resolved(local_storage_config):
     plan = plan_job(samples(), storage)
     assert plan_job(samples(model="tiny@v0001"), storage).job_id == plan.job_id
     assert plan_job(samples(seed=8), storage).job_id != plan.job_id
-    publish_tiny_model(storage, seed=1)                    # a new version: "tiny" now means v0002
-    assert plan_job(samples(), storage).job_id != plan.job_id
+    publish_tiny_model(storage, seed=1)                    # a new version; "tiny" still means the champion, v0001
+    assert plan_job(samples(), storage).job_id == plan.job_id
+    assert plan_job(samples(model="tiny@latest"), storage).job_id != plan.job_id
 
 
 def test_a_plan_crosses_a_process_boundary_as_plain_json(local_storage_config, small_fashion):
@@ -209,12 +212,13 @@ BAD_SPECS = [
     (dict(count=0), "--count=0 must be > 0"),
     (dict(count=-5), "--count=-5 must be > 0"),
     (dict(shard_size=0), "--shard-size=0 must be > 0"),
-    (dict(format="jpeg"), "--format='jpeg' must be one of parquet, png"),
+    (dict(format="gif"), "--format='gif' must be one of parquet, png, jpeg"),
     (dict(labels=(1,)), "not class-conditional: drop --labels"),
     (dict(model="cond", labels=(0, 3)), r"--labels \[3\] outside cond@v0001's 3 classes"),
     (dict(count=10**9, shard_size=1), "makes 1,000,000,000 shards; at most 100,000"),
     (dict(count=3_000_000, shard_size=3_000_000), "a Parquet shard of 3,000,000 1x28x28 images holds "
-                                                  "2,391,000,000 image bytes, over the format's 2 GiB"),
+                                                  f"{3_000_000 * parquet_image_bytes((1, 28, 28)):,} image bytes, "
+                                                  "over the format's 2 GiB"),
 ]
 
 
@@ -286,10 +290,10 @@ def test_cli_a_billion_one_sample_shards_is_one_line_and_exit_2(local_storage_co
 
 def test_parquet_shards_stop_below_2_gib_of_images_and_png_tars_do_not(local_storage_config):
     """Parquet's binary column (the one Hugging Face's Image feature reads) has 32-bit offsets: the plan takes the
-    largest shard that fits (2,694,458 images of 28x28 plus their 13-byte header) and refuses one image more."""
+    largest shard that fits (as many 28x28 images as fit, each a stored PNG file) and refuses one image more."""
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)
-    most = (2**31 - 1) // (28 * 28 + len(b"P5\n28 28\n255\n"))
+    most = (2**31 - 1) // parquet_image_bytes((1, 28, 28))
     assert plan_job(samples(count=most, shard_size=most), storage).num_shards == 1
     with pytest.raises(VaegenError, match=f"over the format's 2 GiB column limit: use --shard-size {most:,} or less"):
         plan_job(samples(count=most + 1, shard_size=most + 1), storage)
@@ -413,10 +417,10 @@ def test_the_commit_refuses_a_shard_that_vanished_during_the_run(local_storage_c
     for index in range(plan.num_shards):
         ledger.add(maker.make(index), built=True)
     storage.delete(plan.shard_key(3))
-    with pytest.raises(VaegenError, match="1 shard.*changed on storage during this run .part-00003.parquet.; "
+    with pytest.raises(VaegenError, match=rf"1 shard.*changed on storage during this run \({plan.shard_name(3)}\); "
                                           "nothing was committed"):
         commit(storage, plan, ledger, {})
-    assert not storage.exists(f"{plan.prefix}/{SUCCESS}") and not storage.exists(f"{plan.prefix}/manifest.json")
+    assert not storage.exists(plan.keys.success) and not storage.exists(plan.keys.manifest)
 
 
 def test_the_commit_removes_only_stale_temp_files(local_storage_config):
@@ -424,9 +428,9 @@ def test_the_commit_removes_only_stale_temp_files(local_storage_config):
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)
     plan = plan_job(samples(), storage)
-    folder = Path(storage.path(plan.prefix))
+    folder = Path(storage.path(plan.keys.data))           # where Storage.publish makes a shard's temp file
     folder.mkdir(parents=True)
-    fresh, stale = folder / ".part-00001.parquet.tmp-inflight", folder / ".part-00002.parquet.tmp-dead"
+    fresh, stale = (folder / f".{Path(plan.shard_name(i)).name}.tmp-{tag}" for i, tag in ((1, "inflight"), (2, "dead")))
     fresh.write_bytes(b"half a shard")
     stale.write_bytes(b"half a shard")
     os.utime(stale, (time.time() - 2 * STALE_TEMP_S,) * 2)
