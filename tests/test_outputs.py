@@ -14,7 +14,7 @@ from cluster.datasets import ingest
 from cluster.generate import plan_job, run_generation, run_reconstruction
 from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.inventory import job_status, list_jobs
-from cluster.layout import RECEIPTS, RUN_RECORD, SUCCESS
+from cluster.layout import RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
 from cluster.storage import open_storage
 from conftest import start_local_ray
 from generate_support import publish_tiny_model
@@ -83,11 +83,11 @@ def test_hugging_face_datasets_loads_images_and_class_names(jobs):
 
 def test_the_dataset_card_is_what_load_dataset_reads_from_the_job_folder(jobs):
     import datasets
-    cfg, _, recon, _, names = jobs
-    card = open(os.path.join(job_dir(cfg, recon), "README.md")).read()
+    cfg, storage, recon, _, names = jobs
+    card = storage.read_bytes(JobKeys(recon["prefix"]).card(recon["format"])).decode()       # _README.md
     assert card.startswith("---\n") and "data_files" in card and recon["model"] in card
     assert "vaegen reconstruct --dataset fm --split test --model tiny" in card
-    ds = datasets.load_dataset(job_dir(cfg, recon), split="train")     # configs + dataset_info from README.md
+    ds = datasets.load_dataset(job_dir(cfg, recon), split="train")     # data/ found unaided; features from the files
     assert ds.num_rows == 300 and ds.features["label"].names == list(names)
     assert isinstance(ds[5]["image"], Image.Image)
 
@@ -95,7 +95,7 @@ def test_the_dataset_card_is_what_load_dataset_reads_from_the_job_folder(jobs):
 def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
     import webdataset as wds
     cfg, _, _, samples, _ = jobs
-    assert samples["shard_pattern"] == "part-{00000..00002}.tar"
+    assert samples["shard_pattern"] == shard_braces("png", 3)
     url = os.path.join(job_dir(cfg, samples), samples["shard_pattern"])
     rows = []
     for sample in wds.WebDataset(url, shardshuffle=False).decode("pill"):     # "pill": PIL images, mode L (grey)
@@ -110,7 +110,7 @@ def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
 def test_hugging_face_datasets_reads_the_png_tar_job_folder_as_webdataset(jobs):
     import datasets
     cfg, _, _, samples, _ = jobs
-    ds = datasets.load_dataset(job_dir(cfg, samples), split="train")     # the card's data_files: part-*.tar
+    ds = datasets.load_dataset(job_dir(cfg, samples), split="train")     # the card (README.md): data_files, features
     assert ds.num_rows == 120 and isinstance(ds[0]["png"], Image.Image)
     assert sorted(row["json"]["id"] for row in ds) == list(range(120))
 
@@ -138,9 +138,10 @@ def test_ls_shows_finished_partial_and_failed_jobs(jobs, capsys):
     # partial: a run that stopped after one of its shards (what a killed driver leaves: receipts, no _SUCCESS)
     partial = run_generation(GenerateConfig(model="tiny", count=60, shard_size=20, seed=11), cfg, progress=False)
     storage.delete(f"{partial['prefix']}/{SUCCESS}")
-    for name in ("part-00001", "part-00002"):
-        storage.delete(f"{partial['prefix']}/{name}.parquet")
-        storage.delete(f"{partial['prefix']}/{RECEIPTS}/{name}.parquet.json")
+    keys = JobKeys(partial["prefix"])
+    for name in (shard_name(1, "parquet", 3), shard_name(2, "parquet", 3)):
+        storage.delete(keys.shard(name))
+        storage.delete(keys.receipt(name))
     # failed: a run whose workers die on every shard (the stage delay is not a number: ValueError in the actor)
     spec = GenerateConfig(model="tiny", count=30, shard_size=10, seed=12)
     failed_plan = plan_job(spec, storage)
