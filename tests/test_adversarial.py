@@ -25,11 +25,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from cluster.layout import JobKeys
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "vaegen-test"
 MODEL = "models/tiny/v0001"
+JOB = JobKeys.of("samples-00aa")                 # a job that `show` finds damaged
 CASE_TIMEOUT_S = 180
 PARALLEL = max(2, os.cpu_count() or 2)
 
@@ -184,8 +186,11 @@ CASES = [
     Case("train-truncated-shard", (*TRAIN, "--dataset", "fm", "--name", "t3", *ROOT),
          truncate("datasets/fm/train/*/part-00001.parquet"), "sha256"),
     Case("show-truncated-job-manifest", ("show", "samples-00aa", *ROOT),
-         both(write("outputs/samples-00aa/manifest.json", b'{"kind": "sam', under_root=True),
-              write("outputs/samples-00aa/_SUCCESS", b'{"manifest_sha256": "00"}', under_root=True))),
+         both(write(JOB.manifest, b'{"kind": "sam', under_root=True),
+              write(JOB.success, b'{"manifest_sha256": "00"}', under_root=True)), f"{JOB.manifest} is corrupt"),
+    Case("show-truncated-legacy-job-manifest", ("show", "samples-00aa", *ROOT),     # a job from before data/
+         both(write(JOB.legacy_manifest, b'{"kind": "sam', under_root=True),
+              write(JOB.success, b'{"manifest_sha256": "00"}', under_root=True)), f"{JOB.legacy_manifest} is corrupt"),
     Case("show-model-truncated-config", ("show", "tiny@v0001", *ROOT), truncate(f"{MODEL}/config.json"),
          ),
     Case("s3-sample-truncated-config", ("sample", "--model", "tiny@v0001", "--out", "s.png", *S3),
