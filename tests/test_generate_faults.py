@@ -14,7 +14,7 @@ import torch
 from cluster.generate import RunSettings, ShardMaker, plan_job, run_generation, start_workers
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
 from cluster.inventory import read_committed_manifest
-from cluster.layout import LEASE, RECEIPTS, SUCCESS
+from cluster.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from cluster.writers import ParquetShardWriter
@@ -116,13 +116,13 @@ def test_the_driver_killed_mid_job_resumes_where_it_stopped(ray_local, local_sto
         driver.stderr.close()
     finished = len(storage.list(f"{prefix}/{RECEIPTS}"))
     assert 2 <= finished < 6
-    assert not storage.exists(f"{prefix}/{SUCCESS}") and not storage.exists(f"{prefix}/manifest.json")
+    assert not storage.exists(f"{prefix}/{SUCCESS}") and not storage.exists(JobKeys(prefix).manifest)
 
     resumed = run_generation(job, local_storage_config, workers=2, progress=False)
     assert resumed["run"]["shards_skipped"] >= finished
     assert resumed["run"]["shards_written"] + resumed["run"]["shards_skipped"] == 6
     assert_complete_and_exact(storage, resumed, job)
-    assert not [e.key for e in storage.list(prefix) if ".tmp-" in e.key]        # no temp file left behind
+    assert not [e.key for e in storage.list(prefix, recursive=True) if ".tmp-" in e.key]   # no temp file left
 
 
 def test_the_same_shard_written_twice_at_once_is_one_object(ray_local, storage_config):
@@ -138,7 +138,7 @@ def test_the_same_shard_written_twice_at_once_is_one_object(ray_local, storage_c
             ray.kill(a)
     assert records[0]["sha256"] == records[1]["sha256"]
     assert True in {r["published"] for r in records}
-    assert [e.key.rsplit("/", 1)[1] for e in storage.list(plan.prefix)] == ["part-00002.parquet"]
+    assert [e.key for e in storage.list(plan.keys.data, recursive=True)] == [plan.shard_key(2)]
     assert sha256_hex(storage.read_bytes(plan.shard_key(2))) == records[0]["sha256"]
 
 
@@ -205,7 +205,7 @@ def test_a_damaged_finished_job_is_withdrawn_before_its_repair_and_nothing_is_de
     publish_tiny_model(storage)
     job = spec()
     first = run_generation(job, local_storage_config, workers=1, progress=False)
-    key = f"{first['prefix']}/part-00004.parquet"
+    key = plan_job(job, storage).shard_key(4)
     damaged = storage.read_bytes(key)[:-50]
     storage.publish(key, damaged)
     monkeypatch.setenv(STAGE_DELAY_ENV, "decode=1.0")
