@@ -19,7 +19,7 @@ from PIL import Image
 from cluster.datasets import ingest
 from cluster.evaluation import evaluate_model
 from cluster.generate import run_generation, run_reconstruction
-from cluster.layout import SUCCESS, JobKeys
+from cluster.layout import GALLERY, SUCCESS, JobKeys
 from cluster.registry import Registry
 from cluster.storage import open_storage
 from cluster.training import train_model
@@ -179,7 +179,7 @@ def test_a_trained_and_evaluated_model_version_shows_everything_with_every_image
     version = os.path.join(cfg.root, "models", trained.ref.name, trained.ref.version)
     assert vaegen(["show", version, "--open"]) == 0
     path = capsys.readouterr().out.strip()
-    assert path == os.path.join(version, "gallery.html")                # no display: the path, and only it
+    assert path == os.path.join(version, GALLERY)                       # no display: the path, and only it
     dom, shot = render(path, tmp_path)
     loaded, total = body_counts(dom)
     assert loaded == total and total >= 3 + 3 + 1                        # curves, samples, recon; 3 epochs; eval
@@ -256,7 +256,7 @@ def test_open_opens_the_browser_only_where_there_is_a_display(root, tmp_path, di
         env[display] = ":0" if display == "DISPLAY" else "wayland-0"
     done = run_vaegen(["show", "tiny@v0001", "--root", cfg.root, "--open"], env)
     assert done.returncode == 0, done.stderr
-    path = os.path.join(cfg.root, "models", "tiny", "v0001", "gallery.html")
+    path = os.path.join(cfg.root, "models", "tiny", "v0001", GALLERY)
     assert done.stdout.strip() == path                                     # printed either way, for scripts
     if display:
         assert record.read_text() == f"file://{path}"                      # the page, in the user's browser
