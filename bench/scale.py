@@ -4,7 +4,7 @@ shards, so that what is measured is the driver's bookkeeping, not decoding. One 
 
 - fresh job: wall and driver CPU (user+sys of the driver process, Ray's threads in it included) per shard,
   split into plan / verify / shards / commit phases; driver peak RSS and its growth over the job;
-  manifest.json size;
+  _manifest.json size;
 - resume of the finished job (every shard already there: listing + receipts + re-hash of every shard);
 - listing alone (shards and receipts).
 
@@ -90,7 +90,7 @@ def point(root: str, shards: int, rows_per_shard: int, workers: int) -> dict:
         resume = timed_job(spec, storage_cfg, workers)
     keys = JobKeys.of(open_storage(storage_cfg).list_dirs(OUTPUTS)[0])
     start = time.perf_counter()
-    listed = len(storage.list(keys.prefix)) + len(storage.list(keys.receipts))
+    listed = len(storage.list(keys.data)) + len(storage.list(keys.receipts))
     list_s = time.perf_counter() - start
     manifest_bytes = os.path.getsize(storage.path(keys.manifest))
     return {"shards": shards, "rows_per_shard": rows_per_shard, "samples": shards * rows_per_shard,
