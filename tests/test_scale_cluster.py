@@ -70,7 +70,7 @@ def test_the_ledger_gives_back_exactly_the_records_it_was_given(local_storage_co
     plan = plan_job(spec(count=20), storage)                           # 3 shards: 8, 8, 4 rows
     ledger = ShardLedger(plan)
     zero_tail = "ab" * 31 + "00"                                       # a digest ending in a zero byte survives
-    records = [{"index": i, "name": f"part-{i:05d}.parquet", "rows": plan.task(i).rows,
+    records = [{"index": i, "name": plan.shard_name(i), "rows": plan.task(i).rows,
                 "first_id": plan.task(i).first_id, "last_id": plan.task(i).first_id + plan.task(i).rows - 1,
                 "bytes": 1000 + i, "sha256": sha256_hex(bytes([i])), "pixels_sha256": zero_tail} for i in (2, 0)]
     for record in records:
