@@ -61,6 +61,17 @@ class Console:
     def capturing(self) -> bool:
         return self.terminal_out is not None
 
+    def has_messages(self) -> bool:
+        """Whether Ray wrote anything to this verb's log (a verb that only asked the job server may have not)."""
+        if self.log_path is None:
+            return False
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            return os.path.getsize(self.log_path) > 0
+        except OSError:
+            return False
+
 
 _current: Console | None = None
 
@@ -77,6 +88,8 @@ def console_session(verb: str, root: str | None, verbose: bool = False) -> Itera
     finally:
         _current = previous
         release(console)
+        if console.log_path is not None and not console.has_messages():
+            console.log_path.unlink(missing_ok=True)         # an empty log is not worth a file
 
 
 def capture() -> Path | None:

@@ -246,6 +246,9 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
 def connect(address: str) -> "JobSubmissionClient":
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    from .console import capture
+    capture()                        # Ray's notices (token, address) go to the verb's log, as for every Ray verb
     try:
         return JobSubmissionClient(address, headers=auth_headers())
     except AuthenticationError as e:
@@ -320,7 +323,8 @@ def submit(client: "JobSubmissionClient", cfg: SubmitConfig) -> Submission:
 
 
 # -- following a job ---------------------------------------------------------------------------------------
-def follow_logs(client: "JobSubmissionClient", submission_id: str, out=sys.stdout) -> None:
+def follow_logs(client: "JobSubmissionClient", submission_id: str, out=None) -> None:
+    out = out or sys.stdout              # looked up now: the console may have routed sys.stdout since import
     async def tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
             out.write(chunk)

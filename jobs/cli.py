@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, *, quiet_ray: bool = False) -> int:
                 session = stack.enter_context(console_session(args.verb, getattr(args, "root", None),
                                                               verbose=verbose))
             code = args.run(args)
-            if session is not None and session.log_path is not None:
+            if session is not None and session.has_messages():
                 print(f"vaegen: Ray's messages are in {session.log_path} (--verbose shows them)")
             return code
         except VaegenError as e:

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from cluster.console import terminal_stderr
 from vae_core.errors import VaegenError
 
 from .config_file import config_path, parse_args, with_config_name
@@ -80,7 +81,7 @@ def resolved_address(args: argparse.Namespace) -> str:
     from cluster.submit import job_server_address
     address, note = job_server_address(args.address)
     if note:
-        print(f"vaegen: {note}", file=sys.stderr, flush=True)
+        print(f"vaegen: {note}", file=terminal_stderr(), flush=True)
     return address
 
 
@@ -98,7 +99,9 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
     verbs = verb_names(job_parser())                  # every verb but submit and jobs
     if argv[0] not in verbs:
         raise VaegenError(f"unknown vaegen verb {argv[0]!r} after `--` (verbs: {', '.join(verbs)})")
-    parsed = parse_args(job_parser(), list(argv))     # a bad flag (or --config key) stops here, with its message
+    # A bad flag (or --config key) stops here, with its message. --verbose is vaegen's own global flag (jobs/cli.py
+    # takes it off before parsing): the job's vaegen takes it the same way.
+    parsed = parse_args(job_parser(), [a for a in argv if a != "--verbose"])
     argv, deduplicate = pin_model(list(argv), parsed)
     path = config_path(argv)
     if path is None:
@@ -138,7 +141,7 @@ def run_submit(args: argparse.Namespace) -> int:
     for name, value in local_only_env().items():
         print(f"vaegen: not passing {name}={value} to the job: a loopback address names this machine, not the "
               "cluster's storage (give the cluster's endpoint with --s3-endpoint in the command if it needs one)",
-              file=sys.stderr, flush=True)
+              file=terminal_stderr(), flush=True)
     client = connect(cfg.address)
     result = submit(client, cfg)
     messages = {"submitted": f"submitted {result.submission_id}",
@@ -158,7 +161,7 @@ def run_submit(args: argparse.Namespace) -> int:
     info = final_info(client, result.submission_id)
     code = job_exit_code(info)
     if code:
-        print(f"vaegen: error: job {info.submission_id} {info.status.value}: {failure_line(info)}", file=sys.stderr)
+        print(f"vaegen: error: job {info.submission_id} {info.status.value}: {failure_line(info)}", file=terminal_stderr())
     else:
         print(f"vaegen: job {info.submission_id} SUCCEEDED")
     return code

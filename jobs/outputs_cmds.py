@@ -7,6 +7,8 @@ import pathlib
 import sys
 import time
 
+from cluster.console import terminal_stderr
+
 from .args import add_storage_args, storage_config
 
 
@@ -119,14 +121,14 @@ def open_in_browser(location: str) -> bool:
     on stderr, when there is no display or the page is not a local file."""
     import webbrowser
     if "://" in location and not location.startswith("file://"):
-        print(f"vaegen: {location} is not a local file: write one with --out FILE to open it", file=sys.stderr)
+        print(f"vaegen: {location} is not a local file: write one with --out FILE to open it", file=terminal_stderr())
         return False
     if not has_display():
         return False
     url = location if location.startswith("file://") else pathlib.Path(location).resolve().as_uri()
     opened = webbrowser.open(url)
     if not opened:
-        print("vaegen: no web browser could be started: open the path above", file=sys.stderr)
+        print("vaegen: no web browser could be started: open the path above", file=terminal_stderr())
     return opened
 
 

@@ -179,11 +179,12 @@ def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_hea
     reservation is not part of the spec) must find it rather than start another."""
     address, token = ray_head["address"], ray_head["token_path"]
     argv = [*train_argv(s3_dataset), "--name", "fm-attach"]
-    first = vaegen("submit", "--address", address, "--entrypoint-num-cpus", "64", "--", *argv, token_path=token)
+    first = vaegen("submit", "--address", address, "--no-wait", "--entrypoint-num-cpus", "64", "--", *argv,
+                   token_path=token)                           # it never starts: waiting would never end
     assert first.returncode == 0 and "submitted vaegen-train-" in first.stdout, first.stderr[-2000:]
     submission_id = base_submission_id(tuple(argv))
     try:
-        second = vaegen("submit", "--address", address, "--", *argv, token_path=token)
+        second = vaegen("submit", "--address", address, "--no-wait", "--", *argv, token_path=token)
         assert second.returncode == 0, second.stderr[-2000:]
         assert f"already submitted as {submission_id} (running); not submitting it again" in second.stdout
         listed = vaegen("jobs", "list", "--address", address, token_path=token).stdout
