@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torchvision.utils import save_image
 
 from .checkpoint import checkpoint_files
 from .models import VAE
@@ -27,6 +26,7 @@ NROW = 8
 def grid_png(images: torch.Tensor, nrow: int = NROW) -> bytes:
     """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row, 2-pixel borders (make_grid's)."""
     buffer = io.BytesIO()
+    from torchvision.utils import save_image   # here: torchvision's import costs seconds in every Ray worker
     save_image(images.detach().float().cpu().clamp(0, 1), buffer, format="png", nrow=nrow, padding=2, pad_value=1.0)
     return buffer.getvalue()
 
