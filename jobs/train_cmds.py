@@ -8,7 +8,7 @@ import stat
 import uuid
 
 from vae_core.errors import VaegenError
-from vae_core.names import check_model_spec
+from vae_core.names import MODEL_SPEC_HELP, check_model_spec
 
 from .args import add_progress_arg, add_storage_args, add_train_job_args, storage_config, train_job_config
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="write a PNG grid of samples from a model version",
                        description="Decode latents drawn from the prior into a PNG grid.")
-    p.add_argument("--model", required=True, help="name[@version|@latest|@champion]")
+    p.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
     p.add_argument("--count", type=int, default=64, help="number of samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to sample (conditional models)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import VaegenError
-from .names import check_model_spec, check_name
+from .names import MODEL_SPEC_HELP, check_model_spec, check_name
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -215,7 +215,7 @@ PIXELS = ("sample", "mean")
 class GenerateConfig:
     """`vaegen generate` / `vaegen reconstruct`: one job spec. Everything here (with the model resolved to a
     version and its weights' sha256) is hashed into the job id, so the same spec resumes the same job."""
-    model: str = flag("--model", "name[@version|@latest|@champion] (default version: the champion)")
+    model: str = flag("--model", MODEL_SPEC_HELP)
     kind: str = "samples"              # samples (z from the model's prior) | reconstructions (of a dataset split)
     count: int = flag("--count", "number of samples (ids 0..N-1)", default=0)
     dataset: str = flag("--dataset", "reconstructions: the input dataset's name under datasets/", default="")
@@ -223,9 +223,10 @@ class GenerateConfig:
     # Reconstructions mirror their input's shards instead.
     shard_size: int = flag("--shard-size", "samples per output shard", default=10_000)
     seed: int = flag("--seed", "random seed of the latents", default=0)
-    format: str = flag("--format", "parquet (raw pixels, zstd), png (WebDataset tar of <id>.png + <id>.cls + "
-                       "<id>.json) or jpeg (the same with <id>.jpg: lossy)", default="parquet", choices=FORMATS)
-    jpeg_quality: int = flag("--jpeg-quality", "--format jpeg: JPEG quality, 1..100 (img2dataset's default)",
+    format: str = flag("--format", "parquet (an HF Image column of PNGs, zstd), png (WebDataset tar of <id>.png + "
+                       "<id>.cls + <id>.json) or jpeg (the same with <id>.jpg: lossy)", default="parquet",
+                       choices=FORMATS)
+    jpeg_quality: int = flag("--jpeg-quality", "--format jpeg: JPEG quality, 1..100 (95 is img2dataset's default)",
                              default=95)
     labels: tuple[int, ...] = flag("--labels", "conditional models: classes to cycle through the ids", default=(),
                                    unset="every class")

@@ -22,14 +22,14 @@ from .errors import VaegenError
 from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
-from .names import check_model_spec, check_name
+from .names import MODEL_SPEC_HELP, check_model_spec, check_name
 from .prior import log_standard_normal
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalJobConfig:
     """`vaegen evaluate`: which model version, how hard to look, and where the results go."""
-    model: str = flag("--model", "name[@version|@latest|@champion]")
+    model: str = flag("--model", MODEL_SPEC_HELP)
     k: int = flag("--k", "importance samples per image", default=1000)
     limit: int = flag("--limit", "likelihood on the first N images only; 0 = the whole split", default=0)
     split: str = flag("--split", "dataset split", default="", unset="test if present, else train")

@@ -39,3 +39,8 @@ def check_model_spec(spec: object, what: str = "--model") -> str:
     if at and VERSION_RE.fullmatch(version) is None:
         raise VaegenError(f"{what}={spec!r}: version {version!r} must be {VERSION_RULE}")
     return spec
+
+
+# The --model help of every verb that reads a model version: a bare name is the champion, never "the latest".
+MODEL_SPEC_HELP = ("name[@v0003|@latest|@champion]; a bare name means the champion (the first version until "
+                   "vaegen retrain promotes another)")
