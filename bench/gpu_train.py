@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
@@ -38,30 +36,13 @@ from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobCon
 from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, ArraySplit, read_fashion_mnist
 from vae_core.presets import fmnist_best
 
+from train_mlp import PlainVAE as ClassicVAE                  # bench/ is on sys.path; pytorch/examples vae/main.py's model, as published
+from train_mlp import plain_loss as classic_loss
+
 BATCH = 128
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / ".gpu" / "fmnist"    # ../shared/gpu/make-bundle's subset
 FULL = {"images": 60_000, "epochs": 3}
 SMOKE = {"images": 256, "epochs": 2}
-
-
-class ClassicVAE(nn.Module):
-    """pytorch/examples vae/main.py's model, as published."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
-        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
-
-    def forward(self, x):
-        h = F.relu(self.fc1(x.view(-1, 784)))
-        mu, logvar = self.fc21(h), self.fc22(h)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
-
-
-def classic_loss(recon, x, mu, logvar):
-    bce = F.binary_cross_entropy(recon, x.view(-1, 784), reduction="sum")
-    return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
 def classic_step(model, optimizer, x) -> float:
