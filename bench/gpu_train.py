@@ -36,7 +36,7 @@ from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobCon
 from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, ArraySplit, read_fashion_mnist
 from vae_core.presets import fmnist_best
 
-from train_mlp import PlainVAE as ClassicVAE                  # bench/ is on sys.path; pytorch/examples vae/main.py's model, as published
+from train_mlp import PlainVAE as ClassicVAE      # bench/ is on sys.path: the example's model, as published
 from train_mlp import plain_loss as classic_loss
 
 BATCH = 128
