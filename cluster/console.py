@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TextIO
 
 # Lines vaegen's own Ray workers print that belong on the terminal: the epoch line of Ray Train's rank 0.
-WORKER_LINE = re.compile(r"^epoch \d+/\d+: ")
+# Ray may prefix a re-printed line with its origin, "(RayTrainWorker pid=…, ip=…) ".
+WORKER_LINE = re.compile(r"^(?:\([^)]*\) )?epoch \d+/\d+: ")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LOG_FOLDER = "logs"                       # under a local root: <root>/logs/<verb>-<UTC time>.log
 

@@ -97,7 +97,8 @@ def test_retrain_on_two_ray_workers_promotes_a_better_challenger_and_keeps_out_a
     assert "kept the champion" in capsys.readouterr().out
     assert registry.champion("fm-vae")["version"] == "v0002"
 
-    _, better, worse = decisions(registry, "fm-vae")
+    crowned, _, better, worse = decisions(registry, "fm-vae")         # v0001 crowned at publish, then its retrain
+    assert crowned["rule"] == "first-version" and crowned["challenger"]["version"] == "v0001"
     assert better["decision"] == "promote" and "beats champion v0001" in better["reason"]
     assert worse["decision"] == "keep" and "worse than champion v0002" in worse["reason"]
     for record, version in ((better, "v0002"), (worse, "v0003")):
