@@ -13,6 +13,10 @@ from .console import capture
 # nothing to watch there.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true",
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray starts an idle worker process per CPU for the first driver, to run its first tasks sooner. The first actors
+# vaegen starts are Ray Train's controller and workers, which bring their own runtime environment and so cannot
+# use those processes: they would only take CPU from the start-up that matters.
+NO_PRESTARTED_WORKERS = {"prestart_worker_first_driver": False}
 DASHBOARD_ENV = "VAEGEN_RAY_DASHBOARD"     # "1": the embedded Ray starts its dashboard, when its packages are here
 
 
@@ -70,7 +74,8 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         dashboard = include_dashboard(dashboard)
         # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
         kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
-                        "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING")}
+                        "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+                        "_system_config": NO_PRESTARTED_WORKERS}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.

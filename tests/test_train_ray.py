@@ -163,16 +163,29 @@ def test_ray_train_on_a_ray_started_here_runs_no_placement_group_cleaner(two_wor
     assert not any("PlacementGroupCleaner" in name for name in classes), classes
 
 
-def test_a_joined_cluster_keeps_ray_trains_placement_group_cleaner():
+def test_a_ray_started_here_drops_ray_trains_cluster_helpers_and_a_joined_cluster_keeps_them(ray_local):
+    """Each helper is an actor process to start before the first batch. On a Ray this process started there is no
+    outliving cluster to clean, no autoscaler to ask, and (rows through the object store) no dataset to manage."""
+    import ray.data
     from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from cluster.train import torch_trainer_class
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+    from cluster.train import torch_trainer_class, without_autoscaler
 
-    def default_callbacks(local: bool) -> set[type]:
-        trainer = torch_trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    def default_callbacks(local: bool, datasets: dict | None = None) -> set[type]:
+        trainer = torch_trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+                                                   datasets=datasets)
         return {type(c) for c in trainer._create_default_callbacks()}
-    assert PlacementGroupCleanerCallback in default_callbacks(local=False)
-    assert PlacementGroupCleanerCallback not in default_callbacks(local=True)
+    helpers = {PlacementGroupCleanerCallback, DatasetsCallback}
+    assert helpers <= default_callbacks(local=False)
+    assert not helpers & default_callbacks(local=True)
+    assert default_callbacks(local=True, datasets={"train": ray.data.range(4)}) & helpers == {DatasetsCallback}
+
+    policy = without_autoscaler(ScalingConfig(num_workers=2))
+    policy.after_controller_start(None)                         # Ray Train's would start the coordinator here
+    decision = policy.make_decision_for_non_running_worker_group()      # and then send it a resource request
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
 
 
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):
