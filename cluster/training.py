@@ -16,6 +16,7 @@ from .runs import (TrainResult, claim_run, finished_run, initial_model, publish_
                    record_published, run_started, training_summary, with_run_id)
 from .storage import open_storage
 from .train import check_ray_job, fit_on_ray
+from .train_placement import sized_training
 
 
 def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,
@@ -24,7 +25,7 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     resumes it from its last checkpoint, and a finished run returns its published version. `address` joins a
     Ray cluster (Ray backend only); `initial_state` is a warm start (e.g. the champion's weights)."""
     started = time.time()
-    job = with_run_id(job)
+    job = sized_training(with_run_id(job), address)            # --workers auto: numbers before anything records them
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))

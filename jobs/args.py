@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from cluster.generate.settings import RunSettings
-from vae_core.config import RayTrainConfig, StorageConfig, TrainJobConfig
+from vae_core.config import AUTO_WORKERS, RayTrainConfig, StorageConfig, TrainJobConfig
 from vae_core.errors import VaegenError
 from vae_core.presets import PRESETS, layer_preset
 
@@ -33,7 +33,7 @@ def add_address_arg(p: argparse.ArgumentParser | Any) -> None:
     add_flags(p, RunSettings, only=("address",))
 
 
-def add_train_job_args(p: argparse.ArgumentParser, default_workers: int | None = None) -> None:
+def add_train_job_args(p: argparse.ArgumentParser, default_workers: int | str | None = None) -> None:
     """Every flag of a training job (TrainJobConfig: model, training, storage, Ray Train backend), --preset
     under them, and --address: the same for every verb that trains (train, retrain, pipeline)."""
     p.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -53,6 +53,10 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
         if ray_only:
             raise VaegenError(f"{', '.join(ray_only)} {'apply' if len(ray_only) > 1 else 'applies'} only to Ray "
                               "Train: add --workers N")
+    sized = [f for f in changed_flags(RayTrainConfig, args) if f in ("--cpus-per-worker", "--gpus-per-worker")]
+    if args.workers == AUTO_WORKERS and sized:
+        raise VaegenError(f"--workers auto sizes {' and '.join(sized)} too; give --workers N to set "
+                          f"{'them' if len(sized) > 1 else 'it'}")
     job = build(TrainJobConfig, args)
     if args.preset:
         paths = dest_paths(TrainJobConfig)

@@ -32,11 +32,21 @@ def given_dests(args: argparse.Namespace) -> set[str]:
     return set(getattr(args, GIVEN, set()))
 
 
+def count_or_word(value: Any) -> int | str:
+    """The parser of a `str | int` field (--workers N|auto): a whole number as an int, any other word as itself
+    (the config checks the word)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _unwrap(hint: Any) -> tuple[Any, bool]:
-    """(the type inside `X | None`, whether None is allowed)."""
+    """(the type inside `X | None`, whether None is allowed); count_or_word for `str | int`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(hint))
+        kind = count_or_word if set(args) == {str, int} else args[0]
+        return kind, len(args) < len(typing.get_args(hint))
     return hint, False
 
 

@@ -4,9 +4,10 @@ likelihood evaluation → summary."""
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from vae_core.config import GenerateConfig
+from vae_core.config import AUTO_WORKERS, GenerateConfig
 
 from .args import add_progress_arg, add_train_job_args, storage_config, train_job_config
 from .flags import add_flags, build
@@ -17,10 +18,11 @@ SAMPLE_FLAGS = ("count", "shard_size", "format")        # the samples' seed is t
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="the main job: ingest Fashion-MNIST, train on Ray, generate, reconstruct",
-                       description="The main job: ingest Fashion-MNIST (once), train a VAE data-parallel on Ray "
-                                   "Train, publish a model version, generate samples and reconstruct the test "
-                                   "split as Parquet shards, and print a summary.")
-    add_train_job_args(p, default_workers=2)
+                       description="The main job: ingest Fashion-MNIST (once), train a VAE on Ray Train "
+                                   "(--workers auto: data-parallel over the cluster's GPUs or nodes; on one machine "
+                                   "without GPUs, one worker with all its CPUs), publish a model version, generate "
+                                   "samples and reconstruct the test split as Parquet shards, and print a summary.")
+    add_train_job_args(p, default_workers=AUTO_WORKERS)
     add_progress_arg(p)
     p.add_argument("--source", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     add_flags(p, GenerateConfig, only=SAMPLE_FLAGS, defaults={"count": 10_000}, title="samples")
@@ -34,10 +36,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.runtime import ray_runtime
     from cluster.storage import open_storage
     from cluster.train import local_cpus
+    from cluster.train_placement import sized_training
     from cluster.training import train_model
     from vae_core.errors import VaegenError
 
-    job = train_job_config(args)
+    job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
@@ -49,17 +52,24 @@ def run_pipeline(args: argparse.Namespace) -> int:
         ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
 
     with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
-        backend = f"on Ray Train with {job.ray.workers} workers" if job.ray else "in this process"
+        backend = (f"on Ray Train with {job.ray.workers} worker{'s' if job.ray.workers > 1 else ''} "
+                   f"({job.ray.cpus_per_worker:g} CPUs, {job.ray.gpus_per_worker:g} GPUs each)" if job.ray
+                   else "in this process")
         print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
+        # Two independent jobs, run side by side: each one's start (a DecoderWorker importing torch, loading the
+        # model) is one process on one core, so together they take about as long as one.
         print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")
-        generated = run_generation(replace(samples, model=model), job.storage, address=args.address,
-                                   progress=args.progress)
         print(f"[4/{STEPS}] reconstructing {job.dataset}/test with {model}")
-        reconstructed = run_reconstruction(
-            GenerateConfig(model=model, kind="reconstructions", dataset=job.dataset, split="test",
-                           format=args.format), job.storage, address=args.address, progress=args.progress)
+        with ThreadPoolExecutor(2) as jobs:
+            sampling = jobs.submit(run_generation, replace(samples, model=model), job.storage, address=args.address,
+                                   progress=args.progress)
+            reconstructing = jobs.submit(
+                run_reconstruction, GenerateConfig(model=model, kind="reconstructions", dataset=job.dataset,
+                                                   split="test", format=args.format),
+                job.storage, address=args.address, progress=args.progress)
+            generated, reconstructed = sampling.result(), reconstructing.result()
 
     from cluster.evaluation import quick_evaluation, summary_table
     print(f"[5/{STEPS}] scoring {model} on the test split (IWAE k=100, first 500 images; "

@@ -123,7 +123,7 @@ def test_renamed_flags_land_in_their_fields():
     job = job_of(["train", "--model", "conv", "--keep-checkpoints", "4", "--stream-epochs", "--workers", "1"])
     assert job.model.arch == "conv" and job.ray.checkpoints_to_keep == 4 and job.ray.cache_shards is False
     assert dest_paths(TrainJobConfig)["arch"] == "model.arch"
-    assert job_of(["pipeline"]).ray == RayTrainConfig(workers=2)              # pipeline trains on Ray by default
+    assert job_of(["pipeline"]).ray == RayTrainConfig(workers="auto")         # pipeline trains on Ray by default
     assert job_of(["train"]).ray is None and job_of(["train"]).name == "fashion-mnist-mlp"
     assert job_of(["train", "--model", "conv", "--conditional"]).name == "fashion-mnist-conv-cond"
 
@@ -182,8 +182,8 @@ VERB_CONFIGS = {
 # Flags that map to no config field: argparse's own, the config file, a preset's name (it picks a recipe that
 # returns a whole config), what retrain does after its contest, and pipeline's ingest source.
 NO_FIELD = {"help", "config", "preset", "then_generate", "source"}
-# Defaults a verb sets for itself: --workers off on retrain (one process unless given), on with 2 on pipeline.
-VERB_DEFAULTS = {("retrain", "workers"): None, ("pipeline", "workers"): 2, ("pipeline", "count"): 10_000}
+# Defaults a verb sets for itself: --workers off on retrain (one process unless given), auto on pipeline.
+VERB_DEFAULTS = {("retrain", "workers"): None, ("pipeline", "workers"): "auto", ("pipeline", "count"): 10_000}
 
 
 def field_default(field: dataclasses.Field):

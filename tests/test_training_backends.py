@@ -131,7 +131,7 @@ def test_the_backend_comes_from_the_config_for_every_verb_that_trains():
         assert job.run_id == "r-1" and args.address == "auto"
     assert train_job_config(parser.parse_args(["train"])).ray is None
     assert train_job_config(parser.parse_args(["retrain"])).ray is None
-    assert train_job_config(parser.parse_args(["pipeline"])).ray == RayTrainConfig(workers=2)
+    assert train_job_config(parser.parse_args(["pipeline"])).ray == RayTrainConfig(workers="auto")
 
 
 def test_a_run_started_by_an_earlier_vaegen_is_refused_in_one_line(local_storage_config, small_fashion):
@@ -167,3 +167,40 @@ def test_a_warm_start_is_pinned_to_its_run(local_storage_config, small_fashion):
     champion = Registry(storage).load(first.ref).model.state_dict()
     with pytest.raises(VaegenError, match="warm_start_sha256 differ"):
         train_model(job, progress=False, initial_state=champion)
+
+
+# -- --workers auto ---------------------------------------------------------------------------------------------
+def test_auto_workers_is_one_per_gpu_else_one_per_node_and_splits_the_global_batch():
+    from cluster.train_placement import size_training
+    here = {"CPU": 2.0, "GPU": 0.0, "local": True}
+    assert size_training([here], batch_size=128) == (1, 2.0, 0.0)               # this machine: one worker, every CPU
+    assert size_training([{**here, "GPU": 2.0, "CPU": 16.0}], batch_size=128) == (2, 8.0, 1.0)
+    head, cpu_node = {"CPU": 0.0}, {"CPU": 8.0}                                   # a KubeRay head runs no workers
+    assert size_training([head, cpu_node, cpu_node], batch_size=128) == (2, 7.0, 0.0)   # one CPU left to the node
+    gpu_node = {"CPU": 16.0, "GPU": 4.0}
+    assert size_training([head, cpu_node, gpu_node, gpu_node], batch_size=128) == (8, 3.0, 1.0)   # GPUs only
+    assert size_training([{"CPU": 4.0, "GPU": 3.0}], batch_size=128) == (2, 1.0, 1.0)   # 3 does not split 128
+
+
+def test_auto_workers_on_this_machine_without_ray_running(monkeypatch):
+    import ray
+    from cluster.train_placement import sized_training
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        pytest.skip("another test left Ray connected in this process")
+    job = sized_training(TrainJobConfig(ray=RayTrainConfig(workers="auto"), train=TrainConfig(batch_size=128)))
+    gpus = torch.cuda.device_count()
+    assert job.ray.workers == (max(w for w in range(1, gpus + 1) if 128 % w == 0) if gpus else 1)
+    assert job.ray.gpus_per_worker == (1.0 if gpus else 0.0)
+    assert not ray.is_initialized()                           # sized from this machine: no Ray started for it
+    explicit = TrainJobConfig(ray=RayTrainConfig(workers=2))
+    assert sized_training(explicit) is explicit
+
+
+def test_auto_workers_cannot_be_mixed_with_per_worker_resources():
+    parser = build_parser()
+    with pytest.raises(VaegenError, match="--workers auto sizes --cpus-per-worker too; give --workers N"):
+        train_job_config(parser.parse_args(["train", "--workers", "auto", "--cpus-per-worker", "2"]))
+    assert train_job_config(parser.parse_args(["train", "--workers", "auto"])).ray.workers == "auto"
+    with pytest.raises(VaegenError, match="--workers='two' must be a number or auto"):
+        train_job_config(parser.parse_args(["train", "--workers", "two"]))

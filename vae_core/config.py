@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16")
 # for the resources); more output shards than this would not fit the 5-digit part-NNNNN names that keep a
 # job's shards in id order when listed.
 MAX_WORKERS = 1024
+AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/train_placement.py)
 MAX_SHARDS = 100_000
 
 
@@ -151,8 +152,10 @@ class StorageConfig:
 @dataclass(frozen=True, kw_only=True)
 class RayTrainConfig:
     """Train data-parallel on Ray Train (TrainJobConfig.ray; None there means one process, no Ray)."""
-    workers: int = flag("--workers", "train data-parallel on Ray Train with N workers; --batch-size is the global "
-                        "batch", default=2, metavar="N", unset="one process, no Ray")
+    workers: str | int = flag("--workers", "train data-parallel on Ray Train with N workers; --batch-size is the "
+                              "global batch. auto: one worker per GPU, or per node without GPUs (on this machine: "
+                              "one worker with all its CPUs), each with its node's share of CPUs and GPUs",
+                              default=2, metavar="N|auto", unset="one process, no Ray")
     gpus_per_worker: float = flag("--gpus-per-worker", "GPUs per worker; 0 = CPU workers with gloo, > 0 = NCCL",
                                   default=0.0, metavar="G")
     cpus_per_worker: float = flag("--cpus-per-worker", "CPUs per worker", default=1.0, metavar="C")
@@ -168,8 +171,15 @@ class RayTrainConfig:
                            "optimisation)", default=1, metavar="K")
 
     def __post_init__(self) -> None:
-        _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one process)")
-        _require(self.workers <= MAX_WORKERS, f"--workers={self.workers} must be <= {MAX_WORKERS}")
+        if isinstance(self.workers, str) and self.workers != AUTO_WORKERS:
+            try:
+                object.__setattr__(self, "workers", int(self.workers))
+            except ValueError:
+                raise VaegenError(f"--workers={self.workers!r} must be a number or {AUTO_WORKERS}") from None
+        if self.workers != AUTO_WORKERS:            # auto: sized once the cluster is known
+            _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one "
+                                        "process)")
+            _require(self.workers <= MAX_WORKERS, f"--workers={self.workers} must be <= {MAX_WORKERS}")
         _require(self.gpus_per_worker >= 0, f"--gpus-per-worker={self.gpus_per_worker} must be >= 0")
         _require(self.cpus_per_worker > 0, f"--cpus-per-worker={self.cpus_per_worker} must be > 0")
         _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
@@ -291,7 +301,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(members) > 1 and type(value) in members:          # e.g. workers: str | int ("auto" or a count)
+            return value
+        hint = members[0]
         if dataclasses.is_dataclass(hint):
             return from_dict(hint, value)
         origin = typing.get_origin(hint)
