@@ -144,3 +144,16 @@ def test_starting_at_the_mean_image_trains_to_a_lower_loss(small_fashion):
         start_output(model, mean_image(train), cfg)
         val_loss[output_init] = fit(model, train, val, cfg).best_val_loss
     assert val_loss["mean"] < val_loss["default"] - 20, val_loss
+
+
+@pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((80, 1, 28, 28), 8), ((5, 3, 32, 32), 8),
+                                        ((13, 3, 8, 8), 4)])
+def test_grids_are_torchvisions_bytes_without_importing_it(shape, nrow):
+    """The model version's grids are laid out and rounded as torchvision's save_image(make_grid(...)) does it."""
+    import io
+    from torchvision.utils import save_image
+    from vae_core.artifacts import grid_png
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    theirs = io.BytesIO()
+    save_image(images, theirs, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    assert grid_png(images, nrow) == theirs.getvalue()

@@ -1,7 +1,7 @@
 """Everything a model version holds besides its weights, as bytes: metrics, sample and reconstruction grids,
 loss curves, and the per-epoch sample grid (the same latents decoded after every epoch, as in PyTorch's VAE
-example). The single-process and the Ray trainers both call these; grids are torchvision's make_grid/save_image,
-and each grid has a caption saying what its rows are (the gallery shows it)."""
+example). The single-process and the Ray trainers both call these; grids are laid out and rounded as torchvision's
+make_grid/save_image lay them out, and each grid has a caption saying what its rows are (the gallery shows it)."""
 from __future__ import annotations
 
 import io
@@ -23,11 +23,25 @@ PER_CLASS = 8                 # a conditional grid: a row of this many per class
 NROW = 8
 
 
-def grid_png(images: torch.Tensor, nrow: int = NROW) -> bytes:
-    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row, 2-pixel borders (make_grid's)."""
+def grid_png(images: torch.Tensor, nrow: int = NROW, padding: int = 2, pad_value: float = 1.0) -> bytes:
+    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row with `padding`-pixel borders: the same bytes
+    as torchvision's save_image(make_grid(...)), without its import, which costs the driver seconds just after
+    training."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)          # make_grid draws grey images as RGB
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
+    for k in range(n):
+        y, x = divmod(k, cols)
+        top, left = y * (h + padding) + padding, x * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = images[k]
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()   # save_image's rounding
+    from PIL import Image
     buffer = io.BytesIO()
-    from torchvision.utils import save_image   # here: torchvision's import costs seconds in every Ray worker
-    save_image(images.detach().float().cpu().clamp(0, 1), buffer, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    Image.fromarray(pixels).save(buffer, format="png")
     return buffer.getvalue()
 
 
