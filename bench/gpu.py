@@ -15,6 +15,9 @@ script cannot rot); its figures say nothing about speed.
 
     .venv/bin/python bench/gpu.py [--count 4000000] [--image-count 400000] [--workers auto] [--root DIR]
     .venv/bin/python bench/gpu.py --smoke
+
+On a GPU machine without Ray or a package index: bench/gpu_bundle.sh here (../shared/gpu's bundle plus vaegen's own
+wheels), then, there, `. .gpu/on-device.sh && python3 bench/gpu.py` (run's carry: [".gpu"]).
 """
 from __future__ import annotations
 
