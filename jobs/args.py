@@ -66,5 +66,9 @@ def train_job_config(args: argparse.Namespace) -> TrainJobConfig:
 
 def effective_train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """dest → value as the job will run (the preset applied), for `vaegen config show`. Written out as a file,
-    every setting is explicit, so the preset the file names changes nothing: the same TrainJobConfig."""
-    return namespace_values(train_job_config(args))
+    every setting is explicit, so the preset the file names changes nothing: the same TrainJobConfig. Under
+    --workers auto the per-worker resources are sized when the job runs, so they are shown unset."""
+    values = namespace_values(train_job_config(args))
+    if values.get("workers") == AUTO_WORKERS:
+        values.update(cpus_per_worker=None, gpus_per_worker=None)
+    return values
