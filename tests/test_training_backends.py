@@ -182,18 +182,24 @@ def test_auto_workers_is_one_per_gpu_else_one_per_node_and_splits_the_global_bat
     assert size_training([{"CPU": 4.0, "GPU": 3.0}], batch_size=128) == (2, 1.0, 1.0)   # 3 does not split 128
 
 
-def test_auto_workers_on_this_machine_without_ray_running(monkeypatch):
-    import ray
-    from cluster.train_placement import sized_training
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        pytest.skip("another test left Ray connected in this process")
-    job = sized_training(TrainJobConfig(ray=RayTrainConfig(workers="auto"), train=TrainConfig(batch_size=128)))
-    gpus = torch.cuda.device_count()
-    assert job.ray.workers == (max(w for w in range(1, gpus + 1) if 128 % w == 0) if gpus else 1)
-    assert job.ray.gpus_per_worker == (1.0 if gpus else 0.0)
-    assert not ray.is_initialized()                           # sized from this machine: no Ray started for it
+def test_auto_workers_on_this_machine_are_sized_without_starting_ray():
+    """A process not connected to Ray, with no address: the workers are sized from this machine, where the local
+    Ray will start (a fresh interpreter: this one may hold the test session's Ray)."""
+    code = ("import json, os, ray, torch; from cluster.train_placement import sized_training; "
+            "from vae_core.config import RayTrainConfig, TrainConfig, TrainJobConfig; "
+            "job = sized_training(TrainJobConfig(ray=RayTrainConfig(workers='auto'), train=TrainConfig(batch_size=128))); "
+            "print(json.dumps([job.ray.workers, job.ray.cpus_per_worker, job.ray.gpus_per_worker, os.cpu_count(), "
+            "torch.cuda.device_count(), ray.is_initialized()]))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    workers, cpus, gpus, cpu_count, gpu_count, started = json.loads(out.stdout.strip().splitlines()[-1])
+    if gpu_count:
+        assert (workers, gpus) == (max(w for w in range(1, gpu_count + 1) if 128 % w == 0), 1.0)
+    else:
+        assert (workers, cpus, gpus) == (1, float(cpu_count), 0.0)       # one worker, every CPU as torch threads
+    assert not started
     explicit = TrainJobConfig(ray=RayTrainConfig(workers=2))
+    from cluster.train_placement import sized_training
     assert sized_training(explicit) is explicit
 
 
