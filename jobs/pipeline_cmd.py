@@ -52,9 +52,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
         ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
 
     with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
-        backend = (f"on Ray Train with {job.ray.workers} worker{'s' if job.ray.workers > 1 else ''} "
-                   f"({job.ray.cpus_per_worker:g} CPUs, {job.ray.gpus_per_worker:g} GPUs each)" if job.ray
-                   else "in this process")
+        backend = "in this process"
+        if job.ray:
+            gpus = f", {job.ray.gpus_per_worker:g} GPU" if job.ray.gpus_per_worker else ""
+            backend = (f"on Ray Train with {job.ray.workers} worker{'s' if job.ray.workers > 1 else ''} "
+                       f"({job.ray.cpus_per_worker:g} CPUs{gpus} each)")
         print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
