@@ -5,10 +5,12 @@ import argparse
 
 import pytest
 
+from jobs.args import train_job_config
 from jobs.cli import build_parser, main as vaegen
 from jobs.config_file import effective_settings, parse_args, with_config_name
 from jobs.generate_cmds import run_generate
 from jobs.train_cmds import run_train
+from vae_core.errors import VaegenError
 
 
 def write(tmp_path, text: str) -> str:
@@ -114,3 +116,14 @@ def test_a_config_that_is_no_toml_file_is_one_line(tmp_path, capsys, make, messa
 def test_a_name_from_the_file_is_checked_like_a_flag(tmp_path, capsys):
     assert vaegen(["train", "--config", write(tmp_path, 'name = "a\\u0000b"\ndataset = "../up"\n')]) == 2
     assert "--dataset='../up' is not a valid name" in capsys.readouterr().err
+
+
+def test_workers_in_a_file_is_a_count_or_auto_for_every_verb_that_has_it(tmp_path):
+    """`--workers N|auto` fields: a TOML integer or "auto" reads back as the flag would (a count as an int)."""
+    for verb, extra in (("generate", 'model = "m"\ncount = 10\n'), ("train", ""), ("pipeline", "")):
+        for value, expected in (("3", 3), ('"auto"', "auto")):
+            path = write(tmp_path, f"workers = {value}\n{extra}")
+            assert parse([verb, "--config", path]).workers == expected, (verb, value)
+    args = parse(["train", "--config", write(tmp_path, 'workers = "two"\n')])
+    with pytest.raises(VaegenError, match="--workers='two' must be a number or auto"):
+        train_job_config(args)
