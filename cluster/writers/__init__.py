@@ -22,8 +22,7 @@ def writer_for(spec) -> type[ShardWriter]:
 
 def image_encoder(spec, device: str = "cpu") -> dict | None:
     """What encodes a job's images (library, version, settings) when its workers run on `device`: what its
-    manifest records. None for Parquet, whose PNGs are
-    stored-deflate (no encoder library or setting to record)."""
+    manifest records. None for Parquet, whose PNGs are stored-deflate (no encoder library or setting to record)."""
     encoder = getattr(writer_for(spec), "encoder", None)
     return None if encoder is None else encoder(device)
 
