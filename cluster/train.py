@@ -1,12 +1,13 @@
-"""The Ray Train backend of cluster.training.train_model: data-parallel training (V2 TorchTrainer).
+"""The Ray Train backend of cluster.training.train_model: data-parallel training (Ray Train V2).
 
 The driver checks what it can before any worker starts (batch split, dataset numbering, cluster size), then each
 worker runs vae_core's epoch loop (run_epochs) on its own rows, which it holds in memory in id order and shuffles
 with the (seed, epoch, rank) generator, so one worker trains exactly as one process does. The driver has already
 read (and checksummed) the training rows, so when they fit the object store each worker's share goes there as one
 object: no Ray Data read of the shards, and none of its processes, to wait for before the first batch. A larger
-set, or --stream-epochs, goes through Ray Data (every worker's share read from storage; streamed: every epoch). Workers run inside DistributedDataParallel (gloo on CPU, NCCL on
-GPU), or, with --sync-every K, on their own with the weights averaged every K steps (post-local SGD).
+set, or --stream-epochs, goes through Ray Data (every worker's share read from storage; streamed: every epoch).
+Several workers run inside DistributedDataParallel (gloo on CPU, NCCL on GPU), or, with --sync-every K, on their
+own with the weights averaged every K steps (post-local SGD); one worker runs without a process group.
 
 Ray Train's checkpoints (one per epoch) live under train-runs/<run-id>/ beside the run's own files
 (cluster/runs.py); a lost worker makes Ray restart the group from the last one (FailureConfig), and rerunning
@@ -149,7 +150,6 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import TrainingFailedError
-    from ray.train.torch import TorchConfig
 
     datasets = {}
     if shares is None:
@@ -160,12 +160,12 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
         datasets = {"train": training_images(storage, job, manifest, train_ids)}
     use_gpu = job.ray.gpus_per_worker > 0
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": job.ray.gpus_per_worker} if use_gpu else {})}
-    trainer = torch_trainer_class(local=ray_started_here())(
+    trainer = trainer_class(local=ray_started_here())(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "progress": progress, "train_images": len(train_ids),
                            "initial_state": ray.put(initial_state), "val_set": ray.put(val_set),
                            "train_shares": shares},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        backend_config=process_group(job.ray.workers, use_gpu),
         scaling_config=ScalingConfig(num_workers=job.ray.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=job.run_id, storage_path=storage.path(RUNS_DIR), storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=job.ray.checkpoints_to_keep),
@@ -184,9 +184,21 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
     return load_state(result.checkpoint)
 
 
-def torch_trainer_class(*, local: bool) -> type:
-    """Ray Train's TorchTrainer; on a Ray this process started (`local`), one without three of its helpers, each a
-    worker process to start (and import into) before the first batch, with nothing to do on such a Ray:
+def process_group(workers: int, use_gpu: bool):
+    """torch.distributed for several workers (NCCL on GPUs, else gloo); none for one, which has nobody to all-reduce
+    with. Ray Train's TorchConfig is defined beside torch's process-group code, so the controller imports torch to
+    read it (seconds on a small machine, before it starts any worker); the plain BackendConfig imports nothing."""
+    from ray.train import BackendConfig
+    if workers == 1:
+        return BackendConfig()
+    from ray.train.torch import TorchConfig
+    return TorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
+def trainer_class(*, local: bool) -> type:
+    """Ray Train's DataParallelTrainer (TorchTrainer is one with a TorchConfig); on a Ray this process started
+    (`local`), one without three of its helpers, each a worker process to start (and import into) before the first
+    batch, with nothing to do on such a Ray:
     - the placement-group cleaner, a detached actor that removes a dead controller's placement group from a cluster
       that outlives it (a Ray started here stops with this process). It also polls the State API every second:
       without the dashboard, which serves that API, it logs a warning each time, and it fails when other Ray
@@ -194,13 +206,13 @@ def torch_trainer_class(*, local: bool) -> type:
     - the autoscaling coordinator the scaling policy reports its resources to: a Ray started here has no autoscaler;
     - the dataset manager, when the run has no Ray Data datasets (the training rows came through the object store).
     These are private hooks of Ray Train; Ray is pinned (pyproject.toml) and tests/test_train_ray.py checks them."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     if not local:
-        return TorchTrainer
+        return DataParallelTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class LocalTorchTrainer(TorchTrainer):
+    class LocalTrainer(DataParallelTrainer):
         def _create_default_callbacks(self) -> list:
             unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
@@ -208,7 +220,7 @@ def torch_trainer_class(*, local: bool) -> type:
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             controller_init_kwargs["scaling_policy"] = without_autoscaler(self.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
-    return LocalTorchTrainer
+    return LocalTrainer
 
 
 def without_autoscaler(scaling_config):

@@ -171,10 +171,10 @@ def test_a_ray_started_here_drops_ray_trains_cluster_helpers_and_a_joined_cluste
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
-    from cluster.train import torch_trainer_class, without_autoscaler
+    from cluster.train import trainer_class, without_autoscaler
 
     def default_callbacks(local: bool, datasets: dict | None = None) -> set[type]:
-        trainer = torch_trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+        trainer = trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1),
                                                    datasets=datasets)
         return {type(c) for c in trainer._create_default_callbacks()}
     helpers = {PlacementGroupCleanerCallback, DatasetsCallback}
@@ -186,6 +186,26 @@ def test_a_ray_started_here_drops_ray_trains_cluster_helpers_and_a_joined_cluste
     policy.after_controller_start(None)                         # Ray Train's would start the coordinator here
     decision = policy.make_decision_for_non_running_worker_group()      # and then send it a resource request
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+
+
+def test_one_worker_runs_without_a_process_group_and_its_controller_imports_no_torch():
+    """Ray Train's controller unpickles the run's backend config before it starts any worker. One worker has nobody
+    to all-reduce with: its plain BackendConfig unpickles, in a fresh interpreter as in the controller, without
+    importing torch. Several workers get torch.distributed (gloo on CPUs, NCCL on GPUs)."""
+    import pickle
+    from ray.train import BackendConfig
+    from ray.train.torch import TorchConfig
+    from cluster.train import process_group
+
+    one = process_group(1, use_gpu=True)
+    assert type(one) is BackendConfig
+    load = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+    controller = subprocess.run([sys.executable, "-c", load], input=pickle.dumps(one), capture_output=True,
+                                timeout=120)
+    assert controller.returncode == 0, controller.stderr.decode()[-2000:]
+    assert controller.stdout.decode().strip() == "False"
+    assert process_group(2, use_gpu=False) == TorchConfig(backend="gloo")
+    assert process_group(4, use_gpu=True) == TorchConfig(backend="nccl")
 
 
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):

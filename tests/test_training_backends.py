@@ -50,7 +50,7 @@ def weights_sha256(storage: Storage, ref) -> str:
 
 def test_one_ray_worker_trains_the_same_weights_as_one_process(ray_local, local_storage_config, small_fashion):
     """Same config, same data: the worker holds its rows in id order, shuffles them and draws its noise from the
-    (seed, epoch, rank) generators as one process does, and DDP with one worker does not touch the gradients.
+    (seed, epoch, rank) generators as one process does, and one worker has no DDP wrapper and no process group.
     Binarised, so the noise generator matters; threads=1 on both sides, so no reduction is split differently."""
     storage = ingest_fashion(local_storage_config, small_fashion, rows=800)
     job = TrainJobConfig(storage=local_storage_config, dataset=DATASET, name="fm-mlp",
