@@ -16,10 +16,16 @@ from .console import capture
 # Train's health-check timeout (minutes), not after one missed poll.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true",
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# Ray starts an idle worker process per CPU for the first driver, to run its first tasks sooner. The first actors
-# vaegen starts are Ray Train's controller and workers, which bring their own runtime environment and so cannot
-# use those processes: they would only take CPU from the start-up that matters.
-NO_PRESTARTED_WORKERS = {"prestart_worker_first_driver": False}
+# A Ray started here:
+# - prestarts no idle worker processes. Ray starts one per CPU for the first driver, to run its first tasks sooner;
+#   the first actors vaegen starts are Ray Train's controller and workers, which bring their own runtime
+#   environment and so cannot use those processes: they would only take CPU from the start-up that matters.
+# - retries its socket connections every 100 ms instead of every second, 100 times instead of 10 (the same 10 s
+#   before it gives up). The raylet connects to the object store it has just started in a thread; when the store
+#   is not listening yet, the first retry came a whole second later, in about half of all starts.
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False,
+                           "raylet_client_connect_timeout_milliseconds": 100,
+                           "raylet_client_num_connect_attempts": 100}
 DASHBOARD_ENV = "VAEGEN_RAY_DASHBOARD"     # "1": the embedded Ray starts its dashboard, when its packages are here
 
 
@@ -78,7 +84,7 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
         kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
                         "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
-                        "_system_config": NO_PRESTARTED_WORKERS}
+                        "_system_config": LOCAL_RAY_SYSTEM_CONFIG}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.

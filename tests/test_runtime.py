@@ -1,7 +1,8 @@
-"""cluster.runtime: whether the embedded Ray starts its dashboard, and Ray starting on an install without the
-dashboard's packages (ray without the [default] extra)."""
+"""cluster.runtime: whether the embedded Ray starts its dashboard, Ray starting on an install without the
+dashboard's packages (ray without the [default] extra), and the system settings the embedded Ray starts with."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,28 @@ def test_vaegen_starts_ray_on_an_install_without_the_dashboard_packages(tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     assert "task answered 42" in run.stdout
     assert "ray[default]" in run.stdout
+
+
+EMBEDDED_RAY_SETTINGS = """
+import json
+import ray._private.state
+from cluster.runtime import ray_runtime
+
+with ray_runtime(num_cpus=1):
+    print(json.dumps(ray._private.state.state.get_system_config()))
+"""
+
+
+@pytest.mark.ray
+def test_the_embedded_ray_prestarts_nothing_and_retries_its_sockets_often_within_the_same_budget(starts_ray):
+    """Read back from the running Ray's GCS, so the settings reached Ray rather than only our dict. Its socket
+    retries (the raylet connecting to the object store it has just started, workers to the raylet) come every
+    100 ms, not every second, and still give up after 10 s."""
+    run = subprocess.run([sys.executable, "-c", EMBEDDED_RAY_SETTINGS], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert run.returncode == 0, run.stderr[-3000:]
+    settings = json.loads(run.stdout.strip().splitlines()[-1])
+    assert settings["prestart_worker_first_driver"] is False
+    retry_ms = settings["raylet_client_connect_timeout_milliseconds"]
+    attempts = settings["raylet_client_num_connect_attempts"]
+    assert retry_ms == 100 and retry_ms * attempts == 10_000        # Ray's default: 10 tries a second apart
