@@ -19,10 +19,11 @@ from .artifacts import reconstruction_grid, sample_grid
 from .classifier import ClassifierConfig, accuracy, classifier_features, train_classifier
 from .config import ModelConfig, StorageConfig, flag, section
 from .errors import VaegenError
-from .images import curves_png, decode_png, image_grid, png_bytes, to_uint8
+from .images import decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
 from .names import MODEL_SPEC_HELP, check_model_spec, check_name
+from .plots import loss_curves_png
 from .prior import log_standard_normal
 
 
@@ -284,8 +285,7 @@ def evaluation_png(model: VAE, images: Tensor, labels: Tensor | None, history: l
                decode_png(reconstruction_grid(model, images, labels if model.cfg.conditional else None))),
               ("latent traversal: z0 down, z1 across, others 0", latent_traversal(model))]
     if history:
-        series = {"train loss": [h["loss"] for h in history], "val loss": [h["val_loss"] for h in history]}
-        panels.append(("training", decode_png(curves_png(series))))
+        panels.append(("training", decode_png(loss_curves_png(history, title="loss per epoch"))))
     return png_bytes(_stack(title, panels))
 
 

@@ -1,4 +1,4 @@
-"""Pixels: float [0, 1] ↔ uint8, PNG and JPEG bytes, image grids and a small loss-curve plot."""
+"""Pixels: float [0, 1] ↔ uint8, PNG and JPEG bytes, image grids."""
 from __future__ import annotations
 
 import io
@@ -6,13 +6,12 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 
 import deflate
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .data import pil_to_chw
 
@@ -28,8 +27,6 @@ JPEG_QUALITY = 95                        # img2dataset's default
 # encoder is still the one the project pins. Silenced by its message only, so other warnings still show.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -126,38 +123,3 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
     return grid
 
 
-def curves_png(series: Mapping[str, Sequence[float]], title: str = "loss per image (nats)",
-               size: tuple[int, int] = (640, 400)) -> bytes:
-    """A line plot of a few named series against epoch, with a legend and the y range labelled."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    values = [v for s in series.values() for v in s if math.isfinite(v)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    longest = max((len(s) for s in series.values()), default=1)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 8), title, fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        y = height - bottom - frac * (height - top - bottom)
-        draw.text((4, y - 6), f"{lo + frac * (hi - lo):.1f}", fill="black")
-    draw.text((width // 2 - 20, height - bottom + 12), f"epoch (1..{longest})", fill="black")
-
-    def point(i: int, v: float) -> tuple[float, float]:
-        x = left + (i / max(longest - 1, 1)) * (width - left - right)
-        return x, height - bottom - (v - lo) / (hi - lo) * (height - top - bottom)
-
-    for k, (name, s) in enumerate(series.items()):
-        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
-        pts = [point(i, v) for i, v in enumerate(s) if math.isfinite(v)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        lx, ly = width - right - 150, top + 14 + 14 * k
-        draw.line([(lx, ly), (lx + 16, ly)], fill=colour, width=2)                  # legend swatch
-        draw.text((lx + 22, ly - 6), name, fill=colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
