@@ -242,7 +242,7 @@ class TreeCPU:
 
 STAGES = [("driver_prepare", "ray_init_starting"),       # manifest, claim, read + checksum, initial weights
           ("ray_init", "ray_ready"),
-          ("trainer_and_controller", "controller_started"),   # TorchTrainer, datasets, the controller actor
+          ("trainer_and_controller", "controller_started"),   # the trainer, datasets, the controller actor
           ("controller_to_worker_group", "worker_group_starting"),
           ("worker_group_start", "worker_group_started"),     # placement group + worker actors
           ("backend_and_data_setup", "training_started"),     # process group, dataset shards, train context

@@ -121,5 +121,3 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[:, y:y + h, x:x + w] = images[i]
     return grid
-
-
