@@ -251,6 +251,7 @@ def first_row_layout(storage: Storage, manifest: dict) -> RowLayout:
             schema = pq.read_schema(f)
         return RowLayout("label" in schema.names, schema.field("latent").type.list_size)
     members: dict[str, bytes] = {}
+    first = None
     with storage.fs.open_input_stream(storage.path(key)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:                                   # streamed: only the first sample's members are read
             sample, _, ext = member.name.partition(".")

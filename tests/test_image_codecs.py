@@ -17,7 +17,7 @@ from torchvision.io import decode_image
 
 from cluster.generate.plan import plan_job
 from cluster.storage import open_storage
-from cluster.writers import (JpegTarShardWriter, PngTarShardWriter, ShardInfo, image_encoder, jpeg_tar_writer,
+from cluster.writers import (JpegTarShardWriter, PngTarShardWriter, image_encoder, jpeg_tar_writer,
                              tar_member_count, writer_for)
 from conftest import rng_images, start_local_ray
 from generate_support import publish_tiny_model
