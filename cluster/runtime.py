@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -63,6 +64,39 @@ def ray_started_here() -> bool:
     return node is not None and node.is_head()
 
 
+def local_raylet_pids() -> set[int]:
+    """The raylets of the Ray this process started (empty when it joined one, or started none)."""
+    import ray._private.worker
+    from ray._private import ray_constants
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.is_head():
+        return set()
+    return {info.process.pid for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])}
+
+
+def shutdown_ray() -> None:
+    """ray.shutdown(); when this process started that Ray, SIGKILL any of its worker processes that outlived it.
+    Ray 2.60's workers can deadlock in their C++ exit handlers (an actor exiting while a pubsub reply is pending
+    destroys the publisher inside the io service it posts to): such a process never ends and keeps its memory (a
+    Ray Train controller: most of a GB). Every worker carries its raylet's pid in RAY_RAYLET_PID, so they are found
+    exactly (through /proc, on Linux), wherever they were reparented."""
+    import ray
+    raylets = {str(pid).encode() for pid in local_raylet_pids()}
+    ray.shutdown()
+    if not raylets or not os.path.isdir("/proc"):
+        return
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            if any(var.startswith(b"RAY_RAYLET_PID=") and var.split(b"=", 1)[1] in raylets for var in env):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:                                      # gone already, or not ours
+            continue
+
+
 @contextmanager
 def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_mb: int | None = None, dashboard: bool | None = None) -> Iterator[None]:
@@ -96,4 +130,4 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown_ray()

@@ -260,8 +260,8 @@ def _stop_ray_at_exit():
     yield
     import sys
     if "ray" in sys.modules:
-        import ray
-        ray.shutdown()
+        from cluster.runtime import shutdown_ray
+        shutdown_ray()           # and any worker of the session's Ray that outlived it
 
 
 @pytest.fixture
@@ -270,7 +270,8 @@ def ray_cluster():
     Usage: cluster = ray_cluster(); cluster.add_node(num_cpus=1); ray.init(address=cluster.address)."""
     import ray
     from ray.cluster_utils import Cluster
-    ray.shutdown()
+    from cluster.runtime import shutdown_ray
+    shutdown_ray()
     made: list[Cluster] = []
 
     def make(**head_args) -> Cluster:

@@ -1,5 +1,6 @@
 """cluster.runtime: whether the embedded Ray starts its dashboard, Ray starting on an install without the
-dashboard's packages (ray without the [default] extra), and the system settings the embedded Ray starts with."""
+dashboard's packages (ray without the [default] extra), the system settings the embedded Ray starts with, and
+stopping it: no worker process of it left behind."""
 from __future__ import annotations
 
 import json
@@ -107,3 +108,53 @@ def test_the_embedded_ray_prestarts_nothing_and_retries_its_sockets_often_within
     retry_ms = settings["raylet_client_connect_timeout_milliseconds"]
     attempts = settings["raylet_client_num_connect_attempts"]
     assert retry_ms == 100 and retry_ms * attempts == 10_000        # Ray's default: 10 tries a second apart
+
+
+WORKER_THAT_OUTLIVES_ITS_ACTOR = """
+import os, threading, time
+import ray
+from cluster.runtime import ray_runtime
+
+
+@ray.remote(num_cpus=0)
+class HangsOnExit:
+    def __init__(self):
+        # A thread that never ends: Python's exit waits for it, so the process outlives its actor, as a worker
+        # deadlocked in Ray's exit handlers does.
+        threading.Thread(target=threading.Event().wait, daemon=False).start()
+
+    def pid(self):
+        return os.getpid()
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+with ray_runtime(num_cpus=1):
+    actor = HangsOnExit.remote()
+    pid = ray.get(actor.pid.remote())
+    del actor                                           # Ray ends the actor; its process cannot exit
+    time.sleep(2)
+    print("alive after its actor ended:", alive(pid))
+deadline = time.time() + 30
+while alive(pid) and time.time() < deadline:
+    time.sleep(0.1)
+print("alive after Ray stopped:", alive(pid))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="workers are found through /proc")
+def test_a_worker_process_that_outlives_the_ray_vaegen_started_is_killed_with_it(starts_ray):
+    """Ray 2.60's workers can deadlock in their own exit handlers and never end; stopping the Ray this process
+    started also kills every worker process of it still there."""
+    run = subprocess.run([sys.executable, "-c", WORKER_THAT_OUTLIVES_ITS_ACTOR], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "alive after its actor ended: True" in run.stdout         # the hang happened
+    assert "alive after Ray stopped: False" in run.stdout
