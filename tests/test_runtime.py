@@ -141,7 +141,7 @@ with ray_runtime(num_cpus=1):
     del actor                                           # Ray ends the actor; its process cannot exit
     time.sleep(2)
     print("alive after its actor ended:", alive(pid))
-deadline = time.time() + 30
+deadline = time.time() + 10            # a moment for the kill to land; left alone, such a process never ends
 while alive(pid) and time.time() < deadline:
     time.sleep(0.1)
 print("alive after Ray stopped:", alive(pid))
