@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .checkpoint import checkpoint_files
+from .images import image_grid
 from .models import VAE
 from .plots import loss_curves_png
 from .train import EpochMetrics
@@ -23,25 +25,16 @@ PER_CLASS = 8                 # a conditional grid: a row of this many per class
 NROW = 8
 
 
-def grid_png(images: torch.Tensor, nrow: int = NROW, padding: int = 2, pad_value: float = 1.0) -> bytes:
-    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row with `padding`-pixel borders: the same bytes
-    as torchvision's save_image(make_grid(...)), without its import, which costs the driver seconds just after
-    training."""
-    images = images.detach().float().cpu().clamp(0, 1)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)          # make_grid draws grey images as RGB
-    n, c, h, w = images.shape
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
-    for k in range(n):
-        y, x = divmod(k, cols)
-        top, left = y * (h + padding) + padding, x * (w + padding) + padding
-        grid[:, top:top + h, left:left + w] = images[k]
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()   # save_image's rounding
-    from PIL import Image
+def grid_png(images: torch.Tensor, nrow: int = NROW) -> bytes:
+    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row with 2-pixel white borders: the same bytes as
+    torchvision's save_image(make_grid(...)), without its import, which costs the driver seconds just after
+    training. The pixels are rounded as save_image rounds them (x·255 + 0.5, truncated), not as to_uint8 does."""
+    tiles = images.detach().float().cpu().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    if tiles.shape[1] == 1:
+        tiles = tiles.repeat(3, axis=1)                  # make_grid draws grey images as RGB
+    grid = image_grid(tiles, ncols=min(nrow, len(tiles)))
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="png")
+    Image.fromarray(grid.transpose(1, 2, 0)).save(buffer, format="png")
     return buffer.getvalue()
 
 
