@@ -44,7 +44,8 @@ def log_folder(root: str | None) -> Path:
     if root is None or root.startswith("s3://"):
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return Path(cache) / "vaegen" / LOG_FOLDER
-    return Path(root.removeprefix("file://")) / LOG_FOLDER
+    from .storage import file_uri_path
+    return Path(file_uri_path(root) if root.startswith("file://") else root) / LOG_FOLDER
 
 
 @dataclass
@@ -105,7 +106,9 @@ def capture() -> Path | None:
     path = console.folder / f"{console.verb}-{stamp}.log"
     try:
         console.folder.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        if console.folder.is_symlink():
+            return None          # a link inside the root is never followed: no log, as for a read-only folder
+        log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     except OSError:
         return None              # no log where it belongs (a read-only folder): Ray's output stays on the terminal
     for stream in (sys.stdout, sys.stderr):

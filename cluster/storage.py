@@ -1,7 +1,9 @@
 """One storage root, local folder or s3://bucket/prefix, behind one small API: pyarrow.fs for local files and
 S3 listings (and what Ray reads), boto3 for S3 object reads and writes (one GET, one conditional PUT). Keys
 are '/'-separated and relative to the root, and every method refuses a key that could leave the root or alias
-another one (see check_key).
+another one (see check_key). A local root is a closed world: no method reads, writes, lists or deletes through a
+symbolic link inside it (the root itself may be one), so a planted link can neither leak a write nor steer a
+deletion outside it.
 
 S3 is allowed to fail transiently (409 ConditionalRequestConflict on concurrent conditional PUTs, 500, 503,
 SlowDown, a connection reset mid-request): every boto3 call here is retried a bounded number of times with
@@ -12,12 +14,13 @@ import errno
 import os
 import random
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -104,22 +107,27 @@ class Storage:
     def __init__(self, cfg: StorageConfig) -> None:
         self.cfg = cfg
         uri = cfg.root
+        if not uri.strip():
+            raise VaegenError("the storage root is empty: give --root a folder, file:///absolute/path or "
+                              "s3://bucket/prefix")
         scheme = urlparse(uri).scheme if "://" in uri else ""
         if scheme == "s3":
             parsed = urlparse(uri)
             if not parsed.netloc:
                 raise VaegenError(f"storage root {uri!r} names no bucket (s3://bucket/prefix)")
             self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+            if self.prefix:
+                check_key(self.prefix)
             self.endpoint: S3Endpoint | None = S3Endpoint.from_config(cfg)
             self.fs: pafs.FileSystem = self.endpoint.arrow_fs()
             self.base = f"{self.bucket}/{self.prefix}".rstrip("/")
         elif scheme in ("", "file"):
-            path = urlparse(uri).path if scheme else uri
+            path = file_uri_path(uri) if scheme else uri
             self.bucket, self.prefix, self.endpoint = None, "", None
             self.fs, self.base = pafs.LocalFileSystem(), os.path.abspath(path)
         else:
             raise VaegenError(f"unsupported storage URI scheme {scheme!r} in {uri!r} "
-                              "(use a local path, file://path, or s3://bucket/prefix)")
+                              "(use a local path, file:///absolute/path, or s3://bucket/prefix)")
         self.uri = f"s3://{self.base}" if self.is_s3 else self.base
         self._jitter = random.Random()
 
@@ -142,9 +150,25 @@ class Storage:
 
     # -- paths -------------------------------------------------------------------------------------
     def path(self, key: str = "") -> str:
-        """The pyarrow.fs path of a key (what Ray Data / Ray Train take with `filesystem=self.fs`); "" = the root."""
+        """The pyarrow.fs path of a key (what Ray Data / Ray Train take with `filesystem=self.fs`); "" = the root.
+        Locally, a key that passes through a symbolic link inside the root is refused here, so every method is."""
         check_key(key, root_ok=True)
-        return f"{self.base}/{key}" if key else self.base
+        if not key:
+            return self.base
+        if not self.is_s3:
+            self._refuse_links(key)
+        return f"{self.base}/{key}"
+
+    def _refuse_links(self, key: str) -> None:
+        path = self.base
+        for segment in key.split("/"):
+            path = f"{path}/{segment}"
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return                                 # nothing further along exists to follow
+            if stat.S_ISLNK(mode):
+                raise_link(path)
 
     def uri_of(self, key: str = "") -> str:
         return f"s3://{self.path(key)}" if self.is_s3 else self.path(key)
@@ -200,28 +224,51 @@ class Storage:
 
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
-        infos = self._file_infos(prefix, recursive)
+        if not self.is_s3:
+            return sorted((Entry(key, size) for key, size in self._local_walk(prefix, recursive) if size >= 0),
+                          key=lambda e: e.key)
+        infos = self._arrow(lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)), prefix)
         start = len(self.base) + 1
         return sorted((Entry(i.path[start:], i.size) for i in infos
                        if i.type == pafs.FileType.File and not i.path.endswith("/")), key=lambda e: e.key)
 
     def list_dirs(self, prefix: str) -> list[str]:
-        return sorted(i.base_name for i in self._file_infos(prefix, False) if i.type == pafs.FileType.Directory)
+        if not self.is_s3:
+            return sorted(key.rsplit("/", 1)[-1] for key, size in self._local_walk(prefix, False) if size < 0)
+        infos = self._arrow(lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)), prefix)
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def _file_infos(self, prefix: str, recursive: bool, attempts: int = 5) -> list:
-        """A local walk stats each entry it finds: one that another process renames or deletes meanwhile (a
-        publish's temp file) raises FileNotFoundError, which allow_not_found does not cover. Walk again."""
-        check_key(prefix, root_ok=True)
-        selector = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
-
-        def walk():
-            for attempt in range(attempts):
+    def _local_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int]]:
+        """(key, size) of each regular file and (key, -1) of each folder under `prefix`, never through a link: a
+        link met on the way is refused in one line. An entry that another process renames or deletes meanwhile
+        (a publish's temp file) is skipped; a prefix that is missing or not a folder lists nothing."""
+        found: list[tuple[str, int]] = []
+        pending = [prefix]
+        while pending:
+            folder = pending.pop()
+            try:
+                with os.scandir(self.path(folder)) as entries:
+                    listed = list(entries)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                raise VaegenError(f"cannot read {self.uri_of(folder)}: {e.strerror or e}") from None
+            for entry in listed:
+                key = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_symlink():
+                    raise_link(entry.path)
                 try:
-                    return self.fs.get_file_info(selector)
+                    if entry.is_dir(follow_symlinks=False):
+                        found.append((key, -1))
+                        if recursive:
+                            pending.append(key)
+                    elif entry.is_file(follow_symlinks=False):
+                        found.append((key, entry.stat(follow_symlinks=False).st_size))
                 except FileNotFoundError:
-                    if attempt == attempts - 1:
-                        raise
-        return self._arrow(walk, prefix)
+                    continue
+        return found
 
     # -- writes ------------------------------------------------------------------------------------
     def publish(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
@@ -414,6 +461,23 @@ class Storage:
             if self.is_s3 and ("NoSuchBucket" in str(e) or "NO_SUCH_BUCKET" in str(e) or "does not exist" in message):
                 raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}") from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
+
+
+def raise_link(path: str) -> None:
+    raise VaegenError(f"refusing to follow the symbolic link {path}: vaegen reads, writes and deletes only inside "
+                      "its root (the root itself may be a link); remove the link or point --root at its target")
+
+
+def file_uri_path(uri: str) -> str:
+    """The local path of a file: URI as RFC 8089 has it: file:///absolute/path or file://localhost/absolute/path.
+    A host (file://server/path) or a relative path (file://folder) is one line, never a guess."""
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise VaegenError(f"storage root {uri!r} names the host {parsed.netloc!r}: a file URI is "
+                          "file:///absolute/path (RFC 8089); for a relative folder give the path alone")
+    if not parsed.path.startswith("/"):
+        raise VaegenError(f"storage root {uri!r} is not an absolute file URI: use file:///absolute/path")
+    return unquote(parsed.path)
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:

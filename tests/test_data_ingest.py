@@ -10,7 +10,7 @@ from PIL import Image
 from cluster.datasets import bind_model_to_dataset, read_manifest, read_split
 from cluster.ingest import ingest_source
 from cluster.storage import open_storage
-from vae_core.config import ModelConfig
+from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, read_idx, read_image_folder
 from vae_core.errors import VaegenError
 
@@ -265,3 +265,22 @@ def test_parquet_single_file_on_s3_ingests(tmp_path, s3_storage_config):
                              progress=False)
     assert manifest["label_names"] == ["0", "1", "2"]
     assert read_split(storage, "s3one", "train").labels.tolist() == [2, 0]
+
+
+def test_a_link_planted_in_a_dataset_never_lets_an_ingest_delete_outside_the_root(tmp_path, capsys):
+    """The re-ingest's garbage collection must not follow `datasets/<name>/<split>` out of the root: it stops on
+    the link, in one line, before it writes, and the other user's files behind it stay."""
+    victim = tmp_path / "outside" / "victim" / "g-deadbeefdeadbeef"
+    victim.mkdir(parents=True)
+    (victim / "important.txt").write_text("another user's data")
+    make_folder(tmp_path / "first", {"a": (8, 8), "b": (8, 8)})
+    make_folder(tmp_path / "second", {"a": (8, 8), "c": (8, 8)})
+    root = tmp_path / "root"
+    ingest_source("image-folder", str(tmp_path / "first"), StorageConfig(root=str(root)), name="small1",
+                  progress=False)
+    (root / "datasets" / "small1" / "evilsplit").symlink_to(tmp_path / "outside" / "victim")
+    outside, inside = tree(tmp_path / "outside"), tree(root)
+    line = cli_error(capsys, "ingest", "image-folder", str(tmp_path / "second"), "--name", "small1",
+                     "--root", str(root))
+    assert "refusing to follow the symbolic link" in line and "evilsplit" in line
+    assert tree(tmp_path / "outside") == outside and tree(root) == inside

@@ -333,3 +333,75 @@ def test_an_s3_read_returns_one_whole_version_while_the_key_is_replaced(faulty):
     finally:
         stop.set()
         writer.join()
+
+
+# -- a local root is a closed world: no link inside it is followed -------------------------------------------
+
+@pytest.fixture
+def linked_root(tmp_path):
+    """A root holding `a/link` → a folder outside it, and `a/file` → a file outside it."""
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "f").write_bytes(b"not vaegen's")
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")), for_writing=True)
+    storage.publish("a/keep", b"keep")
+    os.symlink(outside, storage.base + "/a/link")
+    os.symlink(outside / "d" / "f", storage.base + "/a/file")
+    return storage, outside
+
+
+def outside_tree(outside) -> dict:
+    return {str(p.relative_to(outside)): p.read_bytes() for p in sorted(outside.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key", ["a/link/d/f", "a/link/d/new", "a/link/d", "a/link", "a/file"])
+def test_no_method_reads_writes_or_deletes_through_a_link_inside_the_root(linked_root, key):
+    storage, outside = linked_root
+    before = outside_tree(outside)
+    for name, call in KEY_METHODS.items():
+        if name in ("uri_of", "object_key"):
+            continue                                   # names, not file-system calls
+        with pytest.raises(VaegenError, match="refusing to follow the symbolic link") as refused:
+            call(storage, key)
+        assert "\n" not in str(refused.value), name
+    assert outside_tree(outside) == before and os.path.islink(storage.base + "/a/link")
+
+
+def test_a_listing_that_meets_a_link_is_refused_and_deletes_nothing(linked_root):
+    storage, outside = linked_root
+    for prefix in ("", "a"):
+        with pytest.raises(VaegenError, match=r"symbolic link .*/a/(link|file)"):
+            storage.list(prefix, recursive=True)
+    with pytest.raises(VaegenError, match="symbolic link"):
+        storage.list_dirs("a")
+    assert outside_tree(outside) == {"d/f": b"not vaegen's"}
+
+
+def test_the_root_itself_may_be_a_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "root")
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")), for_writing=True)
+    storage.publish("x/y", b"1")
+    assert storage.list("", recursive=True)[0].key == "x/y" and (tmp_path / "real" / "x" / "y").read_bytes() == b"1"
+
+
+@pytest.mark.parametrize("root, fragment", [
+    ("", "the storage root is empty"),
+    ("  ", "the storage root is empty"),
+    ("file://myroot", "names the host 'myroot'"),
+    ("file://otherhost/srv/data", "names the host 'otherhost'"),
+    ("file://localhost", "not an absolute file URI"),
+    ("s3://bucket/a/../b", "refusing storage key"),
+    ("s3://bucket/a//b", "refusing storage key"),
+    ("s3://bucket/./b", "refusing storage key"),
+])
+def test_a_root_that_is_empty_relative_elsewhere_or_escaping_is_one_line(root, fragment):
+    with pytest.raises(VaegenError, match=fragment) as refused:
+        Storage(StorageConfig(root=root))
+    assert "\n" not in str(refused.value)
+
+
+def test_file_uris_follow_rfc_8089(tmp_path):
+    assert Storage(StorageConfig(root=f"file://{tmp_path}/r")).base == f"{tmp_path}/r"
+    assert Storage(StorageConfig(root=f"file://localhost{tmp_path}/r")).base == f"{tmp_path}/r"
+    assert Storage(StorageConfig(root=f"file://{tmp_path}/a%20b")).base == f"{tmp_path}/a b"
