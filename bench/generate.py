@@ -30,16 +30,15 @@ import tempfile
 import time
 
 import torch
+from scale import memory_mib  # bench/scale.py, beside this script (its directory is on sys.path)
 
 from cluster.generate import RunSettings, run_generation
-from cluster.registry import Registry
-from cluster.storage import open_storage
+from cluster.store.registry import Registry
+from cluster.store.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.images import jpeg_encoder, jpeg_files, png_encoder, png_files, to_uint8
 from vae_core.models import build_model
-
-from scale import memory_mib          # bench/scale.py, beside this script (its directory is on sys.path)
 
 MODELS = {   # random weights: speed does not depend on them
     "mlp": ModelConfig(image_shape=(1, 28, 28)),                                   # 784-400-20, the reference
@@ -110,7 +109,7 @@ def peak_rss_child(root: str, count: int, workers: int, arch: str) -> dict:
 
 
 def rss_child(root: str, count: int, workers: int, arch: str) -> None:
-    from cluster.runtime import ray_runtime
+    from cluster.runtime.ray_session import ray_runtime
     storage_cfg = StorageConfig(root=root)
     publish_model(storage_cfg, arch)
     with ray_runtime(None, num_cpus=workers):
@@ -138,7 +137,7 @@ def main() -> None:
 
     machine = {"cpus": os.cpu_count(), "workers": args.workers, "machine": platform.machine(),
                "torch": torch.__version__, "repeat": args.repeat, "model": args.model}
-    from cluster.runtime import ray_runtime
+    from cluster.runtime.ray_session import ray_runtime
     if not args.skip_s3:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.setdefault(key, "bench")    # moto takes any; set before Ray starts: its workers inherit it

@@ -33,17 +33,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))        # gpu_train.py, generate.py beside this
-from generate import MODELS                                          # noqa: E402  (bench/generate.py's models)
+from generate import MODELS  # noqa: E402  (bench/generate.py's models)
 
-from cluster.generate import run_generation                          # noqa: E402
-from cluster.registry import Registry                                 # noqa: E402
-from cluster.runtime import ray_runtime                               # noqa: E402
-from cluster.storage import open_storage                              # noqa: E402
-from cluster.writers import WRITERS                                   # noqa: E402
-from vae_core.checkpoint import checkpoint_files                      # noqa: E402
-from vae_core.config import GenerateConfig, StorageConfig             # noqa: E402
-from vae_core.images import to_uint8                                  # noqa: E402
-from vae_core.models import build_model                               # noqa: E402
+from cluster.generate import run_generation  # noqa: E402
+from cluster.generate.writers import WRITERS  # noqa: E402
+from cluster.runtime.ray_session import ray_runtime  # noqa: E402
+from cluster.store.registry import Registry  # noqa: E402
+from cluster.store.storage import open_storage  # noqa: E402
+from vae_core.checkpoint import checkpoint_files  # noqa: E402
+from vae_core.config import GenerateConfig, StorageConfig  # noqa: E402
+from vae_core.images import to_uint8  # noqa: E402
+from vae_core.models import build_model  # noqa: E402
 
 BOUND_BATCH = 4096
 # (format, model) pairs measured: Parquet for both models; image files for the conv model, the kind one
@@ -118,7 +118,7 @@ def generation_rows(root: str, device: str, bounds: dict[str, float], args) -> N
 
 def training(device: str, smoke: bool) -> None:
     try:
-        from gpu_train import training_rows                          # bench/gpu_train.py, written separately
+        from gpu_train import training_rows  # bench/gpu_train.py, written separately
     except ImportError as e:
         emit("training", device=device, skipped=f"bench/gpu_train.py not importable: {e}")
         return

@@ -4,7 +4,7 @@
   classic   pytorch/examples vae/main.py's loop: torchvision's FashionMNIST Dataset + ToTensor, DataLoader(batch
             128, shuffled; one worker and pinned memory on CUDA, as the example does)
   resident  the same model and loop body with every image on the device: a random permutation per epoch, batch 128
-  vaegen    vaegen's single-process trainer (cluster.training.train_model, no Ray) on the same images and model
+  vaegen    vaegen's single-process trainer (cluster.train.driver.train_model, no Ray) on the same images and model
   conv      the same trainer, fmnist-best's conv architecture, --precision fp32 and bf16
 
 img/s counts training steps only (no evaluation), over the epochs after the first (the first pays start-up);
@@ -27,17 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
+from train_mlp import PlainVAE as ClassicVAE  # bench/ is on sys.path: the example's model, as published
+from train_mlp import plain_loss as classic_loss
 
-from cluster.datasets import ingest
-from cluster.local_train import training_device
-from cluster.storage import open_storage
-from cluster.training import train_model
+from cluster.data.datasets import ingest
+from cluster.store.storage import open_storage
+from cluster.train.driver import train_model
+from cluster.train.in_process import training_device
 from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, ArraySplit, read_fashion_mnist
 from vae_core.presets import fmnist_best
-
-from train_mlp import PlainVAE as ClassicVAE      # bench/ is on sys.path: the example's model, as published
-from train_mlp import plain_loss as classic_loss
 
 BATCH = 128
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / ".gpu" / "fmnist"    # ../shared/gpu/make-bundle's subset

@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from cluster.datasets import read_manifest
-from cluster.evaluation import evaluate_model
-from cluster.ingest import ingest_source
-from cluster.training import train_model
-from cluster.registry import ModelRef, Registry
-from cluster.storage import open_storage
+from cluster.data.datasets import read_manifest
+from cluster.data.ingest import ingest_source
+from cluster.show.evaluation import evaluate_model
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import open_storage
+from cluster.train.driver import train_model
 from vae_core.classifier import ClassifierConfig
 from vae_core.config import StorageConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError

@@ -34,9 +34,9 @@ import time
 import torch
 
 from cluster.generate import RunSettings, run_generation
-from cluster.layout import OUTPUTS, JobKeys
-from cluster.registry import Registry
-from cluster.storage import open_storage
+from cluster.store.layout import OUTPUTS, JobKeys
+from cluster.store.registry import Registry
+from cluster.store.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.models import build_model
@@ -76,7 +76,7 @@ def timed_job(spec: GenerateConfig, storage_cfg: StorageConfig, workers: int) ->
 
 def point(root: str, shards: int, rows_per_shard: int, workers: int) -> dict:
     """One point, in this (fresh) process: a fresh job of `shards` shards, then its resume, then a listing."""
-    from cluster.runtime import ray_runtime
+    from cluster.runtime.ray_session import ray_runtime
     storage_cfg = StorageConfig(root=root)
     storage = open_storage(storage_cfg, for_writing=True)
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cluster.ingest import ingest_source
-from cluster.training import train_model
+from cluster.data.ingest import ingest_source
+from cluster.train.driver import train_model
 from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import read_fashion_mnist
 

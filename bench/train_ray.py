@@ -42,14 +42,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster.datasets import ingest                                        # noqa: E402
-from cluster.runs import TrainResult                                    # noqa: E402
-from cluster.runtime import DASHBOARD_ENV                                  # noqa: E402
-from cluster.storage import open_storage                                  # noqa: E402
-from cluster.training import train_model                                # noqa: E402
+from cluster.data.datasets import ingest  # noqa: E402
+from cluster.runtime.ray_session import DASHBOARD_ENV  # noqa: E402
+from cluster.store.storage import open_storage  # noqa: E402
+from cluster.train.driver import train_model  # noqa: E402
+from cluster.train.runs import TrainResult  # noqa: E402
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig  # noqa: E402
-from vae_core.data import ArrayDataset, ArraySplit, read_fashion_mnist   # noqa: E402
-from vae_core.models import build_model                                   # noqa: E402
+from vae_core.data import ArrayDataset, ArraySplit, read_fashion_mnist  # noqa: E402
+from vae_core.models import build_model  # noqa: E402
 
 
 def figures(result: TrainResult, seconds: float) -> dict:
@@ -156,10 +156,10 @@ def startup_callback() -> None:
 
 
 def timed_worker_loop(raw: dict) -> None:
-    """cluster.train's worker loop, noting when it starts and when the worker's rows are in memory."""
-    import cluster.train as worker_module
+    """cluster.train.on_ray's worker loop, noting when it starts and when the worker's rows are in memory."""
+    import cluster.train.on_ray as worker_module
     note("worker_loop_started")
-    for name in ("worker_rows", "rows_in_memory"):        # whichever this version of cluster.train has
+    for name in ("worker_rows", "rows_in_memory"):        # whichever this version of cluster.train.on_ray has
         real = getattr(worker_module, name, None)
         if real is not None:
             def timed(*args, _real=real, **kwargs):
@@ -175,7 +175,8 @@ def timed_worker_loop(raw: dict) -> None:
 def time_driver_steps() -> None:
     """Wrap the driver's ray_runtime and run_trainer so that the startup log shows ray.init and the trainer."""
     import contextlib
-    import cluster.train as driver_module
+
+    import cluster.train.on_ray as driver_module
     real_runtime, real_trainer = driver_module.ray_runtime, driver_module.run_trainer
 
     @contextlib.contextmanager

@@ -8,7 +8,7 @@ What a failure looks like to the user, one line on stderr either way:
 - anything else is a bug in vaegen → `vaegen: internal error: ...`, exit 1, so that scripts and tests can tell
   the two apart. VAEGEN_DEBUG=1 lets every exception but VaegenError through with its traceback.
 
-What the terminal shows (cluster/console.py): vaegen's own lines and progress bars. Once a verb starts Ray,
+What the terminal shows (cluster/runtime/console.py): vaegen's own lines and progress bars. Once a verb starts Ray,
 everything Ray prints goes to a log file (under a local root, `<root>/logs/`; for an S3 root, the user's cache
 folder), which the run's last line, or its error line, names. `--verbose` (on any verb, or VAEGEN_VERBOSE=1)
 shows everything on the terminal instead, as Ray prints it."""
@@ -18,7 +18,7 @@ import os
 import sys
 from contextlib import ExitStack
 
-from cluster.console import console_session, log_line, terminal_stderr
+from cluster.runtime.console import console_session, log_line, terminal_stderr
 from vae_core.errors import VaegenError
 
 from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, retrain_cmd, train_cmds

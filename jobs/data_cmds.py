@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from cluster.ingest import ingest_source
+    from cluster.data.ingest import ingest_source
     manifest = ingest_source(args.source, args.path, storage_config(args), name=args.name, split=args.split,
                              shard_rows=args.shard_rows, progress=args.progress)
     splits = ", ".join(f"{k}: {v['rows']:,} rows in {len(v['shards'])} shards" for k, v in manifest["splits"].items())

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from cluster.console import terminal_stderr
+from cluster.runtime.console import terminal_stderr
 from vae_core.errors import VaegenError
 
 from .config_file import config_path, parse_args, with_config_name
@@ -78,7 +78,7 @@ def add_job_server_arg(p: argparse.ArgumentParser) -> None:
 
 
 def resolved_address(args: argparse.Namespace) -> str:
-    from cluster.submit import job_server_address
+    from cluster.runtime.submit import job_server_address
     address, note = job_server_address(args.address)
     if note:
         print(f"vaegen: {note}", file=terminal_stderr(), flush=True)
@@ -116,12 +116,12 @@ MODEL_READING_VERBS = ("generate", "reconstruct", "sample", "evaluate")
 
 def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], bool]:
     """Verbs that read a model version (generate, reconstruct, sample, evaluate) get the version the registry
-    names now, read through the command's own --root/--s3-endpoint; see cluster.submit.pin_model_version."""
+    names now, read through the command's own --root/--s3-endpoint; see cluster.runtime.submit.pin_model_version."""
     spec = getattr(parsed, "model", None)
     # train and retrain take --model too, but there it names an architecture (mlp, conv), not a registry spec.
     if argv[0] not in MODEL_READING_VERBS or not isinstance(spec, str) or not hasattr(parsed, "root"):
         return argv, True
-    from cluster.submit import pin_model_version
+    from cluster.runtime.submit import pin_model_version
     from vae_core.config import StorageConfig
     argv, deduplicate, note = pin_model_version(argv, spec, StorageConfig(root=parsed.root,
                                                                           s3_endpoint=parsed.s3_endpoint))
@@ -131,8 +131,16 @@ def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], b
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from cluster.submit import (SubmitConfig, connect, failure_line, final_info, follow_logs, job_exit_code,
-                                local_only_env, submit)
+    from cluster.runtime.submit import (
+        SubmitConfig,
+        connect,
+        failure_line,
+        final_info,
+        follow_logs,
+        job_exit_code,
+        local_only_env,
+        submit,
+    )
     argv, files, deduplicate = check_command(args.command)
     cfg = SubmitConfig(address=resolved_address(args), argv=argv, files=files, wait=args.wait,
                        submission_id=args.submission_id, deduplicate=deduplicate,
@@ -168,7 +176,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from cluster.submit import _call, connect, failure_line, follow_logs
+    from cluster.runtime.submit import _call, connect, failure_line, follow_logs
     client = connect(resolved_address(args))
     if args.action == "list":
         for job in _call("listing jobs", client.list_jobs):

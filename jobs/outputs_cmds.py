@@ -7,7 +7,7 @@ import pathlib
 import sys
 import time
 
-from cluster.console import terminal_stderr
+from cluster.runtime.console import terminal_stderr
 
 from .args import add_storage_args, storage_config
 
@@ -64,8 +64,8 @@ def _when(t: object) -> str:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from cluster.inventory import list_datasets, list_jobs, list_models, require_root
-    from cluster.storage import open_storage
+    from cluster.show.inventory import list_datasets, list_jobs, list_models, require_root
+    from cluster.store.storage import open_storage
     from vae_core.config import StorageConfig
     storage = require_root(open_storage(StorageConfig(root=args.location or args.root, s3_endpoint=args.s3_endpoint)))
     print(f"{storage.uri}\n")
@@ -93,8 +93,8 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from cluster.gallery import write_gallery
-    from cluster.layout import SUCCESS
+    from cluster.show.gallery import write_gallery
+    from cluster.store.layout import SUCCESS
     from vae_core.errors import VaegenError
     if args.per_class is not None and args.per_class <= 0:
         raise VaegenError(f"--per-class={args.per_class} must be > 0")

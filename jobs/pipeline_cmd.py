@@ -30,14 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
-    from cluster.datasets import read_manifest
+    from cluster.data.datasets import read_manifest
+    from cluster.data.ingest import ingest_source
     from cluster.generate import run_generation, run_reconstruction
-    from cluster.ingest import ingest_source
-    from cluster.runtime import ray_runtime
-    from cluster.storage import open_storage
-    from cluster.train import local_cpus
-    from cluster.train_placement import sized_training
-    from cluster.training import train_model
+    from cluster.runtime.ray_session import ray_runtime
+    from cluster.store.storage import open_storage
+    from cluster.train.driver import train_model
+    from cluster.train.on_ray import local_cpus
+    from cluster.train.placement import sized_training
     from vae_core.errors import VaegenError
 
     job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
@@ -73,7 +73,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                 job.storage, address=args.address, progress=args.progress)
             generated, reconstructed = sampling.result(), reconstructing.result()
 
-    from cluster.evaluation import quick_evaluation, summary_table
+    from cluster.show.evaluation import quick_evaluation, summary_table
     print(f"[5/{STEPS}] scoring {model} on the test split (IWAE k=100, first 500 images; "
           f"`vaegen evaluate --model {model}` gives the full figures)")
     evaluated = quick_evaluation(trained.ref, job.storage, k=100, limit=500)

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 
 from cluster.generate.settings import RunSettings
-from cluster.retrain import RetrainConfig, retrain
+from cluster.train.retrain import RetrainConfig, retrain
 from vae_core.config import GenerateConfig
 
 from .args import add_progress_arg, add_train_job_args, train_job_config

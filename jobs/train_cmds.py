@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from cluster.training import train_model
+    from cluster.train.driver import train_model
     result = train_model(train_job_config(args), address=args.address, progress=args.progress)
     s = result.summary
     backend = f"{s['workers']} Ray Train workers" if "workers" in s else "one process"
@@ -48,8 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from cluster.registry import Registry
-    from cluster.storage import open_storage
+    from cluster.store.registry import Registry
+    from cluster.store.storage import open_storage
     from vae_core.images import image_grid, png_bytes, to_uint8
 
     check_model_spec(args.model, "--model")

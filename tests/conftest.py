@@ -212,8 +212,8 @@ def small_fashion(fashion_mnist):
 @pytest.fixture
 def fashion_root(storage_config, small_fashion):
     """A storage root (local folder, then S3) holding small_fashion as dataset 'fm-small' with both splits."""
-    from cluster.datasets import ingest
-    from cluster.storage import open_storage
+    from cluster.data.datasets import ingest
+    from cluster.store.storage import open_storage
     from vae_core.data import ArrayDataset, ArraySplit
     (train_x, train_y), (test_x, test_y) = small_fashion
     dataset = ArrayDataset({"train": ArraySplit(train_x, train_y), "test": ArraySplit(test_x, test_y)},
@@ -240,7 +240,8 @@ RAY_TEST_CPUS = 4          # logical CPUs on a 2-core box: room for actors and R
 
 def start_local_ray() -> None:
     import ray
-    from cluster.runtime import LOCAL_RAY_SYSTEM_CONFIG, WORKER_ENV
+
+    from cluster.runtime.ray_session import LOCAL_RAY_SYSTEM_CONFIG, WORKER_ENV
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
                  runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
@@ -260,7 +261,7 @@ def _stop_ray_at_exit():
     yield
     import sys
     if "ray" in sys.modules:
-        from cluster.runtime import shutdown_ray
+        from cluster.runtime.ray_session import shutdown_ray
         shutdown_ray()           # and any worker of the session's Ray that outlived it
 
 
@@ -270,7 +271,8 @@ def ray_cluster():
     Usage: cluster = ray_cluster(); cluster.add_node(num_cpus=1); ray.init(address=cluster.address)."""
     import ray
     from ray.cluster_utils import Cluster
-    from cluster.runtime import shutdown_ray
+
+    from cluster.runtime.ray_session import shutdown_ray
     shutdown_ray()
     made: list[Cluster] = []
 

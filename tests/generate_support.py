@@ -9,8 +9,8 @@ import tarfile
 import pyarrow.parquet as pq
 import torch
 
-from cluster.registry import Registry
-from cluster.storage import Storage
+from cluster.store.registry import Registry
+from cluster.store.storage import Storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig
 from vae_core.images import decode_png

@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
-from cluster.layout import JobKeys
 from conftest import free_port
+
+from cluster.store.layout import JobKeys
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "vaegen-test"
@@ -314,10 +314,11 @@ def run_case(case: Case, base_root: Path, work: Path, endpoints: dict[str, str])
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory, small_fashion) -> Path:
     """64 training and 32 test images of Fashion-MNIST as dataset 'fm', and model tiny@v0001 (the champion)."""
-    from cluster.datasets import ingest
-    from cluster.registry import Registry, swap_champion
-    from cluster.storage import open_storage
     from generate_support import publish_tiny_model
+
+    from cluster.data.datasets import ingest
+    from cluster.store.registry import Registry, swap_champion
+    from cluster.store.storage import open_storage
     from vae_core.config import StorageConfig
     from vae_core.data import ArrayDataset, ArraySplit
     (train_x, train_y), (test_x, test_y) = small_fashion

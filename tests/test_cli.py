@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from cluster.registry import Registry
+from cluster.store.registry import Registry
+from cluster.store.storage import open_storage
 from jobs.cli import build_parser
-from cluster.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig, StorageConfig
 from vae_core.models import build_model
@@ -254,12 +254,12 @@ def test_a_config_weights_mismatch_is_summed_up_on_one_line(tiny_root, capsys):
 ])
 def test_unexpected_exceptions_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys, error,
                                                                           code, start):
-    import cluster.inventory
+    import cluster.show.inventory
     from jobs.cli import main
 
     def failing(*_):
         raise error
-    monkeypatch.setattr(cluster.inventory, "list_datasets", failing)
+    monkeypatch.setattr(cluster.show.inventory, "list_datasets", failing)
     (tmp_path / "root").mkdir()
     assert main(["ls", str(tmp_path / "root")]) == code
     err = capsys.readouterr().err

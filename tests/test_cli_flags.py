@@ -10,17 +10,17 @@ import re
 import pytest
 
 from cluster.generate.settings import RunSettings
-from cluster.retrain import RetrainConfig
+from cluster.train.retrain import RetrainConfig
 from jobs.args import storage_config, train_job_config
-from jobs.cli import build_parser, main as vaegen
+from jobs.cli import build_parser
+from jobs.cli import main as vaegen
 from jobs.config_file import parse_args
 from jobs.eval_cmds import eval_job_config
 from jobs.flags import build, dest_paths, flagged_fields
 from jobs.generate_cmds import run_settings
 from jobs.retrain_cmd import generation_settings, retrain_config
 from vae_core.classifier import ClassifierConfig
-from vae_core.config import (GenerateConfig, ModelConfig, RayTrainConfig, StorageConfig, TrainConfig,
-                             TrainJobConfig)
+from vae_core.config import GenerateConfig, ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.evaluate import EvalJobConfig
 from vae_core.presets import PRESETS, fmnist_best, layer_preset, preset_job
 

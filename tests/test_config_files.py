@@ -6,7 +6,8 @@ import argparse
 import pytest
 
 from jobs.args import train_job_config
-from jobs.cli import build_parser, main as vaegen
+from jobs.cli import build_parser
+from jobs.cli import main as vaegen
 from jobs.config_file import effective_settings, parse_args, with_config_name
 from jobs.generate_cmds import run_generate
 from jobs.train_cmds import run_train

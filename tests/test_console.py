@@ -123,7 +123,7 @@ def test_the_pipeline_shows_only_vaegens_lines_and_keeps_rays_in_the_log_it_name
 PROBE = textwrap.dedent("""
     import logging, os, subprocess, sys, threading, warnings
     from tqdm.auto import tqdm
-    from cluster.console import capture, console_session, log_line, terminal_stderr
+    from cluster.runtime.console import capture, console_session, log_line, terminal_stderr
 
     with console_session("probe", sys.argv[1]) as session:
         print("vaegen: before capture", flush=True)
@@ -180,7 +180,7 @@ def test_verbose_is_taken_anywhere_before_a_bare_double_dash():
 
 
 def test_a_local_root_keeps_its_log_beside_its_data_and_an_s3_root_in_the_cache(tmp_path, monkeypatch):
-    from cluster.console import log_folder
+    from cluster.runtime.console import log_folder
     assert log_folder(str(tmp_path)) == tmp_path / "logs"
     assert log_folder(f"file://{tmp_path}") == tmp_path / "logs"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

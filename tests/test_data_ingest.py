@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.datasets import bind_model_to_dataset, read_manifest, read_split
-from cluster.ingest import ingest_source
-from cluster.storage import open_storage
+from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_split
+from cluster.data.ingest import ingest_source
+from cluster.store.storage import open_storage
 from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, read_idx, read_image_folder
 from vae_core.errors import VaegenError
@@ -249,7 +249,7 @@ def test_bad_parquet_input_is_one_line(tmp_path, capsys, labels, fragment):
 
 
 def test_a_negative_label_is_refused_from_any_source(local_storage_config):
-    from cluster.datasets import ingest
+    from cluster.data.datasets import ingest
     from vae_core.data import ArrayDataset, ArraySplit
     bad = ArrayDataset({"train": ArraySplit(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, -1]))}, ("a",), "x")
     with pytest.raises(VaegenError, match="label -1"):

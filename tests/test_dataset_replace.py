@@ -15,16 +15,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import root_args
 from PIL import Image
 
-from cluster.datasets import (MANIFEST, PENDING_TIMEOUT_S, collect_garbage, dataset_key, generation_of, ingest,
-                              read_manifest, read_shard, read_split, shard_keys, split_table, table_arrays,
-                              table_bytes)
-from cluster.storage import Storage, open_storage
+from cluster.data.datasets import (
+    MANIFEST,
+    PENDING_TIMEOUT_S,
+    collect_garbage,
+    dataset_key,
+    generation_of,
+    ingest,
+    read_manifest,
+    read_shard,
+    read_split,
+    shard_keys,
+    split_table,
+    table_arrays,
+    table_bytes,
+)
+from cluster.store.storage import Storage, open_storage
 from vae_core.data import ArrayDataset, ArraySplit, read_image_folder
 from vae_core.errors import VaegenError
-
-from conftest import root_args
 
 NAME = "ds"
 

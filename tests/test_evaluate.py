@@ -8,24 +8,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import root_args, unique_name
 from PIL import Image
 
-from cluster.datasets import ingest
-from cluster.evaluation import classifier_key, quick_evaluation, reference_classifier, summary_table
-from cluster.ingest import ingest_source
-from cluster.storage import open_storage
-from conftest import root_args, unique_name
+from cluster.data.datasets import ingest
+from cluster.data.ingest import ingest_source
+from cluster.show.evaluation import classifier_key, quick_evaluation, reference_classifier, summary_table
+from cluster.store.storage import open_storage
 from jobs.args import train_job_config
 from jobs.cli import build_parser, main
 from vae_core.classifier import CLASSIFIER_WEIGHTS, ClassifierConfig, accuracy, train_classifier
 from vae_core.config import ModelConfig, TrainConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
-from vae_core.evaluate import (frechet_distance, iwae_bounds, log_normal, model_likelihood, sample_quality)
+from vae_core.evaluate import frechet_distance, iwae_bounds, log_normal, model_likelihood, sample_quality
 from vae_core.models import build_model
 from vae_core.presets import PRESETS
 from vae_core.train import ImageSet, beta_at_epoch, evaluate, fit, iterate_batches, lr_at_epoch, split_train_val
-
 
 # -- likelihood bounds ---------------------------------------------------------------------------------
 

@@ -14,16 +14,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import start_local_ray
 from PIL import Image
 
-from cluster.datasets import ingest
-from cluster.evaluation import evaluate_model
+from cluster.data.datasets import ingest
 from cluster.generate import run_generation, run_reconstruction
-from cluster.layout import GALLERY, SUCCESS, JobKeys
-from cluster.registry import Registry
-from cluster.storage import open_storage
-from cluster.training import train_model
-from conftest import start_local_ray
+from cluster.show.evaluation import evaluate_model
+from cluster.store.layout import GALLERY, SUCCESS, JobKeys
+from cluster.store.registry import Registry
+from cluster.store.storage import open_storage
+from cluster.train.driver import train_model
 from jobs.cli import main as vaegen
 from jobs.outputs_cmds import has_display
 from vae_core.checkpoint import checkpoint_files

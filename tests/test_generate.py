@@ -8,24 +8,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cluster.datasets import ingest
-from cluster.generate import (STALE_TEMP_S, JobPlan, RunSettings, ShardLedger, ShardMaker, commit, plan_job,
-                              run_generation, run_reconstruction, sha256_hex, start_workers, verified_shards)
-from cluster.inventory import read_committed_manifest
-from cluster.job_lease import JobLease
-from cluster.layout import SUCCESS, JobKeys, shard_name
-from cluster.registry import Registry
-from cluster.storage import Storage, open_storage
-from cluster.writers import parquet_image_bytes
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects
+
+from cluster.data.datasets import ingest
+from cluster.generate import (
+    STALE_TEMP_S,
+    JobPlan,
+    RunSettings,
+    ShardLedger,
+    ShardMaker,
+    commit,
+    plan_job,
+    run_generation,
+    run_reconstruction,
+    sha256_hex,
+    start_workers,
+    verified_shards,
+)
+from cluster.generate.lease import JobLease
+from cluster.generate.writers import parquet_image_bytes
+from cluster.show.inventory import read_committed_manifest
+from cluster.store.layout import SUCCESS, JobKeys, shard_name
+from cluster.store.registry import Registry
+from cluster.store.storage import Storage, open_storage
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import build_model
-
 
 LOCAL_AND_SLOW_S3 = pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 
@@ -515,6 +526,7 @@ def test_a_decoder_worker_runs_two_shards_at_once(ray_local, local_storage_confi
     """The actor takes its two in-flight shards together (one decoding while the other encodes or publishes),
     and they land as one undisturbed worker builds them."""
     import ray
+
     from cluster.generate.drill import STAGE_DELAY_ENV
     storage = open_storage(local_storage_config, for_writing=True)
     publish_tiny_model(storage)

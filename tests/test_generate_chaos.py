@@ -12,15 +12,15 @@ import sys
 import time
 
 import pytest
+from generate_support import all_rows, publish_tiny_model, shard_objects
+from s3_fault_proxy import FaultProxy
 
 from cluster.generate import plan_job, run_generation
 from cluster.generate.drill import STAGE_DELAY_ENV
-from cluster.inventory import read_committed_manifest
-from cluster.job_lease import LEASE_TTL_ENV
-from cluster.layout import LEASE, RECEIPTS
-from cluster.storage import open_storage
-from generate_support import all_rows, publish_tiny_model, shard_objects
-from s3_fault_proxy import FaultProxy
+from cluster.generate.lease import LEASE_TTL_ENV
+from cluster.show.inventory import read_committed_manifest
+from cluster.store.layout import LEASE, RECEIPTS
+from cluster.store.storage import open_storage
 from vae_core.config import GenerateConfig, StorageConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

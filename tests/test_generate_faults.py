@@ -10,15 +10,15 @@ import time
 
 import pytest
 import torch
+from generate_support import all_rows, publish_tiny_model, sha256_hex, shard_objects
 
 from cluster.generate import RunSettings, ShardMaker, plan_job, run_generation, start_workers
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
-from cluster.inventory import read_committed_manifest
-from cluster.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
-from cluster.registry import Registry
-from cluster.storage import open_storage
-from cluster.writers import ParquetShardWriter
-from generate_support import all_rows, publish_tiny_model, sha256_hex, shard_objects
+from cluster.generate.writers import ParquetShardWriter
+from cluster.show.inventory import read_committed_manifest
+from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
+from cluster.store.registry import Registry
+from cluster.store.storage import open_storage
 from vae_core.config import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

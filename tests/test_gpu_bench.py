@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cluster.writers import WRITERS
+from cluster.generate.writers import WRITERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

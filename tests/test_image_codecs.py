@@ -12,16 +12,22 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
+from conftest import rng_images, start_local_ray
+from generate_support import publish_tiny_model
 from PIL import Image
+from test_writers import batches, write
 from torchvision.io import decode_image
 
 from cluster.generate.plan import plan_job
-from cluster.storage import open_storage
-from cluster.writers import (JpegTarShardWriter, PngTarShardWriter, image_encoder, jpeg_tar_writer,
-                             tar_member_count, writer_for)
-from conftest import rng_images, start_local_ray
-from generate_support import publish_tiny_model
-from test_writers import batches, write
+from cluster.generate.writers import (
+    JpegTarShardWriter,
+    PngTarShardWriter,
+    image_encoder,
+    jpeg_tar_writer,
+    tar_member_count,
+    writer_for,
+)
+from cluster.store.storage import open_storage
 from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.images import jpeg_files, png_bytes, png_encoder, png_files
@@ -212,7 +218,7 @@ def wds_jobs(starts_ray, tmp_path_factory):
 
 
 def job_manifest(folder: str) -> dict:
-    from cluster.layout import MANIFEST
+    from cluster.store.layout import MANIFEST
     with open(os.path.join(folder, MANIFEST)) as f:
         return json.load(f)
 

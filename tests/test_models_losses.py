@@ -9,7 +9,7 @@ import torch
 from vae_core.config import ModelConfig, TrainConfig
 from vae_core.errors import VaegenError
 from vae_core.losses import bernoulli_nll, elbo_loss, gaussian_nll, kl_divergence
-from vae_core.models import ConvVAE, MLPVAE, build_model
+from vae_core.models import MLPVAE, ConvVAE, build_model
 from vae_core.train import ImageSet, fit, mean_image, split_train_val, start_output
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -151,7 +151,9 @@ def test_starting_at_the_mean_image_trains_to_a_lower_loss(small_fashion):
 def test_grids_are_torchvisions_bytes_without_importing_it(shape, nrow):
     """The model version's grids are laid out and rounded as torchvision's save_image(make_grid(...)) does it."""
     import io
+
     from torchvision.utils import save_image
+
     from vae_core.artifacts import grid_png
     images = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
     theirs = io.BytesIO()

@@ -8,16 +8,16 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from cluster.datasets import ingest
-from cluster.generate import plan_job, run_generation, run_reconstruction
-from cluster.generate.drill import STAGE_DELAY_ENV
-from cluster.inventory import job_status, list_jobs
-from cluster.layout import RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
-from cluster.storage import open_storage
 from conftest import start_local_ray
 from generate_support import publish_tiny_model
+from PIL import Image
+
+from cluster.data.datasets import ingest
+from cluster.generate import plan_job, run_generation, run_reconstruction
+from cluster.generate.drill import STAGE_DELAY_ENV
+from cluster.show.inventory import job_status, list_jobs
+from cluster.store.layout import RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
+from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit

@@ -8,18 +8,24 @@ import threading
 
 import pytest
 import torch
+from generate_support import publish_tiny_model
+from test_generate_faults import assert_complete_and_exact, spec, wait_for
+from test_scale_cluster import worker_statuses
 
 from cluster.generate import RunSettings, plan_job, run_generation, start_workers, stop_workers
 from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.pool import placed_settings, worker_device
-from cluster.generate.settings import (DEFAULT_CPU_WORKERS, DEFAULT_CPUS_PER_WORKER, GPU_MEMORY_RESOURCE,
-                                       GPU_MEMORY_USABLE, UNKNOWN_MEMORY_WORKERS_PER_GPU, size_placement,
-                                       worker_gpu_bytes)
-from cluster.runtime import WORKER_ENV
-from cluster.storage import open_storage
-from generate_support import publish_tiny_model
-from test_generate_faults import assert_complete_and_exact, spec, wait_for
-from test_scale_cluster import worker_statuses
+from cluster.generate.settings import (
+    DEFAULT_CPU_WORKERS,
+    DEFAULT_CPUS_PER_WORKER,
+    GPU_MEMORY_RESOURCE,
+    GPU_MEMORY_USABLE,
+    UNKNOWN_MEMORY_WORKERS_PER_GPU,
+    size_placement,
+    worker_gpu_bytes,
+)
+from cluster.runtime.ray_session import WORKER_ENV
+from cluster.store.storage import open_storage
 from vae_core.errors import VaegenError
 
 GIB = 2**30

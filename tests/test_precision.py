@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from cluster.local_train import DEVICE_SHARE, fits_on_device, resident, training_device
-from cluster.training import train_model
+from cluster.train.driver import train_model
+from cluster.train.in_process import DEVICE_SHARE, fits_on_device, resident, training_device
 from jobs.args import train_job_config
-from jobs.cli import build_parser, main as vaegen
+from jobs.cli import build_parser
+from jobs.cli import main as vaegen
 from jobs.config_file import parse_args
 from vae_core.config import ModelConfig, TrainConfig, TrainJobConfig
 from vae_core.errors import VaegenError
@@ -59,8 +60,8 @@ def test_bf16_trains_on_cpu_with_a_finite_loss_close_to_fp32(arch, small_fashion
 
 
 def test_a_bf16_run_trains_and_publishes_through_the_single_process_trainer(small_fashion, local_storage_config):
-    from cluster.datasets import ingest
-    from cluster.storage import open_storage
+    from cluster.data.datasets import ingest
+    from cluster.store.storage import open_storage
     from vae_core.data import ArrayDataset, ArraySplit
     (train_x, train_y), (test_x, test_y) = small_fashion
     dataset = ArrayDataset({"train": ArraySplit(train_x[:600], train_y[:600]),

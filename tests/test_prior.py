@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-
-from cluster.storage import open_storage
 from conftest import root_args, unique_name
+
+from cluster.store.storage import open_storage
 from jobs.cli import main
 from vae_core.checkpoint import checkpoint_files, load_checkpoint
 from vae_core.config import ModelConfig, TrainConfig

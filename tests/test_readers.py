@@ -8,14 +8,14 @@ import shlex
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from cluster.datasets import ingest
-from cluster.generate import run_generation, run_reconstruction
-from cluster.layout import OUTPUTS, JobKeys, card_name
-from cluster.storage import open_storage
 from conftest import start_local_ray
 from generate_support import publish_tiny_model
+from PIL import Image
+
+from cluster.data.datasets import ingest
+from cluster.generate import run_generation, run_reconstruction
+from cluster.store.layout import OUTPUTS, JobKeys, card_name
+from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.data import FASHION_MNIST_LABELS, ArrayDataset, ArraySplit
@@ -148,7 +148,7 @@ def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
 
 
 def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
-    from cluster.dataset_card import Provenance, RowLayout, dataset_card
+    from cluster.generate.card import Provenance, RowLayout, dataset_card
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
                 "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
                 "totals": {"rows": 20_000, "shards": 2, "bytes": 123}, "created_at": 0.0, "label_names": [],
@@ -181,9 +181,11 @@ def test_a_job_made_before_the_data_layout_is_still_listed_and_read(jobs, capsys
     shards, and every reader goes through it."""
     import hashlib
     import json
-    from cluster.inventory import job_status
-    from cluster.writers.parquet import decode_image_column
+
     import pyarrow.parquet as pq
+
+    from cluster.generate.writers.parquet import decode_image_column
+    from cluster.show.inventory import job_status
     cfg, storage, _, samples = jobs
     old = {**samples, "job_id": "samples-00000000000000aa", "prefix": f"{OUTPUTS}/samples-00000000000000aa"}
     old["shards"] = [{**s, "name": f"part-{i:05d}.parquet"} for i, s in enumerate(samples["shards"])]

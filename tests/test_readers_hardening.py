@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 import pytest
-
-from cluster.datasets import MANIFEST as DATASET_MANIFEST
-from cluster.datasets import dataset_key, ingest
-from cluster.inventory import list_jobs
-from cluster.layout import JOB_GALLERY
-from cluster.registry import CHAMPION_FILE, Registry
-from cluster.storage import Storage, open_storage
 from conftest import rng_images
+
+from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
+from cluster.data.datasets import dataset_key, ingest
+from cluster.show.inventory import list_jobs
+from cluster.store.layout import JOB_GALLERY
+from cluster.store.registry import CHAMPION_FILE, Registry
+from cluster.store.storage import Storage, open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from cluster.registry import CorruptRecordError, Registry, decisions, parse_model_spec, swap_champion
-from cluster.storage import Storage
+from cluster.store.registry import CorruptRecordError, Registry, decisions, parse_model_spec, swap_champion
+from cluster.store.storage import Storage
 from jobs.cli import main as vaegen
 from vae_core.checkpoint import CONFIG_FILE, checkpoint_files
 from vae_core.config import ModelConfig
@@ -121,7 +121,7 @@ def test_an_unreadable_decision_record_is_marked_not_fatal(local_storage_config)
 
 
 def test_a_swap_replaces_a_corrupt_pointer_only_while_it_is_still_corrupt(local_storage_config):
-    from cluster.registry import CORRUPT_POINTER
+    from cluster.store.registry import CORRUPT_POINTER
     registry = Registry(Storage(local_storage_config))
     registry.storage.publish("models/m/champion.json", b"{trunc")
     assert not swap_champion(registry, "m", {"version": "v0002"}, expected_version=None)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import cluster.retrain
-from cluster.datasets import ingest
-from cluster.layout import JobKeys
-from cluster.registry import Registry, decisions, swap_champion
-from cluster.retrain import decide
-from cluster.storage import Storage
+import cluster.train.retrain
+from cluster.data.datasets import ingest
+from cluster.store.layout import JobKeys
+from cluster.store.registry import Registry, decisions, swap_champion
+from cluster.store.storage import Storage
+from cluster.train.retrain import decide
 from jobs.cli import main
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig, StorageConfig
@@ -259,7 +259,7 @@ def promoted_records_agree_with_the_pointer(registry: Registry, name: str) -> No
 def test_a_challenger_that_scores_nan_is_not_promoted(local_storage_config, tiny_dataset, monkeypatch, capsys):
     tiny_dataset(local_storage_config)
     assert retrain_cli(local_storage_config) == 0                      # v0001: the champion
-    monkeypatch.setattr(cluster.retrain, "score", lambda model, images, cfg: NAN)
+    monkeypatch.setattr(cluster.train.retrain, "score", lambda model, images, cfg: NAN)
     assert retrain_cli(local_storage_config) == 0
     assert "kept the champion" in capsys.readouterr().out
     registry = Registry(Storage(local_storage_config))
@@ -293,7 +293,7 @@ def test_a_crash_before_the_swap_leaves_no_promote_record(local_storage_config, 
 
     def dies(*args, **kwargs):
         raise Crash()
-    monkeypatch.setattr(cluster.retrain, "swap_champion", dies)
+    monkeypatch.setattr(cluster.train.retrain, "swap_champion", dies)
     with pytest.raises(Crash):
         retrain_cli(local_storage_config)
     registry = Registry(Storage(local_storage_config))
@@ -309,18 +309,18 @@ def test_a_crash_before_the_swap_leaves_no_promote_record(local_storage_config, 
 def test_a_crash_after_the_swap_is_recorded_as_a_promotion_by_the_next_run(local_storage_config, tiny_dataset,
                                                                           monkeypatch):
     tiny_dataset(local_storage_config)
-    real_rewrite = cluster.retrain.rewrite_decision
+    real_rewrite = cluster.train.retrain.rewrite_decision
 
     def dies(*args, **kwargs):
         raise Crash()
-    monkeypatch.setattr(cluster.retrain, "rewrite_decision", dies)
+    monkeypatch.setattr(cluster.train.retrain, "rewrite_decision", dies)
     with pytest.raises(Crash):
         retrain_cli(local_storage_config)
     registry = Registry(Storage(local_storage_config))
     assert registry.champion("fm-vae")["version"] == "v0001"
     promoted_records_agree_with_the_pointer(registry, "fm-vae")        # "pending", named by the pointer
 
-    monkeypatch.setattr(cluster.retrain, "rewrite_decision", real_rewrite)
+    monkeypatch.setattr(cluster.train.retrain, "rewrite_decision", real_rewrite)
     assert retrain_cli(local_storage_config, "--lr", "1e-7") == 0      # a worse challenger: kept out
     crowned, first, second = decisions(registry, "fm-vae")
     assert crowned["rule"] == "first-version" and first["decision"] == "promote" and second["decision"] == "keep"
@@ -331,13 +331,13 @@ def test_two_retrains_racing_at_the_swap_promote_exactly_once(storage_config, ti
     """Both runs find no champion and decide to promote; a barrier makes both reach the compare-and-swap
     together. One lands; the other's record says it lost the race."""
     tiny_dataset(storage_config)
-    real_swap = cluster.retrain.swap_champion
+    real_swap = cluster.train.retrain.swap_champion
     at_the_swap = threading.Barrier(2, timeout=600)
 
     def swap_together(*args, **kwargs):
         at_the_swap.wait()
         return real_swap(*args, **kwargs)
-    monkeypatch.setattr(cluster.retrain, "swap_champion", swap_together)
+    monkeypatch.setattr(cluster.train.retrain, "swap_champion", swap_together)
     codes: list[int] = []
     runs = [threading.Thread(target=lambda: codes.append(retrain_cli(storage_config))) for _ in range(2)]
     for t in runs:

@@ -1,4 +1,4 @@
-"""cluster.runtime: whether the embedded Ray starts its dashboard, Ray starting on an install without the
+"""cluster.runtime.ray_session: whether the embedded Ray starts its dashboard, Ray starting on an install without the
 dashboard's packages (ray without the [default] extra), the system settings the embedded Ray starts with, and
 stopping it: no worker process of it left behind."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from cluster.runtime import DASHBOARD_ENV, dashboard_import_error, include_dashboard
+from cluster.runtime.ray_session import DASHBOARD_ENV, dashboard_import_error, include_dashboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages that only ray[default] brings and that Ray checks before it starts the dashboard
@@ -64,7 +64,7 @@ sys.meta_path.insert(0, WithoutDashboardPackages())
 
 RUN_ON_EMBEDDED_RAY = """
 import ray
-from cluster.runtime import dashboard_import_error, ray_runtime
+from cluster.runtime.ray_session import dashboard_import_error, ray_runtime
 
 assert dashboard_import_error() is not None, "the dashboard's packages are still importable"
 with ray_runtime(num_cpus=1):
@@ -88,7 +88,7 @@ def test_vaegen_starts_ray_on_an_install_without_the_dashboard_packages(tmp_path
 EMBEDDED_RAY_SETTINGS = """
 import json
 import ray._private.state
-from cluster.runtime import ray_runtime
+from cluster.runtime.ray_session import ray_runtime
 
 with ray_runtime(num_cpus=1):
     print(json.dumps(ray._private.state.state.get_system_config()))
@@ -113,7 +113,7 @@ def test_the_embedded_ray_prestarts_nothing_and_retries_its_sockets_often_within
 WORKER_THAT_OUTLIVES_ITS_ACTOR = """
 import os, threading, time
 import ray
-from cluster.runtime import ray_runtime
+from cluster.runtime.ray_session import ray_runtime
 
 
 @ray.remote(num_cpus=0)

@@ -5,13 +5,13 @@ ledger, which keeps its memory at ~100 bytes a shard."""
 import threading
 
 import pytest
+from generate_support import publish_tiny_model
+from test_generate_faults import assert_complete_and_exact, spec, wait_for
 
 from cluster.generate import ShardLedger, plan_job, run_generation, sha256_hex
 from cluster.generate.drill import STAGE_DELAY_ENV
-from cluster.runtime import WORKER_ENV
-from cluster.storage import open_storage
-from generate_support import publish_tiny_model
-from test_generate_faults import assert_complete_and_exact, spec, wait_for
+from cluster.runtime.ray_session import WORKER_ENV
+from cluster.store.storage import open_storage
 
 WORKERS = 3
 WORKER_NODES = WORKERS + 1          # one spare: the removed node's actor restarts there

@@ -1,7 +1,7 @@
 """Storage: one API over a local folder and S3 (moto server over HTTP), atomic publish, clear errors."""
 import pytest
 
-from cluster.storage import Storage, open_storage
+from cluster.store.storage import Storage, open_storage
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
@@ -132,7 +132,7 @@ def test_concurrent_publishes_claim_each_version_exactly_once(storage_config):
     files of the publisher it was given to."""
     import threading
 
-    from cluster.registry import CLAIM_FILE, Registry
+    from cluster.store.registry import CLAIM_FILE, Registry
     from vae_core.checkpoint import checkpoint_files
     from vae_core.config import ModelConfig
     from vae_core.models import build_model

@@ -9,9 +9,9 @@ import uuid
 
 import boto3
 import pytest
-
-from cluster.storage import Storage, open_storage
 from s3_fault_proxy import FaultProxy
+
+from cluster.store.storage import Storage, open_storage
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
@@ -221,6 +221,7 @@ def test_reads_and_listings_through_faults_succeed(faulty):
 
 def test_the_fault_proxy_speaks_s3_errors_passes_bodies_through_and_stops_cleanly(s3_server):
     import http.client
+
     from botocore.config import Config
     from botocore.exceptions import ClientError
     threads_before = set(threading.enumerate())

@@ -18,15 +18,22 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from cluster.datasets import ingest
-from cluster.layout import JobKeys
-from cluster.training import train_model
-from cluster.registry import Registry, swap_champion
-from cluster.storage import Storage
-from cluster.submit import (SubmitConfig, base_submission_id, find_token, identity_key, is_loopback_url, job_env,
-                            job_server_address)
 from conftest import free_port
+
+from cluster.data.datasets import ingest
+from cluster.runtime.submit import (
+    SubmitConfig,
+    base_submission_id,
+    find_token,
+    identity_key,
+    is_loopback_url,
+    job_env,
+    job_server_address,
+)
+from cluster.store.layout import JobKeys
+from cluster.store.registry import Registry, swap_champion
+from cluster.store.storage import Storage
+from cluster.train.driver import train_model
 from jobs.ops_cmds import check_command
 from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig, StorageConfig, TrainConfig, TrainJobConfig
@@ -437,7 +444,7 @@ def test_the_token_is_found_where_ray_documents_it(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("")
     with pytest.raises(VaegenError, match="is empty"):
         find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
-    source = (REPO / "cluster" / "submit.py").read_text()
+    source = (REPO / "cluster" / "runtime" / "submit.py").read_text()
     assert "_raylet" not in source and "ray._private" not in source
 
 

@@ -15,13 +15,13 @@ import time
 from dataclasses import replace
 
 import pytest
-
-from cluster.datasets import ingest, shard_keys
-from cluster.registry import Registry
-from cluster.storage import Storage, open_storage
-from cluster.train import RUNS_DIR, STATE_FILE
-from cluster.training import train_model
 from conftest import free_port, unique_name
+
+from cluster.data.datasets import ingest, shard_keys
+from cluster.store.registry import Registry
+from cluster.store.storage import Storage, open_storage
+from cluster.train.driver import train_model
+from cluster.train.on_ray import RUNS_DIR, STATE_FILE
 from jobs.cli import main as vaegen
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import ArrayDataset, ArraySplit
@@ -155,8 +155,9 @@ def test_workers_averaging_weights_every_4_steps_learn_as_well_as_gradient_all_r
 def test_ray_train_on_a_ray_started_here_runs_no_placement_group_cleaner(two_worker_run):
     """That detached actor removes a dead controller's placement group from a cluster that outlives it; a Ray this
     process started stops with it, and without the dashboard (this Ray has none) the actor warns every second."""
-    from ray._private.state import actors          # the GCS's actor table, dead actors too: no dashboard needed
-    from cluster.runtime import ray_started_here
+    from ray._private.state import actors  # the GCS's actor table, dead actors too: no dashboard needed
+
+    from cluster.runtime.ray_session import ray_started_here
     assert ray_started_here()
     classes = {actor["ActorClassName"] for actor in actors().values()}
     assert any("TrainController" in name for name in classes), classes     # the run went through Ray Train here
@@ -171,7 +172,8 @@ def test_a_ray_started_here_drops_ray_trains_cluster_helpers_and_a_joined_cluste
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
-    from cluster.train import trainer_class, without_autoscaler
+
+    from cluster.train.on_ray import trainer_class, without_autoscaler
 
     def default_callbacks(local: bool, datasets: dict | None = None) -> set[type]:
         trainer = trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1),
@@ -193,9 +195,11 @@ def test_one_worker_runs_without_a_process_group_and_its_controller_imports_no_t
     to all-reduce with: its plain BackendConfig unpickles, in a fresh interpreter as in the controller, without
     importing torch. Several workers get torch.distributed (gloo on CPUs, NCCL on GPUs)."""
     import pickle
+
     from ray.train import BackendConfig
     from ray.train.torch import TorchConfig
-    from cluster.train import process_group
+
+    from cluster.train.on_ray import process_group
 
     one = process_group(1, use_gpu=True)
     assert type(one) is BackendConfig
@@ -368,7 +372,8 @@ def test_each_worker_gets_an_equal_disjoint_share_in_id_order():
     """The training rows the driver sends through the object store: rank r holds every N-th row from r, in id
     order, every rank the same count (DDP steps in lockstep); the fewer than N rows left over sit out."""
     import torch
-    from cluster.train import worker_shares
+
+    from cluster.train.on_ray import worker_shares
     from vae_core.train import ImageSet
     rows = ImageSet(torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1), torch.arange(11) * 10)
     shares = worker_shares(rows, 3)
@@ -415,21 +420,21 @@ class Crash(BaseException):
 
 def test_a_driver_that_died_between_publishing_and_recording_publishes_once(ray_local, local_storage_config,
                                                                               small_fashion, monkeypatch):
-    import cluster.training
+    import cluster.train.driver
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     job = job_for(local_storage_config, workers=1, epochs=1)
-    real_record = cluster.training.record_published
+    real_record = cluster.train.driver.record_published
 
     def dies(*args, **kwargs):
         raise Crash()
-    monkeypatch.setattr(cluster.training, "record_published", dies)
+    monkeypatch.setattr(cluster.train.driver, "record_published", dies)
     with pytest.raises(Crash):
         train_model(job, progress=False)
     registry = Registry(storage)
     assert registry.versions("fm-mlp") == ["v0001"]
     assert not storage.exists(f"{RUNS_DIR}/{job.run_id}/_published.json")
 
-    monkeypatch.setattr(cluster.training, "record_published", real_record)
+    monkeypatch.setattr(cluster.train.driver, "record_published", real_record)
     result = train_model(job, progress=False)                          # the rerun
     assert result.ref.version == "v0001" and registry.versions("fm-mlp") == ["v0001"]
     assert [m.epoch for m in result.history] == [0] and result.summary["run_id"] == job.run_id

@@ -7,13 +7,22 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from cluster.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_index, shard_name
-from cluster.writers import (WRITERS, DecodedBatch, ParquetShardWriter, PngTarShardWriter, ShardInfo, latent_texts,
-                            netpbm_images, parquet_image_bytes, tar_member_count)
-from cluster.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
 from conftest import rng_images
 from generate_support import read_rows
+
+from cluster.generate.writers import (
+    WRITERS,
+    DecodedBatch,
+    ParquetShardWriter,
+    PngTarShardWriter,
+    ShardInfo,
+    latent_texts,
+    netpbm_images,
+    parquet_image_bytes,
+    tar_member_count,
+)
+from cluster.generate.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
+from cluster.store.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_index, shard_name
 
 INFO = ShardInfo(index=3, seed=12345, model="tiny@v0001", weights_sha256="ab" * 32, job_id="samples-0123")
 

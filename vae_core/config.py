@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16")
 # for the resources); more output shards than this would not fit the 5-digit part-NNNNN names that keep a
 # job's shards in id order when listed.
 MAX_WORKERS = 1024
-AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/train_placement.py)
+AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/train/placement.py)
 MAX_SHARDS = 100_000
 
 
@@ -144,7 +144,7 @@ class TrainConfig:
 class StorageConfig:
     root: str = flag("--root", "storage root: a local folder, file://path or s3://bucket/prefix",
                      default="./vaegen-data")
-    # pyarrow itself reads neither the flag's variable nor AWS_ENDPOINT_URL: cluster.storage passes it on.
+    # pyarrow itself reads neither the flag's variable nor AWS_ENDPOINT_URL: cluster.store.storage passes it on.
     s3_endpoint: str | None = flag("--s3-endpoint", "S3 endpoint URL, e.g. http://127.0.0.1:9000", default=None,
                                    unset="$AWS_ENDPOINT_URL, else AWS")
 
@@ -200,7 +200,7 @@ class TrainJobConfig:
                              "classes comes from the dataset's manifest)", default=False)
     run_id: str = flag("--run-id", "checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id "
                        "resumes, and a finished run returns its version", default="", metavar="ID", unset="a new id")
-    # None: train in this process; else data-parallel on Ray Train (cluster.training picks the backend from it).
+    # None: train in this process; else data-parallel on Ray Train (cluster.train.driver picks the backend from it).
     ray: RayTrainConfig | None = section("Ray Train (data-parallel)", default=None, enabled_by="workers")
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ verification on resume, the run record, the lease, and the commit.
 - The commit checks every shard against its receipt on storage (size from one listing; sha256 re-read for those
   this run did not build), then writes _manifest.json, the dataset card, then `_SUCCESS` = {manifest_sha256},
   and reads both back: a commit interleaved with another driver's is redone.
-- The lease (cluster/job_lease.py) makes a second driver of the job wait; correctness never depends on it.
+- The lease (cluster/generate/lease.py) makes a second driver of the job wait; correctness never depends on it.
 - The run record (_run.json) tells `vaegen ls` whether the last run is running, failed or was interrupted."""
 from __future__ import annotations
 
@@ -30,16 +30,15 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from cluster.generate.card import publish_dataset_card
+from cluster.generate.lease import JobLease
+from cluster.generate.plan import OUTPUT_FORMAT_VERSION, JobPlan, sha256_hex
+from cluster.show.inventory import read_committed_manifest
+from cluster.store.layout import receipt_name, shard_braces, shard_name
+from cluster.store.storage import Storage
 from vae_core import __version__
 from vae_core.config import to_dict
 from vae_core.errors import VaegenError
-
-from ..dataset_card import publish_dataset_card
-from ..inventory import read_committed_manifest
-from ..job_lease import JobLease
-from ..layout import receipt_name, shard_braces, shard_name
-from ..storage import Storage
-from .plan import OUTPUT_FORMAT_VERSION, JobPlan, sha256_hex
 
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.

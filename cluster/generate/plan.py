@@ -12,18 +12,17 @@ import json
 import math
 from dataclasses import dataclass
 
+from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
+from cluster.data.datasets import dataset_key, read_manifest, split_shards
+from cluster.generate.writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
+from cluster.show.inventory import read_dataset_manifest
+from cluster.store.layout import JobKeys, job_id, job_prefix, shard_name
+from cluster.store.registry import LoadedModel, ModelRef, Registry
+from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import MAX_SHARDS, GenerateConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.names import is_valid_name
-
-from ..datasets import MANIFEST as DATASET_MANIFEST
-from ..datasets import dataset_key, read_manifest, split_shards
-from ..inventory import read_dataset_manifest
-from ..layout import JobKeys, job_id, job_prefix, shard_name
-from ..registry import LoadedModel, ModelRef, Registry
-from ..storage import Storage
-from ..writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
 
 OUTPUT_FORMAT_VERSION = 5       # bump when a change alters shard bytes: it is hashed into every job id
 

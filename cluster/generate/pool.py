@@ -23,17 +23,15 @@ from collections.abc import Callable
 
 import torch
 
+from cluster.generate.drill import stage_delay_setting, stage_pause
+from cluster.generate.plan import JobPlan, load_model
+from cluster.generate.settings import RunSettings, worker_gpu_bytes
+from cluster.generate.shards import ShardMaker
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import Storage
+from vae_core.checkpoint import WEIGHTS_FILE
 from vae_core.config import StorageConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
-
-from vae_core.checkpoint import WEIGHTS_FILE
-
-from ..registry import ModelRef, Registry
-from ..storage import Storage
-from .drill import stage_delay_setting, stage_pause
-from .plan import JobPlan, load_model
-from .settings import RunSettings, worker_gpu_bytes
-from .shards import ShardMaker
 
 IN_FLIGHT_PER_WORKER = 2         # one shard decoding, one encoding/publishing: the device never idles on a write
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))

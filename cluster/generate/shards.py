@@ -27,13 +27,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from cluster.data.datasets import read_shard, table_arrays
+from cluster.generate.plan import JobPlan, ShardTask, sha256_hex
+from cluster.generate.writers import DecodedBatch, ShardInfo, ShardWriter, writer_for
+from cluster.store.storage import Storage
 from vae_core.images import to_uint8
 from vae_core.models import VAE
-
-from ..datasets import read_shard, table_arrays
-from ..storage import Storage
-from ..writers import DecodedBatch, ShardInfo, ShardWriter, writer_for
-from .plan import JobPlan, ShardTask, sha256_hex
 
 
 def shard_seed(seed: int, index: int) -> int:

@@ -7,7 +7,7 @@
   worker with every CPU.
 - The global batch is split evenly, so the worker count is the largest that divides --batch-size.
 On a joined cluster a node keeps RESERVED_CPUS_PER_NODE for the raylet, Ray Data's reads and a driver; the Ray
-started here is given extra logical CPUs for those (cluster/train.py: local_cpus) instead."""
+started here is given extra logical CPUs for those (cluster/train/on_ray.py: local_cpus) instead."""
 from __future__ import annotations
 
 import os
@@ -37,7 +37,7 @@ def ray_nodes(address: str | None) -> list[dict]:
     if not ray.is_initialized() and not address:
         import torch
         return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), "local": True}]
-    from .runtime import ray_runtime
+    from cluster.runtime.ray_session import ray_runtime
     with nullcontext() if ray.is_initialized() else ray_runtime(address):
         return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import re
 
+from cluster.store.storage import Storage
 from vae_core.artifacts import epoch_latents, epoch_sample_grid
 from vae_core.models import VAE
-
-from .storage import Storage
 
 SAMPLES_DIR = "samples"
 SAMPLE_RE = re.compile(r"^sample_(\d+)\.png$")

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from cluster.show.evaluation import EVALUATION_JSON, EVALUATION_PNG, summary_line
+from cluster.show.html import esc, facts, figure, settings_table
+from cluster.show.inventory import RECORD_ERRORS, as_object, read_metrics, read_record
+from cluster.store.registry import ModelRef, Registry
+from cluster.train.epoch_samples import SAMPLE_RE, SAMPLES_DIR
 from vae_core.artifacts import RECON_CAPTION, epoch_samples_caption, samples_caption
 from vae_core.checkpoint import CONFIG_FILE
 from vae_core.config import ModelConfig, RayTrainConfig, TrainConfig
 from vae_core.plots import loss_curves_png
-
-from .epoch_samples import SAMPLE_RE, SAMPLES_DIR
-from .evaluation import EVALUATION_JSON, EVALUATION_PNG, summary_line
-from .gallery_html import esc, facts, figure, settings_table
-from .inventory import RECORD_ERRORS, as_object, read_metrics, read_record
-from .registry import ModelRef, Registry
 
 EPOCH_GRIDS_SHOWN = 24        # a long run shows this many of its per-epoch grids, evenly spaced, first and last
 

@@ -1,4 +1,4 @@
-"""The single-process backend of cluster.training.train_model: vae_core.fit in this process, with a checkpoint
+"""The single-process backend of cluster.train.driver.train_model: vae_core.fit in this process, with a checkpoint
 per epoch under train-runs/<run-id>/ (model, optimizer, early-stopping state, history, RNG position) so that a
 killed run resumes where it stopped."""
 from __future__ import annotations
@@ -9,13 +9,12 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from cluster.store.storage import Storage
+from cluster.train.epoch_samples import EpochSampleWriter
+from cluster.train.runs import run_key
 from vae_core.config import TrainJobConfig
 from vae_core.models import VAE
 from vae_core.train import EpochMetrics, FitResult, ImageSet, fit
-
-from .epoch_samples import EpochSampleWriter
-from .runs import run_key
-from .storage import Storage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{5,})\.pt$")
 CHECKPOINTS_KEPT = 2          # the latest, and the one before it in case the latest is being replaced

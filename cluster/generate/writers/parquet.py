@@ -24,9 +24,8 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.generate.writers.rows import DecodedBatch, ShardInfo, concat_batches
 from vae_core import __version__
-
-from .rows import DecodedBatch, ShardInfo, concat_batches
 
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
 # Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in

@@ -24,13 +24,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
 from vae_core.names import check_name
-
-from .storage import Storage
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 # What may follow '@' in a model spec: v0003, 3, latest, champion (ASCII digits only).

@@ -44,12 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.names import check_name
-
-from .storage import Storage
 
 MANIFEST = "_manifest.json"
 PENDING = "_pending"

@@ -9,13 +9,12 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.data.datasets import KEEP_SUPERSEDED_S, array_split_from_table, ingest
+from cluster.store.storage import Storage, open_storage
 from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, read_fashion_mnist, read_image_folder
 from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
-
-from .datasets import KEEP_SUPERSEDED_S, array_split_from_table, ingest
-from .storage import Storage, open_storage
 
 DEFAULT_NAMES = {"fashion-mnist": "fashion-mnist", "parquet": "parquet"}
 

@@ -9,9 +9,8 @@ import tarfile
 
 import numpy as np
 
+from cluster.generate.writers.rows import DecodedBatch, ShardInfo, sample_key
 from vae_core.images import JPEG_QUALITY, jpeg_encoder, jpeg_files, png_encoder, png_files
-
-from .rows import DecodedBatch, ShardInfo, sample_key
 
 LATENT_FORMAT = "%.9g"          # PNG tar .json latents: 9 significant digits round-trip a float32 exactly
 TAR_MTIME = 0                   # fixed member metadata: a rerun gives the same tar bytes

@@ -15,17 +15,25 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cluster.data.datasets import read_split
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import Storage
+from cluster.train.epoch_samples import epoch_sample_files
 from vae_core.artifacts import model_version_files
 from vae_core.config import TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE, build_model
-from vae_core.train import (EpochMetrics, FitResult, ImageSet, evaluate, fit_prior, iterate_batches, mean_image,
-                            split_train_val, start_output)
-
-from .datasets import read_split
-from .epoch_samples import epoch_sample_files
-from .registry import ModelRef, Registry
-from .storage import Storage
+from vae_core.train import (
+    EpochMetrics,
+    FitResult,
+    ImageSet,
+    evaluate,
+    fit_prior,
+    iterate_batches,
+    mean_image,
+    split_train_val,
+    start_output,
+)
 
 RUNS_DIR = "train-runs"
 JOB_FILE = "_job.json"

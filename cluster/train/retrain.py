@@ -16,19 +16,26 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_split
+from cluster.store.registry import (
+    CORRUPT_POINTER,
+    DECISIONS_DIR,
+    CorruptRecordError,
+    ModelRef,
+    Registry,
+    record_decision,
+    rewrite_decision,
+    swap_champion,
+)
+from cluster.store.storage import open_storage
+from cluster.train.driver import train_model
+from cluster.train.runs import manifest_digest, to_image_set
 from vae_core import __version__
 from vae_core.config import TrainConfig, TrainJobConfig, flag, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
 from vae_core.names import check_name, is_valid_name
 from vae_core.train import evaluate, iterate_batches
-
-from .datasets import bind_model_to_dataset, read_manifest, read_split
-from .runs import manifest_digest, to_image_set
-from .registry import (CORRUPT_POINTER, DECISIONS_DIR, CorruptRecordError, ModelRef, Registry, record_decision,
-                       rewrite_decision, swap_champion)
-from .storage import open_storage
-from .training import train_model
 
 METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower is better
 

@@ -14,17 +14,16 @@ import time
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
+from cluster.data.datasets import dataset_key
+from cluster.store.layout import MANIFEST, JobKeys, card_name, shard_glob
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE
 from vae_core.config import GenerateConfig
 from vae_core.data import FASHION_MNIST_LABELS
 from vae_core.errors import VaegenError
 from vae_core.names import is_valid_name
-
-from .datasets import MANIFEST as DATASET_MANIFEST
-from .datasets import dataset_key
-from .layout import MANIFEST, JobKeys, card_name, shard_glob
-from .registry import ModelRef, Registry
-from .storage import Storage
 
 UNKNOWN_LICENSE = "unknown"
 # Sources vaegen ingests by name, recognised by what their manifest holds (the ingest records a folder path as the

@@ -16,22 +16,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.data.datasets import read_shard as read_dataset_shard
+from cluster.data.datasets import table_arrays
+from cluster.generate.card import reproduce_command
+from cluster.generate.writers.parquet import decode_image_column
+from cluster.show.html import esc, facts, img, page, settings_table
+from cluster.show.inventory import (
+    RECORD_ERRORS,
+    RERUN_JOB,
+    CorruptRecord,
+    JobStatus,
+    champion_version,
+    job_status,
+    read_dataset_manifest,
+)
+from cluster.show.model_page import model_section
+from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import Storage, open_storage
 from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.images import decode_png
 from vae_core.names import check_name, is_valid_name
-
-from .dataset_card import reproduce_command
-from .datasets import read_shard as read_dataset_shard
-from .datasets import table_arrays
-from .gallery_html import esc, facts, img, page, settings_table
-from .gallery_model import model_section
-from .inventory import (RECORD_ERRORS, RERUN_JOB, CorruptRecord, JobStatus, champion_version, job_status,
-                        read_dataset_manifest)
-from .layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
-from .registry import ModelRef, Registry
-from .storage import Storage, open_storage
-from .writers.parquet import decode_image_column
 
 SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
 RECON_PAIRS = 24              # original/reconstruction pairs shown

@@ -167,8 +167,8 @@ MOVING_VERSIONS = ("", "latest", "champion")      # what may follow '@' and name
 def pin_model_version(argv: list[str], spec: str, storage: StorageConfig) -> tuple[list[str], bool, str]:
     """(argv with --model pinned to the concrete version `spec` names now, whether the spec may be de-duplicated,
     a line for the user). A malformed spec is refused here, before anything is sent."""
-    from .registry import Registry, parse_model_spec
-    from .storage import Storage
+    from cluster.store.registry import Registry, parse_model_spec
+    from cluster.store.storage import Storage
     _, want = parse_model_spec(spec)
     try:
         pinned = str(Registry(Storage(storage)).resolve(spec))
@@ -247,7 +247,7 @@ def connect(address: str) -> "JobSubmissionClient":
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from .console import capture
+    from cluster.runtime.console import capture
     capture()                        # Ray's notices (token, address) go to the verb's log, as for every Ray verb
     try:
         return JobSubmissionClient(address, headers=auth_headers())

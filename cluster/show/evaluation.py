@@ -13,17 +13,24 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from vae_core.classifier import (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, ClassifierConfig, ReferenceCNN, accuracy,
-                                 classifier_files, load_classifier, train_classifier)
+from cluster.data.datasets import read_manifest, read_split, split_shards
+from cluster.store.registry import LoadedModel, ModelRef, Registry
+from cluster.store.storage import Storage, open_storage
+from cluster.train.runs import manifest_digest, to_image_set
+from vae_core.classifier import (
+    CLASSIFIER_CONFIG,
+    CLASSIFIER_WEIGHTS,
+    ClassifierConfig,
+    ReferenceCNN,
+    accuracy,
+    classifier_files,
+    load_classifier,
+    train_classifier,
+)
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.evaluate import EvalJobConfig, evaluation_png, model_likelihood, sample_quality
 from vae_core.train import ImageSet
-
-from .datasets import read_manifest, read_split, split_shards
-from .runs import manifest_digest, to_image_set
-from .registry import LoadedModel, ModelRef, Registry
-from .storage import Storage, open_storage
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "evaluation.png"

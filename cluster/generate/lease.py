@@ -1,4 +1,4 @@
-"""A per-job lease: one object, the job's `_lease.json` (cluster/layout.py) = {owner, expires_at}, that lets one
+"""A per-job lease: one object, the job's `_lease.json` (cluster/store/layout.py) = {owner, expires_at}, that lets one
 driver of a generation job work at a time while the others wait. It is an efficiency and UX layer only:
 correctness never depends on it (leases expire, clocks drift, a stalled driver can outlive its lease), it comes
 from idempotent shards (cluster/generate/shards.py) and the sha-checked commit (cluster/generate/commit.py).
@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from .storage import Storage
+from cluster.store.storage import Storage
 
 LEASE_TTL_ENV = "VAEGEN_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0

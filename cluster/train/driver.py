@@ -8,15 +8,24 @@ from dataclasses import replace
 
 import torch
 
+from cluster.data.datasets import bind_model_to_dataset, read_manifest
+from cluster.store.storage import open_storage
+from cluster.train.in_process import fit_in_process
+from cluster.train.on_ray import check_ray_job, fit_on_ray
+from cluster.train.placement import sized_training
+from cluster.train.runs import (
+    TrainResult,
+    claim_run,
+    finished_run,
+    initial_model,
+    publish_trained_model,
+    read_train_val,
+    record_published,
+    run_started,
+    training_summary,
+    with_run_id,
+)
 from vae_core.config import TrainJobConfig
-
-from .datasets import bind_model_to_dataset, read_manifest
-from .local_train import fit_in_process
-from .runs import (TrainResult, claim_run, finished_run, initial_model, publish_trained_model, read_train_val,
-                   record_published, run_started, training_summary, with_run_id)
-from .storage import open_storage
-from .train import check_ray_job, fit_on_ray
-from .train_placement import sized_training
 
 
 def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,

@@ -7,7 +7,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .console import capture
+from cluster.runtime.console import capture
 
 # Each Ray worker gets one torch/OpenMP thread unless told otherwise: N busy workers on N cores, not N².
 # A local Ray is never drained or preempted, so Ray Train's preemption watcher (an actor process per run) has
@@ -104,7 +104,7 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
     else start a local one, with its dashboard if `dashboard` (default: $VAEGEN_RAY_DASHBOARD=1) and its packages
     are installed (include_dashboard). Only a Ray
     started or joined here is disconnected on exit."""
-    capture()        # from here Ray's output goes to the verb's log file, unless --verbose (cluster/console.py)
+    capture()        # from here Ray's output goes to the verb's log file, unless --verbose (cluster/runtime/console.py)
     import ray
     if ray.is_initialized():
         yield

@@ -399,8 +399,15 @@ class Storage:
         note for each failed try that may have taken effect (sent, then reset, timed out or answered 5xx)."""
         import http.client
 
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                         HTTPClientError, IncompleteReadError, NoCredentialsError)
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+        )
         from urllib3.exceptions import HTTPError as URLLib3Error
         uncertain = [] if uncertain is None else uncertain
         for attempt in range(S3_ATTEMPTS):

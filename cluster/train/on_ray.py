@@ -1,4 +1,4 @@
-"""The Ray Train backend of cluster.training.train_model: data-parallel training (Ray Train V2).
+"""The Ray Train backend of cluster.train.driver.train_model: data-parallel training (Ray Train V2).
 
 The driver checks what it can before any worker starts (batch split, dataset numbering, cluster size), then each
 worker runs vae_core's epoch loop (run_epochs) on its own rows, which it holds in memory in id order and shuffles
@@ -10,7 +10,7 @@ Several workers run inside DistributedDataParallel (gloo on CPU, NCCL on GPU), o
 own with the weights averaged every K steps (post-local SGD); one worker runs without a process group.
 
 Ray Train's checkpoints (one per epoch) live under train-runs/<run-id>/ beside the run's own files
-(cluster/runs.py); a lost worker makes Ray restart the group from the last one (FailureConfig), and rerunning
+(cluster/train/runs.py); a lost worker makes Ray restart the group from the last one (FailureConfig), and rerunning
 with the same run id resumes from it."""
 from __future__ import annotations
 
@@ -26,19 +26,32 @@ import pyarrow as pa
 import torch
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
+from cluster.data.datasets import shard_keys, table_arrays
+from cluster.runtime.ray_session import ray_runtime, ray_started_here
+from cluster.store.storage import Storage, open_storage
+from cluster.train.epoch_samples import EpochSampleWriter
+from cluster.train.in_process import resident
+from cluster.train.runs import RUNS_DIR
 from vae_core.config import TrainJobConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE, build_model
-from vae_core.train import (EVAL_BATCH, Batch, EpochHooks, EpochMetrics, FitResult, ImageSet, TrainingState,
-                            EarlyStopping, checkpoint_state, iterate_batches, make_optimizer, resume, run_epochs,
-                            split_indices, unwrap)
-
-from .datasets import shard_keys, table_arrays
-from .epoch_samples import EpochSampleWriter
-from .local_train import resident
-from .runs import RUNS_DIR
-from .runtime import ray_runtime, ray_started_here
-from .storage import Storage, open_storage
+from vae_core.train import (
+    EVAL_BATCH,
+    Batch,
+    EarlyStopping,
+    EpochHooks,
+    EpochMetrics,
+    FitResult,
+    ImageSet,
+    TrainingState,
+    checkpoint_state,
+    iterate_batches,
+    make_optimizer,
+    resume,
+    run_epochs,
+    split_indices,
+    unwrap,
+)
 
 STATE_FILE = "state.pt"
 SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
@@ -148,8 +161,7 @@ def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids
     object store, as do the training rows when `shares` holds them (one object per rank); else Ray Data reads
     them."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train import TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
 
     datasets = {}
     if shares is None:

@@ -9,7 +9,7 @@ their state, read from the records the jobs themselves leave:
 The run record is written by the generation driver around its Ray work (cluster/generate/commit.py,
 `job_run_record`): `running` when the shards start, `shards-done` after them (the commit follows), `failed`
 (with the error's first line) or `interrupted` when they stop early. Killed drivers leave `running`, which
-reads as partial: the next run resumes either way. Where each record lives is cluster/layout.py's.
+reads as partial: the next run resumes either way. Where each record lives is cluster/store/layout.py's.
 
 `read_committed_manifest` is the one check of a commit. A record a reader needs that is unreadable (not JSON,
 missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and
@@ -20,14 +20,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
+from cluster.data.datasets import dataset_key, read_manifest
+from cluster.store.layout import OUTPUTS, JobKeys, job_prefix
+from cluster.store.registry import ModelRef, Registry
+from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
-
-from .datasets import MANIFEST as DATASET_MANIFEST
-from .datasets import dataset_key, read_manifest
-from .layout import OUTPUTS, JobKeys, job_prefix
-from .registry import ModelRef, Registry
-from .storage import Storage
-
 
 # -- unreadable records -------------------------------------------------------------------------------------
 RERUN_JOB = "rerun the same generate command to repair it"

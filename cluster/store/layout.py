@@ -4,7 +4,7 @@ generation driver, its workers, `vaegen ls` (inventory), `vaegen show` (gallery)
     outputs/<job-id>/data/train-00000-of-00004.parquet | .tar   shards, in id order (Hugging Face's data-file
                                                                  convention: `datasets` finds them unaided)
                      _receipts/train-00000-of-00004.parquet.json one per shard, written after its shard
-                     _lease.json                   which driver works on the job now (cluster/job_lease.py)
+                     _lease.json                   which driver works on the job now (cluster/generate/lease.py)
                      _run.json                     how the last run went (running, shards-done, failed, ...)
                      _manifest.json                every shard with its checksums, the spec, the model
                      README.md (tar) | _README.md (Parquet)   the Hugging Face dataset card

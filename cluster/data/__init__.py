@@ -1,0 +1,1 @@
+"""Datasets on storage: ingest sources into content-addressed generations, read them back."""

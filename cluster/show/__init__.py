@@ -1,0 +1,1 @@
+"""What a user looks at: `vaegen ls` (inventory), `vaegen show` (galleries), `vaegen evaluate`."""
