@@ -173,7 +173,7 @@ def test_a_corrupt_manifest_is_one_line_and_a_reingest_repairs_it(local_storage_
     ingest(storage, NAME, data, shard_rows=10, progress=False)
     key = dataset_key(NAME, MANIFEST)
     storage.publish(key, storage.read_bytes(key)[:40])
-    with pytest.raises(VaegenError, match=r"^dataset manifest .*_manifest\.json is corrupt \(.*\): re-ingest"):
+    with pytest.raises(VaegenError, match=r"_manifest\.json is corrupt \(.*\): re-ingest"):
         read_manifest(storage, NAME)
     with pytest.raises(VaegenError, match="is corrupt"):
         shard_keys(storage, NAME, "train")

@@ -321,7 +321,7 @@ def test_ls_on_s3_marks_a_corrupt_job_and_lists_the_rest(s3_storage_config, caps
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.split()}
     assert "corrupt" in lines[FINISHED] and "finished" in lines[OTHER] and "fm" in lines
     assert vaegen(["show", storage.uri_of(JOB), *flags]) == 2
-    assert "manifest.json is corrupt (not JSON)" in one_error_line(capsys)
+    assert "manifest.json is corrupt (not valid JSON" in one_error_line(capsys)
 
 
 class WithdrawsSuccessOnFirstRead(Storage):

@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from cluster.store.registry import CorruptRecordError, Registry, decisions, parse_model_spec, swap_champion
+from cluster.store.records import CorruptRecord
+from cluster.store.registry import Registry, decisions, parse_model_spec, swap_champion
 from cluster.store.storage import Storage
 from jobs.cli import main as vaegen
 from vae_core.checkpoint import CONFIG_FILE, checkpoint_files
@@ -65,17 +66,17 @@ def test_a_corrupt_run_reservation_is_one_clear_line(local_storage_config):
     registry = Registry(Storage(local_storage_config))
     registry.publish("m", version_files(), run_id="run-1")
     registry.storage.publish("models/m/runs/run-1.json", b'{"versi')
-    with pytest.raises(VaegenError, match=r"models/m/runs/run-1\.json is not valid JSON .*delete it") as e:
+    with pytest.raises(VaegenError, match=r"models/m/runs/run-1\.json is corrupt \(not valid JSON.*delete it") as e:
         registry.publish("m", version_files(), run_id="run-1")
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("body, problem", [
-    (b"", "is empty"),
-    (b'{"version": "v00', "is not valid JSON"),
-    (b'{"version": 3}', "does not hold the fields vaegen writes"),
-    (b'["v0001"]', "does not hold the fields vaegen writes"),
-    (b'{"version": "../../etc"}', "does not hold the fields vaegen writes"),
+    (b"", "is corrupt (empty)"),
+    (b'{"version": "v00', "is corrupt (not valid JSON"),
+    (b'{"version": 3}', "is corrupt (not the fields vaegen writes)"),
+    (b'["v0001"]', "is corrupt (a field has the wrong type)"),
+    (b'{"version": "../../etc"}', "is corrupt (not the fields vaegen writes)"),
 ])
 def test_a_corrupt_champion_pointer_is_one_line_naming_the_file_and_the_fix(local_storage_config, body, problem):
     registry = Registry(Storage(local_storage_config))
@@ -83,7 +84,7 @@ def test_a_corrupt_champion_pointer_is_one_line_naming_the_file_and_the_fix(loca
     registry.storage.publish("models/m/champion.json", body)
     for call in (lambda: registry.champion("m"), lambda: registry.resolve("m@champion"),
                  lambda: registry.resolve("m")):
-        with pytest.raises(CorruptRecordError) as e:
+        with pytest.raises(CorruptRecord) as e:
             call()
         message = str(e.value)
         assert "\n" not in message and message.startswith(registry.storage.uri_of("models/m/champion.json"))
@@ -99,7 +100,7 @@ def test_a_corrupt_champion_pointer_through_the_cli(local_storage_config, capsys
                    "--out", str(tmp_path / "s.png")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("vaegen: error: ")
-    assert "champion.json is not valid JSON" in err and "Traceback" not in err
+    assert "champion.json is corrupt (not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "s.png").exists()
 
 
@@ -107,7 +108,7 @@ def test_truncated_metrics_are_one_line_naming_the_file(local_storage_config):
     registry = Registry(Storage(local_storage_config))
     ref = registry.publish("m", version_files())
     registry.storage.publish("models/m/v0001/metrics.json", b'{"test_loss": 1.0, "hist')
-    with pytest.raises(VaegenError, match=r"models/m/v0001/metrics\.json is not valid JSON") as e:
+    with pytest.raises(VaegenError, match=r"models/m/v0001/metrics\.json is corrupt \(not valid JSON") as e:
         registry.metrics(ref)
     assert "\n" not in str(e.value)
 

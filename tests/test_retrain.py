@@ -365,6 +365,6 @@ def test_a_corrupt_champion_pointer_is_replaced_and_the_record_says_why(local_st
     assert retrain_cli(local_storage_config) == 0
     record = decisions(registry, "fm-vae")[-1]
     assert record["decision"] == "promote" and "unreadable champion.json" in record["reason"]
-    assert "champion.json is not valid JSON" in record["champion"]["load_error"]
+    assert "champion.json is corrupt (not valid JSON" in record["champion"]["load_error"]
     assert registry.champion("fm-vae")["version"] == "v0002"
     promoted_records_agree_with_the_pointer(registry, "fm-vae")

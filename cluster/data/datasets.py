@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cluster.store.records import as_object, parse_record
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
 from vae_core.data import ArrayDataset, ArraySplit
@@ -272,17 +273,22 @@ def remove_empty_folders(storage: Storage, folder: str) -> None:
 
 
 # -- reading -------------------------------------------------------------------------------------------
-def parse_manifest(body: bytes, name: str, key: str, storage: Storage) -> dict:
-    try:
-        manifest = json.loads(body)
-        if not (isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict)
-                and isinstance(manifest.get("image_shape"), list) and isinstance(manifest.get("label_names"), list)):
-            raise ValueError("not a dataset manifest")
-    except (ValueError, UnicodeDecodeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise VaegenError(f"dataset manifest {storage.uri_of(key)} is corrupt ({reason}): re-ingest the dataset "
-                          f"(`vaegen ingest ... --name {name}`)") from None
+def reingest_fix(name: str) -> str:
+    return f"re-ingest the dataset (`vaegen ingest ... --name {name}`)"
+
+
+def _manifest_fields(manifest) -> dict:
+    """The fields every reader uses, of the types vaegen writes (one check, where the manifest is parsed)."""
+    as_object(manifest)
+    manifest["image_shape"] = [int(n) for n in manifest["image_shape"]]
+    manifest["label_names"] = [str(n) for n in manifest["label_names"]]
+    for split in as_object(manifest["splits"]).values():
+        split["rows"], split["shards"] = int(split["rows"]), list(split["shards"])
     return manifest
+
+
+def parse_manifest(body: bytes, name: str, key: str, storage: Storage) -> dict:
+    return parse_record(body, storage.uri_of(key), reingest_fix(name), _manifest_fields)
 
 
 def read_manifest(storage: Storage, name: str) -> dict:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
 from cluster.data.datasets import dataset_key, read_manifest, split_shards
 from cluster.generate.writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
-from cluster.show.inventory import read_dataset_manifest
 from cluster.store.layout import JobKeys, job_id, job_prefix, shard_name
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage
@@ -111,7 +110,7 @@ def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
     classes = loaded.model.cfg.num_classes
     dataset = (loaded.config.get("train_job") or {}).get("dataset")
     if is_valid_name(dataset) and storage.exists(dataset_key(dataset, DATASET_MANIFEST)):
-        names = tuple(read_dataset_manifest(storage, dataset)["label_names"])
+        names = tuple(read_manifest(storage, dataset)["label_names"])
         if not classes or len(names) == classes:
             return names
     return tuple(f"class_{i}" for i in range(classes))

@@ -17,21 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.data.datasets import read_shard as read_dataset_shard
-from cluster.data.datasets import table_arrays
+from cluster.data.datasets import read_manifest, table_arrays
 from cluster.generate.card import reproduce_command
 from cluster.generate.writers.parquet import decode_image_column
 from cluster.show.html import esc, facts, img, page, settings_table
-from cluster.show.inventory import (
-    RECORD_ERRORS,
-    RERUN_JOB,
-    CorruptRecord,
-    JobStatus,
-    champion_version,
-    job_status,
-    read_dataset_manifest,
-)
+from cluster.show.inventory import RERUN_JOB, JobStatus, champion_version, job_status
 from cluster.show.model_page import model_section
 from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
+from cluster.store.records import RECORD_ERRORS, CorruptRecord
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import GenerateConfig, StorageConfig
@@ -249,7 +242,7 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
     spec = manifest["spec"]
     out_ids, _, recons = read_shard(storage, status.job_id, shard, status.format)
     try:
-        dataset = read_dataset_manifest(storage, check_name(spec["dataset"], "dataset"))
+        dataset = read_manifest(storage, check_name(spec["dataset"], "dataset"))
         index = shard_index(shard["name"])
         source = dataset["splits"][spec["split"]]["shards"][index]
         body = read_dataset_shard(storage, spec["dataset"], check_name(spec["split"], "split"), source)

@@ -23,47 +23,13 @@ from dataclasses import dataclass, field
 from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
 from cluster.data.datasets import dataset_key, read_manifest
 from cluster.store.layout import OUTPUTS, JobKeys, job_prefix
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
 
 # -- unreadable records -------------------------------------------------------------------------------------
 RERUN_JOB = "rerun the same generate command to repair it"
-# What a broken record looks like when parsed: bad JSON (ValueError), a missing field (KeyError), a field of the
-# wrong type (TypeError, AttributeError on a list where a dict belongs).
-RECORD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError)
-
-
-class CorruptRecord(VaegenError):
-    """A metadata file a reader needs is unreadable: the message names the file, what is wrong and the fix."""
-
-    def __init__(self, uri: str, problem: str, fix: str) -> None:
-        super().__init__(f"{uri} {problem}: {fix}")
-        self.uri, self.problem, self.fix = uri, problem, fix
-
-
-def problem_of(error: Exception) -> str:
-    if isinstance(error, ValueError):
-        return "is corrupt (not JSON)"
-    if isinstance(error, KeyError):
-        return f"is corrupt (no field {error.args[0]!r})" if error.args else "is corrupt (a field is missing)"
-    return "is corrupt (a field has the wrong type)"
-
-
-def as_object(record) -> dict:
-    if not isinstance(record, dict):
-        raise TypeError("not a JSON object")
-    return record
-
-
-def read_record(storage: Storage, key: str, fix: str, parse=lambda record: record):
-    """`parse(json of key)`, or a CorruptRecord naming the file when the bytes or their fields are not what
-    vaegen writes (a truncated write, a hand edit, another tool)."""
-    body = storage.read_bytes(key)
-    try:
-        return parse(json.loads(body))
-    except RECORD_ERRORS as e:
-        raise CorruptRecord(storage.uri_of(key), problem_of(e), fix) from None
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------
@@ -215,25 +181,6 @@ def relative(storage: Storage, error: Exception) -> str:
 
 
 # -- datasets and models ------------------------------------------------------------------------------------
-def reingest_fix(name: str) -> str:
-    return f"ingest dataset {name!r} again (`vaegen ingest ... --name {name}`)"
-
-
-def read_dataset_manifest(storage: Storage, name: str) -> dict:
-    """read_manifest (itself one line for a manifest that does not parse), with the fields readers use inside
-    the splits checked too: a CorruptRecord naming the file instead of a traceback further on."""
-    key = dataset_key(name, DATASET_MANIFEST)
-    manifest = read_manifest(storage, name)
-    try:
-        manifest["image_shape"] = [int(n) for n in manifest["image_shape"]]
-        manifest["label_names"] = [str(n) for n in manifest["label_names"]]
-        for split in manifest["splits"].values():
-            split["rows"], split["shards"] = int(split["rows"]), list(split["shards"])
-    except RECORD_ERRORS as e:
-        raise CorruptRecord(storage.uri_of(key), problem_of(e), reingest_fix(name)) from None
-    return manifest
-
-
 @dataclass
 class DatasetInfo:
     name: str
@@ -250,7 +197,7 @@ def list_datasets(storage: Storage) -> list[DatasetInfo]:
         if not storage.exists(dataset_key(name, DATASET_MANIFEST)):
             continue                                # no manifest: an unfinished ingest, invisible to readers
         try:
-            m = read_dataset_manifest(storage, name)
+            m = read_manifest(storage, name)
         except VaegenError as e:
             found.append(DatasetInfo(name, (), 0, {}, relative(storage, e)))
             continue

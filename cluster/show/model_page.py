@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 from cluster.show.evaluation import EVALUATION_JSON, EVALUATION_PNG, summary_line
 from cluster.show.html import esc, facts, figure, settings_table
-from cluster.show.inventory import RECORD_ERRORS, as_object, read_metrics, read_record
+from cluster.show.inventory import read_metrics
+from cluster.store.records import RECORD_ERRORS, as_object, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.train.epoch_samples import SAMPLE_RE, SAMPLES_DIR
 from vae_core.artifacts import RECON_CAPTION, epoch_samples_caption, samples_caption

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cluster.store.records import CorruptRecord, as_object, fields_checked, read_record
 from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import ModelConfig
@@ -40,11 +41,6 @@ METRICS_FILE = "metrics.json"
 RUNS_DIR = "runs"               # models/<name>/runs/<run-id>.json: the version a named run published
 
 
-class CorruptRecordError(VaegenError, ValueError):
-    """A registry record (champion.json, metrics.json, a run reservation) is not what vaegen writes. A ValueError
-    too, so readers that mark unreadable records (`vaegen ls`) treat it like any other unparsable file."""
-
-
 def parse_model_spec(spec: object) -> tuple[str, str]:
     """'name', 'name@v0003', 'name@3', 'name@latest' or 'name@champion' → (name, what follows '@' or '');
     anything else is one line naming the accepted forms."""
@@ -55,21 +51,6 @@ def parse_model_spec(spec: object) -> tuple[str, str]:
     if at and not WANT_RE.fullmatch(want):
         raise VaegenError(f"--model={spec!r}: the version after '@' must be v0003, 3, latest or champion")
     return name, want
-
-
-def _read_json_record(storage: Storage, key: str, fix: str, check) -> dict:
-    """The JSON object at `key`, or a CorruptRecordError naming the file and the fix; `check(record)` says
-    whether its fields are what vaegen writes."""
-    body = storage.read_bytes(key)
-    try:
-        record = json.loads(body)
-    except ValueError:
-        problem = "is empty" if not body.strip() else "is not valid JSON (truncated or edited?)"
-    else:
-        if isinstance(record, dict) and check(record):
-            return record
-        problem = "does not hold the fields vaegen writes"
-    raise CorruptRecordError(f"{storage.uri_of(key)} {problem}: {fix}")
 
 
 def _names_a_version(record: dict) -> bool:
@@ -156,7 +137,7 @@ class Registry:
             return None
         fix = (f"delete it if run {run_id!r} never published (its next rerun then publishes a new version), or "
                f"write {{\"version\": \"v000N\"}} naming the version it published")
-        return _read_json_record(self.storage, key, fix, _names_a_version)["version"]
+        return read_record(self.storage, key, fix, fields_checked(_names_a_version))["version"]
 
     def _run_key(self, name: str, run_id: str) -> str:
         return self.key(name, RUNS_DIR, f"{run_id}.json")
@@ -183,7 +164,7 @@ class Registry:
             return None
         fix = (f"delete it (the next `vaegen retrain --name {name}` then picks a champion) or write "
                f"{{\"version\": \"v000N\"}} into it")
-        return _read_json_record(self.storage, key, fix, _names_a_version)
+        return read_record(self.storage, key, fix, fields_checked(_names_a_version))
 
     def resolve(self, spec: str) -> ModelRef:
         """'name' and 'name@champion' (the champion: an error when the name has none), 'name@latest' (the newest
@@ -221,9 +202,8 @@ class Registry:
         return LoadedModel(ref, model, config, config["weights_sha256"])
 
     def metrics(self, ref: ModelRef) -> dict:
-        return _read_json_record(self.storage, self.key(ref.name, ref.version, "metrics.json"),
-                                 f"retrain to publish a new version, or delete {ref} if it is unusable",
-                                 lambda record: True)
+        return read_record(self.storage, self.key(ref.name, ref.version, "metrics.json"),
+                           f"retrain to publish a new version, or delete {ref} if it is unusable", as_object)
 
 
 # -- the champion pointer and retraining decisions (used by `vaegen retrain`) ------------------------------
@@ -262,8 +242,8 @@ def decisions(registry: Registry, name: str) -> list[dict]:
     for entry in registry.storage.list(registry.key(name, DECISIONS_DIR)):
         if entry.key.endswith(".json"):
             try:
-                found.append(_read_json_record(registry.storage, entry.key, "", lambda record: True))
-            except CorruptRecordError as e:
+                found.append(read_record(registry.storage, entry.key, "", as_object))
+            except CorruptRecord as e:
                 found.append({"file": registry.storage.uri_of(entry.key), "corrupt": str(e).rstrip(": ")})
     return found
 

@@ -17,10 +17,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_split
+from cluster.store.records import CorruptRecord
 from cluster.store.registry import (
     CORRUPT_POINTER,
     DECISIONS_DIR,
-    CorruptRecordError,
     ModelRef,
     Registry,
     record_decision,
@@ -122,7 +122,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
         champion = expected = pointer["version"] if pointer else None
         if pointer:
             finish_promotion_record(registry, job.name, pointer)
-    except CorruptRecordError as e:        # replaced like a champion that no longer loads, if it is still corrupt
+    except CorruptRecord as e:        # replaced like a champion that no longer loads, if it is still corrupt
         champion_error, expected = str(e), CORRUPT_POINTER
     champion_model = None
     if champion:
@@ -199,6 +199,6 @@ def finish_promotion_record(registry: Registry, name: str, pointer: dict) -> Non
 def current_champion(registry: Registry, name: str) -> str | None:
     try:
         pointer = registry.champion(name)
-    except CorruptRecordError:
+    except CorruptRecord:
         return None
     return pointer["version"] if pointer else None
