@@ -33,11 +33,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.data.datasets import read_manifest
     from cluster.data.ingest import ingest_source
     from cluster.generate import run_generation, run_reconstruction
+    from cluster.runtime.placement import sized_training
     from cluster.runtime.ray_session import ray_runtime
     from cluster.store.storage import open_storage
     from cluster.train.driver import train_model
     from cluster.train.on_ray import local_cpus
-    from cluster.train.placement import sized_training
     from vae_core.errors import VaegenError
 
     job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now

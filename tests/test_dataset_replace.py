@@ -19,10 +19,8 @@ from conftest import root_args
 from PIL import Image
 
 from cluster.data.datasets import (
-    MANIFEST,
     PENDING_TIMEOUT_S,
     collect_garbage,
-    dataset_key,
     generation_of,
     ingest,
     read_manifest,
@@ -33,6 +31,7 @@ from cluster.data.datasets import (
     table_arrays,
     table_bytes,
 )
+from cluster.store.layout import dataset_key, dataset_manifest_key
 from cluster.store.storage import Storage, open_storage
 from vae_core.data import ArrayDataset, ArraySplit, read_image_folder
 from vae_core.errors import VaegenError
@@ -150,7 +149,7 @@ def write_old_layout(storage: Storage, data: ArrayDataset) -> None:
     manifest = {"name": NAME, "image_shape": [1, 8, 8], "label_names": list(data.label_names),
                 "source": data.source, "created_at": 0.0,
                 "splits": {"train": {"rows": len(split.labels), "shards": shards}}}
-    storage.publish(dataset_key(NAME, MANIFEST), json.dumps(manifest).encode())
+    storage.publish(dataset_manifest_key(NAME), json.dumps(manifest).encode())
 
 
 def test_a_dataset_in_the_old_layout_still_reads_and_is_replaced(local_storage_config):
@@ -171,7 +170,7 @@ def test_a_corrupt_manifest_is_one_line_and_a_reingest_repairs_it(local_storage_
     storage = open_storage(local_storage_config, for_writing=True)
     data = content(1)
     ingest(storage, NAME, data, shard_rows=10, progress=False)
-    key = dataset_key(NAME, MANIFEST)
+    key = dataset_manifest_key(NAME)
     storage.publish(key, storage.read_bytes(key)[:40])
     with pytest.raises(VaegenError, match=r"_manifest\.json is corrupt \(.*\): re-ingest"):
         read_manifest(storage, NAME)

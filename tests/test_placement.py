@@ -15,7 +15,7 @@ from test_scale_cluster import worker_statuses
 from cluster.generate import RunSettings, plan_job, run_generation, start_workers, stop_workers
 from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.pool import placed_settings, worker_device
-from cluster.generate.settings import (
+from cluster.runtime.placement import (
     DEFAULT_CPU_WORKERS,
     DEFAULT_CPUS_PER_WORKER,
     GPU_MEMORY_RESOURCE,

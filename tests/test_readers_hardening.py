@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from conftest import rng_images
 
-from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
-from cluster.data.datasets import dataset_key, ingest
+from cluster.data.datasets import ingest
 from cluster.show.inventory import list_jobs
-from cluster.store.layout import JOB_GALLERY
+from cluster.store.layout import JOB_GALLERY, dataset_manifest_key
 from cluster.store.registry import CHAMPION_FILE, Registry
 from cluster.store.storage import Storage, open_storage
 from jobs.cli import main as vaegen
@@ -169,8 +168,8 @@ CORRUPTIONS = [
                                                     {"index": 0, "name": "part-00000.tar"}), None, PARTIAL,
      "part-00000.tar.json"),
     ("shard truncated", lambda s: truncate(s, f"{JOB}/part-00000.tar"), None, FINISHED, "part-00000.tar"),
-    ("dataset manifest truncated", lambda s: truncate(s, dataset_key("fm", DATASET_MANIFEST)), "fm", None, ""),
-    ("dataset manifest without splits", lambda s: replace_json(s, dataset_key("fm", DATASET_MANIFEST),
+    ("dataset manifest truncated", lambda s: truncate(s, dataset_manifest_key("fm")), "fm", None, ""),
+    ("dataset manifest without splits", lambda s: replace_json(s, dataset_manifest_key("fm"),
                                                                {"name": "fm"}), "fm", None, ""),
     ("champion truncated", lambda s: truncate(s, f"models/tiny/{CHAMPION_FILE}"), "tiny@v0001", "tiny",
      CHAMPION_FILE),

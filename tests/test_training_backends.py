@@ -171,7 +171,7 @@ def test_a_warm_start_is_pinned_to_its_run(local_storage_config, small_fashion):
 
 # -- --workers auto ---------------------------------------------------------------------------------------------
 def test_auto_workers_is_one_per_gpu_else_one_per_node_and_splits_the_global_batch():
-    from cluster.train.placement import size_training
+    from cluster.runtime.placement import size_training
     here = {"CPU": 2.0, "GPU": 0.0, "local": True}
     assert size_training([here], batch_size=128) == (1, 2.0, 0.0)               # this machine: one worker, every CPU
     assert size_training([{**here, "GPU": 2.0, "CPU": 16.0}], batch_size=128) == (2, 8.0, 1.0)
@@ -185,7 +185,7 @@ def test_auto_workers_is_one_per_gpu_else_one_per_node_and_splits_the_global_bat
 def test_auto_workers_on_this_machine_are_sized_without_starting_ray():
     """A process not connected to Ray, with no address: the workers are sized from this machine, where the local
     Ray will start (a fresh interpreter: this one may hold the test session's Ray)."""
-    code = ("import json, os, ray, torch; from cluster.train.placement import sized_training; "
+    code = ("import json, os, ray, torch; from cluster.runtime.placement import sized_training; "
             "from vae_core.config import RayTrainConfig, TrainConfig, TrainJobConfig; "
             "job = sized_training(TrainJobConfig(ray=RayTrainConfig(workers='auto'), train=TrainConfig(batch_size=128))); "
             "print(json.dumps([job.ray.workers, job.ray.cpus_per_worker, job.ray.gpus_per_worker, os.cpu_count(), "
@@ -199,7 +199,7 @@ def test_auto_workers_on_this_machine_are_sized_without_starting_ray():
         assert (workers, cpus, gpus) == (1, float(cpu_count), 0.0)       # one worker, every CPU as torch threads
     assert not started
     explicit = TrainJobConfig(ray=RayTrainConfig(workers=2))
-    from cluster.train.placement import sized_training
+    from cluster.runtime.placement import sized_training
     assert sized_training(explicit) is explicit
 
 

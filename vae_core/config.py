@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16")
 # for the resources); more output shards than this would not fit the 5-digit part-NNNNN names that keep a
 # job's shards in id order when listed.
 MAX_WORKERS = 1024
-AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/train/placement.py)
+AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/runtime/placement.py)
 MAX_SHARDS = 100_000
 
 

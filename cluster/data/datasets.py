@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import as_object, parse_record
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
@@ -51,7 +52,6 @@ from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.names import check_name
 
-MANIFEST = "_manifest.json"
 PENDING = "_pending"
 GENERATION_PREFIX = "g-"
 LAYOUT = "vaegen-dataset-2"             # part of every generation hash: a layout change never reuses old keys
@@ -61,11 +61,7 @@ PENDING_TIMEOUT_S = 24 * 3600.0
 COMMIT_ATTEMPTS = 20
 
 
-def dataset_key(name: str, *parts: str) -> str:
-    return "/".join(("datasets", name, *parts))
-
-
-def shard_name(index: int, generation: str | None = None) -> str:
+def part_name(index: int, generation: str | None = None) -> str:
     """A shard's name in the manifest, relative to its split folder (with the generation folder, if any)."""
     part = f"part-{index:05d}.parquet"
     return f"{GENERATION_PREFIX}{generation}/{part}" if generation else part
@@ -148,13 +144,13 @@ def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int =
             for index, start in enumerate(range(0, len(data.labels), shard_rows)):
                 stop = min(start + shard_rows, len(data.labels))
                 body = table_bytes(split_table(data.images[start:stop], data.labels[start:stop], start))
-                record = {"name": shard_name(index, generation), "rows": stop - start, "first_id": start,
+                record = {"name": part_name(index, generation), "rows": stop - start, "first_id": start,
                           "last_id": stop - 1, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
                 publish_shard(storage, dataset_key(name, split, record["name"]), body, record["sha256"])
                 shards.append(record)
                 bar.update(stop - start)
             manifest["splits"][split] = {"rows": len(data.labels), "shards": shards}
-    manifest = commit(storage, manifest, keep_superseded_s)
+    manifest = swap_manifest(storage, manifest, keep_superseded_s)
     storage.delete(pending_key)
     collect_garbage(storage, name, keep_superseded_s=keep_superseded_s)
     return manifest
@@ -167,10 +163,10 @@ def publish_shard(storage: Storage, key: str, body: bytes, sha256: str) -> None:
             storage.publish(key, body)
 
 
-def commit(storage: Storage, manifest: dict, keep_superseded_s: float) -> dict:
+def swap_manifest(storage: Storage, manifest: dict, keep_superseded_s: float) -> dict:
     """Swap the manifest in one write, moving the generation it replaces onto the superseded list; a concurrent
     commit in between makes us read again and redo the list, so no replaced generation is ever forgotten."""
-    key = dataset_key(manifest["name"], MANIFEST)
+    key = dataset_manifest_key(manifest["name"])
     for _ in range(COMMIT_ATTEMPTS):
         seen = storage.read_bytes(key) if storage.exists(key) else None
         try:
@@ -194,7 +190,7 @@ def commit(storage: Storage, manifest: dict, keep_superseded_s: float) -> dict:
 
 def current_manifest(storage: Storage, name: str) -> dict | None:
     """The committed manifest, or None where there is none or it is unreadable (an ingest replaces it)."""
-    key = dataset_key(name, MANIFEST)
+    key = dataset_manifest_key(name)
     if not storage.exists(key):
         return None
     try:
@@ -293,9 +289,9 @@ def parse_manifest(body: bytes, name: str, key: str, storage: Storage) -> dict:
 
 def read_manifest(storage: Storage, name: str) -> dict:
     check_name(name, "dataset name")
-    key = dataset_key(name, MANIFEST)
+    key = dataset_manifest_key(name)
     if not storage.exists(key):
-        known = [d for d in storage.list_dirs("datasets") if storage.exists(dataset_key(d, MANIFEST))]
+        known = [d for d in storage.list_dirs(DATASETS) if storage.exists(dataset_manifest_key(d))]
         raise VaegenError(f"no dataset {name!r} in {storage.uri} (datasets there: {', '.join(known) or 'none'}; "
                           "run `vaegen ingest` first)")
     return parse_manifest(storage.read_bytes(key), name, key, storage)

@@ -14,8 +14,7 @@ import time
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
-from cluster.data.datasets import dataset_key
+from cluster.data.datasets import read_manifest
 from cluster.store.layout import MANIFEST, JobKeys, card_name, shard_glob
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
@@ -140,10 +139,8 @@ def provenance(storage: Storage, manifest: dict) -> Provenance:
     if not is_valid_name(dataset):
         return Provenance(None, **base)
     try:
-        source = json.loads(storage.read_bytes(dataset_key(dataset, DATASET_MANIFEST)))
-        if not isinstance(source, dict):
-            raise ValueError("not an object")
-    except (VaegenError, ValueError):                            # gone or unreadable: the licence is unknown
+        source = read_manifest(storage, dataset)
+    except VaegenError:                                          # gone or unreadable: the licence is unknown
         return Provenance(dataset, **base)
     known = KNOWN_SOURCES.get((tuple(source.get("label_names", ())), tuple(source.get("image_shape", ()))), {})
     return Provenance(dataset, source.get("license") or known.get("license", UNKNOWN_LICENSE),

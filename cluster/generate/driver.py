@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from cluster.generate.commit import commit, job_lease, job_run_record, verified_shards
 from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import placed_settings, run_shards, start_workers, stop_workers
-from cluster.generate.settings import AUTO, RunSettings
+from cluster.generate.settings import RunSettings
 from cluster.runtime.ray_session import ray_runtime
 from cluster.show.inventory import read_committed_manifest
 from cluster.store.storage import Storage, open_storage
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import AUTO_WORKERS, GenerateConfig, StorageConfig
 from vae_core.errors import VaegenError
 
 
@@ -92,7 +92,7 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, sett
     else:
         shard_seconds = 0.0
     new_rows = plan.total_rows - skipped_rows
-    workers = 0 if settings.workers == AUTO else settings.workers          # auto: sized only when shards ran
+    workers = 0 if settings.workers == AUTO_WORKERS else settings.workers          # auto: sized only when shards ran
     run = {"workers": workers, "shards_written": written, "shards_skipped": plan.num_shards - len(todo),
            "rows_written": new_rows, "seconds": time.perf_counter() - started, "shard_seconds": shard_seconds,
            "samples_per_s": new_rows / shard_seconds if shard_seconds else None, **phases,

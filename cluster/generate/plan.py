@@ -12,10 +12,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
-from cluster.data.datasets import dataset_key, read_manifest, split_shards
+from cluster.data.datasets import read_manifest, split_shards
 from cluster.generate.writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
-from cluster.store.layout import JobKeys, job_id, job_prefix, shard_name
+from cluster.store.layout import JobKeys, dataset_manifest_key, job_id, job_prefix, shard_name
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
@@ -109,7 +108,7 @@ def model_label_names(storage: Storage, loaded: LoadedModel) -> tuple[str, ...]:
     manifest that is there but unreadable is a one-line error naming it (CorruptRecord), never a guess."""
     classes = loaded.model.cfg.num_classes
     dataset = (loaded.config.get("train_job") or {}).get("dataset")
-    if is_valid_name(dataset) and storage.exists(dataset_key(dataset, DATASET_MANIFEST)):
+    if is_valid_name(dataset) and storage.exists(dataset_manifest_key(dataset)):
         names = tuple(read_manifest(storage, dataset)["label_names"])
         if not classes or len(names) == classes:
             return names

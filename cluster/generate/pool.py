@@ -25,8 +25,9 @@ import torch
 
 from cluster.generate.drill import stage_delay_setting, stage_pause
 from cluster.generate.plan import JobPlan, load_model
-from cluster.generate.settings import RunSettings, worker_gpu_bytes
+from cluster.generate.settings import RunSettings
 from cluster.generate.shards import ShardMaker
+from cluster.runtime.placement import worker_gpu_bytes
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.checkpoint import WEIGHTS_FILE

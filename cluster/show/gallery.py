@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.data.datasets import read_shard as read_dataset_shard
 from cluster.data.datasets import read_manifest, table_arrays
+from cluster.data.datasets import read_shard as read_dataset_shard
 from cluster.generate.card import reproduce_command
 from cluster.generate.writers.parquet import decode_image_column
 from cluster.show.html import esc, facts, img, page, settings_table

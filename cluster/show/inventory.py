@@ -20,9 +20,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from cluster.data.datasets import MANIFEST as DATASET_MANIFEST
-from cluster.data.datasets import dataset_key, read_manifest
-from cluster.store.layout import OUTPUTS, JobKeys, job_prefix
+from cluster.data.datasets import read_manifest
+from cluster.store.layout import OUTPUTS, JobKeys, dataset_manifest_key, job_prefix
 from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
@@ -194,7 +193,7 @@ def list_datasets(storage: Storage) -> list[DatasetInfo]:
     """Every ingested dataset; one whose manifest cannot be read is listed with its problem, not raised."""
     found = []
     for name in storage.list_dirs("datasets"):
-        if not storage.exists(dataset_key(name, DATASET_MANIFEST)):
+        if not storage.exists(dataset_manifest_key(name)):
             continue                                # no manifest: an unfinished ingest, invisible to readers
         try:
             m = read_manifest(storage, name)

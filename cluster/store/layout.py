@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from vae_core.config import KINDS
 
+DATASETS = "datasets"
 OUTPUTS = "outputs"
 MANIFEST = "_manifest.json"
 LEGACY_MANIFEST = "manifest.json"        # jobs made before the data/ layout
@@ -47,6 +48,15 @@ LEGACY_SHARD_STEM = "part"              # part-00007.parquet: shards of jobs mad
 SHARD_EXTENSIONS = {"parquet": "parquet", "png": "tar", "jpeg": "tar"}      # output format -> file extension
 JOB_ID_DIGITS = 16                                          # hex digits of the spec's hash in a job id
 JOB_ID = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9a-f]+")          # what job_id() names
+
+
+def dataset_key(name: str, *parts: str) -> str:
+    """A key in a dataset's folder (cluster/data/datasets.py says what lives there)."""
+    return "/".join((DATASETS, name, *parts))
+
+
+def dataset_manifest_key(name: str) -> str:
+    return dataset_key(name, MANIFEST)
 
 
 def job_id(kind: str, identity_sha256: str) -> str:

@@ -9,10 +9,10 @@ from dataclasses import replace
 import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
+from cluster.runtime.placement import sized_training
 from cluster.store.storage import open_storage
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
-from cluster.train.placement import sized_training
 from cluster.train.runs import (
     TrainResult,
     claim_run,
