@@ -32,7 +32,8 @@ import time
 import torch
 from scale import memory_mib  # bench/scale.py, beside this script (its directory is on sys.path)
 
-from cluster.generate import RunSettings, run_generation
+from cluster.generate.driver import run_generation
+from cluster.generate.settings import RunSettings
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from vae_core.checkpoint import checkpoint_files

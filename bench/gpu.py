@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))        # gpu_train.py, generate.py beside this
 from generate import MODELS  # noqa: E402  (bench/generate.py's models)
 
-from cluster.generate import run_generation  # noqa: E402
+from cluster.generate.driver import run_generation  # noqa: E402
 from cluster.generate.writers import WRITERS  # noqa: E402
 from cluster.runtime.ray_session import ray_runtime  # noqa: E402
 from cluster.store.registry import Registry  # noqa: E402

@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from cluster.generate import RunSettings, run_generation
+from cluster.generate.driver import run_generation
+from cluster.generate.settings import RunSettings
 from cluster.store.layout import OUTPUTS, JobKeys
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
@@ -149,7 +150,8 @@ def shard_build_rate(cfg: ModelConfig, fmt: str, rows: int) -> tuple[float, floa
     """(samples/s, bytes per sample) of ShardMaker.build (decode, to uint8, write the shard's bytes, hash): a
     worker's whole job on one core except the PUT. Random-init weights: a trained model's images compress
     differently."""
-    from cluster.generate import JobPlan, ShardMaker
+    from cluster.generate.plan import JobPlan
+    from cluster.generate.shards import ShardMaker
     spec = GenerateConfig(model="rates", count=rows, shard_size=rows, format=fmt)
     plan = JobPlan(job_id="rates", spec=spec, model_ref="rates@v0001", weights_sha256="-", config_sha256="-",
                    image_shape=tuple(cfg.image_shape), labels=(), total_rows=rows, num_shards=1)

@@ -49,12 +49,12 @@ def report(manifest: dict) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from cluster.generate import run_generation
+    from cluster.generate.driver import run_generation
     spec = build(GenerateConfig, args, kind="samples")
     return report(run_generation(spec, storage_config(args), run_settings(args)))
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from cluster.generate import run_reconstruction
+    from cluster.generate.driver import run_reconstruction
     spec = build(GenerateConfig, args, kind="reconstructions")
     return report(run_reconstruction(spec, storage_config(args), run_settings(args)))

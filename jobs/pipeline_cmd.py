@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.data.datasets import read_manifest
     from cluster.data.ingest import ingest_source
-    from cluster.generate import run_generation, run_reconstruction
+    from cluster.generate.driver import run_generation, run_reconstruction
     from cluster.runtime.placement import sized_training
     from cluster.runtime.ray_session import ray_runtime
     from cluster.store.storage import open_storage

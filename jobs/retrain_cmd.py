@@ -41,7 +41,7 @@ def generation_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from cluster.generate import run_generation
+    from cluster.generate.driver import run_generation
 
     from .generate_cmds import report
     cfg = retrain_config(args)

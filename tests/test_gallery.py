@@ -18,7 +18,7 @@ from conftest import start_local_ray
 from PIL import Image
 
 from cluster.data.datasets import ingest
-from cluster.generate import run_generation, run_reconstruction
+from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.show.evaluation import evaluate_model
 from cluster.store.layout import GALLERY, SUCCESS, JobKeys
 from cluster.store.registry import Registry

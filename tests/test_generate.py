@@ -11,21 +11,13 @@ import torch
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects
 
 from cluster.data.datasets import ingest
-from cluster.generate import (
-    STALE_TEMP_S,
-    JobPlan,
-    RunSettings,
-    ShardLedger,
-    ShardMaker,
-    commit,
-    plan_job,
-    run_generation,
-    run_reconstruction,
-    sha256_hex,
-    start_workers,
-    verified_shards,
-)
+from cluster.generate.commit import STALE_TEMP_S, ShardLedger, commit, verified_shards
+from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.generate.lease import JobLease
+from cluster.generate.plan import JobPlan, plan_job, sha256_hex
+from cluster.generate.pool import start_workers
+from cluster.generate.settings import RunSettings
+from cluster.generate.shards import ShardMaker
 from cluster.generate.writers import parquet_image_bytes
 from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import SUCCESS, JobKeys, shard_name

@@ -13,8 +13,9 @@ from generate_support import publish_tiny_model
 from PIL import Image
 
 from cluster.data.datasets import ingest
-from cluster.generate import plan_job, run_generation, run_reconstruction
 from cluster.generate.drill import STAGE_DELAY_ENV
+from cluster.generate.driver import run_generation, run_reconstruction
+from cluster.generate.plan import plan_job
 from cluster.show.inventory import job_status, list_jobs
 from cluster.store.layout import RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
 from cluster.store.storage import open_storage

@@ -12,9 +12,11 @@ from generate_support import publish_tiny_model
 from test_generate_faults import assert_complete_and_exact, spec, wait_for
 from test_scale_cluster import worker_statuses
 
-from cluster.generate import RunSettings, plan_job, run_generation, start_workers, stop_workers
 from cluster.generate.drill import STAGE_DELAY_ENV
-from cluster.generate.pool import placed_settings, worker_device
+from cluster.generate.driver import run_generation
+from cluster.generate.plan import plan_job
+from cluster.generate.pool import placed_settings, start_workers, stop_workers, worker_device
+from cluster.generate.settings import RunSettings
 from cluster.runtime.placement import (
     DEFAULT_CPU_WORKERS,
     DEFAULT_CPUS_PER_WORKER,

@@ -13,7 +13,7 @@ from generate_support import publish_tiny_model
 from PIL import Image
 
 from cluster.data.datasets import ingest
-from cluster.generate import run_generation, run_reconstruction
+from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.store.layout import OUTPUTS, JobKeys, card_name
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen

@@ -23,10 +23,6 @@ PNG_DEFLATE_LEVEL = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {1: 0, 3: 2}          # channels -> PNG colour type (grey, RGB), 8 bits each
 JPEG_QUALITY = 95                        # img2dataset's default
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec) and warns on every call; the
-# encoder is still the one the project pins. Silenced by its message only, so other warnings still show.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -83,6 +79,7 @@ def jpeg_files(images: np.ndarray | torch.Tensor, quality: int = JPEG_QUALITY) -
     batch = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         raise ValueError(f"JPEG images must be uint8 (B, 1 or 3, H, W), got {batch.dtype} {tuple(batch.shape)}")
+    _quiet_torchvision_codecs()
     from torchvision.io import encode_jpeg              # torchvision's image ops load on first use
     if jpeg_device(batch) == "cpu":
         batch = batch.cpu()
@@ -90,6 +87,14 @@ def jpeg_files(images: np.ndarray | torch.Tensor, quality: int = JPEG_QUALITY) -
     if encoded and encoded[0].is_cuda:
         encoded = torch.cat(encoded).cpu().split([len(e) for e in encoded])   # one copy to the host per batch
     return [e.numpy().tobytes() for e in encoded]
+
+
+def _quiet_torchvision_codecs() -> None:
+    """torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec) and warns on every call; the
+    encoder is still the one the project pins. Silenced by its message only, so other warnings still show, and
+    only once a JPEG is encoded, so importing vaegen changes no warning filter."""
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
 
 
 def jpeg_device(images: torch.Tensor) -> str:

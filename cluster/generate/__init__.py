@@ -11,13 +11,3 @@ concern per module:
     settings.py  RunSettings: how a job runs (workers, resources, Ray address), never part of its identity
     drill.py     the fault-injection hook that tests and drills use to kill a worker at a known point
     writers/     one module per output format, its writer and its reader side by side"""
-from cluster.generate.commit import STALE_TEMP_S, ShardLedger, commit, verified_shards
-from cluster.generate.driver import run_generation, run_job, run_reconstruction
-from cluster.generate.plan import OUTPUT_FORMAT_VERSION, JobPlan, ShardTask, plan_job, sha256_hex
-from cluster.generate.pool import start_workers, stop_workers
-from cluster.generate.settings import RunSettings
-from cluster.generate.shards import ShardMaker
-
-__all__ = ["OUTPUT_FORMAT_VERSION", "STALE_TEMP_S", "JobPlan", "RunSettings", "ShardLedger", "ShardMaker", "ShardTask",
-           "commit", "plan_job", "run_generation", "run_job", "run_reconstruction", "sha256_hex", "start_workers",
-           "stop_workers", "verified_shards"]

@@ -41,8 +41,6 @@ ARROW_S3_RETRIES = 6            # pyarrow (aws-sdk-cpp) reads and listings: retr
 RETRYABLE_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted", "InternalError", "ServiceUnavailable",
                              "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
 RETRYABLE_STATUSES = frozenset({"500", "502", "503", "504"})
-# pyarrow's and boto3's credential chains probe the EC2 metadata service when no keys are set: seconds lost.
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def check_key(key: object, *, root_ok: bool = False) -> str:
@@ -79,6 +77,7 @@ class S3Endpoint:
         return cls(url.rstrip("/") if url else None, region)
 
     def arrow_fs(self) -> pafs.S3FileSystem:
+        _skip_instance_metadata()
         # The default strategy (exponential backoff, no retry quota): the standard one's token bucket could run
         # dry in a long-lived worker under sustained 503s and then stop retrying at all.
         kwargs: dict = {"region": self.region, "connect_timeout": 2, "request_timeout": 30,
@@ -89,6 +88,7 @@ class S3Endpoint:
         return pafs.S3FileSystem(**kwargs)
 
     def boto3_client(self):
+        _skip_instance_metadata()
         import boto3
         from botocore.config import Config
         # Checksums only where an operation requires one: a PUT then carries no CRC32 (botocore's default), and
@@ -468,6 +468,12 @@ class Storage:
             if self.is_s3 and ("NoSuchBucket" in str(e) or "NO_SUCH_BUCKET" in str(e) or "does not exist" in message):
                 raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}") from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
+
+
+def _skip_instance_metadata() -> None:
+    """pyarrow's and boto3's credential chains probe the EC2 metadata service when no keys are set: seconds lost.
+    Neither takes a setting for it but this variable, set (unless the user set it) when an S3 client is made."""
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def raise_link(path: str) -> None:
