@@ -44,7 +44,7 @@ def log_folder(root: str | None) -> Path:
     if root is None or root.startswith("s3://"):
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return Path(cache) / "vaegen" / LOG_FOLDER
-    from cluster.store.storage import file_uri_path
+    from cluster.store.local_files import file_uri_path
     return Path(file_uri_path(root) if root.startswith("file://") else root) / LOG_FOLDER
 
 

@@ -5,42 +5,25 @@ another one (see check_key). A local root is a closed world: no method reads, wr
 symbolic link inside it (the root itself may be one), so a planted link can neither leak a write nor steer a
 deletion outside it.
 
-S3 is allowed to fail transiently (409 ConditionalRequestConflict on concurrent conditional PUTs, 500, 503,
-SlowDown, a connection reset mid-request): every boto3 call here is retried a bounded number of times with
-capped exponential backoff and full jitter (_s3_call), and pyarrow's own client retries reads and listings."""
+S3's side (the endpoint, bounded retries) is in s3.py, a local root's file operations in local_files.py."""
 from __future__ import annotations
 
-import errno
 import os
 import random
-import secrets
 import stat
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cluster.store.local_files import create_temp, file_uri_path, fsync_dir, make_dirs, raise_link
+from cluster.store.s3 import REFUSED_CREDENTIALS, S3Endpoint, S3Requests
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
-
-DEFAULT_REGION = "us-east-1"
-# How pyarrow (aws-sdk-cpp) and S3 name a refusal of the caller's credentials in an error's text.
-REFUSED_CREDENTIALS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
-                       "SignatureDoesNotMatch", "AccessDenied")
-S3_ATTEMPTS = 8                 # boto3 calls: at most this many tries in all (then the error is the user's)
-S3_BACKOFF_BASE_S = 0.05        # backoff before try n+1: uniform(0, min(cap, base * 2**n)), "full jitter"
-S3_BACKOFF_CAP_S = 2.0
-ARROW_S3_RETRIES = 6            # pyarrow (aws-sdk-cpp) reads and listings: retries after the first try
-# S3 asks the client to retry these; 409 ConditionalRequestConflict means a concurrent conditional write to the
-# same key was in progress, and the retry is then decided like any other conditional write (412 or success).
-RETRYABLE_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted", "InternalError", "ServiceUnavailable",
-                             "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
-RETRYABLE_STATUSES = frozenset({"500", "502", "503", "504"})
 
 
 def check_key(key: object, *, root_ok: bool = False) -> str:
@@ -58,50 +41,14 @@ def check_key(key: object, *, root_ok: bool = False) -> str:
 
 
 @dataclass(frozen=True)
+
+
 class Entry:
     key: str          # relative to the root
     size: int
 
 
-@dataclass(frozen=True)
-class S3Endpoint:
-    url: str | None   # e.g. http://127.0.0.1:9000; None = AWS itself
-    region: str
-
-    @classmethod
-    def from_config(cls, cfg: StorageConfig) -> "S3Endpoint":
-        url = cfg.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if url and urlparse(url).scheme not in ("http", "https"):
-            raise VaegenError(f"--s3-endpoint={url!r} must start with http:// or https://")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
-        return cls(url.rstrip("/") if url else None, region)
-
-    def arrow_fs(self) -> pafs.S3FileSystem:
-        _skip_instance_metadata()
-        # The default strategy (exponential backoff, no retry quota): the standard one's token bucket could run
-        # dry in a long-lived worker under sustained 503s and then stop retrying at all.
-        kwargs: dict = {"region": self.region, "connect_timeout": 2, "request_timeout": 30,
-                        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_S3_RETRIES)}
-        if self.url:
-            parsed = urlparse(self.url)
-            kwargs.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
-        return pafs.S3FileSystem(**kwargs)
-
-    def boto3_client(self):
-        _skip_instance_metadata()
-        import boto3
-        from botocore.config import Config
-        # Checksums only where an operation requires one: a PUT then carries no CRC32 (botocore's default), and
-        # without a checksum header botocore signs the body's sha256 into the request instead (over https too),
-        # which the server checks: the same end-to-end guarantee, one hash on each side instead of two.
-        # botocore's own retries are off: Storage._s3_call retries every call itself, because botocore does not
-        # retry 409 and because a conditional PUT must know whether an earlier try may have landed.
-        config = Config(connect_timeout=2, read_timeout=60, retries={"total_max_attempts": 1, "mode": "standard"},
-                        request_checksum_calculation="when_required")
-        return boto3.client("s3", endpoint_url=self.url, region_name=self.region, config=config)
-
-
-class Storage:
+class Storage(S3Requests):
     """A root and what vaegen does with it: read, list, publish atomically (all or nothing), delete."""
 
     def __init__(self, cfg: StorageConfig) -> None:
@@ -290,8 +237,8 @@ class Storage:
         if if_absent and os.path.lexists(dest):
             return False                               # spares the write and the fsync; the link decides races
         folder = os.path.dirname(dest)
-        _make_dirs(folder)
-        fd, tmp = _create_temp(folder, os.path.basename(dest))
+        make_dirs(folder)
+        fd, tmp = create_temp(folder, os.path.basename(dest))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -305,7 +252,7 @@ class Storage:
                 os.unlink(tmp)
             else:
                 os.replace(tmp, dest)
-            _fsync_dir(folder)                         # ...and the name is on disk before we say it is
+            fsync_dir(folder)                         # ...and the name is on disk before we say it is
             return True
         finally:
             if os.path.lexists(tmp):
@@ -326,7 +273,7 @@ class Storage:
             return self._compare_and_swap_s3(key, data, accept)
         import fcntl
         lock_path = self.path(f"{key}.lock")
-        _make_dirs(os.path.dirname(lock_path))
+        make_dirs(os.path.dirname(lock_path))
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
             current = self.read_bytes(key) if self.exists(key) else None
@@ -334,21 +281,6 @@ class Storage:
                 return False
             return self.publish(key, data)
 
-    def _compare_and_swap_s3(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
-        from botocore.exceptions import ClientError
-        object_key = self.object_key(key)
-        etag, body = self._get(key)
-        if not accept(body):
-            return False
-        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-        uncertain: list[str] = []
-        try:
-            self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=object_key, Body=data, **condition),
-                          what=key, passthrough=("PreconditionFailed", "412", "NoSuchKey", "404"),
-                          uncertain=uncertain)
-        except ClientError:                            # someone else wrote (or deleted) between our read and write
-            return self._landed_after_all(key, data, uncertain)
-        return True
 
     def delete(self, key: str) -> None:
         check_key(key)
@@ -360,99 +292,9 @@ class Storage:
             except FileNotFoundError:
                 pass
 
-    def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
-        from botocore.exceptions import ClientError
-        object_key = self.object_key(key)
-        kwargs = {"IfNoneMatch": "*"} if if_absent else {}
-        uncertain: list[str] = []
-        try:
-            self._s3_call(lambda c: c.put_object(Bucket=self.bucket, Key=object_key, Body=data, **kwargs),
-                          what=key, passthrough=("PreconditionFailed", "412"), uncertain=uncertain)
-        except ClientError:                            # 412: an object is there
-            return self._landed_after_all(key, data, uncertain)
-        return True
-
-    def _get(self, key: str) -> tuple[str | None, bytes | None]:
-        """(ETag, bytes) of an S3 object, (None, None) if absent; the body read is retried with the request."""
-        from botocore.exceptions import ClientError
-        object_key = self.object_key(key) if key else self.prefix         # "": the root itself
-        if not object_key:
-            return None, None
-
-        def get(client):
-            response = client.get_object(Bucket=self.bucket, Key=object_key)
-            return response["ETag"], response["Body"].read()
-        try:
-            return self._s3_call(get, what=key, passthrough=("NoSuchKey", "404"))
-        except ClientError:
-            return None, None
-
-    def _landed_after_all(self, key: str, data: bytes, uncertain: list[str]) -> bool:
-        """After a 412: did an earlier try of ours (one that may have taken effect) write `data` there?"""
-        return bool(uncertain) and self._get(key)[1] == data
 
     # -- S3 calls: bounded retries; one line for the user, never the credentials ---------------------
-    def _s3_call(self, call, *, what: str, passthrough: tuple[str, ...] = (), uncertain: list[str] | None = None):
-        """call(self.s3_client), tried up to S3_ATTEMPTS times with capped, jittered exponential backoff while S3
-        answers a retryable error or the connection fails mid-request. A ClientError whose code or status is in
-        `passthrough` is raised as it is; any other failure becomes one VaegenError line. `uncertain` collects a
-        note for each failed try that may have taken effect (sent, then reset, timed out or answered 5xx)."""
-        import http.client
 
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
-            HTTPClientError,
-            IncompleteReadError,
-            NoCredentialsError,
-        )
-        from urllib3.exceptions import HTTPError as URLLib3Error
-        uncertain = [] if uncertain is None else uncertain
-        for attempt in range(S3_ATTEMPTS):
-            last = attempt == S3_ATTEMPTS - 1
-            try:
-                return call(self.s3_client)
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-                if (code in RETRYABLE_CODES or status in RETRYABLE_STATUSES) and not last:
-                    if code != "ConditionalRequestConflict" and status[:1] == "5":
-                        uncertain.append(code or status)
-                    self._backoff(attempt)
-                    continue
-                if code in passthrough or status in passthrough:
-                    raise
-                raise VaegenError(self._explain(code or status, what)) from None
-            except NoCredentialsError:
-                raise VaegenError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
-            except (EndpointConnectionError, ConnectTimeoutError):
-                # Nothing was sent. On the first try that means a wrong or dead endpoint: say so at once.
-                if attempt == 0 or last:
-                    raise VaegenError(f"cannot reach the S3 endpoint {self.endpoint.url or 'AWS'}") from None
-                self._backoff(attempt)
-            except (HTTPClientError, IncompleteReadError, URLLib3Error, http.client.HTTPException,
-                    ConnectionError) as e:           # reset, closed or timed out mid-request or mid-response
-                uncertain.append(type(e).__name__)
-                if last:
-                    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise VaegenError(f"S3 request for {what} failed {S3_ATTEMPTS} times: {message}") from None
-                self._backoff(attempt)
-            except BotoCoreError as e:
-                raise VaegenError(f"S3 request for {what} failed: {e}") from None
-        raise AssertionError("unreachable: the last try returns or raises")
-
-    def _backoff(self, attempt: int) -> None:
-        time.sleep(self._jitter.uniform(0, min(S3_BACKOFF_CAP_S, S3_BACKOFF_BASE_S * 2 ** attempt)))
-
-    def _explain(self, code: str, what: str) -> str:
-        where = f"s3://{self.bucket} at {self.endpoint.url or 'AWS'}"
-        if code in ("NoSuchBucket", "404"):
-            return f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}"
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-            return f"S3 credentials were refused by {where} ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-        return f"S3 error {code} on {what} in {where}"
 
     def _arrow(self, call, key: str):
         try:
@@ -468,66 +310,6 @@ class Storage:
             if self.is_s3 and ("NoSuchBucket" in str(e) or "NO_SUCH_BUCKET" in str(e) or "does not exist" in message):
                 raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}") from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
-
-
-def _skip_instance_metadata() -> None:
-    """pyarrow's and boto3's credential chains probe the EC2 metadata service when no keys are set: seconds lost.
-    Neither takes a setting for it but this variable, set (unless the user set it) when an S3 client is made."""
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def raise_link(path: str) -> None:
-    raise VaegenError(f"refusing to follow the symbolic link {path}: vaegen reads, writes and deletes only inside "
-                      "its root (the root itself may be a link); remove the link or point --root at its target")
-
-
-def file_uri_path(uri: str) -> str:
-    """The local path of a file: URI as RFC 8089 has it: file:///absolute/path or file://localhost/absolute/path.
-    A host (file://server/path) or a relative path (file://folder) is one line, never a guess."""
-    parsed = urlparse(uri)
-    if parsed.netloc not in ("", "localhost"):
-        raise VaegenError(f"storage root {uri!r} names the host {parsed.netloc!r}: a file URI is "
-                          "file:///absolute/path (RFC 8089); for a relative folder give the path alone")
-    if not parsed.path.startswith("/"):
-        raise VaegenError(f"storage root {uri!r} is not an absolute file URI: use file:///absolute/path")
-    return unquote(parsed.path)
-
-
-def _create_temp(folder: str, name: str) -> tuple[int, str]:
-    """A new temp file beside `folder/name`, created as open() creates files: mode 0o666 less the umask (and any
-    default ACL). mkstemp's 0600 would follow the rename and hide published files from every other user."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(6)}")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):    # a filesystem without folder sync
-            raise
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(folder: str) -> None:
-    """os.makedirs, then fsync the parent of each folder it created: a new folder's name is data too."""
-    if os.path.isdir(folder):
-        return
-    created, f = [], folder
-    while not os.path.isdir(f) and os.path.dirname(f) != f:
-        created.append(f)
-        f = os.path.dirname(f)
-    os.makedirs(folder, exist_ok=True)
-    for made in reversed(created):
-        _fsync_dir(os.path.dirname(made))
 
 
 def open_storage(cfg: StorageConfig, *, for_writing: bool = False) -> Storage:
