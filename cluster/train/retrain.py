@@ -116,20 +116,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
     held_out = to_image_set(read_split(storage, job.dataset, cfg.eval_split, limit=cfg.eval_max_images,
                                       manifest=manifest))
 
-    champion, champion_error, expected = None, None, None
-    try:
-        pointer = registry.champion(job.name)
-        champion = expected = pointer["version"] if pointer else None
-        if pointer:
-            finish_promotion_record(registry, job.name, pointer)
-    except CorruptRecord as e:        # replaced like a champion that no longer loads, if it is still corrupt
-        champion_error, expected = str(e), CORRUPT_POINTER
-    champion_model = None
-    if champion:
-        try:
-            champion_model = registry.load(ModelRef(job.name, champion)).model
-        except VaegenError as e:
-            champion_error = str(e)
+    champion, champion_model, champion_error, expected = read_champion(registry, job.name)
     if cfg.warm_start and champion_model is not None and champion_model.cfg != model_cfg:
         raise VaegenError(f"--warm-start: champion {job.name}@{champion} has model settings "
                           f"{to_dict(champion_model.cfg)}, the challenger {to_dict(model_cfg)}; make them match")
@@ -157,18 +144,44 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
     if not promote:
         return RetrainOutcome(False, champion, challenger_ref.version, reason, record_key, record)
 
-    new_pointer = {"version": challenger_ref.version, "metric": METRIC, "value": challenger_metric,
+    return promote_challenger(registry, record, record_key, challenger_metric, expected)
+
+
+def read_champion(registry: Registry, name: str) -> tuple[str | None, VAE | None, str | None, str | None]:
+    """(champion version, its model, why it could not be read, the version the promotion swap expects)."""
+    champion, champion_error, expected = None, None, None
+    try:
+        pointer = registry.champion(name)
+        champion = expected = pointer["version"] if pointer else None
+        if pointer:
+            finish_promotion_record(registry, name, pointer)
+    except CorruptRecord as e:        # replaced like a champion that no longer loads, if it is still corrupt
+        champion_error, expected = str(e), CORRUPT_POINTER
+    champion_model = None
+    if champion:
+        try:
+            champion_model = registry.load(ModelRef(name, champion)).model
+        except VaegenError as e:
+            champion_error = str(e)
+    return champion, champion_model, champion_error, expected
+
+
+def promote_challenger(registry: Registry, record: dict, record_key: str, challenger_metric: float,
+                       expected: str | None) -> RetrainOutcome:
+    """Swap the champion pointer to the challenger (a recorded pending decision), then finish the record."""
+    name, champion, challenger = record["model"], record["champion"]["version"], record["challenger"]["version"]
+    new_pointer = {"version": challenger, "metric": METRIC, "value": challenger_metric,
                    "promoted_at": record["decided_at"], "decision": record_key.rsplit("/", 1)[-1]}
-    if swap_champion(registry, job.name, new_pointer, expected_version=expected):
+    if swap_champion(registry, name, new_pointer, expected_version=expected):
         record = {**record, "decision": "promote"}
         rewrite_decision(registry, record_key, record)
-        return RetrainOutcome(True, challenger_ref.version, challenger_ref.version, reason, record_key, record)
-    now = current_champion(registry, job.name)
+        return RetrainOutcome(True, challenger, challenger, record["reason"], record_key, record)
+    now = current_champion(registry, name)
     reason = (f"another retrain run changed the champion from {champion} to {now} while this run was deciding; "
-              f"{challenger_ref.version} is not promoted")
+              f"{challenger} is not promoted")
     record = {**record, "decision": "keep", "reason": reason, "lost_race": True}
     rewrite_decision(registry, record_key, record)
-    return RetrainOutcome(False, now, challenger_ref.version, reason, record_key, record)
+    return RetrainOutcome(False, now, challenger, reason, record_key, record)
 
 
 PENDING = "pending"       # a promotion decided and recorded, its compare-and-swap not yet known to have landed
