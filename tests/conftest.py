@@ -241,10 +241,11 @@ RAY_TEST_CPUS = 4          # logical CPUs on a 2-core box: room for actors and R
 def start_local_ray() -> None:
     import ray
 
-    from cluster.runtime.ray_session import LOCAL_RAY_SYSTEM_CONFIG, WORKER_ENV
+    from cluster.runtime.ray_private import local_ray_options
+    from cluster.runtime.ray_session import WORKER_ENV
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
-                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, **local_ray_options())
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ def test_ray_train_on_a_ray_started_here_runs_no_placement_group_cleaner(two_wor
     process started stops with it, and without the dashboard (this Ray has none) the actor warns every second."""
     from ray._private.state import actors  # the GCS's actor table, dead actors too: no dashboard needed
 
-    from cluster.runtime.ray_session import ray_started_here
+    from cluster.runtime.ray_private import ray_started_here
     assert ray_started_here()
     classes = {actor["ActorClassName"] for actor in actors().values()}
     assert any("TrainController" in name for name in classes), classes     # the run went through Ray Train here
@@ -173,7 +173,7 @@ def test_a_ray_started_here_drops_ray_trains_cluster_helpers_and_a_joined_cluste
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
-    from cluster.train.on_ray import trainer_class, without_autoscaler
+    from cluster.runtime.ray_private import trainer_class, without_autoscaler
 
     def default_callbacks(local: bool, datasets: dict | None = None) -> set[type]:
         trainer = trainer_class(local=local)(lambda config: None, scaling_config=ScalingConfig(num_workers=1),

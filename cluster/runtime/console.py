@@ -11,7 +11,8 @@ and the terminal is kept on duplicated fds, which only vaegen writes to:
   its workers' stdout; of those only vaegen's own worker lines (WORKER_LINE, the epoch line) reach the terminal,
   the rest go to the log;
 - `sys.stderr` stays on fd 2, the log: Ray's logging, warnings and thread tracebacks;
-- tqdm bars default to the terminal's stderr (tqdm otherwise takes `sys.stderr` when a bar is made);
+- tqdm bars default to the terminal's stderr (tqdm otherwise takes `sys.stderr` when a bar is made):
+  patch_tqdm_default_file(), vaegen's only patch of a third-party class, made by capture() and undone by release();
 - the CLI writes its error line to the terminal (terminal_stderr()).
 
 The log file is created 0o600 (readable by its owner only): it holds what Ray prints, which never includes the
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -122,7 +123,7 @@ def capture() -> Path | None:
     console.terminal_err = open(kept_err, "w", buffering=1, encoding=encoding, errors="replace")
     console.log_path = path
     router = TerminalStdout(console.terminal_out, log=sys.stdout)
-    console._saved = (sys.stdout, router, _default_tqdm_file(console.terminal_err))
+    console._saved = (sys.stdout, router, patch_tqdm_default_file(console.terminal_err))
     sys.stdout = router
     return path
 
@@ -205,23 +206,23 @@ class TerminalStdout(io.TextIOBase):
         return True
 
 
-def _default_tqdm_file(terminal: TextIO):
-    """Make tqdm's bars default to `terminal` (they take sys.stderr, now the log, when made); returns the undo.
-    vaegen's bars are the only ones made in this process while the console is captured."""
+def patch_tqdm_default_file(terminal: TextIO) -> Callable[[], None]:
+    """Patch tqdm.std.tqdm.__init__ so that bars made without a `file` go to `terminal` (they take sys.stderr, now
+    the log, when made); returns the undo. A patch because tqdm has no setting for its default file; only capture()
+    makes it, and vaegen's bars are the only ones made in this process while the console is captured."""
     try:
         import tqdm.std
     except ImportError:                      # pragma: no cover - tqdm is a dependency
         return lambda: None
-    cls = tqdm.std.tqdm
-    original = cls.__init__
+    original = tqdm.std.tqdm.__init__
 
     def __init__(self, *args, **kwargs):
         if len(args) < 5 and kwargs.get("file") is None:       # `file` is tqdm's fifth parameter
             kwargs["file"] = terminal
         original(self, *args, **kwargs)
 
-    cls.__init__ = __init__
+    tqdm.std.tqdm.__init__ = __init__
 
     def undo() -> None:
-        cls.__init__ = original
+        tqdm.std.tqdm.__init__ = original
     return undo

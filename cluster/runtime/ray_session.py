@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from cluster.runtime.console import capture
+from cluster.runtime.ray_private import kill_stray_workers, local_ray_options, local_raylet_pids
 
 # Each Ray worker gets one torch/OpenMP thread unless told otherwise: N busy workers on N cores, not N².
 # A local Ray is never drained or preempted, so Ray Train's preemption watcher (an actor process per run) has
@@ -17,16 +17,6 @@ from cluster.runtime.console import capture
 # Train's health-check timeout (minutes), not after one missed poll.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true",
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# A Ray started here:
-# - prestarts no idle worker processes. Ray starts one per CPU for the first driver, to run its first tasks sooner;
-#   the first actors vaegen starts are Ray Train's controller and workers, which bring their own runtime
-#   environment and so cannot use those processes: they would only take CPU from the start-up that matters.
-# - retries its socket connections every 100 ms instead of every second, 100 times instead of 10 (the same 10 s
-#   before it gives up). The raylet connects to the object store it has just started in a thread; when the store
-#   is not listening yet, the first retry came a whole second later, in about half of all starts.
-LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False,
-                           "raylet_client_connect_timeout_milliseconds": 100,
-                           "raylet_client_num_connect_attempts": 100}
 DASHBOARD_ENV = "VAEGEN_RAY_DASHBOARD"     # "1": the embedded Ray starts its dashboard, when its packages are here
 
 
@@ -57,44 +47,13 @@ def include_dashboard(asked: bool | None = None,
     return True
 
 
-def ray_started_here() -> bool:
-    """Whether this process started the Ray it is connected to: that Ray stops when this process does."""
-    import ray._private.worker
-    node = getattr(ray._private.worker, "_global_node", None)
-    return node is not None and node.is_head()
-
-
-def local_raylet_pids() -> set[int]:
-    """The raylets of the Ray this process started (empty when it joined one, or started none)."""
-    import ray._private.worker
-    from ray._private import ray_constants
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None or not node.is_head():
-        return set()
-    return {info.process.pid for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])}
-
-
 def shutdown_ray() -> None:
-    """ray.shutdown(); when this process started that Ray, SIGKILL any of its worker processes that outlived it.
-    Ray 2.60's workers can deadlock in their C++ exit handlers (an actor exiting while a pubsub reply is pending
-    destroys the publisher inside the io service it posts to): such a process never ends and keeps its memory (a
-    Ray Train controller: most of a GB). Every worker carries its raylet's pid in RAY_RAYLET_PID, so they are found
-    exactly (through /proc, on Linux), wherever they were reparented."""
+    """ray.shutdown(); when this process started that Ray, also kill any of its worker processes that outlived it
+    (ray_private.kill_stray_workers: Ray 2.60's workers can hang in their exit handlers)."""
     import ray
-    raylets = {str(pid).encode() for pid in local_raylet_pids()}
+    raylets = local_raylet_pids()
     ray.shutdown()
-    if not raylets or not os.path.isdir("/proc"):
-        return
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            if any(var.startswith(b"RAY_RAYLET_PID=") and var.split(b"=", 1)[1] in raylets for var in env):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:                                      # gone already, or not ours
-            continue
+    kill_stray_workers(raylets)
 
 
 @contextmanager
@@ -118,7 +77,7 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
         kwargs: dict = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True,
                         "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
-                        "_system_config": LOCAL_RAY_SYSTEM_CONFIG}
+                        **local_ray_options()}
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.

@@ -27,7 +27,8 @@ import torch
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from cluster.data.datasets import shard_keys, table_arrays
-from cluster.runtime.ray_session import ray_runtime, ray_started_here
+from cluster.runtime.ray_private import ray_started_here, trainer_class
+from cluster.runtime.ray_session import ray_runtime
 from cluster.store.storage import Storage, open_storage
 from cluster.train.epoch_samples import EpochSampleWriter
 from cluster.train.in_process import resident
@@ -205,48 +206,6 @@ def process_group(workers: int, use_gpu: bool):
         return BackendConfig()
     from ray.train.torch import TorchConfig
     return TorchConfig(backend="nccl" if use_gpu else "gloo")
-
-
-def trainer_class(*, local: bool) -> type:
-    """Ray Train's DataParallelTrainer (TorchTrainer is one with a TorchConfig); on a Ray this process started
-    (`local`), one without three of its helpers, each a worker process to start (and import into) before the first
-    batch, with nothing to do on such a Ray:
-    - the placement-group cleaner, a detached actor that removes a dead controller's placement group from a cluster
-      that outlives it (a Ray started here stops with this process). It also polls the State API every second:
-      without the dashboard, which serves that API, it logs a warning each time, and it fails when other Ray
-      instances run on the same host;
-    - the autoscaling coordinator the scaling policy reports its resources to: a Ray started here has no autoscaler;
-    - the dataset manager, when the run has no Ray Data datasets (the training rows came through the object store).
-    These are private hooks of Ray Train; Ray is pinned (pyproject.toml) and tests/test_train_ray.py checks them."""
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    if not local:
-        return DataParallelTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class LocalTrainer(DataParallelTrainer):
-        def _create_default_callbacks(self) -> list:
-            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            controller_init_kwargs["scaling_policy"] = without_autoscaler(self.scaling_config)
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-    return LocalTrainer
-
-
-def without_autoscaler(scaling_config):
-    """Ray Train's fixed-size scaling policy, minus its resource requests to the autoscaling coordinator (whose
-    actor it would start first). Made here, and so sent to the controller by value."""
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    class LocalScalingPolicy(FixedScalingPolicy):
-        def after_controller_start(self, train_run_context) -> None:
-            pass
-
-        def _maybe_send_resource_request(self) -> None:
-            pass
-    return LocalScalingPolicy(scaling_config)
 
 
 # -- worker ----------------------------------------------------------------------------------------------
