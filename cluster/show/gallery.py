@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import tarfile
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 from cluster.data.datasets import read_manifest, table_arrays
 from cluster.data.datasets import read_shard as read_dataset_shard
 from cluster.generate.card import reproduce_command
-from cluster.generate.writers.parquet import decode_image_column
+from cluster.generate.writers import ShardRows, read_shard_rows
 from cluster.show.html import esc, facts, img, page, settings_table
 from cluster.show.inventory import RERUN_JOB, JobStatus, champion_version, job_status
 from cluster.show.model_page import model_section
@@ -29,7 +28,6 @@ from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import GenerateConfig, StorageConfig
 from vae_core.errors import VaegenError
-from vae_core.images import decode_png
 from vae_core.names import check_name, is_valid_name
 
 SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
@@ -133,36 +131,18 @@ def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int | N
 
 
 # -- reading shards -------------------------------------------------------------------------------------------
-def read_shard(storage: Storage, job_id: str, entry: dict, fmt: str) -> tuple[list[int], list[int | None],
-                                                                             list[np.ndarray]]:
-    """shard_rows of one shard of a job, checked against the sha256 its manifest entry (or receipt) records: a
-    truncated shard can still parse, and the page must not show it as if it were whole."""
+def read_shard(storage: Storage, job_id: str, entry: dict, fmt: str) -> ShardRows:
+    """The rows of one shard of a job (read_shard_rows), checked against the sha256 its manifest entry (or
+    receipt) records: a truncated shard can still parse, and the page must not show it as if it were whole."""
     key = JobKeys.of(job_id).shard(entry["name"])
     data = storage.read_bytes(key)
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CorruptRecord(storage.uri_of(key), "does not match the sha256 its job recorded", RERUN_JOB)
     try:
-        return shard_rows(data, fmt)
+        return read_shard_rows(data, fmt)
     except (pa.ArrowException, tarfile.TarError, OSError, *RECORD_ERRORS) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CorruptRecord(storage.uri_of(key), f"is not a readable {fmt} shard ({problem})", RERUN_JOB) from None
-
-
-def shard_rows(data: bytes, fmt: str) -> tuple[list[int], list[int | None], list[np.ndarray]]:
-    """ids, labels (None where a row has none) and uint8 CHW images of one output shard."""
-    if fmt == "parquet":
-        table = pq.read_table(io.BytesIO(data))
-        labels = (table.column("label").to_pylist() if "label" in table.column_names else [None] * len(table))
-        return table.column("id").to_pylist(), labels, list(decode_image_column(table))
-    ids, labels, images = [], [], []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".json")):
-            meta = json.loads(tar.extractfile(members[name]).read())
-            ids.append(meta["id"])
-            labels.append(meta.get("label"))
-            images.append(decode_png(tar.extractfile(members[name[:-5] + ".png"]).read()))
-    return ids, labels, images
 
 
 # -- pages ----------------------------------------------------------------------------------------------------
@@ -219,8 +199,9 @@ def contact_sheets(storage: Storage, status: JobStatus, shards: list[dict], labe
     picked = sorted(rng.choice(len(shards), size=min(SAMPLED_SHARDS, len(shards)), replace=False).tolist())
     by_label: dict = {}
     for i in picked:
-        ids, labels, images = read_shard(storage, status.job_id, shards[i], status.format)
-        for sample_id, label, image in zip(ids, labels, images):
+        rows = read_shard(storage, status.job_id, shards[i], status.format)
+        labels = [None] * len(rows.ids) if rows.labels is None else rows.labels.tolist()
+        for sample_id, label, image in zip(rows.ids.tolist(), labels, rows.images):
             group = by_label.setdefault(label, [])
             if len(group) < (per_class or (UNLABELLED if label is None else PER_CLASS)):
                 group.append((sample_id, image))
@@ -240,7 +221,7 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
     """Originals (top) above their reconstructions, from the input dataset's matching shard. The job is shown
     without them (and says why) when that dataset is gone, unreadable or no longer the one the job read."""
     spec = manifest["spec"]
-    out_ids, _, recons = read_shard(storage, status.job_id, shard, status.format)
+    rows = read_shard(storage, status.job_id, shard, status.format)
     try:
         dataset = read_manifest(storage, check_name(spec["dataset"], "dataset"))
         index = shard_index(shard["name"])
@@ -252,7 +233,7 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
         return [f"<h2>reconstructions</h2><p>the originals cannot be shown: {esc(str(e))}</p>"]
     original_of = dict(zip(ids.tolist(), originals))
     pairs = [f'<span class="pair">{img(original_of[i], f"original {i}")}{img(r, f"reconstruction {i}")}</span>'
-             for i, r in list(zip(out_ids, recons))[:RECON_PAIRS] if i in original_of]
+             for i, r in list(zip(rows.ids.tolist(), rows.images))[:RECON_PAIRS] if i in original_of]
     return [f"<h2>reconstructions</h2><p>each column: an image of {esc(spec['dataset'])}/{esc(spec['split'])} (top) "
             f"and its reconstruction (bottom), the first {len(pairs)} of {esc(shard['name'])}</p>",
             f"<div>{''.join(pairs)}</div>"]

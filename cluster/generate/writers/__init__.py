@@ -5,7 +5,7 @@ here touches storage, so an exception anywhere in a writer publishes nothing.
 Every format is deterministic: the same rows give the same bytes for a given encoder and version (fixed Parquet
 settings; tar members with a fixed mtime, owner and mode, in id order; PNGs without timestamps, from a pinned
 libdeflate; JPEGs from torchvision's libjpeg-turbo, or nvJPEG on a GPU: image_encoder says which)."""
-from cluster.generate.writers.formats import WRITERS, image_encoder, writer_for
+from cluster.generate.writers.formats import WRITERS, image_encoder, read_shard_rows, writer_for
 from cluster.generate.writers.parquet import (
                       PARQUET_MAX_IMAGE_BYTES,
                       ParquetShardWriter,
@@ -15,7 +15,14 @@ from cluster.generate.writers.parquet import (
                       parquet_image_bytes,
                       png_images,
 )
-from cluster.generate.writers.rows import DecodedBatch, ShardInfo, ShardWriter, concat_batches, sample_key
+from cluster.generate.writers.rows import (
+                      DecodedBatch,
+                      ShardInfo,
+                      ShardRows,
+                      ShardWriter,
+                      concat_batches,
+                      sample_key,
+)
 from cluster.generate.writers.tar import (
                       JpegTarShardWriter,
                       PngTarShardWriter,
@@ -26,6 +33,6 @@ from cluster.generate.writers.tar import (
 )
 
 __all__ = ["WRITERS", "DecodedBatch", "JpegTarShardWriter", "PARQUET_MAX_IMAGE_BYTES", "ParquetShardWriter",
-           "PngTarShardWriter", "ShardInfo", "ShardWriter", "TarShardWriter", "image_encoder", "jpeg_tar_writer",
-           "writer_for", "concat_batches", "decode_image_column", "hf_features", "latent_texts", "netpbm_images",
-           "parquet_image_bytes", "png_images", "sample_key", "tar_member_count"]
+           "PngTarShardWriter", "ShardInfo", "ShardRows", "ShardWriter", "TarShardWriter", "image_encoder",
+           "jpeg_tar_writer", "writer_for", "concat_batches", "decode_image_column", "hf_features", "latent_texts",
+           "netpbm_images", "parquet_image_bytes", "png_images", "read_shard_rows", "sample_key", "tar_member_count"]

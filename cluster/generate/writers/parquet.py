@@ -24,7 +24,7 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.generate.writers.rows import DecodedBatch, ShardInfo, concat_batches
+from cluster.generate.writers.rows import DecodedBatch, ShardInfo, ShardRows, concat_batches
 from vae_core import __version__
 
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
@@ -224,5 +224,14 @@ class ParquetShardWriter:
         if rows != len(table):
             raise ValueError(f"shard {self.info.index}: Parquet holds {rows} rows, expected {len(table)}")
         return data
+
+    @staticmethod
+    def read_rows(data: bytes) -> ShardRows:
+        """The rows of a shard this writer wrote, in file order: labels None for a shard without a label column,
+        images by decode_image_column."""
+        table = pq.read_table(io.BytesIO(data))
+        return ShardRows(table.column("id").to_numpy(),
+                         table.column("label").to_numpy() if "label" in table.column_names else None,
+                         decode_image_column(table))
 
 

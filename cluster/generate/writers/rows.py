@@ -3,7 +3,7 @@ interface a writer implements."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -30,6 +30,13 @@ class DecodedBatch:
         return len(self.ids)
 
 
+class ShardRows(NamedTuple):
+    """What a shard's reader gives back: what every reader of its rows needs (latents stay in the file)."""
+    ids: np.ndarray             # int64 (N,)
+    labels: np.ndarray | None   # int64 (N,); None for a shard without labels
+    images: np.ndarray          # uint8 (N, C, H, W), decoded (so lossy where the format is)
+
+
 def concat_batches(batches: list[DecodedBatch]) -> DecodedBatch:
     labels = None if batches[0].labels is None else np.concatenate([b.labels for b in batches])
     return DecodedBatch(np.concatenate([b.ids for b in batches]), labels,
@@ -37,9 +44,13 @@ def concat_batches(batches: list[DecodedBatch]) -> DecodedBatch:
 
 
 class ShardWriter(Protocol):
+    """Collects a shard's rows (write) and gives the finished shard's bytes (close); read_rows reads such bytes
+    back."""
     def __init__(self, info: ShardInfo) -> None: ...
     def write(self, batch: DecodedBatch) -> None: ...
     def close(self) -> bytes: ...
+    @staticmethod
+    def read_rows(data: bytes) -> ShardRows: ...
 
 
 def sample_key(sample_id: int) -> str:

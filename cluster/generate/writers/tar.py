@@ -1,16 +1,18 @@
 """The WebDataset tar shard writers: per sample `<key>.png` (or `.jpg`), `<key>.cls` (the label, when the rows
 have labels) and `<key>.json`, samples in id order, with fixed member metadata so that the same rows give the
-same bytes for a given encoder (each writer's `encoder`, recorded in the job's manifest)."""
+same bytes for a given encoder (each writer's `encoder`, recorded in the job's manifest); and their reader,
+`read_rows`, which gives a shard's rows back."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import tarfile
 
 import numpy as np
 
-from cluster.generate.writers.rows import DecodedBatch, ShardInfo, sample_key
-from vae_core.images import JPEG_QUALITY, jpeg_encoder, jpeg_files, png_encoder, png_files
+from cluster.generate.writers.rows import DecodedBatch, ShardInfo, ShardRows, sample_key
+from vae_core.images import JPEG_QUALITY, decode_png, jpeg_encoder, jpeg_files, png_encoder, png_files
 
 LATENT_FORMAT = "%.9g"          # PNG tar .json latents: 9 significant digits round-trip a float32 exactly
 TAR_MTIME = 0                   # fixed member metadata: a rerun gives the same tar bytes
@@ -107,6 +109,24 @@ class TarShardWriter:
         if members != self.members:
             raise ValueError(f"shard {self.info.index}: tar holds {members} members, expected {self.members}")
         return data
+
+    @classmethod
+    def read_rows(cls, data: bytes) -> ShardRows:
+        """The rows of a shard this writer wrote, in id order: id and label from each sample's .json, the image
+        decoded from its `<key>.<image_ext>`. A sample without its image member is an error (KeyError), not a
+        row left out."""
+        samples: dict[str, dict[str, bytes]] = {}          # members grouped by key, as webdataset groups them
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        records = [(json.loads(samples[key]["json"]), samples[key][cls.image_ext]) for key in sorted(samples)]
+        if not records:
+            raise ValueError("tar shard holds no samples")
+        labels = [meta["label"] for meta, _ in records]
+        return ShardRows(np.array([meta["id"] for meta, _ in records], np.int64),
+                         None if all(label is None for label in labels) else np.array(labels, np.int64),
+                         np.stack([decode_png(image) for _, image in records]))
 
 
 class PngTarShardWriter(TarShardWriter):
