@@ -186,7 +186,7 @@ def main() -> None:
         emit({"measure": "decode + JPEG encode, one process", "threads": 1, "samples_per_s": bounds["jpeg_one_process"],
               **machine})
         emit({"measure": "decode + JPEG encode, one process per worker (the JPEG bound)", "processes": args.workers,
-              "samples_per_s": bounds["jpeg"], "encoder": jpeg_encoder("cpu"), **machine})
+              "samples_per_s": bounds["jpeg"], "encoder": jpeg_encoder(), **machine})
         for key, r in results.items():
             where, fmt = key.split("-")
             bound = bound_of(bounds, fmt)

@@ -72,21 +72,15 @@ def png_encoder(level: int = PNG_DEFLATE_LEVEL) -> dict:
             "filter": "none"}
 
 
-def jpeg_files(images: np.ndarray | torch.Tensor, quality: int = JPEG_QUALITY) -> list[bytes]:
+def jpeg_files(images, quality: int = JPEG_QUALITY) -> list[bytes]:
     """One JPEG per uint8 (B, C, H, W) image (C = 1: a one-channel greyscale JPEG; C = 3: a colour JPEG) with
-    torchvision's encoder: nvJPEG, the whole batch in one call, for RGB images in a CUDA
-    tensor; libjpeg-turbo on the CPU otherwise (nvJPEG takes only 3 channels, so grey goes to the CPU)."""
+    torchvision's libjpeg-turbo encoder, on the host."""
     batch = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         raise ValueError(f"JPEG images must be uint8 (B, 1 or 3, H, W), got {batch.dtype} {tuple(batch.shape)}")
     _quiet_torchvision_codecs()
     from torchvision.io import encode_jpeg              # torchvision's image ops load on first use
-    if jpeg_device(batch) == "cpu":
-        batch = batch.cpu()
-    encoded = encode_jpeg(list(batch), quality=quality)
-    if encoded and encoded[0].is_cuda:
-        encoded = torch.cat(encoded).cpu().split([len(e) for e in encoded])   # one copy to the host per batch
-    return [e.numpy().tobytes() for e in encoded]
+    return [e.numpy().tobytes() for e in encode_jpeg(list(batch.cpu()), quality=quality)]
 
 
 def _quiet_torchvision_codecs() -> None:
@@ -97,16 +91,11 @@ def _quiet_torchvision_codecs() -> None:
                             category=DeprecationWarning)
 
 
-def jpeg_device(images: torch.Tensor) -> str:
-    """Where jpeg_files encodes this batch: "cuda" (nvJPEG) for RGB images on a GPU, else "cpu"."""
-    return "cuda" if images.is_cuda and images.shape[1] == 3 else "cpu"
-
-
-def jpeg_encoder(device: str, quality: int = JPEG_QUALITY) -> dict:
-    """What makes jpeg_files' bytes on `device` ("cpu" or "cuda"): nvJPEG's bytes differ from libjpeg-turbo's."""
+def jpeg_encoder(quality: int = JPEG_QUALITY) -> dict:
+    """What makes jpeg_files' bytes: the library, its package version and the quality."""
     import torchvision
-    return {"format": "jpeg", "encoder": "nvjpeg" if device == "cuda" else "libjpeg-turbo",
-            "package": f"torchvision {torchvision.__version__}", "quality": quality}
+    return {"format": "jpeg", "encoder": "libjpeg-turbo", "package": f"torchvision {torchvision.__version__}",
+            "quality": quality}
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -49,10 +49,6 @@ class ShardMaker:
         self.model = model.to(device).eval()
         self.writer_cls = writer_cls or writer_for(plan.spec)
         self.pause = pause                            # the drill hook (drill.py); None in a real run
-        # A writer that encodes on the device (a GPU JPEG encoder) declares `device_images = True` and gets each
-        # batch's images as a uint8 torch tensor on self.device instead of a host array; the pixel digest is
-        # then taken from a host copy. Every writer today takes host arrays (see writers/tar.py for why JPEG does).
-        self.device_images = bool(getattr(self.writer_cls, "device_images", False))
         self.device_lock = threading.Lock()          # one shard decodes at a time; encoding overlaps it
         self.stages: dict[int, str] = {}             # shard -> stage, for the shards in flight, oldest first
         if storage.is_s3:
@@ -88,7 +84,7 @@ class ShardMaker:
                 z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
                 images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
                           else self.model.sample_images(z_part, y_part, gen))
-                yield DecodedBatch(ids[part], y, z[part].numpy(), self.uint8(images))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
         else:
             ids, labels, pixels = self.read_input(task)
             for start in range(0, len(ids), size):
@@ -97,13 +93,7 @@ class ShardMaker:
                 x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
                 y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
                 recon, mu = self.model.reconstruct(x, y)
-                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), self.uint8(recon))
-
-    def uint8(self, images: torch.Tensor):
-        """Decoded floats → uint8 rows: on the host (numpy), or left on the device for a device writer."""
-        if self.device_images:
-            return images.detach().clamp(0, 1).mul(255).round_().to(torch.uint8)
-        return to_uint8(images)
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
 
     def decode(self, task: ShardTask) -> list[DecodedBatch]:
         """The whole shard decoded, holding the device lock: the only part of a shard that uses the device."""
@@ -117,12 +107,6 @@ class ShardMaker:
 
     def build(self, index: int) -> tuple[bytes, dict]:
         """The finished shard's bytes and its record (what the receipt and the manifest keep)."""
-        try:
-            return self._build(index)
-        finally:
-            self.stages.pop(index, None)
-
-    def _build(self, index: int) -> tuple[bytes, dict]:
         plan, task = self.plan, self.plan.task(index)
         self.stages[index] = "queued"
         info = ShardInfo(index, None if task.input else shard_seed(plan.spec.seed, index), plan.model_ref,
@@ -132,8 +116,7 @@ class ShardMaker:
         while decoded:
             batch = decoded.pop(0)                      # handed on: the writer holds what it keeps
             self.enter(index, "encode")
-            host = batch.images.cpu().numpy() if self.device_images else batch.images
-            pixels.update(np.ascontiguousarray(host).data)
+            pixels.update(np.ascontiguousarray(batch.images).data)
             writer.write(batch)
             rows, last_id = rows + len(batch), int(batch.ids[-1])
         data = writer.close()
@@ -149,7 +132,7 @@ class ShardMaker:
         Safe to call from several threads at once (see the module's note on overlap)."""
         started = time.perf_counter()
         try:
-            data, record = self._build(index)
+            data, record = self.build(index)
             self.enter(index, "publish")
             key = self.plan.shard_key(index)
             published = self.storage.publish(key, data, if_absent=True)

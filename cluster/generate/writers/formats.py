@@ -13,11 +13,10 @@ def writer_for(spec) -> type[ShardWriter]:
     return jpeg_tar_writer(spec.jpeg_quality) if spec.format == "jpeg" else WRITERS[spec.format]
 
 
-def image_encoder(spec, device: str = "cpu") -> dict | None:
-    """What encodes a job's images (library, version, settings) when its workers run on `device`: what its
-    manifest records. None for Parquet, whose PNGs are stored-deflate (no encoder library or setting to record)."""
+def image_encoder(spec) -> dict | None:
+    """What encodes a job's images (library, version, settings): what its manifest records. None for Parquet, whose PNGs are stored-deflate (no encoder library or setting to record)."""
     encoder = getattr(writer_for(spec), "encoder", None)
-    return None if encoder is None else encoder(device)
+    return None if encoder is None else encoder()
 
 
 def read_shard_rows(data: bytes, fmt: str) -> ShardRows:

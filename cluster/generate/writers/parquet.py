@@ -138,21 +138,8 @@ def png_images(images: np.ndarray) -> pa.BinaryArray:
     return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
 
 
-def netpbm_images(images: np.ndarray) -> pa.BinaryArray:
-    """What the `image` column held up to output format version 4 (binary PGM/PPM), kept so that tests can build
-    such a shard and check that decode_image_column still reads the jobs made then."""
-    n, c, h, w = images.shape
-    header = np.frombuffer(b"P%d\n%d %d\n255\n" % (5 if c == 1 else 6, w, h), np.uint8)
-    files = np.empty((n, len(header) + h * w * c), np.uint8)
-    files[:, :len(header)] = header
-    files[:, len(header):] = images.transpose(0, 2, 3, 1).reshape(n, h * w * c)
-    offsets = np.arange(n + 1, dtype=np.int32) * files.shape[1]
-    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(files)])
-
-
 def decode_image_column(table: pa.Table, image_shape=None) -> np.ndarray:
-    """The `image` column of a vaegen Parquet table (any shard this or an earlier version wrote: stored PNG, or
-    PGM/PPM) as uint8 (N, C, H, W). `image_shape` (C, H, W) defaults to the table's channels/height/width columns.
+    """The `image` column of a vaegen Parquet table (stored-deflate PNGs; any image PIL reads) as uint8 (N, C, H, W). `image_shape` (C, H, W) defaults to the table's channels/height/width columns.
     Shards laid out by png_images are read back with NumPy slices alone; anything else goes through PIL."""
     cells = table.column("image").combine_chunks().flatten()[0]     # flatten applies the slice offset
     n = len(cells)

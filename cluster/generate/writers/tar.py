@@ -134,25 +134,22 @@ class PngTarShardWriter(TarShardWriter):
     image_ext = "png"
 
     @staticmethod
-    def encoder(device: str = "cpu") -> dict:
-        return png_encoder()            # the same on any device
+    def encoder() -> dict:
+        return png_encoder()
 
     def encode(self, images) -> list[bytes]:
         return png_files(images)
 
 
 class JpegTarShardWriter(TarShardWriter):
-    """Lossy: `<key>.jpg` at `quality` (a subclass per quality: jpeg_tar_writer), by libjpeg-turbo on the CPU.
-    A JPEG's bytes are its encoder's, and the job id names the encoder (plan.py): nvJPEG (jpeg_files on a CUDA
-    tensor) writes other bytes, so a job whose workers mixed GPUs and CPUs would hold shards of two encoders under
-    one id, and a retry on the other kind of worker would replace a sound shard. Until the job id can name the
-    device's encoder, every worker encodes on the CPU (device_images stays False): one encoder per job."""
+    """Lossy: `<key>.jpg` at `quality` (a subclass per quality: jpeg_tar_writer), by libjpeg-turbo on the CPU of
+    every worker, GPU or not: a JPEG's bytes are its encoder's, and the job id names one encoder (plan.py)."""
     image_ext = "jpg"
     quality = JPEG_QUALITY
 
     @classmethod
-    def encoder(cls, device: str = "cpu") -> dict:
-        return jpeg_encoder("cpu", cls.quality)             # on any worker: see the class's note
+    def encoder(cls) -> dict:
+        return jpeg_encoder(cls.quality)
 
     def encode(self, images) -> list[bytes]:
         return jpeg_files(images, self.quality)
