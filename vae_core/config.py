@@ -23,6 +23,9 @@ PRECISIONS = ("fp32", "bf16")
 MAX_WORKERS = 1024
 AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/train/placement.py)
 MAX_SHARDS = 100_000
+# A dataset's classes are named 0..max label and one-hot encoded into the model: a stray huge label would
+# allocate its range before anything else could refuse it.
+MAX_CLASSES = 100_000
 
 
 def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
@@ -71,7 +74,7 @@ class ModelConfig:
                  f"image shape {self.image_shape} must be three positive sizes (C, H, W)")
         _require(self.latent_dim > 0, f"--latent-dim={self.latent_dim} must be > 0")
         _require(self.hidden_dim > 0, f"--hidden-dim={self.hidden_dim} must be > 0")
-        _require(self.num_classes >= 0, f"--num-classes={self.num_classes} must be >= 0")
+        _require(0 <= self.num_classes <= MAX_CLASSES, f"--num-classes={self.num_classes} must be in 0..{MAX_CLASSES:,}")
         _require(self.sigma >= 0, f"--sigma={self.sigma} must be >= 0 (0 = learned)")
         _require(self.prior_components >= 0, f"--prior-components={self.prior_components} must be >= 0")
         if self.arch == "conv" and self.image_shape is not None:

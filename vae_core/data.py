@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import MAX_CLASSES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -128,6 +129,8 @@ def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayD
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
+    if len(classes) > MAX_CLASSES:
+        raise VaegenError(f"image folder {folder} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
     files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
              if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
