@@ -119,6 +119,22 @@ def image_folder_at(folder: str) -> Callable[[Ctx], None]:
 image_folder = image_folder_at("imgs")
 
 
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small PNG whose header claims width x height pixels: a decompression bomb, as Pillow sees one."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
 def upload_root(ctx: Ctx) -> None:
     """The shared root's files under the case's S3 prefix."""
     import boto3
@@ -247,6 +263,8 @@ CASES = [
          fragment="VAEGEN_LEASE_TTL_S='0'"),
     Case("generate-lease-ttl-negative", (*GEN, "--model", "tiny", *ROOT), env=(("VAEGEN_LEASE_TTL_S", "-5"),),
          fragment="VAEGEN_LEASE_TTL_S='-5'"),
+    Case("ingest-decompression-bomb", ("ingest", "image-folder", "imgs", *ROOT),
+         both(image_folder, write("imgs/shoe/bomb.png", bomb_png())), "bomb.png"),
     # local paths that do not work
     Case("sample-out-missing-folder", ("sample", "--model", "tiny", "--out", "{dir}/missing/dir/x.png", *ROOT),
          fragment="does not exist"),
