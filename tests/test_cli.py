@@ -336,3 +336,16 @@ def test_unexpected_exceptions_are_one_line_and_debug_shows_the_traceback(tmp_pa
     monkeypatch.setenv("VAEGEN_DEBUG", "1")
     with pytest.raises(type(error)):
         main(["ls", str(tmp_path / "root")])
+
+
+@pytest.mark.parametrize("argv", [["ls", "--root", "{tmp}"], ["config", "show", "train"]], ids=["ls", "config-show"])
+def test_a_closed_stdout_ends_quietly_with_the_commands_status(tmp_path, argv):
+    """`vaegen ls | true`: the reader is gone before vaegen prints; exit 0, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *(a.format(tmp=tmp_path) for a in argv)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
