@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None, *, quiet_ray: bool = False) -> int:
             code = args.run(args)
             if session is not None and session.has_messages():
                 print(f"vaegen: Ray's messages are in {session.log_path} (--verbose shows them)")
+            sys.stdout.flush()                    # a closed stdout shows here, not in the interpreter's teardown
             return code
         except VaegenError as e:
             return failed(f"vaegen: error: {one_line(e)}", session, EXIT_USER_ERROR)
         except KeyboardInterrupt:
             return failed("vaegen: interrupted", session, 130)
         except OSError as e:
+            if isinstance(e, BrokenPipeError) and stdout_closed():
+                discard_stdout()                  # `vaegen ... | head`: the reader has what it wanted
+                return 0
             if debug:
                 raise
             return failed(f"vaegen: error: {one_line(os_error_line(e))}", session, EXIT_USER_ERROR)
@@ -89,6 +93,27 @@ def main(argv: list[str] | None = None, *, quiet_ray: bool = False) -> int:
                 raise
             return failed(f"vaegen: internal error: {type(e).__name__}: {one_line(e)} (a bug in vaegen; rerun "
                           f"with {DEBUG_ENV}=1 for the traceback)", session, EXIT_INTERNAL_ERROR)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout's reader has gone (`vaegen ls | head`, `| true`): the pipe then polls as an error. A
+    BrokenPipeError from anywhere else (a socket) is an ordinary OSError."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for it is dropped instead of raising again when
+    the interpreter flushes it on exit. Output only ever ends vaegen's commands: the work itself is done (a
+    generation committed, a model published), so the exit status stays that of the work."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno())
+    os.close(devnull)
 
 
 def failed(line: str, session, code: int) -> int:

@@ -7,6 +7,8 @@ check flags."""
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import tomllib
 from typing import Any
 
@@ -14,6 +16,7 @@ from vae_core.errors import VaegenError
 
 CONFIG_FLAG = "--config"
 NOT_CONFIGURABLE = ("help", "config")
+MAX_CONFIG_BYTES = 2**20
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -87,9 +90,17 @@ def leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argpa
 
 
 def read_config(path: str) -> dict[str, Any]:
+    """The file's settings. Only a regular file of at most MAX_CONFIG_BYTES is read: /dev/zero or a FIFO would
+    never end."""
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise VaegenError(f"config file {path} is not a regular file: give a TOML file")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise VaegenError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config file")
     except FileNotFoundError:
         raise VaegenError(f"config file {path} does not exist") from None
     except IsADirectoryError:

@@ -10,6 +10,7 @@ import time
 from cluster.runtime.console import terminal_stderr
 
 from .args import add_storage_args, storage_config
+from .out_file import check_out, is_stdout, write_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--open", action="store_true",
                    help="open the gallery in the web browser when there is a display (Linux: $DISPLAY or "
                         "$WAYLAND_DISPLAY; $BROWSER picks the browser); print only its path either way")
-    p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job)")
+    p.add_argument("--out", default=None, help="write the gallery to this local file instead (e.g. for an s3:// job); '-' = "
+                        "stdout, a FIFO or device is written through, a symbolic link writes its target")
     add_storage_args(p)
     p.set_defaults(run=run_show)
 
@@ -98,7 +100,13 @@ def run_show(args: argparse.Namespace) -> int:
     from vae_core.errors import VaegenError
     if args.per_class is not None and args.per_class <= 0:
         raise VaegenError(f"--per-class={args.per_class} must be > 0")
-    result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=args.out)
+    if args.out:
+        result = gallery_to_out(args)
+    else:
+        result = write_gallery(args.target, storage_config(args), per_class=args.per_class)
+    if is_stdout(args.out or ""):
+        print(f"gallery of {result.title}: {result.summary}, written to stdout", file=terminal_stderr())
+        return 0
     if args.open:
         print(result.location)                         # a script reads the path; a person also gets the page
         open_in_browser(result.location)
@@ -107,6 +115,27 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"vaegen: {result.title} is PARTIAL (no {SUCCESS}): {result.summary}; showing what is there")
     print(f"gallery of {result.title}: {result.summary}\n  {result.location}")
     return 0
+
+
+def gallery_to_out(args: argparse.Namespace):
+    """write_gallery into a folder of its own, then the page to --out as jobs/out_file.py writes (a FIFO, a
+    device, '-' or a link's target included)."""
+    import tempfile
+
+    from cluster.show.gallery import write_gallery
+    from vae_core.errors import VaegenError
+    out = args.out
+    if "://" in out and not out.startswith("file://"):
+        raise VaegenError(f"--out={out!r} must be a local file path (leave --out off to write beside the job)")
+    path = out if is_stdout(out) else os.path.expanduser(out.removeprefix("file://"))
+    check_out(path)                                    # before any work
+    with tempfile.TemporaryDirectory(prefix="vaegen-gallery-") as folder:
+        page = os.path.join(folder, "gallery.html")
+        result = write_gallery(args.target, storage_config(args), per_class=args.per_class, out=page)
+        with open(page, "rb") as f:
+            write_out(path, f.read())
+    result.location = path if is_stdout(path) else os.path.abspath(path)
+    return result
 
 
 def has_display(environ=os.environ, platform: str = sys.platform) -> bool:

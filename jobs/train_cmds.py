@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import stat
-import uuid
+import sys
 
+from cluster.runtime.console import terminal_stderr
 from vae_core.errors import VaegenError
 from vae_core.names import MODEL_SPEC_HELP, check_model_spec
 
 from .args import add_progress_arg, add_storage_args, add_train_job_args, storage_config, train_job_config
+from .out_file import check_out, is_stdout, write_out
 
 MAX_GRID_SAMPLES = 10_000          # one PNG grid; more is a job for `vaegen generate`
 
@@ -28,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, default=64, help="number of samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to sample (conditional models)")
-    p.add_argument("--out", default="samples.png", help="local PNG path (default: %(default)s)")
+    p.add_argument("--out", default="samples.png", help="local PNG path; '-' = stdout, a FIFO or device is written "
+                   "through, a symbolic link writes its target (default: %(default)s)")
     add_storage_args(p)
     p.set_defaults(run=run_sample)
 
@@ -56,7 +56,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if not 0 < args.count <= MAX_GRID_SAMPLES:
         raise VaegenError(f"--count={args.count} must be between 1 and {MAX_GRID_SAMPLES:,} "
                           "(`vaegen generate` writes more, as shards)")
-    check_out_path(args.out)                      # before the model loads: a typo costs nothing
+    check_out(args.out)                           # before the model loads: a typo costs nothing
     loaded = Registry(open_storage(storage_config(args))).load(args.model)
     cfg = loaded.model.cfg
     labels = None
@@ -69,51 +69,8 @@ def run_sample(args: argparse.Namespace) -> int:
         raise VaegenError(f"{loaded.ref} is not conditional: drop --label")
     z = loaded.model.sample_prior(args.count, labels, torch.Generator().manual_seed(args.seed))
     png = png_bytes(image_grid(to_uint8(loaded.model.generate(z, labels))))
-    try:
-        replace_file(args.out, png)
-    except OSError as e:
-        raise VaegenError(f"cannot write --out={args.out}: {e.strerror or e}") from None
-    print(f"wrote {args.count} samples of {loaded.ref} to {args.out}")
+    write_out(args.out, png)
+    # With the PNG on stdout, the report goes to stderr so that the stream stays one image.
+    print(f"wrote {args.count} samples of {loaded.ref} to {'stdout' if is_stdout(args.out) else args.out}",
+          file=terminal_stderr() if is_stdout(args.out) else sys.stdout)
     return 0
-
-
-def check_out_path(path: str) -> None:
-    """A local file path whose folder exists and is writable, or a one-line VaegenError naming --out."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise VaegenError(f"--out={path} is a directory: give a file path, e.g. {os.path.join(path, 'samples.png')}")
-    if not os.path.isdir(folder):
-        raise VaegenError(f"--out={path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise VaegenError(f"--out={path}: folder {folder} is not writable")
-
-
-def replace_file(path: str, data: bytes) -> None:
-    """Write `data` to `path` as one rename: a temp file beside it, fsynced, then os.replace. A failure leaves
-    an existing file as it was and creates no empty or partial one. A new file gets the mode open() would
-    give (0666 less the umask); a replaced file keeps its mode."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = None
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):            # the rename itself survives a power loss once its folder is synced
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

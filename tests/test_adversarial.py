@@ -119,6 +119,22 @@ def image_folder_at(folder: str) -> Callable[[Ctx], None]:
 image_folder = image_folder_at("imgs")
 
 
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small PNG whose header claims width x height pixels: a decompression bomb, as Pillow sees one."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = ihdr[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
 def upload_root(ctx: Ctx) -> None:
     """The shared root's files under the case's S3 prefix."""
     import boto3
@@ -206,6 +222,10 @@ CASES = [
          "'margin' must be a number"),
     Case("sample-config-is-a-directory", ("sample", "--model", "tiny", "--config", "cfgdir", *ROOT),
          lambda ctx: (ctx.dir / "cfgdir").mkdir(), "is a directory"),
+    Case("train-config-dev-zero", (*TRAIN, "--dataset", "fm", "--config", "/dev/zero", *ROOT),
+         fragment="is not a regular file"),
+    Case("train-config-huge", (*TRAIN, "--dataset", "fm", "--config", "vaegen.toml", *ROOT),
+         toml("# padding\n" * 200_000), "larger than 1 MiB"),
     Case("ls-config-missing", ("ls", "--config", "missing.toml", *ROOT), fragment="does not exist"),
     Case("generate-config-binary", ("generate", "--model", "tiny", "--config", "vaegen.toml", *ROOT),
          write("vaegen.toml", bytes(range(256))), "not valid TOML"),
@@ -222,6 +242,29 @@ CASES = [
     Case("train-huge-workers", (*TRAIN, "--dataset", "fm", "--workers", "100000", *ROOT), fragment="--workers="),
     Case("sample-huge-count", ("sample", "--model", "tiny", "--count", "100000000", "--out", "s.png", *ROOT),
          fragment="--count="),
+    # numbers that are not finite or out of range, refused before Ray starts
+    Case("train-lr-inf", (*TRAIN, "--dataset", "fm", "--lr", "inf", *ROOT), fragment="--lr=inf must be a finite"),
+    Case("train-lr-nan-in-config", (*TRAIN, "--dataset", "fm", "--config", "vaegen.toml", *ROOT),
+         toml("lr = nan\n"), "--lr=nan must be a finite"),
+    Case("train-cpus-per-worker-nan", (*TRAIN, "--dataset", "fm", "--workers", "1", "--cpus-per-worker", "nan",
+                                       *ROOT), fragment="--cpus-per-worker=nan"),
+    Case("train-gpus-per-worker-inf", (*TRAIN, "--dataset", "fm", "--workers", "1", "--gpus-per-worker", "inf",
+                                       *ROOT), fragment="--gpus-per-worker=inf"),
+    Case("generate-cpus-per-worker-nan", (*GEN, "--model", "tiny", "--cpus-per-worker", "nan", *ROOT),
+         fragment="--cpus-per-worker=nan"),
+    Case("train-huge-hidden-dim", (*TRAIN, "--dataset", "fm", "--hidden-dim", "99999999999", *ROOT),
+         fragment="--hidden-dim=99999999999 must be in 1..65536"),
+    Case("train-huge-latent-dim-in-config", (*TRAIN, "--dataset", "fm", "--config", "vaegen.toml", *ROOT),
+         toml(f"latent_dim = {2**40}\n"), "--latent-dim="),
+    Case("evaluate-huge-k", ("evaluate", "--model", "tiny", "--k", str(10**12), *ROOT), fragment="--k="),
+    Case("generate-lease-ttl-word", (*GEN, "--model", "tiny", *ROOT), env=(("VAEGEN_LEASE_TTL_S", "abc"),),
+         fragment="VAEGEN_LEASE_TTL_S='abc'"),
+    Case("generate-lease-ttl-zero", (*GEN, "--model", "tiny", *ROOT), env=(("VAEGEN_LEASE_TTL_S", "0"),),
+         fragment="VAEGEN_LEASE_TTL_S='0'"),
+    Case("generate-lease-ttl-negative", (*GEN, "--model", "tiny", *ROOT), env=(("VAEGEN_LEASE_TTL_S", "-5"),),
+         fragment="VAEGEN_LEASE_TTL_S='-5'"),
+    Case("ingest-decompression-bomb", ("ingest", "image-folder", "imgs", *ROOT),
+         both(image_folder, write("imgs/shoe/bomb.png", bomb_png())), "bomb.png"),
     # local paths that do not work
     Case("sample-out-missing-folder", ("sample", "--model", "tiny", "--out", "{dir}/missing/dir/x.png", *ROOT),
          fragment="does not exist"),

@@ -3,8 +3,11 @@ import argparse
 import contextlib
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -220,6 +223,75 @@ def test_sample_out_is_replaced_in_one_step_or_not_at_all(tiny_root, tmp_path, m
     capsys.readouterr()
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_out_to_a_fifo_streams_into_it(tiny_root, tmp_path, capsys):
+    from jobs.cli import main
+    fifo = tmp_path / "grid.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--count", "4", "--out", str(fifo)]) == 0
+    reader.join(timeout=20)
+    assert received and received[0][:8] == PNG_MAGIC
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)                      # still the FIFO, not a file renamed over it
+    assert sorted(os.listdir(tmp_path)) == ["grid.fifo", "root"]
+    capsys.readouterr()
+
+
+def test_sample_out_to_a_symlink_replaces_its_target_and_keeps_the_link(tiny_root, tmp_path, capsys):
+    from jobs.cli import main
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "grid.png"
+    target.write_bytes(b"an earlier grid")
+    link = tmp_path / "latest.png"
+    link.symlink_to(target)
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--count", "4", "--out", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes()[:8] == PNG_MAGIC
+    assert os.listdir(tmp_path / "real") == ["grid.png"]               # the temp file was renamed beside the target
+    capsys.readouterr()
+
+
+def test_sample_out_to_a_character_device_and_to_stdout(tiny_root, tmp_path):
+    # Through a link of the test's own: a vaegen that renamed over its --out replaces the link, never /dev/null.
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    assert vaegen("sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(link), check=True)
+    assert link.is_symlink() and stat.S_ISCHR(os.stat(os.devnull).st_mode)   # written through to the device
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "sample", "--root", str(tiny_root), "--model", "tiny",
+                           "--count", "4", "--out", "-"], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:8] == PNG_MAGIC and b"wrote 4 samples" in proc.stderr   # the report stays off the image
+
+
+def test_show_out_to_stdout_and_to_a_fifo(tiny_root, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "show", "tiny", "--root", str(tiny_root), "--out", "-"],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().lower().startswith(b"<!doctype html") and b"written to stdout" in proc.stderr
+    fifo = tmp_path / "page.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert vaegen("show", "tiny", "--root", str(tiny_root), "--out", str(fifo), check=True)
+    reader.join(timeout=20)
+    assert received and b"</html>" in received[0] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_out_that_is_a_socket_is_one_line(tiny_root, tmp_path, capsys):
+    from jobs.cli import main
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "s.sock"))
+        for verb in (["sample", "--model", "tiny"], ["show", "tiny"]):
+            assert main([*verb, "--root", str(tiny_root), "--out", str(tmp_path / "s.sock")]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "neither a regular file nor a FIFO" in err, err
+
+
 @pytest.mark.parametrize("out, fragment", [("missing/x.png", "does not exist"), (".", "is a directory")])
 def test_sample_out_that_cannot_be_written_is_one_line(tiny_root, tmp_path, capsys, out, fragment):
     from jobs.cli import main
@@ -267,3 +339,16 @@ def test_unexpected_exceptions_are_one_line_and_debug_shows_the_traceback(tmp_pa
     monkeypatch.setenv("VAEGEN_DEBUG", "1")
     with pytest.raises(type(error)):
         main(["ls", str(tmp_path / "root")])
+
+
+@pytest.mark.parametrize("argv", [["ls", "--root", "{tmp}"], ["config", "show", "train"]], ids=["ls", "config-show"])
+def test_a_closed_stdout_ends_quietly_with_the_commands_status(tmp_path, argv):
+    """`vaegen ls | true`: the reader is gone before vaegen prints; exit 0, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", *(a.format(tmp=tmp_path) for a in argv)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)

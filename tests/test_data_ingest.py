@@ -240,7 +240,11 @@ def test_parquet_single_file_ingests(tmp_path, local_storage_config, capsys):
     assert data.images[3].ravel().tolist() == [3] * 16
 
 
-@pytest.mark.parametrize("labels, fragment", [([], "holds no rows"), ([0, -1, 2], "label -1")])
+@pytest.mark.parametrize("labels, fragment", [
+    ([], "holds no rows"), ([0, -1, 2], "label -1"),
+    ([0, 10**9], "label 1000000000: at most 100,000 classes"),          # once 10.8 GB of class names
+    ([2**63 - 1, 1], "at most 100,000 classes"),                          # once a hang
+])
 def test_bad_parquet_input_is_one_line(tmp_path, capsys, labels, fragment):
     write_parquet(tmp_path / "bad.parquet", labels)
     root = tmp_path / "root"
@@ -254,6 +258,15 @@ def test_a_negative_label_is_refused_from_any_source(local_storage_config):
     bad = ArrayDataset({"train": ArraySplit(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, -1]))}, ("a",), "x")
     with pytest.raises(VaegenError, match="label -1"):
         ingest(open_storage(local_storage_config, for_writing=True), "neg", bad, progress=False)
+    assert open_storage(local_storage_config).list("datasets", recursive=True) == []
+
+
+def test_a_huge_label_is_refused_from_any_source(local_storage_config):
+    from cluster.data.datasets import ingest
+    from vae_core.data import ArrayDataset, ArraySplit
+    huge = ArrayDataset({"train": ArraySplit(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 10**9]))}, (), "x")
+    with pytest.raises(VaegenError, match="at most 100,000 classes"):
+        ingest(open_storage(local_storage_config, for_writing=True), "huge", huge, progress=False)
     assert open_storage(local_storage_config).list("datasets", recursive=True) == []
 
 

@@ -210,3 +210,19 @@ def test_auto_workers_cannot_be_mixed_with_per_worker_resources():
     assert train_job_config(parser.parse_args(["train", "--workers", "auto"])).ray.workers == "auto"
     with pytest.raises(VaegenError, match="--workers='two' must be a number or auto"):
         train_job_config(parser.parse_args(["train", "--workers", "two"]))
+
+
+@pytest.mark.parametrize("rows, lr", [(200, 1e30), (1, 1e-3)], ids=["lr-1e30", "one-image"])
+def test_a_run_without_a_finite_validation_loss_is_one_line_and_publishes_nothing(local_storage_config, capsys,
+                                                                                 rows, lr):
+    from jobs.cli import main
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (rows, 1, 8, 8), generator=rng, dtype=torch.uint8).numpy()
+    ingest(open_storage(local_storage_config, for_writing=True), "noise",
+           ArrayDataset({"train": ArraySplit(images, torch.zeros(rows, dtype=torch.int64).numpy())}, ("a",), "x"),
+           progress=False)
+    assert main(["train", "--root", local_storage_config.root, "--dataset", "noise", "--hidden-dim", "8",
+                 "--latent-dim", "2", "--epochs", "2", "--lr", str(lr), "--no-progress"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "no finite validation loss" in err[0] and "--lr=" in err[0], err
+    assert open_storage(local_storage_config).list("models", recursive=True) == []

@@ -18,7 +18,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .checkpoint import sha256_hex
-from .config import flag
+from .config import check_finite, flag
 from .errors import VaegenError
 
 FEATURES = 128
@@ -35,6 +35,7 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise VaegenError(f"classifier settings must be positive: {self}")
 

@@ -3,6 +3,7 @@ job manifest, re-typed once at each process boundary (Ray workers and actors get
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ PRECISIONS = ("fp32", "bf16")
 MAX_WORKERS = 1024
 AUTO_WORKERS = "auto"         # --workers auto: sized from the Ray cluster (cluster/runtime/placement.py)
 MAX_SHARDS = 100_000
+# A dataset's classes are named 0..max label and one-hot encoded into the model: a stray huge label would
+# allocate its range before anything else could refuse it.
+MAX_CLASSES = 100_000
+# Widths of one layer: beyond this a model would not fit any accelerator, and its allocation fails deep in torch.
+MAX_MODEL_DIM = 65_536
+MAX_PER_WORKER = 1024         # CPUs or GPUs one worker may ask Ray for
 
 
 def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
@@ -48,6 +55,15 @@ def _require(ok: bool, message: str) -> None:
         raise VaegenError(message)
 
 
+def check_finite(cfg: Any) -> None:
+    """Every float setting of a config is a finite number: inf and nan pass a `> 0` check (or fail every check
+    silently) and would fail deep inside a run, after Ray started. The message names the field's flag."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise VaegenError(f"{f.metadata.get('flag', f.name)}={value} must be a finite number")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     arch: str = flag("--model", "architecture: mlp (the reference 784-400-20 design) or conv", default="mlp",
@@ -64,16 +80,20 @@ class ModelConfig:
         "class when conditional) to the encoder's posterior and sample from it", default=0, metavar="M")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _require(self.arch in ARCHS, f"--model={self.arch!r} must be one of {', '.join(ARCHS)}")
         _require(self.likelihood in LIKELIHOODS,
                  f"--likelihood={self.likelihood!r} must be one of {', '.join(LIKELIHOODS)}")
         _require(self.image_shape is None or len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
                  f"image shape {self.image_shape} must be three positive sizes (C, H, W)")
-        _require(self.latent_dim > 0, f"--latent-dim={self.latent_dim} must be > 0")
-        _require(self.hidden_dim > 0, f"--hidden-dim={self.hidden_dim} must be > 0")
-        _require(self.num_classes >= 0, f"--num-classes={self.num_classes} must be >= 0")
+        _require(0 < self.latent_dim <= MAX_MODEL_DIM, f"--latent-dim={self.latent_dim} must be in 1..{MAX_MODEL_DIM}")
+        _require(0 < self.hidden_dim <= MAX_MODEL_DIM, f"--hidden-dim={self.hidden_dim} must be in 1..{MAX_MODEL_DIM}")
+        _require(all(0 < c <= MAX_MODEL_DIM for c in self.conv_channels),
+                 f"conv channels {list(self.conv_channels)} must each be in 1..{MAX_MODEL_DIM}")
+        _require(0 <= self.num_classes <= MAX_CLASSES, f"--num-classes={self.num_classes} must be in 0..{MAX_CLASSES:,}")
         _require(self.sigma >= 0, f"--sigma={self.sigma} must be >= 0 (0 = learned)")
-        _require(self.prior_components >= 0, f"--prior-components={self.prior_components} must be >= 0")
+        _require(0 <= self.prior_components <= MAX_MODEL_DIM,
+                 f"--prior-components={self.prior_components} must be in 0..{MAX_MODEL_DIM}")
         if self.arch == "conv" and self.image_shape is not None:
             stride = 2 ** len(self.conv_channels)
             _, h, w = self.image_shape
@@ -122,6 +142,7 @@ class TrainConfig:
                           "weights and the evaluation stay fp32)", default="fp32", choices=PRECISIONS)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _require(self.epochs > 0, f"--epochs={self.epochs} must be > 0")
         _require(self.batch_size > 0, f"--batch-size={self.batch_size} must be > 0")
         _require(self.lr > 0, f"--lr={self.lr} must be > 0")
@@ -171,6 +192,7 @@ class RayTrainConfig:
                            "optimisation)", default=1, metavar="K")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if isinstance(self.workers, str) and self.workers != AUTO_WORKERS:
             try:
                 object.__setattr__(self, "workers", int(self.workers))
@@ -180,8 +202,10 @@ class RayTrainConfig:
             _require(self.workers >= 1, f"--workers={self.workers} must be >= 1 (omit --workers to train in one "
                                         "process)")
             _require(self.workers <= MAX_WORKERS, f"--workers={self.workers} must be <= {MAX_WORKERS}")
-        _require(self.gpus_per_worker >= 0, f"--gpus-per-worker={self.gpus_per_worker} must be >= 0")
-        _require(self.cpus_per_worker > 0, f"--cpus-per-worker={self.cpus_per_worker} must be > 0")
+        _require(0 <= self.gpus_per_worker <= MAX_PER_WORKER,
+                 f"--gpus-per-worker={self.gpus_per_worker} must be in 0..{MAX_PER_WORKER}")
+        _require(0 < self.cpus_per_worker <= MAX_PER_WORKER,
+                 f"--cpus-per-worker={self.cpus_per_worker} must be > 0 and <= {MAX_PER_WORKER}")
         _require(self.max_failures >= 0, f"--max-failures={self.max_failures} must be >= 0")
         _require(self.sync_every >= 1, f"--sync-every={self.sync_every} must be >= 1 (1 = every step)")
         _require(self.checkpoints_to_keep >= 1, f"--keep-checkpoints={self.checkpoints_to_keep} must be >= 1")

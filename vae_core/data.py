@@ -4,13 +4,17 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import MAX_CLASSES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -41,6 +45,20 @@ WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 def is_wide(im: Image.Image) -> bool:
     """A grey image with more than 8 bits per pixel (16-bit PNG), which pil_to_chw scales down."""
     return im.mode in WIDE_GREY_MODES
+
+
+@contextmanager
+def open_user_image(source) -> Iterator[Image.Image]:
+    """Image.open for an image from outside (a path or a file object). One whose header claims more pixels than
+    Pillow's decompression-bomb limit is a VaegenError (Pillow would warn, or raise an error of its own that is
+    neither an OSError nor a ValueError), before its pixels are decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as im:
+                yield im
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise VaegenError(f"image too large to decode safely: {str(e).splitlines()[0]}") from None
 
 
 def pil_to_chw(im: Image.Image) -> np.ndarray:
@@ -128,6 +146,8 @@ def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayD
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
+    if len(classes) > MAX_CLASSES:
+        raise VaegenError(f"image folder {folder} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
     files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
              if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
@@ -135,7 +155,7 @@ def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayD
     images, labels, shape, first, wide = [], [], None, None, 0
     for path, label in files:
         try:
-            with Image.open(path) as im:
+            with open_user_image(path) as im:
                 wide += is_wide(im)
                 arr = pil_to_chw(im)
         except (UnidentifiedImageError, OSError) as e:

@@ -25,6 +25,7 @@ from .models import VAE
 from .names import MODEL_SPEC_HELP, check_model_spec, check_name
 from .plots import loss_curves_png
 from .prior import log_standard_normal
+MAX_K = 100_000                # importance samples per image: the IWAE bound stops improving long before
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +55,8 @@ class EvalJobConfig:
                                  ("batch-size", self.batch_size, 1)):
             if value < low:
                 raise VaegenError(f"--{name}={value} must be >= {low}")
+        if self.k > MAX_K:
+            raise VaegenError(f"--k={self.k} must be <= {MAX_K:,} (importance samples per image)")
         if self.samples == 1:
             raise VaegenError("--samples=1: a Fréchet distance needs at least 2 samples (0 = as many as the "
                               "real training split)")

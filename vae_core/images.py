@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import pil_to_chw
+from .data import open_user_image, pil_to_chw
 
 # PNG: rows unfiltered (filter type 0 on every row) and one zlib stream per image from libdeflate. Both are part
 # of the bytes: changing the level, the filter or the deflate package's version changes every PNG. Level 4 and no
@@ -100,7 +100,7 @@ def jpeg_encoder(quality: int = JPEG_QUALITY) -> dict:
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG (or any image Pillow reads) bytes → uint8 (C, H, W), by pil_to_chw's rules."""
-    with Image.open(io.BytesIO(data)) as im:
+    with open_user_image(io.BytesIO(data)) as im:
         return pil_to_chw(im)
 
 

@@ -351,6 +351,18 @@ def resume(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 EVAL_BATCH = 1024
 
 
+def require_a_best_epoch(best_epoch: int, history: list[EpochMetrics], cfg: TrainConfig, val_images: int,
+                         train_images: int) -> None:
+    """A run whose every validation loss was inf or nan has no weights worth publishing (and no best state to
+    restore): a one-line VaegenError naming the likely causes instead."""
+    if best_epoch >= 0:
+        return
+    last = history[-1].val_loss if history else float("nan")
+    raise VaegenError(f"training found no finite validation loss in {len(history)} epoch(s) (last: {last}): "
+                      f"the learning rate --lr={cfg.lr:g} is likely too high, or there is too little data "
+                      f"({train_images} training and {val_images} validation image(s)); nothing was published")
+
+
 def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
         on_epoch: Callable[[EpochMetrics], None] | None = None, *, checkpoint: dict | None = None,
         save: Callable[[dict], None] | None = None) -> FitResult:
@@ -370,6 +382,7 @@ def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
         if save:
             save(checkpoint_state(model, optimizer, state))
     run_epochs(model, optimizer, cfg, hooks, state, record)
+    require_a_best_epoch(state.stopper.best_epoch, state.history, cfg, len(val), len(train))
     model.load_state_dict(state.stopper.best_state)
     return FitResult(state.history, state.stopper.best_epoch, state.stopper.best_loss, state.stopped_early,
                      state.starts)

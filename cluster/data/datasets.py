@@ -41,13 +41,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import as_object, parse_record
 from cluster.store.storage import Storage
-from vae_core.config import ModelConfig
+from vae_core.config import MAX_CLASSES, ModelConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.names import check_name
@@ -99,6 +100,9 @@ def check_dataset(name: str, dataset: ArrayDataset, shard_rows: int) -> tuple[in
         low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0:
             raise VaegenError(f"split {split!r} of {name!r} has label {low}: labels must be 0 or more")
+        if high >= MAX_CLASSES or len(dataset.label_names) > MAX_CLASSES:
+            raise VaegenError(f"split {split!r} of {name!r} has label {high} and {len(dataset.label_names):,} class "
+                              f"names: at most {MAX_CLASSES:,} classes")
         if dataset.label_names and high >= len(dataset.label_names):
             raise VaegenError(f"split {split!r} of {name!r} has label {high} but only {len(dataset.label_names)} "
                               "class names")
@@ -378,9 +382,13 @@ def array_split_from_table(table: pa.Table) -> tuple[ArraySplit, tuple[int, int,
         raise VaegenError(f"input Parquet 'label' must be integers, not {label_column.type}")
     if label_column.null_count:
         raise VaegenError(f"input Parquet 'label' has {label_column.null_count} empty value(s)")
+    low, high = pc.min_max(label_column).values()
+    if low.as_py() < 0:
+        raise VaegenError(f"input Parquet has label {low.as_py()}: labels must be 0 or more")
+    if high.as_py() >= MAX_CLASSES:                       # before anything is sized by the labels
+        raise VaegenError(f"input Parquet has label {high.as_py()}: at most {MAX_CLASSES:,} classes "
+                          f"(labels 0..{MAX_CLASSES - 1})")
     labels = label_column.to_numpy().astype(np.int64)
-    if labels.min() < 0:
-        raise VaegenError(f"input Parquet has label {labels.min()}: labels must be 0 or more")
     if "pixels" in cols and {"height", "width", "channels"} <= cols:
         if not (pa.types.is_binary(table.column("pixels").type) or pa.types.is_large_binary(table.column("pixels").type)
                 or pa.types.is_fixed_size_binary(table.column("pixels").type)):

@@ -21,6 +21,7 @@ import time
 from tqdm.auto import tqdm
 
 from cluster.generate.commit import commit, job_lease, job_run_record, verified_shards
+from cluster.generate.lease import lease_ttl
 from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import placed_settings, run_shards, start_workers, stop_workers
 from cluster.generate.settings import RunSettings
@@ -36,6 +37,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     """Plan, take the job's lease, resume, run the missing shards on DecoderWorker actors, commit; returns the
     manifest. `changes` are RunSettings fields to change (run_job(spec, cfg, workers=4))."""
     settings = dataclasses.replace(settings, **changes) if changes else settings
+    lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
     storage = open_storage(storage_cfg, for_writing=True)
     plan = plan_job(spec, storage)

@@ -16,6 +16,7 @@ from idempotent shards (cluster/generate/shards.py) and the sha-checked commit (
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -25,13 +26,28 @@ import uuid
 from collections.abc import Callable
 
 from cluster.store.storage import Storage
+from vae_core.errors import VaegenError
 
 LEASE_TTL_ENV = "VAEGEN_LEASE_TTL_S"
 DEFAULT_TTL_S = 60.0
 
 
+TTL_BOUNDS_S = (1.0, 86_400.0)     # under a second every renewal races its expiry; over a day a dead lease blocks
+
+
 def lease_ttl() -> float:
-    return float(os.environ.get(LEASE_TTL_ENV) or DEFAULT_TTL_S)
+    """The lease TTL from $VAEGEN_LEASE_TTL_S (default 60 s), or a one-line VaegenError naming the variable."""
+    text = os.environ.get(LEASE_TTL_ENV) or ""
+    if not text.strip():
+        return DEFAULT_TTL_S
+    low, high = TTL_BOUNDS_S
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = math.nan
+    if not low <= ttl <= high:                      # nan and inf fail this too
+        raise VaegenError(f"{LEASE_TTL_ENV}={text!r} must be a number of seconds in {low:g}..{high:g}")
+    return ttl
 
 
 def _parse(body: bytes | None) -> dict | None:

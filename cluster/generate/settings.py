@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cluster.runtime.placement import DEFAULT_CPUS_PER_WORKER, GPU_CPUS_PER_WORKER, size_placement
-from vae_core.config import AUTO_WORKERS, MAX_WORKERS, flag
+from vae_core.config import AUTO_WORKERS, MAX_PER_WORKER, MAX_WORKERS, check_finite, flag
 from vae_core.errors import VaegenError
 
 
@@ -39,8 +39,9 @@ class RunSettings:
             object.__setattr__(self, "workers", workers)
         if workers != AUTO_WORKERS and not 1 <= workers <= MAX_WORKERS:
             raise VaegenError(f"--workers={workers} must be between 1 and {MAX_WORKERS}")
-        if any(v is not None and v < 0 for v in (self.cpus_per_worker, self.gpus_per_worker)):
-            raise VaegenError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+        check_finite(self)
+        if any(v is not None and not 0 <= v <= MAX_PER_WORKER for v in (self.cpus_per_worker, self.gpus_per_worker)):
+            raise VaegenError(f"--cpus-per-worker and --gpus-per-worker must be in 0..{MAX_PER_WORKER}")
         if self.max_restarts < 0:
             raise VaegenError(f"--max-restarts={self.max_restarts} must be >= 0")
 

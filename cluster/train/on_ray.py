@@ -48,6 +48,7 @@ from vae_core.train import (
     checkpoint_state,
     iterate_batches,
     make_optimizer,
+    require_a_best_epoch,
     resume,
     run_epochs,
     split_indices,
@@ -78,8 +79,10 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE
         if job.ray.cache_shards:
             shares = object_store_shares(train_set, job.ray.workers)
         state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress, shares)
+    fitted = FitResult.of_checkpoint(state)
+    require_a_best_epoch(fitted.best_epoch, fitted.history, job.train, len(val_set), len(train_set))
     model.load_state_dict(state["stopper"]["best_state"])
-    return FitResult.of_checkpoint(state)
+    return fitted
 
 
 def per_worker_batch(job: TrainJobConfig) -> int:

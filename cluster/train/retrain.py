@@ -31,7 +31,7 @@ from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
 from cluster.train.runs import manifest_digest, to_image_set
 from vae_core import __version__
-from vae_core.config import TrainConfig, TrainJobConfig, flag, to_dict
+from vae_core.config import TrainConfig, TrainJobConfig, check_finite, flag, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
 from vae_core.names import check_name, is_valid_name
@@ -52,6 +52,7 @@ class RetrainConfig:
     eval_max_images: int = flag("--eval-max-images", "score on the first N images; 0 = the whole split", default=0)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_name(self.eval_split, "--eval-split")
         if self.margin < 0:
             raise VaegenError(f"--margin={self.margin} must be >= 0")
