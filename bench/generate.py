@@ -37,9 +37,10 @@ from cluster.generate.settings import RunSettings
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
-from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
+from vae_core.config import ModelConfig, StorageConfig
 from vae_core.images import jpeg_encoder, jpeg_files, png_encoder, png_files, to_uint8
 from vae_core.models import build_model
+from vae_core.use_configs import GenerateConfig
 
 MODELS = {   # random weights: speed does not depend on them
     "mlp": ModelConfig(image_shape=(1, 28, 28)),                                   # 784-400-20, the reference

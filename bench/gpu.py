@@ -41,9 +41,10 @@ from cluster.runtime.ray_session import ray_runtime  # noqa: E402
 from cluster.store.registry import Registry  # noqa: E402
 from cluster.store.storage import open_storage  # noqa: E402
 from vae_core.checkpoint import checkpoint_files  # noqa: E402
-from vae_core.config import GenerateConfig, StorageConfig  # noqa: E402
+from vae_core.config import StorageConfig  # noqa: E402
 from vae_core.images import to_uint8  # noqa: E402
 from vae_core.models import build_model  # noqa: E402
+from vae_core.use_configs import GenerateConfig
 
 BOUND_BATCH = 4096
 # (format, model) pairs measured: Parquet for both models; image files for the conv model, the kind one

@@ -24,11 +24,10 @@ from cluster.show.evaluation import evaluate_model
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
-from vae_core.classifier import ClassifierConfig
 from vae_core.config import StorageConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
-from vae_core.evaluate import EvalJobConfig
 from vae_core.presets import PRESETS, preset_job
+from vae_core.use_configs import ClassifierConfig, EvalJobConfig
 
 PUBLISHED = {"vae_iwae_nll": 228.7, "vampprior_iwae_nll": 227.4, "tstr": 0.808, "tstr_conditional": 0.810,
              "real_classifier": 0.866}

@@ -39,8 +39,9 @@ from cluster.store.layout import OUTPUTS, JobKeys
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from vae_core.checkpoint import checkpoint_files
-from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
+from vae_core.config import ModelConfig, StorageConfig
 from vae_core.models import build_model
+from vae_core.use_configs import GenerateConfig
 
 MODEL = ModelConfig(image_shape=(1, 4, 4), hidden_dim=4, latent_dim=2)     # decoding costs ~nothing
 MODEL_NAME = "scale-tiny"

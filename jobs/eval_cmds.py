@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vae_core.classifier import ClassifierConfig
-from vae_core.evaluate import EvalJobConfig
+from vae_core.use_configs import ClassifierConfig, EvalJobConfig
 
 from .args import add_progress_arg
 from .flags import add_flags, build

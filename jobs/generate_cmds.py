@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cluster.generate.settings import RunSettings
-from vae_core.config import GenerateConfig
+from vae_core.use_configs import GenerateConfig
 
 from .args import add_progress_arg, add_storage_args, storage_config
 from .flags import add_flags, build

@@ -7,7 +7,8 @@ import argparse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from vae_core.config import AUTO_WORKERS, GenerateConfig
+from vae_core.config import AUTO_WORKERS
+from vae_core.use_configs import GenerateConfig
 
 from .args import add_progress_arg, add_train_job_args, storage_config, train_job_config
 from .flags import add_flags, build

@@ -6,8 +6,8 @@ import argparse
 from dataclasses import replace
 
 from cluster.generate.settings import RunSettings
-from cluster.train.retrain import RetrainConfig, retrain
-from vae_core.config import GenerateConfig
+from vae_core.config import RetrainConfig
+from vae_core.use_configs import GenerateConfig
 
 from .args import add_progress_arg, add_train_job_args, train_job_config
 from .flags import add_flags, build
@@ -49,6 +49,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     if args.then_generate:                # checked before hours of training; the version is known after them
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)
         settings = generation_settings(args)
+    from cluster.train.retrain import retrain
     outcome = retrain(cfg, address=args.address, progress=args.progress)
     verdict = "PROMOTED" if outcome.promoted else "kept the champion"
     print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")

@@ -10,7 +10,6 @@ import re
 import pytest
 
 from cluster.generate.settings import RunSettings
-from cluster.train.retrain import RetrainConfig
 from jobs.args import storage_config, train_job_config
 from jobs.cli import build_parser
 from jobs.cli import main as vaegen
@@ -19,10 +18,9 @@ from jobs.eval_cmds import eval_job_config
 from jobs.flags import build, dest_paths, flagged_fields
 from jobs.generate_cmds import run_settings
 from jobs.retrain_cmd import generation_settings, retrain_config
-from vae_core.classifier import ClassifierConfig
-from vae_core.config import GenerateConfig, ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
-from vae_core.evaluate import EvalJobConfig
+from vae_core.config import ModelConfig, RayTrainConfig, RetrainConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.presets import PRESETS, fmnist_best, layer_preset, preset_job
+from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
 TRAINING_VERBS = ("train", "retrain", "pipeline")
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -86,10 +86,17 @@ def test_importing_every_module_changes_no_environment_variable_or_warning_filte
     assert out.strip() == "[] []"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ls", "--help"], ["generate", "--help"], ["train", "--help"]])
-def test_help_imports_no_torch_and_no_ray(argv):
+@pytest.mark.parametrize("argv, unwanted", [
+    (["--help"], ("torch", "ray", "pyarrow")),
+    (["ls", "--help"], ("torch", "ray", "pyarrow")),
+    (["generate", "--help"], ("torch", "ray", "pyarrow")),
+    (["train", "--help"], ("torch", "ray", "pyarrow")),
+    (["ls", "--root", "{tmp}"], ("torch", "ray")),                 # a listing reads storage, through pyarrow
+])
+def test_help_and_ls_import_no_torch_and_no_ray(argv, unwanted, tmp_path):
+    argv = [a.format(tmp=tmp_path) for a in argv]
     code = ("import sys; from jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'ray', 'pyarrow') if m in sys.modules), file=sys.stderr)")
+            f"print(sorted(m for m in {unwanted!r} if m in sys.modules), file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
 

@@ -17,7 +17,7 @@ from cluster.show.evaluation import classifier_key, quick_evaluation, reference_
 from cluster.store.storage import open_storage
 from jobs.args import train_job_config
 from jobs.cli import build_parser, main
-from vae_core.classifier import CLASSIFIER_WEIGHTS, ClassifierConfig, accuracy, train_classifier
+from vae_core.classifier import CLASSIFIER_WEIGHTS, accuracy, train_classifier
 from vae_core.config import ModelConfig, TrainConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
@@ -25,6 +25,7 @@ from vae_core.evaluate import frechet_distance, iwae_bounds, log_normal, model_l
 from vae_core.models import build_model
 from vae_core.presets import PRESETS
 from vae_core.train import ImageSet, beta_at_epoch, evaluate, fit, iterate_batches, lr_at_epoch, split_train_val
+from vae_core.use_configs import ClassifierConfig
 
 # -- likelihood bounds ---------------------------------------------------------------------------------
 

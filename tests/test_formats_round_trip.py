@@ -10,13 +10,14 @@ from conftest import start_local_ray
 from generate_support import IMAGE_SHAPE, publish_tiny_model, shard_objects
 
 from cluster.data.datasets import ingest
-from cluster.generate import run_generation, run_reconstruction
+from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.generate.writers import read_shard_rows
 from cluster.store.layout import JobKeys
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_LABELS, ArrayDataset, ArraySplit
+from vae_core.use_configs import GenerateConfig
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may reach the network
 

@@ -27,12 +27,11 @@ from cluster.train.driver import train_model
 from jobs.cli import main as vaegen
 from jobs.outputs_cmds import has_display
 from vae_core.checkpoint import checkpoint_files
-from vae_core.classifier import ClassifierConfig
-from vae_core.config import GenerateConfig, ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
+from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import ArrayDataset, ArraySplit
-from vae_core.evaluate import EvalJobConfig
 from vae_core.models import build_model
 from vae_core.plots import loss_curves_png
+from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
 CHROMIUM = "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),

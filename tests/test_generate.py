@@ -24,11 +24,12 @@ from cluster.store.layout import SUCCESS, JobKeys, shard_name
 from cluster.store.registry import Registry
 from cluster.store.storage import Storage, open_storage
 from vae_core.checkpoint import checkpoint_files
-from vae_core.config import GenerateConfig, ModelConfig, StorageConfig
+from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.images import to_uint8
 from vae_core.models import build_model
+from vae_core.use_configs import GenerateConfig
 
 LOCAL_AND_SLOW_S3 = pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 
@@ -248,7 +249,7 @@ def test_weights_failing_their_sha256_are_refused(local_storage_config):
 @pytest.mark.parametrize("settings, message", [
     (dict(workers=0), "--workers=0 must be between 1 and 1024"),
     (dict(workers=5000), "--workers=5000 must be between 1 and 1024"),
-    (dict(cpus_per_worker=-1), "--cpus-per-worker and --gpus-per-worker must be >= 0"),
+    (dict(cpus_per_worker=-1), "--cpus-per-worker and --gpus-per-worker must be in 0..1024"),
     (dict(max_restarts=-1), "--max-restarts=-1 must be >= 0")])
 def test_bad_run_settings_are_one_clear_error_before_any_work(local_storage_config, settings, message):
     storage = open_storage(local_storage_config, for_writing=True)

@@ -22,7 +22,8 @@ from cluster.generate.plan import plan_job
 from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import LEASE, RECEIPTS
 from cluster.store.storage import open_storage
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
+from vae_core.use_configs import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = 12

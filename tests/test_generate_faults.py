@@ -23,7 +23,7 @@ from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
-from vae_core.config import GenerateConfig
+from vae_core.use_configs import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

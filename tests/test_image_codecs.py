@@ -28,9 +28,10 @@ from cluster.generate.writers import (
     writer_for,
 )
 from cluster.store.storage import open_storage
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.images import jpeg_files, png_bytes, png_encoder, png_files
+from vae_core.use_configs import GenerateConfig
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 7, 300), (3, 1, 1)]
 

@@ -20,8 +20,9 @@ from cluster.show.inventory import job_status, list_jobs
 from cluster.store.layout import RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
+from vae_core.use_configs import GenerateConfig
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may reach the network
 

@@ -17,8 +17,9 @@ from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.store.layout import OUTPUTS, JobKeys, card_name
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_LABELS, ArrayDataset, ArraySplit
+from vae_core.use_configs import GenerateConfig
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may reach the network
 

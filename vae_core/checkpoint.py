@@ -15,9 +15,8 @@ from . import __version__
 from .config import ModelConfig, from_dict, to_dict
 from .errors import VaegenError
 from .models import VAE, build_model
+from .names import CONFIG_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 

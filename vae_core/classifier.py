@@ -7,40 +7,21 @@ Two conv blocks (~1.1M multiply-adds per 28×28 image: it must train on a shared
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from torch import Tensor, nn
 
 from .checkpoint import sha256_hex
-from .config import check_finite, flag
 from .errors import VaegenError
+from .use_configs import ClassifierConfig
 
 FEATURES = 128
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CONFIG = "classifier.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClassifierConfig:
-    # `vaegen evaluate` sets the seed to its own --seed; the other settings are fixed for comparable figures.
-    epochs: int = flag("--classifier-epochs", "epochs for the reference and TSTR classifiers", default=5)
-    batch_size: int = 128
-    lr: float = 2e-3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_finite(self)
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise VaegenError(f"classifier settings must be positive: {self}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ReferenceCNN(nn.Module):
@@ -112,7 +93,6 @@ def classifier_features(model: ReferenceCNN, images: Tensor, batch_size: int = 1
     _check(images)
     model.eval()
     return torch.cat([model.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
 
 
 def classifier_files(model: ReferenceCNN, info: dict) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import VaegenError
-from .names import MODEL_SPEC_HELP, check_model_spec, check_name
+from .names import check_name
 
 ARCHS = ("mlp", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -240,59 +240,24 @@ def default_model_name(dataset: str, arch: str, conditional: bool) -> str:
     return f"{dataset}-{arch}{'-cond' if conditional else ''}"
 
 
-KINDS = ("samples", "reconstructions")
-FORMATS = ("parquet", "png", "jpeg")
-PIXELS = ("sample", "mean")
-
-
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig:
-    """`vaegen generate` / `vaegen reconstruct`: one job spec. Everything here (with the model resolved to a
-    version and its weights' sha256) is hashed into the job id, so the same spec resumes the same job."""
-    model: str = flag("--model", MODEL_SPEC_HELP)
-    kind: str = "samples"              # samples (z from the model's prior) | reconstructions (of a dataset split)
-    count: int = flag("--count", "number of samples (ids 0..N-1)", default=0)
-    dataset: str = flag("--dataset", "reconstructions: the input dataset's name under datasets/", default="")
-    split: str = flag("--split", "reconstructions: the input dataset's split", default="test")
-    # Reconstructions mirror their input's shards instead.
-    shard_size: int = flag("--shard-size", "samples per output shard", default=10_000)
-    seed: int = flag("--seed", "random seed of the latents", default=0)
-    format: str = flag("--format", "parquet (an HF Image column of PNGs, zstd), png (WebDataset tar of <id>.png + "
-                       "<id>.cls + <id>.json) or jpeg (the same with <id>.jpg: lossy)", default="parquet",
-                       choices=FORMATS)
-    jpeg_quality: int = flag("--jpeg-quality", "--format jpeg: JPEG quality, 1..100 (95 is img2dataset's default)",
-                             default=95)
-    labels: tuple[int, ...] = flag("--labels", "conditional models: classes to cycle through the ids", default=(),
-                                   unset="every class")
-    # Fixed per job, so that a shard's floats do not depend on which worker decodes it.
-    decode_batch: int = flag("--decode-batch", "images per decoder call; part of the job spec", default=4096)
-    pixels: str = flag("--pixels", "sample: the model's own x ~ p(x | z), pixel noise included for a Gaussian "
-                       "model; mean: the decoder's mean image (the same for a Bernoulli model)", default="sample",
-                       choices=PIXELS)
+class RetrainConfig:
+    """`vaegen retrain`: the challenger's training job plus the rules of the contest."""
+    job: TrainJobConfig = field(default_factory=TrainJobConfig)   # job.name is the model being retrained
+    margin: float = flag("--margin", "nats/image the challenger must beat the champion by", default=0.0)
+    warm_start: bool = flag("--warm-start", "start the challenger from the champion's weights", default=False)
+    eval_split: str = flag("--eval-split", "held-out split to score on", default="test")
+    # The seed fixes the posterior samples, so both models are scored on the same draws.
+    eval_seed: int = flag("--eval-seed", "seed of the ELBO estimate", default=0)
+    eval_max_images: int = flag("--eval-max-images", "score on the first N images; 0 = the whole split", default=0)
 
     def __post_init__(self) -> None:
-        check_model_spec(self.model, "--model")
-        check_name(self.split, "--split")
-        _require(self.kind in KINDS, f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
-        _require(self.format in FORMATS, f"--format={self.format!r} must be one of {', '.join(FORMATS)}")
-        _require(self.shard_size > 0, f"--shard-size={self.shard_size} must be > 0")
-        _require(self.decode_batch > 0, f"--decode-batch={self.decode_batch} must be > 0")
-        _require(self.pixels in PIXELS, f"--pixels={self.pixels!r} must be one of {', '.join(PIXELS)}")
-        _require(1 <= self.jpeg_quality <= 100, f"--jpeg-quality={self.jpeg_quality} must be in 1..100")
-        _require(self.kind == "samples" or self.pixels == "sample",
-                 "--pixels applies to samples; reconstructions are always the decoder's mean")
-        _require(all(label >= 0 for label in self.labels), f"--labels={list(self.labels)} must be >= 0")
-        if self.kind == "samples":
-            _require(self.count > 0, f"--count={self.count} must be > 0")
-            _require(-(-self.count // self.shard_size) <= MAX_SHARDS,
-                     f"--count={self.count} in shards of --shard-size={self.shard_size} makes "
-                     f"{-(-self.count // self.shard_size):,} shards; at most {MAX_SHARDS:,} (raise --shard-size)")
-            _require(not self.dataset, "samples take --count, not --dataset (use `vaegen reconstruct`)")
-        else:
-            _require(bool(self.dataset), "reconstructions need --dataset")
-            check_name(self.dataset, "--dataset")
-            _require(self.count == 0, "reconstructions cover the whole --split: drop --count")
-            _require(not self.labels, "reconstructions use the dataset's labels: drop --labels")
+        check_finite(self)
+        check_name(self.eval_split, "--eval-split")
+        if self.margin < 0:
+            raise VaegenError(f"--margin={self.margin} must be >= 0")
+        if self.eval_max_images < 0:
+            raise VaegenError(f"--eval-max-images={self.eval_max_images} must be >= 0")
 
 
 T = TypeVar("T")

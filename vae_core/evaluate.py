@@ -16,51 +16,15 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .artifacts import reconstruction_grid, sample_grid
-from .classifier import ClassifierConfig, accuracy, classifier_features, train_classifier
-from .config import ModelConfig, StorageConfig, flag, section
+from .classifier import accuracy, classifier_features, train_classifier
+from .config import ModelConfig
 from .errors import VaegenError
 from .images import decode_png, image_grid, png_bytes, to_uint8
 from .losses import LOG_2PI, reconstruction_nll
 from .models import VAE
-from .names import MODEL_SPEC_HELP, check_model_spec, check_name
 from .plots import loss_curves_png
 from .prior import log_standard_normal
-MAX_K = 100_000                # importance samples per image: the IWAE bound stops improving long before
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalJobConfig:
-    """`vaegen evaluate`: which model version, how hard to look, and where the results go."""
-    model: str = flag("--model", MODEL_SPEC_HELP)
-    k: int = flag("--k", "importance samples per image", default=1000)
-    limit: int = flag("--limit", "likelihood on the first N images only; 0 = the whole split", default=0)
-    split: str = flag("--split", "dataset split", default="", unset="test if present, else train")
-    seed: int = flag("--seed", "random seed of the binarisation, the importance samples, the generated images "
-                     "and the classifiers", default=0)
-    # 0 = as many as the reference classifier's real training images, so TSTR and real-data accuracy compare
-    # classifiers trained on equal amounts (the usual protocol; fewer samples understate TSTR).
-    samples: int = flag("--samples", "generated images for classifier-FID and TSTR; 0 = as many as the real "
-                        "training split the reference classifier learnt from", default=0)
-    quality: bool = flag("--no-quality", "likelihood only: skip the reference classifier, FID and TSTR",
-                         default=True)
-    classifier: ClassifierConfig = section("reference classifier", default_factory=ClassifierConfig)
-    batch_size: int = flag("--batch-size", "images encoded at once for the IWAE bound", default=100)
-    storage: StorageConfig = section("storage", default_factory=StorageConfig)
-
-    def __post_init__(self) -> None:
-        check_model_spec(self.model, "--model")
-        if self.split:
-            check_name(self.split, "--split")
-        for name, value, low in (("k", self.k, 1), ("limit", self.limit, 0), ("samples", self.samples, 0),
-                                 ("batch-size", self.batch_size, 1)):
-            if value < low:
-                raise VaegenError(f"--{name}={value} must be >= {low}")
-        if self.k > MAX_K:
-            raise VaegenError(f"--k={self.k} must be <= {MAX_K:,} (importance samples per image)")
-        if self.samples == 1:
-            raise VaegenError("--samples=1: a Fréchet distance needs at least 2 samples (0 = as many as the "
-                              "real training split)")
-
+from .use_configs import ClassifierConfig
 
 DECODER_ROWS = 4096            # decoder rows per pass: conv activations of 4k images stay ~100 MB
 

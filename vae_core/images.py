@@ -79,7 +79,7 @@ def jpeg_files(images, quality: int = JPEG_QUALITY) -> list[bytes]:
     if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         raise ValueError(f"JPEG images must be uint8 (B, 1 or 3, H, W), got {batch.dtype} {tuple(batch.shape)}")
     _quiet_torchvision_codecs()
-    from torchvision.io import encode_jpeg              # torchvision's image ops load on first use
+    from torchvision.io import encode_jpeg  # torchvision's image ops load on first use
     return [e.numpy().tobytes() for e in encode_jpeg(list(batch.cpu()), quality=quality)]
 
 

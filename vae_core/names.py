@@ -8,6 +8,9 @@ import re
 
 from .errors import VaegenError
 
+# A model version's two files (vae_core/checkpoint.py writes and reads them).
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "1-128 characters from letters, digits, '.', '_' and '-', starting with a letter or digit"
 # What may follow '@' in a model spec: a version folder (v0001), its number, or a pointer. ASCII digits only,

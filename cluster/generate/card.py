@@ -18,11 +18,10 @@ from cluster.data.datasets import read_manifest
 from cluster.store.layout import MANIFEST, JobKeys, card_name, shard_glob
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
-from vae_core.checkpoint import CONFIG_FILE
-from vae_core.config import GenerateConfig
 from vae_core.data import FASHION_MNIST_LABELS
 from vae_core.errors import VaegenError
-from vae_core.names import is_valid_name
+from vae_core.names import CONFIG_FILE, is_valid_name
+from vae_core.use_configs import GenerateConfig
 
 UNKNOWN_LICENSE = "unknown"
 # Sources vaegen ingests by name, recognised by what their manifest holds (the ingest records a folder path as the

@@ -28,8 +28,9 @@ from cluster.generate.settings import RunSettings
 from cluster.runtime.ray_session import ray_runtime
 from cluster.show.inventory import read_committed_manifest
 from cluster.store.storage import Storage, open_storage
-from vae_core.config import AUTO_WORKERS, GenerateConfig, StorageConfig
+from vae_core.config import AUTO_WORKERS, StorageConfig
 from vae_core.errors import VaegenError
+from vae_core.use_configs import GenerateConfig
 
 
 def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),

@@ -18,9 +18,10 @@ from cluster.store.layout import JobKeys, dataset_manifest_key, job_id, job_pref
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from vae_core.config import MAX_SHARDS, GenerateConfig, from_dict, to_dict
+from vae_core.config import MAX_SHARDS, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.names import is_valid_name
+from vae_core.use_configs import GenerateConfig
 
 OUTPUT_FORMAT_VERSION = 5       # bump when a change alters shard bytes: it is hashed into every job id
 

@@ -30,9 +30,9 @@ from cluster.generate.shards import ShardMaker
 from cluster.runtime.placement import worker_gpu_bytes
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
-from vae_core.checkpoint import WEIGHTS_FILE
 from vae_core.config import StorageConfig, from_dict, to_dict
 from vae_core.errors import VaegenError
+from vae_core.names import WEIGHTS_FILE
 
 IN_FLIGHT_PER_WORKER = 2         # one shard decoding, one encoding/publishing: the device never idles on a write
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))

@@ -20,7 +20,6 @@ from cluster.train.runs import manifest_digest, to_image_set
 from vae_core.classifier import (
     CLASSIFIER_CONFIG,
     CLASSIFIER_WEIGHTS,
-    ClassifierConfig,
     ReferenceCNN,
     accuracy,
     classifier_files,
@@ -29,8 +28,9 @@ from vae_core.classifier import (
 )
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
-from vae_core.evaluate import EvalJobConfig, evaluation_png, model_likelihood, sample_quality
+from vae_core.evaluate import evaluation_png, model_likelihood, sample_quality
 from vae_core.train import ImageSet
+from vae_core.use_configs import ClassifierConfig, EvalJobConfig
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "evaluation.png"

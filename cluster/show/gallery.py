@@ -26,9 +26,10 @@ from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, sha
 from cluster.store.records import RECORD_ERRORS, CorruptRecord
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage, open_storage
-from vae_core.config import GenerateConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
+from vae_core.use_configs import GenerateConfig
 
 SAMPLED_SHARDS = 3            # shards read for the contact sheets, picked at random (fixed seed)
 RECON_PAIRS = 24              # original/reconstruction pairs shown

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vae_core.config import KINDS
+from vae_core.use_configs import KINDS
 
 DATASETS = "datasets"
 OUTPUTS = "outputs"

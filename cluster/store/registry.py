@@ -23,14 +23,16 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cluster.store.records import CorruptRecord, as_object, fields_checked, read_record
 from cluster.store.storage import Storage
-from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
-from vae_core.models import VAE
-from vae_core.names import check_name
+from vae_core.names import CONFIG_FILE, WEIGHTS_FILE, check_name
+
+if TYPE_CHECKING:
+    from vae_core.models import VAE
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 # What may follow '@' in a model spec: v0003, 3, latest, champion (ASCII digits only).
@@ -196,6 +198,7 @@ class Registry:
         ref = spec if isinstance(spec, ModelRef) else self.resolve(spec)
         files = {f: self.read_file(ref, f) for f in (CONFIG_FILE, WEIGHTS_FILE)}
         try:
+            from vae_core.checkpoint import load_checkpoint  # torch, on first load: `vaegen ls` needs none
             model, config = load_checkpoint(files, expected)
         except VaegenError as e:
             raise VaegenError(f"{ref}: {e}") from None

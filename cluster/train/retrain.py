@@ -14,7 +14,7 @@ import math
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_split
 from cluster.store.records import CorruptRecord
@@ -31,33 +31,13 @@ from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
 from cluster.train.runs import manifest_digest, to_image_set
 from vae_core import __version__
-from vae_core.config import TrainConfig, TrainJobConfig, check_finite, flag, to_dict
+from vae_core.config import RetrainConfig, TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE
-from vae_core.names import check_name, is_valid_name
+from vae_core.names import is_valid_name
 from vae_core.train import evaluate, iterate_batches
 
 METRIC = "neg_elbo_nats_per_image"       # −ELBO per image with β = 1: lower is better
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetrainConfig:
-    """`vaegen retrain`: the challenger's training job plus the rules of the contest."""
-    job: TrainJobConfig = field(default_factory=TrainJobConfig)   # job.name is the model being retrained
-    margin: float = flag("--margin", "nats/image the challenger must beat the champion by", default=0.0)
-    warm_start: bool = flag("--warm-start", "start the challenger from the champion's weights", default=False)
-    eval_split: str = flag("--eval-split", "held-out split to score on", default="test")
-    # The seed fixes the posterior samples, so both models are scored on the same draws.
-    eval_seed: int = flag("--eval-seed", "seed of the ELBO estimate", default=0)
-    eval_max_images: int = flag("--eval-max-images", "score on the first N images; 0 = the whole split", default=0)
-
-    def __post_init__(self) -> None:
-        check_finite(self)
-        check_name(self.eval_split, "--eval-split")
-        if self.margin < 0:
-            raise VaegenError(f"--margin={self.margin} must be >= 0")
-        if self.eval_max_images < 0:
-            raise VaegenError(f"--eval-max-images={self.eval_max_images} must be >= 0")
 
 
 @dataclass
