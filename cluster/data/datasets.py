@@ -218,13 +218,36 @@ def generation_complete(storage: Storage, manifest: dict) -> bool:
 def collect_garbage(storage: Storage, name: str, *, now: float | None = None,
                     keep_superseded_s: float = KEEP_SUPERSEDED_S,
                     pending_timeout_s: float = PENDING_TIMEOUT_S) -> list[str]:
-    """Delete the generations nothing may still read (the rule is in the module docstring); the keys deleted."""
+    """Delete the generations nothing may still read (the rule is in the module docstring); the keys deleted.
+
+    The files are listed before anything says what is in use: an ingest publishes its marker before its first
+    shard and deletes it only after its commit, so every generation whose files the listing saw is, when the
+    markers and then the manifest are read, either pending or named by the manifest (current or superseded)."""
     now = time.time() if now is None else now
-    manifest = current_manifest(storage, name)
-    if manifest is None:
+    candidates = []
+    for split in storage.list_dirs(dataset_key(name)):
+        if not split.startswith(("_", ".")):
+            folder = dataset_key(name, split)
+            candidates += [(folder, e.key) for e in storage.list(folder, recursive=True)]
+    keep = generations_in_use(storage, name, now, keep_superseded_s, pending_timeout_s)
+    if keep is None:
         return []                                   # nothing tells us what is in use: delete nothing
-    keep = {manifest.get("generation")} | {e["generation"] for e in manifest.get("superseded", [])
-                                           if now - e["superseded_at"] < keep_superseded_s}
+    deleted = []
+    for folder, key in candidates:
+        generation = generation_of_key(key[len(folder) + 1:])
+        if generation != "" and generation not in keep:
+            storage.delete(key)
+            deleted.append(key)
+    for folder in sorted({folder for folder, _ in candidates}):
+        remove_empty_folders(storage, folder)
+    return deleted
+
+
+def generations_in_use(storage: Storage, name: str, now: float, keep_superseded_s: float,
+                       pending_timeout_s: float) -> set | None:
+    """Pending generations (markers read first), then the manifest's current and superseded ones; None when
+    there is no readable manifest. A marker older than pending_timeout_s is a killed ingest's: deleted."""
+    keep = set()
     for entry in storage.list(dataset_key(name, PENDING)):
         try:
             marker = json.loads(storage.read_bytes(entry.key))
@@ -235,18 +258,11 @@ def collect_garbage(storage: Storage, name: str, *, now: float | None = None,
             keep.add(generation)
         else:
             storage.delete(entry.key)
-    deleted = []
-    for split in storage.list_dirs(dataset_key(name)):
-        if split.startswith(("_", ".")):
-            continue
-        folder = dataset_key(name, split)
-        for entry in storage.list(folder, recursive=True):
-            generation = generation_of_key(entry.key[len(folder) + 1:])
-            if generation != "" and generation not in keep:
-                storage.delete(entry.key)
-                deleted.append(entry.key)
-        remove_empty_folders(storage, folder)
-    return deleted
+    manifest = current_manifest(storage, name)
+    if manifest is None:
+        return None
+    return keep | {manifest.get("generation")} | {e["generation"] for e in manifest.get("superseded", [])
+                                                  if now - e["superseded_at"] < keep_superseded_s}
 
 
 def generation_of_key(path: str) -> str | None:
