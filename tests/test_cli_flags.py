@@ -62,7 +62,7 @@ def test_round_trip_with_flags_and_ray_settings(preset, capsys, tmp_path):
             "5", "--name", "mine", "--root", str(tmp_path / "r"), "--s3-endpoint", "http://127.0.0.1:9"]
     path = shown(capsys, tmp_path, argv)
     job = job_of(argv)
-    assert job.ray == RayTrainConfig(workers=3, cache_shards=False, checkpoints_to_keep=5)
+    assert job.ray == RayTrainConfig(workers=3, stream_epochs=True, checkpoints_to_keep=5)
     assert (job.train.epochs, job.name, job.model) == (4, "mine", PRESETS[preset].job().model)
     assert job_of(["train", "--config", path]) == job
 
@@ -119,7 +119,7 @@ def test_every_config_flag_is_the_one_declared_beside_its_field(verb):
 
 def test_renamed_flags_land_in_their_fields():
     job = job_of(["train", "--model", "conv", "--keep-checkpoints", "4", "--stream-epochs", "--workers", "1"])
-    assert job.model.arch == "conv" and job.ray.checkpoints_to_keep == 4 and job.ray.cache_shards is False
+    assert job.model.arch == "conv" and job.ray.checkpoints_to_keep == 4 and job.ray.stream_epochs is True
     assert dest_paths(TrainJobConfig)["arch"] == "model.arch"
     assert job_of(["pipeline"]).ray == RayTrainConfig(workers="auto")         # pipeline trains on Ray by default
     assert job_of(["train"]).ray is None and job_of(["train"]).name == "fashion-mnist-mlp"

@@ -15,8 +15,9 @@ from vae_core.checkpoint import checkpoint_files, load_checkpoint
 from vae_core.config import ModelConfig, TrainConfig
 from vae_core.evaluate import model_likelihood
 from vae_core.models import build_model
+from vae_core.posterior import fit_prior
 from vae_core.prior import MixturePrior, fit_mixture
-from vae_core.train import ImageSet, fit, fit_prior, split_train_val
+from vae_core.train import ImageSet, fit, split_train_val
 
 TINY = ModelConfig(image_shape=(1, 28, 28), hidden_dim=64, latent_dim=4)
 

@@ -231,7 +231,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
                                                            sync_every):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     # max_failures leaves room for the restarts a loaded machine adds; the assertions do not count them.
-    job = job_for(local_storage_config, epochs=12, max_failures=5, cache_shards=False,   # streamed: slow epochs
+    job = job_for(local_storage_config, epochs=12, max_failures=5, stream_epochs=True,   # streamed: slow epochs
                   sync_every=sync_every)
     killed: list[int] = []
 
@@ -274,7 +274,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
         driver.kill()
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
 
-    job = job_for(local_storage_config, epochs=12, run_id=run_id, cache_shards=False)
+    job = job_for(local_storage_config, epochs=12, run_id=run_id, stream_epochs=True)
     result = train_model(job, progress=False)
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and restarts[-1] >= 1, restarts

@@ -36,7 +36,7 @@ def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_fa
          choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None) -> Any:
     """A dataclass field that is also a command-line flag: its name, help and default are declared here, once,
     and jobs/flags.py turns the field into an argparse argument and the parsed value back into the field.
-    A bool field is an on/off flag that sets the opposite of its default (`--stream-epochs`: cache_shards=False).
+    A bool field is an on/off flag that sets the opposite of its default (`--no-progress`: progress=False).
     unset: what an empty default (None, "", ()) means, for the help text."""
     metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset}
     return field(default=default, default_factory=default_factory, metadata=metadata)
@@ -183,9 +183,9 @@ class RayTrainConfig:
     max_failures: int = flag("--max-failures", "worker-group restarts from the last checkpoint before giving up",
                              default=2, metavar="K")
     checkpoints_to_keep: int = flag("--keep-checkpoints", "checkpoints kept per run", default=2, metavar="K")
-    cache_shards: bool = flag("--stream-epochs", "stream every epoch from storage through Ray Data's shuffle "
-                              "buffer instead of keeping each worker's shard in memory (batch order then not "
-                              "reproducible)", default=True)
+    stream_epochs: bool = flag("--stream-epochs", "stream every epoch from storage through Ray Data's shuffle "
+                               "buffer instead of keeping each worker's shard in memory (batch order then not "
+                               "reproducible)", default=False)
     sync_every: int = flag("--sync-every", "1: all-reduce the gradients every step (exact data-parallel Adam); "
                            "K > 1: each worker steps on its own batches and the workers' weights are averaged "
                            "every K steps (post-local SGD: K times less communication, a slightly different "

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -49,7 +48,7 @@ from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import as_object, parse_record
 from cluster.store.storage import Storage
 from vae_core.config import MAX_CLASSES, ModelConfig
-from vae_core.data import ArrayDataset, ArraySplit
+from vae_core.data import ArrayDataset
 from vae_core.errors import VaegenError
 from vae_core.names import check_name
 
@@ -382,67 +381,6 @@ def read_split(storage: Storage, name: str, split: str, limit: int = 0, manifest
     if limit:
         ids, labels, images = ids[:limit], labels[:limit], images[:limit]
     return LoadedSplit(ids, labels, images, manifest)
-
-
-def array_split_from_table(table: pa.Table) -> tuple[ArraySplit, tuple[int, int, int]]:
-    """A Parquet table from outside (pixels+height/width/channels, or PNG `image`) → uint8 arrays.
-    Labels must be non-null integers ≥ 0; images are converted by vae_core.images.pil_to_chw's rules."""
-    from vae_core.images import decode_png
-    cols = set(table.column_names)
-    if table.num_rows == 0:
-        raise VaegenError("input Parquet holds no rows")
-    if "label" not in cols:
-        raise VaegenError("input Parquet needs a 'label' column")
-    label_column = table.column("label")
-    if not pa.types.is_integer(label_column.type):
-        raise VaegenError(f"input Parquet 'label' must be integers, not {label_column.type}")
-    if label_column.null_count:
-        raise VaegenError(f"input Parquet 'label' has {label_column.null_count} empty value(s)")
-    low, high = pc.min_max(label_column).values()
-    if low.as_py() < 0:
-        raise VaegenError(f"input Parquet has label {low.as_py()}: labels must be 0 or more")
-    if high.as_py() >= MAX_CLASSES:                       # before anything is sized by the labels
-        raise VaegenError(f"input Parquet has label {high.as_py()}: at most {MAX_CLASSES:,} classes "
-                          f"(labels 0..{MAX_CLASSES - 1})")
-    labels = label_column.to_numpy().astype(np.int64)
-    if "pixels" in cols and {"height", "width", "channels"} <= cols:
-        if not (pa.types.is_binary(table.column("pixels").type) or pa.types.is_large_binary(table.column("pixels").type)
-                or pa.types.is_fixed_size_binary(table.column("pixels").type)):
-            raise VaegenError(f"input Parquet 'pixels' must be binary, not {table.column('pixels').type}")
-        try:
-            c, h, w = (int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
-        except (TypeError, ValueError):
-            raise VaegenError("input Parquet 'height', 'width' and 'channels' must be integers") from None
-        for k in ("channels", "height", "width"):
-            if len(set(table.column(k).to_pylist())) != 1:
-                raise VaegenError(f"input Parquet rows differ in {k}: all images must have one shape")
-        if c not in (1, 3) or h <= 0 or w <= 0:
-            raise VaegenError(f"input Parquet images must have 1 or 3 channels and a positive size, not {(c, h, w)}")
-        values = table.column("pixels").to_pylist()
-        if any(v is None for v in values):
-            raise VaegenError("input Parquet 'pixels' has empty values")
-        raw = b"".join(values)
-        if len(raw) != len(labels) * c * h * w:
-            raise VaegenError("input Parquet 'pixels' sizes do not match height×width×channels")
-        return ArraySplit(np.frombuffer(raw, np.uint8).reshape(-1, c, h, w).copy(), labels), (c, h, w)
-    if "image" in cols:
-        arrays = []
-        for row, v in enumerate(table.column("image").to_pylist()):
-            data = v.get("bytes") if isinstance(v, dict) else v
-            if not isinstance(data, bytes):
-                raise VaegenError(f"input Parquet row {row}: 'image' holds no image bytes")
-            try:
-                arrays.append(decode_png(data))
-            except (OSError, ValueError) as e:          # PIL's UnidentifiedImageError is an OSError
-                raise VaegenError(f"input Parquet row {row}: 'image' is not a readable image "
-                                  f"({str(e).splitlines()[0]})") from None
-            except VaegenError as e:
-                raise VaegenError(f"input Parquet row {row}: {e}") from None
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise VaegenError(f"input Parquet images differ in shape: {sorted(shapes)[:3]}")
-        return ArraySplit(np.stack(arrays), labels), arrays[0].shape
-    raise VaegenError("input Parquet needs 'pixels' (+ height, width, channels) or 'image' (PNG bytes) columns")
 
 
 def bind_model_to_dataset(cfg: ModelConfig, manifest: dict, conditional: bool) -> ModelConfig:

@@ -76,7 +76,7 @@ def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE
     with ray_runtime(address, num_cpus=local_cpus(job)):
         check_cluster_fits(job)
         shares = None
-        if job.ray.cache_shards:
+        if not job.ray.stream_epochs:
             shares = object_store_shares(train_set, job.ray.workers)
         state = run_trainer(storage, job, manifest, train_ids, model.state_dict(), val_set, progress, shares)
     fitted = FitResult.of_checkpoint(state)
@@ -212,11 +212,26 @@ def process_group(workers: int, use_gpu: bool):
 
 
 # -- worker ----------------------------------------------------------------------------------------------
+def worker_train_batches(job: TrainJobConfig, raw: dict, rank: int, device: torch.device):
+    """This worker's batches of an epoch: from its share of the rows held in memory, or streamed by Ray Data."""
+    import ray.train
+    batch = per_worker_batch(job)
+    if not job.ray.stream_epochs:
+        rows = worker_rows(raw["train_shares"], rank, device)
+
+        def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
+            return iterate_batches(rows, batch, shuffle)
+        return train_batches
+    shard = ray.train.get_dataset_shard("train")
+
+    def streamed(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
+        return streamed_batches(shard, batch, int(torch.randint(2**31, (1,), generator=shuffle)))
+    return streamed
+
+
 def train_loop_per_worker(raw: dict) -> None:
     """One Ray Train worker: re-type the config, restore the latest checkpoint, run vae_core's epoch loop."""
-    import ray
-    import ray.train
-    import ray.train.torch
+    import ray.train.torch                                    # binds ray and ray.train too
 
     job = from_dict(TrainJobConfig, raw["job"])
     # Ray Train logs each report (with all its metrics) at INFO through a logger that reaches the workers' root
@@ -246,17 +261,7 @@ def train_loop_per_worker(raw: dict) -> None:
 
     held_out = ray.get(raw["val_set"])                    # every worker evaluates the same images
     val_set = resident(held_out, device)
-    batch = per_worker_batch(job)
-    if job.ray.cache_shards:
-        rows = worker_rows(raw["train_shares"], rank, device)
-
-        def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
-            return iterate_batches(rows, batch, shuffle)
-    else:
-        shard = ray.train.get_dataset_shard("train")
-
-        def train_batches(epoch: int, shuffle: torch.Generator) -> Iterator[Batch]:
-            return streamed_batches(shard, batch, int(torch.randint(2**31, (1,), generator=shuffle)))
+    train_batches = worker_train_batches(job, raw, rank, device)
 
     def combine_train(means: dict) -> dict:
         means = all_reduce_means(means, device)

@@ -23,12 +23,12 @@ from vae_core.artifacts import model_version_files
 from vae_core.config import TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
 from vae_core.models import VAE, build_model
+from vae_core.posterior import fit_prior
 from vae_core.train import (
     EpochMetrics,
     FitResult,
     ImageSet,
     evaluate,
-    fit_prior,
     iterate_batches,
     mean_image,
     split_train_val,
