@@ -11,7 +11,7 @@ from vae_core.config import AUTO_WORKERS, RayTrainConfig, StorageConfig, TrainJo
 from vae_core.errors import VaegenError
 from vae_core.presets import PRESETS, layer_preset
 
-from .flags import add_flags, build, changed_flags, dest_paths, given_dests, namespace_values
+from .flags import RenamedFlag, add_flags, build, changed_flags, dest_paths, given_dests, namespace_values
 
 RAY_TRAIN_SECTION = "Ray Train (data-parallel)"
 
@@ -42,6 +42,9 @@ def add_train_job_args(p: argparse.ArgumentParser, default_workers: int | str | 
     add_flags(p, TrainJobConfig, title="job", track_given=True,
               defaults=None if default_workers is None else {"workers": default_workers})
     add_address_arg(next(g for g in p._action_groups if g.title == RAY_TRAIN_SECTION))
+    p.add_argument("--model", dest="renamed_model", action=RenamedFlag,
+                   message="--model names a published model (generate, sample, evaluate); the architecture to "
+                           "train is --arch (mlp or conv)")
     p.set_defaults(effective=effective_train_settings)
 
 

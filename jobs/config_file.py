@@ -14,6 +14,8 @@ from typing import Any
 
 from vae_core.errors import VaegenError
 
+from .flags import RenamedFlag
+
 CONFIG_FLAG = "--config"
 NOT_CONFIGURABLE = ("help", "config")
 MAX_CONFIG_BYTES = 2**20
@@ -130,7 +132,9 @@ def apply_config(leaf: argparse.ArgumentParser, verb: str, path: str, verbs: lis
         action = flags.get(key.replace("_", "-"))
         if action is None:
             raise VaegenError(f"config file {path}: unknown key {key!r} for `vaegen {verb}` "
-                              f"(known: {', '.join(sorted(flags))})")
+                              f"(known: {', '.join(sorted(settable_flags(leaf)))})")
+        if isinstance(action, RenamedFlag):
+            raise VaegenError(f"config file {path}: {key!r}: {action.message}")
         leaf.set_defaults(**{action.dest: typed_value(action, key, value, path)})
         action.required = False                          # the file supplies it
         from_file.add(action.dest)
@@ -141,6 +145,11 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Long flag name without '--' → its action, for the flags a file may set."""
     return {option[2:]: a for a in parser._actions if a.dest not in NOT_CONFIGURABLE
             for option in a.option_strings if option.startswith("--")}
+
+
+def settable_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The flags a verb takes a value for (a renamed flag only says what replaced it)."""
+    return {k: a for k, a in flag_actions(parser).items() if not isinstance(a, RenamedFlag)}
 
 
 def typed_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
@@ -188,7 +197,7 @@ def effective_settings(parser: argparse.ArgumentParser, command: list[str]) -> t
     effective = getattr(args, "effective", None)          # verbs whose flags are not the whole story (--preset)
     resolved = effective(args) if effective else {}
     settings = {}
-    for key, action in flag_actions(leaf).items():
+    for key, action in settable_flags(leaf).items():
         value = resolved[action.dest] if action.dest in resolved else getattr(args, action.dest, None)
         if action.nargs == 0:                     # on/off flags (store_true/false and jobs.flags switches)
             value = value == action.const

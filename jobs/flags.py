@@ -10,6 +10,8 @@ import types
 import typing
 from typing import Any, Iterator
 
+from vae_core.errors import VaegenError
+
 GIVEN = "given"                    # namespace attribute: the dests a flag or a --config key set
 
 
@@ -177,3 +179,15 @@ def namespace_values(cfg: Any) -> dict[str, Any]:
         elif "flag" in f.metadata:
             values[f.name] = value
     return values
+
+
+class RenamedFlag(argparse.Action):
+    """A flag that means something else on this verb: typed (or set in a --config file), it is one line naming
+    the flag to use instead."""
+
+    def __init__(self, option_strings, dest, *, message: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise VaegenError(self.message)

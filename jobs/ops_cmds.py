@@ -118,7 +118,6 @@ def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], b
     """Verbs that read a model version (generate, reconstruct, sample, evaluate) get the version the registry
     names now, read through the command's own --root/--s3-endpoint; see cluster.runtime.submit.pin_model_version."""
     spec = getattr(parsed, "model", None)
-    # train and retrain take --model too, but there it names an architecture (mlp, conv), not a registry spec.
     if argv[0] not in MODEL_READING_VERBS or not isinstance(spec, str) or not hasattr(parsed, "root"):
         return argv, True
     from cluster.runtime.submit import pin_model_version

@@ -19,6 +19,7 @@ from jobs.flags import build, dest_paths, flagged_fields
 from jobs.generate_cmds import run_settings
 from jobs.retrain_cmd import generation_settings, retrain_config
 from vae_core.config import ModelConfig, RayTrainConfig, RetrainConfig, StorageConfig, TrainConfig, TrainJobConfig
+from vae_core.errors import VaegenError
 from vae_core.presets import PRESETS, fmnist_best, layer_preset, preset_job
 from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
@@ -52,7 +53,7 @@ def test_config_show_round_trips_to_the_same_job(verb, preset, capsys, tmp_path)
     if preset:
         text = open(path).read()
         expected = PRESETS[preset].job()
-        assert f'model = "{expected.model.arch}"' in text and f"epochs = {expected.train.epochs}" in text
+        assert f'arch = "{expected.model.arch}"' in text and f"epochs = {expected.train.epochs}" in text
         assert job_of(argv) == dataclasses.replace(expected, ray=job_of(argv).ray)   # every setting is the recipe's
 
 
@@ -118,12 +119,12 @@ def test_every_config_flag_is_the_one_declared_beside_its_field(verb):
 
 
 def test_renamed_flags_land_in_their_fields():
-    job = job_of(["train", "--model", "conv", "--keep-checkpoints", "4", "--stream-epochs", "--workers", "1"])
+    job = job_of(["train", "--arch", "conv", "--keep-checkpoints", "4", "--stream-epochs", "--workers", "1"])
     assert job.model.arch == "conv" and job.ray.checkpoints_to_keep == 4 and job.ray.stream_epochs is True
     assert dest_paths(TrainJobConfig)["arch"] == "model.arch"
     assert job_of(["pipeline"]).ray == RayTrainConfig(workers="auto")         # pipeline trains on Ray by default
     assert job_of(["train"]).ray is None and job_of(["train"]).name == "fashion-mnist-mlp"
-    assert job_of(["train", "--model", "conv", "--conditional"]).name == "fashion-mnist-conv-cond"
+    assert job_of(["train", "--arch", "conv", "--conditional"]).name == "fashion-mnist-conv-cond"
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -178,8 +179,9 @@ VERB_CONFIGS = {
     "pipeline": (TrainJobConfig, GenerateConfig, RunSettings),
 }
 # Flags that map to no config field: argparse's own, the config file, a preset's name (it picks a recipe that
-# returns a whole config), what retrain does after its contest, and pipeline's ingest source.
-NO_FIELD = {"help", "config", "preset", "then_generate", "source"}
+# returns a whole config), what retrain does after its contest, pipeline's ingest source, and
+# --model on a training verb (one line naming --arch).
+NO_FIELD = {"help", "config", "preset", "then_generate", "source", "renamed_model"}
 # Defaults a verb sets for itself: --workers off on retrain (one process unless given), auto on pipeline.
 VERB_DEFAULTS = {("retrain", "workers"): None, ("pipeline", "workers"): "auto", ("pipeline", "count"): 10_000}
 
@@ -279,3 +281,13 @@ def test_config_show_round_trips_generate(argv, capsys, tmp_path):
     assert build(GenerateConfig, again, kind=kind) == build(GenerateConfig, first, kind=kind)
     assert run_settings(again) == run_settings(first)
     assert storage_config(again) == storage_config(first)
+
+
+@pytest.mark.parametrize("verb", ["train", "retrain", "pipeline"])
+def test_model_on_a_training_verb_is_one_line_naming_arch(verb, tmp_path):
+    with pytest.raises(VaegenError, match=r"^--model names a published model .*the architecture to train is --arch"):
+        parse_args(build_parser(), [verb, "--model", "conv"])
+    config = tmp_path / "v.toml"
+    config.write_text('model = "conv"\n')
+    with pytest.raises(VaegenError, match=r"'model': --model names a published model .* --arch"):
+        parse_args(build_parser(), [verb, "--config", str(config)])

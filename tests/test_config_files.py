@@ -25,7 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_file_values_fill_the_flags_and_the_command_line_wins(tmp_path):
-    path = write(tmp_path, 'root = "/data/vaegen"\nmodel = "conv"\nlatent-dim = 8\nlr = 1\n'
+    path = write(tmp_path, 'root = "/data/vaegen"\narch = "conv"\nlatent-dim = 8\nlr = 1\n'
                            'no_progress = true\nconditional = true\n[train]\nepochs = 3\n[generate]\ncount = 99\n')
     args = parse(["train", "--config", path, "--epochs", "7"])
     assert (args.root, args.arch, args.latent_dim, args.epochs) == ("/data/vaegen", "conv", 8, 7)
@@ -53,9 +53,9 @@ def test_required_flags_can_come_from_the_file(tmp_path):
     ('epochs = "3"\n', "'epochs' must be an integer, got '3'"),
     ("lr = true\n", "'lr' must be a number, got True"),
     ("binarize = 1\n", "'binarize' must be true or false, got 1"),
-    ('model = "transformer"\n', "'model' must be one of mlp, conv, got 'transformer'"),
+    ('arch = "transformer"\n', "'arch' must be one of mlp, conv, got 'transformer'"),
     ("[trian]\nepochs = 3\n", "[trian] is not a vaegen verb"),
-    ("[train]\nepochs = 3\n[train.model]\nx = 1\n", "'model' must be a string, got {'x': 1}"),
+    ("[train]\nepochs = 3\n[train.arch]\nx = 1\n", "'arch' must be a string, got {'x': 1}"),
     ("epochs = \n", "is not valid TOML"),
 ])
 def test_a_bad_file_is_refused_with_the_key_named(tmp_path, capsys, text, message):

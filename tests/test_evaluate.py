@@ -219,7 +219,7 @@ def colour_folder(path, per_class: int = 24):
 def test_vaegen_evaluate_works_the_same_on_a_colour_image_folder(tmp_path, local_storage_config, capsys):
     ingest_source("image-folder", str(colour_folder(tmp_path / "shapes")), local_storage_config, progress=False)
     args = root_args(local_storage_config)
-    assert main(["train", "--dataset", "shapes", "--name", "shapes-conv", "--model", "conv", "--conditional",
+    assert main(["train", "--dataset", "shapes", "--name", "shapes-conv", "--arch", "conv", "--conditional",
                  "--hidden-dim", "32", "--latent-dim", "4", "--epochs", "1", "--no-progress", *args]) == 0
     assert main(["evaluate", "--model", "shapes-conv", "--k", "8", "--classifier-epochs", "2",
                  "--no-progress", *args]) == 0

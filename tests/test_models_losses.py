@@ -96,7 +96,7 @@ def test_learned_sigma_is_a_parameter_fixed_sigma_is_not():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"arch": "rnn"}, "--model='rnn'"),
+    ({"arch": "rnn"}, "--arch='rnn'"),
     ({"latent_dim": 0}, "--latent-dim=0"),
     ({"likelihood": "poisson"}, "--likelihood='poisson'"),
     ({"arch": "conv", "image_shape": (1, 30, 30)}, "divisible by 4"),

@@ -254,13 +254,13 @@ def test_moving_model_specs_are_pinned_into_the_spec(local_storage_config):
     assert check_command(["--", "generate", "--model=m@champion", *tail])[0][1] == "--model=m@v0002"
 
 
-def test_an_architecture_model_flag_is_not_read_as_a_registry_spec(capsys):
-    """retrain's and train's --model names an architecture: submit must not look it up in a registry (the
-    CronJob's pod has no route to it) nor give up de-duplication over it."""
+def test_a_training_verb_is_not_pinned_to_a_registry_version(capsys):
+    """retrain and train name an architecture (--arch): submit must not look anything up in a registry (the
+    CronJob's pod has no route to it) nor give up de-duplication."""
     unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}"]
     for verb in ("retrain", "train"):
-        argv, _, dedup = check_command(["--", verb, "--model", "conv", *unreachable])
-        assert dedup and argv[1:3] == ("--model", "conv")
+        argv, _, dedup = check_command(["--", verb, "--arch", "conv", *unreachable])
+        assert dedup and argv[1:3] == ("--arch", "conv")
     assert "de-duplication" not in capsys.readouterr().out
 
 

@@ -66,7 +66,7 @@ def check_finite(cfg: Any) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    arch: str = flag("--model", "architecture: mlp (the reference 784-400-20 design) or conv", default="mlp",
+    arch: str = flag("--arch", "architecture: mlp (the reference 784-400-20 design) or conv", default="mlp",
                      choices=ARCHS)
     image_shape: tuple[int, int, int] | None = None  # (C, H, W); None = taken from the dataset
     hidden_dim: int = flag("--hidden-dim", "hidden layer width", default=400)
@@ -81,7 +81,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        _require(self.arch in ARCHS, f"--model={self.arch!r} must be one of {', '.join(ARCHS)}")
+        _require(self.arch in ARCHS, f"--arch={self.arch!r} must be one of {', '.join(ARCHS)}")
         _require(self.likelihood in LIKELIHOODS,
                  f"--likelihood={self.likelihood!r} must be one of {', '.join(LIKELIHOODS)}")
         _require(self.image_shape is None or len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
