@@ -204,9 +204,6 @@ CASES = [
     Case("show-truncated-job-manifest", ("show", "samples-00aa", *ROOT),
          both(write(JOB.manifest, b'{"kind": "sam', under_root=True),
               write(JOB.success, b'{"manifest_sha256": "00"}', under_root=True)), f"{JOB.manifest} is corrupt"),
-    Case("show-truncated-legacy-job-manifest", ("show", "samples-00aa", *ROOT),     # a job from before data/
-         both(write(JOB.legacy_manifest, b'{"kind": "sam', under_root=True),
-              write(JOB.success, b'{"manifest_sha256": "00"}', under_root=True)), f"{JOB.legacy_manifest} is corrupt"),
     Case("show-model-truncated-config", ("show", "tiny@v0001", *ROOT), truncate(f"{MODEL}/config.json"),
          ),
     Case("s3-sample-truncated-config", ("sample", "--model", "tiny@v0001", "--out", "s.png", *S3),

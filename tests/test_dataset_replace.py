@@ -1,7 +1,6 @@
 """Re-ingesting a dataset replaces it atomically (issue 17, items 2 and 8): a re-ingest is invisible until its one
 manifest write; readers see the old dataset or the new one, never a mix; a failed or killed ingest leaves the old
 one readable; superseded data goes only after its grace period, and a reader that outlives it gets one line."""
-import hashlib
 import json
 import os
 import random
@@ -27,9 +26,7 @@ from cluster.data.datasets import (
     read_shard,
     read_split,
     shard_keys,
-    split_table,
     table_arrays,
-    table_bytes,
 )
 from cluster.store.layout import dataset_key, dataset_manifest_key
 from cluster.store.storage import Storage, open_storage
@@ -135,34 +132,15 @@ def test_a_killed_ingests_leftovers_go_only_after_the_pending_timeout(local_stor
     assert_reads_as(storage, old)
 
 
-def write_old_layout(storage: Storage, data: ArrayDataset) -> None:
-    """A dataset as ingest wrote it before generations: loose part files, a manifest without 'generation'."""
-    split = data.splits["train"]
-    shards = []
-    for index, start in enumerate(range(0, len(split.labels), 25)):
-        body = table_bytes(split_table(split.images[start:start + 25], split.labels[start:start + 25], start))
-        name = f"part-{index:05d}.parquet"
-        storage.publish(dataset_key(NAME, "train", name), body)
-        shards.append({"name": name, "rows": len(split.labels[start:start + 25]), "first_id": start,
-                       "last_id": start + len(split.labels[start:start + 25]) - 1, "bytes": len(body),
-                       "sha256": hashlib.sha256(body).hexdigest()})
-    manifest = {"name": NAME, "image_shape": [1, 8, 8], "label_names": list(data.label_names),
-                "source": data.source, "created_at": 0.0,
-                "splits": {"train": {"rows": len(split.labels), "shards": shards}}}
-    storage.publish(dataset_manifest_key(NAME), json.dumps(manifest).encode())
-
-
-def test_a_dataset_in_the_old_layout_still_reads_and_is_replaced(local_storage_config):
+def test_a_dataset_of_another_layout_is_one_line_and_a_reingest_replaces_it(local_storage_config):
     storage = open_storage(local_storage_config, for_writing=True)
-    legacy = content(1)
-    write_old_layout(storage, legacy)
-    assert_reads_as(storage, legacy)
-    loose = {dataset_key(NAME, "train", f"part-{i:05d}.parquet") for i in range(3)}
-    ingest(storage, NAME, content(2), shard_rows=10, progress=False)
-    assert loose <= {e.key for e in storage.list(dataset_key(NAME, "train"))}     # kept for its grace period
+    ingest(storage, NAME, content(1), shard_rows=10, progress=False)
+    key = dataset_manifest_key(NAME)
+    storage.publish(key, json.dumps({**json.loads(storage.read_bytes(key)), "layout": "vaegen-dataset-1"}).encode())
+    with pytest.raises(VaegenError, match=r"_manifest\.json is in another format \(layout 'vaegen-dataset-1'.*\): re-ingest"):
+        read_manifest(storage, NAME)
     newest = content(3)
-    ingest(storage, NAME, newest, shard_rows=10, progress=False, keep_superseded_s=0)
-    assert not loose & {e.key for e in storage.list(dataset_key(NAME, "train"), recursive=True)}
+    ingest(storage, NAME, newest, shard_rows=10, progress=False)
     assert_reads_as(storage, newest)
 
 

@@ -175,30 +175,3 @@ def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs, tar_j
     if "cls" in ds.features:                                              # a tar with .cls members
         assert ds.features["cls"].names == [f"class_{i}" for i in range(10)]
         assert sorted(ds["cls"]) == sorted(i % 10 for i in range(20))
-
-
-def test_a_job_made_before_the_data_layout_is_still_listed_and_read(jobs, capsys):
-    """Shards named part-00000.parquet beside manifest.json (the layout before data/): the manifest names the
-    shards, and every reader goes through it."""
-    import hashlib
-    import json
-
-    import pyarrow.parquet as pq
-
-    from cluster.generate.writers.parquet import decode_image_column
-    from cluster.show.inventory import job_status
-    cfg, storage, _, samples = jobs
-    old = {**samples, "job_id": "samples-00000000000000aa", "prefix": f"{OUTPUTS}/samples-00000000000000aa"}
-    old["shards"] = [{**s, "name": f"part-{i:05d}.parquet"} for i, s in enumerate(samples["shards"])]
-    for new, legacy in zip(samples["shards"], old["shards"]):
-        storage.publish(f"{old['prefix']}/{legacy['name']}", storage.read_bytes(f"{samples['prefix']}/{new['name']}"))
-    body = json.dumps(old).encode()
-    storage.publish(f"{old['prefix']}/manifest.json", body)
-    storage.publish(f"{old['prefix']}/_SUCCESS", json.dumps({"manifest_sha256": hashlib.sha256(body).hexdigest()}).encode())
-    status = job_status(storage, old["job_id"])
-    assert (status.state, status.rows_done, [s["name"] for s in status.manifest["shards"]]) == (
-        "finished", 40, ["part-00000.parquet", "part-00001.parquet"])
-    assert vaegen(["ls", "--root", cfg.root]) == 0
-    assert old["job_id"] in capsys.readouterr().out
-    table = pq.read_table(os.path.join(cfg.root, old["prefix"], old["shards"][0]["name"]))
-    assert decode_image_column(table).shape == (20, 1, 28, 28)

@@ -66,7 +66,7 @@ def publish_finished_job(storage: Storage, job_id: str) -> None:
                 "label_names": ["even", "odd"], "spec": spec, "totals": {"shards": 1, "rows": 4, "bytes": len(shard)},
                 "shards": [receipt(0, shard, 0)]}
     body = json.dumps(manifest, indent=2).encode()
-    storage.publish(f"{prefix}/manifest.json", body)
+    storage.publish(f"{prefix}/_manifest.json", body)
     storage.publish(f"{prefix}/_SUCCESS", json.dumps({"manifest_sha256": sha256(body)}).encode())
 
 
@@ -114,7 +114,7 @@ def replace_json(storage: Storage, key: str, value) -> None:
 
 def commit_as_is(storage: Storage, job_id: str) -> None:
     """Make _SUCCESS name the manifest as it now is (a committed record whose content is wrong)."""
-    body = storage.read_bytes(f"outputs/{job_id}/manifest.json")
+    body = storage.read_bytes(f"outputs/{job_id}/_manifest.json")
     replace_json(storage, f"outputs/{job_id}/_SUCCESS", {"manifest_sha256": sha256(body)})
 
 
@@ -149,10 +149,10 @@ def ls_lines(cfg: StorageConfig, capsys) -> dict[str, str]:
 JOB = f"outputs/{FINISHED}"
 # (case, corrupt(storage), ls entry marked corrupt or None, show target or None, file the show error names)
 CORRUPTIONS = [
-    ("manifest truncated", lambda s: truncate(s, f"{JOB}/manifest.json"), FINISHED, FINISHED, "manifest.json"),
-    ("manifest not an object, committed", lambda s: (replace_json(s, f"{JOB}/manifest.json", [1, 2]),
+    ("manifest truncated", lambda s: truncate(s, f"{JOB}/_manifest.json"), FINISHED, FINISHED, "manifest.json"),
+    ("manifest not an object, committed", lambda s: (replace_json(s, f"{JOB}/_manifest.json", [1, 2]),
                                                      commit_as_is(s, FINISHED)), FINISHED, FINISHED, "manifest.json"),
-    ("manifest lacks totals, committed", lambda s: (replace_json(s, f"{JOB}/manifest.json", {"kind": "samples"}),
+    ("manifest lacks totals, committed", lambda s: (replace_json(s, f"{JOB}/_manifest.json", {"kind": "samples"}),
                                                     commit_as_is(s, FINISHED)), FINISHED, FINISHED, "manifest.json"),
     ("_SUCCESS truncated", lambda s: truncate(s, f"{JOB}/_SUCCESS"), FINISHED, FINISHED, "_SUCCESS"),
     ("_SUCCESS without the sha", lambda s: replace_json(s, f"{JOB}/_SUCCESS", {"ok": True}), FINISHED, FINISHED,
@@ -201,11 +201,11 @@ def test_a_corrupt_record_is_one_line_in_show_and_one_marked_entry_in_ls(root, c
 
 
 def test_a_job_whose_success_names_another_manifest_is_not_finished(root, capsys):
-    """Two drivers' interleaved commits: manifest.json rewritten after _SUCCESS was written for the other one."""
+    """Two drivers' interleaved commits: _manifest.json rewritten after _SUCCESS was written for the other one."""
     cfg, storage = root
-    manifest = json.loads(storage.read_bytes(f"{JOB}/manifest.json"))
+    manifest = json.loads(storage.read_bytes(f"{JOB}/_manifest.json"))
     manifest["created_at"] += 1                                  # another run's (equally valid) manifest
-    storage.publish(f"{JOB}/manifest.json", json.dumps(manifest).encode())
+    storage.publish(f"{JOB}/_manifest.json", json.dumps(manifest).encode())
 
     states = {j.job_id: j.state for j in list_jobs(storage)}
     assert states[FINISHED] == "corrupt" and states[OTHER] == "finished"
@@ -314,7 +314,7 @@ def test_ls_of_a_missing_root_from_the_console_exits_2(tmp_path):
 
 def test_ls_on_s3_marks_a_corrupt_job_and_lists_the_rest(s3_storage_config, capsys):
     storage = build_root(s3_storage_config)
-    truncate(storage, f"{JOB}/manifest.json")
+    truncate(storage, f"{JOB}/_manifest.json")
     flags = ["--s3-endpoint", s3_storage_config.s3_endpoint]
     assert vaegen(["ls", s3_storage_config.root, *flags]) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.split()}

@@ -9,8 +9,8 @@ Rows: id (int64), label (int64), pixels (fixed-size binary, C·H·W uint8 in CHW
 The generation is a hash of everything an ingest writes (layout, shard size, label names, source, every split's
 pixels and labels), so identical input gives identical keys and bytes, and re-ingesting what is already current
 writes nothing at all. A manifest shard record's "name" carries its generation folder ("g-<id>/part-00000.parquet"),
-so every reader builds a shard's key as `dataset_key(name, split, shard["name"])`, whatever the layout; manifests
-written before generations existed name loose "part-00000.parquet" files, and still read.
+so every reader builds a shard's key as `dataset_key(name, split, shard["name"])`. A manifest of another layout
+(an older vaegen's) is refused in one line that says to re-ingest; the re-ingest replaces it.
 
 Replacing a dataset: an ingest writes its shards under a new generation folder, invisible to readers, then
 commits by swapping `_manifest.json` in one write (Storage.compare_and_swap: one PUT, or one rename). A reader reads
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
-from cluster.store.records import as_object, parse_record
+from cluster.store.records import OtherFormat, as_object, parse_record
 from cluster.store.storage import Storage
 from vae_core.config import MAX_CLASSES, ModelConfig
 from vae_core.data import ArrayDataset
@@ -264,14 +264,12 @@ def generations_in_use(storage: Storage, name: str, now: float, keep_superseded_
                                                   if now - e["superseded_at"] < keep_superseded_s}
 
 
-def generation_of_key(path: str) -> str | None:
-    """The generation a file under a split folder belongs to: 'g-<id>/…' → id, a loose 'part-….parquet' (the
-    layout before generations) → None, anything else (a loose temp file, a stranger's file) → '' (left alone)."""
+def generation_of_key(path: str) -> str:
+    """The generation a file under a split folder belongs to: 'g-<id>/…' → id; anything else (a loose temp file,
+    a stranger's file) → '' (left alone)."""
     head, _, rest = path.partition("/")
     if rest and head.startswith(GENERATION_PREFIX):
         return head[len(GENERATION_PREFIX):]
-    if not rest and head.startswith("part-") and head.endswith(".parquet"):
-        return None
     return ""
 
 
@@ -294,7 +292,8 @@ def reingest_fix(name: str) -> str:
 
 def _manifest_fields(manifest) -> dict:
     """The fields every reader uses, of the types vaegen writes (one check, where the manifest is parsed)."""
-    as_object(manifest)
+    if as_object(manifest).get("layout") != LAYOUT:
+        raise OtherFormat(f"layout {manifest.get('layout')!r}, not {LAYOUT!r}")
     manifest["image_shape"] = [int(n) for n in manifest["image_shape"]]
     manifest["label_names"] = [str(n) for n in manifest["label_names"]]
     for split in as_object(manifest["splits"]).values():

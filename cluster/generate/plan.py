@@ -23,7 +23,7 @@ from vae_core.errors import VaegenError
 from vae_core.names import is_valid_name
 from vae_core.use_configs import GenerateConfig
 
-OUTPUT_FORMAT_VERSION = 5       # bump when a change alters shard bytes: it is hashed into every job id
+OUTPUT_FORMAT_VERSION = 6       # bump when a change alters shard bytes: it is hashed into every job id
 
 
 def sha256_hex(data) -> str:
@@ -169,12 +169,10 @@ def plan_job(spec: GenerateConfig, storage: Storage) -> JobPlan:
                 "config_sha256": config_sha256,
                 "labels": list(labels), "inputs": [s["sha256"] for s in input_shards],
                 "label_names": list(label_names), "output_format_version": OUTPUT_FORMAT_VERSION}
-    if spec.pixels == "sample":
-        del identity["pixels"]                  # the default keeps the job ids from before --pixels existed
     if spec.format == "jpeg":
         identity["image_encoder"] = image_encoder(spec)      # a JPEG's bytes are its encoder's (torchvision's)
     else:
-        del identity["jpeg_quality"]            # only a JPEG job's identity holds it: other job ids stay as they were
+        del identity["jpeg_quality"]            # shapes no byte of another format: --jpeg-quality moves no other id
     return JobPlan(job_id(spec.kind, sha256_hex(json.dumps(identity, sort_keys=True).encode())), spec,
                    str(loaded.ref), loaded.weights_sha256, config_sha256, tuple(cfg.image_shape),
                    labels, total, num_shards, input_shards, label_names)

@@ -1,8 +1,7 @@
 """What a storage root holds (`vaegen ls`): datasets, model versions (champion marked) and generation jobs with
 their state, read from the records the jobs themselves leave:
 
-- finished: `_SUCCESS` names the sha256 of `_manifest.json`'s bytes (then the manifest says everything; a job
-  made before the data/ layout has its manifest at `manifest.json`, and its manifest names its shards);
+- finished: `_SUCCESS` names the sha256 of `_manifest.json`'s bytes (then the manifest says everything);
 - failed: no `_SUCCESS`, and the run record `_run.json` says the last run stopped on an error;
 - partial: anything else (running now, interrupted, or killed): n of m shards done, from the receipts.
 
@@ -32,19 +31,11 @@ RERUN_JOB = "rerun the same generate command to repair it"
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------
-def manifest_key(storage: Storage, keys: JobKeys) -> str:
-    """Where the job's manifest is: `_manifest.json`, or `manifest.json` for a job made before the data/ layout
-    (only when the new one is not there)."""
-    if not storage.exists(keys.manifest) and storage.exists(keys.legacy_manifest):
-        return keys.legacy_manifest
-    return keys.manifest
-
-
 def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of the manifest's
     bytes: a manifest rewritten by another driver after this _SUCCESS, or a stray _SUCCESS, is not a commit."""
     keys = JobKeys(prefix)
-    success_key, manifest_key_ = keys.success, manifest_key(storage, keys)
+    success_key, manifest_key_ = keys.success, keys.manifest
     if not storage.exists(success_key) or not storage.exists(manifest_key_):
         return None
     try:
@@ -65,7 +56,7 @@ def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
     """Why a job whose `_SUCCESS` exists is not committed (read_committed_manifest said None); None when it
     is committed after all (a driver finished its commit between the two reads)."""
     keys = JobKeys(prefix)
-    success_key, manifest_key_ = keys.success, manifest_key(storage, keys)
+    success_key, manifest_key_ = keys.success, keys.manifest
     want = read_record(storage, success_key, RERUN_JOB, lambda r: str(r["manifest_sha256"]))
     if not storage.exists(manifest_key_):
         return CorruptRecord(storage.uri_of(manifest_key_), "is missing though _SUCCESS is there", RERUN_JOB)
@@ -141,7 +132,7 @@ def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus
             try:
                 return _finished(job_id, manifest)
             except RECORD_ERRORS as e:
-                raise CorruptRecord(storage.uri_of(manifest_key(storage, keys)), problem_of(e), RERUN_JOB) from None
+                raise CorruptRecord(storage.uri_of(keys.manifest), problem_of(e), RERUN_JOB) from None
         if not storage.exists(keys.success):
             break
         reason = uncommitted_reason(storage, keys.prefix)

@@ -18,9 +18,6 @@ nothing else. That is why a Parquet job's card is `_README.md`: a README.md ther
 stays README.md, where `datasets` reads the features it cannot find in a tar (class names); no pyarrow reader
 reads a tar job's folder. Copy `_README.md` to README.md when uploading a Parquet job to the Hub.
 
-Jobs made before this layout (shards `part-00000.parquet` beside `manifest.json`) are still read: every reader
-takes shard names from the manifest, and LEGACY_MANIFEST is where their manifest is.
-
 Nothing here touches storage: these are names and keys only."""
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ from vae_core.use_configs import KINDS
 DATASETS = "datasets"
 OUTPUTS = "outputs"
 MANIFEST = "_manifest.json"
-LEGACY_MANIFEST = "manifest.json"        # jobs made before the data/ layout
 SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
 RUN_RECORD = "_run.json"
@@ -44,7 +40,6 @@ JOB_GALLERY = "_gallery.html"           # a job's page: beside the data, never r
 
 DATA_DIR = "data"
 SPLIT = "train"                         # every job is one split
-LEGACY_SHARD_STEM = "part"              # part-00007.parquet: shards of jobs made before the data/ layout
 SHARD_EXTENSIONS = {"parquet": "parquet", "png": "tar", "jpeg": "tar"}      # output format -> file extension
 JOB_ID_DIGITS = 16                                          # hex digits of the spec's hash in a job id
 JOB_ID = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9a-f]+")          # what job_id() names
@@ -72,12 +67,6 @@ def shard_name(index: int, fmt: str, num_shards: int) -> str:
     """data/train-00007-of-00010.parquet (.tar): Hugging Face's data-file name, zero-padded so that a listing is
     in id order."""
     return f"{DATA_DIR}/{SPLIT}-{index:05d}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
-
-
-def shard_index(name: str) -> int:
-    """The index in a shard's name (shard_name's inverse; also reads part-00007.parquet, the legacy name)."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-    return int(stem.removeprefix(f"{LEGACY_SHARD_STEM}-").removeprefix(f"{SPLIT}-").split("-", 1)[0])
 
 
 def shard_glob(fmt: str) -> str:
@@ -142,10 +131,6 @@ class JobKeys:
     @property
     def data(self) -> str:
         return self.key(DATA_DIR)
-
-    @property
-    def legacy_manifest(self) -> str:
-        return self.key(LEGACY_MANIFEST)
 
     def card(self, fmt: str) -> str:
         return self.key(card_name(fmt))

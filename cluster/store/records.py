@@ -23,8 +23,14 @@ class CorruptRecord(VaegenError, ValueError):
         self.uri, self.problem, self.fix = uri, problem, fix
 
 
+class OtherFormat(ValueError):
+    """A record written in another format version (an older vaegen's): refused whole, never half-read."""
+
+
 def problem_of(error: Exception) -> str:
     """What is wrong with a record, from what its parse raised."""
+    if isinstance(error, OtherFormat):
+        return f"is in another format ({error})"
     if isinstance(error, KeyError):
         return f"is corrupt (no field {error.args[0]!r})" if error.args else "is corrupt (a field is missing)"
     if isinstance(error, (TypeError, AttributeError, IndexError)):
