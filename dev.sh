@@ -18,7 +18,7 @@ ensure_dataset() {
     $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
 }
 
-ensure_chromium() {   # tests/test_gallery.py renders gallery.html in headless Chromium
+ensure_chromium() {   # tests/show/test_gallery.py renders gallery.html in headless Chromium
     [ -x /usr/bin/chromium ] && return
     echo "dev.sh: installing the Debian package chromium (for the gallery tests)" >&2
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

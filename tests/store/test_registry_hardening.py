@@ -16,6 +16,8 @@ from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
 
+from threads import all_at_once
+
 TINY = ModelConfig(image_shape=(1, 28, 28), hidden_dim=16, latent_dim=2)
 
 
@@ -190,18 +192,8 @@ def test_a_first_version_whose_score_is_not_finite_is_not_crowned_and_a_bare_nam
 
 def test_first_versions_published_at_once_crown_exactly_one(storage_config):
     """Four runs publish a name's first versions together: one compare-and-swap lands, every record agrees."""
-    import threading
     registry = Registry(Storage(storage_config))
-    start = threading.Barrier(4, timeout=120)
-
-    def publish(i: int) -> None:
-        start.wait()
-        registry.publish("m", version_files(16 + i), run_id=f"run-{i}")
-    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(4, lambda i: registry.publish("m", version_files(16 + i), run_id=f"run-{i}"))
     assert len(registry.versions("m")) == 4
     pointer = registry.champion("m")
     promoted = [r for r in decisions(registry, "m") if r["decision"] == "promote"]

@@ -15,7 +15,6 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import free_port, unique_name
 
 from cluster.data.datasets import ingest, shard_keys
 from cluster.store.registry import Registry
@@ -27,7 +26,9 @@ from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainCon
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import free_port, unique_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"
 
 

@@ -28,7 +28,7 @@ from conftest import free_port
 
 from cluster.store.layout import JobKeys
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUCKET = "vaegen-test"
 MODEL = "models/tiny/v0001"
 JOB = JobKeys.of("samples-00aa")                 # a job that `show` finds damaged

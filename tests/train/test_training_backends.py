@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import unique_name
 
 from cluster.data.datasets import ingest
 from cluster.store.registry import Registry
@@ -31,7 +30,9 @@ from vae_core.errors import VaegenError
 from vae_core.models import build_model
 from vae_core.train import EarlyStopping, TrainingState, checkpoint_state, make_optimizer, resume
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import unique_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.runtime.ray_session import DASHBOARD_ENV, dashboard_import_error, include_dashboard
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Packages that only ray[default] brings and that Ray checks before it starts the dashboard
 # (ray.dashboard.optional_deps). Not aiohttp: Ray's runtime-env agent needs it, so Ray cannot run without it.
 DASHBOARD_PACKAGES = ("aiohttp_cors", "opencensus")

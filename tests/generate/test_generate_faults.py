@@ -25,7 +25,7 @@ from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from vae_core.use_configs import GenerateConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def spec(**overrides) -> GenerateConfig:

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.generate.writers import WRITERS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def positive(value) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster.runtime.ray_private import HOOKS_ENV, PINNED_RAY_VERSION, hooks_apply
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("vae_core", "cluster", "jobs")
 RAY_PRIVATE = "cluster/runtime/ray_private.py"
 CONSOLE = "cluster/runtime/console.py"

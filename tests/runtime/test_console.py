@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-TOP = Path(__file__).resolve().parents[1]
+TOP = Path(__file__).resolve().parents[2]
 VAEGEN = [sys.executable, "-m", "jobs.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 VAEGEN_LINES = [re.compile(p) for p in (

@@ -41,7 +41,7 @@ from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

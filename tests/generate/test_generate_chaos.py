@@ -25,7 +25,7 @@ from cluster.store.storage import open_storage
 from vae_core.config import StorageConfig
 from vae_core.use_configs import GenerateConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARDS = 12
 JOB = GenerateConfig(model="tiny", count=SHARDS * 64, shard_size=64, seed=5, decode_batch=16)
 DRIVERS, ROUNDS = 3, 3

@@ -4,7 +4,7 @@ entry point, a temp working folder (so the default root ./vaegen-data is its own
 the test session's Ray. Each command gets only flags that shrink the work (appended: the last value of a flag
 wins) and the temp root, so the README cannot drift from what vaegen accepts and does. `vaegen submit` needs a Ray job server: here
 it runs up to the network (parsed, its --model pinned against the root) and must fail only at the connection;
-tests/test_submit.py runs submit against a real head."""
+tests/runtime/test_submit.py runs submit against a real head."""
 from __future__ import annotations
 
 import re
@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Flags appended to each verb: tiny work, one worker, no GPU, no progress bars.
 TINY_TRAIN = ["--epochs", "1", "--max-images", "256", "--prior-components", "1", "--no-progress"]

@@ -9,11 +9,13 @@ import uuid
 
 import boto3
 import pytest
-from s3_fault_proxy import FaultProxy
 
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
+
+from s3_fault_proxy import FaultProxy
+from threads import all_at_once
 
 BAD_KEYS = ["..", ".", "../escaped", "a/../../escaped", "a/./b", "./a", "a//b", "a/", "/etc/passwd", "a\\b",
             "..\\escaped", "a\x00b", "a/.."]
@@ -140,28 +142,12 @@ def test_concurrent_if_absent_publishers_have_exactly_one_winner(faulty):
     proxy.set_rates(error_rate=0.25, reset_rate=0.05, delay_rate=0.2)
     publishers, rounds = 4, 6
     storages = [Storage(through) for _ in range(publishers)]
-    won = [[None] * rounds for _ in range(publishers)]
-    errors = []
-    barrier = threading.Barrier(publishers)
-
-    def publisher(p: int) -> None:
-        try:
-            for r in range(rounds):
-                barrier.wait(timeout=60)              # all four PUT the same fresh key at once
-                won[p][r] = storages[p].publish(f"claims/v{r:04d}.json", f"publisher {p}".encode(), if_absent=True)
-        except Exception as e:                        # noqa: BLE001 - reported below, with the thread's name
-            errors.append(f"publisher {p}: {type(e).__name__}: {e}")
-            barrier.abort()
-    threads = [threading.Thread(target=publisher, args=(p,)) for p in range(publishers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors
     clean = Storage(direct)
-    for r in range(rounds):
-        winners = [p for p in range(publishers) if won[p][r]]
-        assert len(winners) == 1, (r, [won[p][r] for p in range(publishers)])
+    for r in range(rounds):                           # all four PUT the same fresh key at once
+        won = all_at_once(publishers, lambda p: storages[p].publish(f"claims/v{r:04d}.json",
+                                                                     f"publisher {p}".encode(), if_absent=True))
+        winners = [p for p in range(publishers) if won[p]]
+        assert len(winners) == 1, (r, won)
         assert clean.read_bytes(f"claims/v{r:04d}.json") == f"publisher {winners[0]}".encode()
     assert proxy.counts["409"] >= 1                   # the race met S3's own conflict answer, and survived it
 
@@ -174,26 +160,17 @@ def test_compare_and_swap_through_faults_loses_no_update(faulty):
     proxy.set_rates(error_rate=0.2, reset_rate=0.05, delay_rate=0.2)
     writers, entries_each = 3, 4
     accepted: list[list] = []
-    errors = []
 
     def writer(w: int) -> None:
         storage = Storage(through)
-        try:
-            for n in range(entries_each):
-                while True:
-                    seen = storage.read_bytes("log.json")
-                    mine = json.dumps(json.loads(seen) + [f"{w}.{n}.{uuid.uuid4().hex[:6]}"]).encode()
-                    if storage.compare_and_swap("log.json", mine, lambda current, seen=seen: current == seen):
-                        accepted.append(json.loads(mine))
-                        break
-        except Exception as e:                        # noqa: BLE001
-            errors.append(f"writer {w}: {type(e).__name__}: {e}")
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert not errors
+        for n in range(entries_each):
+            while True:
+                seen = storage.read_bytes("log.json")
+                mine = json.dumps(json.loads(seen) + [f"{w}.{n}.{uuid.uuid4().hex[:6]}"]).encode()
+                if storage.compare_and_swap("log.json", mine, lambda current, seen=seen: current == seen):
+                    accepted.append(json.loads(mine))
+                    break
+    all_at_once(writers, writer)
     final = json.loads(Storage(direct).read_bytes("log.json"))
     for state in accepted:                            # each accepted write is a prefix of what came after it
         assert final[:len(state)] == state

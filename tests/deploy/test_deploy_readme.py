@@ -19,7 +19,7 @@ from jobs.cli import build_parser
 from jobs.config_file import parse_args
 from jobs.verbs import job_parser
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "deploy" / "README.md"
 K8S = REPO / "deploy" / "k8s"
 SEPARATORS = {"&&", "||", ";", "|", "&"}

@@ -24,7 +24,7 @@ from vae_core.presets import PRESETS, fmnist_best, layer_preset, preset_job
 from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
 TRAINING_VERBS = ("train", "retrain", "pipeline")
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def leaf(verb: str) -> argparse.ArgumentParser:

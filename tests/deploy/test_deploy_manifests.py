@@ -24,7 +24,7 @@ import yaml
 from jobs.cli import build_parser
 from vae_core.errors import VaegenError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S_VERSION = "1.30"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -242,7 +242,7 @@ def browser_recorder(tmp_path) -> tuple[str, object]:
 def run_vaegen(args: list[str], env: dict) -> subprocess.CompletedProcess:
     """The CLI in a process of its own: webbrowser reads $BROWSER once per process."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.mark.parametrize("display", ["DISPLAY", "WAYLAND_DISPLAY", None])

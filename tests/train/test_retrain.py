@@ -24,7 +24,9 @@ from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.models import build_model
 
-REPO = Path(__file__).resolve().parent.parent
+from threads import all_at_once
+
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--epochs", "1", "--max-images", "600", "--hidden-dim", "64", "--latent-dim", "4",
         "--eval-max-images", "300", "--no-progress"]
 
@@ -136,18 +138,8 @@ def test_compare_and_swap_lets_exactly_one_racer_promote(storage_config, tiny_da
     """Eight threads race to replace the same champion: exactly one swap lands, the pointer stays whole."""
     registry = Registry(Storage(storage_config))
     assert swap_champion(registry, "m", {"version": "v0001"}, expected_version=None)
-    results: list[bool] = []
-    barrier = threading.Barrier(8)
-
-    def racer(i: int) -> None:
-        barrier.wait()
-        results.append(swap_champion(registry, "m", {"version": f"v{i + 2:04d}", "pad": "x" * 4096},
-                                     expected_version="v0001"))
-    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = all_at_once(8, lambda i: swap_champion(registry, "m", {"version": f"v{i + 2:04d}", "pad": "x" * 4096},
+                                                     expected_version="v0001"))
     assert results.count(True) == 1
     pointer = registry.champion("m")                       # parses: never half-written
     assert pointer["version"] != "v0001" and pointer["pad"] == "x" * 4096
