@@ -4,6 +4,7 @@ Names are checked before anything is read; the whole input is read and validated
 and the dataset is replaced atomically (datasets.ingest), so bad input or a failure publishes nothing."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -21,9 +22,9 @@ from vae_core.names import check_name, is_valid_name
 DEFAULT_NAMES = {"fashion-mnist": "fashion-mnist", "parquet": "parquet"}
 
 
-def read_parquet_source(uri: str, split: str, s3_endpoint: str | None) -> ArrayDataset:
+def read_parquet_source(uri: str, split: str, storage_cfg: StorageConfig) -> ArrayDataset:
     """One Parquet file, or every *.parquet under a folder (local path or s3://bucket/prefix)."""
-    storage = Storage(StorageConfig(root=uri, s3_endpoint=s3_endpoint))
+    storage = Storage(dataclasses.replace(storage_cfg, root=uri))
     if storage.exists(""):                              # the URI names one file
         paths = [storage.path()]
     else:
@@ -69,7 +70,7 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
     elif source == "image-folder":
         dataset = read_image_folder(path, split)
     else:
-        dataset = read_parquet_source(path, split, storage_cfg.s3_endpoint)
+        dataset = read_parquet_source(path, split, storage_cfg)
     storage = open_storage(storage_cfg, for_writing=True)
     return ingest(storage, name, dataset, shard_rows=shard_rows, progress=progress,
                   keep_superseded_s=keep_superseded_s)
