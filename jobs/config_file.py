@@ -14,6 +14,8 @@ from typing import Any
 
 from vae_core.errors import VaegenError
 
+from .flags import build_all
+
 CONFIG_FLAG = "--config"
 NOT_CONFIGURABLE = ("help", "config")
 MAX_CONFIG_BYTES = 2**20
@@ -187,6 +189,7 @@ def effective_settings(parser: argparse.ArgumentParser, command: list[str]) -> t
     leaf, verb = leaf_parser(parser, argv)
     effective = getattr(args, "effective", None)          # verbs whose flags are not the whole story (--preset)
     resolved = effective(args) if effective else {}
+    build_all(args, **resolved)                            # what is shown is what the verb would accept
     settings = {}
     for key, action in flag_actions(leaf).items():
         value = resolved[action.dest] if action.dest in resolved else getattr(args, action.dest, None)
