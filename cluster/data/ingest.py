@@ -101,10 +101,11 @@ def array_split_from_table(table: pa.Table) -> tuple[ArraySplit, tuple[int, int,
         if not (pa.types.is_binary(table.column("pixels").type) or pa.types.is_large_binary(table.column("pixels").type)
                 or pa.types.is_fixed_size_binary(table.column("pixels").type)):
             raise VaegenError(f"input Parquet 'pixels' must be binary, not {table.column('pixels').type}")
-        try:
-            c, h, w = (int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
-        except (TypeError, ValueError):
-            raise VaegenError("input Parquet 'height', 'width' and 'channels' must be integers") from None
+        for k in ("channels", "height", "width"):      # 8.5 or "8" would be truncated or parsed: refuse them
+            if not pa.types.is_integer(table.column(k).type) or table.column(k).null_count:
+                raise VaegenError(f"input Parquet '{k}' must be an integer column without nulls, not "
+                                  f"{table.column(k).type}")
+        c, h, w = (table.column(k)[0].as_py() for k in ("channels", "height", "width"))
         for k in ("channels", "height", "width"):
             if len(set(table.column(k).to_pylist())) != 1:
                 raise VaegenError(f"input Parquet rows differ in {k}: all images must have one shape")
