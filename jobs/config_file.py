@@ -14,7 +14,7 @@ from typing import Any
 
 from vae_core.errors import VaegenError
 
-from .flags import RenamedFlag
+from .flags import RenamedFlag, build_all
 
 CONFIG_FLAG = "--config"
 NOT_CONFIGURABLE = ("help", "config")
@@ -196,6 +196,7 @@ def effective_settings(parser: argparse.ArgumentParser, command: list[str]) -> t
     leaf, verb = leaf_parser(parser, argv)
     effective = getattr(args, "effective", None)          # verbs whose flags are not the whole story (--preset)
     resolved = effective(args) if effective else {}
+    build_all(args, **resolved)                            # what is shown is what the verb would accept
     settings = {}
     for key, action in settable_flags(leaf).items():
         value = resolved[action.dest] if action.dest in resolved else getattr(args, action.dest, None)

@@ -74,13 +74,16 @@ def flagged_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclass
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ...] | None = None,
               skip: tuple[str, ...] = (), required: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
-              title: str | None = None, track_given: bool = False) -> None:
+              title: str | None = None, track_given: bool = False, fixed: dict[str, Any] | None = None) -> None:
     """Add cls's flagged fields (by field name: `only` these, none of `skip`) to parser, the fields of nested
     configs under their section's title and cls's own under `title`. `defaults` overrides a field's default for
     this verb; an enabled_by field (RayTrainConfig.workers) defaults to None: the optional config is off.
-    track_given: record which flags were typed (for --preset)."""
+    track_given: record which flags were typed (for --preset). fixed: fields the verb itself sets when it builds
+    cls (see build_all)."""
     defaults = defaults or {}
     enablers = _enablers(cls)
+    _record_config(parser, cls, [f.name for _, f, _, _ in flagged_fields(cls)
+                                 if f.name not in skip and (only is None or f.name in only)], fixed or {})
     groups: dict[str | None, Any] = {}
     for path, f, hint, section in flagged_fields(cls):
         if f.name in skip or only is not None and f.name not in only:
@@ -103,6 +106,22 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
         if f.name in required:
             kwargs.update(required=True, default=None, help=meta["help"])
         groups[section].add_argument(meta["flag"], **kwargs)
+
+
+def _record_config(parser: argparse.ArgumentParser, cls: type, names: list[str], fixed: dict[str, Any]) -> None:
+    """Note on the parser which fields of cls its flags set, for build_all (a config's flags may come in parts)."""
+    configs = dict(parser.get_default("flag_configs") or {})
+    known, known_fixed = configs.get(cls, ((), {}))
+    configs[cls] = ((*known, *names), {**known_fixed, **fixed})
+    parser.set_defaults(flag_configs=configs)
+
+
+def build_all(args: argparse.Namespace, **values: Any) -> None:
+    """Build every config whose flags the verb has, from args with `values` over them, so that every setting is
+    checked as the verb itself would check it (a VaegenError names the flag); the configs are not kept."""
+    merged = argparse.Namespace(**{**vars(args), **values})
+    for cls, (names, fixed) in (getattr(args, "flag_configs", None) or {}).items():
+        build(cls, merged, only=names, **fixed)
 
 
 class _Switch(argparse.Action):

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="reconstruct a dataset split through a model version",
                        description="Encode each image of a dataset split to its posterior mean and decode it; "
                                    "one output shard per input shard under <root>/outputs/<job-id>/.")
-    add_flags(p, GenerateConfig, only=("dataset", "split"), required=("dataset",))
+    add_flags(p, GenerateConfig, only=("dataset", "split"), required=("dataset",), fixed={"kind": "reconstructions"})
     add_job_args(p)
     p.set_defaults(run=run_reconstruct)
 

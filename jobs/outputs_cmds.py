@@ -52,7 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_config_show)
 
 
+def shown(text: str) -> str:
+    """`text` safe for a terminal: each control or other unprintable character (an escape sequence's ESC, a
+    newline, a bidi override in a folder's name) written as Python escapes it, \\x1b, \\n, \\u202e."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _table(rows: list[list[str]]) -> str:
+    rows = [[shown(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -68,9 +75,10 @@ def _when(t: object) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     from cluster.show.inventory import list_datasets, list_jobs, list_models, require_root
     from cluster.store.storage import open_storage
+    from .flags import build
     from vae_core.config import StorageConfig
-    storage = require_root(open_storage(StorageConfig(root=args.location or args.root, s3_endpoint=args.s3_endpoint)))
-    print(f"{storage.uri}\n")
+    storage = require_root(open_storage(build(StorageConfig, args, root=args.location or args.root)))
+    print(f"{shown(storage.uri)}\n")
     datasets = list_datasets(storage)
     print("datasets" + ("" if datasets else ": none"))
     if datasets:

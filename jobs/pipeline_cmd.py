@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_job_args(p, default_workers=AUTO_WORKERS)
     add_progress_arg(p)
     p.add_argument("--source", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
-    add_flags(p, GenerateConfig, only=SAMPLE_FLAGS, defaults={"count": 10_000}, title="samples")
+    add_flags(p, GenerateConfig, only=SAMPLE_FLAGS, defaults={"count": 10_000}, title="samples",
+              fixed={"model": "pending"})                  # the model it trains
     p.set_defaults(run=run_pipeline)
 
 

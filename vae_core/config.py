@@ -168,6 +168,13 @@ class StorageConfig:
     # pyarrow itself reads neither the flag's variable nor AWS_ENDPOINT_URL: cluster.store.storage passes it on.
     s3_endpoint: str | None = flag("--s3-endpoint", "S3 endpoint URL, e.g. http://127.0.0.1:9000", default=None,
                                    unset="$AWS_ENDPOINT_URL, else AWS")
+    # cluster/store/s3.py turns this one number into every S3 timeout and retry deadline.
+    s3_timeout_s: float = flag("--s3-timeout", "seconds an S3 request may go unanswered, retries included, before "
+                               "the command fails", default=60.0, metavar="S")
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self.s3_timeout_s > 0, f"--s3-timeout={self.s3_timeout_s} must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

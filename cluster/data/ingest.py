@@ -4,6 +4,7 @@ Names are checked before anything is read; the whole input is read and validated
 and the dataset is replaced atomically (datasets.ingest), so bad input or a failure publishes nothing."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -21,9 +22,9 @@ from vae_core.names import check_name, is_valid_name
 DEFAULT_NAMES = {"fashion-mnist": "fashion-mnist", "parquet": "parquet"}
 
 
-def read_parquet_source(uri: str, split: str, s3_endpoint: str | None) -> ArrayDataset:
+def read_parquet_source(uri: str, split: str, storage_cfg: StorageConfig) -> ArrayDataset:
     """One Parquet file, or every *.parquet under a folder (local path or s3://bucket/prefix)."""
-    storage = Storage(StorageConfig(root=uri, s3_endpoint=s3_endpoint))
+    storage = Storage(dataclasses.replace(storage_cfg, root=uri))
     if storage.exists(""):                              # the URI names one file
         paths = [storage.path()]
     else:
@@ -69,7 +70,7 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
     elif source == "image-folder":
         dataset = read_image_folder(path, split)
     else:
-        dataset = read_parquet_source(path, split, storage_cfg.s3_endpoint)
+        dataset = read_parquet_source(path, split, storage_cfg)
     storage = open_storage(storage_cfg, for_writing=True)
     return ingest(storage, name, dataset, shard_rows=shard_rows, progress=progress,
                   keep_superseded_s=keep_superseded_s)
@@ -100,10 +101,11 @@ def array_split_from_table(table: pa.Table) -> tuple[ArraySplit, tuple[int, int,
         if not (pa.types.is_binary(table.column("pixels").type) or pa.types.is_large_binary(table.column("pixels").type)
                 or pa.types.is_fixed_size_binary(table.column("pixels").type)):
             raise VaegenError(f"input Parquet 'pixels' must be binary, not {table.column('pixels').type}")
-        try:
-            c, h, w = (int(table.column(k)[0].as_py()) for k in ("channels", "height", "width"))
-        except (TypeError, ValueError):
-            raise VaegenError("input Parquet 'height', 'width' and 'channels' must be integers") from None
+        for k in ("channels", "height", "width"):      # 8.5 or "8" would be truncated or parsed: refuse them
+            if not pa.types.is_integer(table.column(k).type) or table.column(k).null_count:
+                raise VaegenError(f"input Parquet '{k}' must be an integer column without nulls, not "
+                                  f"{table.column(k).type}")
+        c, h, w = (table.column(k)[0].as_py() for k in ("channels", "height", "width"))
         for k in ("channels", "height", "width"):
             if len(set(table.column(k).to_pylist())) != 1:
                 raise VaegenError(f"input Parquet rows differ in {k}: all images must have one shape")

@@ -6,7 +6,9 @@ layout.card_name (README.md for tar jobs, _README.md for Parquet jobs, so that p
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import re
 import shlex
 import tarfile
 import time
@@ -67,6 +69,18 @@ class RowLayout:
     latent_dim: int | None
     tar_members: tuple[str, ...] = ()   # tar jobs: the extensions of one sample's members (png, json, cls, ...)
     tar_json: dict | None = None        # tar jobs: the first sample's .json
+
+
+# Markdown's inline markup; with < and & escaped as HTML, a class name is shown as the text it is, never as a link,
+# an emphasis, a table cell or a tag (class names come from the user's dataset).
+MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]{}()|~!#])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as literal Markdown: HTML escaped, markup characters backslashed, control characters shown escaped
+    (a newline would start a block of its own)."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return MARKDOWN_MARKUP.sub(r"\\\1", html.escape(shown, quote=False))
 
 
 def _label_feature(label_names: list[str]):
@@ -191,13 +205,14 @@ def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
         named = f" ({source.title}, {source.url})" if source.title else ""
         origin = (f"Source: vaegen dataset `{source.dataset}`{named}; licence: {source.license}. Generated data "
                   "carries its source's terms.")
+    class_names = ", ".join(map(markdown_text, manifest.get("label_names", [])))
     lines = [f"# {manifest['job_id']}", "",
              f"{how_made(manifest, source)} the VAE `{manifest['model']}` (weights sha256 "
              f"`{manifest['weights_sha256'][:16]}…`), in {totals['shards']} {fmt} shards ({totals['bytes']:,} "
              f"bytes), made {made} by vaegen {manifest['libraries']['vaegen']}.", "", origin, "",
              *([f"- seed: {spec['seed']} (shard i draws its latents from a generator seeded by (seed, i))"]
                if spec["kind"] == "samples" else []),
-             f"- labels: {', '.join(manifest.get('label_names', [])) if labelled else 'none (no label column)'}",
+             f"- labels: {class_names if labelled else 'none (no label column)'}",
              f"- shards: `{pattern}`; checksums in `{MANIFEST}`", "",
              "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
              "## Load it", "", "```python"]

@@ -233,8 +233,10 @@ def job_lease(storage: Storage, plan: JobPlan) -> Iterator[JobLease]:
     lease = JobLease(storage, plan.keys.lease)
 
     def waiting(holder: dict) -> None:
-        print(f"vaegen: job {plan.job_id} is being run by {holder.get('owner', '?')}; waiting for it to finish or "
-              "stop", file=sys.stderr, flush=True)
+        left = max(0, round(holder["expires_at"] - time.time()))
+        print(f"vaegen: job {plan.job_id} is being run by {holder['owner']!r}; waiting for it to finish or stop "
+              f"(its lease {storage.uri_of(plan.keys.lease)} expires in {left} s unless renewed)",
+              file=sys.stderr, flush=True)
     lease.acquire(on_wait=waiting)
     try:
         yield lease

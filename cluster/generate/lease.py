@@ -12,7 +12,9 @@ from idempotent shards (cluster/generate/shards.py) and the sha-checked commit (
 - Released by a compare-and-swap to an already-expired lease naming this owner, never by a delete: a release can
   then never remove someone else's lease.
 - Expiry compares wall clocks of different hosts: the TTL (VAEGEN_LEASE_TTL_S, default 60 s) must stay well
-  above their skew. A killed driver's lease blocks the job for at most one TTL."""
+  above their skew. A killed driver's lease blocks the job for at most one TTL.
+- A lease that is not what a driver writes (unreadable, or expiring later than its TTL, the longest TTL allowed,
+  plus CLOCK_SLACK_S from now: no driver renews that far ahead) is treated as expired: nothing waits on it."""
 from __future__ import annotations
 
 import json
@@ -25,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from cluster.store.records import RECORD_ERRORS, fields, parse_record
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
 
@@ -33,6 +36,7 @@ DEFAULT_TTL_S = 60.0
 
 
 TTL_BOUNDS_S = (1.0, 86_400.0)     # under a second every renewal races its expiry; over a day a dead lease blocks
+CLOCK_SLACK_S = 30.0               # how far ahead of this host's clock another host's may run
 
 
 def lease_ttl() -> float:
@@ -50,12 +54,21 @@ def lease_ttl() -> float:
     return ttl
 
 
-def _parse(body: bytes | None) -> dict | None:
-    try:
-        lease = json.loads(body)
-        return lease if isinstance(lease, dict) and isinstance(lease.get("expires_at"), (int, float)) else None
-    except (TypeError, ValueError):
+def _parse(body: bytes | None, ttl_s: float) -> dict | None:
+    """The lease in `body`, or None when there is none or it is not what a driver writes (see the docstring);
+    ttl_s: the TTL of a lease that does not state its own."""
+    if body is None:
         return None
+    try:
+        lease = parse_record(body, "_lease.json", "taken over",
+                             lambda r: fields(r, {"owner": str, "expires_at": float}, {"ttl_s": float}))
+    except RECORD_ERRORS:
+        return None
+    ttl = lease.get("ttl_s", ttl_s)
+    if not 0 < ttl <= TTL_BOUNDS_S[1]:
+        return None
+    latest = time.time() + ttl + CLOCK_SLACK_S
+    return lease if lease["expires_at"] <= latest else None
 
 
 class JobLease:
@@ -68,10 +81,10 @@ class JobLease:
         self._renewer: threading.Thread | None = None
 
     def _body(self, expires_at: float) -> bytes:
-        return json.dumps({"owner": self.owner, "expires_at": expires_at}).encode()
+        return json.dumps({"owner": self.owner, "expires_at": expires_at, "ttl_s": self.ttl}).encode()
 
     def _mine(self, current: bytes | None) -> bool:
-        lease = _parse(current)
+        lease = _parse(current, self.ttl)
         return lease is not None and lease.get("owner") == self.owner
 
     def try_acquire(self) -> dict | None:
@@ -79,7 +92,7 @@ class JobLease:
         it changed while we looked: look again)."""
         if not self.storage.publish(self.key, self._body(time.time() + self.ttl), if_absent=True):
             seen = self.storage.read_bytes(self.key) if self.storage.exists(self.key) else None
-            lease = _parse(seen)
+            lease = _parse(seen, self.ttl)
             if lease is not None and lease["expires_at"] > time.time() and lease.get("owner") != self.owner:
                 return lease
             if seen is None or not self.storage.compare_and_swap(

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import tarfile
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +74,7 @@ def resolve_target(target: str, storage_cfg: StorageConfig) -> tuple[Storage, st
             if not found:
                 continue
             root = found["root"]
-            storage = open_storage(StorageConfig(root="." if root is None else root or "/",
-                                                 s3_endpoint=storage_cfg.s3_endpoint))
+            storage = open_storage(dataclasses.replace(storage_cfg, root="." if root is None else root or "/"))
             if kind == "job":
                 _checked(target, (found["job"], "job id"))
                 return storage, "job", found["job"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from cluster.data.datasets import read_manifest
 from cluster.store.layout import OUTPUTS, JobKeys, dataset_manifest_key, job_prefix
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, problem_of, read_record
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, parse_record, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
@@ -46,10 +46,21 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     if hashlib.sha256(body).hexdigest() != want:
         return None
     try:
-        manifest = json.loads(body)
+        json.loads(body)
     except ValueError:
         return None
-    return manifest if isinstance(manifest, dict) else None
+    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted.
+    return parse_record(body, storage.uri_of(manifest_key_), RERUN_JOB, _job_manifest)
+
+
+def _job_manifest(record) -> dict:
+    """A job manifest with the fields readers use, of the kinds a commit writes them."""
+    fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
+                    "totals": dict, "shards": list})
+    fields(record["totals"], {"shards": "count", "rows": "count"})
+    for shard in record["shards"]:
+        _receipt(shard)
+    return record
 
 
 def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
@@ -117,11 +128,7 @@ def _finished(job_id: str, m: dict) -> JobStatus:
 
 def _receipt(record) -> dict:
     """A shard receipt with the fields readers use (index, rows, name) of the right types."""
-    as_object(record)
-    if not isinstance(record["name"], str):
-        raise TypeError("name")
-    record["index"], record["rows"] = int(record["index"]), int(record["rows"])
-    return record
+    return fields(record, {"index": "count", "rows": "count", "name": str})
 
 
 def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.store.local_files import create_temp, file_uri_path, fsync_dir, make_dirs, raise_link
-from cluster.store.s3 import REFUSED_CREDENTIALS, S3Endpoint, S3Requests
+from cluster.store.s3 import ARROW_TIMED_OUT, REFUSED_CREDENTIALS, S3Endpoint, S3Requests
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
@@ -308,7 +308,9 @@ class Storage(S3Requests):
                 raise VaegenError(f"S3 credentials were refused for {self.uri_of(key)}; check AWS_ACCESS_KEY_ID/"
                                   "AWS_SECRET_ACCESS_KEY") from None
             if self.is_s3 and ("NoSuchBucket" in str(e) or "NO_SUCH_BUCKET" in str(e) or "does not exist" in message):
-                raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.url or 'AWS'}") from None
+                raise VaegenError(f"bucket {self.bucket!r} does not exist at {self.endpoint.name}") from None
+            if self.is_s3 and ARROW_TIMED_OUT in str(e):
+                raise VaegenError(self.endpoint.unanswered()) from None
             raise VaegenError(f"cannot read {self.uri_of(key)}: {message}") from None
 
 

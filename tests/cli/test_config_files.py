@@ -86,6 +86,27 @@ def test_config_show_prints_a_file_that_reads_back_the_same(tmp_path, capsys):
         build_parser(), ["generate", "--config", path, "--seed", "9"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "-1"], "--lr=-1.0 must be > 0"),
+    (["generate", "--model", "tiny", "--count", "10", "--shard-size", "0"], "--shard-size=0 must be > 0"),
+    (["reconstruct", "--model", "tiny", "--dataset", "fm", "--decode-batch", "0"], "--decode-batch=0"),
+    (["pipeline", "--count", "-3"], "--count=-3 must be > 0"),
+    (["ls", "--s3-timeout", "inf"], "--s3-timeout=inf must be a finite number"),
+])
+def test_config_show_refuses_settings_the_verb_would_refuse(argv, message, capsys):
+    assert vaegen(["config", "show", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_config_show_shows_every_verbs_own_defaults_as_valid():
+    parser = build_parser()
+    for argv in (["train"], ["generate", "--model", "m", "--count", "1"], ["reconstruct", "--model", "m",
+                 "--dataset", "d"], ["pipeline"], ["evaluate", "--model", "m"], ["retrain"], ["ls"], ["show", "x"],
+                 ["ingest", "fashion-mnist"], ["sample", "--model", "m"]):
+        assert effective_settings(parser, argv)[0] == argv[0]
+
+
 def test_every_verb_takes_config(tmp_path):
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -252,6 +252,21 @@ def test_bad_parquet_input_is_one_line(tmp_path, capsys, labels, fragment):
     assert not root.exists() or tree(root) == {}
 
 
+@pytest.mark.parametrize("column, values", [("height", [4.0, 4.0]), ("height", [8.5, 8.5]), ("width", ["4", "4"]),
+                                            ("channels", [1, None])])
+def test_parquet_image_sizes_must_be_integers(tmp_path, capsys, column, values):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = {"label": pa.array([0, 1]), "pixels": pa.array([bytes(16)] * 2, pa.binary()),
+             "height": pa.array([4, 4]), "width": pa.array([4, 4]), "channels": pa.array([1, 1])}
+    table[column] = pa.array(values)
+    pq.write_table(pa.table(table), tmp_path / "sizes.parquet")
+    root = tmp_path / "root"
+    line = cli_error(capsys, "ingest", "parquet", str(tmp_path / "sizes.parquet"), "--root", str(root))
+    assert f"'{column}' must be an integer column" in line
+    assert not root.exists() or tree(root) == {}
+
+
 def test_a_negative_label_is_refused_from_any_source(local_storage_config):
     from cluster.data.datasets import ingest
     from vae_core.data import ArrayDataset, ArraySplit

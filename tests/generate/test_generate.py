@@ -457,6 +457,32 @@ def test_one_lease_holder_at_a_time_and_an_expired_lease_is_taken_over_once(stor
     third.release()
 
 
+@pytest.mark.parametrize("body", [
+    b'{"owner": "x", "expires_at": 1e999}',                                    # inf: JSON's overflow
+    json.dumps({"owner": "x", "expires_at": time.time() + 10 * 86_400}).encode(),
+    json.dumps({"owner": "x", "expires_at": time.time() + 3600, "ttl_s": 30}).encode(),
+    json.dumps({"owner": "x", "expires_at": time.time() + 3600, "ttl_s": 1e999}).encode(),
+    json.dumps({"owner": ["x"], "expires_at": time.time() + 20}).encode(),
+    json.dumps({"owner": "x", "expires_at": True}).encode(),
+    b'{"owner": "x", "expires_at": NaN}',
+    b'[1, 2]',
+], ids=["inf", "10 days", "past its own ttl", "inf ttl", "owner a list", "bool", "nan", "not an object"])
+def test_a_lease_no_driver_would_write_is_taken_over_not_waited_on(local_storage_config, body):
+    storage = open_storage(local_storage_config, for_writing=True)
+    storage.publish("outputs/job/_lease.json", body)
+    lease = JobLease(storage, "outputs/job/_lease.json", ttl_s=30)
+    assert lease.try_acquire() is None                                      # no wait: the lease is ours
+    assert json.loads(storage.read_bytes("outputs/job/_lease.json"))["owner"] == lease.owner
+    lease.release()
+
+
+def test_a_live_lease_within_its_ttl_is_still_waited_on(local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    holder = {"owner": "elsewhere:1:ab", "expires_at": time.time() + 600, "ttl_s": 600}
+    storage.publish("outputs/job/_lease.json", json.dumps(holder).encode())
+    assert JobLease(storage, "outputs/job/_lease.json", ttl_s=30).try_acquire() == holder
+
+
 def test_a_held_lease_is_renewed_past_its_ttl(local_storage_config):
     storage = open_storage(local_storage_config, for_writing=True)
     holder, other = JobLease(storage, "outputs/job/_lease.json", ttl_s=0.6), JobLease(storage, "outputs/job/_lease.json")

@@ -198,7 +198,8 @@ def test_a_second_driver_waits_for_the_first_and_writes_nothing(ray_local, local
 
     assert results["first"]["run"]["shards_written"] == 6
     assert results["second"]["run"].get("already_complete") and results["second"]["run"]["shards_written"] == 0
-    assert "is being run by" in capfd.readouterr().err
+    waited = capfd.readouterr().err
+    assert "is being run by" in waited and f"{LEASE} expires in" in waited
     assert read_committed_manifest(storage, prefix)["shards"] == results["second"]["shards"]
     assert_complete_and_exact(storage, results["second"], job)
 

@@ -174,3 +174,15 @@ def test_job_status_of_an_unknown_job_is_partial_with_nothing_done(jobs):
     _, storage, _, _, _ = jobs
     status = job_status(storage, "samples-0000000000000000")
     assert (status.state, status.shards_done, status.shards_planned) == ("partial", 0, None)
+
+
+def test_ls_writes_folder_names_escaped_never_as_terminal_control(tmp_path, capsys):
+    root = tmp_path / "root"
+    hostile = ["j\x1b]0;owned\x07", "k\x1b[2J\x1b[31mred", "l\u202egnp.exe"]
+    for name in hostile:
+        (root / "outputs" / name).mkdir(parents=True)
+    assert vaegen(["ls", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.isprintable() or all(line.isprintable() for line in out.splitlines())
+    for name in hostile:
+        assert name not in out and ascii(name)[1:-1] in out

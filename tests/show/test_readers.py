@@ -162,6 +162,26 @@ def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
     assert card.data.to_dict()["size_categories"] == "10K<n<100K" and card.data.to_dict()["license"] == "unknown"
 
 
+def test_class_names_in_the_card_are_text_never_markup():
+    from huggingface_hub import DatasetCard
+    from cluster.generate.card import Provenance, RowLayout, dataset_card
+    names = ["<script>alert(1)</script>", "[click](http://evil.example)", "two\nlines # head", "a|b*c_d`e`", "T-shirt"]
+    manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "totals": {"rows": 10, "shards": 1, "bytes": 123}, "created_at": 0.0, "label_names": names,
+                "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
+                "spec": {"kind": "samples", "model": "m", "count": 10, "shard_size": 10, "seed": 0,
+                         "labels": [], "pixels": "sample", "format": "parquet", "decode_batch": 8,
+                         "dataset": "", "split": "test"}}
+    card = dataset_card(manifest, RowLayout(True, 4), Provenance("fm"))
+    labels = next(line for line in card.text.splitlines() if line.startswith("- labels:"))
+    assert labels == ("- labels: &lt;script&gt;alert\\(1\\)&lt;/script&gt;, \\[click\\]\\(http://evil.example\\), "
+                      "two\\\\nlines \\# head, a\\|b\\*c\\_d\\`e\\`, T-shirt")
+    assert "<script>" not in card.text and "\ntwo" not in card.text
+    features = DatasetCard(str(card)).data.to_dict()["dataset_info"]["features"]
+    assert list(next(f for f in features if f["name"] == "label")["dtype"]["class_label"]["names"].values()) == names
+
+
 def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs, tar_job):
     import datasets
     from huggingface_hub import DatasetCard

@@ -339,3 +339,58 @@ def test_ls_reads_a_job_again_when_its_success_is_withdrawn_mid_read(root):
     racing = WithdrawsSuccessOnFirstRead(cfg)
     states = {j.job_id: j.state for j in list_jobs(racing)}
     assert racing.withdrawn and states[FINISHED] == "partial" and states[OTHER] == "finished"
+
+
+# -- every field of every record, mutated: never an internal error --------------------------------------------
+REMOVED = object()
+MUTANTS = {"string": "many", "null": None, "removed": REMOVED, "huge": 1e308, "2**63": 2 ** 63, "list": [None],
+           "object": {}, "bool": True}
+# (record key, path of the field inside it, the entry ls marks, the target show reads, commit the manifest after)
+FIELDS = [
+    (dataset_manifest_key("fm"), ("splits", "train", "rows"), "fm", None, False),
+    (dataset_manifest_key("fm"), ("splits", "train", "shards"), "fm", None, False),
+    (dataset_manifest_key("fm"), ("image_shape",), "fm", None, False),
+    (dataset_manifest_key("fm"), ("label_names",), "fm", None, False),
+    (f"{JOB}/manifest.json", ("shards",), FINISHED, FINISHED, True),
+    (f"{JOB}/manifest.json", ("totals", "rows"), FINISHED, FINISHED, True),
+    (f"{JOB}/manifest.json", ("totals", "shards"), FINISHED, FINISHED, True),
+    (f"{JOB}/manifest.json", ("kind",), FINISHED, FINISHED, True),
+    (f"{JOB}/manifest.json", ("created_at",), FINISHED, FINISHED, True),
+    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("rows",), None, PARTIAL, False),
+    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("index",), None, PARTIAL, False),
+    (f"outputs/{PARTIAL}/_run.json", ("planned_shards",), None, PARTIAL, False),
+    (f"outputs/{PARTIAL}/_run.json", ("started_at",), None, PARTIAL, False),
+    ("models/tiny/v0001/metrics.json", ("test_loss",), None, "tiny@v0001", False),
+]
+
+
+def mutate(record: dict, path: tuple[str, ...], value) -> dict:
+    inner = record
+    for step in path[:-1]:
+        inner = inner[step]
+    if value is REMOVED:
+        del inner[path[-1]]
+    else:
+        inner[path[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize("key, path, marked, target, commit", FIELDS, ids=["/".join(f[1]) for f in FIELDS])
+def test_a_record_with_any_field_mutated_is_marked_or_refused_never_an_internal_error(root, capsys, key, path,
+                                                                                        marked, target, commit):
+    cfg, storage = root
+    original = storage.read_bytes(key)
+    for name, value in MUTANTS.items():
+        storage.publish(key, json.dumps(mutate(json.loads(original), path, value)).encode())
+        if commit:
+            commit_as_is(storage, FINISHED)
+        assert vaegen(["ls", cfg.root]) == 0, name
+        captured = capsys.readouterr()
+        assert "internal error" not in captured.err + captured.out, (name, captured.err)
+        rows = {line.split()[0]: line for line in captured.out.splitlines() if line.split()}
+        assert OTHER in rows and "fm2" in rows, name                          # the rest is still listed
+        if target:
+            code = vaegen(["show", target, "--root", cfg.root])
+            captured = capsys.readouterr()
+            assert "internal error" not in captured.err, (name, captured.err)
+            assert code == 0 or (code == 2 and len(captured.err.strip().splitlines()) == 1), (name, captured.err)

@@ -1,16 +1,20 @@
 """Storage under a careless user and a misbehaving S3: keys that would leave the root are refused, S3's
 retryable answers (409/500/503/SlowDown, resets mid-request) are retried through a real fault-injecting proxy
 in front of moto, and local files are published with the umask's mode and fsynced."""
+import contextlib
 import json
 import os
+import socket
 import stat
 import threading
+import time
 import uuid
 
 import boto3
 import pytest
 
 from cluster.store.storage import Storage, open_storage
+from jobs.cli import main
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
@@ -383,3 +387,53 @@ def test_file_uris_follow_rfc_8089(tmp_path):
     assert Storage(StorageConfig(root=f"file://{tmp_path}/r")).base == f"{tmp_path}/r"
     assert Storage(StorageConfig(root=f"file://localhost{tmp_path}/r")).base == f"{tmp_path}/r"
     assert Storage(StorageConfig(root=f"file://{tmp_path}/a%20b")).base == f"{tmp_path}/a b"
+
+
+# -- an endpoint that accepts connections and never answers ---------------------------------------
+
+@pytest.fixture
+def silent_endpoint():
+    """http://127.0.0.1:PORT of a server that accepts every connection and never sends a byte."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_ls_against_a_silent_endpoint_fails_in_one_line_within_its_timeout(silent_endpoint, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    started = time.monotonic()
+    code = main(["ls", "--root", "s3://vaegen-test/x", "--s3-endpoint", silent_endpoint, "--s3-timeout", "3"])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("vaegen: error:") and silent_endpoint in err[0] and "--s3-timeout" in err[0], err
+    assert elapsed < 30, elapsed                       # 3 s asked: far from boto3's 8 tries of 60 s
+
+
+def test_a_boto3_call_to_a_silent_endpoint_starts_no_try_after_the_deadline(silent_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    storage = Storage(StorageConfig(root="s3://vaegen-test/x", s3_endpoint=silent_endpoint, s3_timeout_s=2))
+    started = time.monotonic()
+    with pytest.raises(VaegenError, match="did not answer within 2 s") as failed:
+        storage.publish("a", b"x")
+    assert time.monotonic() - started < 10 and silent_endpoint in str(failed.value)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "inf", "nan"])
+def test_an_s3_timeout_that_is_no_positive_number_is_refused(timeout):
+    with pytest.raises(VaegenError, match="--s3-timeout"):
+        StorageConfig(root="s3://b/x", s3_timeout_s=float(timeout))
