@@ -23,7 +23,7 @@ from cluster.generate.writers import ShardRows, read_shard_rows
 from cluster.show.html import esc, facts, img, page, settings_table
 from cluster.show.inventory import RERUN_JOB, JobStatus, champion_version, job_status
 from cluster.show.model_page import model_section
-from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys
+from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
 from cluster.store.records import RECORD_ERRORS, CorruptRecord
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage, open_storage
@@ -225,7 +225,7 @@ def reconstruction_pairs(storage: Storage, status: JobStatus, manifest: dict, sh
     rows = read_shard(storage, status.job_id, shard, status.format)
     try:
         dataset = read_manifest(storage, check_name(spec["dataset"], "dataset"))
-        source = dataset["splits"][spec["split"]]["shards"][int(shard["index"])]
+        source = dataset["splits"][spec["split"]]["shards"][shard_index(shard["name"])]
         body = read_dataset_shard(storage, spec["dataset"], check_name(spec["split"], "split"), source)
         table = pq.read_table(io.BytesIO(body))
         ids, _, originals = table_arrays(table, tuple(dataset["image_shape"]))

@@ -58,8 +58,8 @@ def _job_manifest(record) -> dict:
     fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
                     "totals": dict, "shards": list})
     fields(record["totals"], {"shards": "count", "rows": "count"})
-    for shard in record["shards"]:
-        _receipt(shard)
+    for shard in record["shards"]:                 # the list's order is the shards' index
+        fields(shard, {"name": str, "rows": "count"})
     return record
 
 

@@ -63,6 +63,11 @@ def job_prefix(job_id: str) -> str:
     return f"{OUTPUTS}/{job_id}"
 
 
+def shard_index(name: str) -> int:
+    """The index in a shard's name (shard_name's inverse)."""
+    return int(name.rsplit("/", 1)[-1].removeprefix(f"{SPLIT}-").split("-", 1)[0])
+
+
 def shard_name(index: int, fmt: str, num_shards: int) -> str:
     """data/train-00007-of-00010.parquet (.tar): Hugging Face's data-file name, zero-padded so that a listing is
     in id order."""

@@ -21,7 +21,7 @@ from cluster.generate.writers import (
     tar_member_count,
 )
 from cluster.generate.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
-from cluster.store.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_name
+from cluster.store.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_index, shard_name
 
 INFO = ShardInfo(index=3, seed=12345, model="tiny@v0001", weights_sha256="ab" * 32, job_id="samples-0123")
 
@@ -95,6 +95,7 @@ def test_an_empty_shard_is_refused(fmt):
 def test_shard_names_come_from_one_place():
     assert shard_name(7, "parquet", 10) == "data/train-00007-of-00010.parquet"
     assert shard_name(7, "png", 10) == "data/train-00007-of-00010.tar"
+    assert shard_index(shard_name(12345, "png", 20000)) == 12345
     assert shard_braces("png", 4) == "data/train-{00000..00003}-of-00004.tar"
     assert shard_braces("parquet", 1) == "data/train-{00000..00000}-of-00001.parquet"
     assert fnmatch.fnmatch(shard_name(3, "parquet", 4), shard_glob("parquet")) and not fnmatch.fnmatch(
