@@ -154,7 +154,7 @@ def job_env(pass_credentials: bool, environ: dict[str, str] | None = None) -> di
 def runtime_env(cfg: SubmitConfig, working_dir: str | None = None) -> dict:
     env: dict = {"env_vars": job_env(cfg.pass_credentials)}
     if cfg.upload_code:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]         # the checkout: cluster/runtime/submit.py
         env["py_modules"] = [str(root / p) for p in PACKAGES]
     if working_dir:
         env["working_dir"] = working_dir
