@@ -1,5 +1,6 @@
 """Storage: one API over a local folder and S3 (moto server over HTTP), atomic publish, clear errors."""
 import pytest
+from threads import all_at_once
 
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import StorageConfig
@@ -158,20 +159,7 @@ def test_concurrent_publishes_claim_each_version_exactly_once(storage_config):
     registries = [Registry(racing_storage(p)) for p in range(publishers)]
     files = [checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4 + p, latent_dim=2)))
              for p in range(publishers)]
-    refs, errors = [None] * publishers, []
-
-    def run(p: int) -> None:
-        try:
-            refs[p] = registries[p].publish("m", files[p])
-        except Exception as e:                        # noqa: BLE001 - reported below
-            errors.append(f"publisher {p}: {type(e).__name__}: {e}")
-            barrier.abort()
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(publishers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors
+    refs = all_at_once(publishers, lambda p: registries[p].publish("m", files[p]))
     assert [p for v, p, _ in sorted(claims) if v == "v0001"] == list(range(publishers))   # all raced for v0001
     won = sorted((v, p) for v, p, w in claims if w)
     assert [v for v, _ in won] == ["v0001", "v0002", "v0003", "v0004"], claims          # one winner per number
