@@ -156,7 +156,8 @@ def shard_build_rate(cfg: ModelConfig, fmt: str, rows: int) -> tuple[float, floa
     spec = GenerateConfig(model="rates", count=rows, shard_size=rows, format=fmt)
     plan = JobPlan(job_id="rates", spec=spec, model_ref="rates@v0001", weights_sha256="-", config_sha256="-",
                    image_shape=tuple(cfg.image_shape), labels=(), total_rows=rows, num_shards=1)
-    maker = ShardMaker(plan, storage=None, model=build_model(cfg))
+    from cluster.store.storage import open_storage     # build() never writes: any local root serves
+    maker = ShardMaker(plan, storage=open_storage(StorageConfig(root=tempfile.gettempdir())), model=build_model(cfg))
     return best_rate(lambda: maker.build(0), rows, seconds=2.0), maker.build(0)[1]["bytes"] / rows
 
 

@@ -75,3 +75,8 @@ def effective_train_settings(args: argparse.Namespace) -> dict[str, Any]:
     if values.get("workers") == AUTO_WORKERS:
         values.update(cpus_per_worker=None, gpus_per_worker=None)
     return values
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 shard', '2 shards', '10,000 shards': a count with its noun in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -5,7 +5,7 @@ import argparse
 
 from vae_core.data import FASHION_MNIST_DIR
 
-from .args import add_progress_arg, add_storage_args, storage_config
+from .args import add_progress_arg, add_storage_args, counted, storage_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def run_ingest(args: argparse.Namespace) -> int:
     from cluster.data.ingest import ingest_source
     manifest = ingest_source(args.source, args.path, storage_config(args), name=args.name, split=args.split,
                              shard_rows=args.shard_rows, progress=args.progress)
-    splits = ", ".join(f"{k}: {v['rows']:,} rows in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
+    splits = ", ".join(f"{k}: {v['rows']:,} rows in {counted(len(v['shards']), 'shard')}" for k, v in manifest["splits"].items())
     for note in manifest.get("notes", ()):
         print(f"note: {note}")
     print(f"dataset {manifest['name']} {tuple(manifest['image_shape'])}: {splits}")

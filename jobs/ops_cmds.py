@@ -121,8 +121,9 @@ def pin_model(argv: list[str], parsed: argparse.Namespace) -> tuple[list[str], b
     if argv[0] not in MODEL_READING_VERBS or not isinstance(spec, str) or not hasattr(parsed, "root"):
         return argv, True
     from cluster.runtime.submit import pin_model_version
-    from .flags import build
     from vae_core.config import StorageConfig
+
+    from .flags import build
     argv, deduplicate, note = pin_model_version(argv, spec, build(StorageConfig, parsed))
     if note:
         print(f"vaegen: {note}", flush=True)

@@ -75,8 +75,9 @@ def _when(t: object) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     from cluster.show.inventory import list_datasets, list_jobs, list_models, require_root
     from cluster.store.storage import open_storage
-    from .flags import build
     from vae_core.config import StorageConfig
+
+    from .flags import build
     storage = require_root(open_storage(build(StorageConfig, args, root=args.location or args.root)))
     print(f"{shown(storage.uri)}\n")
     datasets = list_datasets(storage)

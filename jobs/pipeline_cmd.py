@@ -10,7 +10,7 @@ from dataclasses import replace
 from vae_core.config import AUTO_WORKERS
 from vae_core.use_configs import GenerateConfig
 
-from .args import add_progress_arg, add_train_job_args, storage_config, train_job_config
+from .args import add_progress_arg, add_train_job_args, counted, storage_config, train_job_config
 from .flags import add_flags, build
 
 STEPS = 5
@@ -94,5 +94,5 @@ def print_summary(storage, trained, generated: dict, reconstructed: dict) -> Non
     for label, manifest in (("samples", generated), ("recons", reconstructed)):
         run = manifest.get("run", {})
         rate = f", {run['samples_per_s']:,.0f} img/s" if run.get("samples_per_s") else ""
-        print(f"{label:8s}{manifest['totals']['rows']:,} rows in {manifest['totals']['shards']} shards → "
+        print(f"{label:8s}{manifest['totals']['rows']:,} rows in {counted(manifest['totals']['shards'], 'shard')} → "
               f"{manifest['uri']}{rate}")

@@ -27,7 +27,7 @@ VAEGEN_LINES = [re.compile(p) for p in (
     r"\[\d/\d\] .+",                                   # pipeline steps
     r"epoch \d+/\d+: loss .+",                         # Ray Train rank 0's epoch line
     r"model   \S+ → .+", r"        test loss .+",      # the pipeline's summary
-    r"(samples|recons ) [\d,]+ rows in \d+ shards → .+",
+    r"(samples|recons ) [\d,]+ rows in [\d,]+ shards? → .+",
     r"  \S+@v\d+  .+",                                 # the evaluation table
     r"(samples|reconstructions) job \S+ from .+",      # `vaegen generate`'s summary
     r"vaegen: .+",                                     # vaegen's notes and errors
