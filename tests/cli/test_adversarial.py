@@ -233,6 +233,14 @@ CASES = [
     Case("submit-config-missing", ("submit", "--address", "{closed}", "--", "generate", "--model", "tiny",
                                    "--config", "missing.toml"), fragment="does not exist"),
     # resource limits
+    # a root that holds a link out of itself
+    Case("generate-outputs-linked-out", (*GEN, "--model", "tiny", *ROOT),
+         lambda ctx: ((ctx.dir / "elsewhere").mkdir(), (ctx.root / "outputs").symlink_to(ctx.dir / "elsewhere")),
+         "refusing to follow the symbolic link"),
+    Case("ingest-split-linked-out", ("ingest", "image-folder", "imgs", "--name", "fm", *ROOT),
+         both(image_folder, lambda ctx: ((ctx.dir / "victim" / "g-deadbeefdeadbeef").mkdir(parents=True),
+                                         (ctx.root / "datasets" / "fm" / "evil").symlink_to(ctx.dir / "victim"))),
+         "refusing to follow the symbolic link"),
     Case("generate-billion-shards", ("generate", "--model", "tiny", "--count", "1000000000", "--shard-size", "1",
                                      *ROOT), fragment="at most 100,000"),
     Case("generate-huge-workers", (*GEN, "--model", "tiny", "--workers", "100000", *ROOT), fragment="--workers="),

@@ -186,3 +186,17 @@ def test_a_local_root_keeps_its_log_beside_its_data_and_an_s3_root_in_the_cache(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert log_folder("s3://bucket/prefix") == tmp_path / "cache" / "vaegen" / "logs"
     assert log_folder(None) == tmp_path / "cache" / "vaegen" / "logs"              # `submit`: no root
+
+
+def test_a_logs_folder_linked_out_of_the_root_gets_no_log(tmp_path):
+    """The log is the root's too: a `logs` link planted in the root is not followed, and Ray's output stays on
+    the terminal instead."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "logs").symlink_to(outside)
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(root)], cwd=TOP, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(TOP)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "None" and list(outside.iterdir()) == []
+    assert "native line on fd 1" in proc.stdout + proc.stderr          # shown, not written behind the link
