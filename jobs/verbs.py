@@ -21,8 +21,20 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are VaegenErrors: one line and exit 2 like every other bad input, instead of
     the usage text (and an exit from deep inside parse_args, which `vaegen submit` parses too)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self.seen = list(args) if args is not None else []        # what this (sub)parser was given, for error()
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
+        unknown = self.unknown_flags()
+        if unknown and not message.startswith("unrecognized arguments"):
+            message = f"unknown flag {', '.join(unknown)}; {message}"       # the typo first: it explains the rest
         raise VaegenError(f"{message} (see `{self.prog} --help`)")
+
+    def unknown_flags(self) -> list[str]:
+        """The long flags given that match no flag of this parser, not even as an abbreviation."""
+        given = [a.split("=", 1)[0] for a in getattr(self, "seen", []) if a.startswith("--") and a != "--"]
+        return [f for f in given if not any(option.startswith(f) for option in self._option_string_actions)]
 
 
 def parser_of(modules: tuple[ModuleType, ...]) -> Parser:

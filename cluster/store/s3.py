@@ -192,7 +192,9 @@ class S3Requests:
             except (EndpointConnectionError, ConnectTimeoutError):
                 # Nothing was sent. On the first try that means a wrong or dead endpoint: say so at once.
                 if attempt == 0 or not self._again(attempt, deadline):
-                    raise VaegenError(f"cannot reach the S3 endpoint {self.endpoint.name}") from None
+                    hint = "" if self.endpoint.url else (" (no --s3-endpoint or AWS_ENDPOINT_URL given: is the root "
+                                                         "on another S3?)")
+                    raise VaegenError(f"cannot reach the S3 endpoint {self.endpoint.name}{hint}") from None
             except (HTTPClientError, IncompleteReadError, URLLib3Error, http.client.HTTPException,
                     ConnectionError) as e:           # reset, closed or timed out mid-request or mid-response
                 uncertain.append(type(e).__name__)

@@ -352,3 +352,13 @@ def test_a_closed_stdout_ends_quietly_with_the_commands_status(tmp_path, argv):
     finally:
         os.close(write_end)
     assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
+def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(capsys):
+    from jobs.cli import main
+    assert main(["generate", "--modle", "tiny", "--count", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vaegen: error: unknown flag --modle; the following arguments are "
+                                               "required: --model"), err
+    assert main(["generate", "--mod", "tiny", "--count", "0"]) == 2          # an abbreviation is no typo
+    assert "unknown flag" not in capsys.readouterr().err
