@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from cluster.generate.writers.rows import DecodedBatch, ShardInfo, ShardRows, concat_batches
 from vae_core import __version__
+from vae_core.images import PNG_COLOUR_TYPES
 
 DICTIONARY_COLUMNS = ["shard", "seed", "label", "height", "width", "channels"]   # few distinct values
 # Parquet's `image` column is what Hugging Face `datasets.Image` reads: struct<bytes, path>, with the features in
@@ -37,7 +38,6 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 PARQUET_MAX_IMAGE_BYTES = 2**31 - 1
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_COLOR_TYPES = {1: 0, 3: 2}          # channels -> PNG colour type (0 = grey, 2 = RGB), 8 bits per sample
 STORED_BLOCK = 65535                    # the most bytes one stored deflate block holds
 ZLIB_HEADER = b"\x78\x01"              # deflate, 32 KiB window, no preset dictionary, "fastest" level
 PNG_IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
@@ -64,12 +64,12 @@ def _png_layout(image_shape) -> tuple[bytes, list[tuple[int, int, int]], int]:
     length and type, zlib header), the stored blocks as (file offset of the block header, raw start, raw length)
     and the file's size. The raw image is H scanlines of a filter byte (0: none) and W*C pixels."""
     c, h, w = image_shape
-    if c not in PNG_COLOR_TYPES:
+    if c not in PNG_COLOUR_TYPES:
         raise ValueError(f"images with {c} channels have no PNG form here (1 = grey, 3 = RGB)")
     raw = h * (1 + w * c)
     starts = range(0, raw, STORED_BLOCK)
     idat = len(ZLIB_HEADER) + 5 * len(starts) + raw + 4
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOR_TYPES[c], 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, PNG_COLOUR_TYPES[c], 0, 0, 0)
     head = (PNG_SIGNATURE + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
             + struct.pack(">I", idat) + b"IDAT" + ZLIB_HEADER)
     blocks = [(len(head) + i * 5 + start, start, min(STORED_BLOCK, raw - start)) for i, start in enumerate(starts)]
@@ -152,7 +152,7 @@ def decode_image_column(table: pa.Table, image_shape=None) -> np.ndarray:
         return np.empty((0, c, h, w), np.uint8)
     offsets = np.frombuffer(cells.buffers()[1], np.int32, n + 1, cells.offset * 4)
     data = np.frombuffer(cells.buffers()[2], np.uint8, offsets[-1] - offsets[0], offsets[0])
-    if c in PNG_COLOR_TYPES and cells.null_count == 0:
+    if c in PNG_COLOUR_TYPES and cells.null_count == 0:
         head, blocks, size = _png_layout((c, h, w))
         if (np.diff(offsets) == size).all():
             files = data.reshape(n, size)
