@@ -5,7 +5,7 @@ verification on resume, the run record, the lease, and the commit.
   shard is only left out of the ledger, and redoing it goes through the worker's publish path (create if
   absent, else compare sha256, replace only a corrupt object), which is safe whoever else is writing.
 - A finished job is trusted only when `_SUCCESS` names the sha256 of _manifest.json
-  (inventory.read_committed_manifest) and every shard verifies; one found damaged has its `_SUCCESS` withdrawn
+  (read_committed_manifest, below: the one check every reader uses) and every shard verifies; one found damaged has its `_SUCCESS` withdrawn
   before any repair (the driver does that).
 - The commit checks every shard against its receipt on storage (size from one listing; sha256 re-read for those
   this run did not build), then writes _manifest.json, the dataset card, then `_SUCCESS` = {manifest_sha256},
@@ -14,6 +14,7 @@ verification on resume, the run record, the lease, and the commit.
 - The run record (_run.json) tells `vaegen ls` whether the last run is running, failed or was interrupted."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,19 +27,22 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from cluster.generate.card import publish_dataset_card
 from cluster.generate.lease import JobLease
-from cluster.generate.plan import OUTPUT_FORMAT_VERSION, JobPlan, sha256_hex
-from cluster.show.inventory import read_committed_manifest
-from cluster.store.layout import receipt_name, shard_braces, shard_name
+from cluster.store.layout import OUTPUT_FORMAT_VERSION, JobKeys, receipt_name, shard_braces, shard_name
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, parse_record, read_record, sha256_hex
 from cluster.store.storage import Storage
 from vae_core import __version__
 from vae_core.config import to_dict
 from vae_core.errors import VaegenError
+
+if TYPE_CHECKING:
+    from cluster.generate.plan import JobPlan
+
+RERUN_JOB = "rerun the same generate command to repair it"
 
 # A local temp file this old is a publish that died (a publish lives for seconds); younger ones may be another
 # run's publish in flight, so the commit leaves them alone.
@@ -140,6 +144,7 @@ def verified_shards(storage: Storage, plan: JobPlan) -> ShardLedger:
 def library_versions() -> dict[str, str]:
     import PIL
     import pyarrow
+    import torch
     return {"vaegen": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "pyarrow": pyarrow.__version__, "pillow": PIL.__version__,
             "zlib": zlib.ZLIB_RUNTIME_VERSION}
@@ -218,6 +223,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
             if committed is not None and records.matches(committed["shards"]):
                 return {**committed, "run": run}           # another driver committed these very shards meanwhile
         storage.publish(plan.keys.manifest, body)
+        from cluster.generate.card import publish_dataset_card  # huggingface_hub: not for readers of a job
         publish_dataset_card(storage, json.loads(body))      # the card (layout.card_name), before _SUCCESS
         storage.publish(plan.keys.success, success)
         if (storage.read_bytes(plan.keys.success) == success
@@ -268,3 +274,53 @@ def job_run_record(storage: Storage, plan: JobPlan) -> Iterator[None]:
         except Exception:                      # the storage itself may be what failed: keep the first error
             pass
         raise
+
+
+# -- the trust check every reader uses (resume, `ls`, `show`, the gallery) ----------------------------------
+def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
+    """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of the manifest's
+    bytes: a manifest rewritten by another driver after this _SUCCESS, or a stray _SUCCESS, is not a commit."""
+    keys = JobKeys(prefix)
+    success_key, manifest_key_ = keys.success, keys.manifest
+    if not storage.exists(success_key) or not storage.exists(manifest_key_):
+        return None
+    try:
+        want = json.loads(storage.read_bytes(success_key))["manifest_sha256"]
+    except RECORD_ERRORS:
+        return None
+    body = storage.read_bytes(manifest_key_)
+    if hashlib.sha256(body).hexdigest() != want:
+        return None
+    try:
+        json.loads(body)
+    except ValueError:
+        return None
+    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted.
+    return parse_record(body, storage.uri_of(manifest_key_), RERUN_JOB, _job_manifest)
+
+
+def _job_manifest(record) -> dict:
+    """A job manifest with the fields readers use, of the kinds a commit writes them."""
+    fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
+                    "totals": dict, "shards": list})
+    fields(record["totals"], {"shards": "count", "rows": "count"})
+    for shard in record["shards"]:                 # the list's order is the shards' index
+        fields(shard, {"name": str, "rows": "count"})
+    return record
+
+
+def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
+    """Why a job whose `_SUCCESS` exists is not committed (read_committed_manifest said None); None when it
+    is committed after all (a driver finished its commit between the two reads)."""
+    keys = JobKeys(prefix)
+    success_key, manifest_key_ = keys.success, keys.manifest
+    want = read_record(storage, success_key, RERUN_JOB, lambda r: str(r["manifest_sha256"]))
+    if not storage.exists(manifest_key_):
+        return CorruptRecord(storage.uri_of(manifest_key_), "is missing though _SUCCESS is there", RERUN_JOB)
+    if hashlib.sha256(storage.read_bytes(manifest_key_)).hexdigest() == want:
+        if read_committed_manifest(storage, prefix) is not None:
+            return None
+    read_record(storage, manifest_key_, RERUN_JOB, as_object)        # not JSON / not an object: say so
+    return CorruptRecord(storage.uri_of(success_key), f"names manifest sha256 {want[:16]}…, not that of the "
+                         f"{manifest_key_.rsplit('/', 1)[1]} beside it (an interrupted or interleaved commit)",
+                         RERUN_JOB)

@@ -20,13 +20,12 @@ import time
 
 from tqdm.auto import tqdm
 
-from cluster.generate.commit import commit, job_lease, job_run_record, verified_shards
+from cluster.generate.commit import commit, job_lease, job_run_record, read_committed_manifest, verified_shards
 from cluster.generate.lease import lease_ttl
 from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import placed_settings, run_shards, start_workers, stop_workers
 from cluster.generate.settings import RunSettings
 from cluster.runtime.ray_session import ray_runtime
-from cluster.show.inventory import read_committed_manifest
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import AUTO_WORKERS, StorageConfig
 from vae_core.errors import VaegenError

@@ -7,14 +7,14 @@ workers as a plain dict (JobPlan.to_dict / from_dict)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 
 from cluster.data.datasets import read_manifest, split_shards
 from cluster.generate.writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
-from cluster.store.layout import JobKeys, dataset_manifest_key, job_id, job_prefix, shard_name
+from cluster.store.layout import OUTPUT_FORMAT_VERSION, JobKeys, dataset_manifest_key, job_id, job_prefix, shard_name
+from cluster.store.records import sha256_hex
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
@@ -22,12 +22,6 @@ from vae_core.config import MAX_SHARDS, from_dict, to_dict
 from vae_core.errors import VaegenError
 from vae_core.names import is_valid_name
 from vae_core.use_configs import GenerateConfig
-
-OUTPUT_FORMAT_VERSION = 6       # bump when a change alters shard bytes: it is hashed into every job id
-
-
-def sha256_hex(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

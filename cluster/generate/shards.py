@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 import torch
 
 from cluster.data.datasets import read_shard, table_arrays
-from cluster.generate.plan import JobPlan, ShardTask, sha256_hex
+from cluster.generate.plan import JobPlan, ShardTask
 from cluster.generate.writers import DecodedBatch, ShardInfo, ShardWriter, writer_for
+from cluster.store.records import sha256_hex
 from cluster.store.storage import Storage
 from vae_core.images import to_uint8
 from vae_core.models import VAE

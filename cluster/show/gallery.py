@@ -4,12 +4,12 @@ shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The pa
 html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in model_page.py."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import re
 import tarfile
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 from cluster.data.datasets import read_manifest, table_arrays
 from cluster.data.datasets import read_shard as read_dataset_shard
 from cluster.generate.card import reproduce_command
+from cluster.generate.commit import RERUN_JOB
 from cluster.generate.writers import ShardRows, read_shard_rows
 from cluster.show.html import esc, facts, img, page, settings_table
-from cluster.show.inventory import RERUN_JOB, JobStatus, champion_version, job_status
+from cluster.show.inventory import JobStatus, champion_version, job_status
 from cluster.show.model_page import model_section
 from cluster.store.layout import GALLERY, JOB_ID, OUTPUTS, SUCCESS, JobKeys, shard_index
 from cluster.store.records import RECORD_ERRORS, CorruptRecord

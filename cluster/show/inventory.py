@@ -10,74 +10,22 @@ The run record is written by the generation driver around its Ray work (cluster/
 (with the error's first line) or `interrupted` when they stop early. Killed drivers leave `running`, which
 reads as partial: the next run resumes either way. Where each record lives is cluster/store/layout.py's.
 
-`read_committed_manifest` is the one check of a commit. A record a reader needs that is unreadable (not JSON,
-missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and
+`read_committed_manifest` (cluster/generate/commit.py, beside the write it checks) is the one check of a
+commit. A record a reader needs that is unreadable (not JSON, missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and
 lists the rest, `show` refuses it with one line naming the file and the fix (`CorruptRecord`)."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from cluster.data.datasets import read_manifest
+from cluster.generate.commit import RERUN_JOB, read_committed_manifest, uncommitted_reason
 from cluster.store.layout import OUTPUTS, JobKeys, dataset_manifest_key, job_prefix
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, parse_record, problem_of, read_record
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
 
-# -- unreadable records -------------------------------------------------------------------------------------
-RERUN_JOB = "rerun the same generate command to repair it"
-
-
 # -- jobs ---------------------------------------------------------------------------------------------------
-def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
-    """A finished job's manifest, or None. Trusted only when `_SUCCESS` names the sha256 of the manifest's
-    bytes: a manifest rewritten by another driver after this _SUCCESS, or a stray _SUCCESS, is not a commit."""
-    keys = JobKeys(prefix)
-    success_key, manifest_key_ = keys.success, keys.manifest
-    if not storage.exists(success_key) or not storage.exists(manifest_key_):
-        return None
-    try:
-        want = json.loads(storage.read_bytes(success_key))["manifest_sha256"]
-    except RECORD_ERRORS:
-        return None
-    body = storage.read_bytes(manifest_key_)
-    if hashlib.sha256(body).hexdigest() != want:
-        return None
-    try:
-        json.loads(body)
-    except ValueError:
-        return None
-    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted.
-    return parse_record(body, storage.uri_of(manifest_key_), RERUN_JOB, _job_manifest)
-
-
-def _job_manifest(record) -> dict:
-    """A job manifest with the fields readers use, of the kinds a commit writes them."""
-    fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
-                    "totals": dict, "shards": list})
-    fields(record["totals"], {"shards": "count", "rows": "count"})
-    for shard in record["shards"]:                 # the list's order is the shards' index
-        fields(shard, {"name": str, "rows": "count"})
-    return record
-
-
-def uncommitted_reason(storage: Storage, prefix: str) -> CorruptRecord | None:
-    """Why a job whose `_SUCCESS` exists is not committed (read_committed_manifest said None); None when it
-    is committed after all (a driver finished its commit between the two reads)."""
-    keys = JobKeys(prefix)
-    success_key, manifest_key_ = keys.success, keys.manifest
-    want = read_record(storage, success_key, RERUN_JOB, lambda r: str(r["manifest_sha256"]))
-    if not storage.exists(manifest_key_):
-        return CorruptRecord(storage.uri_of(manifest_key_), "is missing though _SUCCESS is there", RERUN_JOB)
-    if hashlib.sha256(storage.read_bytes(manifest_key_)).hexdigest() == want:
-        if read_committed_manifest(storage, prefix) is not None:
-            return None
-    read_record(storage, manifest_key_, RERUN_JOB, as_object)        # not JSON / not an object: say so
-    return CorruptRecord(storage.uri_of(success_key), f"names manifest sha256 {want[:16]}…, not that of the "
-                         f"{manifest_key_.rsplit('/', 1)[1]} beside it (an interrupted or interleaved commit)",
-                         RERUN_JOB)
 
 
 @dataclass

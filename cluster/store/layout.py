@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from vae_core.use_configs import KINDS
 
+OUTPUT_FORMAT_VERSION = 6       # bump when a change alters shard bytes: it is hashed into every job id
 DATASETS = "datasets"
 OUTPUTS = "outputs"
 MANIFEST = "_manifest.json"

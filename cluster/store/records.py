@@ -3,6 +3,7 @@ the one error for a record that is not what vaegen writes: `CorruptRecord`, one 
 wrong and the fix. Readers that list many entries (`vaegen ls`) catch it, mark that entry corrupt and go on."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -46,6 +47,11 @@ def problem_of(error: Exception) -> str:
     if isinstance(error, (TypeError, AttributeError, IndexError)):
         return "is corrupt (a field has the wrong type)"
     return "is corrupt (not the fields vaegen writes)"
+
+
+def sha256_hex(data) -> str:
+    """The digest every record uses to name the bytes it vouches for."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def as_object(record) -> dict:

@@ -231,7 +231,7 @@ def worker_train_batches(job: TrainJobConfig, raw: dict, rank: int, device: torc
 
 def train_loop_per_worker(raw: dict) -> None:
     """One Ray Train worker: re-type the config, restore the latest checkpoint, run vae_core's epoch loop."""
-    import ray.train.torch                                    # binds ray and ray.train too
+    import ray.train.torch  # binds ray and ray.train too
 
     job = from_dict(TrainJobConfig, raw["job"])
     # Ray Train logs each report (with all its metrics) at INFO through a logger that reaches the workers' root

@@ -11,16 +11,16 @@ import torch
 from generate_support import IMAGE_SHAPE, all_rows, publish_tiny_model, shard_objects
 
 from cluster.data.datasets import ingest
-from cluster.generate.commit import STALE_TEMP_S, ShardLedger, commit, verified_shards
+from cluster.generate.commit import STALE_TEMP_S, ShardLedger, commit, read_committed_manifest, verified_shards
 from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.generate.lease import JobLease
-from cluster.generate.plan import JobPlan, plan_job, sha256_hex
+from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import start_workers
 from cluster.generate.settings import RunSettings
 from cluster.generate.shards import ShardMaker
 from cluster.generate.writers import parquet_image_bytes
-from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import SUCCESS, JobKeys, shard_name
+from cluster.store.records import sha256_hex
 from cluster.store.registry import Registry
 from cluster.store.storage import Storage, open_storage
 from vae_core.checkpoint import checkpoint_files

@@ -15,11 +15,11 @@ import pytest
 from generate_support import all_rows, publish_tiny_model, shard_objects
 from s3_fault_proxy import FaultProxy
 
+from cluster.generate.commit import read_committed_manifest
 from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.driver import run_generation
 from cluster.generate.lease import LEASE_TTL_ENV
 from cluster.generate.plan import plan_job
-from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import LEASE, RECEIPTS
 from cluster.store.storage import open_storage
 from vae_core.config import StorageConfig

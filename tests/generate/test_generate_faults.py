@@ -12,6 +12,7 @@ import pytest
 import torch
 from generate_support import all_rows, publish_tiny_model, sha256_hex, shard_objects
 
+from cluster.generate.commit import read_committed_manifest
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
 from cluster.generate.driver import run_generation
 from cluster.generate.plan import plan_job
@@ -19,7 +20,6 @@ from cluster.generate.pool import start_workers
 from cluster.generate.settings import RunSettings
 from cluster.generate.shards import ShardMaker
 from cluster.generate.writers import ParquetShardWriter
-from cluster.show.inventory import read_committed_manifest
 from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage

@@ -11,8 +11,9 @@ from test_generate_faults import assert_complete_and_exact, spec, wait_for
 from cluster.generate.commit import ShardLedger
 from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.driver import run_generation
-from cluster.generate.plan import plan_job, sha256_hex
+from cluster.generate.plan import plan_job
 from cluster.runtime.ray_session import WORKER_ENV
+from cluster.store.records import sha256_hex
 from cluster.store.storage import open_storage
 
 WORKERS = 3

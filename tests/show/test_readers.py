@@ -164,6 +164,7 @@ def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
 
 def test_class_names_in_the_card_are_text_never_markup():
     from huggingface_hub import DatasetCard
+
     from cluster.generate.card import Provenance, RowLayout, dataset_card
     names = ["<script>alert(1)</script>", "[click](http://evil.example)", "two\nlines # head", "a|b*c_d`e`", "T-shirt"]
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",

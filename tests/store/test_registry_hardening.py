@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from threads import all_at_once
 
 from cluster.store.records import CorruptRecord
 from cluster.store.registry import Registry, decisions, parse_model_spec, swap_champion
@@ -15,8 +16,6 @@ from vae_core.checkpoint import CONFIG_FILE, checkpoint_files
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
-
-from threads import all_at_once
 
 TINY = ModelConfig(image_shape=(1, 28, 28), hidden_dim=16, latent_dim=2)
 

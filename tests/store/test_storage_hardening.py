@@ -12,14 +12,13 @@ import uuid
 
 import boto3
 import pytest
+from s3_fault_proxy import FaultProxy
+from threads import all_at_once
 
 from cluster.store.storage import Storage, open_storage
 from jobs.cli import main
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
-
-from s3_fault_proxy import FaultProxy
-from threads import all_at_once
 
 BAD_KEYS = ["..", ".", "../escaped", "a/../../escaped", "a/./b", "./a", "a//b", "a/", "/etc/passwd", "a\\b",
             "..\\escaped", "a\x00b", "a/.."]

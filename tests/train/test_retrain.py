@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threads import all_at_once
 
 import cluster.train.retrain
 from cluster.data.datasets import ingest
@@ -23,8 +24,6 @@ from vae_core.checkpoint import checkpoint_files
 from vae_core.config import ModelConfig, StorageConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.models import build_model
-
-from threads import all_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--epochs", "1", "--max-images", "600", "--hidden-dim", "64", "--latent-dim", "4",

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from conftest import free_port, unique_name
 
 from cluster.data.datasets import ingest, shard_keys
 from cluster.store.registry import Registry
@@ -25,8 +26,6 @@ from jobs.cli import main as vaegen
 from vae_core.config import ModelConfig, RayTrainConfig, StorageConfig, TrainConfig, TrainJobConfig
 from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
-
-from conftest import free_port, unique_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import unique_name
 
 from cluster.data.datasets import ingest
 from cluster.store.registry import Registry
@@ -29,8 +30,6 @@ from vae_core.data import ArrayDataset, ArraySplit
 from vae_core.errors import VaegenError
 from vae_core.models import build_model
 from vae_core.train import EarlyStopping, TrainingState, checkpoint_state, make_optimizer, resume
-
-from conftest import unique_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"
