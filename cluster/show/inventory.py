@@ -11,8 +11,9 @@ The run record is written by the generation driver around its Ray work (cluster/
 reads as partial: the next run resumes either way. Where each record lives is cluster/store/layout.py's.
 
 `read_committed_manifest` (cluster/generate/commit.py, beside the write it checks) is the one check of a
-commit. A record a reader needs that is unreadable (not JSON, missing fields) or a `_SUCCESS` that does not match its manifest makes the entry `corrupt`: `ls` marks it and
-lists the rest, `show` refuses it with one line naming the file and the fix (`CorruptRecord`)."""
+commit. A record a reader needs that is unreadable (not JSON, missing fields) or a `_SUCCESS` that does not
+match its manifest makes the entry `corrupt`: `ls` marks it and lists the rest, `show` refuses it with one line
+naming the file and the fix (`CorruptRecord`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
