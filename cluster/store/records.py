@@ -26,6 +26,9 @@ class CorruptRecord(VaegenError, ValueError):
         super().__init__(f"{uri} {problem}: {fix}")
         self.uri, self.problem, self.fix = uri, problem, fix
 
+    def __reduce__(self):                # pickled across Ray (a worker's refusal): rebuilt from its three parts
+        return CorruptRecord, (self.uri, self.problem, self.fix)
+
 
 class OtherFormat(ValueError):
     """A record written in another format version (an older vaegen's): refused whole, never half-read."""
