@@ -71,6 +71,8 @@ KINDS: dict[object, tuple[str, Callable[[object], bool]]] = {
     dict: ("an object", lambda v: isinstance(v, dict)),
     list: ("a list", lambda v: isinstance(v, list)),
     None: ("null", lambda v: v is None),
+    # A loss or score: a run that diverged records NaN or Infinity (JSON's extension), which readers show as such.
+    "loss": ("a number, NaN or Infinity", lambda v: _is_number(v) or (isinstance(v, float) and not math.isfinite(v))),
     "count": ("a count (an integer >= 0)", lambda v: _is_number(v) and isinstance(v, int) and v >= 0),
     "ints": ("a list of integers", lambda v: isinstance(v, list) and all(KINDS[int][1](x) for x in v)),
     "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
