@@ -18,7 +18,7 @@ import os
 import sys
 from contextlib import ExitStack
 
-from cluster.runtime.console import console_session, log_line, terminal_stderr
+from cluster.runtime.console import ANSI, console_session, log_line, terminal_stderr
 from vae_core.errors import VaegenError
 
 from . import data_cmds, eval_cmds, generate_cmds, ops_cmds, outputs_cmds, pipeline_cmd, retrain_cmd, train_cmds
@@ -52,7 +52,8 @@ def without_verbose(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    """`text` on one line, without terminal colour codes (Ray colours the tracebacks it wraps)."""
+    return "; ".join(line.strip() for line in ANSI.sub("", str(text)).splitlines() if line.strip())
 
 
 def os_error_line(e: OSError) -> str:

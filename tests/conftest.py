@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -200,6 +201,37 @@ def local_storage_config(tmp_path) -> StorageConfig:
 def storage_config(request) -> StorageConfig:
     """Runs a test against a local folder and against S3 over HTTP: the same code path."""
     return request.getfixturevalue(f"{request.param}_storage_config")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a disk of its own that holds only `size` bytes (a tmpfs, which a root user may mount), for
+    what a full disk does: small_disk(size) -> its path; small_disk.grow(path, size) frees space the way a user
+    would. Skipped, saying why, where mounting is not permitted; unmounted at the end."""
+    mounted = []
+
+    def mount(size: int):
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                  capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            pytest.skip("a full disk is made with mount -t tmpfs, and there is no mount command here")
+        if proc.returncode != 0:
+            pytest.skip(f"a full disk is made with mount -t tmpfs, which is not permitted here: {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    def grow(folder, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, timeout=30)
+
+    mount.grow = grow
+    try:
+        yield mount
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", str(folder)], check=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

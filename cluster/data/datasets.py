@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
-from cluster.store.records import OtherFormat, as_object, parse_record
+from cluster.store.records import OtherFormat, as_object, fields, parse_record
 from cluster.store.storage import Storage
 from vae_core.config import MAX_CLASSES, ModelConfig
 from vae_core.data import ArrayDataset
@@ -294,10 +294,11 @@ def _manifest_fields(manifest) -> dict:
     """The fields every reader uses, of the types vaegen writes (one check, where the manifest is parsed)."""
     if as_object(manifest).get("layout") != LAYOUT:
         raise OtherFormat(f"layout {manifest.get('layout')!r}, not {LAYOUT!r}")
-    manifest["image_shape"] = [int(n) for n in manifest["image_shape"]]
-    manifest["label_names"] = [str(n) for n in manifest["label_names"]]
-    for split in as_object(manifest["splits"]).values():
-        split["rows"], split["shards"] = int(split["rows"]), list(split["shards"])
+    fields(manifest, {"image_shape": "ints", "label_names": "strs", "splits": dict})
+    for split in manifest["splits"].values():
+        fields(split, {"rows": "count", "shards": list})
+        for shard in split["shards"]:
+            fields(shard, {"name": str, "sha256": str})
     return manifest
 
 

@@ -20,6 +20,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 
@@ -137,15 +138,26 @@ def start_workers(plan: JobPlan, storage_cfg: StorageConfig, settings: RunSettin
         ray.get([a.ready.remote() for a in actors], timeout=timeout)
     except ray.exceptions.RayTaskError as e:
         stop_workers(actors)
-        if isinstance(e.cause, VaegenError):
-            raise VaegenError(str(e.cause)) from None
-        raise
+        raise_worker_error(e)
     except ray.exceptions.GetTimeoutError:
         stop_workers(actors)
         raise VaegenError(f"Ray could not start {workers} DecoderWorker(s) within {timeout:.0f} s "
                           f"(each needs {cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU; cluster resources "
                           f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} })") from None
     return actors
+
+
+def raise_worker_error(error: Exception) -> NoReturn:
+    """Raise what a DecoderWorker's call raised as the driver's own exception. Ray's wrapper reads as the
+    worker's whole traceback in terminal colours; the error inside it (its `cause`) is what the user must see:
+    a VaegenError (a full disk, a changed model) or an OSError stays one line. Anything else is a bug in vaegen
+    and keeps Ray's wrapper, traceback and all."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, VaegenError):
+        raise VaegenError(str(cause)) from None
+    if isinstance(cause, OSError):
+        raise cause from None
+    raise error
 
 
 def stop_workers(actors: list) -> None:
@@ -176,9 +188,7 @@ def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -
         try:
             record = ray.get(ready[0])
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, VaegenError):
-                raise VaegenError(str(e.cause)) from None
-            raise
+            raise_worker_error(e)
         except ray.exceptions.ActorUnavailableError as e:
             # The actor's node went away mid-call (or its link did): Ray does not retry such a call, since it
             # may have run. A shard is idempotent, so run it again; the actor restarts elsewhere meanwhile.

@@ -68,8 +68,11 @@ class Console:
         """Whether Ray wrote anything to this verb's log (a verb that only asked the job server may have not)."""
         if self.log_path is None:
             return False
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()                   # fails on a full disk: the size says what did get written
+        except (OSError, ValueError):
+            pass
         try:
             return os.path.getsize(self.log_path) > 0
         except OSError:
@@ -160,8 +163,11 @@ def log_line(text: str) -> None:
     """Write one line to the log too (the error the terminal showed, beside Ray's lines that explain it)."""
     console = _current
     if console is not None and console.capturing:
-        sys.stderr.write(text.rstrip("\n") + "\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(text.rstrip("\n") + "\n")
+            sys.stderr.flush()
+        except OSError:
+            pass                 # the log's disk is full (often the very error being told): the terminal has it
 
 
 class TerminalStdout(io.TextIOBase):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cluster.data.datasets import read_manifest
 from cluster.generate.commit import RERUN_JOB, read_committed_manifest, uncommitted_reason
 from cluster.store.layout import OUTPUTS, JobKeys, dataset_manifest_key, job_prefix
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, problem_of, read_record
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, fields, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
@@ -80,6 +80,12 @@ def _receipt(record) -> dict:
     return fields(record, {"index": "count", "rows": "count", "name": str})
 
 
+def _run_record(record) -> dict:
+    """A run record with the fields `ls` shows, of the kinds job_run_record writes them."""
+    return fields(record, {"kind": str, "format": str, "model": str, "status": str, "planned_shards": "count",
+                           "planned_rows": "count", "started_at": float}, {"error": str})
+
+
 def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus:
     keys = JobKeys.of(job_id)
     for _ in range(2):                         # twice: a commit may land between the two checks below
@@ -95,7 +101,7 @@ def _job_status(storage: Storage, job_id: str, with_receipts: bool) -> JobStatus
         if reason is not None:
             raise reason
     run_key = keys.run_record
-    run = read_record(storage, run_key, RERUN_JOB, as_object) if storage.exists(run_key) else {}
+    run = read_record(storage, run_key, RERUN_JOB, _run_record) if storage.exists(run_key) else {}
     receipt_keys = [e.key for e in storage.list(keys.receipts) if e.key.endswith(".json")]
     receipts = []
     if with_receipts:
@@ -158,7 +164,7 @@ class ModelVersionInfo:
     version: str
     champion: bool
     test_loss: float | None           # from metrics.json, when the version has one
-    problem: str = ""                 # the one-line error of an unreadable champion.json or metrics.json
+    problem: str = ""                 # the one-line error of an unreadable champion.json, config.json or metrics.json
 
 
 def champion_version(registry: Registry, name: str) -> str | None:
@@ -175,7 +181,8 @@ def read_metrics(registry: Registry, name: str, version: str) -> dict | None:
 
 
 def list_models(storage: Storage) -> list[ModelVersionInfo]:
-    """Every complete model version; an unreadable champion.json or metrics.json marks only its own rows."""
+    """Every complete model version; an unreadable champion.json, config.json or metrics.json marks only its own
+    rows."""
     registry, found = Registry(storage), []
     for name in registry.names():
         champion_problem = ""
@@ -186,6 +193,7 @@ def list_models(storage: Storage) -> list[ModelVersionInfo]:
         for version in registry.versions(name):
             problem, test_loss = champion_problem, None
             try:
+                registry.config(ModelRef(name, version))          # a version whose config is corrupt is marked
                 test_loss = (read_metrics(registry, name, version) or {}).get("test_loss")
                 test_loss = float(test_loss) if isinstance(test_loss, (int, float)) else None
             except VaegenError as e:

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 from cluster.show.evaluation import EVALUATION_JSON, EVALUATION_PNG, summary_line
 from cluster.show.html import esc, facts, figure, settings_table
 from cluster.show.inventory import read_metrics
-from cluster.store.records import RECORD_ERRORS, as_object, read_record
+from cluster.store.records import RECORD_ERRORS, as_object
 from cluster.store.registry import ModelRef, Registry
 from cluster.train.epoch_samples import SAMPLE_RE, SAMPLES_DIR
 from vae_core.artifacts import RECON_CAPTION, epoch_samples_caption, samples_caption
 from vae_core.config import ModelConfig, RayTrainConfig, TrainConfig
-from vae_core.names import CONFIG_FILE
 from vae_core.plots import loss_curves_png
 
 EPOCH_GRIDS_SHOWN = 24        # a long run shows this many of its per-epoch grids, evenly spaced, first and last
@@ -58,13 +57,10 @@ def metrics_facts(metrics: dict) -> str:
 
 def model_section(registry: Registry, ref: ModelRef) -> list[str]:
     """Everything a model version carries that a person looks at (whichever of it the version has)."""
-    storage = registry.storage
     out = [f"<h2>model {esc(ref)}</h2>"]
     # The settings the version was built with; a config.json that does not parse means the version cannot be
     # loaded at all, so the page says so in one line rather than showing it as if it were usable.
-    config = read_record(storage, registry.key(ref.name, ref.version, CONFIG_FILE),
-                         "the version cannot be loaded: publish it again, or show another version",
-                         lambda record: {**as_object(record), "model": as_object(as_object(record)["model"])})
+    config = registry.config(ref)
     metrics = read_metrics(registry, ref.name, ref.version) or {}
     if metrics:
         out.append("<h3>summary</h3>" + metrics_facts(metrics))

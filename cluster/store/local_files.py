@@ -5,9 +5,29 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
 
 from vae_core.errors import VaegenError
+
+
+# What a write raises on a full disk, and what the user is told besides "no space left".
+FULL_DISK = {errno.ENOSPC: "", errno.EDQUOT: " (the disk quota is used up)"}
+
+
+@contextmanager
+def space_checked(path: str) -> Iterator[None]:
+    """Run a write of `path`; a full disk (ENOSPC, EDQUOT) becomes one line. Each write is all or nothing (a
+    temp file named only once whole) and shards are created only if absent, so what was written before stays
+    valid and a rerun after freeing space resumes from it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        raise VaegenError(f"no space left on the disk holding {path}{FULL_DISK[e.errno]}: free space and rerun "
+                          "to resume (what is already written is kept)") from None
 
 
 def raise_link(path: str) -> None:

@@ -27,6 +27,9 @@ class CorruptRecord(VaegenError, ValueError):
         super().__init__(f"{uri} {problem}: {fix}")
         self.uri, self.problem, self.fix = uri, problem, fix
 
+    def __reduce__(self):                # pickled across Ray (a worker's refusal): rebuilt from its three parts
+        return CorruptRecord, (self.uri, self.problem, self.fix)
+
 
 class OtherFormat(ValueError):
     """A record written in another format version (an older vaegen's): refused whole, never half-read."""
@@ -74,6 +77,8 @@ KINDS: dict[object, tuple[str, Callable[[object], bool]]] = {
     dict: ("an object", lambda v: isinstance(v, dict)),
     list: ("a list", lambda v: isinstance(v, list)),
     None: ("null", lambda v: v is None),
+    # A loss or score: a run that diverged records NaN or Infinity (JSON's extension), which readers show as such.
+    "loss": ("a number, NaN or Infinity", lambda v: _is_number(v) or (isinstance(v, float) and not math.isfinite(v))),
     "count": ("a count (an integer >= 0)", lambda v: _is_number(v) and isinstance(v, int) and v >= 0),
     "ints": ("a list of integers", lambda v: isinstance(v, list) and all(KINDS[int][1](x) for x in v)),
     "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),

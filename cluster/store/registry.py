@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.store.records import CorruptRecord, as_object, fields_checked, read_record
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, FieldError, fields, fields_checked, read_record
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
@@ -53,6 +53,55 @@ def parse_model_spec(spec: object) -> tuple[str, str]:
     if at and not WANT_RE.fullmatch(want):
         raise VaegenError(f"--model={spec!r}: the version after '@' must be v0003, 3, latest or champion")
     return name, want
+
+
+# What readers use of each record a model keeps, by kind (records.fields): a field here of another kind makes the
+# record corrupt; other fields pass (a newer writer's). Optional fields are those some writer leaves out: a
+# version published without a test split has no test_loss, a name's first champion no score.
+CHAMPION_OPTIONAL = {"metric": (str, None), "value": ("loss", None), "promoted_at": str, "decision": str}
+CONFIG_OPTIONAL = {"format_version": int, "vaegen_version": str, "weights_sha256": str, "train_job": dict,
+                   "dataset_manifest_sha256": str}
+MODEL_OPTIONAL = {"arch": str, "image_shape": ("ints", None), "hidden_dim": "count", "latent_dim": "count",
+                  "num_classes": "count"}
+METRICS_OPTIONAL = {"test_loss": "loss", "best_val_loss": "loss", "best_epoch": ("count", None),
+                    "epochs_run": "count", "resumed_at_epochs": "ints", "stopped_early": bool, "history": list,
+                    "evaluation": dict}
+EPOCH_FIELDS = {"epoch": "count", "loss": "loss", "val_loss": "loss"}          # what the loss curves draw
+DECISION_OPTIONAL = {"model": str, "rule": str, "reason": str, "metric": (str, None), "decided_at": str,
+                     "run_id": str, "lost_race": bool, "champion": dict, "challenger": dict}
+SIDE_OPTIONAL = {"version": (str, None), "metric": ("loss", str, None), "load_error": (str, None)}
+
+
+def champion_record(record) -> dict:
+    """champion.json: it names a version (v0001, ...), and its score fields are of their kinds."""
+    fields(record, {"version": str}, CHAMPION_OPTIONAL)
+    if not VERSION_RE.match(record["version"]):
+        raise FieldError("field 'version' is not a version name (v0001, v0002, ...)")
+    return record
+
+
+def config_record(record) -> dict:
+    """A version's config.json, as far as readers (ls, show) look into it."""
+    fields(record, {"model": dict}, CONFIG_OPTIONAL)
+    fields(record["model"], {}, MODEL_OPTIONAL)
+    return record
+
+
+def metrics_record(record) -> dict:
+    """A version's metrics.json: the scores ls, show and retrain read, and each epoch the curves draw."""
+    fields(record, {}, METRICS_OPTIONAL)
+    for epoch in record.get("history", []):
+        fields(epoch, EPOCH_FIELDS)
+    return record
+
+
+def decision_record(record) -> dict:
+    """A decision record: what was decided and, for each side, the version and its score."""
+    fields(record, {"decision": str}, DECISION_OPTIONAL)
+    for side in ("champion", "challenger"):
+        if side in record:
+            fields(record[side], {}, SIDE_OPTIONAL)
+    return record
 
 
 def _names_a_version(record: dict) -> bool:
@@ -166,7 +215,7 @@ class Registry:
             return None
         fix = (f"delete it (the next `vaegen retrain --name {name}` then picks a champion) or write "
                f"{{\"version\": \"v000N\"}} into it")
-        return read_record(self.storage, key, fix, fields_checked(_names_a_version))
+        return read_record(self.storage, key, fix, champion_record)
 
     def resolve(self, spec: str) -> ModelRef:
         """'name' and 'name@champion' (the champion: an error when the name has none), 'name@latest' (the newest
@@ -205,8 +254,13 @@ class Registry:
         return LoadedModel(ref, model, config, config["weights_sha256"])
 
     def metrics(self, ref: ModelRef) -> dict:
-        return read_record(self.storage, self.key(ref.name, ref.version, "metrics.json"),
-                           f"retrain to publish a new version, or delete {ref} if it is unusable", as_object)
+        return read_record(self.storage, self.key(ref.name, ref.version, METRICS_FILE),
+                           f"retrain to publish a new version, or delete {ref} if it is unusable", metrics_record)
+
+    def config(self, ref: ModelRef) -> dict:
+        """config.json as readers see it; loading the model checks it further (load_checkpoint)."""
+        return read_record(self.storage, self.key(ref.name, ref.version, CONFIG_FILE),
+                           "the version cannot be loaded: publish it again, or show another version", config_record)
 
 
 # -- the champion pointer and retraining decisions (used by `vaegen retrain`) ------------------------------
@@ -245,7 +299,7 @@ def decisions(registry: Registry, name: str) -> list[dict]:
     for entry in registry.storage.list(registry.key(name, DECISIONS_DIR)):
         if entry.key.endswith(".json"):
             try:
-                found.append(read_record(registry.storage, entry.key, "", as_object))
+                found.append(read_record(registry.storage, entry.key, "", decision_record))
             except CorruptRecord as e:
                 found.append({"file": registry.storage.uri_of(entry.key), "corrupt": str(e).rstrip(": ")})
     return found
@@ -269,10 +323,9 @@ def _pointed_version(data: bytes | None) -> str | None:
     if data is None:
         return None
     try:
-        record = json.loads(data)
-    except ValueError:
+        return champion_record(json.loads(data))["version"]
+    except RECORD_ERRORS:                   # what Registry.champion refuses is what a swap sees as corrupt
         return CORRUPT_POINTER
-    return record["version"] if isinstance(record, dict) and _names_a_version(record) else CORRUPT_POINTER
 
 
 # -- the first version of a name is its champion ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.store.local_files import create_temp, file_uri_path, fsync_dir, make_dirs, raise_link
+from cluster.store.local_files import create_temp, file_uri_path, fsync_dir, make_dirs, raise_link, space_checked
 from cluster.store.s3 import ARROW_TIMED_OUT, REFUSED_CREDENTIALS, S3Endpoint, S3Requests
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
@@ -236,6 +236,11 @@ class Storage(S3Requests):
         dest = self.path(key)
         if if_absent and os.path.lexists(dest):
             return False                               # spares the write and the fsync; the link decides races
+        with space_checked(dest):
+            return self._publish_local(dest, data, if_absent)
+
+    @staticmethod
+    def _publish_local(dest: str, data: bytes, if_absent: bool) -> bool:
         folder = os.path.dirname(dest)
         make_dirs(folder)
         fd, tmp = create_temp(folder, os.path.basename(dest))
@@ -273,8 +278,10 @@ class Storage(S3Requests):
             return self._compare_and_swap_s3(key, data, accept)
         import fcntl
         lock_path = self.path(f"{key}.lock")
-        make_dirs(os.path.dirname(lock_path))
-        with open(lock_path, "a") as lock:
+        with space_checked(lock_path):
+            make_dirs(os.path.dirname(lock_path))
+            lock = open(lock_path, "a")
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
             current = self.read_bytes(key) if self.exists(key) else None
             if not accept(current):

@@ -362,3 +362,18 @@ def test_a_mistyped_flag_is_named_even_when_a_required_one_is_missing(capsys):
                                                "required: --model"), err
     assert main(["generate", "--mod", "tiny", "--count", "0"]) == 2          # an abbreviation is no typo
     assert "unknown flag" not in capsys.readouterr().err
+
+
+def test_an_error_line_carries_no_terminal_colour_codes():
+    from jobs.cli import one_line
+    coloured = "\x1b[36mray::DecoderWorker.run_shard()\x1b[39m\n  File \"x.py\", line 1\n\x1b[31mOSError\x1b[0m: boom"
+    assert one_line(coloured) == 'ray::DecoderWorker.run_shard(); File "x.py", line 1; OSError: boom'
+
+
+def test_a_corrupt_record_crosses_a_process_boundary_whole():
+    import pickle
+
+    from cluster.store.records import CorruptRecord
+    error = CorruptRecord("/root/models/m/v0001/config.json", "is corrupt (empty)", "publish it again")
+    copy = pickle.loads(pickle.dumps(error))                 # how Ray hands a worker's error to the driver
+    assert (str(copy), copy.uri, copy.problem, copy.fix) == (str(error), error.uri, error.problem, error.fix)

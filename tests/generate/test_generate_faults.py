@@ -2,6 +2,8 @@
 two workers racing on one shard, a writer that throws. After each, every id is present exactly once and the
 shards are byte-identical to what an undisturbed worker builds."""
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from cluster.generate.writers import ParquetShardWriter
 from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
+from vae_core.config import StorageConfig
 from vae_core.use_configs import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -225,3 +228,45 @@ def test_a_damaged_finished_job_is_withdrawn_before_its_repair_and_nothing_is_de
     driver.join(timeout=300)
     assert (result["run"]["shards_written"], result["run"]["shards_skipped"]) == (1, 5)
     assert_complete_and_exact(storage, result, job)
+
+
+@pytest.mark.ray                                        # its `vaegen` processes start a local Ray
+def test_generate_onto_a_full_disk_is_one_line_and_a_rerun_with_space_resumes(tmp_path, small_disk):
+    staging = open_storage(StorageConfig(root=str(tmp_path / "staging")), for_writing=True)
+    publish_tiny_model(staging)
+    model_bytes = sum(e.size for e in staging.list("", recursive=True))
+    root = small_disk(model_bytes + 512 * 1024)           # room for the model and a few shards, not the job
+    shutil.copytree(staging.base, root, dirs_exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--count", "6000", "--shard-size",
+           "200", "--seed", "3", "--workers", "1", "--root", str(root), "--no-progress"]
+
+    full = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and len(lines) == 1, full.stderr[-3000:]
+    assert lines[0].startswith(f"vaegen: error: no space left on the disk holding {root}/outputs/"), lines[0]
+    assert "free space and rerun to resume" in lines[0] and "\x1b[" not in full.stderr
+    storage = open_storage(StorageConfig(root=str(root)))
+    receipts = [e.key for e in storage.list("outputs", recursive=True) if f"/{RECEIPTS}/" in e.key]
+    assert not [e.key for e in storage.list("outputs", recursive=True) if ".tmp-" in e.key]
+
+    small_disk.grow(root, 256 << 20)                      # space freed: the same command finishes the job
+    resumed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    written, skipped = map(int, re.search(r"\((\d+) written, (\d+) already there\)", resumed.stdout).groups())
+    assert written + skipped == 30 and skipped >= len(receipts) >= 1
+
+
+def test_a_workers_os_error_reaches_the_driver_as_itself_not_as_rays_coloured_traceback(ray_local,
+                                                                                         local_storage_config):
+    import ray
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    job = spec()
+    shards_folder = os.path.dirname(plan_job(job, storage).shard_key(0))
+    storage.publish(shards_folder, b"a file where the shards' folder belongs")
+    with pytest.raises(OSError) as raised:
+        run_generation(job, local_storage_config, workers=1, progress=False)
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError)     # what the CLI prints in one line
+    assert "\x1b[" not in str(raised.value) and "Traceback" not in str(raised.value)

@@ -345,22 +345,28 @@ def test_ls_reads_a_job_again_when_its_success_is_withdrawn_mid_read(root):
 REMOVED = object()
 MUTANTS = {"string": "many", "null": None, "removed": REMOVED, "huge": 1e308, "2**63": 2 ** 63, "list": [None],
            "object": {}, "bool": True}
-# (record key, path of the field inside it, the entry ls marks, the target show reads, commit the manifest after)
+# (record key, path of the field inside it, the entry ls marks, the target show reads, commit the manifest after,
+#  the mutants that are still a record vaegen writes: any string where a string belongs, an optional field removed)
 FIELDS = [
-    (dataset_manifest_key("fm"), ("splits", "train", "rows"), "fm", None, False),
-    (dataset_manifest_key("fm"), ("splits", "train", "shards"), "fm", None, False),
-    (dataset_manifest_key("fm"), ("image_shape",), "fm", None, False),
-    (dataset_manifest_key("fm"), ("label_names",), "fm", None, False),
-    (f"{JOB}/_manifest.json", ("shards",), FINISHED, FINISHED, True),
-    (f"{JOB}/_manifest.json", ("totals", "rows"), FINISHED, FINISHED, True),
-    (f"{JOB}/_manifest.json", ("totals", "shards"), FINISHED, FINISHED, True),
-    (f"{JOB}/_manifest.json", ("kind",), FINISHED, FINISHED, True),
-    (f"{JOB}/_manifest.json", ("created_at",), FINISHED, FINISHED, True),
-    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("rows",), None, PARTIAL, False),
-    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("index",), None, PARTIAL, False),
-    (f"outputs/{PARTIAL}/_run.json", ("planned_shards",), None, PARTIAL, False),
-    (f"outputs/{PARTIAL}/_run.json", ("started_at",), None, PARTIAL, False),
-    ("models/tiny/v0001/metrics.json", ("test_loss",), None, "tiny@v0001", False),
+    (dataset_manifest_key("fm"), ("splits", "train", "rows"), "fm", None, False, ()),
+    (dataset_manifest_key("fm"), ("splits", "train", "shards"), "fm", None, False, ()),
+    (dataset_manifest_key("fm"), ("image_shape",), "fm", None, False, ()),
+    (dataset_manifest_key("fm"), ("label_names",), "fm", None, False, ()),
+    (f"{JOB}/_manifest.json", ("shards",), FINISHED, FINISHED, True, ()),
+    (f"{JOB}/_manifest.json", ("totals", "rows"), FINISHED, FINISHED, True, ()),
+    (f"{JOB}/_manifest.json", ("totals", "shards"), FINISHED, FINISHED, True, ()),
+    (f"{JOB}/_manifest.json", ("kind",), FINISHED, FINISHED, True, ("string",)),
+    (f"{JOB}/_manifest.json", ("created_at",), FINISHED, FINISHED, True, ()),
+    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("rows",), None, PARTIAL, False, ()),   # ls reads no receipt
+    (f"outputs/{PARTIAL}/_receipts/part-00000.tar.json", ("index",), None, PARTIAL, False, ()),
+    (f"outputs/{PARTIAL}/_run.json", ("planned_shards",), PARTIAL, PARTIAL, False, ()),
+    (f"outputs/{PARTIAL}/_run.json", ("started_at",), PARTIAL, PARTIAL, False, ()),
+    (f"outputs/{PARTIAL}/_run.json", ("status",), PARTIAL, PARTIAL, False, ("string",)),
+    (f"outputs/{PARTIAL}/_run.json", ("model",), PARTIAL, PARTIAL, False, ("string",)),
+    ("models/tiny/v0001/metrics.json", ("test_loss",), "tiny@v0001", "tiny@v0001", False, ("removed",)),
+    ("models/tiny/v0001/config.json", ("model",), "tiny@v0001", "tiny@v0001", False, ("object",)),
+    ("models/tiny/v0001/config.json", ("model", "latent_dim"), "tiny@v0001", "tiny@v0001", False, ("removed",)),
+    (f"models/tiny/{CHAMPION_FILE}", ("version",), "tiny@v0001", "tiny", False, ()),
 ]
 
 
@@ -375,9 +381,9 @@ def mutate(record: dict, path: tuple[str, ...], value) -> dict:
     return record
 
 
-@pytest.mark.parametrize("key, path, marked, target, commit", FIELDS, ids=["/".join(f[1]) for f in FIELDS])
+@pytest.mark.parametrize("key, path, marked, target, commit, valid", FIELDS, ids=["/".join(f[1]) for f in FIELDS])
 def test_a_record_with_any_field_mutated_is_marked_or_refused_never_an_internal_error(root, capsys, key, path,
-                                                                                        marked, target, commit):
+                                                                                        marked, target, commit, valid):
     cfg, storage = root
     original = storage.read_bytes(key)
     for name, value in MUTANTS.items():
@@ -387,10 +393,18 @@ def test_a_record_with_any_field_mutated_is_marked_or_refused_never_an_internal_
         assert vaegen(["ls", cfg.root]) == 0, name
         captured = capsys.readouterr()
         assert "internal error" not in captured.err + captured.out, (name, captured.err)
-        rows = {line.split()[0]: line for line in captured.out.splitlines() if line.split()}
-        assert OTHER in rows and "fm2" in rows, name                          # the rest is still listed
+        rows = {words[1] if words[0] == "*" else words[0]: line                # "*": the champion
+                for line in captured.out.splitlines() if (words := line.split())}
+        assert OTHER in rows and "fm2" in rows and "other@v0001" in rows, name     # the rest is still listed
+        corrupt = name not in valid
+        if marked:
+            assert ("corrupt" in rows[marked]) == corrupt, (name, rows[marked])
         if target:
             code = vaegen(["show", target, "--root", cfg.root])
             captured = capsys.readouterr()
             assert "internal error" not in captured.err, (name, captured.err)
-            assert code == 0 or (code == 2 and len(captured.err.strip().splitlines()) == 1), (name, captured.err)
+            lines = captured.err.strip().splitlines()
+            if corrupt:
+                assert code == 2 and len(lines) == 1 and key.rsplit("/", 1)[1] in lines[0], (name, captured.err)
+            else:
+                assert code == 0 or (code == 2 and len(lines) == 1), (name, captured.err)

@@ -75,9 +75,12 @@ def test_a_corrupt_run_reservation_is_one_clear_line(local_storage_config):
 @pytest.mark.parametrize("body, problem", [
     (b"", "is corrupt (empty)"),
     (b'{"version": "v00', "is corrupt (not valid JSON"),
-    (b'{"version": 3}', "is corrupt (not the fields vaegen writes)"),
+    (b'{"version": 3}', "is corrupt (field 'version' is not a string)"),
     (b'["v0001"]', "is corrupt (a field has the wrong type)"),
-    (b'{"version": "../../etc"}', "is corrupt (not the fields vaegen writes)"),
+    (b'{"version": "../../etc"}', "is corrupt (field 'version' is not a version name"),
+    (b'{"version": "v0001", "value": "many"}', "is corrupt (field 'value' is not a number"),
+    (b'{"version": "v0001", "value": 1e308}', "is corrupt (field 'value' is not a number"),
+    (b'{"version": "v0001", "metric": ["test_loss"]}', "is corrupt (field 'metric' is not a string or null)"),
 ])
 def test_a_corrupt_champion_pointer_is_one_line_naming_the_file_and_the_fix(local_storage_config, body, problem):
     registry = Registry(Storage(local_storage_config))
@@ -112,6 +115,60 @@ def test_truncated_metrics_are_one_line_naming_the_file(local_storage_config):
     with pytest.raises(VaegenError, match=r"models/m/v0001/metrics\.json is corrupt \(not valid JSON") as e:
         registry.metrics(ref)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("file, body, problem", [
+    ("metrics.json", b'{"test_loss": "251.5"}', "field 'test_loss' is not a number, NaN or Infinity"),
+    ("metrics.json", b'{"test_loss": 1e308}', "field 'test_loss' is not a number"),
+    ("metrics.json", b'{"best_epoch": 9223372036854775808}', "field 'best_epoch' is not a count"),
+    ("metrics.json", b'{"history": [{"epoch": 0, "loss": 1.0}]}', "no field 'val_loss'"),
+    ("metrics.json", b'{"history": {"epoch": 0}}', "field 'history' is not a list"),
+    ("config.json", b'{"model": ["mlp"]}', "field 'model' is not an object"),
+    ("config.json", b'{"weights_sha256": "ab"}', "no field 'model'"),
+    ("config.json", b'{"model": {"num_classes": null}}', "field 'num_classes' is not a count"),
+])
+def test_a_version_record_of_the_wrong_shape_is_one_line_naming_the_file(local_storage_config, file, body, problem):
+    registry = Registry(Storage(local_storage_config))
+    ref = registry.publish("m", version_files())
+    registry.storage.publish(f"models/m/v0001/{file}", body)
+    read = registry.metrics if file == "metrics.json" else registry.config
+    with pytest.raises(CorruptRecord) as e:
+        read(ref)
+    message = str(e.value)
+    assert message.startswith(registry.storage.uri_of(f"models/m/v0001/{file}")) and problem in message, message
+    assert "\n" not in message
+
+
+def test_metrics_of_a_run_that_diverged_are_read_as_written(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    ref = registry.publish("m", version_files())
+    registry.storage.publish("models/m/v0001/metrics.json", b'{"test_loss": NaN, "best_val_loss": Infinity}')
+    assert str(registry.metrics(ref)["test_loss"]) == "nan" and registry.metrics(ref)["best_val_loss"] > 1e308
+
+
+def test_a_decision_record_of_the_wrong_shape_is_marked_and_the_rest_read(local_storage_config):
+    registry = Registry(Storage(local_storage_config))
+    folder = "models/m/decisions"
+    registry.storage.publish(f"{folder}/20250101T000000.000000Z-aaaa.json",
+                             b'{"decision": "keep", "challenger": {"version": "v0002", "metric": "nan"}}')
+    registry.storage.publish(f"{folder}/20250102T000000.000000Z-bbbb.json", b'{"decision": 3}')
+    registry.storage.publish(f"{folder}/20250103T000000.000000Z-cccc.json",
+                             b'{"decision": "promote", "champion": {"version": "v0001", "metric": [1.0]}}')
+    good, bad_decision, bad_side = decisions(registry, "m")
+    assert good["challenger"]["metric"] == "nan"
+    assert "field 'decision' is not a string" in bad_decision["corrupt"]
+    assert "field 'metric' is not" in bad_side["corrupt"] and bad_side["file"].endswith("-cccc.json")
+
+
+def test_a_swap_sees_a_pointer_of_the_wrong_shape_as_corrupt_as_readers_do(local_storage_config):
+    from cluster.store.registry import CORRUPT_POINTER
+    registry = Registry(Storage(local_storage_config))
+    registry.storage.publish("models/m/champion.json", b'{"version": "v0001", "value": "many"}')
+    with pytest.raises(CorruptRecord):
+        registry.champion("m")
+    assert not swap_champion(registry, "m", {"version": "v0002"}, expected_version="v0001")
+    assert swap_champion(registry, "m", {"version": "v0002"}, expected_version=CORRUPT_POINTER)
+    assert registry.champion("m")["version"] == "v0002"
 
 
 def test_an_unreadable_decision_record_is_marked_not_fatal(local_storage_config):

@@ -240,6 +240,30 @@ def test_the_fault_proxy_speaks_s3_errors_passes_bodies_through_and_stops_cleanl
 
 # -- local files: mode and durability -----------------------------------------------------------------
 
+def test_a_full_disk_is_one_line_naming_the_path_and_keeps_what_was_written(small_disk):
+    storage = open_storage(StorageConfig(root=str(small_disk(1 << 20))), for_writing=True)
+    shard = os.urandom(600_000)
+    assert storage.publish("data/shard-0.bin", shard, if_absent=True)
+
+    for write in (lambda: storage.publish("data/shard-1.bin", shard, if_absent=True),    # a new shard
+                  lambda: storage.publish("data/shard-0.bin", shard + b"!"),           # replacing one
+                  lambda: storage.compare_and_swap("data/shard-0.bin", shard * 2, lambda current: True)):
+        with pytest.raises(VaegenError) as refused:
+            write()
+        line = str(refused.value)
+        assert line.startswith(f"no space left on the disk holding {storage.base}/data/"), line
+        assert "free space and rerun to resume" in line and "\n" not in line
+        # Nothing half-written: no temp file, no partial shard, and the shard already there is whole.
+        leftovers = set(os.listdir(os.path.join(storage.base, "data"))) - {"shard-0.bin", "shard-0.bin.lock"}
+        assert not leftovers, leftovers
+        assert storage.read_bytes("data/shard-0.bin") == shard
+
+    storage.delete("data/shard-0.bin")                     # space freed: the same write now lands
+    assert storage.publish("data/shard-1.bin", shard, if_absent=True)
+
+
+# -- local files: mode and durability -----------------------------------------------------------------
+
 @pytest.fixture
 def umask():
     saved = os.umask(0o022)
