@@ -43,7 +43,7 @@ cmd=${1:-}
 case "$cmd" in
     pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
     test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
-    unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -m "not ray and not s3 and not slow" "$@" ;;
+    unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
     vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
