@@ -128,9 +128,10 @@ def ingest(storage: Storage, name: str, dataset: ArrayDataset, shard_rows: int =
     docstring). Re-ingesting the current content writes nothing; a failure before the commit changes nothing
     readers see."""
     shape = check_dataset(name, dataset, shard_rows)
-    # One walk of the dataset's folder first: a link planted in it stops the ingest before it writes, not at the
-    # garbage collection after its commit (Storage refuses every link it meets).
-    storage.list(dataset_key(name), recursive=True)
+    if not storage.is_s3:
+        # One walk of the dataset's folder first: a link planted in it stops the ingest before it writes, not at
+        # the garbage collection after its commit (Storage refuses every link it meets; S3 has none).
+        storage.list(dataset_key(name), recursive=True)
     generation = generation_of(dataset, shard_rows)
     current = current_manifest(storage, name)
     if current and current.get("generation") == generation and generation_complete(storage, current):
