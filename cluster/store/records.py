@@ -100,15 +100,6 @@ def fields(record, schema: dict[str, object], optional: dict[str, object] | None
     return record
 
 
-def fields_checked(check: Callable[[dict], bool]) -> Callable[[object], dict]:
-    """A parse that accepts a JSON object for which `check` holds."""
-    def parse(record) -> dict:
-        if not check(as_object(record)):
-            raise ValueError("not the fields vaegen writes")
-        return record
-    return parse
-
-
 def parse_record(body: bytes, uri: str, fix: str, parse: Callable = lambda record: record):
     """`parse(json of body)`, or a CorruptRecord naming `uri` when the bytes or their fields are not what vaegen
     writes (a truncated write, a hand edit, another tool)."""

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, FieldError, fields, fields_checked, read_record
+from cluster.store.records import RECORD_ERRORS, CorruptRecord, FieldError, fields, read_record
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
 from vae_core.errors import VaegenError
@@ -72,12 +72,17 @@ DECISION_OPTIONAL = {"model": str, "rule": str, "reason": str, "metric": (str, N
 SIDE_OPTIONAL = {"version": (str, None), "metric": ("loss", str, None), "load_error": (str, None)}
 
 
-def champion_record(record) -> dict:
-    """champion.json: it names a version (v0001, ...), and its score fields are of their kinds."""
-    fields(record, {"version": str}, CHAMPION_OPTIONAL)
+def version_record(record) -> dict:
+    """A record that names a version (v0001, ...): a run's reservation, and the start of champion.json."""
+    fields(record, {"version": str})
     if not VERSION_RE.match(record["version"]):
         raise FieldError("field 'version' is not a version name (v0001, v0002, ...)")
     return record
+
+
+def champion_record(record) -> dict:
+    """champion.json: it names a version, and its score fields are of their kinds."""
+    return fields(version_record(record), {}, CHAMPION_OPTIONAL)
 
 
 def config_record(record) -> dict:
@@ -102,10 +107,6 @@ def decision_record(record) -> dict:
         if side in record:
             fields(record[side], {}, SIDE_OPTIONAL)
     return record
-
-
-def _names_a_version(record: dict) -> bool:
-    return isinstance(record.get("version"), str) and VERSION_RE.match(record["version"]) is not None
 
 
 def version_name(number: int) -> str:
@@ -188,7 +189,7 @@ class Registry:
             return None
         fix = (f"delete it if run {run_id!r} never published (its next rerun then publishes a new version), or "
                f"write {{\"version\": \"v000N\"}} naming the version it published")
-        return read_record(self.storage, key, fix, fields_checked(_names_a_version))["version"]
+        return read_record(self.storage, key, fix, version_record)["version"]
 
     def _run_key(self, name: str, run_id: str) -> str:
         return self.key(name, RUNS_DIR, f"{run_id}.json")
