@@ -9,8 +9,8 @@ import contextlib
 import os
 import stat
 import sys
-import uuid
 
+from cluster.store.local_files import create_temp, fsync_dir
 from vae_core.errors import VaegenError
 
 STDOUT = "-"
@@ -74,8 +74,7 @@ def replace_file(path: str, data: bytes) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         mode = None
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd, tmp = create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -89,8 +88,4 @@ def replace_file(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     with contextlib.suppress(OSError):            # the rename itself survives a power loss once its folder is synced
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(folder)
