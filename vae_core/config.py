@@ -226,7 +226,8 @@ class TrainJobConfig:
     storage: StorageConfig = section("storage", default_factory=StorageConfig)
     dataset: str = flag("--dataset", "dataset name under datasets/", default="fashion-mnist")
     name: str = flag("--name", "model name in the registry: models/<name>/v000N/", default="",
-                     unset="<dataset>-<model>[-cond], or the preset's name")
+                     unset="<dataset>-<model>[-cond]; with --preset its name, <preset>-<dataset> on a dataset "
+                     "other than fashion-mnist; a name holds models of one dataset and image shape")
     conditional: bool = flag("--conditional", "condition encoder and decoder on the labels (the number of "
                              "classes comes from the dataset's manifest)", default=False)
     run_id: str = flag("--run-id", "checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id "

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from .config import ModelConfig, TrainConfig, TrainJobConfig
 from .errors import VaegenError
+from .names import MAX_NAME
 
 
 def mlp_classic() -> TrainJobConfig:
@@ -81,8 +82,14 @@ def preset_job(name: str, **job_fields: Any) -> TrainJobConfig:
 def layer_preset(name: str, job: TrainJobConfig, keep: set[str]) -> TrainJobConfig:
     """`job` with the preset under it: every setting the preset makes (one that differs from the dataclass
     default) replaces job's, except the settings named in `keep` (dotted paths such as "train.epochs" or "name":
-    the ones a flag or a config file set)."""
-    return _layer(get_preset(name).job(), type(job)(), job, keep, "")
+    the ones a flag or a config file set). On a dataset other than the recipe's own the model is named
+    `<preset>-<dataset>`: a name is bound to one dataset (cluster/store/name_binding.py), so the preset's own name
+    stays its documented model's."""
+    preset = get_preset(name).job()
+    layered = _layer(preset, type(job)(), job, keep, "")
+    if "name" not in keep and layered.dataset != preset.dataset:
+        layered = replace(layered, name=f"{preset.name}-{layered.dataset}"[:MAX_NAME])
+    return layered
 
 
 def _layer(preset: Any, default: Any, job: Any, keep: set[str], prefix: str) -> Any:

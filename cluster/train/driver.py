@@ -10,6 +10,7 @@ import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
 from cluster.runtime.placement import sized_training
+from cluster.store.name_binding import Binding, check_binding
 from cluster.store.storage import open_storage
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
@@ -38,6 +39,7 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
+    check_binding(storage, job.name, Binding(job.dataset, job.model.image_shape))   # other data: another name
     if job.ray is not None:
         check_ray_job(job, manifest)
     if run_started(storage, job):                 # a rerun: the same settings, and maybe finished already

@@ -87,9 +87,11 @@ def build_root(cfg: StorageConfig) -> Storage:
         split = ArraySplit(rng_images(4), np.arange(4, dtype=np.int64) % 2)
         ingest(storage, name, ArrayDataset({"train": split}, ("even", "odd"), "test"), shard_rows=4, progress=False)
     for name in ("tiny", "other"):
-        Registry(storage).publish(name, {"config.json": json.dumps({"model": {"latent_dim": 2}}).encode(),
+        Registry(storage).publish(name, {"config.json": json.dumps({"model": {"latent_dim": 2},
+                                                                    "train_job": {"dataset": "fm"}}).encode(),
                                          "model.safetensors": b"weights",
-                                         "metrics.json": json.dumps({"test_loss": 251.5}).encode()})
+                                         "metrics.json": json.dumps({"test_loss": 251.5,
+                                                                     "evaluation": {"nll": 249.0}}).encode()})
         storage.publish(Registry(storage).key(name, CHAMPION_FILE), json.dumps({"version": "v0001"}).encode())
     publish_finished_job(storage, FINISHED)
     publish_finished_job(storage, OTHER)
@@ -364,7 +366,10 @@ FIELDS = [
     (f"outputs/{PARTIAL}/_run.json", ("status",), PARTIAL, PARTIAL, False, ("string",)),
     (f"outputs/{PARTIAL}/_run.json", ("model",), PARTIAL, PARTIAL, False, ("string",)),
     ("models/tiny/v0001/metrics.json", ("test_loss",), "tiny@v0001", "tiny@v0001", False, ("removed",)),
+    ("models/tiny/v0001/metrics.json", ("evaluation", "nll"), "tiny@v0001", "tiny@v0001", False, ("removed",)),
     ("models/tiny/v0001/config.json", ("model",), "tiny@v0001", "tiny@v0001", False, ("object",)),
+    ("models/tiny/v0001/config.json", ("train_job", "dataset"), "tiny@v0001", "tiny@v0001", False,
+     ("string", "removed")),
     ("models/tiny/v0001/config.json", ("model", "latent_dim"), "tiny@v0001", "tiny@v0001", False, ("removed",)),
     (f"models/tiny/{CHAMPION_FILE}", ("version",), "tiny@v0001", "tiny", False, ()),
 ]
