@@ -42,6 +42,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.train.on_ray import local_cpus
     from vae_core.errors import VaegenError
 
+    from .train_cmds import already_trained
+
     job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
@@ -62,6 +64,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
+        if trained.already_trained:
+            print(f"  {already_trained(trained, given_id=bool(job.run_id))}")
         # Two independent jobs, run side by side: each one's start (a DecoderWorker importing torch, loading the
         # model) is one process on one core, so together they take about as long as one.
         print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")

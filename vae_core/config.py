@@ -231,7 +231,9 @@ class TrainJobConfig:
     conditional: bool = flag("--conditional", "condition encoder and decoder on the labels (the number of "
                              "classes comes from the dataset's manifest)", default=False)
     run_id: str = flag("--run-id", "checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id "
-                       "resumes, and a finished run returns its version", default="", metavar="ID", unset="a new id")
+                       "resumes, and a finished run returns its version", default="", metavar="ID",
+                       unset="train: derived from the settings, the dataset's generation and the seed, so the same "
+                             "command resumes or returns its version; retrain: a new id")
     # None: train in this process; else data-parallel on Ray Train (cluster.train.driver picks the backend from it).
     ray: RayTrainConfig | None = section("Ray Train (data-parallel)", default=None, enabled_by="workers")
 
@@ -240,7 +242,7 @@ class TrainJobConfig:
             object.__setattr__(self, "name", default_model_name(self.dataset, self.model.arch, self.conditional))
         check_name(self.dataset, "--dataset")
         check_name(self.name, "--name")
-        if self.run_id:                                 # "" = a new id, made by the trainer
+        if self.run_id:                                 # "" = an id made by the trainer
             check_name(self.run_id, "--run-id")
 
 

@@ -29,7 +29,7 @@ from cluster.store.registry import (
 )
 from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
-from cluster.train.runs import manifest_digest, to_image_set
+from cluster.train.runs import fresh_run_id, manifest_digest, to_image_set
 from vae_core import __version__
 from vae_core.config import RetrainConfig, TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
@@ -52,8 +52,9 @@ class RetrainOutcome:
 
 def train_challenger(job: TrainJobConfig, initial_state: dict | None, address: str | None,
                      progress: bool) -> ModelRef:
-    """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says."""
-    return train_model(job, address=address, progress=progress, initial_state=initial_state).ref
+    """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says. Without
+    --run-id a run id of its own: each retrain (a scheduled one on unchanged data too) trains a new challenger."""
+    return train_model(fresh_run_id(job), address=address, progress=progress, initial_state=initial_state).ref
 
 
 def score(model: VAE, images, cfg: RetrainConfig) -> float:
