@@ -17,7 +17,7 @@ from .errors import VaegenError
 from .models import VAE, build_model
 from .names import CONFIG_FILE, WEIGHTS_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # config.json's fields; 2: a training job's record names no storage root
 
 
 def sha256_hex(data: bytes) -> str:

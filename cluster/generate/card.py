@@ -9,7 +9,6 @@ import dataclasses
 import html
 import json
 import re
-import shlex
 import tarfile
 import time
 
@@ -44,9 +43,17 @@ def size_category(rows: int) -> str:
     return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
-def reproduce_command(manifest: dict, root_uri: str) -> str:
+# What the command says for the storage root: a root is copied and synced, and what is written in it must stay
+# right wherever it lands, so no record or page under it names the place it was written in.
+ROOT_PLACEHOLDER = "<root>"
+ROOT_NOTE = (f"`{ROOT_PLACEHOLDER}`: the storage root (a folder or s3://bucket/prefix) this job's folder is "
+             "`outputs/<job-id>` in.")
+
+
+def reproduce_command(manifest: dict) -> str:
     """The `vaegen` command that makes (or resumes) this very job: every flag of the spec, so the job id is the
-    same (the model as it was asked for: `name@champion` resolves to the version of the day)."""
+    same (the model as it was asked for: `name@champion` resolves to the version of the day), and --root as
+    ROOT_PLACEHOLDER."""
     spec = manifest["spec"]
     verb, fields = VERB_FIELDS[spec["kind"]]
     fields_of = {f.name: f for f in dataclasses.fields(GenerateConfig) if "flag" in f.metadata}
@@ -59,7 +66,7 @@ def reproduce_command(manifest: dict, root_uri: str) -> str:
                 words.append(f"{fields_of[name].metadata['flag']} {' '.join(map(str, value))}")
         else:
             words.append(f"{fields_of[name].metadata['flag']} {value}")
-    return f"vaegen {verb} {' '.join(words)} --root {shlex.quote(root_uri)}"
+    return f"vaegen {verb} {' '.join(words)} --root {ROOT_PLACEHOLDER}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +203,6 @@ def how_made(manifest: dict, source: Provenance) -> str:
 def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
     """The whole card: the YAML header the Hub and `datasets` read, then a human summary."""
     fmt, totals, spec, labelled = manifest["format"], manifest["totals"], manifest["spec"], rows.labelled
-    root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest["created_at"]))
     pattern = manifest.get("shard_pattern", shard_glob(fmt))
     if source.dataset is None:
@@ -214,7 +220,7 @@ def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
                if spec["kind"] == "samples" else []),
              f"- labels: {class_names if labelled else 'none (no label column)'}",
              f"- shards: `{pattern}`; checksums in `{MANIFEST}`", "",
-             "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
+             "Made (and resumable) with:", "", "```", reproduce_command(manifest), "```", "", ROOT_NOTE, "",
              "## Load it", "", "```python"]
     if fmt == "parquet":
         lines += ["import io, datasets, pandas, ray, torch, torchvision, PIL.Image",

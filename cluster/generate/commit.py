@@ -33,7 +33,16 @@ import numpy as np
 
 from cluster.generate.lease import JobLease
 from cluster.store.layout import OUTPUT_FORMAT_VERSION, JobKeys, receipt_name, shard_braces, shard_name
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, parse_record, read_record, sha256_hex
+from cluster.store.records import (
+    RECORD_ERRORS,
+    CorruptRecord,
+    OtherFormat,
+    as_object,
+    fields,
+    parse_record,
+    read_record,
+    sha256_hex,
+)
 from cluster.store.storage import Storage
 from vae_core import __version__
 from vae_core.config import to_dict
@@ -204,7 +213,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 "config_sha256": plan.config_sha256,
                 "image_shape": list(plan.image_shape), "labels": list(plan.labels),
                 "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
-                "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
+                "prefix": plan.prefix,
                 "totals": {"rows": ids, "shards": plan.num_shards, "bytes": records.total_bytes()},
                 "run": run, "created_at": time.time(), "label_names": list(plan.label_names),
                 "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
@@ -302,7 +311,10 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
 def _job_manifest(record) -> dict:
     """A job manifest with the fields readers use, of the kinds a commit writes them."""
     fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
-                    "totals": dict, "shards": list})
+                    "totals": dict, "shards": list, "output_format_version": int})
+    if record["output_format_version"] != OUTPUT_FORMAT_VERSION:
+        raise OtherFormat(f"output format {record['output_format_version']}; this vaegen reads "
+                          f"{OUTPUT_FORMAT_VERSION}, and its generate command makes the job anew under a new id")
     fields(record["totals"], {"shards": "count", "rows": "count"})
     for shard in record["shards"]:                 # the list's order is the shards' index
         fields(shard, {"name": str, "rows": "count"})

@@ -35,7 +35,9 @@ from vae_core.use_configs import GenerateConfig
 def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),
             **changes) -> dict:
     """Plan, take the job's lease, resume, run the missing shards on DecoderWorker actors, commit; returns the
-    manifest. `changes` are RunSettings fields to change (run_job(spec, cfg, workers=4))."""
+    manifest, with this run's answers added: `run` (how it went) and `uri` (where the job is now: records name
+    no location, so a copied root reports its own). `changes` are RunSettings fields to change
+    (run_job(spec, cfg, workers=4))."""
     settings = dataclasses.replace(settings, **changes) if changes else settings
     lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
@@ -43,7 +45,8 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     plan = plan_job(spec, storage)
     planned = time.perf_counter()
     with job_lease(storage, plan):
-        return run_leased(plan, storage, storage_cfg, settings, (started, planned))
+        manifest = run_leased(plan, storage, storage_cfg, settings, (started, planned))
+    return {**manifest, "uri": storage.uri_of(plan.prefix)}
 
 
 def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, settings: RunSettings,

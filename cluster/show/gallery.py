@@ -174,9 +174,8 @@ def job_page(storage: Storage, status: JobStatus, per_class: int | None) -> tupl
              ("Shards", f"{len(shards)} of {planned}", len(shards)), ("Rows", f"{rows_done:,}", rows_done)]
     if manifest:
         spec = manifest["spec"]
-        root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
         items += [("Bytes", f"{manifest['totals']['bytes']:,}", None), ("Seed", str(spec["seed"]), None),
-                  ("Command", reproduce_command(manifest, root_uri), None)]
+                  ("Command", reproduce_command(manifest), None)]
     body += ["<h2>summary</h2>", facts(items)]
     if isinstance(manifest.get("spec"), dict):
         body += ['<h3 id="job-settings">settings</h3>', settings_table(GenerateConfig, manifest["spec"], "job-spec")]

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 from vae_core.use_configs import KINDS
 
-OUTPUT_FORMAT_VERSION = 6       # bump when a change alters shard bytes: it is hashed into every job id
+# Bump when a change alters shard bytes or a job's names or records: it is hashed into every job id, and a manifest
+# of another version is refused. 7: the manifest names no absolute location (a copied root stays right).
+OUTPUT_FORMAT_VERSION = 7
 DATASETS = "datasets"
 OUTPUTS = "outputs"
 MANIFEST = "_manifest.json"

@@ -19,7 +19,7 @@ from conftest import rng_images
 
 from cluster.data.datasets import ingest
 from cluster.show.inventory import list_jobs
-from cluster.store.layout import JOB_GALLERY, dataset_manifest_key
+from cluster.store.layout import JOB_GALLERY, OUTPUT_FORMAT_VERSION, dataset_manifest_key
 from cluster.store.registry import CHAMPION_FILE, Registry
 from cluster.store.storage import Storage, open_storage
 from jobs.cli import main as vaegen
@@ -62,7 +62,7 @@ def publish_finished_job(storage: Storage, job_id: str) -> None:
     spec = {"kind": "samples", "model": "tiny@v0001", "format": "png", "decode_batch": 64, "count": 4,
             "shard_size": 4, "seed": 0, "labels": []}
     manifest = {"job_id": job_id, "kind": "samples", "format": "png", "model": "tiny@v0001",
-                "created_at": time.time(), "uri": storage.uri_of(prefix), "prefix": prefix,
+                "created_at": time.time(), "output_format_version": OUTPUT_FORMAT_VERSION, "prefix": prefix,
                 "label_names": ["even", "odd"], "spec": spec, "totals": {"shards": 1, "rows": 4, "bytes": len(shard)},
                 "shards": [receipt(0, shard, 0)]}
     body = json.dumps(manifest, indent=2).encode()
