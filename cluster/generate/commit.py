@@ -71,7 +71,7 @@ class ShardLedger:
     the largest jobs (bench/scale.py measures it)."""
 
     def __init__(self, plan: JobPlan) -> None:
-        self.format, self.num_shards = plan.spec.format, plan.num_shards
+        self.format, self.num_shards, self.split = plan.spec.format, plan.num_shards, plan.split
         self.done = np.zeros(plan.num_shards, bool)
         self.counts = np.zeros((plan.num_shards, 4), np.int64)        # rows, first_id, last_id (-1: none), bytes
         self.digests = np.zeros((plan.num_shards, 2, 32), np.uint8)   # sha256, pixels_sha256
@@ -104,7 +104,7 @@ class ShardLedger:
     def entry(self, index: int) -> dict:
         """Shard `index` as the manifest lists it."""
         rows, first_id, last_id, size = self.counts[index].tolist()
-        return {"name": shard_name(index, self.format, self.num_shards), "rows": rows, "first_id": first_id,
+        return {"name": shard_name(index, self.format, self.num_shards, self.split), "rows": rows, "first_id": first_id,
                 "last_id": None if last_id < 0 else last_id, "bytes": size,
                 "sha256": self.digests[index, 0].tobytes().hex(),
                 "pixels_sha256": self.digests[index, 1].tobytes().hex()}
@@ -216,7 +216,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 "prefix": plan.prefix,
                 "totals": {"rows": ids, "shards": plan.num_shards, "bytes": records.total_bytes()},
                 "run": run, "created_at": time.time(), "label_names": list(plan.label_names),
-                "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
+                "split": plan.split, "shard_pattern": shard_braces(plan.spec.format, plan.num_shards, plan.split)}
     body = io.BytesIO()
     body.write(json.dumps(manifest, indent=2)[:-2].encode() + b',\n  "shards": [')
     for index in range(plan.num_shards):
@@ -233,7 +233,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 return {**committed, "run": run}           # another driver committed these very shards meanwhile
         storage.publish(plan.keys.manifest, body)
         from cluster.generate.card import publish_dataset_card  # huggingface_hub: not for readers of a job
-        publish_dataset_card(storage, json.loads(body))      # the card (layout.card_name), before _SUCCESS
+        publish_dataset_card(storage, json.loads(body))      # the card (README.md), before _SUCCESS
         storage.publish(plan.keys.success, success)
         if (storage.read_bytes(plan.keys.success) == success
                 and sha256_hex(storage.read_bytes(plan.keys.manifest)) == manifest_sha256):

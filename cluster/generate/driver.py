@@ -3,8 +3,8 @@
 One job, as run_job runs it: plan_job (model, labels, input shards, job id) → take the job's lease → verify
 what is on storage (finished shards, a committed manifest) → if the job is committed and intact, return its
 manifest; else withdraw `_SUCCESS`, start DecoderWorkers for the missing shards (each builds, publishes and
-receipts whole shards under data/) → commit (`_manifest.json`, the dataset card: `_README.md` for Parquet,
-README.md for tars, then `_SUCCESS`) → release the lease.
+receipts whole shards under data/) → commit (`_manifest.json`, the dataset card README.md, then `_SUCCESS`) →
+release the lease.
 
 Several drivers of one job (a cron retry overlapping a slow run, a user rerunning it): the second one WAITS on
 the lease, then resumes as usual, which for a job the holder finished means: verify, and return the committed

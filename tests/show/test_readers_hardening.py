@@ -19,7 +19,7 @@ from conftest import rng_images
 
 from cluster.data.datasets import ingest
 from cluster.show.inventory import list_jobs
-from cluster.store.layout import JOB_GALLERY, OUTPUT_FORMAT_VERSION, dataset_manifest_key
+from cluster.store.layout import GALLERY, OUTPUT_FORMAT_VERSION, dataset_manifest_key
 from cluster.store.registry import CHAMPION_FILE, Registry
 from cluster.store.storage import Storage, open_storage
 from jobs.cli import main as vaegen
@@ -225,7 +225,7 @@ def test_a_sound_root_lists_and_shows_as_before(root, capsys):
     assert lines["tiny@v0001"].startswith("*") and "251.50" in lines["tiny@v0001"] and "corrupt" not in str(lines)
     assert vaegen(["show", FINISHED, "--root", cfg.root]) == 0
     assert "4 images in 1 of 1 shards" in capsys.readouterr().out
-    page = open(os.path.join(cfg.root, JOB, JOB_GALLERY)).read()
+    page = open(os.path.join(cfg.root, JOB, GALLERY)).read()
     assert 'id="rows" data-count="4"' in page and "<h3>1: odd</h3>" in page
 
 
@@ -236,10 +236,10 @@ def test_show_takes_job_and_model_paths_even_under_a_folder_named_outputs(tmp_pa
     build_root(cfg)
     assert vaegen(["show", os.path.join(cfg.root, "models", "tiny", "v0001"), "--open"]) == 0
     page = capsys.readouterr().out.strip()
-    assert page == os.path.join(cfg.root, "models", "tiny", "v0001", "gallery.html")
+    assert page == os.path.join(cfg.root, "models", "tiny", "v0001", GALLERY)
     assert "<title>vaegen model tiny@v0001</title>" in open(page).read()        # a model page, not a "job"
     assert vaegen(["show", os.path.join(cfg.root, JOB) + "/", "--open"]) == 0
-    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, JOB_GALLERY)
+    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, GALLERY)
     assert vaegen(["show", "tiny@v0001", "--root", cfg.root, "--open"]) == 0
 
 
