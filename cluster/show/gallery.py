@@ -1,7 +1,7 @@
 """`vaegen show`: one static _gallery.html (layout.GALLERY) beside a job's shards (or a model version's
-files). Every image is inline (a data: URI), so the file opens anywhere with no server and no network. A job without _SUCCESS is
-shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The page's pieces are in
-html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in model_page.py."""
+files). Every image is inline (a data: URI), so the file opens anywhere with no server and no network. A job
+without _SUCCESS is shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The page's pieces
+are in html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in model_page.py."""
 from __future__ import annotations
 
 import dataclasses
