@@ -301,11 +301,14 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     if hashlib.sha256(body).hexdigest() != want:
         return None
     try:
-        json.loads(body)
+        record = json.loads(body)
     except ValueError:
         return None
-    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted.
-    return parse_record(body, storage.uri_of(manifest_key_), RERUN_JOB, _job_manifest)
+    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted. One of
+    # another output format is not repaired: the version is in the job id, so the same command makes a new job.
+    other_format = isinstance(record, dict) and record.get("output_format_version") != OUTPUT_FORMAT_VERSION
+    fix = "the same generate command makes the job anew, under a new id" if other_format else RERUN_JOB
+    return parse_record(body, storage.uri_of(manifest_key_), fix, _job_manifest)
 
 
 def _job_manifest(record) -> dict:
@@ -314,7 +317,7 @@ def _job_manifest(record) -> dict:
                     "totals": dict, "shards": list, "output_format_version": int})
     if record["output_format_version"] != OUTPUT_FORMAT_VERSION:
         raise OtherFormat(f"output format {record['output_format_version']}; this vaegen reads "
-                          f"{OUTPUT_FORMAT_VERSION}, and its generate command makes the job anew under a new id")
+                          f"{OUTPUT_FORMAT_VERSION}")
     fields(record["totals"], {"shards": "count", "rows": "count"})
     for shard in record["shards"]:                 # the list's order is the shards' index
         fields(shard, {"name": str, "rows": "count"})

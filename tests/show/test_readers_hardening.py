@@ -218,6 +218,18 @@ def test_a_job_whose_success_names_another_manifest_is_not_finished(root, capsys
     assert {j.job_id: j.state for j in list_jobs(storage)}[FINISHED] == "finished"
 
 
+def test_a_job_of_another_output_format_is_refused_in_one_line_that_says_how_to_remake_it(root, capsys):
+    cfg, storage = root
+    manifest = json.loads(storage.read_bytes(f"{JOB}/_manifest.json"))
+    replace_json(storage, f"{JOB}/_manifest.json", {**manifest, "output_format_version": OUTPUT_FORMAT_VERSION - 1})
+    commit_as_is(storage, FINISHED)
+    assert "corrupt" in ls_lines(cfg, capsys)[FINISHED]
+    assert vaegen(["show", FINISHED, "--root", cfg.root]) == 2
+    assert one_error_line(capsys).endswith(f"_manifest.json is in another format (output format "
+                                           f"{OUTPUT_FORMAT_VERSION - 1}; this vaegen reads {OUTPUT_FORMAT_VERSION}): "
+                                           "the same generate command makes the job anew, under a new id")
+
+
 def test_a_sound_root_lists_and_shows_as_before(root, capsys):
     cfg, _ = root
     lines = ls_lines(cfg, capsys)
