@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_storage_args(p)
     p.set_defaults(run=run_ls)
 
-    p = sub.add_parser("show", help="write a static gallery.html for a job or a model version",
+    p = sub.add_parser("show", help="write a static _gallery.html for a job or a model version",
                        description="Write one self-contained gallery page beside a job's shards (or a model "
                                    "version's files): contact sheets per class, reconstructions beside their "
                                    "originals, the job's settings; the model's metrics, training settings, loss "

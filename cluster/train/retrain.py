@@ -29,7 +29,7 @@ from cluster.store.registry import (
 )
 from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
-from cluster.train.runs import fresh_run_id, manifest_digest, to_image_set
+from cluster.train.runs import fresh_run_id, job_settings, manifest_digest, to_image_set
 from vae_core import __version__
 from vae_core.config import RetrainConfig, TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
@@ -119,7 +119,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
         "challenger": {"version": challenger_ref.version, "metric": json_number(challenger_metric),
                        "warm_started_from": champion if initial is not None else None},
         "dataset": job.dataset, "dataset_manifest_sha256": manifest_digest(manifest),
-        "train_job": to_dict(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+        "train_job": job_settings(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
         "run_id": run_id, "host": socket.gethostname(), "vaegen_version": __version__,
     }
     record_key = record_decision(registry, job.name, record, run_id, at)     # raises → nothing promoted

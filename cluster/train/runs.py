@@ -40,8 +40,9 @@ from vae_core.train import (
 
 RUNS_DIR = "train-runs"
 JOB_FILE = "_job.json"
-JOB_FORMAT = 2                  # _job.json's format: 2 pins no storage settings (they change no weight)
 PUBLISHED_FILE = "_published.json"
+# _job.json's layout: bumped when its fields change (2: no storage section, so a copied root names no old place).
+RUN_LAYOUT = "vaegen-run-2"
 
 
 @dataclass
@@ -74,14 +75,20 @@ def run_key(job: TrainJobConfig) -> str:
     return f"{RUNS_DIR}/{job.run_id}"
 
 
+def job_settings(job: TrainJobConfig) -> dict:
+    """The training job as records under the root keep it (_job.json, config.json, decision records): every
+    setting but the storage's, since where the root is, is not what the run is, and a root copied or synced
+    elsewhere must not name the place it was written in."""
+    return {k: v for k, v in to_dict(job).items() if k != "storage"}
+
+
 def job_record(job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | None) -> dict:
     """What _job.json pins: every setting that changes the weights (Ray's restart and retention counts do not,
     nor where the root is or how S3 is reached), and the warm start's weights, if any."""
     ray = None if job.ray is None else replace(job.ray, max_failures=0, checkpoints_to_keep=1)
-    record = json.loads(json.dumps(to_dict(replace(job, ray=ray))))       # tuples as lists, as JSON gives them back
-    del record["storage"]
+    record = json.loads(json.dumps(job_settings(replace(job, ray=ray))))  # tuples as lists, as JSON gives them back
     record["warm_start_sha256"] = None if initial_state is None else state_digest(initial_state)
-    record["format_version"] = JOB_FORMAT
+    record["layout"] = RUN_LAYOUT
     return record
 
 
@@ -96,9 +103,8 @@ def claim_run(storage: Storage, job: TrainJobConfig, initial_state: dict[str, to
     if storage.publish(key, json.dumps(mine, sort_keys=True).encode(), if_absent=True):
         return
     theirs = json.loads(storage.read_bytes(key))
-    if not isinstance(theirs, dict) or theirs.get("format_version") != JOB_FORMAT:
-        # An earlier vaegen's run: its workers may have drawn their random numbers by another scheme, and its
-        # checkpoints would resume into a different run than the one they began.
+    if not isinstance(theirs, dict) or theirs.get("layout") != RUN_LAYOUT:
+        # An earlier vaegen's run: its checkpoints would resume into a different run than the one they began.
         raise VaegenError(f"run {job.run_id!r} was started by an earlier vaegen whose checkpoints this one cannot "
                           "resume; use a new --run-id")
     diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
@@ -190,7 +196,7 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
     summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
     files = model_version_files(
         model, history, summary=summary,
-        config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
+        config_extra={"train_job": job_settings(job), "dataset_manifest_sha256": manifest_digest(manifest)},
         val_images=val_set.images, val_labels=val_set.labels)
     files.update(epoch_sample_files(storage, run_key(job)))       # samples/sample_N.png, one per epoch
     ref = Registry(storage).publish(job.name, files, run_id=job.run_id)
