@@ -91,22 +91,86 @@ def pil_to_chw(im: Image.Image) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+# --size: the image is scaled so that it covers H×W (its shorter side, relative to the target's, fits) and the
+# middle H×W is kept. One PIL resize of just the kept box does both; BICUBIC is antialiased when it shrinks
+# (its support widens with the scale) and reducing_gap first box-reduces a much larger image by an integer
+# factor, as Image.thumbnail does, which is fast and leaves the result within a grey level or so of a plain
+# BICUBIC resize.
+RESIZE_FILTER = Image.Resampling.BICUBIC
+RESIZE_REDUCING_GAP = 3.0
+IMAGE_MODES = ("L", "RGB")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. '64x64') → (H, W), both from 1 to 65535; anything else is a one-line VaegenError."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise VaegenError(f"--size {text!r} is not HxW, e.g. 64x64")
+    h, w = (int(p) for p in parts)
+    if not (1 <= h <= 65535 and 1 <= w <= 65535):
+        raise VaegenError(f"--size {text!r}: height and width must be 1..65535")
+    return h, w
+
+
+def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
+    """A PIL image → uint8 (C, H, W) by pil_to_chw's rules, then `mode` ('L': one grey channel, by PIL's
+    ITU-R 601-2 luma; 'RGB': three; None: as pil_to_chw gives) and `size` ((H, W): scaled to cover it, then
+    centre-cropped, see RESIZE_FILTER)."""
+    return shape_chw(pil_to_chw(im), size, mode)
+
+
+def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
+    """uint8 (C, H, W), C = 1 or 3 → the same image in `mode` and at `size` (see shape_image)."""
+    if mode not in (None, *IMAGE_MODES):
+        raise VaegenError(f"--mode {mode!r} is not one of {', '.join(IMAGE_MODES)}")
+    c, h, w = image.shape
+    if mode == "RGB" and c == 1:
+        image = np.repeat(image, 3, axis=0)
+    elif mode == "L" and c == 3:
+        grey = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).convert("L")
+        image = np.asarray(grey)[None]
+    if size is None or (h, w) == tuple(size):
+        return image
+    return resize_cover(image, size)
+
+
+def resize_cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (C, H, W) scaled (up or down) so that it covers `size` = (H, W), then centre-cropped to it."""
+    c, h, w = image.shape
+    th, tw = size
+    scale = max(th / h, tw / w)
+    box_w, box_h = tw / scale, th / scale              # the part of the source that ends up in the output
+    left, top = (w - box_w) / 2, (h - box_h) / 2
+    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
+    out = np.asarray(pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
+                                reducing_gap=RESIZE_REDUCING_GAP))
+    return out[None] if out.ndim == 2 else np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
 def _read_maybe_gzip(path: Path) -> bytes:
     if not path.is_file():
         raise VaegenError(f"missing dataset file: {path}")
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise VaegenError(f"corrupt gzip file {path}: {e}") from None
+    return gunzip_if_gzip(path.read_bytes(), path)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (MNIST format, optionally gzipped) of unsigned bytes: magic 0x0000 08 <ndim>."""
     path = Path(path)
-    data = _read_maybe_gzip(path)
+    return parse_idx(_read_maybe_gzip(path), path)
+
+
+def gunzip_if_gzip(raw: bytes, name: object) -> bytes:
+    """The bytes of an IDX file as stored, gunzipped when they are gzip."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise VaegenError(f"corrupt gzip file {name}: {e}") from None
+
+
+def parse_idx(data: bytes, path: object) -> np.ndarray:
+    """IDX bytes (already gunzipped) → an array; `path` names the file in errors."""
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise VaegenError(f"{path} is not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
     ndim = data[3]
