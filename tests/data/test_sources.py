@@ -1,6 +1,7 @@
 """Ingest sources: each input built with its own library (PIL, pyarrow, `datasets`, webdataset), planned and read
 back through cluster.data.sources, locally and on S3 over HTTP."""
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -309,3 +310,130 @@ def test_hub_layout_on_s3(tmp_path, s3_storage_config):
     got = read_all(plan, s3_storage_config)
     assert plan.label_names == ("shirt", "shoe", "bag") and np.array_equal(got["train"][0], train_px)
     assert got["train"][1].tolist() == train_y and got["test"][1].tolist() == test_y
+
+
+# -- WebDataset tars ------------------------------------------------------------------------------------------
+def write_shards(pattern_path: str, n: int, per_shard: int, image_ext="png", label=True, json_label=False,
+                 channels=3):
+    """n samples through webdataset.ShardWriter: {'__key__', image_ext, 'cls' and/or 'json'}."""
+    import webdataset as wds
+    pixels = np.stack([pattern(6, 7, channels, i) for i in range(n)])
+    with wds.ShardWriter(pattern_path, maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            sample = {"__key__": f"sample{i:04d}", image_ext: png(pixels[i], "PNG" if image_ext == "png" else "PPM")}
+            if label:
+                sample["cls"] = i % 3
+            if json_label:
+                sample["json"] = {"label": (i + 1) % 3, "note": "x"}
+            sink.write(sample)
+    return pixels if channels == 1 else pixels.transpose(0, 3, 1, 2), [i % 3 for i in range(n)]
+
+
+def test_webdataset_folder_file_and_brace_pattern_read_the_same_samples(tmp_path):
+    pixels, labels = write_shards(str(tmp_path / "shards-%04d.tar"), 10, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards-0000.tar", "shards-0001.tar", "shards-0002.tar"]
+    folder = plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    braces = plan_source("webdataset", str(tmp_path / "shards-{0000..0002}.tar"), LOCAL, IngestOptions())
+    assert [i.uri for i in folder.items] == [i.uri for i in braces.items] and len(folder.items) == 3
+    assert folder.label_names == ("0", "1", "2")
+    got = read_all(folder)["train"]
+    assert np.array_equal(got[0], pixels) and got[1].tolist() == labels
+    assert got[2][5].endswith("shards-0001.tar:sample0005.png")
+    one = read_all(plan_source("webdataset", str(tmp_path / "shards-0001.tar"), LOCAL, IngestOptions()))["train"]
+    assert one[1].tolist() == labels[4:8]
+
+
+def test_webdataset_keys_chosen_like_to_tuple(tmp_path):
+    """--image-key 'png;ppm' takes the first extension a sample has; --label-key json reads its .json's label;
+    '' leaves the data unlabelled, and tars without cls are unlabelled by default."""
+    import webdataset as wds
+    pixels, _ = write_shards(str(tmp_path / "a-%d.tar"), 4, 10, image_ext="ppm", label=False, json_label=True)
+    options = IngestOptions(image_key="png;ppm", label_key="json")
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, options)
+    got = read_all(plan, options=options)["train"]
+    theirs = list(wds.WebDataset(str(tmp_path / "a-0.tar"), shardshuffle=False).decode("rgb8").to_tuple("png;ppm",
+                                                                                                        "json"))
+    assert [t[1]["label"] for t in theirs] == got[1].tolist() == [1, 2, 0, 1]
+    assert np.array_equal(got[0], pixels) and np.array_equal(got[0][0], theirs[0][0].transpose(2, 0, 1))
+    assert plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions(image_key="ppm")).label_names is None
+    unlabelled = IngestOptions(image_key="ppm", label_key="")
+    assert read_all(plan_source("webdataset", str(tmp_path), LOCAL, unlabelled), options=unlabelled)["train"][1]\
+        .tolist() == [-1] * 4
+
+
+def test_webdataset_errors_are_one_line(tmp_path):
+    write_shards(str(tmp_path / "s-%d.tar"), 2, 10, image_ext="ppm")
+    with pytest.raises(VaegenError, match="sample sample0000 has no png or jpg or jpeg member \\(--image-key\\); "
+                                          "its keys: cls, ppm"):
+        plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="has no lbl member \\(--label-key\\); its keys: cls, ppm"):
+        plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions(image_key="ppm", label_key="lbl"))
+    with pytest.raises(VaegenError, match="bad brace pattern .*unbalanced"):
+        plan_source("webdataset", str(tmp_path / "s-{0..1.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="not a range of integers"):
+        plan_source("webdataset", str(tmp_path / "s-{a..b}.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="s-1.tar \\(from the pattern .*\\) does not exist"):
+        plan_source("webdataset", str(tmp_path / "s-{0..1}.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="missing does not exist"):
+        plan_source("webdataset", str(tmp_path / "missing"), LOCAL, IngestOptions())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VaegenError, match="no WebDataset tars at"):
+        plan_source("webdataset", str(tmp_path / "empty"), LOCAL, IngestOptions())
+
+
+@pytest.mark.s3
+def test_webdataset_brace_pattern_on_s3(tmp_path, s3_storage_config):
+    import boto3
+    pixels, labels = write_shards(str(tmp_path / "shards-%04d.tar"), 6, 3)
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/wds"
+    for path in tmp_path.glob("*.tar"):
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    uri = f"s3://vaegen-test/{prefix}/shards-{{0000..0001}}.tar"
+    plan = plan_source("webdataset", uri, s3_storage_config, IngestOptions())
+    got = read_all(plan, s3_storage_config)["train"]
+    assert np.array_equal(got[0], pixels) and got[1].tolist() == labels and plan.label_names == ("0", "1", "2")
+
+
+# -- vaegen's own outputs ingest back ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def own_jobs(starts_ray, small_fashion, tmp_path_factory):
+    """Reconstructions of 8 real Fashion-MNIST test images (labelled, with the class names) in each output
+    format, 2 shards each: {format: (job folder, manifest)}."""
+    from conftest import start_local_ray
+    from generate_support import publish_tiny_model
+
+    from cluster.data.datasets import ingest
+    from cluster.generate.driver import run_reconstruction
+    from cluster.store.storage import open_storage
+    from vae_core.data import ArrayDataset, ArraySplit
+    from vae_core.use_configs import GenerateConfig
+    start_local_ray()
+    cfg = StorageConfig(root=str(tmp_path_factory.mktemp("own-jobs") / "root"))
+    storage = open_storage(cfg, for_writing=True)
+    _, (images, labels) = small_fashion
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(images[:8], labels[:8])}, FASHION_MNIST_LABELS, "t"),
+           shard_rows=4, progress=False)
+    model = publish_tiny_model(storage, "cond", num_classes=10)
+    jobs = {}
+    for fmt in ("parquet", "png", "jpeg"):
+        spec = GenerateConfig(model=model, kind="reconstructions", dataset="fm", format=fmt)
+        manifest = run_reconstruction(spec, cfg, workers=1, progress=False)
+        jobs[fmt] = (os.path.join(cfg.root, manifest["prefix"]), manifest)
+    return jobs, labels[:8].tolist()
+
+
+@pytest.mark.parametrize("fmt, kind", [("parquet", "parquet"), ("parquet", "hf"), ("png", "webdataset"),
+                                       ("jpeg", "webdataset")])
+def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, fmt, kind):
+    from generate_support import all_rows
+    from cluster.store.storage import Storage
+    jobs, labels = own_jobs
+    folder, manifest = jobs[fmt]
+    plan = plan_source(kind, folder, LOCAL, IngestOptions(image_key="png;jpg"))
+    assert plan.label_names == FASHION_MNIST_LABELS and len(plan.items) == 2
+    got = read_all(plan, options=IngestOptions(image_key="png;jpg"))
+    assert list(got) == ["train"]                          # the jobs' shards are data/train-0000N-of-00002.*
+    written = all_rows(Storage(StorageConfig(root=folder.rsplit("/outputs/", 1)[0])), manifest)
+    assert got["train"][1].tolist() == labels == written["label"]
+    assert np.array_equal(got["train"][0], np.stack(written["image"]))
