@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import MAX_CLASSES
+from .config import IMAGE_MODES, MAX_CLASSES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -98,18 +98,6 @@ def pil_to_chw(im: Image.Image) -> np.ndarray:
 # BICUBIC resize.
 RESIZE_FILTER = Image.Resampling.BICUBIC
 RESIZE_REDUCING_GAP = 3.0
-IMAGE_MODES = ("L", "RGB")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' (e.g. '64x64') → (H, W), both from 1 to 65535; anything else is a one-line VaegenError."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise VaegenError(f"--size {text!r} is not HxW, e.g. 64x64")
-    h, w = (int(p) for p in parts)
-    if not (1 <= h <= 65535 and 1 <= w <= 65535):
-        raise VaegenError(f"--size {text!r}: height and width must be 1..65535")
-    return h, w
 
 
 def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:

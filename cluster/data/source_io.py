@@ -1,6 +1,7 @@
-"""What every ingest source shares: the plan's dataclasses (re-exported by sources.py, the interface), files named
-by URI (a local path or s3://bucket/key) read through Storage, listings with the sizes and times that fingerprint
-an input, and one image's decode with --skip-bad's rule."""
+"""What every ingest source shares: the plan's dataclasses (re-exported by sources.py, the interface, with
+vae_core.config.IngestOptions, the flags' config), files named by URI (a local path or s3://bucket/key) read
+through Storage, listings with the sizes and times that fingerprint an input, and one image's decode with
+--skip-bad's rule."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,23 +17,9 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from cluster.store.storage import Storage
-from vae_core.config import StorageConfig
+from vae_core.config import IngestOptions, StorageConfig
 from vae_core.data import open_user_image, shape_chw, shape_image
 from vae_core.errors import VaegenError
-
-
-@dataclass(frozen=True)
-class IngestOptions:
-    """What `vaegen ingest`'s flags say about reading the input; picklable, and part of the plan's fingerprint."""
-    size: tuple[int, int] | None = None    # --size HxW: scaled to cover it, centre-cropped (vae_core.data.shape_image)
-    mode: str | None = None                # --mode L|RGB; None: grey stays 1 channel, everything else RGB
-    image_column: str | None = None        # --image-column (parquet / hf)
-    label_column: str | None = None        # --label-column (parquet / hf); "": unlabelled; None: 'label' if present
-    skip_bad: bool = False                 # --skip-bad: a bad image is yielded as pixels=None with its error
-    split: str = "train"                   # --split: the split of input that names none (a folder, a lone file)
-    image_key: str = "png;jpg;jpeg"        # --image-key (webdataset): the first of these extensions a sample has
-    label_key: str | None = None           # --label-key (webdataset): 'cls', 'json' ...; "": unlabelled; None: 'cls'
-                                           # if the samples have it
 
 
 @dataclass(frozen=True)
