@@ -15,6 +15,7 @@ from cluster.data.source_parquet import plan_table_source, read_table_item
 from cluster.data.source_tars import plan_webdataset, read_tar_item
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
+from vae_core.names import NAME_RULE, is_valid_name
 
 __all__ = ["SOURCES", "IngestOptions", "SourceImage", "SourceItem", "SourcePlan", "plan_source", "read_item"]
 
@@ -28,15 +29,16 @@ def plan_source(kind: str, uri: str | None, storage_cfg: StorageConfig, options:
     """Lists the input (never decodes images); bad names/paths/URIs are one-line VaegenErrors."""
     if kind not in SOURCES:
         raise VaegenError(f"unknown ingest source {kind!r} (one of {', '.join(SOURCES)})")
-    if kind == "fashion-mnist":
-        return plan_fashion_mnist(uri, storage_cfg, options)
-    if not uri:
+    if kind != "fashion-mnist" and not uri:
         raise VaegenError(f"ingest {kind} needs the input's path ({WHAT_PATH[kind]})")
-    if kind == "image-folder":
-        return plan_image_folder(uri, storage_cfg, options)
-    if kind == "webdataset":
-        return plan_webdataset(uri, storage_cfg, options)
-    return plan_table_source(kind, uri, storage_cfg, options)
+    planners = {"fashion-mnist": plan_fashion_mnist, "image-folder": plan_image_folder,
+                "webdataset": plan_webdataset}
+    plan = (planners[kind](uri, storage_cfg, options) if kind in planners
+            else plan_table_source(kind, uri, storage_cfg, options))
+    for split in dict.fromkeys(item.split for item in plan.items):
+        if not is_valid_name(split):
+            raise VaegenError(f"{uri}: its files name a split {split!r}, which is not a valid name ({NAME_RULE})")
+    return plan
 
 
 def read_item(plan_kind: str, item: SourceItem, storage_cfg: StorageConfig,

@@ -437,3 +437,60 @@ def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, 
     written = all_rows(Storage(StorageConfig(root=folder.rsplit("/outputs/", 1)[0])), manifest)
     assert got["train"][1].tolist() == labels == written["label"]
     assert np.array_equal(got["train"][0], np.stack(written["image"]))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_bad_rows_and_samples_are_named_or_skipped(tmp_path):
+    good = png(pattern(4, 4, 3, 0))
+    pq.write_table(pa.table({"image": [good, b"not an image", good], "label": [0, 1, None]}), tmp_path / "t.parquet")
+    plan = plan_source("parquet", str(tmp_path / "t.parquet"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="cannot read image .*t.parquet row 1: cannot identify image file"):
+        read_all(plan)
+    skipped = list(read_item(plan.kind, plan.items[0], LOCAL, IngestOptions(skip_bad=True)))
+    assert [i.pixels is None for i in skipped] == [False, True, True]
+    assert skipped[2].error == "label None is not an integer >= 0"
+    import webdataset as wds
+    with wds.ShardWriter(str(tmp_path / "w-%d.tar"), maxcount=10, verbose=0) as sink:
+        sink.write({"__key__": "a", "png": good, "cls": 0})
+        sink.write({"__key__": "b", "png": good[:30], "cls": 1})
+        sink.write({"__key__": "c", "jpg": b"\xff\xd8 broken", "cls": 1})
+        sink.write({"__key__": "d", "txt": b"no image", "cls": 2})
+    plan = plan_source("webdataset", str(tmp_path / "w-0.tar"), LOCAL, IngestOptions())
+    skipped = list(read_item(plan.kind, plan.items[0], LOCAL, IngestOptions(skip_bad=True)))
+    assert [(i.name.rsplit(":", 1)[1], i.pixels is None) for i in skipped] == [
+        ("a.png", False), ("b.png", True), ("c.jpg", True), ("d", True)]
+    assert skipped[3].error == "no png or jpg or jpeg member; its keys: cls, txt"
+    with pytest.raises(VaegenError, match="cannot read image .*w-0.tar:b.png"):
+        list(read_item(plan.kind, plan.items[0], LOCAL, IngestOptions()))
+
+
+def test_a_truncated_tar_and_a_bad_split_name_are_one_line(tmp_path):
+    write_shards(str(tmp_path / "t-%d.tar"), 3, 10)
+    data = (tmp_path / "t-0.tar").read_bytes()
+    (tmp_path / "t-0.tar").write_bytes(data[:700])
+    with pytest.raises(VaegenError, match="cannot read tar .*t-0.tar: "):
+        plan = plan_source("webdataset", str(tmp_path / "t-0.tar"), LOCAL, IngestOptions())
+        read_all(plan)
+    hf_split(2, 0)[0].to_parquet(tmp_path / "hub" / "data" / "my split-00000-of-00001.parquet")
+    with pytest.raises(VaegenError, match="its files name a split 'my split', which is not a valid name"):
+        plan_source("hf", str(tmp_path / "hub"), LOCAL, IngestOptions())
+
+
+@pytest.mark.s3
+def test_fashion_mnist_layout_on_s3(tmp_path, s3_storage_config):
+    """IDX files (gzipped, as distributed) under an S3 prefix read like the local folder."""
+    import boto3
+    import gzip
+    images = np.stack([pattern(28, 28, 1, i) for i in range(5)])
+    labels = np.array([3, 1, 4, 1, 5], np.uint8)
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/fm"
+    for split, (image_file, label_file) in {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                                            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}.items():
+        idx_images = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes()
+        idx_labels = bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes()
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{image_file}", Body=gzip.compress(idx_images))
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{label_file}", Body=gzip.compress(idx_labels))
+    plan = plan_source("fashion-mnist", f"s3://vaegen-test/{prefix}", s3_storage_config, IngestOptions())
+    got = read_all(plan, s3_storage_config)
+    assert np.array_equal(got["test"][0][:, 0], images) and got["train"][1].tolist() == [3, 1, 4, 1, 5]
