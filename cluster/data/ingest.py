@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 from cluster.data.datasets import KEEP_SUPERSEDED_S, ingest
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import MAX_CLASSES, StorageConfig
-from vae_core.data import FASHION_MNIST_DIR, ArrayDataset, ArraySplit, read_fashion_mnist, read_image_folder
+from vae_core.data import (
+    FASHION_MNIST_DIR,
+    ArrayDataset,
+    ArraySplit,
+    read_fashion_mnist,
+    read_image_folder,
+)
 from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
 
