@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
 
 from cluster.data.readable import publish_view, shard_bytes
-from cluster.store.layout import dataset_key, dataset_manifest_key
+from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import OtherFormat, as_object, fields, parse_record
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
@@ -93,6 +94,23 @@ def write_shard(storage: Storage, name: str, split: str, shard_name: str, images
               "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     publish_shard(storage, dataset_key(name, split, shard_name), body, record["sha256"])
     return record
+
+
+def abandon_generation(storage: Storage, name: str, generation: str) -> None:
+    """An ingest that refused its input: its marker goes, and what it wrote of its generation (nothing names it),
+    with the folders it made when it was the dataset's first."""
+    storage.delete(pending_key(name, generation))
+    for split in storage.list_dirs(dataset_key(name)):
+        folder = dataset_key(name, split, f"{GENERATION_PREFIX}{generation}")
+        for entry in storage.list(folder, recursive=True):
+            storage.delete(entry.key)
+    if not storage.is_s3:
+        for folder in (dataset_key(name, PENDING), dataset_key(name), DATASETS):
+            remove_empty_folders(storage, folder)
+            try:
+                os.rmdir(storage.path(folder))
+            except OSError:
+                pass                                # not empty: something else lives there
 
 
 def commit_generation(storage: Storage, manifest: dict, keep_superseded_s: float = KEEP_SUPERSEDED_S) -> dict:
@@ -225,7 +243,6 @@ def remove_empty_folders(storage: Storage, folder: str) -> None:
     """Local roots keep empty folders after their files go (S3 has no folders)."""
     if storage.is_s3:
         return
-    import os
     for d in storage.list_dirs(folder):
         try:
             os.rmdir(storage.path(f"{folder}/{d}"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -98,9 +99,7 @@ def place(storage: Storage, source: str, dest: str) -> None:
     src, dst = storage.path(source), storage.path(dest)
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return
-    temp = f"{dst}.{os.getpid()}.tmp"
-    if os.path.lexists(temp):
-        os.unlink(temp)
+    temp = os.path.join(os.path.dirname(dst), f"_tmp-{uuid.uuid4().hex}")   # one per call; `_`: readers skip it
     os.link(src, temp)
     os.replace(temp, dst)
     fsync_dir(os.path.dirname(dst))
