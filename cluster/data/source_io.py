@@ -31,7 +31,8 @@ class IngestOptions:
     skip_bad: bool = False                 # --skip-bad: a bad image is yielded as pixels=None with its error
     split: str = "train"                   # --split: the split of input that names none (a folder, a lone file)
     image_key: str = "png;jpg;jpeg"        # --image-key (webdataset): the first of these extensions a sample has
-    label_key: str = "cls"                 # --label-key (webdataset): 'cls', another extension, or 'json:<field>'
+    label_key: str | None = None           # --label-key (webdataset): 'cls', 'json' ...; "": unlabelled; None: 'cls'
+                                           # if the samples have it
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,14 @@ def open_file(uri: str, cfg: StorageConfig):
     storage = storage_at(folder, cfg)
     path = storage.path(name)
     return storage._arrow(lambda: storage.fs.open_input_file(path), name)
+
+
+def open_stream(uri: str, cfg: StorageConfig, buffer_size: int = 1 << 20):
+    """A buffered, forward-only pyarrow stream of `uri` (one sequential read of a tar)."""
+    folder, name = split_uri(uri)
+    storage = storage_at(folder, cfg)
+    path = storage.path(name)
+    return storage._arrow(lambda: storage.fs.open_input_stream(path, buffer_size=buffer_size), name)
 
 
 def file_info(uri: str, cfg: StorageConfig) -> FileRef | None:

@@ -82,7 +82,7 @@ def plan_table_source(kind: str, uri: str, cfg: StorageConfig, options: IngestOp
     splits = infer_splits(relative, options.split)
     items, names, labelled = [], None, False
     chosen = [(s, f) for s, f in zip(splits, files) if s is not None]
-    for split, ref in sorted(chosen, key=lambda c: (_split_order(c[0]), c[1].uri)):
+    for split, ref in sorted(chosen, key=lambda c: (split_order(c[0]), c[1].uri)):
         meta = _parquet_metadata(ref.uri, cfg)
         columns = choose_columns(meta.schema.to_arrow_schema(), options, ref.uri)
         labelled |= columns[1] is not None
@@ -97,7 +97,7 @@ def plan_table_source(kind: str, uri: str, cfg: StorageConfig, options: IngestOp
                       fingerprint(kind, root, items, files, names if labelled else None, options))
 
 
-def _split_order(split: str) -> tuple[int, str]:
+def split_order(split: str) -> tuple[int, str]:
     order = list(SPLIT_KEYWORDS)
     return (order.index(split) if split in order else len(order), split)
 
@@ -154,9 +154,14 @@ def _numbered_names(items, cfg: StorageConfig, options: IngestOptions) -> tuple[
     high = -1
     for uri in dict.fromkeys(i.uri for i in items):
         with open_file(uri, cfg) as f:
-            pf = pq.ParquetFile(f)
-            label = choose_columns(pf.schema_arrow, options, uri)[1]
-            column = pf.read(columns=[label]).column(label)
+            if uri.endswith(".arrow"):                 # a stream: its label column comes with the rest
+                reader = pa.ipc.open_stream(f)
+                label = choose_columns(reader.schema, options, uri)[1]
+                column = reader.read_all().column(label)
+            else:
+                pf = pq.ParquetFile(f)
+                label = choose_columns(pf.schema_arrow, options, uri)[1]
+                column = pf.read(columns=[label]).column(label)
         high = max(high, pc.max(column).as_py() if column.length() > column.null_count else -1)
     if high >= MAX_CLASSES:
         raise VaegenError(f"input has label {high}: at most {MAX_CLASSES:,} classes (labels 0..{MAX_CLASSES - 1})")
@@ -181,10 +186,9 @@ def _plan_saved_to_disk(kind: str, uri: str, root: str, listed: list[FileRef], c
             labelled |= label is not None
             names = names or (class_names(schema, label) if label else None)
             items.append(SourceItem(split, file_uri))
-    items.sort(key=lambda i: (_split_order(i.split), i.uri))
+    items.sort(key=lambda i: (split_order(i.split), i.uri))
     if labelled and names is None:
-        raise VaegenError(f"{uri}: the label column declares no class names; export it with "
-                          "Dataset.to_parquet and ingest the Parquet files")
+        names = _numbered_names(items, cfg, options)
     return SourcePlan(kind, uri, tuple(items), names if labelled else None,
                       fingerprint(kind, root, items, listed, names if labelled else None, options))
 
@@ -208,7 +212,7 @@ def read_table_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions
         for i, value in enumerate(batch.column(image).to_pylist()):
             name = f"{item.uri} row {row}"
             row += 1
-            if labels[i] is None or labels[i] < 0:
+            if label is not None and (labels[i] is None or labels[i] < 0):
                 yield bad_image(name, f"label {labels[i]} is not an integer >= 0", -1, options)
             elif columns:
                 yield _pixels(value, [columns[k][i] for k in ("channels", "height", "width")], name, labels[i],

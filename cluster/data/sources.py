@@ -16,14 +16,16 @@ from cluster.data.source_files import (
 )
 from cluster.data.source_io import IngestOptions, SourceImage, SourceItem, SourcePlan
 from cluster.data.source_parquet import plan_table_source, read_table_item
+from cluster.data.source_tars import plan_webdataset, read_tar_item
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 
 __all__ = ["SOURCES", "IngestOptions", "SourceImage", "SourceItem", "SourcePlan", "plan_source", "read_item"]
 
-SOURCES = ("fashion-mnist", "image-folder", "parquet", "hf")
+SOURCES = ("fashion-mnist", "image-folder", "parquet", "hf", "webdataset")
 WHAT_PATH = {"image-folder": "an image folder, local or s3://", "parquet": "a Parquet file or folder, local or s3://",
-             "hf": "a Hugging Face dataset folder (data/<split>-*.parquet, or save_to_disk's), local or s3://"}
+             "hf": "a Hugging Face dataset folder (data/<split>-*.parquet, or save_to_disk's), local or s3://",
+             "webdataset": "a .tar, a folder of them, or a brace pattern such as shards-{0000..0003}.tar"}
 
 
 def plan_source(kind: str, uri: str | None, storage_cfg: StorageConfig, options: IngestOptions) -> SourcePlan:
@@ -36,6 +38,8 @@ def plan_source(kind: str, uri: str | None, storage_cfg: StorageConfig, options:
         raise VaegenError(f"ingest {kind} needs the input's path ({WHAT_PATH[kind]})")
     if kind == "image-folder":
         return plan_image_folder(uri, storage_cfg, options)
+    if kind == "webdataset":
+        return plan_webdataset(uri, storage_cfg, options)
     return plan_table_source(kind, uri, storage_cfg, options)
 
 
@@ -49,4 +53,6 @@ def read_item(plan_kind: str, item: SourceItem, storage_cfg: StorageConfig,
         return read_image_file_item(item, storage_cfg, options)
     if plan_kind in ("parquet", "hf"):
         return read_table_item(item, storage_cfg, options)
+    if plan_kind == "webdataset":
+        return read_tar_item(item, storage_cfg, options)
     raise VaegenError(f"unknown ingest source {plan_kind!r} (one of {', '.join(SOURCES)})")

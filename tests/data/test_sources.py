@@ -1,6 +1,7 @@
 """Ingest sources: each input built with its own library (PIL, pyarrow, `datasets`, webdataset), planned and read
 back through cluster.data.sources, locally and on S3 over HTTP."""
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -139,3 +140,300 @@ def test_parquet_without_an_image_column_names_the_columns(tmp_path):
         plan_source("parquet", str(tmp_path), LOCAL, IngestOptions())
     with pytest.raises(VaegenError, match="no column 'y' \\(--label-column\\); it has: img, label"):
         plan_source("parquet", str(tmp_path), LOCAL, IngestOptions(image_column="img", label_column="y"))
+
+
+def test_flat_image_folder_is_unlabelled(tmp_path):
+    for i in range(3):
+        Image.fromarray(pattern(8, 8, 1, i)).save(tmp_path / f"img{i}.png")
+    plan = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions())
+    assert plan.label_names is None
+    pixels, labels, _ = read_all(plan)["train"]
+    assert pixels.shape == (3, 1, 8, 8) and labels.tolist() == [-1, -1, -1]
+
+
+def test_image_folder_with_images_at_top_and_in_subfolders_is_one_line(tmp_path):
+    make_class_folder(tmp_path)
+    Image.fromarray(pattern(12, 10, 3, 0)).save(tmp_path / "stray.png")
+    with pytest.raises(VaegenError, match="both at its top .*stray.png.* and in subfolders"):
+        plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions())
+
+
+def test_image_folder_reads_any_pillow_format_by_pil_to_chw_rules(tmp_path):
+    """JPEG, BMP, WebP, TIFF, GIF; 16-bit grey scaled by round(v / 257); alpha composited onto black."""
+    (tmp_path / "a").mkdir()
+    rgb = pattern(8, 8, 3, 1)
+    for fmt in ("bmp", "webp", "tiff", "gif"):
+        Image.fromarray(rgb[..., 0]).save(tmp_path / "a" / f"grey.{fmt}")
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "a" / "wide.png")
+    rgba = np.dstack([np.full((8, 8, 3), 200, np.uint8), np.full((8, 8), 0, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a" / "clear.png")
+    Image.fromarray(rgb).save(tmp_path / "a" / "photo.jpg", quality=95)
+    (tmp_path / "a" / "notes.txt").write_text("not an image: skipped")
+    plan = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions())
+    images = {i.name.rsplit("/", 1)[-1]: i.pixels for item in plan.items for i in read_item(plan.kind, item, LOCAL,
+                                                                                              IngestOptions())}
+    assert sorted(images) == ["clear.png", "grey.bmp", "grey.gif", "grey.tiff", "grey.webp", "photo.jpg", "wide.png"]
+    assert np.array_equal(images["grey.bmp"], rgb[None, ..., 0]) and np.array_equal(images["grey.tiff"],
+                                                                                      rgb[None, ..., 0])
+    assert images["wide.png"].shape == (1, 8, 8) and (images["wide.png"] == 255).all()
+    assert images["clear.png"].shape == (3, 8, 8) and (images["clear.png"] == 0).all()
+    assert images["photo.jpg"].shape == (3, 8, 8)
+    assert np.abs(images["photo.jpg"].astype(int) - rgb.transpose(2, 0, 1)).mean() < 8
+
+
+def test_size_and_mode_shape_every_image_and_mixed_sizes_come_out_one_shape(tmp_path):
+    (tmp_path / "x").mkdir()
+    Image.fromarray(np.full((40, 20, 3), 90, np.uint8)).save(tmp_path / "x" / "tall.png")
+    Image.fromarray(np.full((10, 30), 90, np.uint8)).save(tmp_path / "x" / "wide.png")
+    options = IngestOptions(size=(16, 16), mode="L")
+    plan = plan_source("image-folder", str(tmp_path), LOCAL, options)
+    pixels, _, _ = read_all(plan, options=options)["train"]
+    assert pixels.shape == (2, 1, 16, 16) and (np.abs(pixels.astype(int) - 90) <= 1).all()
+
+
+def test_a_corrupt_image_is_one_line_or_skipped_with_skip_bad(tmp_path):
+    make_class_folder(tmp_path, per_class=2)
+    (tmp_path / "cats" / "broken.png").write_bytes(png(pattern(12, 10, 3, 0))[:60])
+    plan = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="cannot read image .*cats/broken.png: "):
+        read_all(plan)
+    options = IngestOptions(skip_bad=True)
+    images = [i for item in plan.items for i in read_item(plan.kind, item, LOCAL, options)]
+    bad = [i for i in images if i.pixels is None]
+    assert len(images) == 5 and len(bad) == 1 and bad[0].name.endswith("broken.png") and bad[0].error
+    assert "\n" not in bad[0].error and bad[0].label == 0
+
+
+@pytest.mark.s3
+def test_image_folder_under_an_s3_prefix_reads_like_a_local_one(tmp_path, s3_storage_config):
+    import boto3
+    make_class_folder(tmp_path / "pets")
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/pets"
+    for path in sorted((tmp_path / "pets").rglob("*.png")):
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{path.parent.name}/{path.name}",
+                          Body=path.read_bytes())
+    uri = f"s3://vaegen-test/{prefix}"
+    plan = plan_source("image-folder", uri, s3_storage_config, IngestOptions())
+    local = plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions())
+    assert plan.label_names == ("cats", "dogs") and plan.items[0].uri == f"{uri}/cats/0.png"
+    got, want = read_all(plan, s3_storage_config)["train"], read_all(local)["train"]
+    assert np.array_equal(got[0], want[0]) and got[1].tolist() == want[1].tolist()
+    with pytest.raises(VaegenError, match="holds no images"):
+        plan_source("image-folder", f"{uri}-nothing-here", s3_storage_config, IngestOptions())
+
+
+# -- Hugging Face datasets on disk -----------------------------------------------------------------------------
+def hf_split(n: int, seed: int, labelled=True, image="image", label="label", names=("shirt", "shoe", "bag")):
+    """A `datasets` Dataset of n RGB images (Image feature) and, if labelled, ClassLabel labels."""
+    import datasets
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (n, 6, 5, 3), dtype=np.uint8)
+    columns = {image: [Image.fromarray(p) for p in pixels]}
+    if labelled:
+        columns[label] = rng.integers(0, len(names), n).tolist()
+    ds = datasets.Dataset.from_dict(columns).cast_column(image, datasets.Image())
+    if labelled:
+        ds = ds.cast_column(label, datasets.ClassLabel(names=list(names)))
+    return ds, pixels.transpose(0, 3, 1, 2), columns.get(label)
+
+
+def test_hub_layout_splits_come_from_file_names_as_datasets_finds_them(tmp_path):
+    import datasets
+    (train, train_px, train_y), (test, test_px, test_y) = hf_split(50, 0), hf_split(10, 1)
+    train.to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
+    test.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    theirs = datasets.load_dataset(str(tmp_path))
+    for kind in ("hf", "parquet"):              # a Hub-style folder no longer merges test into train
+        plan = plan_source(kind, str(tmp_path), LOCAL, IngestOptions())
+        assert plan.label_names == ("shirt", "shoe", "bag") == tuple(theirs["train"].features["label"].names)
+        got = read_all(plan)
+        assert sorted(got) == sorted(theirs) == ["test", "train"]
+        assert np.array_equal(got["train"][0], train_px) and got["train"][1].tolist() == train_y
+        assert np.array_equal(got["test"][0], test_px) and got["test"][1].tolist() == test_y == theirs["test"]["label"]
+
+
+def test_hub_layout_split_names_beyond_train_and_test(tmp_path):
+    for split, n in (("train", 3), ("validation", 2), ("extra", 1)):
+        hf_split(n, n)[0].to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    plan = plan_source("hf", str(tmp_path), LOCAL, IngestOptions())
+    assert [i.split for i in plan.items] == ["train", "validation", "extra"]
+
+
+def test_keyword_folders_name_splits_when_there_is_no_sharded_layout(tmp_path):
+    hf_split(4, 0)[0].to_parquet(tmp_path / "training" / "part.parquet")
+    hf_split(2, 1)[0].to_parquet(tmp_path / "eval" / "part.parquet")
+    plan = plan_source("hf", str(tmp_path), LOCAL, IngestOptions())
+    assert [(i.split, i.stop) for i in plan.items] == [("train", 4), ("test", 2)]
+
+
+def test_hf_image_and_label_columns_by_name_and_unlabelled_data(tmp_path):
+    ds, pixels, labels = hf_split(5, 2, image="picture", label="kind")
+    ds.to_parquet(tmp_path / "named.parquet")
+    options = IngestOptions(image_column="picture", label_column="kind")
+    plan = plan_source("hf", str(tmp_path / "named.parquet"), LOCAL, options)
+    got = read_all(plan, options=options)["train"]
+    assert plan.label_names == ("shirt", "shoe", "bag") and got[1].tolist() == labels
+    unlabelled = IngestOptions(image_column="picture", label_column="")
+    plan = plan_source("hf", str(tmp_path / "named.parquet"), LOCAL, unlabelled)
+    assert plan.label_names is None and read_all(plan, options=unlabelled)["train"][1].tolist() == [-1] * 5
+    hf_split(4, 3, labelled=False)[0].to_parquet(tmp_path / "bare" / "train.parquet")
+    plan = plan_source("hf", str(tmp_path / "bare"), LOCAL, IngestOptions())
+    assert plan.label_names is None and np.array_equal(read_all(plan)["train"][0], hf_split(4, 3, False)[1])
+    with pytest.raises(VaegenError, match="no column 'pic' \\(--image-column\\); it has: picture, kind"):
+        plan_source("hf", str(tmp_path / "named.parquet"), LOCAL, IngestOptions(image_column="pic"))
+
+
+def test_save_to_disk_folders_read_as_their_dataset(tmp_path):
+    import datasets
+    (train, train_px, train_y), (test, _, test_y) = hf_split(6, 0), hf_split(3, 1)
+    train.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "both"))
+    plan = plan_source("hf", str(tmp_path / "one"), LOCAL, IngestOptions())
+    got = read_all(plan)
+    assert plan.label_names == ("shirt", "shoe", "bag") and np.array_equal(got["train"][0], train_px)
+    got = read_all(plan_source("hf", str(tmp_path / "both"), LOCAL, IngestOptions()))
+    assert got["train"][1].tolist() == train_y and got["test"][1].tolist() == test_y
+
+
+@pytest.mark.s3
+def test_hub_layout_on_s3(tmp_path, s3_storage_config):
+    import boto3
+    (train, train_px, train_y), (test, _, test_y) = hf_split(8, 0), hf_split(4, 1)
+    train.to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
+    test.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/hub"
+    for path in (tmp_path / "data").iterdir():
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/data/{path.name}", Body=path.read_bytes())
+    plan = plan_source("hf", f"s3://vaegen-test/{prefix}", s3_storage_config, IngestOptions())
+    got = read_all(plan, s3_storage_config)
+    assert plan.label_names == ("shirt", "shoe", "bag") and np.array_equal(got["train"][0], train_px)
+    assert got["train"][1].tolist() == train_y and got["test"][1].tolist() == test_y
+
+
+# -- WebDataset tars ------------------------------------------------------------------------------------------
+def write_shards(pattern_path: str, n: int, per_shard: int, image_ext="png", label=True, json_label=False,
+                 channels=3):
+    """n samples through webdataset.ShardWriter: {'__key__', image_ext, 'cls' and/or 'json'}."""
+    import webdataset as wds
+    pixels = np.stack([pattern(6, 7, channels, i) for i in range(n)])
+    with wds.ShardWriter(pattern_path, maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            sample = {"__key__": f"sample{i:04d}", image_ext: png(pixels[i], "PNG" if image_ext == "png" else "PPM")}
+            if label:
+                sample["cls"] = i % 3
+            if json_label:
+                sample["json"] = {"label": (i + 1) % 3, "note": "x"}
+            sink.write(sample)
+    return pixels if channels == 1 else pixels.transpose(0, 3, 1, 2), [i % 3 for i in range(n)]
+
+
+def test_webdataset_folder_file_and_brace_pattern_read_the_same_samples(tmp_path):
+    pixels, labels = write_shards(str(tmp_path / "shards-%04d.tar"), 10, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards-0000.tar", "shards-0001.tar", "shards-0002.tar"]
+    folder = plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    braces = plan_source("webdataset", str(tmp_path / "shards-{0000..0002}.tar"), LOCAL, IngestOptions())
+    assert [i.uri for i in folder.items] == [i.uri for i in braces.items] and len(folder.items) == 3
+    assert folder.label_names == ("0", "1", "2")
+    got = read_all(folder)["train"]
+    assert np.array_equal(got[0], pixels) and got[1].tolist() == labels
+    assert got[2][5].endswith("shards-0001.tar:sample0005.png")
+    one = read_all(plan_source("webdataset", str(tmp_path / "shards-0001.tar"), LOCAL, IngestOptions()))["train"]
+    assert one[1].tolist() == labels[4:8]
+
+
+def test_webdataset_keys_chosen_like_to_tuple(tmp_path):
+    """--image-key 'png;ppm' takes the first extension a sample has; --label-key json reads its .json's label;
+    '' leaves the data unlabelled, and tars without cls are unlabelled by default."""
+    import webdataset as wds
+    pixels, _ = write_shards(str(tmp_path / "a-%d.tar"), 4, 10, image_ext="ppm", label=False, json_label=True)
+    options = IngestOptions(image_key="png;ppm", label_key="json")
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, options)
+    got = read_all(plan, options=options)["train"]
+    theirs = list(wds.WebDataset(str(tmp_path / "a-0.tar"), shardshuffle=False).decode("rgb8").to_tuple("png;ppm",
+                                                                                                        "json"))
+    assert [t[1]["label"] for t in theirs] == got[1].tolist() == [1, 2, 0, 1]
+    assert np.array_equal(got[0], pixels) and np.array_equal(got[0][0], theirs[0][0].transpose(2, 0, 1))
+    assert plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions(image_key="ppm")).label_names is None
+    unlabelled = IngestOptions(image_key="ppm", label_key="")
+    assert read_all(plan_source("webdataset", str(tmp_path), LOCAL, unlabelled), options=unlabelled)["train"][1]\
+        .tolist() == [-1] * 4
+
+
+def test_webdataset_errors_are_one_line(tmp_path):
+    write_shards(str(tmp_path / "s-%d.tar"), 2, 10, image_ext="ppm")
+    with pytest.raises(VaegenError, match="sample sample0000 has no png or jpg or jpeg member \\(--image-key\\); "
+                                          "its keys: cls, ppm"):
+        plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="has no lbl member \\(--label-key\\); its keys: cls, ppm"):
+        plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions(image_key="ppm", label_key="lbl"))
+    with pytest.raises(VaegenError, match="bad brace pattern .*unbalanced"):
+        plan_source("webdataset", str(tmp_path / "s-{0..1.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="not a range of integers"):
+        plan_source("webdataset", str(tmp_path / "s-{a..b}.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="s-1.tar \\(from the pattern .*\\) does not exist"):
+        plan_source("webdataset", str(tmp_path / "s-{0..1}.tar"), LOCAL, IngestOptions())
+    with pytest.raises(VaegenError, match="missing does not exist"):
+        plan_source("webdataset", str(tmp_path / "missing"), LOCAL, IngestOptions())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VaegenError, match="no WebDataset tars at"):
+        plan_source("webdataset", str(tmp_path / "empty"), LOCAL, IngestOptions())
+
+
+@pytest.mark.s3
+def test_webdataset_brace_pattern_on_s3(tmp_path, s3_storage_config):
+    import boto3
+    pixels, labels = write_shards(str(tmp_path / "shards-%04d.tar"), 6, 3)
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/wds"
+    for path in tmp_path.glob("*.tar"):
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    uri = f"s3://vaegen-test/{prefix}/shards-{{0000..0001}}.tar"
+    plan = plan_source("webdataset", uri, s3_storage_config, IngestOptions())
+    got = read_all(plan, s3_storage_config)["train"]
+    assert np.array_equal(got[0], pixels) and got[1].tolist() == labels and plan.label_names == ("0", "1", "2")
+
+
+# -- vaegen's own outputs ingest back ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def own_jobs(starts_ray, small_fashion, tmp_path_factory):
+    """Reconstructions of 8 real Fashion-MNIST test images (labelled, with the class names) in each output
+    format, 2 shards each: {format: (job folder, manifest)}."""
+    from conftest import start_local_ray
+    from generate_support import publish_tiny_model
+
+    from cluster.data.datasets import ingest
+    from cluster.generate.driver import run_reconstruction
+    from cluster.store.storage import open_storage
+    from vae_core.data import ArrayDataset, ArraySplit
+    from vae_core.use_configs import GenerateConfig
+    start_local_ray()
+    cfg = StorageConfig(root=str(tmp_path_factory.mktemp("own-jobs") / "root"))
+    storage = open_storage(cfg, for_writing=True)
+    _, (images, labels) = small_fashion
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(images[:8], labels[:8])}, FASHION_MNIST_LABELS, "t"),
+           shard_rows=4, progress=False)
+    model = publish_tiny_model(storage, "cond", num_classes=10)
+    jobs = {}
+    for fmt in ("parquet", "png", "jpeg"):
+        spec = GenerateConfig(model=model, kind="reconstructions", dataset="fm", format=fmt)
+        manifest = run_reconstruction(spec, cfg, workers=1, progress=False)
+        jobs[fmt] = (os.path.join(cfg.root, manifest["prefix"]), manifest)
+    return jobs, labels[:8].tolist()
+
+
+@pytest.mark.parametrize("fmt, kind", [("parquet", "parquet"), ("parquet", "hf"), ("png", "webdataset"),
+                                       ("jpeg", "webdataset")])
+def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, fmt, kind):
+    from generate_support import all_rows
+    from cluster.store.storage import Storage
+    jobs, labels = own_jobs
+    folder, manifest = jobs[fmt]
+    plan = plan_source(kind, folder, LOCAL, IngestOptions(image_key="png;jpg"))
+    assert plan.label_names == FASHION_MNIST_LABELS and len(plan.items) == 2
+    got = read_all(plan, options=IngestOptions(image_key="png;jpg"))
+    assert list(got) == ["train"]                          # the jobs' shards are data/train-0000N-of-00002.*
+    written = all_rows(Storage(StorageConfig(root=folder.rsplit("/outputs/", 1)[0])), manifest)
+    assert got["train"][1].tolist() == labels == written["label"]
+    assert np.array_equal(got["train"][0], np.stack(written["image"]))
