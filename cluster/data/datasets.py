@@ -182,6 +182,9 @@ def bind_model_to_dataset(cfg: ModelConfig, manifest: dict, conditional: bool) -
         raise VaegenError(f"dataset {manifest['name']!r} holds images of shape {shape} (C,H,W) but the model "
                           f"config says {tuple(cfg.image_shape)}")
     classes = len(manifest["label_names"]) if conditional else 0
+    if conditional and classes == 0:
+        raise VaegenError(f"dataset {manifest['name']!r} is unlabelled: --conditional needs labels (train without "
+                          "it, or ingest labelled data)")
     if conditional and classes < 2:
         raise VaegenError(f"dataset {manifest['name']!r} has {classes} label(s): nothing to condition on")
     if cfg.num_classes and cfg.num_classes != classes:

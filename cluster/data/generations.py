@@ -96,14 +96,24 @@ def write_shard(storage: Storage, name: str, split: str, shard_name: str, images
     return record
 
 
+def discard_folder(storage: Storage, folder: str) -> None:
+    """Delete every file under `folder`, then (locally) the folders left empty."""
+    for entry in storage.list(folder, recursive=True):
+        storage.delete(entry.key)
+    if not storage.is_s3:
+        for path, _, _ in sorted(os.walk(storage.path(folder)), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass                                # not empty: something else lives there
+
+
 def abandon_generation(storage: Storage, name: str, generation: str) -> None:
     """An ingest that refused its input: its marker goes, and what it wrote of its generation (nothing names it),
     with the folders it made when it was the dataset's first."""
     storage.delete(pending_key(name, generation))
     for split in storage.list_dirs(dataset_key(name)):
-        folder = dataset_key(name, split, f"{GENERATION_PREFIX}{generation}")
-        for entry in storage.list(folder, recursive=True):
-            storage.delete(entry.key)
+        discard_folder(storage, dataset_key(name, split, f"{GENERATION_PREFIX}{generation}"))
     if not storage.is_s3:
         for folder in (dataset_key(name, PENDING), dataset_key(name), DATASETS):
             remove_empty_folders(storage, folder)

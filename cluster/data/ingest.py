@@ -38,6 +38,7 @@ from cluster.data.generations import (
     abandon_generation,
     begin_generation,
     commit_generation,
+    discard_folder,
     new_manifest,
     part_name,
     write_shard,
@@ -125,8 +126,7 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
                                         skipped=skipped_record(pieces))
                 manifest["splits"] = write_shards(job, pieces, shard_rows, use_ray)
             finally:
-                for entry in storage.list(job.pieces_folder(), recursive=True):
-                    storage.delete(entry.key)
+                discard_folder(storage, job.pieces_folder())
     except VaegenError:
         abandon_generation(storage, name, generation)        # bad input publishes nothing, not even its marker
         raise

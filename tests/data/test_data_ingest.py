@@ -183,7 +183,7 @@ def test_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path, local_storage
     Image.fromarray(values).save(tmp_path / "imgs" / "a" / "deep.png")
     with Image.open(tmp_path / "imgs" / "a" / "deep.png") as im:
         assert im.mode.startswith("I")                   # Pillow really reads it as a 16-bit image
-    manifest = ingest_source("image-folder", str(tmp_path / "imgs"), local_storage_config, progress=False)
+    ingest_source("image-folder", str(tmp_path / "imgs"), local_storage_config, progress=False)
     pixels = read_split(open_storage(local_storage_config), "imgs", "train").images[0, 0]
     assert pixels.tolist() == np.round(values / 257).astype(int).tolist()
     assert len(set(pixels.ravel().tolist())) > 2        # the old code kept only {0, 255}
