@@ -7,11 +7,28 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from cluster.data.source_io import (IngestOptions, SourceImage, SourceItem, SourcePlan, absolute, bad_image,
-                                    decode_image, file_info, fingerprint, list_files, read_file, shaped_array)
+from cluster.data.source_io import (
+    IngestOptions,
+    SourceImage,
+    SourceItem,
+    SourcePlan,
+    absolute,
+    bad_image,
+    decode_image,
+    file_info,
+    fingerprint,
+    list_files,
+    read_file,
+    shaped_array,
+)
 from vae_core.config import MAX_CLASSES, StorageConfig
-from vae_core.data import (FASHION_MNIST_DIR, FASHION_MNIST_FILES, FASHION_MNIST_LABELS, gunzip_if_gzip,
-                           parse_idx)
+from vae_core.data import (
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_LABELS,
+    gunzip_if_gzip,
+    parse_idx,
+)
 from vae_core.errors import VaegenError
 
 IDX_ROWS_PER_ITEM = 10_000

@@ -16,9 +16,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.data.source_io import (FileRef, IngestOptions, SourceImage, SourceItem, SourcePlan, absolute,
-                                    bad_image, decode_image, file_info, fingerprint, list_files, open_file,
-                                    read_file, shaped_array)
+from cluster.data.source_io import (
+    FileRef,
+    IngestOptions,
+    SourceImage,
+    SourceItem,
+    SourcePlan,
+    absolute,
+    bad_image,
+    decode_image,
+    file_info,
+    fingerprint,
+    list_files,
+    open_file,
+    read_file,
+    shaped_array,
+)
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError
 

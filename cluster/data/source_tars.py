@@ -15,8 +15,20 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from cluster.data.source_io import (IngestOptions, SourceImage, SourceItem, SourcePlan, absolute, bad_image,
-                                    decode_image, file_info, fingerprint, list_files, open_stream, read_file)
+from cluster.data.source_io import (
+    IngestOptions,
+    SourceImage,
+    SourceItem,
+    SourcePlan,
+    absolute,
+    bad_image,
+    decode_image,
+    file_info,
+    fingerprint,
+    list_files,
+    open_stream,
+    read_file,
+)
 from cluster.data.source_parquet import infer_splits, split_order
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cluster.data.source_files import (plan_fashion_mnist, plan_image_folder, read_fashion_mnist_item,
-                                       read_image_file_item)
+from cluster.data.source_files import (
+    plan_fashion_mnist,
+    plan_image_folder,
+    read_fashion_mnist_item,
+    read_image_file_item,
+)
 from cluster.data.source_io import IngestOptions, SourceImage, SourceItem, SourcePlan
 from cluster.data.source_parquet import plan_table_source, read_table_item
 from cluster.data.source_tars import plan_webdataset, read_tar_item

@@ -427,6 +427,7 @@ def own_jobs(starts_ray, small_fashion, tmp_path_factory):
                                        ("jpeg", "webdataset")])
 def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, fmt, kind):
     from generate_support import all_rows
+
     from cluster.store.storage import Storage
     jobs, labels = own_jobs
     folder, manifest = jobs[fmt]
