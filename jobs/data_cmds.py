@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 
 from vae_core.config import IngestOptions
 from vae_core.data import FASHION_MNIST_DIR
@@ -41,11 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_ingest(args: argparse.Namespace) -> int:
     from cluster.data.ingest import ingest_source
-    options = build(IngestOptions, args)
-    # The streaming engine takes the options; until it lands, ingest_source reads the three sources as before.
-    extra = {"options": options} if "options" in inspect.signature(ingest_source).parameters else {}
-    manifest = ingest_source(args.source, args.path, storage_config(args), name=args.name, split=options.split,
-                             shard_rows=args.shard_rows, progress=args.progress, **extra)
+    manifest = ingest_source(args.source, args.path, storage_config(args), name=args.name,
+                             shard_rows=args.shard_rows, progress=args.progress, options=build(IngestOptions, args))
     splits = ", ".join(f"{k}: {v['rows']:,} rows in {counted(len(v['shards']), 'shard')}" for k, v in manifest["splits"].items())
     for note in manifest.get("notes", ()):
         print(f"note: {note}")

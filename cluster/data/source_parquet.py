@@ -85,6 +85,7 @@ def plan_table_source(kind: str, uri: str, cfg: StorageConfig, options: IngestOp
     for split, ref in sorted(chosen, key=lambda c: (split_order(c[0]), c[1].uri)):
         meta = _parquet_metadata(ref.uri, cfg)
         columns = choose_columns(meta.schema.to_arrow_schema(), options, ref.uri)
+        check_statistics(meta, columns, options, ref.uri)
         labelled |= columns[1] is not None
         names = names or (class_names(meta.schema.to_arrow_schema(), columns[1]) if columns[1] else None)
         items += [SourceItem(split, ref.uri, start, min(start + ROWS_PER_ITEM, meta.num_rows))
@@ -134,7 +135,31 @@ def choose_columns(schema: pa.Schema, options: IngestOptions, name: str) -> tupl
         raise VaegenError(f"{name} has no column {label!r} (--label-column); it has: {listed}")
     if label is not None and not pa.types.is_integer(schema.field(label).type):
         raise VaegenError(f"{name}: label column {label!r} must hold integers, not {schema.field(label).type}")
+    for shape in (["height", "width", "channels"] if image == "pixels" else []):
+        if not pa.types.is_integer(schema.field(shape).type):     # 8.5 or "8" would be truncated or parsed
+            raise VaegenError(f"{name}: '{shape}' must be an integer column, not {schema.field(shape).type}")
     return image, label
+
+
+def check_statistics(meta: pq.FileMetaData, columns: tuple[str, str | None], options: IngestOptions,
+                     uri: str) -> None:
+    """What a Parquet footer's statistics already say is wrong, in one line before any image is read: a shape
+    column with nulls, and (unless --skip-bad) a label column with nulls or a label below 0."""
+    image, label = columns
+    checked = (["height", "width", "channels"] if image == "pixels" else []) + \
+        ([label] if label is not None and not options.skip_bad else [])
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]    # a struct column has several
+    for group in range(meta.num_row_groups):
+        for name in checked:
+            stats = meta.row_group(group).column(leaves.index(name)).statistics
+            if stats is None:
+                continue
+            if stats.null_count:
+                what = "label column" if name == label else f"'{name}' must be an integer column without nulls:"
+                raise VaegenError(f"{uri}: {what} {name!r} has {stats.null_count} empty value(s)"
+                                  if name == label else f"{uri}: {what} it has {stats.null_count}")
+            if name == label and stats.has_min_max and stats.min < 0:
+                raise VaegenError(f"{uri}: label {stats.min} in column {label!r}: labels must be 0 or more")
 
 
 def class_names(schema: pa.Schema, label: str) -> tuple[str, ...] | None:

@@ -443,10 +443,14 @@ def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, 
 # -- bad input ---------------------------------------------------------------------------------------------------
 def test_bad_rows_and_samples_are_named_or_skipped(tmp_path):
     good = png(pattern(4, 4, 3, 0))
-    pq.write_table(pa.table({"image": [good, b"not an image", good], "label": [0, 1, None]}), tmp_path / "t.parquet")
+    pq.write_table(pa.table({"image": [good, b"not an image", good], "label": [0, 1, 2]}), tmp_path / "t.parquet")
     plan = plan_source("parquet", str(tmp_path / "t.parquet"), LOCAL, IngestOptions())
     with pytest.raises(VaegenError, match="cannot read image .*t.parquet row 1: cannot identify image file"):
         read_all(plan)
+    pq.write_table(pa.table({"image": [good, b"not an image", good], "label": [0, 1, None]}), tmp_path / "t.parquet")
+    with pytest.raises(VaegenError, match="t.parquet: label column 'label' has 1 empty value"):   # the footer says so
+        plan_source("parquet", str(tmp_path / "t.parquet"), LOCAL, IngestOptions())
+    plan = plan_source("parquet", str(tmp_path / "t.parquet"), LOCAL, IngestOptions(skip_bad=True))
     skipped = list(read_item(plan.kind, plan.items[0], LOCAL, IngestOptions(skip_bad=True)))
     assert [i.pixels is None for i in skipped] == [False, True, True]
     assert skipped[2].error == "label None is not an integer >= 0"
