@@ -152,10 +152,10 @@ def _mtime_ns(info: pafs.FileInfo) -> int:
 
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:
     """The identity of an input as planned: same files (size and time), items, names and options, same value."""
-    record = {"kind": kind, "uri": uri, "options": dataclasses.asdict(options), "label_names": label_names,
-              "items": [dataclasses.astuple(i) for i in items],
-              "files": [dataclasses.astuple(f) for f in files]}
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([kind, uri, dataclasses.asdict(options), label_names], default=str).encode())
+    for entry in (*items, *files):                      # one line each: a million files never make one string
+        digest.update(json.dumps([type(entry).__name__, *dataclasses.astuple(entry)]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 # -- one image ---------------------------------------------------------------------------------------

@@ -89,6 +89,15 @@ def test_labelled_image_folder_reads_classes_from_subfolders(tmp_path):
     assert np.array_equal(pixels[4], pattern(12, 10, 3, 11).transpose(2, 0, 1))
 
 
+def test_the_fingerprint_changes_with_a_file_and_only_then(tmp_path):
+    make_class_folder(tmp_path)
+    first = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions()).fingerprint
+    assert plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions()).fingerprint == first
+    Image.fromarray(pattern(12, 10, 3, 99)).save(tmp_path / "dogs" / "1.png")      # rewritten in place
+    os.utime(tmp_path / "dogs" / "1.png", ns=(1, 1))
+    assert plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions()).fingerprint != first
+
+
 def test_image_folder_split_option_names_the_split(tmp_path):
     make_class_folder(tmp_path)
     plan = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions(split="val"))
