@@ -2,8 +2,9 @@
 
 Splits come from file names as `datasets` finds them: `data/<split>-NNNNN-of-NNNNN.*` first, else the train/
 validation/test keywords in folder names, then in file names, else everything is --split. The image column is
---image-column, else `image` (bytes, or Hugging Face's Image struct<bytes, path>), else `pixels` with `height`,
-`width`, `channels`; the label column --label-column ("" for none), else `label` when there is one. Class names
+--image-column, else `image` (bytes, or Hugging Face's Image struct<bytes, path>), else `pixels` (C·H·W uint8
+in CHW order) with `height`, `width`, `channels` columns or one shape in the `vaegen.image_shape` schema metadata
+(vaegen's own dataset shards); the label column --label-column ("" for none), else `label` when there is one. Class names
 come from the `huggingface` schema metadata (a ClassLabel), else are '0'..max label. Items: row ranges."""
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError
 
 ROWS_PER_ITEM = 10_000
+SHAPE_COLUMNS = ("height", "width", "channels")
+IMAGE_SHAPE_METADATA = b"vaegen.image_shape"           # what cluster/data/readable.py writes: [C, H, W]
 SHARDED = re.compile(r"^data/([^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*$")    # datasets' SPLIT_PATTERN_SHARDED
 SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
                   "test": ("test", "testing", "eval", "evaluation")}
@@ -121,7 +124,7 @@ def choose_columns(schema: pa.Schema, options: IngestOptions, name: str) -> tupl
         image = options.image_column
     elif "image" in present:
         image = "image"
-    elif {"pixels", "height", "width", "channels"} <= set(present):
+    elif "pixels" in present and (set(SHAPE_COLUMNS) <= set(present) or fixed_shape(schema)):
         image = "pixels"
     else:
         raise VaegenError(f"{name} has no image column: name it with --image-column (columns: {listed}), or "
@@ -135,7 +138,7 @@ def choose_columns(schema: pa.Schema, options: IngestOptions, name: str) -> tupl
         raise VaegenError(f"{name} has no column {label!r} (--label-column); it has: {listed}")
     if label is not None and not pa.types.is_integer(schema.field(label).type):
         raise VaegenError(f"{name}: label column {label!r} must hold integers, not {schema.field(label).type}")
-    for shape in (["height", "width", "channels"] if image == "pixels" else []):
+    for shape in shape_columns(schema, image):
         if not pa.types.is_integer(schema.field(shape).type):     # 8.5 or "8" would be truncated or parsed
             raise VaegenError(f"{name}: '{shape}' must be an integer column, not {schema.field(shape).type}")
     return image, label
@@ -146,7 +149,7 @@ def check_statistics(meta: pq.FileMetaData, columns: tuple[str, str | None], opt
     """What a Parquet footer's statistics already say is wrong, in one line before any image is read: a shape
     column with nulls, and (unless --skip-bad) a label column with nulls or a label below 0."""
     image, label = columns
-    checked = (["height", "width", "channels"] if image == "pixels" else []) + \
+    checked = shape_columns(meta.schema.to_arrow_schema(), image) + \
         ([label] if label is not None and not options.skip_bad else [])
     leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]    # a struct column has several
     for group in range(meta.num_row_groups):
@@ -159,7 +162,22 @@ def check_statistics(meta: pq.FileMetaData, columns: tuple[str, str | None], opt
                 raise VaegenError(f"{uri}: {what} {name!r} has {stats.null_count} empty value(s)"
                                   if name == label else f"{uri}: {what} it has {stats.null_count}")
             if name == label and stats.has_min_max and stats.min < 0:
-                raise VaegenError(f"{uri}: label {stats.min} in column {label!r}: labels must be 0 or more")
+                raise VaegenError(f"{uri}: label {stats.min} in column {label!r}: labels must be 0 or more (for "
+                                  "unlabelled data: --label-column '')")
+
+
+def shape_columns(schema: pa.Schema, image: str) -> list[str]:
+    """The per-row shape columns of a `pixels` image column (none where the metadata gives one shape)."""
+    return list(SHAPE_COLUMNS) if image == "pixels" and set(SHAPE_COLUMNS) <= set(schema.names) else []
+
+
+def fixed_shape(schema: pa.Schema) -> tuple[int, int, int] | None:
+    """The one (C, H, W) of every `pixels` value that the schema metadata declares, if it declares one."""
+    try:
+        shape = tuple(json.loads((schema.metadata or {}).get(IMAGE_SHAPE_METADATA, b"null")) or ())
+    except ValueError:
+        return None
+    return shape if len(shape) == 3 and all(isinstance(v, int) for v in shape) else None
 
 
 def class_names(schema: pa.Schema, label: str) -> tuple[str, ...] | None:
@@ -230,18 +248,17 @@ def _arrow_schema(uri: str, cfg: StorageConfig) -> pa.Schema:
 def read_table_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) -> Iterator[SourceImage]:
     """Every row of the item's range, in order."""
     row = item.start
-    for batch, image, label in _batches(item, cfg, options):
+    for batch, image, label, shape in _batches(item, cfg, options):
         labels = [-1] * batch.num_rows if label is None else batch.column(label).to_pylist()
-        columns = {k: batch.column(k).to_pylist() for k in (["height", "width", "channels"] if image == "pixels"
-                                                            and "height" in batch.schema.names else [])}
+        columns = {k: batch.column(k).to_pylist() for k in shape_columns(batch.schema, image)}
         for i, value in enumerate(batch.column(image).to_pylist()):
             name = f"{item.uri} row {row}"
             row += 1
             if label is not None and (labels[i] is None or labels[i] < 0):
                 yield bad_image(name, f"label {labels[i]} is not an integer >= 0", -1, options)
-            elif columns:
-                yield _pixels(value, [columns[k][i] for k in ("channels", "height", "width")], name, labels[i],
-                              options)
+            elif columns or shape:
+                yield _pixels(value, shape or [columns[k][i] for k in ("channels", "height", "width")], name,
+                              labels[i], options)
             else:
                 data = value.get("bytes") if isinstance(value, dict) else value
                 yield (decode_image(data, name, labels[i], options) if isinstance(data, bytes)
@@ -249,18 +266,21 @@ def read_table_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions
 
 
 def _batches(item: SourceItem, cfg: StorageConfig, options: IngestOptions):
-    """(record batch, image column, label column) over the item's rows."""
+    """(record batch, image column, label column, the one shape of raw pixels or None) over the item's rows."""
     with open_file(item.uri, cfg) as f:
         if item.uri.endswith(".arrow"):
             reader = pa.ipc.open_stream(f)
             image, label = choose_columns(reader.schema, options, item.uri)
+            shape = fixed_shape(reader.schema) if image == "pixels" and not shape_columns(reader.schema, image) \
+                else None
             for batch in reader:
-                yield batch, image, label
+                yield batch, image, label, shape
             return
         pf = pq.ParquetFile(f)
         image, label = choose_columns(pf.schema_arrow, options, item.uri)
-        wanted = [image] + ([label] if label else []) + \
-            (["height", "width", "channels"] if image == "pixels" and "height" in pf.schema_arrow.names else [])
+        wanted = [image] + ([label] if label else []) + shape_columns(pf.schema_arrow, image)
+        shape = fixed_shape(pf.schema_arrow) if image == "pixels" and not shape_columns(pf.schema_arrow, image) \
+            else None
         stop = pf.metadata.num_rows if item.stop < 0 else item.stop
         first = 0
         for group in range(pf.num_row_groups):
@@ -269,7 +289,7 @@ def _batches(item: SourceItem, cfg: StorageConfig, options: IngestOptions):
                 table = pf.read_row_group(group, columns=wanted)
                 lo, hi = max(item.start - first, 0), min(stop - first, rows)
                 for batch in table.slice(lo, hi - lo).to_batches(max_chunksize=1024):
-                    yield batch, image, label
+                    yield batch, image, label, shape
             first += rows
 
 

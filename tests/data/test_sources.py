@@ -508,3 +508,29 @@ def test_fashion_mnist_layout_on_s3(tmp_path, s3_storage_config):
     plan = plan_source("fashion-mnist", f"s3://vaegen-test/{prefix}", s3_storage_config, IngestOptions())
     got = read_all(plan, s3_storage_config)
     assert np.array_equal(got["test"][0][:, 0], images) and got["train"][1].tolist() == [3, 1, 4, 1, 5]
+
+
+def test_a_vaegen_dataset_folder_ingests_back_as_it_is(tmp_path):
+    """A dataset ingest wrote (its readable view: pixels + the image shape and ClassLabel names in the metadata)
+    is itself a Parquet source with the same splits, rows, labels and class names."""
+    from cluster.data.ingest import ingest_source
+    make_class_folder(tmp_path / "pets")
+    root = StorageConfig(root=str(tmp_path / "root"))
+    ingest_source("image-folder", str(tmp_path / "pets"), root, name="pets", progress=False)
+    original = read_all(plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions()))["train"]
+    plan = plan_source("parquet", str(tmp_path / "root" / "datasets" / "pets"), LOCAL, IngestOptions())
+    assert plan.label_names == ("cats", "dogs")
+    again = read_all(plan)["train"]
+    assert np.array_equal(again[0], original[0]) and again[1].tolist() == original[1].tolist()
+    for i in range(2):
+        Image.fromarray(pattern(5, 5, 1, i)).save(tmp_path / f"flat{i}.png")
+    (tmp_path / "flat").mkdir()
+    for p in tmp_path.glob("flat?.png"):
+        p.rename(tmp_path / "flat" / p.name)
+    ingest_source("image-folder", str(tmp_path / "flat"), root, name="flat", progress=False)
+    folder = str(tmp_path / "root" / "datasets" / "flat")
+    with pytest.raises(VaegenError, match="label -1 in column 'label'.*unlabelled data: --label-column ''"):
+        plan_source("parquet", folder, LOCAL, IngestOptions())
+    unlabelled = IngestOptions(label_column="")
+    plan = plan_source("parquet", folder, LOCAL, unlabelled)
+    assert plan.label_names is None and read_all(plan, options=unlabelled)["train"][0].shape == (2, 1, 5, 5)
