@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .config import MAX_CLASSES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -199,39 +198,3 @@ def read_fashion_mnist(folder: str | os.PathLike = FASHION_MNIST_DIR) -> ArrayDa
             raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
         splits[split] = ArraySplit(images[:, None, :, :].copy(), labels.astype(np.int64))
     return ArrayDataset(splits, FASHION_MNIST_LABELS, str(folder))
-
-
-def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayDataset:
-    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB.
-    16-bit images are scaled to 8 bits and alpha is composited onto black (images.pil_to_chw)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VaegenError(f"image folder {folder} does not exist")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
-    if len(classes) > MAX_CLASSES:
-        raise VaegenError(f"image folder {folder} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise VaegenError(f"image folder {folder} holds no .png/.jpg images")
-    images, labels, shape, first, wide = [], [], None, None, 0
-    for path, label in files:
-        try:
-            with open_user_image(path) as im:
-                wide += is_wide(im)
-                arr = pil_to_chw(im)
-        except (UnidentifiedImageError, OSError) as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        except VaegenError as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        if shape is None:
-            shape, first = arr.shape, path
-        elif arr.shape != shape:
-            raise VaegenError(f"images differ in shape: {first} is {shape} (C,H,W) but {path} is {arr.shape}")
-        images.append(arr)
-        labels.append(label)
-    split_data = ArraySplit(np.stack(images), np.asarray(labels, dtype=np.int64))
-    notes = (f"{wide} 16-bit image(s) scaled to 8 bits (round(v / 257))",) if wide else ()
-    return ArrayDataset({split: split_data}, tuple(classes), str(folder), notes)
