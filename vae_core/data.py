@@ -115,7 +115,14 @@ def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str 
     """A PIL image → uint8 (C, H, W) by pil_to_chw's rules, then `mode` ('L': one grey channel, by PIL's
     ITU-R 601-2 luma; 'RGB': three; None: as pil_to_chw gives) and `size` ((H, W): scaled to cover it, then
     centre-cropped, see RESIZE_FILTER)."""
+    if im.mode in IMAGE_MODES and mode in (None, im.mode) and size is not None:
+        # The common case, resized by PIL before its one copy into NumPy: the same pixels shape_chw gives.
+        return _chw(np.asarray(_resize_cover_pil(im, size)))
     return shape_chw(pil_to_chw(im), size, mode)
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
@@ -135,15 +142,21 @@ def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str 
 
 def resize_cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (C, H, W) scaled (up or down) so that it covers `size` = (H, W), then centre-cropped to it."""
-    c, h, w = image.shape
+    c = image.shape[0]
+    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
+    return _chw(np.asarray(_resize_cover_pil(pil, size)))
+
+
+def _resize_cover_pil(pil: Image.Image, size: tuple[int, int]) -> Image.Image:
+    w, h = pil.size
     th, tw = size
+    if (h, w) == (th, tw):
+        return pil
     scale = max(th / h, tw / w)
     box_w, box_h = tw / scale, th / scale              # the part of the source that ends up in the output
     left, top = (w - box_w) / 2, (h - box_h) / 2
-    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
-    out = np.asarray(pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
-                                reducing_gap=RESIZE_REDUCING_GAP))
-    return out[None] if out.ndim == 2 else np.ascontiguousarray(out.transpose(2, 0, 1))
+    return pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
+                      reducing_gap=RESIZE_REDUCING_GAP)
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
