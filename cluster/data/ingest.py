@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys
@@ -187,9 +186,12 @@ def read_run(row: dict, job: IngestJob) -> dict:
 
     def flush():
         key = f"{job.pieces_folder()}/{row['split']}/run-{row['run']:07d}-{len(pieces):05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), buf, compression="none")
-        storage.publish(key, buf.getvalue())
+        # Scratch, not a published object: written in place, unsynced (a killed ingest's pieces are collected).
+        path = storage.path(key)
+        if not storage.is_s3:
+            storage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), path, filesystem=storage.fs,
+                       compression="none")
         pieces.append({"key": key, "rows": len(images)})
         images.clear(), labels.clear()
 
@@ -236,7 +238,7 @@ def write_shard_task(row: dict, job: IngestJob) -> dict:
     shape = tuple(spec["shape"])
     parts = []
     for key, start, stop in spec["pieces"]:
-        _, labels, images = table_arrays(pq.read_table(io.BytesIO(storage.read_bytes(key))), shape)
+        _, labels, images = table_arrays(pq.read_table(storage.path(key), filesystem=storage.fs), shape)
         parts.append((images[start:stop], labels[start:stop]))
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
