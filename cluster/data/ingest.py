@@ -42,7 +42,7 @@ from cluster.data.generations import (
     part_name,
     write_shard,
 )
-from cluster.data.readable import split_table
+from cluster.data.readable import PIXELS_AS_IS, split_table
 from cluster.data.sources import (
     IngestOptions,
     SourceItem,
@@ -191,7 +191,7 @@ def read_run(row: dict, job: IngestJob) -> dict:
         if not storage.is_s3:
             storage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), path, filesystem=storage.fs,
-                       compression="none")
+                       compression="none", **PIXELS_AS_IS)
         pieces.append({"key": key, "rows": len(images)})
         images.clear(), labels.clear()
 
