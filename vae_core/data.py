@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .config import IMAGE_MODES, MAX_CLASSES
+from .config import IMAGE_MODES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -112,7 +112,14 @@ def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str 
         if scale * RESIZE_REDUCING_GAP < 1:
             im.draft(None, (math.ceil(im.width * scale * RESIZE_REDUCING_GAP),
                             math.ceil(im.height * scale * RESIZE_REDUCING_GAP)))
+    if im.mode in IMAGE_MODES and mode in (None, im.mode) and size is not None:
+        # The common case, resized by PIL before its one copy into NumPy: the same pixels shape_chw gives.
+        return _chw(np.asarray(_resize_cover_pil(im, size)))
     return shape_chw(pil_to_chw(im), size, mode)
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
@@ -132,15 +139,21 @@ def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str 
 
 def resize_cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (C, H, W) scaled (up or down) so that it covers `size` = (H, W), then centre-cropped to it."""
-    c, h, w = image.shape
+    c = image.shape[0]
+    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
+    return _chw(np.asarray(_resize_cover_pil(pil, size)))
+
+
+def _resize_cover_pil(pil: Image.Image, size: tuple[int, int]) -> Image.Image:
+    w, h = pil.size
     th, tw = size
+    if (h, w) == (th, tw):
+        return pil
     scale = max(th / h, tw / w)
     box_w, box_h = tw / scale, th / scale              # the part of the source that ends up in the output
     left, top = (w - box_w) / 2, (h - box_h) / 2
-    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
-    out = np.asarray(pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
-                                reducing_gap=RESIZE_REDUCING_GAP))
-    return out[None] if out.ndim == 2 else np.ascontiguousarray(out.transpose(2, 0, 1))
+    return pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
+                      reducing_gap=RESIZE_REDUCING_GAP)
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -195,39 +208,3 @@ def read_fashion_mnist(folder: str | os.PathLike = FASHION_MNIST_DIR) -> ArrayDa
             raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
         splits[split] = ArraySplit(images[:, None, :, :].copy(), labels.astype(np.int64))
     return ArrayDataset(splits, FASHION_MNIST_LABELS, str(folder))
-
-
-def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayDataset:
-    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB.
-    16-bit images are scaled to 8 bits and alpha is composited onto black (images.pil_to_chw)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VaegenError(f"image folder {folder} does not exist")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
-    if len(classes) > MAX_CLASSES:
-        raise VaegenError(f"image folder {folder} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise VaegenError(f"image folder {folder} holds no .png/.jpg images")
-    images, labels, shape, first, wide = [], [], None, None, 0
-    for path, label in files:
-        try:
-            with open_user_image(path) as im:
-                wide += is_wide(im)
-                arr = pil_to_chw(im)
-        except (UnidentifiedImageError, OSError) as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        except VaegenError as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        if shape is None:
-            shape, first = arr.shape, path
-        elif arr.shape != shape:
-            raise VaegenError(f"images differ in shape: {first} is {shape} (C,H,W) but {path} is {arr.shape}")
-        images.append(arr)
-        labels.append(label)
-    split_data = ArraySplit(np.stack(images), np.asarray(labels, dtype=np.int64))
-    notes = (f"{wide} 16-bit image(s) scaled to 8 bits (round(v / 257))",) if wide else ()
-    return ArrayDataset({split: split_data}, tuple(classes), str(folder), notes)

@@ -1,14 +1,27 @@
-"""Datasets on storage as Parquet shards plus one manifest, replaced atomically by a re-ingest.
+"""Datasets on storage as Parquet shards plus one manifest, replaced atomically by a re-ingest; the folder itself
+readable by pandas and Hugging Face `datasets`.
 
 Layout (root-relative keys):
-    datasets/<name>/_manifest.json                               the commit: names the current generation
-    datasets/<name>/<split>/g-<generation>/part-00000.parquet    one generation's shards, never rewritten
-    datasets/<name>/_pending/g-<generation>.json                 an ingest in progress (when it started)
-Rows: id (int64), label (int64), pixels (fixed-size binary, C·H·W uint8 in CHW order).
+    datasets/<name>/_manifest.json                                 the commit: names the current generation
+    datasets/<name>/<split>/__g-<generation>/part-00000.parquet    one generation's shards, never rewritten
+    datasets/<name>/<split>/part-00000-of-00003.parquet            the readable view: the current generation's
+                                                                   shards (hard links; copies on S3)
+    datasets/<name>/README.md, _view.json                          the card; which generation the view shows
+    datasets/<name>/_pending/g-<generation>.json                   an ingest in progress (when it started)
+    datasets/<name>/_pending/__g-<generation>/<split>/run-*.parquet   its decoded images before they are shards
+Rows: id (int64, 0..N-1 per split in input order), label (int64; -1 in an unlabelled dataset, whose manifest has
+no class names), pixels (fixed-size binary, C·H·W uint8 in CHW order).
 
-The generation is a hash of everything an ingest writes (layout, shard size, label names, source, every split's
-pixels and labels), so identical input gives identical keys and bytes, and re-ingesting what is already current
-writes nothing at all. A manifest shard record's "name" carries its generation folder ("g-<id>/part-00000.parquet"),
+Why a view rather than moving files: a reader that holds a manifest (a training job) reads the paths it names for
+as long as it runs, so a generation's files never move; pyarrow skips folders starting with `_` and `datasets`
+those starting with `__`, so `__g-<id>/` is invisible to both, and the view is what they read. The view and the
+card (cluster/data/readable.py) follow the commit: a killed ingest leaves the old view, as it leaves the old
+manifest; a reader of the raw folder during a view update may see both generations' files for that moment.
+
+The generation is a hash of what determines an ingest's bytes: for a source, its plan's fingerprint (every
+input file's name, size and time), the options, --shard-rows and the layout (cluster/data/ingest.py); for arrays
+in memory, their content. The same input gives the same keys and bytes, and re-ingesting what is already current
+writes nothing at all. A manifest shard record's "name" carries its generation folder ("__g-<id>/part-00000.parquet"),
 so every reader builds a shard's key as `dataset_key(name, split, shard["name"])`. A manifest of another layout
 (an older vaegen's) is refused in one line that says to re-ingest; the re-ingest replaces it.
 
@@ -27,8 +40,8 @@ re-ingests happen meanwhile, so how long old data stays is what protects it; a c
 re-ingests pull shards from under a trainer. A reader that outlives the grace period finds its shards gone and
 stops with one line, "dataset X was replaced while reading: rerun" (read_shard). A job reads the manifest once and
 passes it to read_split / shard_keys, so that all its reads come from one generation. Leftovers of a killed ingest
-(no manifest names them) are removed once its marker is older than PENDING_TIMEOUT_S; an ingest must finish within
-that time. Two ingests of one dataset name at once are safe: the last commit wins, and the compare-and-swap keeps
+(no manifest names them), its runs under _pending included, are removed once its marker is older than
+PENDING_TIMEOUT_S; an ingest must finish within that time (one that ends, failed or not, deletes its own runs). Two ingests of one dataset name at once are safe: the last commit wins, and the compare-and-swap keeps
 every replaced generation on the superseded list."""
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ from cluster.data.generations import (
     part_name,
     write_shard,
 )
-from cluster.data.readable import split_table
+from cluster.data.readable import PIXELS_AS_IS, split_table
 from cluster.data.sources import (
     IngestOptions,
     SourceItem,
@@ -58,7 +57,9 @@ from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
 
 DEFAULT_NAMES = {"fashion-mnist": "fashion-mnist", "parquet": "parquet"}
-RUN_IMAGES = 1024                  # images per read task, and per piece it writes: what one worker holds at once
+RUN_IMAGES = 1024                  # at most, images per read task and per piece: what one worker holds at once
+MIN_RUN_IMAGES = 64                # at least (a task costs a few ms to schedule) ...
+RUNS_PER_CPU = 4                   # ... else enough runs for every CPU to get several (an even finish)
 IN_PROCESS_MAX_IMAGES = 2048
 SKIPPED_EXAMPLES = 5               # bad images named in the manifest and the card (--skip-bad)
 INGEST_OBJECT_STORE_MB = 256       # only records pass through it
@@ -185,9 +186,12 @@ def read_run(row: dict, job: IngestJob) -> dict:
 
     def flush():
         key = f"{job.pieces_folder()}/{row['split']}/run-{row['run']:07d}-{len(pieces):05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), buf, compression="none")
-        storage.publish(key, buf.getvalue())
+        # Scratch, not a published object: written in place, unsynced (a killed ingest's pieces are collected).
+        path = storage.path(key)
+        if not storage.is_s3:
+            storage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), path, filesystem=storage.fs,
+                       compression="none", **PIXELS_AS_IS)
         pieces.append({"key": key, "rows": len(images)})
         images.clear(), labels.clear()
 
@@ -234,7 +238,7 @@ def write_shard_task(row: dict, job: IngestJob) -> dict:
     shape = tuple(spec["shape"])
     parts = []
     for key, start, stop in spec["pieces"]:
-        _, labels, images = table_arrays(pq.read_table(io.BytesIO(storage.read_bytes(key))), shape)
+        _, labels, images = table_arrays(pq.read_table(storage.path(key), filesystem=storage.fs), shape)
         parts.append((images[start:stop], labels[start:stop]))
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
@@ -246,22 +250,31 @@ def write_shard_task(row: dict, job: IngestJob) -> dict:
 # -- the driver: runs of items → records → shard specs → shard records --------------------------------------
 def read_pieces(job: IngestJob, plan: SourcePlan, use_ray: bool, progress: bool) -> list[dict]:
     """Stage 1: the runs' records, in input order."""
-    rows, run = [], []
+    total = sum(weight(i) for i in plan.items)
+    run_images = max(MIN_RUN_IMAGES, min(RUN_IMAGES, total // (RUNS_PER_CPU * cluster_cpus(use_ray)) + 1))
+    rows, run, in_run = [], [], 0
     for item in plan.items:
-        if run and (item.split != run[0].split or sum(weight(i) for i in run) >= RUN_IMAGES):
+        if run and (item.split != run[0].split or in_run >= run_images):
             rows.append(run_row(len(rows), run))
-            run = []
+            run, in_run = [], 0
         run.append(item)
+        in_run += weight(item)
     if run:
         rows.append(run_row(len(rows), run))
     records = []
-    total = sum(weight(i) for i in plan.items)
     with tqdm(total=total, unit="img", desc=f"ingest {job.name}", disable=not progress, delay=1) as bar:
         for result in run_tasks(read_run, rows, job, use_ray):
             record = json.loads(result["record"])
             records.append(record)
             bar.update(sum(p["rows"] for p in record["pieces"]) + record["bad"])
     return sorted(records, key=lambda r: r["run"])
+
+
+def cluster_cpus(use_ray: bool) -> int:
+    if not use_ray:
+        return 1
+    import ray
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def weight(item: SourceItem) -> int:

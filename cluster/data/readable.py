@@ -31,6 +31,9 @@ from vae_core.errors import VaegenError
 VIEW_RECORD = "_view.json"          # the generation the view shows, written after the view is complete
 CARD = "README.md"
 VIEW_PREFIX = "part-"
+# Parquet's defaults would try a dictionary of every image and keep min/max pixels per page: hashing and comparing
+# kilobytes a row for nothing (images rarely repeat, and no reader filters on pixels).
+PIXELS_AS_IS = {"use_dictionary": ["label"], "write_statistics": ["id", "label"]}
 
 
 def hf_features(label_names: tuple[str, ...] | list[str]) -> dict:
@@ -54,7 +57,7 @@ def shard_bytes(images: np.ndarray, labels: np.ndarray, first_id: int, label_nam
         "huggingface": json.dumps({"info": {"features": hf_features(label_names)}}),
         "vaegen.image_shape": json.dumps(list(images.shape[1:]))})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", **PIXELS_AS_IS)
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_spl
 from cluster.data.ingest import ingest_source
 from cluster.store.storage import open_storage
 from vae_core.config import ModelConfig, StorageConfig
-from vae_core.data import FASHION_MNIST_DIR, read_idx, read_image_folder
+from vae_core.data import FASHION_MNIST_DIR, read_idx
 from vae_core.errors import VaegenError
 
 
@@ -61,18 +61,26 @@ def make_folder(root, sizes):
             Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
 
 
+def read_image_folder(folder):
+    """An image folder as ingest stores it: (class names, images, labels)."""
+    cfg = StorageConfig(root=f"{folder}-root")
+    manifest = ingest_source("image-folder", str(folder), cfg, name="folder", progress=False)
+    split = read_split(open_storage(cfg), "folder", "train")
+    return tuple(manifest["label_names"]), split.images, split.labels
+
+
 def test_image_folder_reads_classes_from_subfolders(tmp_path):
-    make_folder(tmp_path, {"cats": (32, 32), "dogs": (32, 32)})
-    data = read_image_folder(tmp_path)
-    assert data.label_names == ("cats", "dogs")
-    assert data.splits["train"].images.shape == (6, 3, 32, 32)
-    assert data.splits["train"].labels.tolist() == [0, 0, 0, 1, 1, 1]
+    make_folder(tmp_path / "imgs", {"cats": (32, 32), "dogs": (32, 32)})
+    names, images, labels = read_image_folder(tmp_path / "imgs")
+    assert names == ("cats", "dogs")
+    assert images.shape == (6, 3, 32, 32)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_image_folder_of_mixed_shapes_is_refused(tmp_path):
-    make_folder(tmp_path, {"a": (32, 32), "b": (16, 16)})
-    with pytest.raises(VaegenError, match="images differ in shape"):
-        read_image_folder(tmp_path)
+    make_folder(tmp_path / "imgs", {"a": (32, 32), "b": (16, 16)})
+    with pytest.raises(VaegenError, match="images differ in size"):
+        read_image_folder(tmp_path / "imgs")
 
 
 def test_missing_dataset_path_is_refused(tmp_path):
@@ -207,7 +215,7 @@ def test_other_image_modes_read_sanely(tmp_path):
         (sub / cls).mkdir(parents=True)
         for f in (folder / cls).iterdir():
             (sub / cls / f.name).write_bytes(f.read_bytes())
-        by_name[cls] = read_image_folder(sub).splits["train"].images
+        by_name[cls] = read_image_folder(sub)[1]
     assert by_name["grey"].shape == (2, 1, 4, 4) and by_name["colour"].shape == (2, 3, 4, 4)
     one_bit, la = by_name["grey"][0, 0], by_name["grey"][1, 0]                # sorted: bits.png, la.png
     assert set(np.unique(one_bit).tolist()) <= {0, 255}
@@ -215,7 +223,7 @@ def test_other_image_modes_read_sanely(tmp_path):
     palette, rgba = by_name["colour"][0], by_name["colour"][1]                 # palette.png, rgba.png
     assert rgba[:, 0, 0].tolist() == [0, 0, 0] and rgba[:, 1:].tolist() == rgb.transpose(2, 0, 1)[:, 1:].tolist()
     assert np.abs(palette.astype(int) - rgb.transpose(2, 0, 1)).max() <= 16    # an adaptive palette is close
-    with pytest.raises(VaegenError, match="images differ in shape"):           # grey and colour do not mix
+    with pytest.raises(VaegenError, match="images differ in channels"):        # grey and colour do not mix
         read_image_folder(folder)
 
 
