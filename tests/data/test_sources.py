@@ -534,3 +534,28 @@ def test_a_vaegen_dataset_folder_ingests_back_as_it_is(tmp_path):
     unlabelled = IngestOptions(label_column="")
     plan = plan_source("parquet", folder, LOCAL, unlabelled)
     assert plan.label_names is None and read_all(plan, options=unlabelled)["train"][0].shape == (2, 1, 5, 5)
+
+
+@pytest.mark.s3
+def test_vaegen_ingest_of_images_under_an_s3_prefix_into_an_s3_root(tmp_path, s3_storage_config, capsys):
+    """The CLI end to end: a prefix of images on S3, resized and made grey, into a dataset on S3."""
+    import boto3
+
+    from cluster.data.datasets import read_manifest, read_split
+    from cluster.store.storage import open_storage
+    from jobs.cli import main as vaegen
+    make_class_folder(tmp_path / "pets", size=(20, 30))
+    client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
+    prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "-input/pets"
+    for path in sorted((tmp_path / "pets").rglob("*.png")):
+        client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{path.parent.name}/{path.name}",
+                          Body=path.read_bytes())
+    code = vaegen(["ingest", "image-folder", f"s3://vaegen-test/{prefix}", "--size", "16x16", "--mode", "L",
+                   "--split", "val", "--root", s3_storage_config.root, "--s3-endpoint", s3_storage_config.s3_endpoint,
+                   "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    storage = open_storage(s3_storage_config)
+    manifest = read_manifest(storage, "pets")
+    assert manifest["label_names"] == ["cats", "dogs"] and list(manifest["splits"]) == ["val"]
+    rows = read_split(storage, "pets", "val")
+    assert rows.images.shape == (6, 1, 16, 16) and rows.labels.tolist() == [0, 0, 0, 1, 1, 1]
