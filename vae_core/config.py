@@ -30,15 +30,19 @@ MAX_CLASSES = 100_000
 # Widths of one layer: beyond this a model would not fit any accelerator, and its allocation fails deep in torch.
 MAX_MODEL_DIM = 65_536
 MAX_PER_WORKER = 1024         # CPUs or GPUs one worker may ask Ray for
+IMAGE_MODES = ("L", "RGB")    # ingest --mode
+MAX_IMAGE_SIDE = 65_535       # ingest --size: PNG's and PIL's practical bound, and a typo beyond it
 
 
 def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
-         choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None) -> Any:
+         choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None,
+         parse: Any = None) -> Any:
     """A dataclass field that is also a command-line flag: its name, help and default are declared here, once,
     and jobs/flags.py turns the field into an argparse argument and the parsed value back into the field.
     A bool field is an on/off flag that sets the opposite of its default (`--no-progress`: progress=False).
-    unset: what an empty default (None, "", ()) means, for the help text."""
-    metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset}
+    unset: what an empty default (None, "", ()) means, for the help text. parse: text → value, for a value
+    written in a form of its own (--size 64x64); its VaegenError is argparse's one-line error."""
+    metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset, "parse": parse}
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -159,6 +163,48 @@ class TrainConfig:
         _require(self.adam in ADAM_IMPLS, f"--adam={self.adam!r} must be one of {', '.join(ADAM_IMPLS)}")
         _require(self.precision in PRECISIONS,
                  f"--precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. '64x64') → (H, W); anything else is a one-line VaegenError naming --size."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise VaegenError(f"--size {text!r} is not HxW, e.g. 64x64")
+    return int(parts[0]), int(parts[1])
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How `vaegen ingest` reads its input: from the flags to every reading worker (cluster/data/sources.py),
+    and part of the input's fingerprint. Picklable."""
+    size: tuple[int, int] | None = flag("--size", "resize every image to HxW: scaled (antialiased: PIL BICUBIC, "
+                                        "reducing_gap 3) until it covers HxW, then centre-cropped to it",
+                                        default=None, metavar="HxW", parse=parse_size,
+                                        unset="as they are; they must share one size")
+    mode: str | None = flag("--mode", "L: one grey channel; RGB: three", default=None, choices=IMAGE_MODES,
+                            unset="grey stays grey, anything else becomes RGB")
+    image_column: str | None = flag("--image-column", "parquet/hf: the image column (encoded bytes, or Hugging "
+                                    "Face's Image struct)", default=None, metavar="NAME",
+                                    unset="'image', else 'pixels' with height, width, channels")
+    label_column: str | None = flag("--label-column", "parquet/hf: the integer label column; '' for none "
+                                    "(unlabelled)", default=None, metavar="NAME", unset="'label' if there is one")
+    skip_bad: bool = flag("--skip-bad", "skip images that cannot be read (counted and named in the manifest) "
+                          "instead of failing on the first", default=False)
+    split: str = flag("--split", "the split of input that names none (a folder, a lone file)", default="train")
+    image_key: str = flag("--image-key", "webdataset: the image member, the first of these ';'-separated "
+                          "extensions that a sample has", default="png;jpg;jpeg", metavar="EXT;EXT")
+    label_key: str | None = flag("--label-key", "webdataset: the label member (decimal text, e.g. cls; or json: the "
+                                 ".json's 'label'); '' for none (unlabelled)", default=None, metavar="EXT",
+                                 unset="cls, when the samples have one")
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            h, w = self.size
+            _require(0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE,
+                     f"--size {h}x{w}: height and width must be 1..{MAX_IMAGE_SIDE}")
+        _require(self.mode in (None, *IMAGE_MODES), f"--mode={self.mode!r} must be one of {', '.join(IMAGE_MODES)}")
+        _require(bool(self.image_key.strip(";")), "--image-key names no extension")
+        check_name(self.split, "--split")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,8 +6,9 @@ docs/BENCHMARKS.md; why each setting is what it is: docs/EXPERIMENTS.md."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from .config import ModelConfig, TrainConfig, TrainJobConfig
 from .errors import VaegenError
@@ -49,6 +50,17 @@ def fmnist_cond() -> TrainJobConfig:
                           val_fraction=0.02, output_init="default", adam="for-loop"))
 
 
+def rgb64() -> TrainJobConfig:
+    """64×64 RGB images (your own, through `vaegen ingest`): four stride-2 conv layers down to 4×4, a wider
+    bottleneck for three channels of detail, grey levels as Bernoulli means (pixels in [0, 1]), cosine lr decay.
+    Unconditional unless --conditional (a dataset without labels has nothing to condition on)."""
+    return TrainJobConfig(
+        name="rgb64",
+        model=ModelConfig(arch="conv", conv_channels=(32, 64, 128, 256), hidden_dim=512, latent_dim=64),
+        train=TrainConfig(epochs=30, batch_size=128, lr=1e-3, lr_schedule="cosine", patience=30,
+                          val_fraction=0.05))
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str                          # one line for `--help`
@@ -65,6 +77,7 @@ PRESETS: dict[str, Preset] = {
                           "100-Gaussian prior fitted after training", fmnist_best),
     "fmnist-cond": Preset("class-conditional conv VAE (32,64)-512-32, Gaussian σ=0.2 on grey levels, cosine lr, "
                           "10 Gaussians per class fitted as the prior after training", fmnist_cond),
+    "rgb64": Preset("conv VAE (32,64,128,256)-512-64 for 64x64 RGB images, cosine lr, 30 epochs", rgb64),
 }
 
 
