@@ -23,6 +23,7 @@ shared machine distorts less than wall time; wall time is reported beside it. Ea
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,11 @@ from vae_core.images import PNG_DEFLATE_LEVEL, jpeg_files, png_files, to_uint8
 from vae_core.models import build_model
 from vae_core.use_configs import GenerateConfig
 
+try:                                   # the worker's conversion; a tree from before it had to_uint8 alone
+    from cluster.generate.shards import uint8_pixels as CONVERT
+except ImportError:
+    CONVERT = to_uint8
+
 FORMATS = ("parquet", "png", "jpeg")
 SHAPES = ((1, 28, 28), (3, 32, 32))
 TARGET_PARQUET_US = 2.0          # issue 28: >= 500k samples/s per core
@@ -54,32 +60,39 @@ def emit(record: dict) -> None:
     print(json.dumps({"bench": "package", **record}), flush=True)
 
 
-def decoder_floats(shape: tuple[int, int, int], count: int, batch: int) -> list[torch.Tensor]:
-    """What the decoder hands a worker: float batches in [0, 1] (a random-weights MLP's images)."""
+def decoder_floats(shape: tuple[int, int, int], count: int, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What the decoder hands a worker: float batches in [0, 1] (a random-weights MLP's images), and the
+    latents they were decoded from."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_shape=shape)).eval()
     z = torch.randn(count, model.cfg.latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return [model.generate(z[i:i + batch]) for i in range(0, count, batch)]
+        return [model.generate(z[i:i + batch]).clone() for i in range(0, count, batch)], z
 
 
 class PrecomputedMaker(ShardMaker):
-    """A ShardMaker whose decoder is taken out: decode() hands back precomputed floats, converted to uint8 as
-    the real one does. Everything after decoding is ShardMaker's own code."""
+    """A ShardMaker whose decoder is taken out: decode() hands over precomputed floats (fresh copies, made
+    before the clock starts, as a decoder's output is fresh memory), converted to uint8 as the real decode()
+    converts them. Everything after decoding is ShardMaker's own code."""
 
-    def __init__(self, plan: JobPlan, storage: Storage, floats: list[torch.Tensor], latent_dim: int) -> None:
+    def __init__(self, plan: JobPlan, storage: Storage, decoded: tuple[list[torch.Tensor], torch.Tensor]) -> None:
         super().__init__(plan, storage, torch.nn.Identity())
-        self.floats, self.latents = floats, np.zeros((len(floats[0]), latent_dim), np.float32)
+        self.floats, self.latents = decoded
+        self.fresh: list[torch.Tensor] = []
+
+    def refill(self) -> None:
+        self.fresh = [f.clone() for f in self.floats]
 
     def decode(self, task):
         out, start = [], task.first_id
-        for f in self.floats:
+        for f in self.fresh or [f.clone() for f in self.floats]:
             n = min(len(f), task.first_id + task.rows - start)
             if n <= 0:
                 break
-            out.append(DecodedBatch(np.arange(start, start + n, dtype=np.int64), None, self.latents[:n],
-                                    to_uint8(f[:n])))
+            out.append(DecodedBatch(np.arange(start, start + n, dtype=np.int64), None,
+                                    self.latents[start - task.first_id:][:n].numpy(), CONVERT(f[:n])))
             start += n
+        self.fresh = []
         return out
 
 
@@ -102,9 +115,12 @@ def measure_total(fmt: str, shape, floats, shard_size: int, shards: int, decode_
     """The whole worker path for `shards` shards: convert, write, hash, publish (ShardMaker.make)."""
     plan = job_plan(fmt, shape, shard_size, shards, decode_batch)
     storage = Storage(StorageConfig(root=root))
-    maker = PrecomputedMaker(plan, storage, floats, latent_dim=20)
-    records = []
-    cpu, wall = timed(lambda: records.extend(maker.make(i) for i in range(shards)))
+    maker = PrecomputedMaker(plan, storage, floats)
+    records, cpu, wall = [], 0.0, 0.0
+    for index in range(shards):
+        maker.refill()
+        c, w = timed(functools.partial(lambda i: records.append(maker.make(i)), index))
+        cpu, wall = cpu + c, wall + w
     return {"cpu": cpu, "wall": wall, "bytes_per_sample": sum(r["bytes"] for r in records) / (shard_size * shards)}
 
 
@@ -118,8 +134,16 @@ def encoder_of(fmt: str):
 def measure_stages(fmt: str, shape, floats, shard_size: int, shards: int, decode_batch: int, root: str) -> dict:
     """Each stage alone on the same shards (CPU seconds, wall seconds), as ShardMaker runs them."""
     plan = job_plan(fmt, shape, shard_size, shards, decode_batch)
-    maker = PrecomputedMaker(plan, Storage(StorageConfig(root=root)), floats, latent_dim=20)
+    maker = PrecomputedMaker(plan, Storage(StorageConfig(root=root)), floats)
     stages = {k: [0.0, 0.0] for k in ("convert", "encode", "frame", "hash", "write")}
+    for index in range(shards):
+        stage_one_shard(maker, index, stages)
+    stages["frame"] = [f - e for f, e in zip(stages["frame"], stages["encode"])]   # close() encodes too
+    return stages
+
+
+def stage_one_shard(maker: PrecomputedMaker, index: int, stages: dict) -> None:
+    plan = maker.plan
 
     def add(stage, fn):
         out = []
@@ -128,20 +152,16 @@ def measure_stages(fmt: str, shape, floats, shard_size: int, shards: int, decode
         stages[stage][1] += wall
         return out[0]
 
-    for index in range(shards):
-        task = plan.task(index)
-        batches = add("convert", lambda: maker.decode(task))
-        images = np.concatenate([b.images for b in batches])
-        add("encode", lambda: encoder_of(fmt)(images))
-        info = ShardInfo(index, 1, plan.model_ref, plan.weights_sha256, plan.job_id, ())
-        writer = writer_for(plan.spec)(info)
-        data = add("frame", lambda: ([writer.write(b) for b in batches], writer.close())[1])
-        add("hash", lambda: (hashlib.sha256(images.data).hexdigest(), hashlib.sha256(data).hexdigest()))
-        receipt = json.dumps({"index": index, "sha256": "0" * 64}).encode()
-        add("write", lambda: (maker.storage.publish(plan.shard_key(index), data, if_absent=True),
-                              maker.storage.publish(plan.receipt_key(index), receipt)))
-    stages["frame"] = [f - e for f, e in zip(stages["frame"], stages["encode"])]   # close() encodes too
-    return stages
+    maker.refill()
+    batches = add("convert", lambda: maker.decode(plan.task(index)))
+    images = np.concatenate([b.images for b in batches])
+    add("encode", lambda: encoder_of(plan.spec.format)(images))
+    writer = writer_for(plan.spec)(ShardInfo(index, 1, plan.model_ref, plan.weights_sha256, plan.job_id, ()))
+    data = add("frame", lambda: ([writer.write(b) for b in batches], writer.close())[1])
+    add("hash", lambda: (hashlib.sha256(images.data).hexdigest(), hashlib.sha256(data).hexdigest()))
+    receipt = json.dumps({"index": index, "sha256": "0" * 64}).encode()
+    add("write", lambda: (maker.storage.publish(plan.shard_key(index), data, if_absent=True),
+                          maker.storage.publish(plan.receipt_key(index), receipt)))
 
 
 def codec_alone(fmt: str, shape, floats) -> float | None:
@@ -150,7 +170,7 @@ def codec_alone(fmt: str, shape, floats) -> float | None:
     if fmt == "parquet":
         return None
     import deflate
-    images = [to_uint8(f) for f in floats]
+    images = [to_uint8(f) for f in floats[0]]
     if fmt == "png":
         rows = []
         for batch in images:
@@ -175,7 +195,7 @@ def run(fmt: str, shape, args, machine: dict) -> dict:
     us = 1e6 / count
     totals, stages, codec = [], {}, []
     with tempfile.TemporaryDirectory(dir=args.tmp) as root:              # warm-up: imports, codec start-up
-        measure_total(fmt, shape, floats[:1], len(floats[0]), 1, args.decode_batch, root)
+        measure_total(fmt, shape, floats, min(args.shard_size, 256), 1, args.decode_batch, root)
     for rep in range(args.repeat):
         with tempfile.TemporaryDirectory(dir=args.tmp) as root:
             totals.append(measure_total(fmt, shape, floats, args.shard_size, args.shards, args.decode_batch, root))
