@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cluster.generate.shards import uint8_pixels
+from cluster.generate.writers import DecodedBatch, PngTarShardWriter, ShardInfo, tar_member_count
+from cluster.generate.writers.tar import check_members
 from vae_core.images import to_uint8
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,3 +44,18 @@ def test_the_packaging_bench_smoke_mode_measures_every_format_and_shape(tmp_path
     assert {s for _, s in stages} == {"convert", "encode", "frame", "hash", "write"}
     assert {r["codec"] for r in records if r["measure"] == "codec alone"} == {"libdeflate", "libjpeg-turbo"}
     assert not list(tmp_path.iterdir())                       # every local root it wrote is gone
+
+
+def test_the_tar_writers_read_back_refuses_a_damaged_header_a_wrong_size_or_a_missing_end():
+    writer = PngTarShardWriter(ShardInfo(index=0, seed=1, model="tiny@v0001", weights_sha256="ab" * 32, job_id="j"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    writer.write(DecodedBatch(np.arange(5, dtype=np.int64), np.arange(5) % 2, np.zeros((5, 3), np.float32), images))
+    data, sizes = writer.close(), np.concatenate(writer.sizes)
+    assert tar_member_count(data) == len(sizes) == 15
+    check_members(data, sizes)                                   # what close() ran: passes on its own bytes
+    damaged = bytearray(data)
+    damaged[512 * 2 + 3] ^= 1                                    # inside the second member's header (the first's data is one block)
+    for bad, want in ((bytes(damaged), sizes), (data, sizes + np.eye(len(sizes), dtype=np.int64)[4]),
+                      (data[:512 * 7], sizes), (data[:len(data) // 2 + 1], sizes)):
+        with pytest.raises(ValueError, match="checksum|truncated|zero blocks"):
+            check_members(bad, want)
