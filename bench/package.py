@@ -19,6 +19,7 @@ shared machine distorts less than wall time; wall time is reported beside it. Ea
 
     .venv/bin/python bench/package.py                 # the table in docs/BENCHMARKS.md
     .venv/bin/python bench/package.py --smoke         # a few seconds: CI runs it (tests/generate/test_package_bench.py)
+    .venv/bin/python bench/package.py --regression 572a1c6 --repeat 7    # Parquet's costs added since 572a1c6
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -227,6 +229,60 @@ def run(fmt: str, shape, args, machine: dict) -> dict:
     return result
 
 
+def publish_without_fsync(path: str, data: bytes) -> None:
+    """572a1c6's local create-if-absent publish: temp file, link, no fsync of the file or its folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.link(tmp, path)
+    os.unlink(tmp)
+
+
+def regression(ref: str, args, machine: dict) -> None:
+    """Parquet 1x28x28, the costs added since `ref` per sample, each pair interleaved in this one process on the
+    same rows: `ref`'s writer (its cluster/writers.py, read with git: Netpbm images) against today's (stored
+    PNGs), `ref`'s publish (no fsync) against today's, and `ref`'s uint8 conversion against the worker's."""
+    import subprocess
+    import types
+    source = subprocess.run(["git", "show", f"{ref}:cluster/writers.py"], capture_output=True, text=True, check=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    old = sys.modules["writers_at_ref"] = types.ModuleType("writers_at_ref")      # dataclasses look it up
+    exec(compile(source, f"{ref}:cluster/writers.py", "exec"), old.__dict__)
+    count = args.shard_size
+    floats, z = decoder_floats((1, 28, 28), count, args.decode_batch)
+    images, latents, ids = np.concatenate([to_uint8(f) for f in floats]), z.numpy(), np.arange(count)
+    plan = job_plan("parquet", (1, 28, 28), count, 1, args.decode_batch)
+    pairs = {"writer (Netpbm -> stored PNG)": [], "publish (no fsync -> fsync file and folder)": [],
+             "convert (to_uint8 -> uint8_pixels)": []}
+    sizes = {}
+    for _ in range(args.repeat):
+        old_w = old.ParquetShardWriter(old.ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
+        old_w.write(old.DecodedBatch(ids, None, latents, images))
+        new_w = writer_for(plan.spec)(ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
+        new_w.write(DecodedBatch(ids, None, latents, images))
+        data = {}
+        pair = [timed(lambda: data.setdefault("old", old_w.close())), timed(lambda: data.setdefault("new", new_w.close()))]
+        pairs["writer (Netpbm -> stored PNG)"].append(pair)
+        sizes = {k: len(v) / count for k, v in data.items()}
+        with tempfile.TemporaryDirectory(dir=args.tmp) as root:
+            storage = Storage(StorageConfig(root=root))
+            pairs["publish (no fsync -> fsync file and folder)"].append(
+                [timed(lambda: publish_without_fsync(os.path.join(root, "old", "shard"), data["old"])),
+                 timed(lambda: storage.publish("new/shard", data["new"], if_absent=True))])
+        copies = [[f.clone() for f in floats] for _ in range(2)]
+        pairs["convert (to_uint8 -> uint8_pixels)"].append(
+            [timed(lambda: [to_uint8(f) for f in copies[0]]), timed(lambda: [CONVERT(f) for f in copies[1]])])
+    us = 1e6 / count
+    for cause, values in pairs.items():
+        emit({"measure": f"regression since {ref}", "cause": cause, "format": "parquet", "shape": [1, 28, 28],
+              "cpu_us_per_sample": {"then": spread([v[0][0] for v in values], us),
+                                    "now": spread([v[1][0] for v in values], us)},
+              "wall_us_per_sample": {"then": spread([v[0][1] for v in values], us),
+                                     "now": spread([v[1][1] for v in values], us)},
+              **({"bytes_per_sample": sizes} if cause.startswith("writer") else {}), **machine})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -238,12 +294,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="median of N (default: %(default)s)")
     parser.add_argument("--tmp", default=None, help="folder for the local root (default: the system's temp)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: small shards, one repeat")
+    parser.add_argument("--regression", metavar="COMMIT", default=None,
+                        help="instead: Parquet's costs added since COMMIT (572a1c6), each against today's, interleaved")
     args = parser.parse_args()
     if args.smoke:
         args.shard_size, args.shards, args.repeat, args.decode_batch = 512, 1, 1, 256
     torch.set_num_threads(1)                       # a worker decodes with one thread; so is a core's cost here
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "output_format_version": OUTPUT_FORMAT_VERSION,
                "repeat": args.repeat, "date": time.strftime("%Y-%m-%d")}
+    if args.regression:
+        return regression(args.regression, args, machine)
     for shape in (tuple(int(x) for x in s.split("x")) for s in args.shapes):
         for fmt in args.formats:
             run(fmt, shape, args, machine)
