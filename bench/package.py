@@ -248,31 +248,17 @@ def regression(ref: str, args, machine: dict) -> None:
     source = subprocess.run(["git", "show", f"{ref}:cluster/writers.py"], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     old = sys.modules["writers_at_ref"] = types.ModuleType("writers_at_ref")      # dataclasses look it up
-    exec(compile(source, f"{ref}:cluster/writers.py", "exec"), old.__dict__)
+    exec(compile(source, f"{ref}:cluster/writers.py", "exec"), old.__dict__)  # noqa: S102 (this repository's own code)
     count = args.shard_size
     floats, z = decoder_floats((1, 28, 28), count, args.decode_batch)
     images, latents, ids = np.concatenate([to_uint8(f) for f in floats]), z.numpy(), np.arange(count)
     plan = job_plan("parquet", (1, 28, 28), count, 1, args.decode_batch)
-    pairs = {"writer (Netpbm -> stored PNG)": [], "publish (no fsync -> fsync file and folder)": [],
-             "convert (to_uint8 -> uint8_pixels)": []}
-    sizes = {}
+    pairs: dict[str, list] = {}
+    sizes: dict[str, float] = {}
+    regression_pairs(old, plan, (ids, latents, images, floats), args.tmp, sizes)     # warm-up: first writes
     for _ in range(args.repeat):
-        old_w = old.ParquetShardWriter(old.ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
-        old_w.write(old.DecodedBatch(ids, None, latents, images))
-        new_w = writer_for(plan.spec)(ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
-        new_w.write(DecodedBatch(ids, None, latents, images))
-        data = {}
-        pair = [timed(lambda: data.setdefault("old", old_w.close())), timed(lambda: data.setdefault("new", new_w.close()))]
-        pairs["writer (Netpbm -> stored PNG)"].append(pair)
-        sizes = {k: len(v) / count for k, v in data.items()}
-        with tempfile.TemporaryDirectory(dir=args.tmp) as root:
-            storage = Storage(StorageConfig(root=root))
-            pairs["publish (no fsync -> fsync file and folder)"].append(
-                [timed(lambda: publish_without_fsync(os.path.join(root, "old", "shard"), data["old"])),
-                 timed(lambda: storage.publish("new/shard", data["new"], if_absent=True))])
-        copies = [[f.clone() for f in floats] for _ in range(2)]
-        pairs["convert (to_uint8 -> uint8_pixels)"].append(
-            [timed(lambda: [to_uint8(f) for f in copies[0]]), timed(lambda: [CONVERT(f) for f in copies[1]])])
+        for cause, pair in regression_pairs(old, plan, (ids, latents, images, floats), args.tmp, sizes).items():
+            pairs.setdefault(cause, []).append(pair)
     us = 1e6 / count
     for cause, values in pairs.items():
         emit({"measure": f"regression since {ref}", "cause": cause, "format": "parquet", "shape": [1, 28, 28],
@@ -281,6 +267,28 @@ def regression(ref: str, args, machine: dict) -> None:
               "wall_us_per_sample": {"then": spread([v[0][1] for v in values], us),
                                      "now": spread([v[1][1] for v in values], us)},
               **({"bytes_per_sample": sizes} if cause.startswith("writer") else {}), **machine})
+
+
+def regression_pairs(old, plan: JobPlan, rows, tmp: str | None, sizes: dict) -> dict:
+    """One repeat of each (then, now) pair of regression(): (CPU seconds, wall seconds) each."""
+    ids, latents, images, floats = rows
+    old_writer = old.ParquetShardWriter(old.ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
+    old_writer.write(old.DecodedBatch(ids, None, latents, images))
+    new_writer = writer_for(plan.spec)(ShardInfo(0, 1, plan.model_ref, "0" * 64, plan.job_id))
+    new_writer.write(DecodedBatch(ids, None, latents, images))
+    data: dict[str, bytes] = {}
+    pairs = {"writer (Netpbm -> stored PNG)": [timed(lambda: data.setdefault("then", old_writer.close())),
+                                               timed(lambda: data.setdefault("now", new_writer.close()))]}
+    sizes.update({k: len(v) / len(ids) for k, v in data.items()})
+    with tempfile.TemporaryDirectory(dir=tmp) as root:
+        storage = Storage(StorageConfig(root=root))
+        pairs["publish (no fsync -> fsync file and folder)"] = [
+            timed(lambda: publish_without_fsync(os.path.join(root, "then", "shard"), data["then"])),
+            timed(lambda: storage.publish("now/shard", data["now"], if_absent=True))]
+    then, now = [f.clone() for f in floats], [f.clone() for f in floats]
+    pairs["convert (to_uint8 -> uint8_pixels)"] = [timed(lambda: [to_uint8(f) for f in then]),
+                                                   timed(lambda: [CONVERT(f) for f in now])]
+    return pairs
 
 
 def main() -> None:
