@@ -43,6 +43,7 @@ from cluster.generate.writers import DecodedBatch, ShardInfo, writer_for
 from cluster.store.layout import OUTPUT_FORMAT_VERSION
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig, StorageConfig
+from vae_core.data import FASHION_MNIST_DIR, read_idx
 from vae_core.images import PNG_DEFLATE_LEVEL, jpeg_files, png_files, to_uint8
 from vae_core.models import build_model
 from vae_core.use_configs import GenerateConfig
@@ -56,6 +57,7 @@ FORMATS = ("parquet", "png", "jpeg")
 SHAPES = ((1, 28, 28), (3, 32, 32))
 TARGET_PARQUET_US = 2.0          # issue 28: >= 500k samples/s per core
 TARGET_CODEC_RATIO = 0.8         # issue 28: a tar format at >= 0.8x its codec alone
+IMAGES = {"kind": "random"}      # --images
 
 
 def emit(record: dict) -> None:
@@ -63,11 +65,18 @@ def emit(record: dict) -> None:
 
 
 def decoder_floats(shape: tuple[int, int, int], count: int, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """What the decoder hands a worker: float batches in [0, 1] (a random-weights MLP's images), and the
-    latents they were decoded from."""
+    """What the decoder hands a worker: float batches in [0, 1] (a random-weights MLP's images, or with
+    IMAGES "fashion" real Fashion-MNIST pixels, the look of a trained decoder's), and the latents."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_shape=shape)).eval()
     z = torch.randn(count, model.cfg.latent_dim, generator=torch.Generator().manual_seed(0))
+    if IMAGES["kind"] == "fashion":
+        pixels = read_idx(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
+        pixels = np.resize(pixels, (count, *shape[1:]))[:, None].repeat(shape[0], axis=1)
+        if pixels.shape[2:] != shape[1:]:
+            raise SystemExit("--images fashion needs 28x28 shapes")
+        floats = torch.from_numpy(pixels).float().div_(255)
+        return [floats[i:i + batch].clone() for i in range(0, count, batch)], z
     with torch.no_grad():
         return [model.generate(z[i:i + batch]).clone() for i in range(0, count, batch)], z
 
@@ -229,6 +238,37 @@ def run(fmt: str, shape, args, machine: dict) -> dict:
     return result
 
 
+def worker_against_decoder(fmt: str, shape, args, machine: dict) -> None:
+    """The per-core form of bench/generate.py's ratio, in CPU time so that a shared machine distorts it less:
+    a DecoderWorker's whole shard (ShardMaker.make with the reference MLP decoder, random weights) against its
+    bound on the same latents, interleaved: the decoder alone (sample_prior + sample_images per decode batch) for
+    Parquet, decoder + the format's codec (to_uint8, then png_files or jpeg_files) for a tar format."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_shape=shape)).eval()
+    plan = job_plan(fmt, shape, args.shard_size, args.shards, args.decode_batch)
+
+    def decode_only():
+        for index in range(args.shards):
+            z = model.sample_prior(args.shard_size, None, torch.Generator().manual_seed(index))
+            for start in range(0, args.shard_size, args.decode_batch):
+                images = model.sample_images(z[start:start + args.decode_batch], None, torch.Generator())
+                if fmt != "parquet":
+                    encoder_of(fmt)(to_uint8(images))
+
+    decoder, worker = [], []
+    for _ in range(args.repeat + 1):                                   # the first round warms up
+        with tempfile.TemporaryDirectory(dir=args.tmp) as root:
+            maker = ShardMaker(plan, Storage(StorageConfig(root=root)), model)
+            worker.append(timed(lambda: [maker.make(i) for i in range(args.shards)])[0])   # noqa: B023
+        decoder.append(timed(decode_only)[0])
+    us = 1e6 / (args.shard_size * args.shards)
+    decode_us, worker_us = spread(decoder[1:], us), spread(worker[1:], us)
+    emit({"measure": "worker against its bound (reference MLP, CPU time)", "format": fmt, "shape": list(shape),
+          "bound": "decoder" if fmt == "parquet" else f"decoder + {fmt} codec", "bound_cpu_us_per_sample": decode_us,
+          "worker_cpu_us_per_sample": worker_us, "ratio_to_bound": decode_us["median"] / worker_us["median"],
+          "target_ratio": 0.8, **machine})
+
+
 def publish_without_fsync(path: str, data: bytes) -> None:
     """572a1c6's local create-if-absent publish: temp file, link, no fsync of the file or its folder."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -301,6 +341,9 @@ def main() -> None:
     parser.add_argument("--decode-batch", type=int, default=GenerateConfig(model="d", count=1).decode_batch)
     parser.add_argument("--repeat", type=int, default=5, help="median of N (default: %(default)s)")
     parser.add_argument("--tmp", default=None, help="folder for the local root (default: the system's temp)")
+    parser.add_argument("--images", choices=("random", "fashion"), default="random",
+                        help="decoder output: a random-weights MLP's (noisy: compresses badly; bench/generate.py's) "
+                             "or real Fashion-MNIST pixels (a trained decoder's look; 28x28 only)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds: small shards, one repeat")
     parser.add_argument("--regression", metavar="COMMIT", default=None,
                         help="instead: Parquet's costs added since COMMIT (572a1c6), each against today's, interleaved")
@@ -308,13 +351,15 @@ def main() -> None:
     if args.smoke:
         args.shard_size, args.shards, args.repeat, args.decode_batch = 512, 1, 1, 256
     torch.set_num_threads(1)                       # a worker decodes with one thread; so is a core's cost here
-    machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "output_format_version": OUTPUT_FORMAT_VERSION,
+    IMAGES["kind"] = args.images
+    machine = {"images": args.images, "cpus": os.cpu_count(), "machine": platform.machine(), "output_format_version": OUTPUT_FORMAT_VERSION,
                "repeat": args.repeat, "date": time.strftime("%Y-%m-%d")}
     if args.regression:
         return regression(args.regression, args, machine)
     for shape in (tuple(int(x) for x in s.split("x")) for s in args.shapes):
         for fmt in args.formats:
             run(fmt, shape, args, machine)
+            worker_against_decoder(fmt, shape, args, machine)
 
 
 if __name__ == "__main__":
