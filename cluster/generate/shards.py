@@ -132,12 +132,18 @@ class ShardMaker:
         while decoded:
             batch = decoded.pop(0)                      # handed on: the writer holds what it keeps
             self.enter(index, "encode")
+            # The pixels' digest is the one check of a shard's samples that does not depend on its format: a
+            # reader (or a test) decodes any lossless shard and compares, so two formats or two runs of one
+            # spec are shown to hold the same images. Taken here, once, on the uint8 rows the writer receives.
             pixels.update(np.ascontiguousarray(batch.images).data)
             writer.write(batch)
             rows, last_id = rows + len(batch), int(batch.ids[-1])
         data = writer.close()
         if rows != task.rows:
             raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
+        # The shard's digest is what exactly-once rests on: the receipt names it, the commit checks every
+        # shard's object against it, and an existing object with another digest is replaced. One pass, here,
+        # over the bytes about to be published; never a read-back of a shard this worker built.
         record = {"index": index, "name": plan.shard_name(index), "rows": rows,
                   "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
                   "pixels_sha256": pixels.hexdigest()}
@@ -151,6 +157,9 @@ class ShardMaker:
             data, record = self.build(index)
             self.enter(index, "publish")
             key = self.plan.shard_key(index)
+            # Publish fsyncs the file and its folder (Storage.publish): a shard whose receipt exists must
+            # survive a power loss whole, or a committed job could name a shard that is gone or torn. The
+            # receipt is published after the shard, so a receipt never names a shard not yet durable.
             published = self.storage.publish(key, data, if_absent=True)
             if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
                 self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones

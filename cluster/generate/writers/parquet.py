@@ -209,7 +209,9 @@ class ParquetShardWriter:
                        use_dictionary=[k for k in DICTIONARY_COLUMNS if k in table.column_names],
                        write_statistics=["id", *(k for k in DICTIONARY_COLUMNS if k in table.column_names)])
         data = buf.getvalue()
-        rows = pq.read_metadata(io.BytesIO(data)).num_rows           # the footer parses: the file is whole
+        # The footer parses and counts the rows: a writer bug or a truncated buffer fails here, before anything
+        # is published (reading the footer alone costs nothing next to the write).
+        rows = pq.read_metadata(io.BytesIO(data)).num_rows
         if rows != len(table):
             raise ValueError(f"shard {self.info.index}: Parquet holds {rows} rows, expected {len(table)}")
         return data
