@@ -18,7 +18,7 @@ shared machine distorts less than wall time; wall time is reported beside it. Ea
 --repeat runs, with the spread (min, max).
 
     .venv/bin/python bench/package.py                 # the table in docs/BENCHMARKS.md
-    .venv/bin/python bench/package.py --smoke         # a few seconds: CI runs it (tests/generate/test_package_bench.py)
+    .venv/bin/python bench/package.py --smoke         # a few seconds: CI runs it (tests/generate/test_packaging.py)
     .venv/bin/python bench/package.py --regression 572a1c6 --repeat 7    # Parquet's costs added since 572a1c6
 """
 from __future__ import annotations

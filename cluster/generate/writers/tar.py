@@ -144,6 +144,8 @@ class TarShardWriter:
         members = [self.encode(batch.images), *([] if batch.labels is None else [[b"%d" % y for y in labels]]),
                    metas]
         extensions = [self.image_ext, *([] if batch.labels is None else ["cls"]), "json"]
+        if any(len(kind) != len(ids) for kind in members):                  # zip below would drop samples
+            raise ValueError(f"shard {self.info.index}: {[len(kind) for kind in members]} members for {len(ids)} rows")
         bodies = [body for sample in zip(*members) for body in sample]            # a sample's members together
         sizes = np.fromiter(map(len, bodies), np.int64, len(bodies))
         if len(ids) and max(ids) >= 10 ** KEY_DIGITS:

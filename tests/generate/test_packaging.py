@@ -1,5 +1,6 @@
-"""The packaging path's own pieces: the worker's uint8 conversion gives vae_core's bytes, and the packaging
-benchmark (bench/package.py) runs end to end in its smoke mode, one JSON line per measurement."""
+"""The generation write path's packaging: the worker's uint8 conversion gives vae_core's bytes, the tar writers'
+framing refuses what it did not write whole, and the packaging benchmark (bench/package.py) runs end to end in
+its smoke mode, one JSON line per measurement."""
 import json
 import os
 import subprocess
@@ -59,3 +60,14 @@ def test_the_tar_writers_read_back_refuses_a_damaged_header_a_wrong_size_or_a_mi
                       (data[:512 * 7], sizes), (data[:len(data) // 2 + 1], sizes)):
         with pytest.raises(ValueError, match="checksum|truncated|zero blocks"):
             check_members(bad, want)
+
+
+def test_a_tar_encoder_that_drops_an_image_is_refused_not_shortened():
+    class Dropping(PngTarShardWriter):
+        def encode(self, images):
+            return super().encode(images)[:-1]
+
+    writer = Dropping(ShardInfo(index=0, seed=1, model="tiny@v0001", weights_sha256="ab" * 32, job_id="j"))
+    images = np.zeros((3, 1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="members for 3 rows"):
+        writer.write(DecodedBatch(np.arange(3, dtype=np.int64), None, np.zeros((3, 2), np.float32), images))
