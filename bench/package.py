@@ -6,7 +6,7 @@ weights) go through the path a DecoderWorker runs: ShardMaker.make with its deco
 precomputed floats (so the uint8 conversion, the writer, both hashes, the shard's and its receipt's publish to a
 local root are the real code). That total is measured whole; beside it each stage alone on the same rows:
 
-    convert   floats in [0, 1] -> uint8 (vae_core.images.to_uint8)
+    convert   floats in [0, 1] -> uint8 (the worker's uint8_pixels: vae_core.images.to_uint8's bytes)
     encode    the images' files: stored-deflate PNGs (Parquet), libdeflate PNGs, libjpeg-turbo JPEGs
     frame     the rest of the writer: Parquet table + zstd + footer check, or tar headers + JSON + member check
     hash      the pixels' sha256 and the shard's
@@ -15,7 +15,9 @@ local root are the real code). That total is measured whole; beside it each stag
 and the codec alone (libdeflate's zlib_compress per image, libjpeg-turbo's encode_jpeg per batch): a tar
 format's bound per core. Times are process CPU time (time.process_time: every thread of this process), which a
 shared machine distorts less than wall time; wall time is reported beside it. Each figure is the median of
---repeat runs, with the spread (min, max).
+--repeat runs, with the spread (min, max). Last, per format and shape, a worker's whole shard with the reference
+MLP decoder against its bound (the decoder alone; for a tar, decoder + codec) in CPU time: bench/generate.py's
+ratio per core.
 
     .venv/bin/python bench/package.py                 # the table in docs/BENCHMARKS.md
     .venv/bin/python bench/package.py --smoke         # a few seconds: CI runs it (tests/generate/test_packaging.py)
