@@ -41,7 +41,7 @@ def test_a_reingested_folder_reads_as_exactly_the_current_rows_in_datasets_and_p
     folder = storage.path(dataset_key("ds"))
     frame = pd.read_parquet(f"{folder}/train")
     assert len(frame) == 35 and sorted(frame["id"]) == list(range(35))
-    loaded = datasets.load_dataset(folder)
+    loaded = datasets.load_dataset(folder, cache_dir=str(tmp_path / "hf-cache"))
     assert loaded["train"].num_rows == 35
     assert loaded["train"].features["label"].names == ["a", "b", "c"]
     want = read_split(storage, "ds", "train")
