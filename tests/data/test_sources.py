@@ -283,6 +283,7 @@ def test_hf_image_and_label_columns_by_name_and_unlabelled_data(tmp_path):
     plan = plan_source("hf", str(tmp_path / "named.parquet"), LOCAL, options)
     got = read_all(plan, options=options)["train"]
     assert plan.label_names == ("shirt", "shoe", "bag") and got[1].tolist() == labels
+    assert np.array_equal(got[0], pixels)
     unlabelled = IngestOptions(image_column="picture", label_column="")
     plan = plan_source("hf", str(tmp_path / "named.parquet"), LOCAL, unlabelled)
     assert plan.label_names is None and read_all(plan, options=unlabelled)["train"][1].tolist() == [-1] * 5
@@ -493,14 +494,15 @@ def test_a_truncated_tar_and_a_bad_split_name_are_one_line(tmp_path):
 @pytest.mark.s3
 def test_fashion_mnist_layout_on_s3(tmp_path, s3_storage_config):
     """IDX files (gzipped, as distributed) under an S3 prefix read like the local folder."""
-    import boto3
     import gzip
+
+    import boto3
     images = np.stack([pattern(28, 28, 1, i) for i in range(5)])
     labels = np.array([3, 1, 4, 1, 5], np.uint8)
     client = boto3.client("s3", endpoint_url=s3_storage_config.s3_endpoint, region_name="us-east-1")
     prefix = s3_storage_config.root.removeprefix("s3://vaegen-test/") + "/fm"
-    for split, (image_file, label_file) in {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                                            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}.items():
+    for image_file, label_file in (("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                                   ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
         idx_images = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes()
         idx_labels = bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes()
         client.put_object(Bucket="vaegen-test", Key=f"{prefix}/{image_file}", Body=gzip.compress(idx_images))
