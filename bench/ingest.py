@@ -28,12 +28,10 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cluster.data.ingest import ingest_source  # noqa: E402
-from cluster.data.sources import IngestOptions  # noqa: E402
-from vae_core.config import StorageConfig  # noqa: E402
-from vae_core.data import RESIZE_FILTER  # noqa: E402
+from cluster.data.ingest import ingest_source
+from cluster.data.sources import IngestOptions
+from vae_core.config import StorageConfig
+from vae_core.data import RESIZE_FILTER
 
 SIZE = (64, 64)
 

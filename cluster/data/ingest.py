@@ -157,6 +157,7 @@ def run_tasks(fn: Callable[[dict, IngestJob], dict], rows: list[dict], job: Inge
     import ray.data
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True      # a task's VaegenError, not Ray Data's UserCodeException around it
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(fn, fn_kwargs={"job": job}, num_cpus=1)
     try:
         yield from dataset.iter_rows()
@@ -165,17 +166,17 @@ def run_tasks(fn: Callable[[dict, IngestJob], dict], rows: list[dict], job: Inge
 
 
 def task_error(error: BaseException) -> BaseException:
-    """The VaegenError (or OSError) a task raised, out of Ray's and Ray Data's wrappers; else the error itself."""
-    seen = error
-    for _ in range(8):
-        if isinstance(seen, VaegenError):
-            return VaegenError(str(seen))
-        if isinstance(seen, OSError):
-            return seen
-        inner = getattr(seen, "cause", None) or seen.__cause__
-        if inner is None or inner is seen:
-            break
-        seen = inner
+    """The VaegenError (or OSError) a task raised, out of Ray's wrappers (whose own str is the worker's traceback,
+    even where the wrapper is also a VaegenError); else the error itself."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain and len(chain) < 8:
+        chain.append(seen)
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    for inner in reversed(chain):                      # the innermost: what the task itself raised
+        if isinstance(inner, VaegenError):                 # one line; Ray Data appends its retry advice
+            return VaegenError(str(inner).splitlines()[0] if str(inner) else "")
+        if isinstance(inner, OSError):
+            return inner
     return error
 
 

@@ -41,7 +41,7 @@ def test_a_reingested_folder_reads_as_exactly_the_current_rows_in_datasets_and_p
     folder = storage.path(dataset_key("ds"))
     frame = pd.read_parquet(f"{folder}/train")
     assert len(frame) == 35 and sorted(frame["id"]) == list(range(35))
-    loaded = datasets.load_dataset(folder)
+    loaded = datasets.load_dataset(folder, cache_dir=str(tmp_path / "hf-cache"))
     assert loaded["train"].num_rows == 35
     assert loaded["train"].features["label"].names == ["a", "b", "c"]
     want = read_split(storage, "ds", "train")
@@ -109,3 +109,11 @@ def test_ray_data_and_this_process_write_the_same_bytes(tmp_path, ray_local):
     assert json.dumps(strip(on_ray), sort_keys=True) == json.dumps(strip(in_process), sort_keys=True)
     shards = lambda root: {k: v for k, v in tree(root / "datasets").items() if k.endswith(".parquet")}
     assert shards(tmp_path / "a") == shards(tmp_path / "b") and len(shards(tmp_path / "a")) == 6
+
+
+def test_a_bad_image_on_ray_data_is_the_same_one_line(tmp_path, local_storage_config, ray_local):
+    source = image_folder(tmp_path / "imgs", 12)
+    (source / "b" / "0004.png").write_bytes(b"not a png at all")
+    with pytest.raises(VaegenError, match=r"^cannot read image .*0004\.png: [^\n]*$"):
+        ingest_source("image-folder", str(source), local_storage_config, progress=False)
+    assert not (tmp_path / "root").exists() or tree(tmp_path / "root") == {}
