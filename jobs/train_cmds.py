@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a PNG grid of samples from a model version",
                        description="Decode latents drawn from the prior into a PNG grid.")
     p.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
-    p.add_argument("--count", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument("--count", type=int, default=64, help="number of samples, 8 a row as torchvision's make_grid lays "
+                   "them out (a conditional model without --label: one column per class) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to sample (conditional models)")
     p.add_argument("--out", default="samples.png", help="local PNG path; '-' = stdout, a FIFO or device is written "
@@ -50,7 +51,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from cluster.store.registry import Registry
     from cluster.store.storage import open_storage
-    from vae_core.images import image_grid, png_bytes, to_uint8
+    from vae_core.artifacts import NROW, grid_png
 
     check_model_spec(args.model, "--model")
     if not 0 < args.count <= MAX_GRID_SAMPLES:
@@ -68,7 +69,8 @@ def run_sample(args: argparse.Namespace) -> int:
     elif args.label is not None:
         raise VaegenError(f"{loaded.ref} is not conditional: drop --label")
     z = loaded.model.sample_prior(args.count, labels, torch.Generator().manual_seed(args.seed))
-    png = png_bytes(image_grid(to_uint8(loaded.model.generate(z, labels))))
+    columns = cfg.num_classes if cfg.conditional and args.label is None else NROW
+    png = grid_png(loaded.model.generate(z, labels), nrow=columns)
     write_out(args.out, png)
     # With the PNG on stdout, the report goes to stderr so that the stream stays one image.
     print(f"wrote {args.count} samples of {loaded.ref} to {'stdout' if is_stdout(args.out) else args.out}",
