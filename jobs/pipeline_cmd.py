@@ -42,7 +42,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.train.on_ray import local_cpus
     from vae_core.errors import VaegenError
 
-    job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
+    job = sized_training(train_job_config(args), args.address, args.connect_timeout)   # --workers auto: sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
@@ -53,7 +53,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri}")
         ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
 
-    with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
+    with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None,
+                     connect_timeout=args.connect_timeout):   # one Ray for every step
         backend = "in this process"
         if job.ray:
             gpus = f", {job.ray.gpus_per_worker:g} GPU" if job.ray.gpus_per_worker else ""

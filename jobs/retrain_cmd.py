@@ -37,7 +37,7 @@ def retrain_config(args: argparse.Namespace) -> RetrainConfig:
 def generation_settings(args: argparse.Namespace) -> RunSettings:
     """How --then-generate runs: `vaegen generate`'s defaults, with the Ray address and progress bars of this run
     (--workers and its kin on this verb are Ray Train's, not the decoders')."""
-    return build(RunSettings, args, only=("address", "progress"))
+    return build(RunSettings, args, only=("address", "connect_timeout", "progress"))
 
 
 def run_retrain(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def run_retrain(args: argparse.Namespace) -> int:
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)
         settings = generation_settings(args)
     from cluster.train.retrain import retrain
-    outcome = retrain(cfg, address=args.address, progress=args.progress)
+    outcome = retrain(cfg, address=args.address, progress=args.progress, connect_timeout=args.connect_timeout)
     verdict = "PROMOTED" if outcome.promoted else "kept the champion"
     print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")
     print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from cluster.train.driver import train_model
-    result = train_model(train_job_config(args), address=args.address, progress=args.progress)
+    result = train_model(train_job_config(args), address=args.address, progress=args.progress,
+                         connect_timeout=args.connect_timeout)
     s = result.summary
     backend = f"{s['workers']} Ray Train workers" if "workers" in s else "one process"
     print(f"run {s['run_id']}: {backend}, {s['epochs_run']} epochs")

@@ -69,7 +69,8 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, sett
     # Steady state: the rate after each worker's first shard (which carries its start and pipeline fill).
     timeline = {"warm_at": 0.0, "warm_rows": 0, "last_at": 0.0, "rows": 0, "startup": None}
     if todo:
-        with ray_runtime(settings.address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
+        joining = ray_runtime(settings.address, connect_timeout=settings.connect_timeout)
+        with joining, job_run_record(storage, plan):     # _run.json for `vaegen ls`
             joined = bool(settings.address or os.environ.get("RAY_ADDRESS"))
             settings = placed_settings(settings, plan, storage)          # --workers auto: sized to the cluster
             no_idle = dataclasses.replace(settings, workers=min(settings.workers, len(todo)))

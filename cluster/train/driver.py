@@ -10,6 +10,7 @@ import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
 from cluster.runtime.placement import sized_training
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.store.storage import open_storage
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
@@ -29,12 +30,14 @@ from vae_core.config import TrainJobConfig
 
 
 def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,
-                initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
+                initial_state: dict[str, torch.Tensor] | None = None,
+                connect_timeout: float = CONNECT_TIMEOUT_S) -> TrainResult:
     """Train `job` and publish it as a model version. job.run_id names the run (a new id if empty): the same id
     resumes it from its last checkpoint, and a finished run returns its published version. `address` joins a
-    Ray cluster (Ray backend only); `initial_state` is a warm start (e.g. the champion's weights)."""
+    Ray cluster (Ray backend only), waiting `connect_timeout` s for it; `initial_state` is a warm start (e.g. the
+    champion's weights)."""
     started = time.time()
-    job = sized_training(with_run_id(job), address)            # --workers auto: numbers before anything records them
+    job = sized_training(with_run_id(job), address, connect_timeout)   # --workers auto: sized before any record
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
@@ -53,7 +56,8 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     if job.ray is None:
         fitted = fit_in_process(storage, job, model, train_set, val_set, progress)
     else:
-        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress)
+        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress,
+                            connect_timeout=connect_timeout)
     summary = training_summary(job, fitted, train_set, val_set, started)
     result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set)
     record_published(storage, job, result)

@@ -27,6 +27,7 @@ import torch
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from cluster.data.datasets import shard_keys, table_arrays
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.runtime.ray_private import ray_started_here, trainer_class
 from cluster.runtime.ray_session import ray_runtime
 from cluster.store.storage import Storage, open_storage
@@ -68,12 +69,13 @@ def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
 
 
 def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, train_set: ImageSet,
-               val_set: ImageSet, *, address: str | None, progress: bool) -> FitResult:
+               val_set: ImageSet, *, address: str | None, progress: bool,
+               connect_timeout: float = CONNECT_TIMEOUT_S) -> FitResult:
     """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
     resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`: the training rows
     the driver already holds, in id order."""
     train_ids, _ = train_val_ids(manifest, job)
-    with ray_runtime(address, num_cpus=local_cpus(job)):
+    with ray_runtime(address, num_cpus=local_cpus(job), connect_timeout=connect_timeout):
         check_cluster_fits(job)
         shares = None
         if not job.ray.stream_epochs:
