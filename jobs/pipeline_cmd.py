@@ -60,12 +60,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
             gpus = f", {job.ray.gpus_per_worker:g} GPU" if job.ray.gpus_per_worker else ""
             backend = (f"on Ray Train with {job.ray.workers} worker{'s' if job.ray.workers > 1 else ''} "
                        f"({job.ray.cpus_per_worker:g} CPUs{gpus} each)")
-        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
+        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {counted(job.train.epochs, 'epoch')}) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
         # Two independent jobs, run side by side: each one's start (a DecoderWorker importing torch, loading the
         # model) is one process on one core, so together they take about as long as one.
-        print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")
+        print(f"[3/{STEPS}] generating {counted(args.count, 'sample')} from {model}")
         print(f"[4/{STEPS}] reconstructing {job.dataset}/test with {model}")
         with ThreadPoolExecutor(2) as jobs:
             sampling = jobs.submit(run_generation, replace(samples, model=model), job.storage, address=args.address,

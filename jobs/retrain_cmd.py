@@ -9,7 +9,7 @@ from cluster.generate.settings import RunSettings
 from vae_core.config import RetrainConfig
 from vae_core.use_configs import GenerateConfig
 
-from .args import add_progress_arg, add_train_job_args, train_job_config
+from .args import add_progress_arg, add_train_job_args, counted, train_job_config
 from .flags import add_flags, build
 
 
@@ -56,6 +56,6 @@ def run_retrain(args: argparse.Namespace) -> int:
     print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")
     if samples is not None and outcome.promoted:
         champion = f"{cfg.job.name}@{outcome.champion}"
-        print(f"  generating {samples.count} samples with {champion}")
+        print(f"  generating {counted(samples.count, 'sample')} with {champion}")
         return report(run_generation(replace(samples, model=champion), cfg.job.storage, settings))
     return 0

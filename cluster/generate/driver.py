@@ -39,8 +39,9 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     settings = dataclasses.replace(settings, **changes) if changes else settings
     lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
-    storage = open_storage(storage_cfg, for_writing=True)
-    plan = plan_job(spec, storage)
+    storage = open_storage(storage_cfg)
+    plan = plan_job(spec, storage)               # a missing model or dataset: refused before the root is written
+    storage.check_writable()
     planned = time.perf_counter()
     with job_lease(storage, plan):
         return run_leased(plan, storage, storage_cfg, settings, (started, planned))

@@ -55,7 +55,7 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
     if "train" not in manifest["splits"]:
         raise VaegenError(f"dataset {dataset!r} has no train split to fit its reference classifier on")
     if progress:
-        print(f"training the reference classifier for {dataset} ({cfg.epochs} epochs)...", flush=True)
+        print(f"training the reference classifier for {dataset} ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})...", flush=True)
     train = to_image_set(read_split(storage, dataset, "train"))
     started = time.perf_counter()
     model = train_classifier(train.images, train.labels, len(manifest["label_names"]), cfg)
@@ -94,9 +94,10 @@ class EvaluationResult:
 def evaluate_model(cfg: EvalJobConfig, progress: bool = True) -> EvaluationResult:
     """Likelihood (IWAE_k NLL and −ELBO) on a split, and with cfg.quality the classifier metrics; writes
     evaluation.json + evaluation.png into the model version and merges a summary into metrics.json."""
-    storage = open_storage(cfg.storage, for_writing=True)
+    storage = open_storage(cfg.storage)
     registry = Registry(storage)
-    loaded = registry.load(cfg.model)
+    loaded = registry.load(cfg.model)          # no model: refused before the root is written
+    storage.check_writable()
     model, ref = loaded.model, loaded.ref
     dataset = model_dataset(loaded)
     manifest = read_manifest(storage, dataset)
@@ -170,7 +171,7 @@ def _merge_into_metrics(storage: Storage, registry: Registry, ref: ModelRef, rep
 
 def summary_line(report: dict) -> str:
     """One line: 'NLL X nats (IWAE k=K, N imgs, binarised|continuous[, prior: P]), -ELBO Y', then, when sample
-    quality was measured, ' | real acc A%, classifier-FID F[, TSTR T%]'."""
+    quality was measured, ' | real acc A%, classifier-FID F, TSTR T%' (or why there is no TSTR)."""
     lik = report["likelihood"]
     kind = "binarised" if report["likelihood_model"] == "bernoulli" else "continuous"
     prior = "" if lik.get("prior", "N(0, I)") == "N(0, I)" else f", prior: {lik['prior']}"
@@ -181,6 +182,8 @@ def summary_line(report: dict) -> str:
         line += f" | real acc {100 * q['real_accuracy']:.1f}%, classifier-FID {q['classifier_fid']:.2f}"
         if q.get("tstr_accuracy") is not None:
             line += f", TSTR {100 * q['tstr_accuracy']:.1f}%"
+        else:                        # TSTR trains on labelled samples: an unconditional model draws none
+            line += ", no TSTR (unconditional model: its samples have no labels)"
     return line
 
 

@@ -38,8 +38,9 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     champion's weights)."""
     started = time.time()
     job = sized_training(with_run_id(job), address, connect_timeout)   # --workers auto: sized before any record
-    storage = open_storage(job.storage, for_writing=True)
-    manifest = read_manifest(storage, job.dataset)
+    storage = open_storage(job.storage)
+    manifest = read_manifest(storage, job.dataset)            # no dataset: refused before the root is written
+    storage.check_writable()
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
     if job.ray is not None:
         check_ray_job(job, manifest)

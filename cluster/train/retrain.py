@@ -90,9 +90,10 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
             connect_timeout: float = CONNECT_TIMEOUT_S) -> RetrainOutcome:
     """`address` joins a Ray cluster (waiting `connect_timeout` s for it) when the challenger trains on Ray."""
     job = cfg.job
-    storage = open_storage(job.storage, for_writing=True)
+    storage = open_storage(job.storage)
     registry = Registry(storage)
     manifest = read_manifest(storage, job.dataset)              # no dataset → a clear VaegenError now
+    storage.check_writable()                                    # only then anything written
     if cfg.eval_split not in manifest["splits"]:
         raise VaegenError(f"dataset {job.dataset!r} has no held-out split {cfg.eval_split!r} to score models on "
                           f"(splits: {', '.join(manifest['splits'])}); pass --eval-split")
