@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import OtherFormat, as_object, fields, parse_record

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.generate.commit import commit, job_lease, job_run_record, read_committed_manifest, verified_shards
 from cluster.generate.lease import lease_ttl

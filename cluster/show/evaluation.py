@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.data.datasets import read_manifest, read_split, split_shards
 from cluster.store.registry import LoadedModel, ModelRef, Registry
@@ -54,11 +54,12 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
             return model, meta
     if "train" not in manifest["splits"]:
         raise VaegenError(f"dataset {dataset!r} has no train split to fit its reference classifier on")
-    if progress:
-        print(f"training the reference classifier for {dataset} ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})...", flush=True)
     train = to_image_set(read_split(storage, dataset, "train"))
     started = time.perf_counter()
-    model = train_classifier(train.images, train.labels, len(manifest["label_names"]), cfg)
+    # A bar over every epoch's images: the classifier is a few minutes on a CPU, done once per dataset.
+    with tqdm(total=cfg.epochs * len(train), unit="img", unit_scale=True, disable=not progress,
+              desc=f"reference classifier for {dataset} ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})") as bar:
+        model = train_classifier(train.images, train.labels, len(manifest["label_names"]), cfg, bar.update)
     meta = {"dataset": dataset, "dataset_manifest_sha256": digest, "settings": cfg.to_dict(),
             "train_images": len(train), "train_seconds": time.perf_counter() - started}
     if "test" in manifest["splits"]:

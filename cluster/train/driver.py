@@ -60,6 +60,7 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
         fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress,
                             connect_timeout=connect_timeout)
     summary = training_summary(job, fitted, train_set, val_set, started)
-    result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set)
+    result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set,
+                                   progress)
     record_published(storage, job, result)
     return result

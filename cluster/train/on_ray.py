@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -57,6 +58,7 @@ from vae_core.train import (
 )
 
 STATE_FILE = "state.pt"
+STEP_LINE_EVERY_S = 2.0        # rank 0's progress line within an epoch, at most this often
 SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
 OBJECT_STORE_SHARE = 0.5       # the most of the object store the training rows may take; more go through Ray Data
 
@@ -286,10 +288,35 @@ def train_loop_per_worker(raw: dict) -> None:
             epoch_samples(unwrap(model), metrics.epoch)
         report_epoch(metrics, checkpoint_state(model, optimizer, state) if rank == 0 else None)
 
+    steps = StepLines(job.train.epochs, -(-raw["train_images"] // world), world) if raw["progress"] and rank == 0 \
+        else None
     hooks = EpochHooks(train_batches=train_batches, val_batches=lambda: iterate_batches(val_set, EVAL_BATCH),
                        rank=rank, device=device, combine_train=combine_train,
-                       combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train)
+                       combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train,
+                       on_batch=steps)
     run_epochs(model, optimizer, job.train, hooks, state, record)
+
+
+class StepLines:
+    """Rank 0's progress within an epoch, as a line every STEP_LINE_EVERY_S: a worker's output reaches the driver
+    line by line (log_to_driver), so no bar; the console shows lines shaped as the epoch line (WORKER_LINE)."""
+
+    def __init__(self, epochs: int, share: int, world: int) -> None:
+        self.epochs, self.share, self.world = epochs, max(1, share), world
+        self.epoch, self.done, self.started, self.shown = -1, 0, 0.0, 0.0
+
+    def __call__(self, epoch: int, n: int) -> None:
+        now = time.perf_counter()
+        if epoch != self.epoch:
+            self.epoch, self.done, self.started, self.shown = epoch, 0, now, now
+        self.done += n
+        if now - self.shown < STEP_LINE_EVERY_S or self.done >= self.share:
+            return
+        self.shown = now
+        rate = self.done / max(now - self.started, 1e-9)
+        sys.stdout.write(f"epoch {epoch + 1}/{self.epochs}: {100 * self.done // self.share}% of its steps, "
+                         f"{rate * self.world:,.0f} img/s, {(self.share - self.done) / rate:.0f} s left\n")
+        sys.stdout.flush()
 
 
 def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torch.optim.Optimizer:

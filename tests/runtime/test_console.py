@@ -26,6 +26,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 VAEGEN_LINES = [re.compile(p) for p in (
     r"\[\d/\d\] .+",                                   # pipeline steps
     r"epoch \d+/\d+: loss .+",                         # Ray Train rank 0's epoch line
+    r"epoch \d+/\d+: \d+% of its steps, .+ img/s, .+", # and its progress within an epoch
     r"model   \S+ → .+", r"        test loss .+",      # the pipeline's summary
     r"(samples|recons ) [\d,]+ rows in [\d,]+ shards? → .+",
     r"  \S+@v\d+  .+",                                 # the evaluation table
