@@ -61,3 +61,18 @@ def test_train_and_evaluate_show_progress_on_a_terminal_and_plain_lines_in_a_pip
     assert "\r" not in piped.stdout + piped.stderr
     assert re.search(rf"^train piped: 100%.*{RATE}.*$", piped.stderr, re.M), piped.stderr[-3000:]
     assert re.search(r"^fit the prior \(3 Gaussians\): 100%", piped.stderr, re.M), piped.stderr[-3000:]
+
+
+def test_ray_rank_zero_reports_steps_within_an_epoch_as_lines_the_console_shows(monkeypatch, capsys):
+    """A Ray Train worker's output reaches the driver line by line: rank 0 writes a line with its progress, rate
+    and time left, shaped so that the console routes it to the terminal (WORKER_LINE)."""
+    from cluster.runtime.console import WORKER_LINE
+    from cluster.train import on_ray
+    monkeypatch.setattr(on_ray, "STEP_LINE_EVERY_S", 0.0)
+    steps = on_ray.StepLines(epochs=3, share=100, world=2)
+    for _ in range(4):
+        steps(1, 25)                                        # the last step of the epoch: the epoch line follows
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.match(r"epoch 2/3: (\d+)% of its steps, [\d,]+ img/s, \d+ s left$", line)[1] for line in lines] == \
+        ["25", "50", "75"]
+    assert all(WORKER_LINE.match(f"(RayTrainWorker pid=1) {line}") for line in lines)
