@@ -288,12 +288,10 @@ def train_loop_per_worker(raw: dict) -> None:
             epoch_samples(unwrap(model), metrics.epoch)
         report_epoch(metrics, checkpoint_state(model, optimizer, state) if rank == 0 else None)
 
-    steps = StepLines(job.train.epochs, -(-raw["train_images"] // world), world) if raw["progress"] and rank == 0 \
-        else None
     hooks = EpochHooks(train_batches=train_batches, val_batches=lambda: iterate_batches(val_set, EVAL_BATCH),
                        rank=rank, device=device, combine_train=combine_train,
                        combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train,
-                       on_batch=steps)
+                       on_batch=StepLines.of_rank(rank, world, job.train.epochs, raw))
     run_epochs(model, optimizer, job.train, hooks, state, record)
 
 
@@ -304,6 +302,11 @@ class StepLines:
     def __init__(self, epochs: int, share: int, world: int) -> None:
         self.epochs, self.share, self.world = epochs, max(1, share), world
         self.epoch, self.done, self.started, self.shown = -1, 0, 0.0, 0.0
+
+    @classmethod
+    def of_rank(cls, rank: int, world: int, epochs: int, raw: dict) -> "StepLines | None":
+        """Rank 0's, when progress is shown; None for the other ranks."""
+        return cls(epochs, -(-raw["train_images"] // world), world) if raw["progress"] and rank == 0 else None
 
     def __call__(self, epoch: int, n: int) -> None:
         now = time.perf_counter()
