@@ -146,8 +146,10 @@ def _quality(storage: Storage, dataset: str, model, data: ImageSet, cfg: EvalJob
     if progress:
         print(f"sample quality: {samples} samples, classifier-FID"
               f"{' and TSTR' if model.cfg.conditional else ''}...", flush=True)
-    quality = sample_quality(model, reference, data.images, data.labels, samples=samples, seed=cfg.seed,
-                             classifier_cfg=cfg.classifier)
+    with tqdm(total=cfg.classifier.epochs * samples, unit="img", unit_scale=True, desc="TSTR classifier",
+              disable=not (progress and model.cfg.conditional)) as bar:
+        quality = sample_quality(model, reference, data.images, data.labels, samples=samples, seed=cfg.seed,
+                                 classifier_cfg=cfg.classifier, on_tstr_batch=bar.update)
     return {**quality.to_dict(), "reference_classifier": {k: meta.get(k) for k in
                                                            ("settings", "train_images", "test_accuracy")}}
 
