@@ -26,7 +26,7 @@ from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import placed_settings, run_shards, start_workers, stop_workers
 from cluster.generate.settings import RunSettings
 from cluster.runtime.ray_session import ray_runtime
-from cluster.store.storage import Storage, open_storage
+from cluster.store.storage import Storage, open_storage_to_write_later
 from vae_core.config import AUTO_WORKERS, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.use_configs import GenerateConfig
@@ -39,7 +39,7 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     settings = dataclasses.replace(settings, **changes) if changes else settings
     lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
-    storage = open_storage(storage_cfg)
+    storage = open_storage_to_write_later(storage_cfg)
     plan = plan_job(spec, storage)               # a missing model or dataset: refused before the root is written
     storage.check_writable()
     planned = time.perf_counter()

@@ -15,7 +15,7 @@ from vae_core.progress import Progress as tqdm      # plain lines when not on a 
 
 from cluster.data.datasets import read_manifest, read_split, split_shards
 from cluster.store.registry import LoadedModel, ModelRef, Registry
-from cluster.store.storage import Storage, open_storage
+from cluster.store.storage import Storage, open_storage_to_write_later
 from cluster.train.runs import manifest_digest, to_image_set
 from vae_core.classifier import (
     CLASSIFIER_CONFIG,
@@ -95,7 +95,7 @@ class EvaluationResult:
 def evaluate_model(cfg: EvalJobConfig, progress: bool = True) -> EvaluationResult:
     """Likelihood (IWAE_k NLL and −ELBO) on a split, and with cfg.quality the classifier metrics; writes
     evaluation.json + evaluation.png into the model version and merges a summary into metrics.json."""
-    storage = open_storage(cfg.storage)
+    storage = open_storage_to_write_later(cfg.storage)
     registry = Registry(storage)
     loaded = registry.load(cfg.model)          # no model: refused before the root is written
     storage.check_writable()

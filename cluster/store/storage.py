@@ -324,3 +324,9 @@ class Storage(S3Requests):
 def open_storage(cfg: StorageConfig, *, for_writing: bool = False) -> Storage:
     storage = Storage(cfg)
     return storage.check_writable() if for_writing else storage
+
+
+def open_storage_to_write_later(cfg: StorageConfig) -> Storage:
+    """A root a verb writes to once its inputs check out (then check_writable()): an S3 root's endpoint, bucket and
+    credentials are checked now, writing nothing; a local root is neither created nor probed until then."""
+    return open_storage(cfg, for_writing=cfg.root.startswith("s3://"))

@@ -11,7 +11,7 @@ import torch
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
 from cluster.runtime.placement import sized_training
 from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
-from cluster.store.storage import open_storage
+from cluster.store.storage import open_storage_to_write_later
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
 from cluster.train.runs import (
@@ -38,7 +38,7 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     champion's weights)."""
     started = time.time()
     job = sized_training(with_run_id(job), address, connect_timeout)   # --workers auto: sized before any record
-    storage = open_storage(job.storage)
+    storage = open_storage_to_write_later(job.storage)
     manifest = read_manifest(storage, job.dataset)            # no dataset: refused before the root is written
     storage.check_writable()
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))

@@ -28,7 +28,7 @@ from cluster.store.registry import (
     rewrite_decision,
     swap_champion,
 )
-from cluster.store.storage import open_storage
+from cluster.store.storage import open_storage_to_write_later
 from cluster.train.driver import train_model
 from cluster.train.runs import manifest_digest, to_image_set
 from vae_core import __version__
@@ -90,7 +90,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
             connect_timeout: float = CONNECT_TIMEOUT_S) -> RetrainOutcome:
     """`address` joins a Ray cluster (waiting `connect_timeout` s for it) when the challenger trains on Ray."""
     job = cfg.job
-    storage = open_storage(job.storage)
+    storage = open_storage_to_write_later(job.storage)
     registry = Registry(storage)
     manifest = read_manifest(storage, job.dataset)              # no dataset → a clear VaegenError now
     storage.check_writable()                                    # only then anything written
