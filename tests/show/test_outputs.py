@@ -86,10 +86,10 @@ def test_hugging_face_datasets_loads_images_and_class_names(jobs):
 def test_the_dataset_card_is_what_load_dataset_reads_from_the_job_folder(jobs):
     import datasets
     cfg, storage, recon, _, names = jobs
-    card = storage.read_bytes(JobKeys(recon["prefix"]).card(recon["format"])).decode()       # _README.md
+    card = storage.read_bytes(JobKeys(recon["prefix"]).card).decode()
     assert card.startswith("---\n") and "data_files" in card and recon["model"] in card
     assert "vaegen reconstruct --dataset fm --split test --model tiny" in card
-    ds = datasets.load_dataset(job_dir(cfg, recon), split="train")     # data/ found unaided; features from the files
+    ds = datasets.load_dataset(job_dir(cfg, recon), split="test")      # the test split, named so
     assert ds.num_rows == 300 and ds.features["label"].names == list(names)
     assert isinstance(ds[5]["image"], Image.Image)
 
@@ -97,7 +97,7 @@ def test_the_dataset_card_is_what_load_dataset_reads_from_the_job_folder(jobs):
 def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
     import webdataset as wds
     cfg, _, _, samples, _ = jobs
-    assert samples["shard_pattern"] == shard_braces("png", 3)
+    assert samples["shard_pattern"] == shard_braces("png", 3, "train")
     url = os.path.join(job_dir(cfg, samples), samples["shard_pattern"])
     rows = []
     for sample in wds.WebDataset(url, shardshuffle=False).decode("pill"):     # "pill": PIL images, mode L (grey)
@@ -141,7 +141,7 @@ def test_ls_shows_finished_partial_and_failed_jobs(jobs, capsys):
     partial = run_generation(GenerateConfig(model="tiny", count=60, shard_size=20, seed=11), cfg, progress=False)
     storage.delete(f"{partial['prefix']}/{SUCCESS}")
     keys = JobKeys(partial["prefix"])
-    for name in (shard_name(1, "parquet", 3), shard_name(2, "parquet", 3)):
+    for name in (shard_name(1, "parquet", 3, "train"), shard_name(2, "parquet", 3, "train")):
         storage.delete(keys.shard(name))
         storage.delete(keys.receipt(name))
     # failed: a run whose workers die on every shard (the stage delay is not a number: ValueError in the actor)

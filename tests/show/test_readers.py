@@ -1,7 +1,7 @@
-"""A Parquet job folder is read as-is, without glue code, by every reader a user reaches for: Hugging Face
-`datasets` (features typed, labels named, no label column for an unconditional model), `torchvision.io`, PIL,
-Ray Data and pandas, all given the job folder itself. Its dataset card is Hub metadata that round-trips, and the
-command in it makes the very same job."""
+"""A Parquet job is read as-is, without glue code, by every reader a user reaches for: Hugging Face `datasets`
+given the job folder (features typed, labels named, no label column for an unconditional model), `torchvision.io`,
+PIL, Ray Data and pandas given its data/ folder. Its dataset card (README.md) is Hub metadata that round-trips,
+and the command in it makes the very same job."""
 import io
 import os
 import shlex
@@ -14,7 +14,7 @@ from PIL import Image
 
 from cluster.data.datasets import ingest
 from cluster.generate.driver import run_generation, run_reconstruction
-from cluster.store.layout import OUTPUTS, JobKeys, card_name
+from cluster.store.layout import CARD, DATA_DIR, OUTPUTS, JobKeys
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import StorageConfig
@@ -58,7 +58,7 @@ def job_dir(cfg: StorageConfig, manifest: dict) -> str:
 def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
     import datasets
     cfg, _, recon, samples = jobs
-    ds = datasets.load_dataset(job_dir(cfg, recon), split="train")
+    ds = datasets.load_dataset(job_dir(cfg, recon), split="test")          # the split it reconstructs
     assert ds.num_rows == 200
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.features["label"].names == list(FASHION_MNIST_LABELS)
@@ -70,17 +70,21 @@ def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
     assert isinstance(unconditional.features["image"], datasets.Image)
 
 
-def test_pandas_and_ray_data_read_the_job_folder_itself(jobs):
+def data_dir(cfg: StorageConfig, manifest: dict) -> str:
+    return os.path.join(job_dir(cfg, manifest), DATA_DIR)
+
+
+def test_pandas_and_ray_data_read_the_data_folder(jobs):
     import pandas as pd
     import ray
     cfg, _, recon, samples = jobs
     for job, rows in ((recon, 200), (samples, 40)):
-        df = pd.read_parquet(job_dir(cfg, job))
+        df = pd.read_parquet(data_dir(cfg, job))
         assert sorted(df["id"]) == list(range(rows))
-        ds = ray.data.read_parquet(job_dir(cfg, job))
+        ds = ray.data.read_parquet(data_dir(cfg, job))
         assert ds.count() == rows
-    assert "label" in pd.read_parquet(job_dir(cfg, recon)).columns
-    assert "label" not in pd.read_parquet(job_dir(cfg, samples)).columns
+    assert "label" in pd.read_parquet(data_dir(cfg, recon)).columns
+    assert "label" not in pd.read_parquet(data_dir(cfg, samples)).columns
 
 
 def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
@@ -88,7 +92,7 @@ def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
     import torch
     from torchvision.io import decode_image
     cfg, _, recon, _ = jobs
-    df = pd.read_parquet(job_dir(cfg, recon)).sort_values("id")
+    df = pd.read_parquet(data_dir(cfg, recon)).sort_values("id")
     for cell in df["image"][:5]:
         tensor = decode_image(torch.frombuffer(bytearray(cell["bytes"]), dtype=torch.uint8))
         assert tensor.shape == (1, 28, 28) and tensor.dtype == torch.uint8
@@ -98,21 +102,22 @@ def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
 
 
 def test_the_gallery_and_every_record_stay_out_of_the_data(jobs):
-    """`vaegen show` writes its page into the job folder: the folder still reads as data alone."""
+    """`vaegen show` writes its page into the job folder: data/ still reads as data alone, and beside it are the
+    card and records whose names pyarrow's discovery skips."""
     import pandas as pd
     cfg, _, _, samples = jobs
     keys = JobKeys(samples["prefix"])
     assert vaegen(["show", samples["job_id"], "--root", cfg.root]) == 0
     assert os.path.exists(os.path.join(cfg.root, keys.gallery))
     top = sorted(os.listdir(job_dir(cfg, samples)))
-    assert [name for name in top if not name.startswith(("_", "."))] == ["data"]
-    assert len(pd.read_parquet(job_dir(cfg, samples))) == 40
+    assert [name for name in top if not name.startswith(("_", "."))] == [CARD, DATA_DIR]
+    assert len(pd.read_parquet(data_dir(cfg, samples))) == 40
 
 
 def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
     from huggingface_hub import DatasetCard
     cfg, _, recon, samples = jobs
-    path = os.path.join(job_dir(cfg, recon), card_name("parquet"))
+    path = os.path.join(job_dir(cfg, recon), CARD)
     card = DatasetCard.load(path)
     again = DatasetCard(str(card))
     assert again.data.to_dict() == card.data.to_dict() and str(again) == str(card)
@@ -120,11 +125,11 @@ def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
     assert data["license"] == "mit"                                 # Fashion-MNIST's, recognised from its manifest
     assert data["source_datasets"] == ["extended|zalando-datasets/fashion_mnist"]
     assert data["size_categories"] == "n<1K" and "image-to-image" in data["task_categories"]
-    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
-                                                                          "path": "data/train-*.parquet"}]}]
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "test",
+                                                                          "path": "data/test-*.parquet"}]}]
     label = next(f for f in data["dataset_info"]["features"] if f["name"] == "label")
     assert list(label["dtype"]["class_label"]["names"].values()) == list(FASHION_MNIST_LABELS)
-    unconditional = DatasetCard.load(os.path.join(job_dir(cfg, samples), card_name("parquet"))).data.to_dict()
+    unconditional = DatasetCard.load(os.path.join(job_dir(cfg, samples), CARD)).data.to_dict()
     assert "label" not in [f["name"] for f in unconditional["dataset_info"]["features"]]
     assert "unconditional-image-generation" in unconditional["task_categories"]
 
@@ -137,9 +142,11 @@ def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
                    "--pixels", "mean", "--decode-batch", "8", "--root", cfg.root, "--workers", "1"]) == 0
     first = capsys.readouterr().out
     job_id = first.split(" job ", 1)[1].split()[0]
-    card = DatasetCard.load(os.path.join(cfg.root, OUTPUTS, job_id, card_name("parquet")))
+    card = DatasetCard.load(os.path.join(cfg.root, OUTPUTS, job_id, CARD))
     command = card.text.split("```\nvaegen ", 1)[1].split("\n", 1)[0]
     assert "--pixels mean" in command and "--decode-batch 8" in command
+    assert command.endswith(" --root <root>") and cfg.root not in card.text     # the root may move: no path
+    command = command.replace("<root>", shlex.quote(cfg.root))
     assert "N(0, I)" in card.text                  # the tiny model has no fitted prior
     before = storage.list_dirs(OUTPUTS)
     manifest = storage.read_bytes(JobKeys.of(job_id).manifest)
@@ -151,7 +158,8 @@ def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
 def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
     from cluster.generate.card import Provenance, RowLayout, dataset_card
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
-                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "split": "train",
+                "shard_pattern": "data/train-{00000..00001}-of-00002.parquet",
                 "totals": {"rows": 20_000, "shards": 2, "bytes": 123}, "created_at": 0.0, "label_names": [],
                 "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
                 "spec": {"kind": "samples", "model": "m", "count": 20_000, "shard_size": 10_000, "seed": 0,
@@ -168,7 +176,8 @@ def test_class_names_in_the_card_are_text_never_markup():
     from cluster.generate.card import Provenance, RowLayout, dataset_card
     names = ["<script>alert(1)</script>", "[click](http://evil.example)", "two\nlines # head", "a|b*c_d`e`", "T-shirt"]
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
-                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "split": "train",
+                "shard_pattern": "data/train-{00000..00001}-of-00002.parquet",
                 "totals": {"rows": 10, "shards": 1, "bytes": 123}, "created_at": 0.0, "label_names": names,
                 "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
                 "spec": {"kind": "samples", "model": "m", "count": 10, "shard_size": 10, "seed": 0,
@@ -187,7 +196,7 @@ def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs, tar_j
     import datasets
     from huggingface_hub import DatasetCard
     cfg = jobs[0]
-    card = DatasetCard.load(os.path.join(job_dir(cfg, tar_job), card_name("png"))).data.to_dict()
+    card = DatasetCard.load(os.path.join(job_dir(cfg, tar_job), CARD)).data.to_dict()
     assert card["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.tar"}]
     assert "png" in [f["name"] for f in card["dataset_info"]["features"]]
     ds = datasets.load_dataset(job_dir(cfg, tar_job), split="train")      # the card's features, as declared
