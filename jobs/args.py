@@ -30,7 +30,7 @@ def add_progress_arg(p: argparse.ArgumentParser) -> None:
 
 def add_address_arg(p: argparse.ArgumentParser | Any) -> None:
     """--address of a verb that runs on Ray (not `submit`'s, which names a job server); p may be a group."""
-    add_flags(p, RunSettings, only=("address",))
+    add_flags(p, RunSettings, only=("address", "connect_timeout"))
 
 
 def add_train_job_args(p: argparse.ArgumentParser, default_workers: int | str | None = None) -> None:

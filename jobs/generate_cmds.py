@@ -7,7 +7,7 @@ import argparse
 from cluster.generate.settings import RunSettings
 from vae_core.use_configs import GenerateConfig
 
-from .args import add_progress_arg, add_storage_args, storage_config
+from .args import add_progress_arg, add_storage_args, counted, storage_config
 from .flags import add_flags, build
 
 
@@ -42,8 +42,8 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 
 def report(manifest: dict) -> int:
     run, totals = manifest["run"], manifest["totals"]
-    print(f"{manifest['kind']} job {manifest['job_id']} from {manifest['model']}: {totals['rows']:,} images in "
-          f"{totals['shards']} {manifest['format']} shards at {manifest['uri']} "
+    print(f"{manifest['kind']} job {manifest['job_id']} from {manifest['model']}: {counted(totals['rows'], 'image')} "
+          f"in {counted(totals['shards'], manifest['format'] + ' shard')} at {manifest['uri']} "
           f"({run['shards_written']} written, {run['shards_skipped']} already there)")
     return 0
 

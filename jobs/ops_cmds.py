@@ -102,6 +102,7 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
     # A bad flag (or --config key) stops here, with its message. --verbose is vaegen's own global flag (jobs/cli.py
     # takes it off before parsing): the job's vaegen takes it the same way.
     parsed = parse_args(job_parser(), [a for a in argv if a != "--verbose"])
+    check_job_root(argv, getattr(parsed, "root", None))
     argv, deduplicate = pin_model(list(argv), parsed)
     path = config_path(argv)
     if path is None:
@@ -109,6 +110,15 @@ def check_command(command: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str,
     name = os.path.basename(path)
     with open(path, "rb") as f:
         return tuple(with_config_name(argv, name)), ((name, f.read()),), deduplicate
+
+
+def check_job_root(argv: list[str], root: str | None) -> None:
+    """Refuse a relative --root typed after `--`: it names a folder here, and the job would read another one, under
+    its working directory on the cluster."""
+    typed = any(a == "--root" or a.startswith("--root=") for a in argv)
+    if typed and root and "://" not in root and not os.path.isabs(root):
+        raise VaegenError(f"--root={root} is relative to this machine's folder, but the job runs on the cluster: "
+                          "give an s3:// root, or an absolute path every node mounts")
 
 
 MODEL_READING_VERBS = ("generate", "reconstruct", "sample", "evaluate")

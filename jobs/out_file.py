@@ -2,7 +2,8 @@
 rename, so a failure leaves an existing file as it was. What is not an ordinary file is written through, as a
 shell redirect would: `-` is stdout, a FIFO or a character device (/dev/null, a terminal) is streamed to, and a
 symbolic link writes its target (renamed into place beside the target, so the link itself stays). Anything else
-(a folder, a socket, a block device) is refused before any work, in one line naming the flag."""
+(a folder, a socket, a block device) is refused before any work, in one line naming the flag. Where a verb allows it
+(`vaegen sample`), an s3:// --out is one PUT through the storage layer (s3_out)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,21 @@ STDOUT = "-"
 
 def is_stdout(path: str) -> bool:
     return path == STDOUT
+
+
+def s3_out(path: str, storage_cfg):
+    """(Storage, key) for an s3://bucket/.../name --out, its bucket checked for writes now (before any work); None
+    for any other --out. Written with storage.publish(key, data): one PUT, replacing what is there."""
+    if not path.startswith("s3://"):
+        return None
+    import dataclasses
+
+    from cluster.store.storage import open_storage
+    folder, _, name = path.rpartition("/")
+    if not name or folder in ("s3:", "s3:/"):
+        raise VaegenError(f"--out={path} must name a file in a bucket, e.g. s3://bucket/grid.png")
+    storage = open_storage(dataclasses.replace(storage_cfg, root=folder), for_writing=True)
+    return storage, name
 
 
 def check_out(path: str, flag: str = "--out") -> None:

@@ -111,6 +111,12 @@ def run_show(args: argparse.Namespace) -> int:
     from vae_core.errors import VaegenError
     if args.per_class is not None and args.per_class <= 0:
         raise VaegenError(f"--per-class={args.per_class} must be > 0")
+    if args.open and not args.out:
+        from cluster.show.gallery import resolve_target
+        storage, _, _ = resolve_target(args.target, storage_config(args))
+        if storage.is_s3:                              # refused before anything is written to the bucket
+            raise VaegenError("--open opens a page on this machine, and this gallery would be written to S3: add "
+                              "--out FILE to write it here and open it")
     if args.out:
         result = gallery_to_out(args)
     else:

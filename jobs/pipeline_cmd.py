@@ -50,11 +50,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     from .train_cmds import already_trained
 
-    job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
+    job = sized_training(train_job_config(args), args.address, args.connect_timeout)   # --workers auto: sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
-    with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
+    with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None,
+                     connect_timeout=args.connect_timeout):   # one Ray for every step
         try:
             read_manifest(storage, job.dataset)
             print(f"[1/{STEPS}] dataset {job.dataset} already in {storage.uri}")
@@ -66,14 +67,14 @@ def run_pipeline(args: argparse.Namespace) -> int:
             gpus = f", {job.ray.gpus_per_worker:g} GPU" if job.ray.gpus_per_worker else ""
             backend = (f"on Ray Train with {job.ray.workers} worker{'s' if job.ray.workers > 1 else ''} "
                        f"({job.ray.cpus_per_worker:g} CPUs{gpus} each)")
-        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
+        print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {counted(job.train.epochs, 'epoch')}) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
         if trained.already_trained:
             print(f"  {already_trained(trained, given_id=bool(job.run_id))}")
         # Two independent jobs, run side by side: each one's start (a DecoderWorker importing torch, loading the
         # model) is one process on one core, so together they take about as long as one.
-        print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")
+        print(f"[3/{STEPS}] generating {counted(args.count, 'sample')} from {model}")
         print(f"[4/{STEPS}] reconstructing {job.dataset}/test with {model}")
         with ThreadPoolExecutor(2) as jobs:
             sampling = jobs.submit(run_generation, replace(samples, model=model), job.storage, address=args.address,

@@ -9,7 +9,7 @@ from cluster.generate.settings import RunSettings
 from vae_core.config import RetrainConfig
 from vae_core.use_configs import GenerateConfig
 
-from .args import add_progress_arg, add_train_job_args, train_job_config
+from .args import add_progress_arg, add_train_job_args, counted, train_job_config
 from .flags import add_flags, build
 
 
@@ -37,7 +37,7 @@ def retrain_config(args: argparse.Namespace) -> RetrainConfig:
 def generation_settings(args: argparse.Namespace) -> RunSettings:
     """How --then-generate runs: `vaegen generate`'s defaults, with the Ray address and progress bars of this run
     (--workers and its kin on this verb are Ray Train's, not the decoders')."""
-    return build(RunSettings, args, only=("address", "progress"))
+    return build(RunSettings, args, only=("address", "connect_timeout", "progress"))
 
 
 def run_retrain(args: argparse.Namespace) -> int:
@@ -50,12 +50,12 @@ def run_retrain(args: argparse.Namespace) -> int:
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)
         settings = generation_settings(args)
     from cluster.train.retrain import retrain
-    outcome = retrain(cfg, address=args.address, progress=args.progress)
+    outcome = retrain(cfg, address=args.address, progress=args.progress, connect_timeout=args.connect_timeout)
     verdict = "PROMOTED" if outcome.promoted else "kept the champion"
     print(f"retrain {cfg.job.name}: {verdict} — {outcome.reason}")
     print(f"  champion now: {outcome.champion or 'none'}; decision record: {outcome.record_key}")
     if samples is not None and outcome.promoted:
         champion = f"{cfg.job.name}@{outcome.champion}"
-        print(f"  generating {samples.count} samples with {champion}")
+        print(f"  generating {counted(samples.count, 'sample')} with {champion}")
         return report(run_generation(replace(samples, model=champion), cfg.job.storage, settings))
     return 0

@@ -1,7 +1,7 @@
 """Everything a model version holds besides its weights, as bytes: metrics, sample and reconstruction grids,
 loss curves, and the per-epoch sample grid (the same latents decoded after every epoch, as in PyTorch's VAE
-example). The single-process and the Ray trainers both call these; grids are laid out and rounded as torchvision's
-make_grid/save_image lay them out, and each grid has a caption saying what its rows are (the gallery shows it)."""
+example). The single-process and the Ray trainers both call these; every grid is grid_png's (which says how it
+differs from torchvision's), and each grid has a caption saying what its rows are (the gallery shows it)."""
 from __future__ import annotations
 
 import io
@@ -22,13 +22,18 @@ GRID_SEED = 1234
 EPOCH_SAMPLES_SEED = 4321     # the fixed latents decoded after every epoch
 SAMPLES = 64                  # an 8 x 8 grid of unconditional samples
 PER_CLASS = 8                 # a conditional grid: a row of this many per class
-NROW = 8
+NROW = 8                      # images a row: make_grid's default
+# The one difference from torchvision's defaults: make_grid pads with black (pad_value=0); Fashion-MNIST's clothes
+# sit on black, so black borders would run the tiles together. White ones (pad_value=1) keep each image apart.
+PAD_VALUE = 1.0
 
 
 def grid_png(images: torch.Tensor, nrow: int = NROW) -> bytes:
-    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row with 2-pixel white borders: the same bytes as
-    torchvision's save_image(make_grid(...)), without its import, which costs the driver seconds just after
-    training. The pixels are rounded as save_image rounds them (x·255 + 0.5, truncated), not as to_uint8 does."""
+    """(N, C, H, W) floats in [0, 1] → one PNG of `nrow` images a row: the bytes of torchvision's
+    `save_image(images, f, nrow=nrow, padding=2, pad_value=PAD_VALUE)`, i.e. make_grid's defaults except white
+    borders where make_grid draws black ones (PAD_VALUE says why). Made without importing torchvision, which costs
+    the driver seconds just after training. The pixels are rounded as save_image rounds them (x·255 + 0.5,
+    truncated), not as to_uint8 does."""
     tiles = images.detach().float().cpu().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
     if tiles.shape[1] == 1:
         tiles = tiles.repeat(3, axis=1)                  # make_grid draws grey images as RGB

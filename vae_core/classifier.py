@@ -7,6 +7,7 @@ Two conv blocks (~1.1M multiply-adds per 28×28 image: it must train on a shared
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,10 @@ def _check(images: Tensor, labels: Tensor | None = None) -> None:
         raise VaegenError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}")
 
 
-def train_classifier(images: Tensor, labels: Tensor, num_classes: int, cfg: ClassifierConfig) -> ReferenceCNN:
-    """Adam with a cosine-decayed learning rate on shuffled mini-batches, seeded; returned in eval mode."""
+def train_classifier(images: Tensor, labels: Tensor, num_classes: int, cfg: ClassifierConfig,
+                     on_batch: Callable[[int], object] | None = None) -> ReferenceCNN:
+    """Adam with a cosine-decayed learning rate on shuffled mini-batches, seeded; returned in eval mode.
+    `on_batch(n)` after each batch of n images (progress)."""
     _check(images, labels)
     if len(images) < 2:
         raise VaegenError("a classifier needs at least 2 training images")
@@ -72,6 +75,8 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, cfg: Clas
             loss.backward()
             optimizer.step()
             schedule.step()
+            if on_batch is not None:
+                on_batch(len(idx))
     return model.eval()
 
 

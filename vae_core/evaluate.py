@@ -210,10 +210,10 @@ class SampleQuality:
 
 
 def sample_quality(model: VAE, reference: torch.nn.Module, test_images: Tensor, test_labels: Tensor, *,
-                   samples: int = 10_000, seed: int = 0, classifier_cfg: ClassifierConfig | None = None
-                   ) -> SampleQuality:
+                   samples: int = 10_000, seed: int = 0, classifier_cfg: ClassifierConfig | None = None,
+                   on_tstr_batch: Callable[[int], object] | None = None) -> SampleQuality:
     """Real-data accuracy of the reference classifier, classifier-FID, and TSTR (conditional models only:
-    an unconditional model's samples carry no labels to train on)."""
+    an unconditional model's samples carry no labels to train on); on_tstr_batch(n) follows TSTR's training."""
     fake, fake_labels = generate_labelled(model, samples, seed)
     real_acc = accuracy(reference, test_images, test_labels)
     fid = frechet_distance(classifier_features(reference, test_images).numpy(),
@@ -221,7 +221,7 @@ def sample_quality(model: VAE, reference: torch.nn.Module, test_images: Tensor, 
     tstr, note = None, "model is unconditional: its samples have no labels to train on"
     if fake_labels is not None:
         cfg = classifier_cfg or ClassifierConfig(seed=seed)
-        synthetic_trained = train_classifier(fake, fake_labels, model.cfg.num_classes, cfg)
+        synthetic_trained = train_classifier(fake, fake_labels, model.cfg.num_classes, cfg, on_tstr_batch)
         tstr, note = accuracy(synthetic_trained, test_images, test_labels), "trained on samples, tested on real"
     return SampleQuality(real_accuracy=real_acc, classifier_fid=fid, tstr_accuracy=tstr, samples=samples,
                          test_images=len(test_images), seed=seed, tstr_note=note)

@@ -105,7 +105,8 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, C, H, W) → one (C, H', W') image, row-major, with a white border between tiles."""
+    """uint8 (N, C, H, W) → one (C, H', W') image, row-major, with a white border between tiles (make_grid's
+    layout with pad_value=1: artifacts.grid_png says why white)."""
     n, c, h, w = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)

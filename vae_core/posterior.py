@@ -6,7 +6,8 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .models import VAE
-from .prior import fit_mixture, log_standard_normal
+from .prior import EM_ITERATIONS, fit_mixture, log_standard_normal
+from .progress import progress_bar
 from .train import ImageSet, iterate_batches, prepare_batch
 
 # Binarised training sees a fresh binarisation of each image every epoch, so its aggregate posterior is the
@@ -16,11 +17,13 @@ PRIOR_BINARISATIONS = 4
 
 
 @torch.no_grad()
-def fit_prior(model: VAE, train: ImageSet, cfg: TrainConfig, held_out: ImageSet | None = None) -> dict[str, float]:
+def fit_prior(model: VAE, train: ImageSet, cfg: TrainConfig, held_out: ImageSet | None = None,
+              progress: bool = False) -> dict[str, float]:
     """Replace the model's N(0, I) by a Gaussian mixture (M = prior_components, per class when conditional)
     fitted to the training images' posteriors q(z | x) (vae_core.prior.fit_mixture). The encoder and decoder
     stay as trained, so the ELBO changes by E_q[log p_fitted(z) − log N(z; 0, I)] alone: returned per image, in
-    nats, on the training images and on `held_out` (estimated with one posterior sample per image)."""
+    nats, on the training images and on `held_out` (estimated with one posterior sample per image). `progress`:
+    a bar over the EM iterations, the slow part."""
     if model.prior is None:
         raise ValueError("this model has no prior to fit (ModelConfig.prior_components is 0)")
     model.eval()
@@ -30,7 +33,12 @@ def fit_prior(model: VAE, train: ImageSet, cfg: TrainConfig, held_out: ImageSet 
     mu, var = (torch.cat(part) for part in zip(*encodings))
     labels = None if train.labels is None else train.labels.repeat(passes)
     groups = [slice(None)] if model.prior.groups == 1 else [labels == g for g in range(model.prior.groups)]
-    fits = [fit_mixture(mu[rows], var[rows], model.cfg.prior_components, generator) for rows in groups]
+    components = model.cfg.prior_components
+    with progress_bar(total=len(groups) * EM_ITERATIONS if components > 1 else None, unit="EM step",
+                      desc=f"fit the prior ({components} Gaussians{' per class' if len(groups) > 1 else ''})",
+                      enabled=progress and components > 1) as bar:
+        fits = [fit_mixture(mu[rows], var[rows], components, generator, EM_ITERATIONS, bar.update)
+                for rows in groups]
     model.prior.load(*(torch.stack(part) for part in zip(*fits)))
     gains = {"prior_elbo_gain_train": prior_gain(model, posterior_sample(*encodings[0], generator), train.labels)}
     if held_out is not None and len(held_out):

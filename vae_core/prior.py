@@ -9,12 +9,15 @@ and `prior_gain` measures by how much. A conditional model gets one mixture per 
 moment match."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .losses import LOG_2PI
 
 JITTER = 1e-3                 # added to every fitted covariance: no component collapses onto a point
+EM_ITERATIONS = 50
 FIT_ROWS = 8192               # rows of z scored against all components at once in EM (memory ~ rows·M·Z)
 
 
@@ -78,8 +81,8 @@ def mixture_log_prob(z: Tensor, logits: Tensor, loc: Tensor, scale_tril: Tensor)
     return torch.logsumexp(weighted_log_normals(z, logits, loc, scale_tril), -1)
 
 
-def fit_mixture(mu: Tensor, var: Tensor | None, components: int, generator: torch.Generator, iterations: int = 50
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def fit_mixture(mu: Tensor, var: Tensor | None, components: int, generator: torch.Generator,
+                iterations: int = EM_ITERATIONS, on_iteration: Callable[[], object] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """EM for a full-covariance Gaussian mixture fitted to the aggregate of N diagonal Gaussians N(mu_n, var_n)
     (the training images' posteriors; var None: points): (logits (M,), loc (M, Z), scale_tril (M, Z, Z)).
 
@@ -87,7 +90,7 @@ def fit_mixture(mu: Tensor, var: Tensor | None, components: int, generator: torc
     log N(mu_n; μ_k, Σ_k) − ½ tr(Σ_k⁻¹ diag var_n), and adds its variance to the covariance it lands in. That
     maximises a lower bound on Σ_n E_q[log p(z)] (one responsibility per posterior, not per sample) with no
     sampling noise to overfit, which a fit to samples of the posteriors would have.
-    Means start at distinct seeded posteriors; M = 1 is the moment match."""
+    Means start at distinct seeded posteriors; M = 1 is the moment match. `on_iteration()` after each EM step."""
     mu = mu.float()
     var = torch.zeros_like(mu) if var is None else var.float()
     n, dim = mu.shape
@@ -111,6 +114,8 @@ def fit_mixture(mu: Tensor, var: Tensor | None, components: int, generator: torc
                            for k in range(components)]) / weight[:, None, None]
         scale_tril = torch.linalg.cholesky(cov + JITTER * eye)
         logits = (weight / n).log()
+        if on_iteration is not None:
+            on_iteration()
     return logits, loc, scale_tril
 
 

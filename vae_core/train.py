@@ -3,6 +3,7 @@ run_epochs, with their own batches and ways to combine figures across workers (E
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -139,8 +140,10 @@ def forward_precision(cfg: TrainConfig, device: torch.device) -> torch.autocast:
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: TrainConfig,
-                generator: torch.Generator | None = None, *, beta: float | None = None) -> dict[str, float]:
-    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen.
+                generator: torch.Generator | None = None, *, beta: float | None = None,
+                on_batch: Callable[[int], object] | None = None) -> dict[str, float]:
+    """One pass of Adam steps; returns per-image means (loss, recon, kl) and n, the images seen; on_batch(n)
+    after each step of n images (progress).
     `beta` overrides cfg.beta for this epoch (KL warm-up: see beta_at_epoch). `model` may be wrapped in
     DistributedDataParallel (Ray Train workers): its forward syncs the gradients."""
     beta = cfg.beta if beta is None else beta
@@ -160,6 +163,8 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, batches: Iterable[
         terms.loss.backward()
         optimizer.step()
         _add(sums, terms, x.shape[0])
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return _means(sums)
 
 
@@ -276,6 +281,7 @@ class EpochHooks:
     combine_train: Callable[[dict], dict] = _same      # this worker's per-image means → everyone's
     combine_val: Callable[[dict], dict] = _same        # → the figures every worker takes its stop decision on
     after_train: Callable[[], None] = _nothing         # e.g. post-local SGD's end-of-epoch weight average
+    on_batch: Callable[[int, int], object] | None = None   # (epoch, images in the step): progress within an epoch
 
 
 @dataclass
@@ -303,7 +309,9 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
         begin = time.perf_counter()
         beta = start_epoch(optimizer, epoch, cfg)
         batches = _noting_first_batch(hooks.train_batches(epoch, shuffle), state.starts[-1])
-        train_means = hooks.combine_train(train_epoch(model, optimizer, batches, cfg, noise, beta=beta))
+        steps = None if hooks.on_batch is None else functools.partial(hooks.on_batch, epoch)
+        train_means = hooks.combine_train(train_epoch(model, optimizer, batches, cfg, noise, beta=beta,
+                                                      on_batch=steps))
         hooks.after_train()
         seconds = time.perf_counter() - begin
         val_means = hooks.combine_val(evaluate(model, hooks.val_batches(), cfg))
@@ -364,16 +372,19 @@ def require_a_best_epoch(best_epoch: int, history: list[EpochMetrics], cfg: Trai
 
 def fit(model: VAE, train: ImageSet, val: ImageSet, cfg: TrainConfig,
         on_epoch: Callable[[EpochMetrics], None] | None = None, *, checkpoint: dict | None = None,
-        save: Callable[[dict], None] | None = None) -> FitResult:
+        save: Callable[[dict], None] | None = None, on_batch: Callable[[int, int], object] | None = None
+        ) -> FitResult:
     """Train in this process: Adam on shuffled mini-batches, early stopping on the validation loss, best weights
-    restored. `checkpoint` (a checkpoint_state) resumes a run; `save` receives one after every epoch."""
+    restored. `checkpoint` (a checkpoint_state) resumes a run; `save` receives one after every epoch;
+    on_batch(epoch, n) follows the steps."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     optimizer = make_optimizer(model, cfg)
     state = (resume(checkpoint, model, optimizer, cfg) if checkpoint is not None
              else TrainingState(EarlyStopping(cfg.patience)))
     hooks = EpochHooks(train_batches=lambda epoch, shuffle: iterate_batches(train, cfg.batch_size, shuffle),
-                       val_batches=lambda: iterate_batches(val, EVAL_BATCH), device=next(model.parameters()).device)
+                       val_batches=lambda: iterate_batches(val, EVAL_BATCH), device=next(model.parameters()).device,
+                       on_batch=on_batch)
 
     def record(metrics: EpochMetrics, state: TrainingState) -> None:
         if on_epoch:

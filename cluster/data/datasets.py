@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.data.generations import (
     DEFAULT_SHARD_ROWS,

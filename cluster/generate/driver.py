@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.generate.commit import commit, job_lease, job_run_record, read_committed_manifest, verified_shards
 from cluster.generate.lease import lease_ttl
@@ -26,7 +26,7 @@ from cluster.generate.plan import JobPlan, plan_job
 from cluster.generate.pool import placed_settings, run_shards, start_workers, stop_workers
 from cluster.generate.settings import RunSettings
 from cluster.runtime.ray_session import ray_runtime
-from cluster.store.storage import Storage, open_storage
+from cluster.store.storage import Storage, open_storage_to_write_later
 from vae_core.config import AUTO_WORKERS, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.use_configs import GenerateConfig
@@ -41,8 +41,9 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     settings = dataclasses.replace(settings, **changes) if changes else settings
     lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
-    storage = open_storage(storage_cfg, for_writing=True)
-    plan = plan_job(spec, storage)
+    storage = open_storage_to_write_later(storage_cfg)
+    plan = plan_job(spec, storage)               # a missing model or dataset: refused before the root is written
+    storage.check_writable()
     planned = time.perf_counter()
     with job_lease(storage, plan):
         manifest = run_leased(plan, storage, storage_cfg, settings, (started, planned))
@@ -72,7 +73,8 @@ def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, sett
     # Steady state: the rate after each worker's first shard (which carries its start and pipeline fill).
     timeline = {"warm_at": 0.0, "warm_rows": 0, "last_at": 0.0, "rows": 0, "startup": None}
     if todo:
-        with ray_runtime(settings.address), job_run_record(storage, plan):     # _run.json for `vaegen ls`
+        joining = ray_runtime(settings.address, connect_timeout=settings.connect_timeout)
+        with joining, job_run_record(storage, plan):     # _run.json for `vaegen ls`
             joined = bool(settings.address or os.environ.get("RAY_ADDRESS"))
             settings = placed_settings(settings, plan, storage)          # --workers auto: sized to the cluster
             no_idle = dataclasses.replace(settings, workers=min(settings.workers, len(todo)))

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cluster.runtime.placement import DEFAULT_CPUS_PER_WORKER, GPU_CPUS_PER_WORKER, size_placement
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from vae_core.config import AUTO_WORKERS, MAX_PER_WORKER, MAX_WORKERS, check_finite, flag
 from vae_core.errors import VaegenError
 
@@ -24,6 +25,9 @@ class RunSettings:
     # Shared by every verb that runs on Ray (training declares no address of its own).
     address: str | None = flag("--address", "the Ray cluster to join, e.g. ray://head:10001 or auto", default=None,
                                metavar="ADDR", unset="$RAY_ADDRESS, else start a local Ray")
+    connect_timeout: float = flag("--connect-timeout", "seconds to wait for the Ray cluster being joined to answer, "
+                                  "then stop in one line naming the address", default=CONNECT_TIMEOUT_S,
+                                  metavar="SECONDS")
     max_restarts: int = flag("--max-restarts", "restarts of each DecoderWorker that dies; each restart retries the "
                              "shard it was on", default=3)
     # Shared by every verb that shows progress.
@@ -42,6 +46,8 @@ class RunSettings:
         check_finite(self)
         if any(v is not None and not 0 <= v <= MAX_PER_WORKER for v in (self.cpus_per_worker, self.gpus_per_worker)):
             raise VaegenError(f"--cpus-per-worker and --gpus-per-worker must be in 0..{MAX_PER_WORKER}")
+        if not self.connect_timeout > 0:
+            raise VaegenError(f"--connect-timeout={self.connect_timeout:g} must be > 0")
         if self.max_restarts < 0:
             raise VaegenError(f"--max-restarts={self.max_restarts} must be >= 0")
 

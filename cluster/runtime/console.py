@@ -170,6 +170,25 @@ def log_line(text: str) -> None:
             pass                 # the log's disk is full (often the very error being told): the terminal has it
 
 
+def unseen_log_lines(offset: int | None) -> tuple[list[str], int]:
+    """The whole lines the log gained past `offset` (a byte offset this returned before), and the offset after
+    them; None: no lines, and the log's end now. Nothing to read (no log, not captured): ([], 0)."""
+    console = _current
+    if console is None or not console.capturing or console.log_path is None:
+        return [], 0
+    try:
+        sys.stderr.flush()
+        with open(console.log_path, "rb") as f:
+            if offset is None:
+                return [], f.seek(0, os.SEEK_END)
+            f.seek(offset)
+            data = f.read()
+    except (OSError, ValueError):
+        return [], offset or 0
+    whole = data[:data.rfind(b"\n") + 1]
+    return whole.decode("utf-8", "replace").splitlines(), (offset or 0) + len(whole)
+
+
 class TerminalStdout(io.TextIOBase):
     """sys.stdout while Ray's output is captured: the main thread's writes (vaegen's prints) go to the terminal;
     another thread's are Ray re-printing its workers' output, and go line by line to the terminal when they are

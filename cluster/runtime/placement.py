@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import replace
 
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from vae_core.config import AUTO_WORKERS, MAX_WORKERS, TrainJobConfig
 
 RESERVED_CPUS_PER_NODE = 1.0           # left to the raylet, the object store and a driver on the node
@@ -45,25 +46,25 @@ ACTIVATION_BYTES_PER_OUTPUT_FLOAT = 64  # decoder activations per output value (
 RAY_RESOURCE_STEP = 1e-4               # Ray keeps fractional resources to 4 decimals
 
 
-def sized_training(job: TrainJobConfig, address: str | None = None) -> TrainJobConfig:
+def sized_training(job: TrainJobConfig, address: str | None = None,
+                   connect_timeout: float = CONNECT_TIMEOUT_S) -> TrainJobConfig:
     """`job` with --workers auto replaced by numbers for the Ray it will run on: the one this process is connected
     to, else the cluster at `address` (or $RAY_ADDRESS), else this machine (where a local Ray will start)."""
     if job.ray is None or job.ray.workers != AUTO_WORKERS:
         return job
-    workers, cpus, gpus = size_training(ray_nodes(address), batch_size=job.train.batch_size)
+    workers, cpus, gpus = size_training(ray_nodes(address, connect_timeout), batch_size=job.train.batch_size)
     return replace(job, ray=replace(job.ray, workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus))
 
 
-def ray_nodes(address: str | None) -> list[dict]:
+def ray_nodes(address: str | None, connect_timeout: float = CONNECT_TIMEOUT_S) -> list[dict]:
     """Resources of the alive nodes training would run on; this machine's when a local Ray is to be started (the
     whole machine: nothing is reserved, see the module docstring)."""
     import ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized() and not address:
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
         import torch
         return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), "local": True}]
     from cluster.runtime.ray_session import ray_runtime
-    with nullcontext() if ray.is_initialized() else ray_runtime(address):
+    with nullcontext() if ray.is_initialized() else ray_runtime(address, connect_timeout=connect_timeout):
         return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 

@@ -130,3 +130,13 @@ def without_autoscaler(scaling_config):
         def _maybe_send_resource_request(self) -> None:
             pass
     return LocalScalingPolicy(scaling_config)
+
+
+def recorded_address_file() -> str:
+    """Ray's session file: where `ray start` records the address that `--address auto` joins (under $RAY_TMPDIR, else
+    $TMPDIR, else /tmp, as Ray looks for it). Without the hooks, Ray's default place for it."""
+    if hooks_enabled():
+        from ray._common.utils import get_ray_address_file
+        return get_ray_address_file(None)
+    return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray",
+                        "ray_current_cluster")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from cluster.runtime.console import capture
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S, join_ray, ray_target
 from cluster.runtime.ray_private import kill_stray_workers, local_ray_options, local_raylet_pids
 
 # Each Ray worker gets one torch/OpenMP thread unless told otherwise: N busy workers on N cores, not N².
@@ -57,21 +58,21 @@ def shutdown_ray() -> None:
 
 
 @contextmanager
-def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
-                object_store_mb: int | None = None, dashboard: bool | None = None) -> Iterator[None]:
-    """Use the Ray already running in this process, else join `address` (or $RAY_ADDRESS, as inside a Ray Job),
-    else start a local one, with its dashboard if `dashboard` (default: $VAEGEN_RAY_DASHBOARD=1) and its packages
-    are installed (include_dashboard). Only a Ray
+def ray_runtime(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int | None = None,
+                dashboard: bool | None = None, connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[None]:
+    """Use the Ray already running in this process, else join `address` (or $RAY_ADDRESS, as inside a Ray Job)
+    within `connect_timeout` seconds, in view (ray_join.py), else start a local one, with its dashboard if
+    `dashboard` (default: $VAEGEN_RAY_DASHBOARD=1) and its packages are installed (include_dashboard). Only a Ray
     started or joined here is disconnected on exit."""
     capture()        # from here Ray's output goes to the verb's log file, unless --verbose (cluster/runtime/console.py)
     import ray
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    target = ray_target(address)
+    if target is not None:
         # Joining: the cluster (or the job's runtime_env) owns the workers' environment; ours would conflict.
-        ray.init(address=address, log_to_driver=True)
+        join_ray(target, connect_timeout, lambda joined: ray.init(address=joined, log_to_driver=True))
     else:
         dashboard = include_dashboard(dashboard)
         # Workers' own prints (epoch lines) still reach the terminal; Ray's INFO chatter does not.
@@ -81,6 +82,8 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None,
         store = object_store_mb or int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or None
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.
+        # Seconds of start-up before any bar can move: said, so that a blank terminal is never the only sign.
+        print(f"vaegen: starting a local Ray ({num_cpus or os.cpu_count()} CPUs)...", flush=True)
         context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", object_store_memory=store * 2**20 if store else None,
                            **kwargs)

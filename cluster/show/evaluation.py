@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.data.datasets import read_manifest, read_split, split_shards
 from cluster.store.registry import LoadedModel, ModelRef, Registry
-from cluster.store.storage import Storage, open_storage
+from cluster.store.storage import Storage, open_storage_to_write_later
 from cluster.train.runs import manifest_digest, to_image_set
 from vae_core.classifier import (
     CLASSIFIER_CONFIG,
@@ -54,11 +54,12 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
             return model, meta
     if "train" not in manifest["splits"]:
         raise VaegenError(f"dataset {dataset!r} has no train split to fit its reference classifier on")
-    if progress:
-        print(f"training the reference classifier for {dataset} ({cfg.epochs} epochs)...", flush=True)
     train = to_image_set(read_split(storage, dataset, "train"))
     started = time.perf_counter()
-    model = train_classifier(train.images, train.labels, len(manifest["label_names"]), cfg)
+    # A bar over every epoch's images: the classifier is a few minutes on a CPU, done once per dataset.
+    with tqdm(total=cfg.epochs * len(train), unit="img", unit_scale=True, disable=not progress,
+              desc=f"reference classifier for {dataset} ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})") as bar:
+        model = train_classifier(train.images, train.labels, len(manifest["label_names"]), cfg, bar.update)
     meta = {"dataset": dataset, "dataset_manifest_sha256": digest, "settings": cfg.to_dict(),
             "train_images": len(train), "train_seconds": time.perf_counter() - started}
     if "test" in manifest["splits"]:
@@ -94,9 +95,10 @@ class EvaluationResult:
 def evaluate_model(cfg: EvalJobConfig, progress: bool = True) -> EvaluationResult:
     """Likelihood (IWAE_k NLL and −ELBO) on a split, and with cfg.quality the classifier metrics; writes
     evaluation.json + evaluation.png into the model version and merges a summary into metrics.json."""
-    storage = open_storage(cfg.storage, for_writing=True)
+    storage = open_storage_to_write_later(cfg.storage)
     registry = Registry(storage)
-    loaded = registry.load(cfg.model)
+    loaded = registry.load(cfg.model)          # no model: refused before the root is written
+    storage.check_writable()
     model, ref = loaded.model, loaded.ref
     dataset = model_dataset(loaded)
     manifest = read_manifest(storage, dataset)
@@ -144,8 +146,10 @@ def _quality(storage: Storage, dataset: str, model, data: ImageSet, cfg: EvalJob
     if progress:
         print(f"sample quality: {samples} samples, classifier-FID"
               f"{' and TSTR' if model.cfg.conditional else ''}...", flush=True)
-    quality = sample_quality(model, reference, data.images, data.labels, samples=samples, seed=cfg.seed,
-                             classifier_cfg=cfg.classifier)
+    with tqdm(total=cfg.classifier.epochs * samples, unit="img", unit_scale=True, desc="TSTR classifier",
+              disable=not (progress and model.cfg.conditional)) as bar:
+        quality = sample_quality(model, reference, data.images, data.labels, samples=samples, seed=cfg.seed,
+                                 classifier_cfg=cfg.classifier, on_tstr_batch=bar.update)
     return {**quality.to_dict(), "reference_classifier": {k: meta.get(k) for k in
                                                            ("settings", "train_images", "test_accuracy")}}
 
@@ -170,7 +174,7 @@ def _merge_into_metrics(storage: Storage, registry: Registry, ref: ModelRef, rep
 
 def summary_line(report: dict) -> str:
     """One line: 'NLL X nats (IWAE k=K, N imgs, binarised|continuous[, prior: P]), -ELBO Y', then, when sample
-    quality was measured, ' | real acc A%, classifier-FID F[, TSTR T%]'."""
+    quality was measured, ' | real acc A%, classifier-FID F, TSTR T%' (or why there is no TSTR)."""
     lik = report["likelihood"]
     kind = "binarised" if report["likelihood_model"] == "bernoulli" else "continuous"
     prior = "" if lik.get("prior", "N(0, I)") == "N(0, I)" else f", prior: {lik['prior']}"
@@ -181,6 +185,8 @@ def summary_line(report: dict) -> str:
         line += f" | real acc {100 * q['real_accuracy']:.1f}%, classifier-FID {q['classifier_fid']:.2f}"
         if q.get("tstr_accuracy") is not None:
             line += f", TSTR {100 * q['tstr_accuracy']:.1f}%"
+        else:                        # TSTR trains on labelled samples: an unconditional model draws none
+            line += ", no TSTR (unconditional model: its samples have no labels)"
     return line
 
 

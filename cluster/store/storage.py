@@ -324,3 +324,19 @@ class Storage(S3Requests):
 def open_storage(cfg: StorageConfig, *, for_writing: bool = False) -> Storage:
     storage = Storage(cfg)
     return storage.check_writable() if for_writing else storage
+
+
+def open_storage_to_write_later(cfg: StorageConfig) -> Storage:
+    """A root a verb writes to once its inputs check out (then check_writable()): an S3 root's endpoint, bucket and
+    credentials are checked now, writing nothing; a local root is not created until then, but one that could never
+    be (below a file, or in a folder this user cannot write) is refused now."""
+    if cfg.root.startswith("s3://"):
+        return open_storage(cfg, for_writing=True)
+    storage = Storage(cfg)
+    folder = os.path.abspath(storage.base)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)                  # the nearest folder that exists: the root goes there
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise VaegenError(f"storage root {storage.base} is not writable: {folder} is not a folder this user can "
+                          "write to")
+    return storage

@@ -10,8 +10,9 @@ import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
 from cluster.runtime.placement import sized_training
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.store.name_binding import Binding, check_binding
-from cluster.store.storage import open_storage
+from cluster.store.storage import open_storage_to_write_later
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
 from cluster.train.runs import (
@@ -30,15 +31,18 @@ from vae_core.config import TrainJobConfig
 
 
 def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,
-                initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
+                initial_state: dict[str, torch.Tensor] | None = None,
+                connect_timeout: float = CONNECT_TIMEOUT_S) -> TrainResult:
     """Train `job` and publish it as a model version. job.run_id names the run (if empty, an id derived from the
     settings, the dataset generation and the seed): the same id resumes it from its last checkpoint, and a
-    finished run returns its published version (TrainResult.already_trained). `address` joins a
-    Ray cluster (Ray backend only); `initial_state` is a warm start (e.g. the champion's weights)."""
+    finished run returns its published version (TrainResult.already_trained). `address` joins a Ray cluster (Ray
+    backend only), waiting `connect_timeout` s for it; `initial_state` is a warm start (e.g. the champion's
+    weights)."""
     started = time.time()
-    job = sized_training(job, address)            # --workers auto: numbers before anything records them
-    storage = open_storage(job.storage, for_writing=True)
-    manifest = read_manifest(storage, job.dataset)
+    job = sized_training(job, address, connect_timeout)        # --workers auto: numbers before anything records them
+    storage = open_storage_to_write_later(job.storage)
+    manifest = read_manifest(storage, job.dataset)            # no dataset: refused before the root is written
+    storage.check_writable()
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
     check_binding(storage, job.name, Binding(job.dataset, job.model.image_shape))   # other data: another name
     job = with_run_id(job, manifest, initial_state)            # the same command on the same data: the same run
@@ -57,8 +61,10 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     if job.ray is None:
         fitted = fit_in_process(storage, job, model, train_set, val_set, progress)
     else:
-        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress)
+        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress,
+                            connect_timeout=connect_timeout)
     summary = training_summary(job, fitted, train_set, val_set, started)
-    result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set)
+    result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set,
+                                   progress)
     record_published(storage, job, result)
     return result

@@ -7,7 +7,7 @@ import io
 import re
 
 import torch
-from tqdm.auto import tqdm
+from vae_core.progress import progress_bar
 
 from cluster.store.storage import Storage
 from cluster.train.epoch_samples import EpochSampleWriter
@@ -69,20 +69,20 @@ def fit_in_process(storage: Storage, job: TrainJobConfig, model: VAE, train_set:
 
     resumed_at = len(saved["history"]) if saved else 0
     epoch_samples = EpochSampleWriter(storage, run, model)
-    with tqdm(total=job.train.epochs, initial=resumed_at, unit="epoch", desc=f"train {job.name}",
-              disable=not progress) as bar:
+    # One bar over every epoch's images, moved per step: a one-epoch run moves too. Early stopping ends it short.
+    with progress_bar(total=job.train.epochs * len(train_set), initial=resumed_at * len(train_set), unit="img",
+                      unit_scale=True, desc=f"train {job.name}", enabled=progress) as bar:
         def on_epoch(m: EpochMetrics) -> None:
             epoch_samples(model, m.epoch)
-            bar.set_postfix(loss=f"{m.loss:.1f}", val=f"{m.val_loss:.1f}", kl=f"{m.kl:.1f}",
-                            img_s=f"{m.images_per_s:,.0f}")
-            bar.update()
+            bar.set_postfix(epoch=f"{m.epoch + 1}/{job.train.epochs}", loss=f"{m.loss:.1f}", val=f"{m.val_loss:.1f}",
+                            kl=f"{m.kl:.1f}")
         device = training_device()
         model.to(device)
         try:
             # The held-out images first: they are read every epoch too, and are the smaller set.
             val_on_device = resident(val_set, device)
             return fit(model, resident(train_set, device), val_on_device, job.train, on_epoch, checkpoint=saved,
-                       save=save)
+                       save=save, on_batch=lambda _epoch, n: bar.update(n))
         finally:
             model.to("cpu")          # publishing, the prior fit and the figures after training run on the host
 

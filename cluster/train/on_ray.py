@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from cluster.data.datasets import shard_keys, table_arrays
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.runtime.ray_private import ray_started_here, trainer_class
 from cluster.runtime.ray_session import ray_runtime
 from cluster.store.storage import Storage, open_storage
@@ -56,6 +58,7 @@ from vae_core.train import (
 )
 
 STATE_FILE = "state.pt"
+STEP_LINE_EVERY_S = 2.0        # rank 0's progress line within an epoch, at most this often
 SHUFFLE_BUFFER = 4096          # rows per worker mixed by Ray Data's local shuffle (--stream-epochs)
 OBJECT_STORE_SHARE = 0.5       # the most of the object store the training rows may take; more go through Ray Data
 
@@ -68,12 +71,13 @@ def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
 
 
 def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, train_set: ImageSet,
-               val_set: ImageSet, *, address: str | None, progress: bool) -> FitResult:
+               val_set: ImageSet, *, address: str | None, progress: bool,
+               connect_timeout: float = CONNECT_TIMEOUT_S) -> FitResult:
     """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
     resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`: the training rows
     the driver already holds, in id order."""
     train_ids, _ = train_val_ids(manifest, job)
-    with ray_runtime(address, num_cpus=local_cpus(job)):
+    with ray_runtime(address, num_cpus=local_cpus(job), connect_timeout=connect_timeout):
         check_cluster_fits(job)
         shares = None
         if not job.ray.stream_epochs:
@@ -286,8 +290,36 @@ def train_loop_per_worker(raw: dict) -> None:
 
     hooks = EpochHooks(train_batches=train_batches, val_batches=lambda: iterate_batches(val_set, EVAL_BATCH),
                        rank=rank, device=device, combine_train=combine_train,
-                       combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train)
+                       combine_val=lambda means: broadcast_from_rank_zero(means, device), after_train=after_train,
+                       on_batch=StepLines.of_rank(rank, world, job.train.epochs, raw))
     run_epochs(model, optimizer, job.train, hooks, state, record)
+
+
+class StepLines:
+    """Rank 0's progress within an epoch, as a line every STEP_LINE_EVERY_S: a worker's output reaches the driver
+    line by line (log_to_driver), so no bar; the console shows lines shaped as the epoch line (WORKER_LINE)."""
+
+    def __init__(self, epochs: int, share: int, world: int) -> None:
+        self.epochs, self.share, self.world = epochs, max(1, share), world
+        self.epoch, self.done, self.started, self.shown = -1, 0, 0.0, 0.0
+
+    @classmethod
+    def of_rank(cls, rank: int, world: int, epochs: int, raw: dict) -> "StepLines | None":
+        """Rank 0's, when progress is shown; None for the other ranks."""
+        return cls(epochs, -(-raw["train_images"] // world), world) if raw["progress"] and rank == 0 else None
+
+    def __call__(self, epoch: int, n: int) -> None:
+        now = time.perf_counter()
+        if epoch != self.epoch:
+            self.epoch, self.done, self.started, self.shown = epoch, 0, now, now
+        self.done += n
+        if now - self.shown < STEP_LINE_EVERY_S or self.done >= self.share:
+            return
+        self.shown = now
+        rate = self.done / max(now - self.started, 1e-9)
+        sys.stdout.write(f"epoch {epoch + 1}/{self.epochs}: {100 * self.done // self.share}% of its steps, "
+                         f"{rate * self.world:,.0f} img/s, {(self.share - self.done) / rate:.0f} s left\n")
+        sys.stdout.flush()
 
 
 def averaging_weights(optimizer: torch.optim.Optimizer, sync_every: int) -> torch.optim.Optimizer:

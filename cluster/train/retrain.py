@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest, read_split
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.store.records import CorruptRecord
 from cluster.store.registry import (
     CORRUPT_POINTER,
@@ -27,7 +28,7 @@ from cluster.store.registry import (
     rewrite_decision,
     swap_champion,
 )
-from cluster.store.storage import open_storage
+from cluster.store.storage import open_storage_to_write_later
 from cluster.train.driver import train_model
 from cluster.train.runs import fresh_run_id, job_settings, manifest_digest, to_image_set
 from vae_core import __version__
@@ -51,10 +52,11 @@ class RetrainOutcome:
 
 
 def train_challenger(job: TrainJobConfig, initial_state: dict | None, address: str | None,
-                     progress: bool) -> ModelRef:
+                     progress: bool, connect_timeout: float = CONNECT_TIMEOUT_S) -> ModelRef:
     """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says. Without
     --run-id a run id of its own: each retrain (a scheduled one on unchanged data too) trains a new challenger."""
-    return train_model(fresh_run_id(job), address=address, progress=progress, initial_state=initial_state).ref
+    return train_model(fresh_run_id(job), address=address, progress=progress, initial_state=initial_state,
+                       connect_timeout=connect_timeout).ref
 
 
 def score(model: VAE, images, cfg: RetrainConfig) -> float:
@@ -85,12 +87,14 @@ def decide(champion_metric: float | None, challenger_metric: float, margin: floa
     return False, f"challenger {challenger} is worse than champion {champion} by {-gain:.3f} nats/image"
 
 
-def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = False) -> RetrainOutcome:
-    """`address` joins a Ray cluster when the challenger trains on Ray (cfg.job.ray)."""
+def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = False,
+            connect_timeout: float = CONNECT_TIMEOUT_S) -> RetrainOutcome:
+    """`address` joins a Ray cluster (waiting `connect_timeout` s for it) when the challenger trains on Ray."""
     job = cfg.job
-    storage = open_storage(job.storage, for_writing=True)
+    storage = open_storage_to_write_later(job.storage)
     registry = Registry(storage)
     manifest = read_manifest(storage, job.dataset)              # no dataset → a clear VaegenError now
+    storage.check_writable()                                    # only then anything written
     if cfg.eval_split not in manifest["splits"]:
         raise VaegenError(f"dataset {job.dataset!r} has no held-out split {cfg.eval_split!r} to score models on "
                           f"(splits: {', '.join(manifest['splits'])}); pass --eval-split")
@@ -104,7 +108,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
                           f"{to_dict(champion_model.cfg)}, the challenger {to_dict(model_cfg)}; make them match")
     initial = champion_model.state_dict() if cfg.warm_start and champion_model is not None else None
 
-    challenger_ref = train_challenger(job, initial, address, progress)
+    challenger_ref = train_challenger(job, initial, address, progress, connect_timeout)
     challenger_metric = score(registry.load(challenger_ref).model, held_out, cfg)
     champion_metric = score(champion_model, held_out, cfg) if champion_model is not None else None
     contested = champion or ("the unreadable champion.json" if expected == CORRUPT_POINTER else None)

@@ -185,13 +185,13 @@ def training_summary(job: TrainJobConfig, fitted: FitResult, train_set: ImageSet
 
 def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE,
                           history: list[EpochMetrics], summary: dict, train_set: ImageSet,
-                          val_set: ImageSet) -> TrainResult:
+                          val_set: ImageSet, progress: bool = False) -> TrainResult:
     """Fit the prior (if the model has one to fit), score on the test split, then publish weights, config,
     metrics and grids as the run's model version (the one layout every backend writes): the version this run
     already published or began to publish, never a second one."""
     if model.prior is not None:
         started = time.perf_counter()
-        summary = {**summary, **fit_prior(model, train_set, job.train, held_out=val_set),
+        summary = {**summary, **fit_prior(model, train_set, job.train, held_out=val_set, progress=progress),
                    "prior_fit_seconds": time.perf_counter() - started}
     summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
     files = model_version_files(

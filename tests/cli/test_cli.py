@@ -196,16 +196,16 @@ def tiny_root(tmp_path):
 
 
 def test_sample_out_is_replaced_in_one_step_or_not_at_all(tiny_root, tmp_path, monkeypatch, capsys):
-    import vae_core.images
+    import vae_core.artifacts
     from jobs.cli import main
     out = tmp_path / "grid.png"
     out.write_bytes(b"an earlier grid")
     out.chmod(0o640)
 
-    def broken_encoder(*_):
+    def broken_encoder(*_, **__):
         raise MemoryError("no room for the PNG")
     with monkeypatch.context() as patch:
-        patch.setattr(vae_core.images, "png_bytes", broken_encoder)
+        patch.setattr(vae_core.artifacts, "grid_png", broken_encoder)
         with contextlib.suppress(MemoryError):
             main(["sample", "--root", str(tiny_root), "--model", "tiny", "--out", str(out)])
     assert out.read_bytes() == b"an earlier grid"               # not truncated before the samples existed
@@ -224,6 +224,28 @@ def test_sample_out_is_replaced_in_one_step_or_not_at_all(tiny_root, tmp_path, m
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_lays_out_its_grid_as_torchvision_does(tiny_root, tmp_path, capsys):
+    """`sample --count 10` is 8 a row (make_grid's nrow), the bytes of save_image with white borders."""
+    import io
+
+    import torch
+    from torchvision.utils import save_image
+
+    from jobs.cli import main
+    from vae_core.artifacts import PAD_VALUE
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--root", str(tiny_root), "--model", "tiny", "--count", "10", "--out", str(out)]) == 0
+    model = Registry(open_storage(StorageConfig(root=str(tiny_root)))).load("tiny").model
+    with torch.no_grad():
+        images = model.generate(model.sample_prior(10, None, torch.Generator().manual_seed(0)), None)
+    theirs = io.BytesIO()
+    save_image(images, theirs, format="png", pad_value=PAD_VALUE)
+    assert out.read_bytes() == theirs.getvalue()
+    from PIL import Image
+    assert Image.open(out).size == (8 * (8 + 2) + 2, 2 * (8 + 2) + 2)       # 8 columns of 8-pixel tiles, 2 rows
+    capsys.readouterr()
 
 
 def test_sample_out_to_a_fifo_streams_into_it(tiny_root, tmp_path, capsys):

@@ -26,6 +26,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 VAEGEN_LINES = [re.compile(p) for p in (
     r"\[\d/\d\] .+",                                   # pipeline steps
     r"epoch \d+/\d+: loss .+",                         # Ray Train rank 0's epoch line
+    r"epoch \d+/\d+: \d+% of its steps, .+ img/s, .+", # and its progress within an epoch
     r"model   \S+ → .+", r"        test loss .+",      # the pipeline's summary
     r"(samples|recons ) [\d,]+ rows in [\d,]+ shards? → .+",
     r"  \S+@v\d+  .+",                                 # the evaluation table
@@ -103,6 +104,8 @@ def test_the_pipeline_shows_only_vaegens_lines_and_keeps_rays_in_the_log_it_name
     assert foreign_pieces(output) == [], output[-3000:]
     assert re.search(r"^epoch 2/2: loss ", ANSI.sub("", output), re.M), output[-3000:]     # epochs stay visible
     assert re.search(r"%\|", output), "no progress bar reached the terminal"
+    shown = ANSI.sub("", output)                           # Ray's start-up is announced before it begins
+    assert "vaegen: starting a local Ray" in shown and shown.index("vaegen: starting a local Ray") < shown.index("[2/")
     log = named_log(output)
     assert log.parent == root / "logs" and log.name.startswith("pipeline-"), log
     assert log.stat().st_mode & 0o077 == 0, oct(log.stat().st_mode)                         # the owner's only

@@ -258,3 +258,13 @@ def test_a_corrupt_stored_classifier_is_refused(local_storage_config, small_fash
     storage.publish(classifier_key("fm-tiny", CLASSIFIER_WEIGHTS), b"not safetensors")
     with pytest.raises(VaegenError, match="sha256"):
         reference_classifier(storage, "fm-tiny", cfg)
+
+
+def test_the_summary_says_why_an_unconditional_model_has_no_tstr():
+    from cluster.show.evaluation import summary_line
+    report = {"likelihood_model": "bernoulli", "likelihood": {"nll": 90.0, "k": 100, "images": 500, "neg_elbo": 95.0},
+              "quality": {"real_accuracy": 0.9, "classifier_fid": 3.0, "tstr_accuracy": None}}
+    assert summary_line(report).endswith("classifier-FID 3.00, no TSTR (unconditional model: its samples have no "
+                                         "labels)")
+    report["quality"]["tstr_accuracy"] = 0.8
+    assert summary_line(report).endswith("classifier-FID 3.00, TSTR 80.0%")

@@ -149,13 +149,20 @@ def test_starting_at_the_mean_image_trains_to_a_lower_loss(small_fashion):
 @pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((80, 1, 28, 28), 8), ((5, 3, 32, 32), 8),
                                         ((13, 3, 8, 8), 4)])
 def test_grids_are_torchvisions_bytes_without_importing_it(shape, nrow):
-    """The model version's grids are laid out and rounded as torchvision's save_image(make_grid(...)) does it."""
+    """The model version's grids are torchvision's save_image(make_grid(...)) with make_grid's own defaults for
+    everything but pad_value, the one difference grid_png states."""
+    import inspect
     import io
 
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid, save_image
 
-    from vae_core.artifacts import grid_png
+    from vae_core.artifacts import NROW, PAD_VALUE, grid_png
+    defaults = {k: p.default for k, p in inspect.signature(make_grid).parameters.items()}
+    assert (defaults["nrow"], defaults["padding"]) == (NROW, 2) and defaults["pad_value"] != PAD_VALUE
     images = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape)))
     theirs = io.BytesIO()
-    save_image(images, theirs, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    save_image(images, theirs, format="png", nrow=nrow, pad_value=PAD_VALUE)
     assert grid_png(images, nrow) == theirs.getvalue()
+    black = io.BytesIO()
+    save_image(images, black, format="png", nrow=nrow)             # make_grid's black borders: not the same bytes
+    assert grid_png(images, nrow) != black.getvalue()
