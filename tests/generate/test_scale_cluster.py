@@ -6,7 +6,7 @@ import threading
 
 import pytest
 from generate_support import publish_tiny_model
-from test_generate_faults import assert_complete_and_exact, spec, wait_for
+from test_generate_kills import assert_complete_and_exact, spec, wait_for
 
 from cluster.generate.commit import ShardLedger
 from cluster.generate.drill import STAGE_DELAY_ENV
