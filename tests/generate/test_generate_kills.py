@@ -59,7 +59,9 @@ def test_the_driver_killed_mid_job_resumes_where_it_stopped(ray_local, local_sto
     job = spec()
     prefix = plan_job(job, storage).prefix
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=REPO, **{STAGE_DELAY_ENV: "publish=0.5"})
+    # A short lease TTL: the killed driver's lease then blocks the resume for seconds, not the default minute (a
+    # lease that outlives its driver is tests/generate/test_generate.py's subject, not this test's).
+    env.update(PYTHONPATH=REPO, **{STAGE_DELAY_ENV: "publish=0.5", LEASE_TTL_ENV: "4"})
     cmd = [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--count", "48", "--shard-size", "8",
            "--seed", "3", "--decode-batch", "4", "--workers", "1", "--root", local_storage_config.root,
            "--no-progress"]
