@@ -99,7 +99,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
         else:
             kwargs.update(default=default, metavar=meta["metavar"], choices=meta["choices"],
                           action=Given if track_given else "store")
-            if typing.get_origin(hint) is tuple:
+            if meta.get("parse"):
+                kwargs.update(type=_parser(meta["parse"]))
+            elif typing.get_origin(hint) is tuple:
                 kwargs.update(type=typing.get_args(hint)[0], nargs="+")
             else:
                 kwargs.update(type=hint)
@@ -122,6 +124,22 @@ def build_all(args: argparse.Namespace, **values: Any) -> None:
     merged = argparse.Namespace(**{**vars(args), **values})
     for cls, (names, fixed) in (getattr(args, "flag_configs", None) or {}).items():
         build(cls, merged, only=names, **fixed)
+
+
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A flag value its own parser refused: argparse prints the message as it is, a config file's check
+    (jobs/config_file.py, which catches ValueError) names the key before it."""
+
+
+def _parser(parse):
+    """A flag's own parser as argparse's `type`: its VaegenError becomes argparse's one-line usage error."""
+    def parsed(text: str):
+        try:
+            return parse(text)
+        except VaegenError as e:
+            raise BadValue(str(e)) from None
+    parsed.__name__ = parse.__name__
+    return parsed
 
 
 class _Switch(argparse.Action):
@@ -173,7 +191,7 @@ def build(cls: type, args: argparse.Namespace, *, only: tuple[str, ...] | None =
                 kwargs[f.name] = build(hint, args)
         elif "flag" in f.metadata and hasattr(args, f.name):
             value = getattr(args, f.name)
-            kwargs[f.name] = tuple(value) if typing.get_origin(hint) is tuple else value
+            kwargs[f.name] = tuple(value) if typing.get_origin(hint) is tuple and value is not None else value
     return cls(**kwargs)
 
 

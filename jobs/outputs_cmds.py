@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_storage_args(p)
     p.set_defaults(run=run_ls)
 
-    p = sub.add_parser("show", help="write a static gallery.html for a job or a model version",
+    p = sub.add_parser("show", help="write a static _gallery.html for a job or a model version",
                        description="Write one self-contained gallery page beside a job's shards (or a model "
                                    "version's files): contact sheets per class, reconstructions beside their "
                                    "originals, the job's settings; the model's metrics, training settings, loss "
@@ -90,9 +90,11 @@ def run_ls(args: argparse.Namespace) -> int:
     models = list_models(storage)
     print("\nmodels (* = champion)" + ("" if models else ": none"))
     if models:
-        print(_table([["", "MODEL", "TEST LOSS", "PROBLEM"]] + [
-            ["*" if m.champion else "", f"{m.name}@{m.version}",
-             "-" if m.test_loss is None else f"{m.test_loss:.2f}", f"corrupt: {m.problem}" if m.problem else ""]
+        print(_table([["", "MODEL", "DATASET", "SHAPE", "TEST LOSS", "NLL", "PROBLEM"]] + [
+            ["*" if m.champion else "", f"{m.name}@{m.version}", m.dataset or "-",
+             "x".join(map(str, m.image_shape)) if m.image_shape else "-",
+             "-" if m.test_loss is None else f"{m.test_loss:.2f}", "-" if m.nll is None else f"{m.nll:.2f}",
+             f"corrupt: {m.problem}" if m.problem else ""]
             for m in models]))
     jobs = list_jobs(storage)
     print("\njobs" + ("" if jobs else ": none"))

@@ -10,7 +10,13 @@ from dataclasses import replace
 from vae_core.config import AUTO_WORKERS
 from vae_core.use_configs import GenerateConfig
 
-from .args import add_progress_arg, add_train_job_args, counted, storage_config, train_job_config
+from .args import (
+    add_progress_arg,
+    add_train_job_args,
+    counted,
+    storage_config,
+    train_job_config,
+)
 from .flags import add_flags, build
 
 STEPS = 5
@@ -42,18 +48,19 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from cluster.train.on_ray import local_cpus
     from vae_core.errors import VaegenError
 
+    from .train_cmds import already_trained
+
     job = sized_training(train_job_config(args), args.address)      # --workers auto (the default): sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)
-    try:
-        read_manifest(storage, job.dataset)
-        print(f"[1/{STEPS}] dataset {job.dataset} already in {storage.uri}")
-    except VaegenError:
-        print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri}")
-        ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
-
     with ray_runtime(args.address, num_cpus=local_cpus(job) if job.ray else None):   # one Ray for every step
+        try:
+            read_manifest(storage, job.dataset)
+            print(f"[1/{STEPS}] dataset {job.dataset} already in {storage.uri}")
+        except VaegenError:
+            print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri} on Ray Data")
+            ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
         backend = "in this process"
         if job.ray:
             gpus = f", {job.ray.gpus_per_worker:g} GPU" if job.ray.gpus_per_worker else ""
@@ -62,6 +69,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"[2/{STEPS}] training {job.name} ({job.model.arch}, {job.train.epochs} epochs) {backend}")
         trained = train_model(job, address=args.address, progress=args.progress)
         model = str(trained.ref)
+        if trained.already_trained:
+            print(f"  {already_trained(trained, given_id=bool(job.run_id))}")
         # Two independent jobs, run side by side: each one's start (a DecoderWorker importing torch, loading the
         # model) is one process on one core, so together they take about as long as one.
         print(f"[3/{STEPS}] generating {args.count:,} samples from {model}")

@@ -37,12 +37,25 @@ def run_train(args: argparse.Namespace) -> int:
     from cluster.train.driver import train_model
     result = train_model(train_job_config(args), address=args.address, progress=args.progress)
     s = result.summary
+    if result.already_trained:
+        print(already_trained(result, given_id=bool(args.run_id)))
+        return 0
     backend = f"{s['workers']} Ray Train workers" if "workers" in s else "one process"
     print(f"run {s['run_id']}: {backend}, {s['epochs_run']} epochs")
     test = f", test loss {s['test_loss']:.2f}" if "test_loss" in s else ""
     print(f"published {result.ref}: best epoch {s['best_epoch'] + 1}, val loss {s['best_val_loss']:.2f}{test} "
           f"nats/image")
     return 0
+
+
+def already_trained(result, *, given_id: bool) -> str:
+    """The line for a run that had published before: which version, and how to train another."""
+    s = result.summary
+    test = f", test loss {s['test_loss']:.2f} nats/image" if "test_loss" in s else ""
+    if given_id:
+        return f"run {s['run_id']} finished before: model {result.ref}{test}; a new --run-id trains again"
+    return (f"model {result.ref} already trained by this exact command: run {s['run_id']} (the same settings, seed "
+            f"and dataset generation){test}; another --seed or --run-id trains again")
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -162,6 +162,11 @@ def fashion_mnist():
     return read_fashion_mnist()
 
 
+# moto's fixed test credentials: the driver gets them from s3_server, Ray's workers from start_local_ray, so a
+# Ray started before the S3 server (by a module's fixture) still reaches it.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API over HTTP: moto's ThreadedMotoServer on 127.0.0.1, a free port, stopped at the end."""
@@ -173,7 +178,7 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    os.environ.update(S3_TEST_ENV)
     os.environ.pop("AWS_ENDPOINT_URL", None)
     import boto3
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="vaegen-test")
@@ -277,7 +282,7 @@ def start_local_ray() -> None:
     from cluster.runtime.ray_session import WORKER_ENV
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=256 * 2**20, include_dashboard=False,
-                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, **local_ray_options())
+                 runtime_env={"env_vars": {**WORKER_ENV, **S3_TEST_ENV}}, log_to_driver=False, **local_ray_options())
 
 
 @pytest.fixture

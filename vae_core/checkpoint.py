@@ -17,7 +17,7 @@ from .errors import VaegenError
 from .models import VAE, build_model
 from .names import CONFIG_FILE, WEIGHTS_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # a version's files; 2: config.json's training job names no root, the page is _gallery.html
 
 
 def sha256_hex(data: bytes) -> str:

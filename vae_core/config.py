@@ -30,15 +30,19 @@ MAX_CLASSES = 100_000
 # Widths of one layer: beyond this a model would not fit any accelerator, and its allocation fails deep in torch.
 MAX_MODEL_DIM = 65_536
 MAX_PER_WORKER = 1024         # CPUs or GPUs one worker may ask Ray for
+IMAGE_MODES = ("L", "RGB")    # ingest --mode
+MAX_IMAGE_SIDE = 65_535       # ingest --size: PNG's and PIL's practical bound, and a typo beyond it
 
 
 def flag(flag: str, help: str, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
-         choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None) -> Any:
+         choices: tuple[str, ...] | None = None, metavar: str | None = None, unset: str | None = None,
+         parse: Any = None) -> Any:
     """A dataclass field that is also a command-line flag: its name, help and default are declared here, once,
     and jobs/flags.py turns the field into an argparse argument and the parsed value back into the field.
     A bool field is an on/off flag that sets the opposite of its default (`--no-progress`: progress=False).
-    unset: what an empty default (None, "", ()) means, for the help text."""
-    metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset}
+    unset: what an empty default (None, "", ()) means, for the help text. parse: text → value, for a value
+    written in a form of its own (--size 64x64); its VaegenError is argparse's one-line error."""
+    metadata = {"flag": flag, "help": help, "choices": choices, "metavar": metavar, "unset": unset, "parse": parse}
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -161,6 +165,48 @@ class TrainConfig:
                  f"--precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (e.g. '64x64') → (H, W); anything else is a one-line VaegenError naming --size."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise VaegenError(f"--size {text!r} is not HxW, e.g. 64x64")
+    return int(parts[0]), int(parts[1])
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How `vaegen ingest` reads its input: from the flags to every reading worker (cluster/data/sources.py),
+    and part of the input's fingerprint. Picklable."""
+    size: tuple[int, int] | None = flag("--size", "resize every image to HxW: scaled (antialiased: PIL BICUBIC, "
+                                        "reducing_gap 3) until it covers HxW, then centre-cropped to it",
+                                        default=None, metavar="HxW", parse=parse_size,
+                                        unset="as they are; they must share one size")
+    mode: str | None = flag("--mode", "L: one grey channel; RGB: three", default=None, choices=IMAGE_MODES,
+                            unset="grey stays grey, anything else becomes RGB")
+    image_column: str | None = flag("--image-column", "parquet/hf: the image column (encoded bytes, or Hugging "
+                                    "Face's Image struct)", default=None, metavar="NAME",
+                                    unset="'image', else 'pixels' with height, width, channels")
+    label_column: str | None = flag("--label-column", "parquet/hf: the integer label column; '' for none "
+                                    "(unlabelled)", default=None, metavar="NAME", unset="'label' if there is one")
+    skip_bad: bool = flag("--skip-bad", "skip images that cannot be read (counted and named in the manifest) "
+                          "instead of failing on the first", default=False)
+    split: str = flag("--split", "the split of input that names none (a folder, a lone file)", default="train")
+    image_key: str = flag("--image-key", "webdataset: the image member, the first of these ';'-separated "
+                          "extensions that a sample has", default="png;jpg;jpeg", metavar="EXT;EXT")
+    label_key: str | None = flag("--label-key", "webdataset: the label member (decimal text, e.g. cls; or json: the "
+                                 ".json's 'label'); '' for none (unlabelled)", default=None, metavar="EXT",
+                                 unset="cls, when the samples have one")
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            h, w = self.size
+            _require(0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE,
+                     f"--size {h}x{w}: height and width must be 1..{MAX_IMAGE_SIDE}")
+        _require(self.mode in (None, *IMAGE_MODES), f"--mode={self.mode!r} must be one of {', '.join(IMAGE_MODES)}")
+        _require(bool(self.image_key.strip(";")), "--image-key names no extension")
+        check_name(self.split, "--split")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StorageConfig:
     root: str = flag("--root", "storage root: a local folder, file://path or s3://bucket/prefix",
@@ -226,11 +272,14 @@ class TrainJobConfig:
     storage: StorageConfig = section("storage", default_factory=StorageConfig)
     dataset: str = flag("--dataset", "dataset name under datasets/", default="fashion-mnist")
     name: str = flag("--name", "model name in the registry: models/<name>/v000N/", default="",
-                     unset="<dataset>-<model>[-cond], or the preset's name")
+                     unset="<dataset>-<model>[-cond]; with --preset its name, <preset>-<dataset> on a dataset "
+                     "other than fashion-mnist; a name holds models of one dataset and image shape")
     conditional: bool = flag("--conditional", "condition encoder and decoder on the labels (the number of "
                              "classes comes from the dataset's manifest)", default=False)
     run_id: str = flag("--run-id", "checkpoints go to train-runs/<run-id>/ (every epoch); rerunning the same id "
-                       "resumes, and a finished run returns its version", default="", metavar="ID", unset="a new id")
+                       "resumes, and a finished run returns its version", default="", metavar="ID",
+                       unset="train: derived from the settings, the dataset's generation and the seed, so the same "
+                             "command resumes or returns its version; retrain: a new id")
     # None: train in this process; else data-parallel on Ray Train (cluster.train.driver picks the backend from it).
     ray: RayTrainConfig | None = section("Ray Train (data-parallel)", default=None, enabled_by="workers")
 
@@ -239,7 +288,7 @@ class TrainJobConfig:
             object.__setattr__(self, "name", default_model_name(self.dataset, self.model.arch, self.conditional))
         check_name(self.dataset, "--dataset")
         check_name(self.name, "--name")
-        if self.run_id:                                 # "" = a new id, made by the trainer
+        if self.run_id:                                 # "" = an id made by the trainer
             check_name(self.run_id, "--run-id")
 
 

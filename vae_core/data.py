@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import warnings
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .config import MAX_CLASSES
+from .config import IMAGE_MODES
 from .errors import VaegenError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -91,22 +92,94 @@ def pil_to_chw(im: Image.Image) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+# --size: the image is scaled so that it covers H×W (its shorter side, relative to the target's, fits) and the
+# middle H×W is kept. One PIL resize of just the kept box does both; BICUBIC is antialiased when it shrinks
+# (its support widens with the scale) and reducing_gap first box-reduces a much larger image by an integer
+# factor, as Image.thumbnail does, which is fast and leaves the result within a grey level or so of a plain
+# BICUBIC resize.
+RESIZE_FILTER = Image.Resampling.BICUBIC
+RESIZE_REDUCING_GAP = 3.0
+
+
+def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
+    """A PIL image → uint8 (C, H, W) by pil_to_chw's rules, then `mode` ('L': one grey channel, by PIL's
+    ITU-R 601-2 luma; 'RGB': three; None: as pil_to_chw gives) and `size` ((H, W): scaled to cover it, then
+    centre-cropped, see RESIZE_FILTER). A JPEG to be shrunk is decoded at a reduced scale that keeps at least
+    RESIZE_REDUCING_GAP times the pixels the resize needs (its DCT does the first halvings, as Image.thumbnail
+    lets it), which is several times faster on large photos."""
+    if size is not None and im.format == "JPEG":
+        scale = max(size[0] / im.height, size[1] / im.width)
+        if scale * RESIZE_REDUCING_GAP < 1:
+            im.draft(None, (math.ceil(im.width * scale * RESIZE_REDUCING_GAP),
+                            math.ceil(im.height * scale * RESIZE_REDUCING_GAP)))
+    if im.mode in IMAGE_MODES and mode in (None, im.mode) and size is not None:
+        # The common case, resized by PIL before its one copy into NumPy: the same pixels shape_chw gives.
+        return _chw(np.asarray(_resize_cover_pil(im, size)))
+    return shape_chw(pil_to_chw(im), size, mode)
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def shape_chw(image: np.ndarray, size: tuple[int, int] | None = None, mode: str | None = None) -> np.ndarray:
+    """uint8 (C, H, W), C = 1 or 3 → the same image in `mode` and at `size` (see shape_image)."""
+    if mode not in (None, *IMAGE_MODES):
+        raise VaegenError(f"--mode {mode!r} is not one of {', '.join(IMAGE_MODES)}")
+    c, h, w = image.shape
+    if mode == "RGB" and c == 1:
+        image = np.repeat(image, 3, axis=0)
+    elif mode == "L" and c == 3:
+        grey = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).convert("L")
+        image = np.asarray(grey)[None]
+    if size is None or (h, w) == tuple(size):
+        return image
+    return resize_cover(image, size)
+
+
+def resize_cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (C, H, W) scaled (up or down) so that it covers `size` = (H, W), then centre-cropped to it."""
+    c = image.shape[0]
+    pil = Image.fromarray(image[0] if c == 1 else np.ascontiguousarray(image.transpose(1, 2, 0)))
+    return _chw(np.asarray(_resize_cover_pil(pil, size)))
+
+
+def _resize_cover_pil(pil: Image.Image, size: tuple[int, int]) -> Image.Image:
+    w, h = pil.size
+    th, tw = size
+    if (h, w) == (th, tw):
+        return pil
+    scale = max(th / h, tw / w)
+    box_w, box_h = tw / scale, th / scale              # the part of the source that ends up in the output
+    left, top = (w - box_w) / 2, (h - box_h) / 2
+    return pil.resize((tw, th), RESIZE_FILTER, box=(left, top, left + box_w, top + box_h),
+                      reducing_gap=RESIZE_REDUCING_GAP)
+
+
 def _read_maybe_gzip(path: Path) -> bytes:
     if not path.is_file():
         raise VaegenError(f"missing dataset file: {path}")
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise VaegenError(f"corrupt gzip file {path}: {e}") from None
+    return gunzip_if_gzip(path.read_bytes(), path)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (MNIST format, optionally gzipped) of unsigned bytes: magic 0x0000 08 <ndim>."""
     path = Path(path)
-    data = _read_maybe_gzip(path)
+    return parse_idx(_read_maybe_gzip(path), path)
+
+
+def gunzip_if_gzip(raw: bytes, name: object) -> bytes:
+    """The bytes of an IDX file as stored, gunzipped when they are gzip."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise VaegenError(f"corrupt gzip file {name}: {e}") from None
+
+
+def parse_idx(data: bytes, path: object) -> np.ndarray:
+    """IDX bytes (already gunzipped) → an array; `path` names the file in errors."""
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise VaegenError(f"{path} is not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
     ndim = data[3]
@@ -135,39 +208,3 @@ def read_fashion_mnist(folder: str | os.PathLike = FASHION_MNIST_DIR) -> ArrayDa
             raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
         splits[split] = ArraySplit(images[:, None, :, :].copy(), labels.astype(np.int64))
     return ArrayDataset(splits, FASHION_MNIST_LABELS, str(folder))
-
-
-def read_image_folder(folder: str | os.PathLike, split: str = "train") -> ArrayDataset:
-    """PNG/JPEG files in <folder>/<class>/..., every image one shape; grey stays 1 channel, else RGB.
-    16-bit images are scaled to 8 bits and alpha is composited onto black (images.pil_to_chw)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VaegenError(f"image folder {folder} does not exist")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise VaegenError(f"image folder {folder} has no class subfolders (<folder>/<class>/<image>.png)")
-    if len(classes) > MAX_CLASSES:
-        raise VaegenError(f"image folder {folder} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise VaegenError(f"image folder {folder} holds no .png/.jpg images")
-    images, labels, shape, first, wide = [], [], None, None, 0
-    for path, label in files:
-        try:
-            with open_user_image(path) as im:
-                wide += is_wide(im)
-                arr = pil_to_chw(im)
-        except (UnidentifiedImageError, OSError) as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        except VaegenError as e:
-            raise VaegenError(f"cannot read image {path}: {e}") from None
-        if shape is None:
-            shape, first = arr.shape, path
-        elif arr.shape != shape:
-            raise VaegenError(f"images differ in shape: {first} is {shape} (C,H,W) but {path} is {arr.shape}")
-        images.append(arr)
-        labels.append(label)
-    split_data = ArraySplit(np.stack(images), np.asarray(labels, dtype=np.int64))
-    notes = (f"{wide} 16-bit image(s) scaled to 8 bits (round(v / 257))",) if wide else ()
-    return ArrayDataset({split: split_data}, tuple(classes), str(folder), notes)

@@ -11,8 +11,9 @@ from .errors import VaegenError
 # A model version's two files (vae_core/checkpoint.py writes and reads them).
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-NAME_RULE = "1-128 characters from letters, digits, '.', '_' and '-', starting with a letter or digit"
+MAX_NAME = 128
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+NAME_RULE = f"1-{MAX_NAME} characters from letters, digits, '.', '_' and '-', starting with a letter or digit"
 # What may follow '@' in a model spec: a version folder (v0001), its number, or a pointer. ASCII digits only,
 # and at most 9 of them, so int() of it is cheap and exact (str.isdigit also accepts '²').
 VERSION_RE = re.compile(r"v[0-9]{4,9}|[0-9]{1,9}|latest|champion")

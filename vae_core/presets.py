@@ -6,11 +6,13 @@ docs/BENCHMARKS.md; why each setting is what it is: docs/EXPERIMENTS.md."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from .config import ModelConfig, TrainConfig, TrainJobConfig
 from .errors import VaegenError
+from .names import MAX_NAME
 
 
 def mlp_classic() -> TrainJobConfig:
@@ -48,6 +50,17 @@ def fmnist_cond() -> TrainJobConfig:
                           val_fraction=0.02, output_init="default", adam="for-loop"))
 
 
+def rgb64() -> TrainJobConfig:
+    """64×64 RGB images (your own, through `vaegen ingest`): four stride-2 conv layers down to 4×4, a wider
+    bottleneck for three channels of detail, grey levels as Bernoulli means (pixels in [0, 1]), cosine lr decay.
+    Unconditional unless --conditional (a dataset without labels has nothing to condition on)."""
+    return TrainJobConfig(
+        name="rgb64",
+        model=ModelConfig(arch="conv", conv_channels=(32, 64, 128, 256), hidden_dim=512, latent_dim=64),
+        train=TrainConfig(epochs=30, batch_size=128, lr=1e-3, lr_schedule="cosine", patience=30,
+                          val_fraction=0.05))
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str                          # one line for `--help`
@@ -64,6 +77,7 @@ PRESETS: dict[str, Preset] = {
                           "100-Gaussian prior fitted after training", fmnist_best),
     "fmnist-cond": Preset("class-conditional conv VAE (32,64)-512-32, Gaussian σ=0.2 on grey levels, cosine lr, "
                           "10 Gaussians per class fitted as the prior after training", fmnist_cond),
+    "rgb64": Preset("conv VAE (32,64,128,256)-512-64 for 64x64 RGB images, cosine lr, 30 epochs", rgb64),
 }
 
 
@@ -81,8 +95,14 @@ def preset_job(name: str, **job_fields: Any) -> TrainJobConfig:
 def layer_preset(name: str, job: TrainJobConfig, keep: set[str]) -> TrainJobConfig:
     """`job` with the preset under it: every setting the preset makes (one that differs from the dataclass
     default) replaces job's, except the settings named in `keep` (dotted paths such as "train.epochs" or "name":
-    the ones a flag or a config file set)."""
-    return _layer(get_preset(name).job(), type(job)(), job, keep, "")
+    the ones a flag or a config file set). On a dataset other than the recipe's own the model is named
+    `<preset>-<dataset>`: a name is bound to one dataset (cluster/store/name_binding.py), so the preset's own name
+    stays its documented model's."""
+    preset = get_preset(name).job()
+    layered = _layer(preset, type(job)(), job, keep, "")
+    if "name" not in keep and layered.dataset != preset.dataset:
+        layered = replace(layered, name=f"{preset.name}-{layered.dataset}"[:MAX_NAME])
+    return layered
 
 
 def _layer(preset: Any, default: Any, job: Any, keep: set[str], prefix: str) -> Any:

@@ -28,8 +28,9 @@ class GenerateConfig:
     # Reconstructions mirror their input's shards instead.
     shard_size: int = flag("--shard-size", "samples per output shard", default=10_000)
     seed: int = flag("--seed", "random seed of the latents", default=0)
-    format: str = flag("--format", "parquet (an HF Image column of PNGs, zstd), png (WebDataset tar of <id>.png + "
-                       "<id>.cls + <id>.json) or jpeg (the same with <id>.jpg: lossy)", default="parquet",
+    format: str = flag("--format", "the shards' container and image codec in one: parquet (Parquet, an HF Image "
+                       "column of PNGs, zstd), png (WebDataset tar of <id>.png + <id>.json, + <id>.cls when rows "
+                       "have a label) or jpeg (the same tar with <id>.jpg: lossy)", default="parquet",
                        choices=FORMATS)
     jpeg_quality: int = flag("--jpeg-quality", "--format jpeg: JPEG quality, 1..100 (95 is img2dataset's default)",
                              default=95)

@@ -1,15 +1,14 @@
 """A finished job's Hugging Face dataset card: YAML metadata (licence, source, size and task categories,
 `configs`/`data_files`, `dataset_info` features) built with huggingface_hub's DatasetCardData, then how the data
 was made and how to load it. It is built from the manifest the commit writes, the model's config.json (its prior)
-and the source dataset's manifest (its licence), so it says what the job holds. Where it is stored:
-layout.card_name (README.md for tar jobs, _README.md for Parquet jobs, so that pyarrow readers see only data)."""
+and the source dataset's manifest (its licence), so it says what the job holds. It is the job folder's README.md
+(layout.CARD), in every format: the folder uploaded to the Hub as it is has its card."""
 from __future__ import annotations
 
 import dataclasses
 import html
 import json
 import re
-import shlex
 import tarfile
 import time
 
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from cluster.data.datasets import read_manifest
-from cluster.store.layout import MANIFEST, JobKeys, card_name, shard_glob
+from cluster.store.layout import DATA_DIR, MANIFEST, JobKeys, shard_glob
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
 from vae_core.data import FASHION_MNIST_LABELS
@@ -44,9 +43,17 @@ def size_category(rows: int) -> str:
     return next((name for bound, name in SIZE_CATEGORIES if rows < bound), "n>1B")
 
 
-def reproduce_command(manifest: dict, root_uri: str) -> str:
+# What the command says for the storage root: a root is copied and synced, and what is written in it must stay
+# right wherever it lands, so no record or page under it names the place it was written in.
+ROOT_PLACEHOLDER = "<root>"
+ROOT_NOTE = (f"`{ROOT_PLACEHOLDER}`: the storage root (a folder or s3://bucket/prefix) this job's folder is "
+             "`outputs/<job-id>` in.")
+
+
+def reproduce_command(manifest: dict) -> str:
     """The `vaegen` command that makes (or resumes) this very job: every flag of the spec, so the job id is the
-    same (the model as it was asked for: `name@champion` resolves to the version of the day)."""
+    same (the model as it was asked for: `name@champion` resolves to the version of the day), and --root as
+    ROOT_PLACEHOLDER."""
     spec = manifest["spec"]
     verb, fields = VERB_FIELDS[spec["kind"]]
     fields_of = {f.name: f for f in dataclasses.fields(GenerateConfig) if "flag" in f.metadata}
@@ -59,7 +66,7 @@ def reproduce_command(manifest: dict, root_uri: str) -> str:
                 words.append(f"{fields_of[name].metadata['flag']} {' '.join(map(str, value))}")
         else:
             words.append(f"{fields_of[name].metadata['flag']} {value}")
-    return f"vaegen {verb} {' '.join(words)} --root {shlex.quote(root_uri)}"
+    return f"vaegen {verb} {' '.join(words)} --root {ROOT_PLACEHOLDER}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +168,7 @@ def provenance(storage: Storage, manifest: dict) -> Provenance:
 
 
 def card_data(manifest: dict, rows: RowLayout, source: Provenance) -> DatasetCardData:
-    fmt, totals, spec = manifest["format"], manifest["totals"], manifest["spec"]
+    fmt, totals, spec, split = manifest["format"], manifest["totals"], manifest["spec"], manifest["split"]
     samples = spec["kind"] == "samples"
     tasks = ["unconditional-image-generation" if samples else "image-to-image"]
     if rows.labelled:
@@ -170,10 +177,10 @@ def card_data(manifest: dict, rows: RowLayout, source: Provenance) -> DatasetCar
         pretty_name=f"vaegen {manifest['job_id']}", license=source.license,
         size_categories=size_category(totals["rows"]), task_categories=tasks,
         source_datasets=[f"extended|{source.hub_id}"] if source.hub_id else None,
-        tags=["synthetic", "vaegen", "image", "webdataset" if fmt == "png" else "parquet"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": shard_glob(fmt)}]}],
+        tags=["synthetic", "vaegen", "image", "parquet" if fmt == "parquet" else "webdataset"],
+        configs=[{"config_name": "default", "data_files": [{"split": split, "path": shard_glob(fmt, split)}]}],
         dataset_info={"features": features(manifest, rows),
-                      "splits": [{"name": "train", "num_bytes": totals["bytes"], "num_examples": totals["rows"]}],
+                      "splits": [{"name": split, "num_bytes": totals["bytes"], "num_examples": totals["rows"]}],
                       "download_size": totals["bytes"], "dataset_size": totals["bytes"]})
 
 
@@ -196,9 +203,8 @@ def how_made(manifest: dict, source: Provenance) -> str:
 def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
     """The whole card: the YAML header the Hub and `datasets` read, then a human summary."""
     fmt, totals, spec, labelled = manifest["format"], manifest["totals"], manifest["spec"], rows.labelled
-    root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(manifest["created_at"]))
-    pattern = manifest.get("shard_pattern", shard_glob(fmt))
+    pattern = manifest["shard_pattern"]
     if source.dataset is None:
         origin = "The model's training data is not known here; its licence is unknown."
     else:
@@ -214,29 +220,34 @@ def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
                if spec["kind"] == "samples" else []),
              f"- labels: {class_names if labelled else 'none (no label column)'}",
              f"- shards: `{pattern}`; checksums in `{MANIFEST}`", "",
-             "Made (and resumable) with:", "", "```", reproduce_command(manifest, root_uri), "```", "",
+             "Made (and resumable) with:", "", "```", reproduce_command(manifest), "```", "", ROOT_NOTE, "",
              "## Load it", "", "```python"]
-    if fmt == "parquet":
-        lines += ["import io, datasets, pandas, ray, torch, torchvision, PIL.Image",
-                  'ds = datasets.load_dataset("<this folder>", split="train")   # image: PIL'
-                  + (", label: ClassLabel" if labelled else ""),
-                  'df = pandas.read_parquet("<this folder>")   # df.image[i]["bytes"]: a PNG file',
-                  'img = PIL.Image.open(io.BytesIO(df.image[0]["bytes"]))',
-                  'x = torchvision.io.decode_image(torch.frombuffer(bytearray(df.image[0]["bytes"]), dtype=torch.uint8))',
-                  'rd = ray.data.read_parquet("<this folder>")']
-        lines += ["```", "", f"On the Hub, this card is README.md: it is stored as `{card_name(fmt)}` here so that "
-                  "pyarrow's readers (pandas, Ray Data) find only data in this folder.", ""]
-    else:
-        mode = "pill" if manifest["image_shape"][0] == 1 else "pil"      # webdataset's "pil" converts to RGB
-        image = next((m for m in rows.tar_members if m not in ("cls", "json")), "png")
-        keys = f'"{image}", "cls"' if "cls" in rows.tar_members else f'"{image}", "json"'
-        lines += ["import datasets, webdataset as wds",
-                  f'ds = datasets.load_dataset("<this folder>", split="train")   # {image}: PIL'
-                  + (", cls: ClassLabel" if "cls" in rows.tar_members else ""),
-                  f'wd = wds.WebDataset("<this folder>/{pattern}", shardshuffle=False).decode("{mode}")'
-                  f".to_tuple({keys})", "```", ""]
+    lines += load_recipe(manifest, rows)
     header = card_data(manifest, rows, source).to_yaml()
     return f"---\n{header}\n---\n\n" + "\n".join(lines)
+
+
+def load_recipe(manifest: dict, rows: RowLayout) -> list[str]:
+    """The card's "Load it" code, run as written against the job's own folder (tests/generate/test_reader_recipes.py
+    does): `datasets` on the folder (the card says which files and features), pyarrow's readers on data/ (which
+    holds the shards alone), webdataset with the members every sample of this job has."""
+    fmt, split, pattern = manifest["format"], manifest["split"], manifest["shard_pattern"]
+    if fmt == "parquet":
+        return ["import io, datasets, pandas, ray, torch, torchvision, PIL.Image",
+                f'ds = datasets.load_dataset("<this folder>", split="{split}")   # image: PIL'
+                + (", label: ClassLabel" if rows.labelled else ""),
+                f'df = pandas.read_parquet("<this folder>/{DATA_DIR}")   # df.image[i]["bytes"]: a PNG file',
+                'img = PIL.Image.open(io.BytesIO(df.image[0]["bytes"]))',
+                'x = torchvision.io.decode_image(torch.frombuffer(bytearray(df.image[0]["bytes"]), dtype=torch.uint8))',
+                f'rd = ray.data.read_parquet("<this folder>/{DATA_DIR}")', "```", ""]
+    mode = "pill" if manifest["image_shape"][0] == 1 else "pil"      # webdataset's "pil" converts to RGB
+    image = next((m for m in rows.tar_members if m not in ("cls", "json")), "png")
+    keys = f'"{image}", "cls"' if "cls" in rows.tar_members else f'"{image}", "json"'
+    return ["import datasets, webdataset as wds",
+            f'ds = datasets.load_dataset("<this folder>", split="{split}")   # {image}: PIL'
+            + (", cls: ClassLabel" if "cls" in rows.tar_members else ""),
+            f'wd = wds.WebDataset("<this folder>/{pattern}", shardshuffle=False).decode("{mode}")'
+            f".to_tuple({keys})", "```", ""]
 
 
 def dataset_card(manifest: dict, rows: RowLayout, source: Provenance | None = None) -> DatasetCard:
@@ -246,7 +257,7 @@ def dataset_card(manifest: dict, rows: RowLayout, source: Provenance | None = No
 def publish_dataset_card(storage: Storage, manifest: dict) -> str:
     """Write the job's card beside its manifest; returns its key. Whether rows carry labels, the latent width and
     a tar's members come from the first shard (a Parquet schema, or a tar's first sample)."""
-    key = JobKeys(manifest["prefix"]).card(manifest["format"])
+    key = JobKeys(manifest["prefix"]).card
     card = dataset_card(manifest, first_row_layout(storage, manifest), provenance(storage, manifest))
     storage.publish(key, str(card).encode())
     return key

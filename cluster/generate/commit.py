@@ -33,7 +33,16 @@ import numpy as np
 
 from cluster.generate.lease import JobLease
 from cluster.store.layout import OUTPUT_FORMAT_VERSION, JobKeys, receipt_name, shard_braces, shard_name
-from cluster.store.records import RECORD_ERRORS, CorruptRecord, as_object, fields, parse_record, read_record, sha256_hex
+from cluster.store.records import (
+    RECORD_ERRORS,
+    CorruptRecord,
+    OtherFormat,
+    as_object,
+    fields,
+    parse_record,
+    read_record,
+    sha256_hex,
+)
 from cluster.store.storage import Storage
 from vae_core import __version__
 from vae_core.config import to_dict
@@ -62,7 +71,7 @@ class ShardLedger:
     the largest jobs (bench/scale.py measures it)."""
 
     def __init__(self, plan: JobPlan) -> None:
-        self.format, self.num_shards = plan.spec.format, plan.num_shards
+        self.format, self.num_shards, self.split = plan.spec.format, plan.num_shards, plan.split
         self.done = np.zeros(plan.num_shards, bool)
         self.counts = np.zeros((plan.num_shards, 4), np.int64)        # rows, first_id, last_id (-1: none), bytes
         self.digests = np.zeros((plan.num_shards, 2, 32), np.uint8)   # sha256, pixels_sha256
@@ -95,7 +104,7 @@ class ShardLedger:
     def entry(self, index: int) -> dict:
         """Shard `index` as the manifest lists it."""
         rows, first_id, last_id, size = self.counts[index].tolist()
-        return {"name": shard_name(index, self.format, self.num_shards), "rows": rows, "first_id": first_id,
+        return {"name": shard_name(index, self.format, self.num_shards, self.split), "rows": rows, "first_id": first_id,
                 "last_id": None if last_id < 0 else last_id, "bytes": size,
                 "sha256": self.digests[index, 0].tobytes().hex(),
                 "pixels_sha256": self.digests[index, 1].tobytes().hex()}
@@ -204,10 +213,10 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 "config_sha256": plan.config_sha256,
                 "image_shape": list(plan.image_shape), "labels": list(plan.labels),
                 "output_format_version": OUTPUT_FORMAT_VERSION, "libraries": library_versions(),
-                "prefix": plan.prefix, "uri": storage.uri_of(plan.prefix),
+                "prefix": plan.prefix,
                 "totals": {"rows": ids, "shards": plan.num_shards, "bytes": records.total_bytes()},
                 "run": run, "created_at": time.time(), "label_names": list(plan.label_names),
-                "shard_pattern": shard_braces(plan.spec.format, plan.num_shards)}
+                "split": plan.split, "shard_pattern": shard_braces(plan.spec.format, plan.num_shards, plan.split)}
     body = io.BytesIO()
     body.write(json.dumps(manifest, indent=2)[:-2].encode() + b',\n  "shards": [')
     for index in range(plan.num_shards):
@@ -224,7 +233,7 @@ def commit(storage: Storage, plan: JobPlan, records: ShardLedger, run: dict) -> 
                 return {**committed, "run": run}           # another driver committed these very shards meanwhile
         storage.publish(plan.keys.manifest, body)
         from cluster.generate.card import publish_dataset_card  # huggingface_hub: not for readers of a job
-        publish_dataset_card(storage, json.loads(body))      # the card (layout.card_name), before _SUCCESS
+        publish_dataset_card(storage, json.loads(body))      # the card (README.md), before _SUCCESS
         storage.publish(plan.keys.success, success)
         if (storage.read_bytes(plan.keys.success) == success
                 and sha256_hex(storage.read_bytes(plan.keys.manifest)) == manifest_sha256):
@@ -292,17 +301,23 @@ def read_committed_manifest(storage: Storage, prefix: str) -> dict | None:
     if hashlib.sha256(body).hexdigest() != want:
         return None
     try:
-        json.loads(body)
+        record = json.loads(body)
     except ValueError:
         return None
-    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted.
-    return parse_record(body, storage.uri_of(manifest_key_), RERUN_JOB, _job_manifest)
+    # Committed: from here on, a manifest that is not what a commit writes is corrupt, not uncommitted. One of
+    # another output format is not repaired: the version is in the job id, so the same command makes a new job.
+    other_format = isinstance(record, dict) and record.get("output_format_version") != OUTPUT_FORMAT_VERSION
+    fix = "the same generate command makes the job anew, under a new id" if other_format else RERUN_JOB
+    return parse_record(body, storage.uri_of(manifest_key_), fix, _job_manifest)
 
 
 def _job_manifest(record) -> dict:
     """A job manifest with the fields readers use, of the kinds a commit writes them."""
     fields(record, {"job_id": str, "kind": str, "format": str, "model": str, "created_at": float,
-                    "totals": dict, "shards": list})
+                    "totals": dict, "shards": list, "output_format_version": int})
+    if record["output_format_version"] != OUTPUT_FORMAT_VERSION:
+        raise OtherFormat(f"output format {record['output_format_version']}; this vaegen reads "
+                          f"{OUTPUT_FORMAT_VERSION}")
     fields(record["totals"], {"shards": "count", "rows": "count"})
     for shard in record["shards"]:                 # the list's order is the shards' index
         fields(shard, {"name": str, "rows": "count"})

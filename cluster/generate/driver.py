@@ -3,8 +3,8 @@
 One job, as run_job runs it: plan_job (model, labels, input shards, job id) → take the job's lease → verify
 what is on storage (finished shards, a committed manifest) → if the job is committed and intact, return its
 manifest; else withdraw `_SUCCESS`, start DecoderWorkers for the missing shards (each builds, publishes and
-receipts whole shards under data/) → commit (`_manifest.json`, the dataset card: `_README.md` for Parquet,
-README.md for tars, then `_SUCCESS`) → release the lease.
+receipts whole shards under data/) → commit (`_manifest.json`, the dataset card README.md, then `_SUCCESS`) →
+release the lease.
 
 Several drivers of one job (a cron retry overlapping a slow run, a user rerunning it): the second one WAITS on
 the lease, then resumes as usual, which for a job the holder finished means: verify, and return the committed
@@ -35,7 +35,9 @@ from vae_core.use_configs import GenerateConfig
 def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSettings = RunSettings(),
             **changes) -> dict:
     """Plan, take the job's lease, resume, run the missing shards on DecoderWorker actors, commit; returns the
-    manifest. `changes` are RunSettings fields to change (run_job(spec, cfg, workers=4))."""
+    manifest, with this run's answers added: `run` (how it went) and `uri` (where the job is now: records name
+    no location, so a copied root reports its own). `changes` are RunSettings fields to change
+    (run_job(spec, cfg, workers=4))."""
     settings = dataclasses.replace(settings, **changes) if changes else settings
     lease_ttl()                                  # a bad $VAEGEN_LEASE_TTL_S is refused before any work
     started = time.perf_counter()
@@ -43,7 +45,8 @@ def run_job(spec: GenerateConfig, storage_cfg: StorageConfig, settings: RunSetti
     plan = plan_job(spec, storage)
     planned = time.perf_counter()
     with job_lease(storage, plan):
-        return run_leased(plan, storage, storage_cfg, settings, (started, planned))
+        manifest = run_leased(plan, storage, storage_cfg, settings, (started, planned))
+    return {**manifest, "uri": storage.uri_of(plan.prefix)}
 
 
 def run_leased(plan: JobPlan, storage: Storage, storage_cfg: StorageConfig, settings: RunSettings,

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from cluster.data.datasets import read_manifest, split_shards
 from cluster.generate.writers import PARQUET_MAX_IMAGE_BYTES, image_encoder, parquet_image_bytes
-from cluster.store.layout import OUTPUT_FORMAT_VERSION, JobKeys, dataset_manifest_key, job_id, job_prefix, shard_name
+from cluster.store.layout import (
+    OUTPUT_FORMAT_VERSION,
+    JobKeys,
+    dataset_manifest_key,
+    job_id,
+    job_prefix,
+    job_split,
+    shard_name,
+)
 from cluster.store.records import sha256_hex
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage
@@ -55,8 +63,12 @@ class JobPlan:
     def keys(self) -> JobKeys:
         return JobKeys(self.prefix)
 
+    @property
+    def split(self) -> str:
+        return job_split(self.spec.kind, self.spec.split)
+
     def shard_name(self, index: int) -> str:
-        return shard_name(index, self.spec.format, self.num_shards)
+        return shard_name(index, self.spec.format, self.num_shards, self.split)
 
     def shard_key(self, index: int) -> str:
         return self.keys.shard(self.shard_name(index))

@@ -36,6 +36,21 @@ from vae_core.images import to_uint8
 from vae_core.models import VAE
 
 
+def uint8_pixels(images: torch.Tensor) -> np.ndarray:
+    """The decoder's floats as uint8 pixels, exactly vae_core.images.to_uint8's: on a GPU there (one byte per pixel
+    crosses to the host), on the CPU with NumPy in place on the decoder's own output, which it no longer needs,
+    since torch's float-to-uint8 cast is the slowest pass of the conversion there. Same order of operations
+    (scale, round half to even, clamp to [0, 255]) gives the same bytes as clamping first."""
+    if images.device.type != "cpu":
+        return to_uint8(images)
+    values = images.detach().numpy()
+    values *= np.float32(255)
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    with np.errstate(invalid="ignore"):                 # NaN casts to 0, as torch's cast gives
+        return values.astype(np.uint8)
+
+
 def shard_seed(seed: int, index: int) -> int:
     """A per-shard generator seed from (job seed, shard index) alone: never from the worker."""
     return int.from_bytes(hashlib.sha256(f"vaegen:{seed}:{index}".encode()).digest()[:8], "big") >> 1
@@ -85,7 +100,7 @@ class ShardMaker:
                 z_part, y_part = z[part].to(self.device), None if y_all is None else y_all[part]
                 images = (self.model.generate(z_part, y_part) if self.plan.spec.pixels == "mean"
                           else self.model.sample_images(z_part, y_part, gen))
-                yield DecodedBatch(ids[part], y, z[part].numpy(), to_uint8(images))
+                yield DecodedBatch(ids[part], y, z[part].numpy(), uint8_pixels(images))
         else:
             ids, labels, pixels = self.read_input(task)
             for start in range(0, len(ids), size):
@@ -94,7 +109,7 @@ class ShardMaker:
                 x = torch.from_numpy(pixels[part]).float().div_(255.0).to(self.device)     # (B, C, H, W)
                 y = torch.from_numpy(labels[part]) if self.model.cfg.conditional else None
                 recon, mu = self.model.reconstruct(x, y)
-                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), to_uint8(recon))
+                yield DecodedBatch(ids[part], labels[part], mu.cpu().numpy(), uint8_pixels(recon))
 
     def decode(self, task: ShardTask) -> list[DecodedBatch]:
         """The whole shard decoded, holding the device lock: the only part of a shard that uses the device."""
@@ -117,12 +132,18 @@ class ShardMaker:
         while decoded:
             batch = decoded.pop(0)                      # handed on: the writer holds what it keeps
             self.enter(index, "encode")
+            # The pixels' digest is the one check of a shard's samples that does not depend on its format: a
+            # reader (or a test) decodes any lossless shard and compares, so two formats or two runs of one
+            # spec are shown to hold the same images. Taken here, once, on the uint8 rows the writer receives.
             pixels.update(np.ascontiguousarray(batch.images).data)
             writer.write(batch)
             rows, last_id = rows + len(batch), int(batch.ids[-1])
         data = writer.close()
         if rows != task.rows:
             raise RuntimeError(f"shard {index}: built {rows} rows, planned {task.rows}")
+        # The shard's digest is what exactly-once rests on: the receipt names it, the commit checks every
+        # shard's object against it, and an existing object with another digest is replaced. One pass, here,
+        # over the bytes about to be published; never a read-back of a shard this worker built.
         record = {"index": index, "name": plan.shard_name(index), "rows": rows,
                   "first_id": task.first_id, "last_id": last_id, "bytes": len(data), "sha256": sha256_hex(data),
                   "pixels_sha256": pixels.hexdigest()}
@@ -136,6 +157,9 @@ class ShardMaker:
             data, record = self.build(index)
             self.enter(index, "publish")
             key = self.plan.shard_key(index)
+            # Publish fsyncs the file and its folder (Storage.publish): a shard whose receipt exists must
+            # survive a power loss whole, or a committed job could name a shard that is gone or torn. The
+            # receipt is published after the shard, so a receipt never names a shard not yet durable.
             published = self.storage.publish(key, data, if_absent=True)
             if not published and sha256_hex(self.storage.read_bytes(key)) != record["sha256"]:
                 self.storage.publish(key, data)            # a corrupt leftover: our bytes are the right ones

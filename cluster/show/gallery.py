@@ -1,7 +1,7 @@
-"""`vaegen show`: one static gallery.html beside a job's shards (or a model version's files). Every image is
-inline (a data: URI), so the file opens anywhere with no server and no network. A job without _SUCCESS is
-shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The page's pieces are in
-html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in model_page.py."""
+"""`vaegen show`: one static _gallery.html (layout.GALLERY) beside a job's shards (or a model version's
+files). Every image is inline (a data: URI), so the file opens anywhere with no server and no network. A job
+without _SUCCESS is shown too, marked PARTIAL (or FAILED), from the shards its receipts list. The page's pieces
+are in html.py, the model's part (metrics, settings, plots, per-epoch grids, evaluation) in model_page.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +42,7 @@ GALLERY_SEED = 0
 
 @dataclass
 class GalleryResult:
-    location: str           # where gallery.html was written (path or s3:// URI)
+    location: str           # where _gallery.html was written (path or s3:// URI)
     title: str
     summary: str
     partial: bool
@@ -50,7 +50,7 @@ class GalleryResult:
 
 # -- finding the target ---------------------------------------------------------------------------------------
 # A target given as a path: everything after the root's outputs/ or models/ folder must be names (check_name),
-# so `R/outputs/../../elsewhere` is refused instead of writing gallery.html outside R.
+# so `R/outputs/../../elsewhere` is refused instead of writing _gallery.html outside R.
 JOB_PATH = re.compile(rf"(?:(?P<root>.*)/)?{OUTPUTS}/(?P<job>[^/]+)")
 MODEL_PATH = re.compile(r"(?:(?P<root>.*)/)?models/(?P<name>[^/]+)(?:/(?P<version>[^/]+))?")
 TARGET_FORMS = (f"<root>/{OUTPUTS}/<job-id>, <root>/models/<name>[/<version>], "
@@ -110,7 +110,7 @@ def out_storage(out: str) -> tuple[Storage, str]:
 
 def write_gallery(target: str, storage_cfg: StorageConfig, *, per_class: int | None = None,
                   out: str | None = None) -> GalleryResult:
-    """Write gallery.html beside the job's shards or the model version's files (or to the local path `out`).
+    """Write _gallery.html beside the job's shards or the model version's files (or to the local path `out`).
     per_class: tiles per class on a contact sheet (None: PER_CLASS, or UNLABELLED for a job without labels)."""
     storage, kind, name = resolve_target(target, storage_cfg)
     destination = out_storage(out) if out else None
@@ -174,9 +174,8 @@ def job_page(storage: Storage, status: JobStatus, per_class: int | None) -> tupl
              ("Shards", f"{len(shards)} of {planned}", len(shards)), ("Rows", f"{rows_done:,}", rows_done)]
     if manifest:
         spec = manifest["spec"]
-        root_uri = manifest["uri"][: -len(manifest["prefix"])].rstrip("/") or "."
         items += [("Bytes", f"{manifest['totals']['bytes']:,}", None), ("Seed", str(spec["seed"]), None),
-                  ("Command", reproduce_command(manifest, root_uri), None)]
+                  ("Command", reproduce_command(manifest), None)]
     body += ["<h2>summary</h2>", facts(items)]
     if isinstance(manifest.get("spec"), dict):
         body += ['<h3 id="job-settings">settings</h3>', settings_table(GenerateConfig, manifest["spec"], "job-spec")]

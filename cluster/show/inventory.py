@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from cluster.data.datasets import read_manifest
 from cluster.generate.commit import RERUN_JOB, read_committed_manifest, uncommitted_reason
 from cluster.store.layout import OUTPUTS, JobKeys, dataset_manifest_key, job_prefix
+from cluster.store.name_binding import binding_of_config
 from cluster.store.records import RECORD_ERRORS, CorruptRecord, fields, problem_of, read_record
 from cluster.store.registry import ModelRef, Registry
 from cluster.store.storage import Storage
@@ -165,6 +166,9 @@ class ModelVersionInfo:
     champion: bool
     test_loss: float | None           # from metrics.json, when the version has one
     problem: str = ""                 # the one-line error of an unreadable champion.json, config.json or metrics.json
+    dataset: str | None = None        # config.json: what it was trained on (a name holds one dataset and shape)
+    image_shape: tuple[int, ...] | None = None
+    nll: float | None = None          # metrics.json's evaluation (`vaegen evaluate`), when the version has one
 
 
 def champion_version(registry: Registry, name: str) -> str | None:
@@ -191,12 +195,18 @@ def list_models(storage: Storage) -> list[ModelVersionInfo]:
         except VaegenError as e:
             champion, champion_problem = None, relative(storage, e)
         for version in registry.versions(name):
-            problem, test_loss = champion_problem, None
+            info = ModelVersionInfo(name, version, version == champion, None, champion_problem)
             try:
-                registry.config(ModelRef(name, version))          # a version whose config is corrupt is marked
-                test_loss = (read_metrics(registry, name, version) or {}).get("test_loss")
-                test_loss = float(test_loss) if isinstance(test_loss, (int, float)) else None
+                bound = binding_of_config(registry.config(ModelRef(name, version)))   # a corrupt config is marked
+                info.dataset, info.image_shape = bound.dataset, bound.image_shape
+                metrics = read_metrics(registry, name, version) or {}
+                info.test_loss = number(metrics.get("test_loss"))
+                info.nll = number((metrics.get("evaluation") or {}).get("nll"))
             except VaegenError as e:
-                problem = "; ".join(filter(None, (problem, relative(storage, e))))
-            found.append(ModelVersionInfo(name, version, version == champion, test_loss, problem))
+                info.problem = "; ".join(filter(None, (info.problem, relative(storage, e))))
+            found.append(info)
     return found
+
+
+def number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

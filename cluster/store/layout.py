@@ -1,22 +1,25 @@
 """Where a generation job's files live under a storage root, and what they are called: the one definition that the
 generation driver, its workers, `vaegen ls` (inventory), `vaegen show` (gallery) and the dataset card share.
 
-    outputs/<job-id>/data/train-00000-of-00004.parquet | .tar   shards, in id order (Hugging Face's data-file
-                                                                 convention: `datasets` finds them unaided)
-                     _receipts/train-00000-of-00004.parquet.json one per shard, written after its shard
+    outputs/<job-id>/data/<split>-00000-of-00004.parquet | .tar   shards, in id order (Hugging Face's data-file
+                                                                   convention: `datasets` finds them unaided)
+                     _receipts/<split>-00000-of-00004.parquet.json one per shard, written after its shard
                      _lease.json                   which driver works on the job now (cluster/generate/lease.py)
                      _run.json                     how the last run went (running, shards-done, failed, ...)
                      _manifest.json                every shard with its checksums, the spec, the model
-                     README.md (tar) | _README.md (Parquet)   the Hugging Face dataset card
+                     README.md                     the Hugging Face dataset card, in every format
                      _SUCCESS                      written last: {"manifest_sha256": ...}; the commit
                      _gallery.html                 `vaegen show`'s page, when asked for
 
-Only the shards are named without a leading `_`: pyarrow's dataset discovery (pandas.read_parquet, Ray Data,
-pyarrow.dataset) skips names starting with `_` or `.`, so `pandas.read_parquet(<job folder>)` reads the data and
-nothing else. That is why a Parquet job's card is `_README.md`: a README.md there breaks every such reader, and
-`datasets` takes a Parquet job's features (Image, ClassLabel names) from the files' own metadata. A tar job's card
-stays README.md, where `datasets` reads the features it cannot find in a tar (class names); no pyarrow reader
-reads a tar job's folder. Copy `_README.md` to README.md when uploading a Parquet job to the Hub.
+A job is one split, named for what it holds: `train` for samples, the reconstructed split's own name for
+reconstructions (`test` reconstructed is `data/test-…`, split `test` in the card).
+
+The card is README.md wherever the job is, so the folder uploaded to the Hub as it is has its card, and `datasets`
+reads the features the card declares (class names; for tars, what a tar cannot say). Readers built on pyarrow's
+dataset discovery (pandas.read_parquet, pyarrow.dataset) read the `data/` folder, which holds the shards alone:
+they take every file of a folder they are given, and a README.md is not Parquet. Every other name vaegen writes
+beside the data starts with `_`, which that discovery skips; `vaegen show`'s page is `_gallery.html` wherever it
+is written (a job's folder or a model version's).
 
 Nothing here touches storage: these are names and keys only."""
 from __future__ import annotations
@@ -26,7 +29,10 @@ from dataclasses import dataclass
 
 from vae_core.use_configs import KINDS
 
-OUTPUT_FORMAT_VERSION = 6       # bump when a change alters shard bytes: it is hashed into every job id
+# Bump when a change alters shard bytes or a job's names or records: it is hashed into every job id, and a manifest
+# of another version is refused. 7: the manifest names no absolute location (a copied root stays right); the card
+# is README.md in every format; shards are named for the job's split.
+OUTPUT_FORMAT_VERSION = 7
 DATASETS = "datasets"
 OUTPUTS = "outputs"
 MANIFEST = "_manifest.json"
@@ -34,13 +40,11 @@ SUCCESS = "_SUCCESS"
 RECEIPTS = "_receipts"
 RUN_RECORD = "_run.json"
 LEASE = "_lease.json"
-CARD = "README.md"
-HIDDEN_CARD = "_README.md"              # a Parquet job's card (see above)
-GALLERY = "gallery.html"                # a model version's page
-JOB_GALLERY = "_gallery.html"           # a job's page: beside the data, never read as data
+CARD = "README.md"                      # in every job (see above)
+GALLERY = "_gallery.html"               # `vaegen show`'s page, for a job and a model version alike
 
 DATA_DIR = "data"
-SPLIT = "train"                         # every job is one split
+SAMPLES_SPLIT = "train"                 # every job is one split: samples are `train`, reconstructions their split's
 SHARD_EXTENSIONS = {"parquet": "parquet", "png": "tar", "jpeg": "tar"}      # output format -> file extension
 JOB_ID_DIGITS = 16                                          # hex digits of the spec's hash in a job id
 JOB_ID = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9a-f]+")          # what job_id() names
@@ -64,31 +68,36 @@ def job_prefix(job_id: str) -> str:
     return f"{OUTPUTS}/{job_id}"
 
 
+def job_split(kind: str, split: str) -> str:
+    """The split a job is, in its shards' names and its card: samples are `train`; reconstructions are named for
+    the split they reconstruct (`split`, the spec's), as a name `datasets` takes for a split (word characters:
+    a `-` or `.` of a vaegen name becomes `_`)."""
+    return re.sub(r"\W", "_", split) if kind == "reconstructions" else SAMPLES_SPLIT
+
+
+SHARD_INDEX = re.compile(r"-(\d+)-of-\d+\.[a-z]+$")
+
+
 def shard_index(name: str) -> int:
     """The index in a shard's name (shard_name's inverse)."""
-    return int(name.rsplit("/", 1)[-1].removeprefix(f"{SPLIT}-").split("-", 1)[0])
+    return int(SHARD_INDEX.search(name).group(1))
 
 
-def shard_name(index: int, fmt: str, num_shards: int) -> str:
+def shard_name(index: int, fmt: str, num_shards: int, split: str) -> str:
     """data/train-00007-of-00010.parquet (.tar): Hugging Face's data-file name, zero-padded so that a listing is
-    in id order."""
-    return f"{DATA_DIR}/{SPLIT}-{index:05d}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
+    in id order; `split` is the job's (job_split)."""
+    return f"{DATA_DIR}/{split}-{index:05d}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
 
 
-def shard_glob(fmt: str) -> str:
+def shard_glob(fmt: str, split: str) -> str:
     """Every shard of a job in `fmt`, as a glob relative to the job folder (the dataset card's data_files)."""
-    return f"{DATA_DIR}/{SPLIT}-*.{SHARD_EXTENSIONS[fmt]}"
+    return f"{DATA_DIR}/{split}-*.{SHARD_EXTENSIONS[fmt]}"
 
 
-def shard_braces(fmt: str, num_shards: int) -> str:
+def shard_braces(fmt: str, num_shards: int, split: str) -> str:
     """All shard names as one brace pattern relative to the job folder, e.g.
     data/train-{00000..00003}-of-00004.tar (webdataset expands it)."""
-    return f"{DATA_DIR}/{SPLIT}-{{{0:05d}..{num_shards - 1:05d}}}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
-
-
-def card_name(fmt: str) -> str:
-    """The dataset card's name in a job of `fmt` (README.md, or _README.md for Parquet: see above)."""
-    return HIDDEN_CARD if SHARD_EXTENSIONS[fmt] == "parquet" else CARD
+    return f"{DATA_DIR}/{split}-{{{0:05d}..{num_shards - 1:05d}}}-of-{num_shards:05d}.{SHARD_EXTENSIONS[fmt]}"
 
 
 def receipt_name(shard: str) -> str:
@@ -138,9 +147,10 @@ class JobKeys:
     def data(self) -> str:
         return self.key(DATA_DIR)
 
-    def card(self, fmt: str) -> str:
-        return self.key(card_name(fmt))
+    @property
+    def card(self) -> str:
+        return self.key(CARD)
 
     @property
     def gallery(self) -> str:
-        return self.key(JOB_GALLERY)
+        return self.key(GALLERY)

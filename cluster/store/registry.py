@@ -9,6 +9,9 @@ it reserves `runs/<run-id>.json` (create-if-absent) naming the version, and a re
 crash anywhere in between) finds that reservation and finishes or returns the same version, never a second one.
 A crash between the claim and the reservation leaves only an unused, invisible number.
 
+A name is bound to one dataset and image shape (`models/<name>/dataset.json`, cluster/store/name_binding.py),
+written by its first publish before any claim: a version of other data under the same name is refused.
+
 The first version of a name becomes its champion when it is published (unless its recorded score is not a finite
 number), recorded as a decision like a retrain's promotion and set with the same compare-and-swap; from then on
 only `vaegen retrain` changes the champion. A bare name means the champion, and a name without one is an error
@@ -25,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cluster.store.name_binding import bind, binding_of_config
 from cluster.store.records import RECORD_ERRORS, CorruptRecord, FieldError, fields, read_record
 from cluster.store.storage import Storage
 from vae_core.config import ModelConfig
@@ -89,12 +93,14 @@ def config_record(record) -> dict:
     """A version's config.json, as far as readers (ls, show) look into it."""
     fields(record, {"model": dict}, CONFIG_OPTIONAL)
     fields(record["model"], {}, MODEL_OPTIONAL)
+    fields(record.get("train_job", {}), {}, {"dataset": str})        # what `ls` shows a version was trained on
     return record
 
 
 def metrics_record(record) -> dict:
     """A version's metrics.json: the scores ls, show and retrain read, and each epoch the curves draw."""
     fields(record, {}, METRICS_OPTIONAL)
+    fields(record.get("evaluation", {}), {}, {"nll": "loss"})         # `vaegen evaluate`'s, shown by `ls`
     for epoch in record.get("history", []):
         fields(epoch, EPOCH_FIELDS)
     return record
@@ -154,10 +160,12 @@ class Registry:
 
     def publish(self, name: str, files: Mapping[str, bytes], *, run_id: str | None = None) -> ModelRef:
         """Claim the next free version number, write every file, config.json last. With `run_id`, the run's
-        version: the one it published (or began to publish) before, else a new one reserved for it."""
+        version: the one it published (or began to publish) before, else a new one reserved for it. The name must
+        be bound to the dataset and image shape config.json names (name_binding.py), or be new."""
         if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
             raise ValueError("a model version needs config.json and the weights")
         check_name(name, "--name")
+        bind(self.storage, name, binding_of_config(json.loads(files[CONFIG_FILE])))   # before any claim
         if run_id is None:
             return self._crowned_if_first(self._write_version(name, self._claim_next(name, None), files), files)
         check_name(run_id, "--run-id")

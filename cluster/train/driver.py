@@ -10,6 +10,7 @@ import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
 from cluster.runtime.placement import sized_training
+from cluster.store.name_binding import Binding, check_binding
 from cluster.store.storage import open_storage
 from cluster.train.in_process import fit_in_process
 from cluster.train.on_ray import check_ray_job, fit_on_ray
@@ -30,14 +31,17 @@ from vae_core.config import TrainJobConfig
 
 def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bool = True,
                 initial_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
-    """Train `job` and publish it as a model version. job.run_id names the run (a new id if empty): the same id
-    resumes it from its last checkpoint, and a finished run returns its published version. `address` joins a
+    """Train `job` and publish it as a model version. job.run_id names the run (if empty, an id derived from the
+    settings, the dataset generation and the seed): the same id resumes it from its last checkpoint, and a
+    finished run returns its published version (TrainResult.already_trained). `address` joins a
     Ray cluster (Ray backend only); `initial_state` is a warm start (e.g. the champion's weights)."""
     started = time.time()
-    job = sized_training(with_run_id(job), address)            # --workers auto: numbers before anything records them
+    job = sized_training(job, address)            # --workers auto: numbers before anything records them
     storage = open_storage(job.storage, for_writing=True)
     manifest = read_manifest(storage, job.dataset)
     job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
+    check_binding(storage, job.name, Binding(job.dataset, job.model.image_shape))   # other data: another name
+    job = with_run_id(job, manifest, initial_state)            # the same command on the same data: the same run
     if job.ray is not None:
         check_ray_job(job, manifest)
     if run_started(storage, job):                 # a rerun: the same settings, and maybe finished already

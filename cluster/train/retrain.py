@@ -29,7 +29,7 @@ from cluster.store.registry import (
 )
 from cluster.store.storage import open_storage
 from cluster.train.driver import train_model
-from cluster.train.runs import manifest_digest, to_image_set
+from cluster.train.runs import fresh_run_id, job_settings, manifest_digest, to_image_set
 from vae_core import __version__
 from vae_core.config import RetrainConfig, TrainConfig, TrainJobConfig, to_dict
 from vae_core.errors import VaegenError
@@ -52,8 +52,9 @@ class RetrainOutcome:
 
 def train_challenger(job: TrainJobConfig, initial_state: dict | None, address: str | None,
                      progress: bool) -> ModelRef:
-    """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says."""
-    return train_model(job, address=address, progress=progress, initial_state=initial_state).ref
+    """The challenger, trained by the one entry point: in this process or on Ray Train, as job.ray says. Without
+    --run-id a run id of its own: each retrain (a scheduled one on unchanged data too) trains a new challenger."""
+    return train_model(fresh_run_id(job), address=address, progress=progress, initial_state=initial_state).ref
 
 
 def score(model: VAE, images, cfg: RetrainConfig) -> float:
@@ -118,7 +119,7 @@ def retrain(cfg: RetrainConfig, *, address: str | None = None, progress: bool = 
         "challenger": {"version": challenger_ref.version, "metric": json_number(challenger_metric),
                        "warm_started_from": champion if initial is not None else None},
         "dataset": job.dataset, "dataset_manifest_sha256": manifest_digest(manifest),
-        "train_job": to_dict(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+        "train_job": job_settings(job), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
         "run_id": run_id, "host": socket.gethostname(), "vaegen_version": __version__,
     }
     record_key = record_decision(registry, job.name, record, run_id, at)     # raises → nothing promoted

@@ -1,6 +1,9 @@
 """A training run on storage, whatever the backend: its id, its settings (_job.json), the model version it
 became (_published.json), the data and initial weights it starts from, its summary and its publish.
 
+A run's id, unless given, is derived from the settings it pins, the dataset generation and the seed
+(with_run_id): the same `vaegen train` twice is one run, never two versions of the same weights.
+
 train-runs/<run-id>/ holds _job.json (the settings the run started with: a rerun with the same id must ask for
 the same training), the backend's checkpoints, and _published.json once a version is published. The publish
 names the run (Registry.publish's run reservation), so a driver that stopped after publishing but before
@@ -40,6 +43,8 @@ from vae_core.train import (
 RUNS_DIR = "train-runs"
 JOB_FILE = "_job.json"
 PUBLISHED_FILE = "_published.json"
+# _job.json's layout: bumped when its fields change (2: no storage section, so a copied root names no old place).
+RUN_LAYOUT = "vaegen-run-2"
 
 
 @dataclass
@@ -47,10 +52,22 @@ class TrainResult:
     ref: ModelRef
     history: list[EpochMetrics]
     summary: dict
+    already_trained: bool = False      # the run had published before: this call trained nothing
 
 
-def with_run_id(job: TrainJobConfig) -> TrainJobConfig:
-    """The job with its run id, a new one if it has none (a valid name for any model name)."""
+def with_run_id(job: TrainJobConfig, manifest: dict, initial_state: dict[str, torch.Tensor] | None) -> TrainJobConfig:
+    """The job with its run id: one derived from what it trains (every setting _job.json pins, the warm start, the
+    seed among them) and the dataset generation it reads, when it has none. The same command on the same data is
+    then the same run: rerun, it resumes from its checkpoint or returns the version it published."""
+    if job.run_id:
+        return job
+    pinned = {"job": job_record(job, initial_state), "dataset_generation": manifest["generation"]}
+    digest = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+    return replace(job, run_id=f"{job.name[:100]}-{digest[:16]}")
+
+
+def fresh_run_id(job: TrainJobConfig) -> TrainJobConfig:
+    """The job with a run id of its own when it has none: a scheduled retrain trains a new challenger each time."""
     if job.run_id:
         return job
     return replace(job, run_id=f"{job.name[:100]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
@@ -60,12 +77,20 @@ def run_key(job: TrainJobConfig) -> str:
     return f"{RUNS_DIR}/{job.run_id}"
 
 
+def job_settings(job: TrainJobConfig) -> dict:
+    """The training job as records under the root keep it (_job.json, config.json, decision records): every
+    setting but the storage's, since where the root is, is not what the run is, and a root copied or synced
+    elsewhere must not name the place it was written in."""
+    return {k: v for k, v in to_dict(job).items() if k != "storage"}
+
+
 def job_record(job: TrainJobConfig, initial_state: dict[str, torch.Tensor] | None) -> dict:
-    """What _job.json pins: every setting that changes the weights (Ray's restart and retention counts do not),
-    and the warm start's weights, if any."""
+    """What _job.json pins: every setting that changes the weights (Ray's restart and retention counts do not,
+    nor where the root is or how S3 is reached), and the warm start's weights, if any."""
     ray = None if job.ray is None else replace(job.ray, max_failures=0, checkpoints_to_keep=1)
-    record = json.loads(json.dumps(to_dict(replace(job, ray=ray))))       # tuples as lists, as JSON gives them back
+    record = json.loads(json.dumps(job_settings(replace(job, ray=ray))))  # tuples as lists, as JSON gives them back
     record["warm_start_sha256"] = None if initial_state is None else state_digest(initial_state)
+    record["layout"] = RUN_LAYOUT
     return record
 
 
@@ -80,9 +105,8 @@ def claim_run(storage: Storage, job: TrainJobConfig, initial_state: dict[str, to
     if storage.publish(key, json.dumps(mine, sort_keys=True).encode(), if_absent=True):
         return
     theirs = json.loads(storage.read_bytes(key))
-    if "run_id" not in theirs or "warm_start_sha256" not in theirs:
-        # A _job.json without these keys was written by a vaegen whose workers drew their random numbers by
-        # another scheme: its checkpoints would resume into a different run than the one they began.
+    if not isinstance(theirs, dict) or theirs.get("layout") != RUN_LAYOUT:
+        # An earlier vaegen's run: its checkpoints would resume into a different run than the one they began.
         raise VaegenError(f"run {job.run_id!r} was started by an earlier vaegen whose checkpoints this one cannot "
                           "resume; use a new --run-id")
     diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
@@ -105,13 +129,13 @@ def finished_run(storage: Storage, job: TrainJobConfig) -> TrainResult | None:
     if storage.exists(f"{run}/{PUBLISHED_FILE}"):
         done = json.loads(storage.read_bytes(f"{run}/{PUBLISHED_FILE}"))
         return TrainResult(ModelRef(done["name"], done["version"]), [EpochMetrics(**m) for m in done["history"]],
-                           done["summary"])
+                           done["summary"], already_trained=True)
     registry = Registry(storage)
     version = registry.published_by(job.name, job.run_id)
     if version is not None and registry.is_complete(job.name, version):     # published, then stopped
         metrics = registry.metrics(ModelRef(job.name, version))
         result = TrainResult(ModelRef(job.name, version), [EpochMetrics(**m) for m in metrics.get("history", [])],
-                             {k: v for k, v in metrics.items() if k != "history"})
+                             {k: v for k, v in metrics.items() if k != "history"}, already_trained=True)
         record_published(storage, job, result)
         return result
     return None
@@ -185,7 +209,7 @@ def publish_trained_model(storage: Storage, job: TrainJobConfig, manifest: dict,
     summary = {**summary, **score_on_test_split(storage, job, manifest, model)}
     files = model_version_files(
         model, history, summary=summary,
-        config_extra={"train_job": to_dict(job), "dataset_manifest_sha256": manifest_digest(manifest)},
+        config_extra={"train_job": job_settings(job), "dataset_manifest_sha256": manifest_digest(manifest)},
         val_images=val_set.images, val_labels=val_set.labels)
     files.update(epoch_sample_files(storage, run_key(job)))       # samples/sample_N.png, one per epoch
     ref = Registry(storage).publish(job.name, files, run_id=job.run_id)

@@ -7,6 +7,7 @@ it runs up to the network (parsed, its --model pinned against the root) and must
 tests/runtime/test_submit.py runs submit against a real head."""
 from __future__ import annotations
 
+import io
 import re
 import shlex
 from pathlib import Path
@@ -59,6 +60,31 @@ def make_image_folder(folder: Path) -> None:
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / label / f"{i}.png")
 
 
+def make_sources(folder: Path) -> None:
+    """The other inputs the usage block ingests, each written by its own library: a Hugging Face Hub layout
+    (datasets), WebDataset tars (webdataset.ShardWriter) and a Parquet file of PNG bytes (pyarrow)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(8)]
+    hub = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(8)]}).cast_column(
+        "image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=["even", "odd"]))
+    hub.to_parquet(str(folder / "my-hf-dataset" / "data" / "train-00000-of-00001.parquet"))
+    hub.select(range(2)).to_parquet(str(folder / "my-hf-dataset" / "data" / "test-00000-of-00001.parquet"))
+    (folder / "my-shards").mkdir()
+    with wds.ShardWriter(str(folder / "my-shards" / "shard-%04d.tar"), maxcount=4, verbose=0) as sink:
+        for i, image in enumerate(images):
+            sink.write({"__key__": f"s{i:03d}", "png": np.asarray(image), "cls": i % 2})
+    pngs = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    pq.write_table(pa.table({"image": pngs}), folder / "my-table.parquet")
+
+
 @pytest.mark.slow              # thirteen commands: all of Fashion-MNIST ingested, Ray Train, the test split reconstructed
 def test_every_command_in_the_readme_usage_block_runs(tmp_path, monkeypatch, capsys, ray_local):
     commands = usage_block()
@@ -68,6 +94,7 @@ def test_every_command_in_the_readme_usage_block_runs(tmp_path, monkeypatch, cap
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BROWSER", "true")                  # `show --open` must not start a real browser here
     make_image_folder(tmp_path / "my-images")
+    make_sources(tmp_path)
     root = tmp_path / "vaegen-data"
 
     ran_pipeline_model = False

@@ -120,7 +120,9 @@ def test_hugging_face_datasets_loads_every_job_folder(jobs, small_fashion, case)
     cfg, _, made = jobs
     fmt, kind, model = case
     input_labels = small_fashion[1][1][:ROWS]
-    ds = datasets.load_dataset(job_dir(cfg, made[case]), split="train")
+    split = made[case]["split"]
+    assert split == ("test" if kind == "reconstructions" else "train")      # reconstructions of the test split
+    ds = datasets.load_dataset(job_dir(cfg, made[case]), split=split)
     assert ds.num_rows == ROWS
     label_column = "label" if fmt == "parquet" else "cls"
     assert (label_column in ds.features) == labelled(kind, model)

@@ -43,7 +43,7 @@ def test_every_id_once_and_manifest_matches_the_objects(ray_local, storage_confi
     publish_tiny_model(storage)
     manifest = run_generation(samples(), storage_config, workers=2, progress=False)
 
-    assert [s["name"] for s in manifest["shards"]] == [shard_name(i, "parquet", 4) for i in range(4)]
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(i, "parquet", 4, "train") for i in range(4)]
     assert [s["rows"] for s in manifest["shards"]] == [16, 16, 16, 2]
     objects = shard_objects(storage, manifest)
     assert {k: sha256_hex(v) for k, v in objects.items()} == {s["name"]: s["sha256"] for s in manifest["shards"]}
@@ -105,7 +105,7 @@ def test_corrupt_and_truncated_shards_are_rewritten_on_resume(ray_local, request
     first = run_generation(samples(), storage_config, workers=2, progress=False)
     good = shard_objects(storage, first)
     prefix, keys = first["prefix"], JobKeys(first["prefix"])
-    one, two, three = (shard_name(i, "parquet", 4) for i in (1, 2, 3))
+    one, two, three = (shard_name(i, "parquet", 4, "train") for i in (1, 2, 3))
     storage.publish(keys.shard(one), good[one][:100])                                          # truncated
     flipped = bytearray(good[two])
     flipped[len(flipped) // 2] ^= 0xFF                                                         # same size

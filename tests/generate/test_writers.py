@@ -21,7 +21,16 @@ from cluster.generate.writers import (
     tar_member_count,
 )
 from cluster.generate.writers.parquet import IMAGE_TYPE, decode_image_column, png_images
-from cluster.store.layout import JobKeys, receipt_name, shard_braces, shard_glob, shard_index, shard_name
+from cluster.store.layout import (
+    DATA_DIR,
+    JobKeys,
+    job_split,
+    receipt_name,
+    shard_braces,
+    shard_glob,
+    shard_index,
+    shard_name,
+)
 
 INFO = ShardInfo(index=3, seed=12345, model="tiny@v0001", weights_sha256="ab" * 32, job_id="samples-0123")
 
@@ -93,25 +102,33 @@ def test_an_empty_shard_is_refused(fmt):
 
 
 def test_shard_names_come_from_one_place():
-    assert shard_name(7, "parquet", 10) == "data/train-00007-of-00010.parquet"
-    assert shard_name(7, "png", 10) == "data/train-00007-of-00010.tar"
-    assert shard_index(shard_name(12345, "png", 20000)) == 12345
-    assert shard_braces("png", 4) == "data/train-{00000..00003}-of-00004.tar"
-    assert shard_braces("parquet", 1) == "data/train-{00000..00000}-of-00001.parquet"
-    assert fnmatch.fnmatch(shard_name(3, "parquet", 4), shard_glob("parquet")) and not fnmatch.fnmatch(
-        shard_name(3, "png", 4), shard_glob("parquet"))
-    assert receipt_name(shard_name(3, "parquet", 4)) == "_receipts/train-00003-of-00004.parquet.json"
+    assert shard_name(7, "parquet", 10, "train") == "data/train-00007-of-00010.parquet"
+    assert shard_name(7, "png", 10, "train") == "data/train-00007-of-00010.tar"
+    assert shard_index(shard_name(12345, "png", 20000, "train")) == 12345
+    assert shard_braces("png", 4, "train") == "data/train-{00000..00003}-of-00004.tar"
+    assert shard_braces("parquet", 1, "test") == "data/test-{00000..00000}-of-00001.parquet"
+    assert fnmatch.fnmatch(shard_name(3, "parquet", 4, "train"), shard_glob("parquet", "train")) and not any(
+        fnmatch.fnmatch(shard_name(3, fmt, 4, split), shard_glob("parquet", "train"))
+        for fmt, split in (("png", "train"), ("parquet", "test")))
+    assert receipt_name(shard_name(3, "parquet", 4, "train")) == "_receipts/train-00003-of-00004.parquet.json"
+
+
+def test_a_job_is_the_split_it_holds():
+    """Samples are a `train` split; a reconstruction of a split is named for it, as `datasets` takes a split."""
+    assert job_split("samples", "test") == "train"
+    assert job_split("reconstructions", "test") == "test"
+    assert job_split("reconstructions", "val-2.b") == "val_2_b"
+    assert shard_index(shard_name(3, "png", 4, "val_2_b")) == 3
 
 
 def test_only_shards_sit_where_pyarrow_looks_for_data():
     """pyarrow's dataset discovery (pandas.read_parquet, Ray Data) skips names starting with _ or .: every
     record of a Parquet job must start with one, and the shards must not."""
     keys = JobKeys.of("samples-00ab")
-    records = [keys.manifest, keys.success, keys.run_record, keys.lease, keys.receipts, keys.gallery,
-               keys.card("parquet")]
+    records = [keys.manifest, keys.success, keys.run_record, keys.lease, keys.receipts, keys.gallery]
     assert all(key.removeprefix(keys.prefix + "/").startswith("_") for key in records)
-    assert keys.card("png").endswith("/README.md")          # a tar job's card is where `datasets` reads it
-    assert not shard_name(0, "parquet", 1).startswith(("_", "."))
+    assert keys.card == f"{keys.prefix}/README.md"          # the card, where the Hub and `datasets` read it
+    assert shard_name(0, "parquet", 1, "train").startswith(f"{DATA_DIR}/")      # the shards alone in data/
 
 
 def test_png_tar_bytes_equal_what_tarfile_writes_with_the_same_fixed_metadata():

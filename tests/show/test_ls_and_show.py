@@ -19,7 +19,7 @@ from conftest import rng_images
 
 from cluster.data.datasets import ingest
 from cluster.show.inventory import list_jobs
-from cluster.store.layout import JOB_GALLERY, dataset_manifest_key
+from cluster.store.layout import GALLERY, OUTPUT_FORMAT_VERSION, dataset_manifest_key
 from cluster.store.registry import CHAMPION_FILE, Registry
 from cluster.store.storage import Storage, open_storage
 from jobs.cli import main as vaegen
@@ -62,7 +62,7 @@ def publish_finished_job(storage: Storage, job_id: str) -> None:
     spec = {"kind": "samples", "model": "tiny@v0001", "format": "png", "decode_batch": 64, "count": 4,
             "shard_size": 4, "seed": 0, "labels": []}
     manifest = {"job_id": job_id, "kind": "samples", "format": "png", "model": "tiny@v0001",
-                "created_at": time.time(), "uri": storage.uri_of(prefix), "prefix": prefix,
+                "created_at": time.time(), "output_format_version": OUTPUT_FORMAT_VERSION, "prefix": prefix,
                 "label_names": ["even", "odd"], "spec": spec, "totals": {"shards": 1, "rows": 4, "bytes": len(shard)},
                 "shards": [receipt(0, shard, 0)]}
     body = json.dumps(manifest, indent=2).encode()
@@ -87,9 +87,11 @@ def build_root(cfg: StorageConfig) -> Storage:
         split = ArraySplit(rng_images(4), np.arange(4, dtype=np.int64) % 2)
         ingest(storage, name, ArrayDataset({"train": split}, ("even", "odd"), "test"), shard_rows=4, progress=False)
     for name in ("tiny", "other"):
-        Registry(storage).publish(name, {"config.json": json.dumps({"model": {"latent_dim": 2}}).encode(),
+        Registry(storage).publish(name, {"config.json": json.dumps({"model": {"latent_dim": 2},
+                                                                    "train_job": {"dataset": "fm"}}).encode(),
                                          "model.safetensors": b"weights",
-                                         "metrics.json": json.dumps({"test_loss": 251.5}).encode()})
+                                         "metrics.json": json.dumps({"test_loss": 251.5,
+                                                                     "evaluation": {"nll": 249.0}}).encode()})
         storage.publish(Registry(storage).key(name, CHAMPION_FILE), json.dumps({"version": "v0001"}).encode())
     publish_finished_job(storage, FINISHED)
     publish_finished_job(storage, OTHER)
@@ -218,6 +220,18 @@ def test_a_job_whose_success_names_another_manifest_is_not_finished(root, capsys
     assert {j.job_id: j.state for j in list_jobs(storage)}[FINISHED] == "finished"
 
 
+def test_a_job_of_another_output_format_is_refused_in_one_line_that_says_how_to_remake_it(root, capsys):
+    cfg, storage = root
+    manifest = json.loads(storage.read_bytes(f"{JOB}/_manifest.json"))
+    replace_json(storage, f"{JOB}/_manifest.json", {**manifest, "output_format_version": OUTPUT_FORMAT_VERSION - 1})
+    commit_as_is(storage, FINISHED)
+    assert "corrupt" in ls_lines(cfg, capsys)[FINISHED]
+    assert vaegen(["show", FINISHED, "--root", cfg.root]) == 2
+    assert one_error_line(capsys).endswith(f"_manifest.json is in another format (output format "
+                                           f"{OUTPUT_FORMAT_VERSION - 1}; this vaegen reads {OUTPUT_FORMAT_VERSION}): "
+                                           "the same generate command makes the job anew, under a new id")
+
+
 def test_a_sound_root_lists_and_shows_as_before(root, capsys):
     cfg, _ = root
     lines = ls_lines(cfg, capsys)
@@ -225,7 +239,7 @@ def test_a_sound_root_lists_and_shows_as_before(root, capsys):
     assert lines["tiny@v0001"].startswith("*") and "251.50" in lines["tiny@v0001"] and "corrupt" not in str(lines)
     assert vaegen(["show", FINISHED, "--root", cfg.root]) == 0
     assert "4 images in 1 of 1 shards" in capsys.readouterr().out
-    page = open(os.path.join(cfg.root, JOB, JOB_GALLERY)).read()
+    page = open(os.path.join(cfg.root, JOB, GALLERY)).read()
     assert 'id="rows" data-count="4"' in page and "<h3>1: odd</h3>" in page
 
 
@@ -236,10 +250,10 @@ def test_show_takes_job_and_model_paths_even_under_a_folder_named_outputs(tmp_pa
     build_root(cfg)
     assert vaegen(["show", os.path.join(cfg.root, "models", "tiny", "v0001"), "--open"]) == 0
     page = capsys.readouterr().out.strip()
-    assert page == os.path.join(cfg.root, "models", "tiny", "v0001", "gallery.html")
+    assert page == os.path.join(cfg.root, "models", "tiny", "v0001", GALLERY)
     assert "<title>vaegen model tiny@v0001</title>" in open(page).read()        # a model page, not a "job"
     assert vaegen(["show", os.path.join(cfg.root, JOB) + "/", "--open"]) == 0
-    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, JOB_GALLERY)
+    assert capsys.readouterr().out.strip() == os.path.join(cfg.root, JOB, GALLERY)
     assert vaegen(["show", "tiny@v0001", "--root", cfg.root, "--open"]) == 0
 
 
@@ -364,7 +378,10 @@ FIELDS = [
     (f"outputs/{PARTIAL}/_run.json", ("status",), PARTIAL, PARTIAL, False, ("string",)),
     (f"outputs/{PARTIAL}/_run.json", ("model",), PARTIAL, PARTIAL, False, ("string",)),
     ("models/tiny/v0001/metrics.json", ("test_loss",), "tiny@v0001", "tiny@v0001", False, ("removed",)),
+    ("models/tiny/v0001/metrics.json", ("evaluation", "nll"), "tiny@v0001", "tiny@v0001", False, ("removed",)),
     ("models/tiny/v0001/config.json", ("model",), "tiny@v0001", "tiny@v0001", False, ("object",)),
+    ("models/tiny/v0001/config.json", ("train_job", "dataset"), "tiny@v0001", "tiny@v0001", False,
+     ("string", "removed")),
     ("models/tiny/v0001/config.json", ("model", "latent_dim"), "tiny@v0001", "tiny@v0001", False, ("removed",)),
     (f"models/tiny/{CHAMPION_FILE}", ("version",), "tiny@v0001", "tiny", False, ()),
 ]

@@ -1,9 +1,9 @@
 """A finished job is a dataset the ecosystem opens as-is, without glue code: Hugging Face `datasets` (images decode to
 PIL, features typed, labels named, no label column for an unconditional model), `webdataset`, `torchvision.io`,
-PIL, Ray Data and pandas, all given the job folder (or its shard pattern) itself; rows and pixels match the
-manifest's counts and checksums. Its dataset card is Hub metadata that round-trips, and the command in it makes
-the very same job. `vaegen ls` tells finished, partial and failed jobs apart. Every reader here reads one set of
-jobs, made once (tests/generate/test_formats_round_trip.py reads every format × kind × model)."""
+PIL, Ray Data and pandas, given the job folder, its data/ folder or its shard pattern as they are; rows and pixels
+match the manifest's counts and checksums. Its dataset card is Hub metadata that round-trips, and the command in it
+makes the very same job. `vaegen ls` tells finished, partial and failed jobs apart. Every reader here reads one set
+of jobs, made once (tests/generate/test_formats_round_trip.py reads every format × kind × model)."""
 import hashlib
 import io
 import json
@@ -22,7 +22,7 @@ from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.driver import run_generation, run_reconstruction
 from cluster.generate.plan import plan_job
 from cluster.show.inventory import job_status, list_jobs
-from cluster.store.layout import OUTPUTS, RUN_RECORD, SUCCESS, JobKeys, card_name, shard_braces, shard_name
+from cluster.store.layout import CARD, DATA_DIR, OUTPUTS, RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import StorageConfig
@@ -59,6 +59,10 @@ def job_dir(cfg: StorageConfig, manifest: dict) -> str:
     return os.path.join(cfg.root, manifest["prefix"])
 
 
+def data_dir(cfg: StorageConfig, manifest: dict) -> str:
+    return os.path.join(job_dir(cfg, manifest), DATA_DIR)
+
+
 def shard_pixel_hashes(images_by_shard: list[list[np.ndarray]]) -> list[str]:
     """The manifest's pixels_sha256: sha256 of a shard's uint8 CHW images in id order."""
     return [hashlib.sha256(b"".join(np.ascontiguousarray(i).tobytes() for i in imgs)).hexdigest()
@@ -78,7 +82,7 @@ def per_shard(rows: list[tuple[int, np.ndarray]], manifest: dict) -> list[list[n
 def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
     import datasets
     recon = jobs.recon
-    ds = datasets.load_dataset(job_dir(jobs.cfg, recon), split="train")   # data/ found unaided, the card's features
+    ds = datasets.load_dataset(job_dir(jobs.cfg, recon), split="test")    # the split it reconstructs, named so
     assert ds.num_rows == recon["totals"]["rows"] == 300
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.features["label"].names == list(FASHION_MNIST_LABELS)
@@ -97,7 +101,7 @@ def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
 def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
     import webdataset as wds
     tar = jobs.tar
-    assert tar["shard_pattern"] == shard_braces("png", 3)
+    assert tar["shard_pattern"] == shard_braces("png", 3, "train")
     url = os.path.join(job_dir(jobs.cfg, tar), tar["shard_pattern"])
     rows = []
     for sample in wds.WebDataset(url, shardshuffle=False).decode("pill"):     # "pill": PIL images, mode L (grey)
@@ -113,7 +117,7 @@ def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs):
     import datasets
     from huggingface_hub import DatasetCard
     folder = job_dir(jobs.cfg, jobs.tar)
-    card = DatasetCard.load(os.path.join(folder, card_name("png"))).data.to_dict()
+    card = DatasetCard.load(os.path.join(folder, CARD)).data.to_dict()
     assert card["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.tar"}]
     assert "png" in [f["name"] for f in card["dataset_info"]["features"]]
     ds = datasets.load_dataset(folder, split="train")                     # the card's features, as declared
@@ -125,22 +129,22 @@ def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs):
         assert sorted(ds["cls"]) == sorted(i % 10 for i in range(120))
 
 
-def test_pandas_and_ray_data_read_the_job_folder_itself(jobs):
+def test_pandas_and_ray_data_read_the_data_folder(jobs):
     import pandas as pd
     import ray
     recon = jobs.recon
-    frame = pd.read_parquet(job_dir(jobs.cfg, recon))
+    frame = pd.read_parquet(data_dir(jobs.cfg, recon))
     assert sorted(frame["id"]) == list(range(300)) and "label" in frame.columns
     images = [(i, chw(Image.open(io.BytesIO(image["bytes"])))) for i, image in zip(frame["id"], frame["image"])]
     assert shard_pixel_hashes(per_shard(images, recon)) == [s["pixels_sha256"] for s in recon["shards"]]
-    rows = ray.data.read_parquet(job_dir(jobs.cfg, recon)).take_all()
+    rows = ray.data.read_parquet(data_dir(jobs.cfg, recon)).take_all()
     assert sorted(r["id"] for r in rows) == list(range(300))
     by_id = dict(zip(frame["id"], frame["image"]))
     assert all(by_id[r["id"]]["bytes"] == r["image"]["bytes"] for r in rows)
 
-    unconditional = pd.read_parquet(job_dir(jobs.cfg, jobs.samples))
+    unconditional = pd.read_parquet(data_dir(jobs.cfg, jobs.samples))
     assert sorted(unconditional["id"]) == list(range(40)) and "label" not in unconditional.columns
-    assert ray.data.read_parquet(job_dir(jobs.cfg, jobs.samples)).count() == 40
+    assert ray.data.read_parquet(data_dir(jobs.cfg, jobs.samples)).count() == 40
 
 
 def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
@@ -148,7 +152,7 @@ def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
     import torch
     from torchvision.io import decode_image
     cfg, recon = jobs.cfg, jobs.recon
-    df = pd.read_parquet(job_dir(cfg, recon)).sort_values("id")
+    df = pd.read_parquet(data_dir(cfg, recon)).sort_values("id")
     for cell in df["image"][:5]:
         tensor = decode_image(torch.frombuffer(bytearray(cell["bytes"]), dtype=torch.uint8))
         assert tensor.shape == (1, 28, 28) and tensor.dtype == torch.uint8
@@ -158,21 +162,22 @@ def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
 
 
 def test_the_gallery_and_every_record_stay_out_of_the_data(jobs):
-    """`vaegen show` writes its page into the job folder: the folder still reads as data alone."""
+    """`vaegen show` writes its page into the job folder: data/ still reads as data alone, and beside it are the
+    card and records whose names pyarrow's discovery skips."""
     import pandas as pd
     cfg, samples = jobs.cfg, jobs.samples
     keys = JobKeys(samples["prefix"])
     assert vaegen(["show", samples["job_id"], "--root", cfg.root]) == 0
     assert os.path.exists(os.path.join(cfg.root, keys.gallery))
     top = sorted(os.listdir(job_dir(cfg, samples)))
-    assert [name for name in top if not name.startswith(("_", "."))] == ["data"]
-    assert len(pd.read_parquet(job_dir(cfg, samples))) == 40
+    assert [name for name in top if not name.startswith(("_", "."))] == [CARD, DATA_DIR]
+    assert len(pd.read_parquet(data_dir(cfg, samples))) == 40
 
 
 def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
     from huggingface_hub import DatasetCard
     cfg, recon, samples = jobs.cfg, jobs.recon, jobs.samples
-    path = os.path.join(job_dir(cfg, recon), card_name("parquet"))
+    path = os.path.join(job_dir(cfg, recon), CARD)
     card = DatasetCard.load(path)
     assert "vaegen reconstruct --dataset fm --split test --model tiny" in card.text and recon["model"] in card.text
     again = DatasetCard(str(card))
@@ -181,11 +186,11 @@ def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
     assert data["license"] == "mit"                                 # Fashion-MNIST's, recognised from its manifest
     assert data["source_datasets"] == ["extended|zalando-datasets/fashion_mnist"]
     assert data["size_categories"] == "n<1K" and "image-to-image" in data["task_categories"]
-    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
-                                                                          "path": "data/train-*.parquet"}]}]
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "test",
+                                                                          "path": "data/test-*.parquet"}]}]
     label = next(f for f in data["dataset_info"]["features"] if f["name"] == "label")
     assert list(label["dtype"]["class_label"]["names"].values()) == list(FASHION_MNIST_LABELS)
-    unconditional = DatasetCard.load(os.path.join(job_dir(cfg, samples), card_name("parquet"))).data.to_dict()
+    unconditional = DatasetCard.load(os.path.join(job_dir(cfg, samples), CARD)).data.to_dict()
     assert "label" not in [f["name"] for f in unconditional["dataset_info"]["features"]]
     assert "unconditional-image-generation" in unconditional["task_categories"]
 
@@ -198,9 +203,11 @@ def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
                    "--pixels", "mean", "--decode-batch", "8", "--root", cfg.root, "--workers", "1"]) == 0
     first = capsys.readouterr().out
     job_id = first.split(" job ", 1)[1].split()[0]
-    card = DatasetCard.load(os.path.join(cfg.root, OUTPUTS, job_id, card_name("parquet")))
+    card = DatasetCard.load(os.path.join(cfg.root, OUTPUTS, job_id, CARD))
     command = card.text.split("```\nvaegen ", 1)[1].split("\n", 1)[0]
     assert "--pixels mean" in command and "--decode-batch 8" in command
+    assert command.endswith(" --root <root>") and cfg.root not in card.text     # the root may move: no path
+    command = command.replace("<root>", shlex.quote(cfg.root))
     assert "N(0, I)" in card.text                  # the tiny model has no fitted prior
     before = storage.list_dirs(OUTPUTS)
     manifest = storage.read_bytes(JobKeys.of(job_id).manifest)
@@ -212,7 +219,8 @@ def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
 def test_the_card_does_not_claim_a_standard_normal_prior_for_a_fitted_one():
     from cluster.generate.card import Provenance, RowLayout, dataset_card
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
-                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "split": "train",
+                "shard_pattern": "data/train-{00000..00001}-of-00002.parquet",
                 "totals": {"rows": 20_000, "shards": 2, "bytes": 123}, "created_at": 0.0, "label_names": [],
                 "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
                 "spec": {"kind": "samples", "model": "m", "count": 20_000, "shard_size": 10_000, "seed": 0,
@@ -229,7 +237,8 @@ def test_class_names_in_the_card_are_text_never_markup():
     from cluster.generate.card import Provenance, RowLayout, dataset_card
     names = ["<script>alert(1)</script>", "[click](http://evil.example)", "two\nlines # head", "a|b*c_d`e`", "T-shirt"]
     manifest = {"job_id": "samples-00", "kind": "samples", "format": "parquet", "model": "m@v0001",
-                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "uri": "/r/outputs/samples-00",
+                "weights_sha256": "ab" * 32, "prefix": "outputs/samples-00", "split": "train",
+                "shard_pattern": "data/train-{00000..00001}-of-00002.parquet",
                 "totals": {"rows": 10, "shards": 1, "bytes": 123}, "created_at": 0.0, "label_names": names,
                 "libraries": {"vaegen": "0"}, "image_shape": [1, 28, 28],
                 "spec": {"kind": "samples", "model": "m", "count": 10, "shard_size": 10, "seed": 0,
@@ -252,7 +261,7 @@ def test_ls_shows_finished_partial_and_failed_jobs(jobs, capsys):
     partial = run_generation(GenerateConfig(model="tiny", count=60, shard_size=20, seed=11), cfg, progress=False)
     storage.delete(f"{partial['prefix']}/{SUCCESS}")
     keys = JobKeys(partial["prefix"])
-    for name in (shard_name(1, "parquet", 3), shard_name(2, "parquet", 3)):
+    for name in (shard_name(1, "parquet", 3, "train"), shard_name(2, "parquet", 3, "train")):
         storage.delete(keys.shard(name))
         storage.delete(keys.receipt(name))
     # failed: a run whose workers die on every shard (the stage delay is not a number: ValueError in the actor)

@@ -267,7 +267,7 @@ def test_a_champion_that_scores_nan_loses_to_a_finite_challenger(local_storage_c
     broken = build_model(ModelConfig(image_shape=(1, 28, 28), hidden_dim=64, latent_dim=4))
     with torch.no_grad():
         next(broken.parameters()).fill_(NAN)                       # loads fine, scores NaN
-    nan_ref = registry.publish("fm-vae", checkpoint_files(broken))
+    nan_ref = registry.publish("fm-vae", checkpoint_files(broken, {"train_job": {"dataset": "fm"}}))
     assert swap_champion(registry, "fm-vae", {"version": nan_ref.version}, expected_version=None)
 
     assert retrain_cli(local_storage_config) == 0

@@ -1,0 +1,182 @@
+"""Ingest throughput and memory, in one run. One JSON line per measurement.
+
+1. Throughput: a folder of `--images` PNGs (96×96 RGB, smooth shapes, 10 class folders) ingested with --size 64x64
+   on Ray Data (`ingest_source`, Ray started once before, a fresh root each time) against the bound: a plain PIL
+   open + decode + RGB + resize loop in one process per core (multiprocessing.Pool, started and warmed before it
+   is timed). The two alternate, `--repeat` times; the line reports each median and the ratio of medians.
+2. Memory: folders of 64×64 RGB PNGs at each of `--rss-images` (default 10k and 100k), each ingested by a fresh
+   process that reports its own peak RSS (VmHWM) and the largest peak RSS of its Ray workers (`ray::` processes
+   under it, sampled while it runs): flat as the input grows, since no process holds the dataset.
+
+    .venv/bin/python bench/ingest.py [--images 20000] [--repeat 3] [--rss-images 10000 100000]
+    quick check: .venv/bin/python bench/ingest.py --images 2000 --repeat 1 --rss-images 3000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+from cluster.data.ingest import ingest_source
+from cluster.data.sources import IngestOptions
+from vae_core.config import StorageConfig
+from vae_core.data import RESIZE_FILTER
+
+SIZE = (64, 64)
+
+
+def make_image(args: tuple[str, int, int]) -> None:
+    path, index, side = args
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:side, :side]
+    cy, cx, r = rng.integers(side // 4, 3 * side // 4, 2).tolist() + [int(rng.integers(side // 8, side // 3))]
+    img = np.stack([xx * 255 // side, yy * 255 // side, np.full_like(xx, 60)], -1)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    Image.fromarray(img.astype(np.uint8)).save(path)
+
+
+def make_folder(folder: str, n: int, side: int) -> str:
+    for k in range(10):
+        os.makedirs(f"{folder}/c{k}", exist_ok=True)
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.map(make_image, [(f"{folder}/c{i % 10}/{i:07d}.png", i, side) for i in range(n)], chunksize=512)
+    return folder
+
+
+def pil_decode_resize(path: str) -> int:
+    with Image.open(path) as im:
+        out = im.convert("RGB").resize(SIZE[::-1], RESIZE_FILTER)
+        return np.asarray(out).shape[0]
+
+
+def bound_s(pool, files: list[str]) -> float:
+    start = time.perf_counter()
+    pool.map(pil_decode_resize, files, chunksize=256)
+    return time.perf_counter() - start
+
+
+def ingest_s(folder: str, root: str, size) -> float:
+    start = time.perf_counter()
+    ingest_source("image-folder", folder, StorageConfig(root=root), name="bench", progress=False,
+                  options=IngestOptions(size=size))
+    return time.perf_counter() - start
+
+
+def throughput(args, tmp: str) -> dict:
+    from cluster.runtime.ray_session import ray_runtime
+    folder = make_folder(f"{tmp}/tp", args.images, 96)
+    files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
+    bounds, ingests = [], []
+    with ray_runtime(num_cpus=os.cpu_count(), object_store_mb=256), multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.map(pil_decode_resize, files[:512])                   # warm: the pool's processes are up
+        ingest_s(make_folder(f"{tmp}/warm", 256, 96), f"{tmp}/warm-root", SIZE)   # warm: Ray Data's workers
+        for i in range(args.repeat):
+            bounds.append(bound_s(pool, files))
+            ingests.append(ingest_s(folder, f"{tmp}/root-{i}", SIZE))
+    b, g = args.images / statistics.median(bounds), args.images / statistics.median(ingests)
+    return {"measure": "ingest_throughput", "images": args.images, "source": "96x96 PNG → --size 64x64",
+            "cores": os.cpu_count(), "bound_images_per_s": round(b), "ingest_images_per_s": round(g),
+            "ratio": round(g / b, 3), "bound_s": [round(x, 2) for x in bounds],
+            "ingest_s": [round(x, 2) for x in ingests]}
+
+
+def status_kib(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def ray_workers_under(pid: int) -> list[int]:
+    """Every `ray::` process descending from `pid` (this driver's own Ray, not another user's)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found = []
+    for p in parents:
+        q = p
+        while q in parents and q != pid and q > 1:
+            q = parents[q]
+        if q == pid and p != pid:
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::"):
+                        found.append(p)
+            except OSError:
+                pass
+    return found
+
+
+def rss_child(folder: str, root: str) -> None:
+    """Run in a fresh process: ingest `folder` on a local Ray of its own; print its peaks."""
+    from cluster.runtime.ray_session import ray_runtime
+    peaks, stop = {}, threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for p in ray_workers_under(os.getpid()):
+                peaks[p] = max(peaks.get(p, 0), status_kib(p, "VmHWM"))
+            stop.wait(0.5)
+
+    with ray_runtime(num_cpus=os.cpu_count(), object_store_mb=256):
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        start = time.perf_counter()
+        manifest = ingest_source("image-folder", folder, StorageConfig(root=root), name="bench", progress=False)
+        wall = time.perf_counter() - start
+        stop.set()
+        watcher.join()
+    print(json.dumps({"rows": manifest["splits"]["train"]["rows"], "wall_s": round(wall, 1),
+                      "driver_peak_rss_mib": round(status_kib(os.getpid(), "VmHWM") / 1024),
+                      "worker_peak_rss_mib": round(max(peaks.values(), default=0) / 1024),
+                      "workers_seen": len(peaks)}))
+
+
+def memory(args, tmp: str) -> list[dict]:
+    lines = []
+    for n in args.rss_images:
+        folder = make_folder(f"{tmp}/rss-{n}", n, 64)
+        out = subprocess.run([sys.executable, __file__, "--rss-child", folder, f"{tmp}/rss-root-{n}"],
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        lines.append({"measure": "ingest_peak_rss", "images": n, "source": "64x64 PNG", **json.loads(out)})
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rss-images", type=int, nargs="*", default=[10_000, 100_000])
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
+    machine = {"machine": platform.node(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory(prefix="vaegen-bench-ingest-") as tmp:
+        if not args.skip_throughput:
+            print(json.dumps({**throughput(args, tmp), **machine}), flush=True)
+        for line in memory(args, tmp):
+            print(json.dumps({**line, **machine}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

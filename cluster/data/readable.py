@@ -1,0 +1,134 @@
+"""What makes a dataset folder readable without vaegen: the shards' Hugging Face features, the readable view of
+the current generation, and the dataset card.
+
+- Every shard carries the Hugging Face features in its Parquet schema metadata (`huggingface`: `label` a
+  ClassLabel with the class names, or a plain int64 for an unlabelled dataset, whose labels are all -1), and the
+  image shape (`vaegen.image_shape`, C,H,W: `pixels` is C·H·W uint8 bytes in CHW order).
+- The view: after each commit, `<split>/part-00000-of-00003.parquet` are the current generation's shards, as hard
+  links on a local root (no byte copied) or copies on S3; view files of an older generation are removed. The
+  generations themselves live in `__g-<id>/` folders, which pyarrow (`_`) and Hugging Face `datasets` (`__`) both
+  skip, so `pandas.read_parquet(<dataset>/<split>)` and `datasets.load_dataset(<dataset>)` read the current rows.
+- The card, README.md (the file `datasets` reads): its YAML header maps each split to its view files, the body
+  says what the rows are and what the ingest skipped.
+The view and card follow the commit (the manifest swap); vaegen's own readers never use them. A reader of the
+raw folder reading while a re-ingest updates the view may see both generations' files; after it, only the new."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.store.layout import dataset_key
+from cluster.store.local_files import fsync_dir
+from cluster.store.storage import Storage
+from vae_core.errors import VaegenError
+
+VIEW_RECORD = "_view.json"          # the generation the view shows, written after the view is complete
+CARD = "README.md"
+VIEW_PREFIX = "part-"
+# Parquet's defaults would try a dictionary of every image and keep min/max pixels per page: hashing and comparing
+# kilobytes a row for nothing (images rarely repeat, and no reader filters on pixels).
+PIXELS_AS_IS = {"use_dictionary": ["label"], "write_statistics": ["id", "label"]}
+
+
+def hf_features(label_names: tuple[str, ...] | list[str]) -> dict:
+    label = ({"names": list(label_names), "_type": "ClassLabel"} if label_names
+             else {"dtype": "int64", "_type": "Value"})
+    return {"id": {"dtype": "int64", "_type": "Value"}, "label": label, "pixels": {"dtype": "binary", "_type": "Value"}}
+
+
+def split_table(images: np.ndarray, labels: np.ndarray, first_id: int) -> pa.Table:
+    n, c, h, w = images.shape
+    flat = np.ascontiguousarray(images).reshape(n, c * h * w)
+    pixels = pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * h * w), n, [None, pa.py_buffer(flat)])
+    return pa.table({"id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+                     "label": pa.array(labels.astype(np.int64)),
+                     "pixels": pixels})
+
+
+def shard_bytes(images: np.ndarray, labels: np.ndarray, first_id: int, label_names) -> bytes:
+    """A dataset shard: id, label, pixels, zstd, the features and image shape in its schema metadata."""
+    table = split_table(images, labels, first_id).replace_schema_metadata({
+        "huggingface": json.dumps({"info": {"features": hf_features(label_names)}}),
+        "vaegen.image_shape": json.dumps(list(images.shape[1:]))})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", **PIXELS_AS_IS)
+    return buf.getvalue()
+
+
+def view_name(index: int, count: int) -> str:
+    return f"{VIEW_PREFIX}{index:05d}-of-{count:05d}.parquet"
+
+
+def publish_view(storage: Storage, manifest: dict) -> None:
+    """Make the view and the card show `manifest`'s generation (idempotent; a no-op when they already do)."""
+    name = manifest["name"]
+    record_key = dataset_key(name, VIEW_RECORD)
+    if shown_generation(storage, record_key) == manifest["generation"]:
+        return
+    wanted = {}
+    for split, info in manifest["splits"].items():
+        for i, shard in enumerate(info["shards"]):
+            wanted[dataset_key(name, split, view_name(i, len(info["shards"])))] = dataset_key(name, split, shard["name"])
+    for view_key, shard_key in wanted.items():
+        place(storage, shard_key, view_key)
+    for split in storage.list_dirs(dataset_key(name)):
+        if not split.startswith(("_", ".")):
+            for entry in storage.list(dataset_key(name, split)):
+                if entry.key not in wanted and entry.key.rsplit("/", 1)[-1].startswith(VIEW_PREFIX):
+                    storage.delete(entry.key)
+    storage.publish(dataset_key(name, CARD), card(manifest).encode())
+    storage.publish(record_key, json.dumps({"generation": manifest["generation"]}).encode())
+
+
+def shown_generation(storage: Storage, record_key: str) -> str | None:
+    """The generation the view shows; None when there is no view record or it is unreadable (the view is redone)."""
+    try:
+        return json.loads(storage.read_bytes(record_key)).get("generation")
+    except (VaegenError, ValueError, AttributeError):
+        return None
+
+
+def place(storage: Storage, source: str, dest: str) -> None:
+    """`dest` becomes `source`'s bytes: a hard link swapped in by one rename locally, a copy on S3."""
+    if storage.is_s3:
+        storage.publish(dest, storage.read_bytes(source))
+        return
+    src, dst = storage.path(source), storage.path(dest)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return
+    temp = os.path.join(os.path.dirname(dst), f"_tmp-{uuid.uuid4().hex}")   # one per call; `_`: readers skip it
+    os.link(src, temp)
+    os.replace(temp, dst)
+    fsync_dir(os.path.dirname(dst))
+
+
+def card(manifest: dict) -> str:
+    """README.md: a YAML header Hugging Face `datasets` reads (one config, each split's view files), then what the
+    rows are."""
+    splits = manifest["splits"]
+    head = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split in splits:
+        head += [f"  - split: {json.dumps(split)}", f"    path: {json.dumps(f'{split}/{VIEW_PREFIX}*.parquet')}"]
+    head += ["---", ""]
+    c, h, w = manifest["image_shape"]
+    names = manifest["label_names"]
+    body = [f"# {manifest['name']}", "",
+            (f"A vaegen dataset: {sum(s['rows'] for s in splits.values()):,} images of {h}×{w} pixels, "
+             f"{'grey' if c == 1 else 'RGB'}, from {manifest['source']} (generation {manifest['generation']})."), "",
+            "| split | rows |", "|---|---|", *(f"| {k} | {v['rows']:,} |" for k, v in splits.items()), "",
+            ("Columns: `id` (int64, the row's position in its split), `label` "
+             + (f"(ClassLabel: {', '.join(names)})" if names else "(-1: the dataset is unlabelled)")
+             + f", `pixels` ({c}·{h}·{w} uint8 bytes in C,H,W order: "
+               f"`numpy.frombuffer(row['pixels'], numpy.uint8).reshape({c}, {h}, {w})`)."), ""]
+    skipped = manifest.get("skipped") or {}
+    if skipped.get("count"):
+        body += [f"Skipped {skipped['count']:,} unreadable image(s) (--skip-bad), among them:", "",
+                 *(f"- {e['name']}: {e['error']}" for e in skipped["examples"]), ""]
+    body += [f"- {note}" for note in manifest.get("notes", ())]
+    return "\n".join(head + body) + "\n"

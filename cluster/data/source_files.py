@@ -1,0 +1,130 @@
+"""Two sources of plain files: Fashion-MNIST's IDX files (items: row ranges) and a folder of images, labelled
+`<folder>/<class>/<image>` or flat (unlabelled), local or under an s3:// prefix (items: one image file each)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image
+
+from cluster.data.source_io import (
+    IngestOptions,
+    SourceImage,
+    SourceItem,
+    SourcePlan,
+    absolute,
+    bad_image,
+    decode_image,
+    file_info,
+    fingerprint,
+    list_files,
+    read_file,
+    shaped_array,
+)
+from vae_core.config import MAX_CLASSES, StorageConfig
+from vae_core.data import (
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_LABELS,
+    gunzip_if_gzip,
+    parse_idx,
+)
+from vae_core.errors import VaegenError
+
+IDX_ROWS_PER_ITEM = 10_000
+
+
+# -- Fashion-MNIST ---------------------------------------------------------------------------------------
+def plan_fashion_mnist(uri: str | None, cfg: StorageConfig, options: IngestOptions) -> SourcePlan:
+    """Both splits in row ranges of IDX_ROWS_PER_ITEM; the label files are read here (they are small), the image
+    files only by read_item."""
+    folder = absolute(uri or FASHION_MNIST_DIR)
+    items, files = [], []
+    for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
+        refs = [file_info(f"{folder}/{name}", cfg) for name in (image_file, label_file)]
+        if None in refs:
+            if not any(f.uri.startswith(folder + "/") for f in _listing_or_empty(folder, cfg)):
+                raise VaegenError(f"Fashion-MNIST folder {folder} does not exist "
+                                  "(apt-get install dataset-fashion-mnist, or pass its path)")
+            missing = (image_file, label_file)[refs.index(None)]
+            raise VaegenError(f"missing dataset file: {folder}/{missing}")
+        files += refs
+        labels = _read_idx(refs[1].uri, cfg)
+        if labels.ndim != 1:
+            raise VaegenError(f"{refs[1].uri} holds {labels.shape}, not one label per image")
+        if labels.max(initial=0) >= len(FASHION_MNIST_LABELS):
+            raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
+        items += [SourceItem(split, refs[0].uri, start, min(start + IDX_ROWS_PER_ITEM, len(labels)))
+                  for start in range(0, len(labels), IDX_ROWS_PER_ITEM)]
+    return SourcePlan("fashion-mnist", uri or FASHION_MNIST_DIR, tuple(items), FASHION_MNIST_LABELS,
+                      fingerprint("fashion-mnist", folder, items, files, FASHION_MNIST_LABELS, options))
+
+
+def _listing_or_empty(folder: str, cfg: StorageConfig):
+    try:
+        return list_files(folder, cfg)
+    except VaegenError:
+        return []
+
+
+def _read_idx(uri: str, cfg: StorageConfig) -> np.ndarray:
+    return parse_idx(gunzip_if_gzip(read_file(uri, cfg), uri), uri)
+
+
+def read_fashion_mnist_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) -> Iterator[SourceImage]:
+    folder, _, image_file = item.uri.rpartition("/")
+    label_file = dict(FASHION_MNIST_FILES.values())[image_file]
+    images, labels = _read_idx(item.uri, cfg), _read_idx(f"{folder}/{label_file}", cfg)
+    if images.ndim != 3 or images.shape[0] != labels.shape[0]:
+        raise VaegenError(f"{item.split}: images {images.shape} and labels {labels.shape} do not match")
+    stop = len(labels) if item.stop < 0 else item.stop
+    for row in range(item.start, stop):
+        yield shaped_array(images[row][None], f"{item.uri} row {row}", int(labels[row]), options)
+
+
+# -- a folder of images ------------------------------------------------------------------------------------
+def image_suffixes() -> set[str]:
+    """Every file name extension Pillow can open."""
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> SourcePlan:
+    """`<uri>/<class>/.../<image>` (labelled, classes sorted by name) or `<uri>/<image>` (unlabelled): one item
+    per image file, any format Pillow opens; other files (and names starting with '.' or '_') are skipped."""
+    folder = absolute(uri)
+    suffixes = image_suffixes()
+    files = [f for f in list_files(folder, cfg) if "." in f.uri.rsplit("/", 1)[-1]
+             and "." + f.uri.rsplit(".", 1)[-1].lower() in suffixes]
+    if not files:
+        raise VaegenError(f"image folder {uri} holds no images (<folder>/<class>/<image>.png, or "
+                          "<folder>/<image>.png unlabelled)")
+    relative = [f.uri[len(folder) + 1:] for f in files]
+    nested = ["/" in r for r in relative]
+    if all(nested):
+        classes = sorted({r.split("/", 1)[0] for r in relative})
+        if len(classes) > MAX_CLASSES:
+            raise VaegenError(f"image folder {uri} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[r.split("/", 1)[0]] for r in relative]
+        order = sorted(range(len(files)), key=lambda i: (labels[i], relative[i]))
+        label_names: tuple[str, ...] | None = tuple(classes)
+    elif not any(nested):
+        labels, order, label_names = [-1] * len(files), range(len(files)), None
+    else:
+        top = relative[nested.index(False)]
+        sub = relative[nested.index(True)]
+        raise VaegenError(f"image folder {uri} holds images both at its top ({top}) and in subfolders ({sub}): "
+                          "put every image in a class subfolder (labelled) or all at the top (unlabelled)")
+    items = tuple(SourceItem(options.split, files[i].uri, label=labels[i]) for i in order)
+    return SourcePlan("image-folder", uri, items, label_names,
+                      fingerprint("image-folder", folder, items, files, label_names, options))
+
+
+def read_image_file_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) -> Iterator[SourceImage]:
+    try:
+        data = read_file(item.uri, cfg)
+    except VaegenError as e:                           # gone or unreadable since it was listed
+        yield bad_image(item.uri, e, item.label, options)
+        return
+    yield decode_image(data, item.uri, item.label, options)
