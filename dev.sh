@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (once) and run vaegen on a fresh machine:
 #   ./dev.sh pipeline [flags]   the main job: ingest Fashion-MNIST, train, generate, into ./vaegen-data
-#   ./dev.sh test [pytest args] the test suite (what CI runs)
-#   ./dev.sh unit [pytest args] the unit tier: no Ray, no S3 server, nothing slow
+#   ./dev.sh test [pytest args] the test suite (what CI runs): two pytest processes, each test file in one of them
+#   ./dev.sh unit [pytest args] the unit tier: no Ray, no S3 server, nothing slow (-n 0: one process)
 #   ./dev.sh vaegen VERB ...    any vaegen command inside the project's environment
 # It installs what is missing: the Debian package dataset-fashion-mnist and a venv (.venv) with the pins.
 set -euo pipefail
@@ -42,7 +42,10 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
-    test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
+    # Two processes, each with its own local Ray: more would starve the Ray tests of CPUs. A file runs whole in one
+    # process (loadfile), so a setup its tests share (a module fixture: jobs made on Ray, the adversarial table)
+    # is built once.
+    test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" ;;
     unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
     vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

@@ -44,8 +44,7 @@ def start_output(model: VAE, mean: Tensor, cfg: TrainConfig) -> None:
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(train, val) positions of a seeded random split: the same seed always holds out the same images,
-    whether the set is in memory (split_train_val) or streamed by Ray Data (selected by position)."""
+    """(train, val) positions of a seeded random split of n rows: the same seed always holds out the same rows."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(n * val_fraction)))
     return order[n_val:], order[:n_val]

@@ -55,14 +55,14 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
             return done
     # Read (and checksum) once, before the run is claimed: bad data leaves nothing on storage. The mean image
     # starts the decoder, and after training the same images fit the prior and draw the reconstruction grid.
-    train_set, val_set = read_train_val(storage, job, manifest)
+    train_set, val_set, train_ids = read_train_val(storage, job, manifest)
     claim_run(storage, job, initial_state)
     model = initial_model(job, train_set, initial_state)
     if job.ray is None:
         fitted = fit_in_process(storage, job, model, train_set, val_set, progress)
     else:
-        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, address=address, progress=progress,
-                            connect_timeout=connect_timeout)
+        fitted = fit_on_ray(storage, job, manifest, model, train_set, val_set, train_ids, address=address,
+                            progress=progress, connect_timeout=connect_timeout)
     summary = training_summary(job, fitted, train_set, val_set, started)
     result = publish_trained_model(storage, job, manifest, model, fitted.history, summary, train_set, val_set,
                                    progress)

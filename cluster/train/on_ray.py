@@ -53,7 +53,6 @@ from vae_core.train import (
     require_a_best_epoch,
     resume,
     run_epochs,
-    split_indices,
     unwrap,
 )
 
@@ -67,16 +66,15 @@ OBJECT_STORE_SHARE = 0.5       # the most of the object store the training rows 
 def check_ray_job(job: TrainJobConfig, manifest: dict) -> None:
     """What can be refused before the run is claimed or any data is read."""
     per_worker_batch(job)
-    train_val_ids(manifest, job)
+    check_rows_numbered(manifest, job)
 
 
 def fit_on_ray(storage: Storage, job: TrainJobConfig, manifest: dict, model: VAE, train_set: ImageSet,
-               val_set: ImageSet, *, address: str | None, progress: bool,
+               val_set: ImageSet, train_ids: np.ndarray, *, address: str | None, progress: bool,
                connect_timeout: float = CONNECT_TIMEOUT_S) -> FitResult:
     """Train `model` (its weights are where every worker starts) on Ray Train, local Ray unless `address`,
-    resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`: the training rows
-    the driver already holds, in id order."""
-    train_ids, _ = train_val_ids(manifest, job)
+    resuming the run's latest checkpoint; `model` is left at the best weights. `train_set`, `val_set`, `train_ids`:
+    the split the driver already holds (runs.read_train_val), in id order."""
     with ray_runtime(address, num_cpus=local_cpus(job), connect_timeout=connect_timeout):
         check_cluster_fits(job)
         shares = None
@@ -97,16 +95,12 @@ def per_worker_batch(job: TrainJobConfig) -> int:
     return job.train.batch_size // job.ray.workers
 
 
-def train_val_ids(manifest: dict, job: TrainJobConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Row ids of the training and held-out images: the same seeded split the single-process trainer
-    makes (ingest numbers a split's rows 0..N-1 in shard order, so a row's id is its position)."""
+def check_rows_numbered(manifest: dict, job: TrainJobConfig) -> None:
+    """A worker holds its rows in id order and Ray Data keeps rows by id, so that one worker trains exactly as one
+    process does: the dataset must number its training rows 0..N-1 in shard order (as ingest does)."""
     shards = manifest["splits"]["train"]["shards"]
     if [s["first_id"] for s in shards] != list(np.cumsum([0] + [s["rows"] for s in shards[:-1]])):
         raise VaegenError(f"dataset {job.dataset!r} does not number its rows 0..N-1 in shard order; re-ingest it")
-    rows = manifest["splits"]["train"]["rows"]
-    n = min(rows, job.train.max_images) if job.train.max_images else rows
-    train_idx, val_idx = split_indices(n, job.train.val_fraction, job.train.seed)
-    return np.sort(train_idx.numpy()), np.sort(val_idx.numpy())
 
 
 def worker_shares(train_set: ImageSet, workers: int) -> list[ImageSet]:

@@ -15,7 +15,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from cluster.data.datasets import read_split
@@ -34,7 +36,7 @@ from vae_core.train import (
     evaluate,
     iterate_batches,
     mean_image,
-    split_train_val,
+    split_indices,
     start_output,
 )
 
@@ -150,11 +152,22 @@ def to_image_set(split) -> ImageSet:
     return ImageSet(torch.from_numpy(split.images), torch.from_numpy(split.labels))
 
 
-def read_train_val(storage: Storage, job: TrainJobConfig, manifest: dict) -> tuple[ImageSet, ImageSet]:
-    """The training split in memory (from the manifest the job read: one dataset generation throughout), held-out
-    images separated by the job's seeded split."""
-    train_split = read_split(storage, job.dataset, "train", limit=job.train.max_images, manifest=manifest)
-    return split_train_val(to_image_set(train_split), job.train.val_fraction, job.train.seed)
+class TrainingRows(NamedTuple):
+    """The training split divided once, by the run's seeded split, for every backend: the rows trained on and the
+    held-out rows (both in id order), and the ids of the rows trained on (what Ray Data keeps when it streams)."""
+    train: ImageSet
+    val: ImageSet
+    train_ids: np.ndarray
+
+
+def read_train_val(storage: Storage, job: TrainJobConfig, manifest: dict) -> TrainingRows:
+    """The training split in memory (from the manifest the job read: one dataset generation throughout), the
+    held-out images separated by the job's seeded split: the same seed always holds out the same rows."""
+    loaded = read_split(storage, job.dataset, "train", limit=job.train.max_images, manifest=manifest)
+    train_idx, val_idx = (i.sort().values for i in split_indices(len(loaded.ids), job.train.val_fraction,
+                                                                   job.train.seed))
+    rows = to_image_set(loaded)
+    return TrainingRows(rows.subset(train_idx), rows.subset(val_idx), loaded.ids[train_idx.numpy()])
 
 
 def initial_model(job: TrainJobConfig, train_set: ImageSet, initial_state: dict[str, torch.Tensor] | None) -> VAE:

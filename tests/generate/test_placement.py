@@ -8,8 +8,7 @@ import threading
 
 import pytest
 import torch
-from generate_support import publish_tiny_model
-from test_generate_faults import assert_complete_and_exact, spec, wait_for
+from generate_support import assert_complete_and_exact, publish_tiny_model, spec, wait_for
 from test_scale_cluster import worker_statuses
 
 from cluster.generate.drill import STAGE_DELAY_ENV

@@ -5,8 +5,7 @@ ledger, which keeps its memory at ~100 bytes a shard."""
 import threading
 
 import pytest
-from generate_support import publish_tiny_model
-from test_generate_faults import assert_complete_and_exact, spec, wait_for
+from generate_support import assert_complete_and_exact, publish_tiny_model, spec, wait_for
 
 from cluster.generate.commit import ShardLedger
 from cluster.generate.drill import STAGE_DELAY_ENV

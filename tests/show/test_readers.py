@@ -1,10 +1,15 @@
-"""A Parquet job is read as-is, without glue code, by every reader a user reaches for: Hugging Face `datasets`
-given the job folder (features typed, labels named, no label column for an unconditional model), `torchvision.io`,
-PIL, Ray Data and pandas given its data/ folder. Its dataset card (README.md) is Hub metadata that round-trips,
-and the command in it makes the very same job."""
+"""A finished job is a dataset the ecosystem opens as-is, without glue code: Hugging Face `datasets` (images decode to
+PIL, features typed, labels named, no label column for an unconditional model), `webdataset`, `torchvision.io`,
+PIL, Ray Data and pandas, given the job folder, its data/ folder or its shard pattern as they are; rows and pixels
+match the manifest's counts and checksums. Its dataset card is Hub metadata that round-trips, and the command in it
+makes the very same job. `vaegen ls` tells finished, partial and failed jobs apart. Every reader here reads one set
+of jobs, made once (tests/generate/test_formats_round_trip.py reads every format × kind × model)."""
+import hashlib
 import io
+import json
 import os
 import shlex
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +18,11 @@ from generate_support import publish_tiny_model
 from PIL import Image
 
 from cluster.data.datasets import ingest
+from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.driver import run_generation, run_reconstruction
-from cluster.store.layout import CARD, DATA_DIR, OUTPUTS, JobKeys
+from cluster.generate.plan import plan_job
+from cluster.show.inventory import job_status, list_jobs
+from cluster.store.layout import CARD, DATA_DIR, OUTPUTS, RUN_RECORD, SUCCESS, JobKeys, shard_braces, shard_name
 from cluster.store.storage import open_storage
 from jobs.cli import main as vaegen
 from vae_core.config import StorageConfig
@@ -25,73 +33,125 @@ os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may
 
 
 @pytest.fixture(scope="module")
-def jobs(starts_ray, small_fashion, tmp_path_factory):
-    """One root: reconstructions (Parquet) of 200 real Fashion-MNIST test images by an unconditional model (the
-    dataset's labels and class names), and 40 unconditional samples (Parquet, no labels)."""
+def jobs(s3_server, starts_ray, small_fashion, tmp_path_factory):
+    """One root with: `recon`, reconstructions (Parquet) of 300 real Fashion-MNIST test images by an unconditional
+    model (the dataset's labels and class names); `samples`, 40 unconditional samples (Parquet, no labels); `tar`,
+    120 class-conditional samples as PNG tars. The S3 server starts first: Ray workers inherit its env."""
     start_local_ray()
     cfg = StorageConfig(root=str(tmp_path_factory.mktemp("readers") / "root"))
     storage = open_storage(cfg, for_writing=True)
     _, (test_images, test_labels) = small_fashion
-    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(test_images[:200], test_labels[:200])},
+    ingest(storage, "fm", ArrayDataset({"test": ArraySplit(test_images[:300], test_labels[:300])},
                                        FASHION_MNIST_LABELS, "test"), shard_rows=100, progress=False)
     publish_tiny_model(storage, "tiny")
-    recon = run_reconstruction(GenerateConfig(model="tiny", kind="reconstructions", dataset="fm"), cfg,
-                               workers=2, progress=False)
-    samples = run_generation(GenerateConfig(model="tiny", count=40, shard_size=20, seed=4), cfg, workers=2,
-                             progress=False)
-    return cfg, storage, recon, samples
-
-
-@pytest.fixture(scope="module")
-def tar_job(jobs):
-    """20 class-conditional samples as WebDataset tars, in the same root."""
-    cfg, storage, _, _ = jobs
     publish_tiny_model(storage, "tiny-cond", num_classes=10)
-    return run_generation(GenerateConfig(model="tiny-cond", count=20, shard_size=10, format="png", seed=2), cfg,
-                          workers=2, progress=False)
+    return SimpleNamespace(
+        cfg=cfg, storage=storage,
+        recon=run_reconstruction(GenerateConfig(model="tiny", kind="reconstructions", dataset="fm"), cfg,
+                                 workers=2, progress=False),
+        samples=run_generation(GenerateConfig(model="tiny", count=40, shard_size=20, seed=4), cfg, workers=2,
+                               progress=False),
+        tar=run_generation(GenerateConfig(model="tiny-cond", count=120, shard_size=50, format="png", seed=3), cfg,
+                           workers=2, progress=False))
 
 
 def job_dir(cfg: StorageConfig, manifest: dict) -> str:
     return os.path.join(cfg.root, manifest["prefix"])
 
 
+def data_dir(cfg: StorageConfig, manifest: dict) -> str:
+    return os.path.join(job_dir(cfg, manifest), DATA_DIR)
+
+
+def shard_pixel_hashes(images_by_shard: list[list[np.ndarray]]) -> list[str]:
+    """The manifest's pixels_sha256: sha256 of a shard's uint8 CHW images in id order."""
+    return [hashlib.sha256(b"".join(np.ascontiguousarray(i).tobytes() for i in imgs)).hexdigest()
+            for imgs in images_by_shard]
+
+
+def chw(image: Image.Image) -> np.ndarray:
+    arr = np.asarray(image)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def per_shard(rows: list[tuple[int, np.ndarray]], manifest: dict) -> list[list[np.ndarray]]:
+    by_id = dict(rows)
+    return [[by_id[i] for i in range(s["first_id"], s["last_id"] + 1)] for s in manifest["shards"]]
+
+
 def test_hugging_face_datasets_loads_the_job_folder_typed_and_named(jobs):
     import datasets
-    cfg, _, recon, samples = jobs
-    ds = datasets.load_dataset(job_dir(cfg, recon), split="test")          # the split it reconstructs
-    assert ds.num_rows == 200
+    recon = jobs.recon
+    ds = datasets.load_dataset(job_dir(jobs.cfg, recon), split="test")    # the split it reconstructs, named so
+    assert ds.num_rows == recon["totals"]["rows"] == 300
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.features["label"].names == list(FASHION_MNIST_LABELS)
     assert ds.features["latent"].length == 4
-    assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (28, 28)
+    first = ds[0]
+    assert isinstance(first["image"], Image.Image) and first["image"].size == (28, 28)
+    assert ds.features["label"].int2str(first["label"]) == FASHION_MNIST_LABELS[first["label"]]
+    images = [(row["id"], chw(row["image"])) for row in ds]
+    assert shard_pixel_hashes(per_shard(images, recon)) == [s["pixels_sha256"] for s in recon["shards"]]
 
-    unconditional = datasets.load_dataset(job_dir(cfg, samples), split="train")
+    unconditional = datasets.load_dataset(job_dir(jobs.cfg, jobs.samples), split="train")
     assert unconditional.num_rows == 40 and "label" not in unconditional.features
     assert isinstance(unconditional.features["image"], datasets.Image)
 
 
-def data_dir(cfg: StorageConfig, manifest: dict) -> str:
-    return os.path.join(job_dir(cfg, manifest), DATA_DIR)
+def test_webdataset_reads_the_png_tars_from_the_manifest_brace_pattern(jobs):
+    import webdataset as wds
+    tar = jobs.tar
+    assert tar["shard_pattern"] == shard_braces("png", 3, "train")
+    url = os.path.join(job_dir(jobs.cfg, tar), tar["shard_pattern"])
+    rows = []
+    for sample in wds.WebDataset(url, shardshuffle=False).decode("pill"):     # "pill": PIL images, mode L (grey)
+        meta = sample["json"]
+        assert sample["__key__"] == f"{meta['id']:010d}" and meta["label"] == meta["id"] % 10
+        rows.append((meta["id"], chw(sample["png"])))
+    assert sorted(i for i, _ in rows) == list(range(120))
+    assert shard_pixel_hashes(per_shard(rows, tar)) == [s["pixels_sha256"] for s in tar["shards"]]
+    assert tar["label_names"] == [f"class_{i}" for i in range(10)]
+
+
+def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs):
+    import datasets
+    from huggingface_hub import DatasetCard
+    folder = job_dir(jobs.cfg, jobs.tar)
+    card = DatasetCard.load(os.path.join(folder, CARD)).data.to_dict()
+    assert card["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.tar"}]
+    assert "png" in [f["name"] for f in card["dataset_info"]["features"]]
+    ds = datasets.load_dataset(folder, split="train")                     # the card's features, as declared
+    assert ds.num_rows == 120 and isinstance(ds.features["png"], datasets.Image)
+    assert isinstance(ds[0]["png"], Image.Image)
+    assert sorted(row["json"]["id"] for row in ds) == list(range(120))
+    if "cls" in ds.features:                                              # a tar with .cls members
+        assert ds.features["cls"].names == [f"class_{i}" for i in range(10)]
+        assert sorted(ds["cls"]) == sorted(i % 10 for i in range(120))
 
 
 def test_pandas_and_ray_data_read_the_data_folder(jobs):
     import pandas as pd
     import ray
-    cfg, _, recon, samples = jobs
-    for job, rows in ((recon, 200), (samples, 40)):
-        df = pd.read_parquet(data_dir(cfg, job))
-        assert sorted(df["id"]) == list(range(rows))
-        ds = ray.data.read_parquet(data_dir(cfg, job))
-        assert ds.count() == rows
-    assert "label" in pd.read_parquet(data_dir(cfg, recon)).columns
-    assert "label" not in pd.read_parquet(data_dir(cfg, samples)).columns
+    recon = jobs.recon
+    frame = pd.read_parquet(data_dir(jobs.cfg, recon))
+    assert sorted(frame["id"]) == list(range(300)) and "label" in frame.columns
+    images = [(i, chw(Image.open(io.BytesIO(image["bytes"])))) for i, image in zip(frame["id"], frame["image"])]
+    assert shard_pixel_hashes(per_shard(images, recon)) == [s["pixels_sha256"] for s in recon["shards"]]
+    rows = ray.data.read_parquet(data_dir(jobs.cfg, recon)).take_all()
+    assert sorted(r["id"] for r in rows) == list(range(300))
+    by_id = dict(zip(frame["id"], frame["image"]))
+    assert all(by_id[r["id"]]["bytes"] == r["image"]["bytes"] for r in rows)
+
+    unconditional = pd.read_parquet(data_dir(jobs.cfg, jobs.samples))
+    assert sorted(unconditional["id"]) == list(range(40)) and "label" not in unconditional.columns
+    assert ray.data.read_parquet(data_dir(jobs.cfg, jobs.samples)).count() == 40
 
 
 def test_torchvision_and_pil_decode_the_image_bytes_as_they_are(jobs):
     import pandas as pd
     import torch
     from torchvision.io import decode_image
-    cfg, _, recon, _ = jobs
+    cfg, recon = jobs.cfg, jobs.recon
     df = pd.read_parquet(data_dir(cfg, recon)).sort_values("id")
     for cell in df["image"][:5]:
         tensor = decode_image(torch.frombuffer(bytearray(cell["bytes"]), dtype=torch.uint8))
@@ -105,7 +165,7 @@ def test_the_gallery_and_every_record_stay_out_of_the_data(jobs):
     """`vaegen show` writes its page into the job folder: data/ still reads as data alone, and beside it are the
     card and records whose names pyarrow's discovery skips."""
     import pandas as pd
-    cfg, _, _, samples = jobs
+    cfg, samples = jobs.cfg, jobs.samples
     keys = JobKeys(samples["prefix"])
     assert vaegen(["show", samples["job_id"], "--root", cfg.root]) == 0
     assert os.path.exists(os.path.join(cfg.root, keys.gallery))
@@ -116,9 +176,10 @@ def test_the_gallery_and_every_record_stay_out_of_the_data(jobs):
 
 def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
     from huggingface_hub import DatasetCard
-    cfg, _, recon, samples = jobs
+    cfg, recon, samples = jobs.cfg, jobs.recon, jobs.samples
     path = os.path.join(job_dir(cfg, recon), CARD)
     card = DatasetCard.load(path)
+    assert "vaegen reconstruct --dataset fm --split test --model tiny" in card.text and recon["model"] in card.text
     again = DatasetCard(str(card))
     assert again.data.to_dict() == card.data.to_dict() and str(again) == str(card)
     data = card.data.to_dict()
@@ -137,7 +198,7 @@ def test_the_card_round_trips_and_says_what_the_hub_expects(jobs):
 def test_the_command_in_the_card_makes_the_very_same_job(jobs, capsys):
     """A job made with the real CLI, every identity flag off its default: the card's command names it again."""
     from huggingface_hub import DatasetCard
-    cfg, storage, _, _ = jobs
+    cfg, storage = jobs.cfg, jobs.storage
     assert vaegen(["generate", "--model", "tiny", "--count", "30", "--shard-size", "16", "--seed", "9",
                    "--pixels", "mean", "--decode-batch", "8", "--root", cfg.root, "--workers", "1"]) == 0
     first = capsys.readouterr().out
@@ -192,16 +253,55 @@ def test_class_names_in_the_card_are_text_never_markup():
     assert list(next(f for f in features if f["name"] == "label")["dtype"]["class_label"]["names"].values()) == names
 
 
-def test_the_card_of_a_tar_job_declares_features_that_datasets_reads(jobs, tar_job):
-    import datasets
-    from huggingface_hub import DatasetCard
-    cfg = jobs[0]
-    card = DatasetCard.load(os.path.join(job_dir(cfg, tar_job), CARD)).data.to_dict()
-    assert card["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.tar"}]
-    assert "png" in [f["name"] for f in card["dataset_info"]["features"]]
-    ds = datasets.load_dataset(job_dir(cfg, tar_job), split="train")      # the card's features, as declared
-    assert ds.num_rows == 20 and isinstance(ds.features["png"], datasets.Image)
-    assert isinstance(ds[0]["png"], Image.Image)
-    if "cls" in ds.features:                                              # a tar with .cls members
-        assert ds.features["cls"].names == [f"class_{i}" for i in range(10)]
-        assert sorted(ds["cls"]) == sorted(i % 10 for i in range(20))
+# -- vaegen ls -----------------------------------------------------------------------------------------------------
+
+def test_ls_shows_finished_partial_and_failed_jobs(jobs, capsys):
+    cfg, storage, recon, tar = jobs.cfg, jobs.storage, jobs.recon, jobs.tar
+    # partial: a run that stopped after one of its shards (what a killed driver leaves: receipts, no _SUCCESS)
+    partial = run_generation(GenerateConfig(model="tiny", count=60, shard_size=20, seed=11), cfg, progress=False)
+    storage.delete(f"{partial['prefix']}/{SUCCESS}")
+    keys = JobKeys(partial["prefix"])
+    for name in (shard_name(1, "parquet", 3, "train"), shard_name(2, "parquet", 3, "train")):
+        storage.delete(keys.shard(name))
+        storage.delete(keys.receipt(name))
+    # failed: a run whose workers die on every shard (the stage delay is not a number: ValueError in the actor)
+    spec = GenerateConfig(model="tiny", count=30, shard_size=10, seed=12)
+    failed_plan = plan_job(spec, storage)
+    os.environ[STAGE_DELAY_ENV] = "decode=not-a-number"
+    try:
+        with pytest.raises(Exception):
+            run_generation(spec, cfg, workers=1, progress=False, max_restarts=0)
+    finally:
+        del os.environ[STAGE_DELAY_ENV]
+
+    states = {j.job_id: (j.state, j.progress) for j in list_jobs(storage)}
+    assert states[recon["job_id"]] == ("finished", "3/3") and states[tar["job_id"]] == ("finished", "3/3")
+    assert states[partial["job_id"]] == ("partial", "1/3")
+    assert states[failed_plan.job_id] == ("failed", "0/3")
+    record = json.loads(storage.read_bytes(f"{failed_plan.prefix}/{RUN_RECORD}"))
+    assert record["status"] == "failed" and record["error"]
+
+    assert vaegen(["ls", cfg.root]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "finished" in lines[recon["job_id"]] and "300" in lines[recon["job_id"]]
+    assert "partial" in lines[partial["job_id"]] and "1/3" in lines[partial["job_id"]]
+    assert "failed" in lines[failed_plan.job_id] and "0/3" in lines[failed_plan.job_id]
+    assert "fm" in lines and "tiny@v0001" in out and "tiny-cond@v0001" in out
+
+
+def test_job_status_of_an_unknown_job_is_partial_with_nothing_done(jobs):
+    status = job_status(jobs.storage, "samples-0000000000000000")
+    assert (status.state, status.shards_done, status.shards_planned) == ("partial", 0, None)
+
+
+def test_ls_writes_folder_names_escaped_never_as_terminal_control(tmp_path, capsys):
+    root = tmp_path / "root"
+    hostile = ["j\x1b]0;owned\x07", "k\x1b[2J\x1b[31mred", "l\u202egnp.exe"]
+    for name in hostile:
+        (root / "outputs" / name).mkdir(parents=True)
+    assert vaegen(["ls", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.isprintable() or all(line.isprintable() for line in out.splitlines())
+    for name in hostile:
+        assert name not in out and ascii(name)[1:-1] in out

@@ -1,4 +1,8 @@
-"""Storage: one API over a local folder and S3 (moto server over HTTP), atomic publish, clear errors."""
+"""Storage: one API over a local folder and S3 (moto server over HTTP), atomic and durable publish (a local file
+has the mode open() would give it, is fsynced, and a full disk is one line), clear errors."""
+import os
+import stat
+
 import pytest
 from threads import all_at_once
 
@@ -169,3 +173,73 @@ def test_concurrent_publishes_claim_each_version_exactly_once(storage_config):
     for p, ref in enumerate(refs):
         assert registry.read_file(ref, "model.safetensors") == files[p]["model.safetensors"]
         assert registry.load(f"m@{ref.version}").model.cfg.hidden_dim == 4 + p
+
+
+# -- local files: mode, durability, a full disk ------------------------------------------------------
+
+def test_a_full_disk_is_one_line_naming_the_path_and_keeps_what_was_written(small_disk):
+    storage = open_storage(StorageConfig(root=str(small_disk(1 << 20))), for_writing=True)
+    shard = os.urandom(600_000)
+    assert storage.publish("data/shard-0.bin", shard, if_absent=True)
+
+    for write in (lambda: storage.publish("data/shard-1.bin", shard, if_absent=True),    # a new shard
+                  lambda: storage.publish("data/shard-0.bin", shard + b"!"),           # replacing one
+                  lambda: storage.compare_and_swap("data/shard-0.bin", shard * 2, lambda current: True)):
+        with pytest.raises(VaegenError) as refused:
+            write()
+        line = str(refused.value)
+        assert line.startswith(f"no space left on the disk holding {storage.base}/data/"), line
+        assert "free space and rerun to resume" in line and "\n" not in line
+        # Nothing half-written: no temp file, no partial shard, and the shard already there is whole.
+        leftovers = set(os.listdir(os.path.join(storage.base, "data"))) - {"shard-0.bin", "shard-0.bin.lock"}
+        assert not leftovers, leftovers
+        assert storage.read_bytes("data/shard-0.bin") == shard
+
+    storage.delete("data/shard-0.bin")                     # space freed: the same write now lands
+    assert storage.publish("data/shard-1.bin", shard, if_absent=True)
+
+@pytest.fixture
+def umask():
+    saved = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_local_publish_gives_the_mode_open_would(local_storage_config, umask, mask, mode):
+    storage = open_storage(local_storage_config, for_writing=True)
+    umask(mask)
+    storage.publish("out/plain.bin", b"1")
+    storage.publish("out/claim.json", b"1", if_absent=True)
+    storage.compare_and_swap("out/ptr.json", b"1", lambda current: current is None)
+    for name in ("plain.bin", "claim.json", "ptr.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(storage.base, "out", name)).st_mode) == mode, name
+
+
+@pytest.mark.parametrize("if_absent", [False, True])
+def test_local_publish_fsyncs_the_file_before_it_is_named_and_the_folder_after(local_storage_config,
+                                                                                 monkeypatch, if_absent):
+    storage = open_storage(local_storage_config, for_writing=True)
+    dest = os.path.join(storage.base, "jobs", "j1", "part-00000.parquet")
+    synced = []                                       # (what was fsynced, did dest exist, its bytes then)
+    real_fsync = os.fsync
+
+    def spy(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            synced.append(("dir", path, os.path.exists(dest)))
+        else:
+            with open(path, "rb") as f:
+                synced.append(("file", path, os.path.exists(dest), f.read()))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    data = os.urandom(50_000)
+    assert storage.publish("jobs/j1/part-00000.parquet", data, if_absent=if_absent)
+    files = [s for s in synced if s[0] == "file"]
+    assert len(files) == 1 and files[0][2] is False and files[0][3] == data      # whole bytes, before the name
+    assert ("dir", os.path.dirname(dest), True) in synced                          # the name, after
+    assert ("dir", storage.base, False) in synced                                  # the new folders' names
+    with open(dest, "rb") as f:
+        assert f.read() == data
+    assert os.listdir(os.path.dirname(dest)) == ["part-00000.parquet"]             # no temp file left

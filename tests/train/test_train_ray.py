@@ -29,6 +29,7 @@ from vae_core.errors import VaegenError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"
+KILL_EPOCHS = 5            # a run killed after its first epoch's checkpoint still has most of its epochs to resume
 
 
 def ingest_small_fashion(cfg: StorageConfig, small_fashion) -> Storage:
@@ -231,8 +232,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
                                                            sync_every):
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     # max_failures leaves room for the restarts a loaded machine adds; the assertions do not count them.
-    job = job_for(local_storage_config, epochs=12, max_failures=5, stream_epochs=True,   # streamed: slow epochs
-                  sync_every=sync_every)
+    # Streamed epochs are slow enough that the kill, made as the first checkpoint lands, always falls mid-run.
+    job = job_for(local_storage_config, epochs=KILL_EPOCHS, max_failures=5, stream_epochs=True, sync_every=sync_every)
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -252,7 +253,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, local_stora
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and len(restarts) >= 2, restarts
     assert all(later >= 1 for later in restarts[1:]) and restarts == sorted(restarts), restarts
-    assert [m.epoch for m in result.history] == list(range(12))
+    assert [m.epoch for m in result.history] == list(range(KILL_EPOCHS))
 
 
 @pytest.mark.slow
@@ -261,7 +262,7 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     run_id = unique_name("run")
     argv = [sys.executable, "-m", "jobs.cli", "train", "--workers", "2", "--run-id", run_id,
-            "--root", local_storage_config.root, "--dataset", DATASET, "--name", "fm-mlp", "--epochs", "12",
+            "--root", local_storage_config.root, "--dataset", DATASET, "--name", "fm-mlp", "--epochs", str(KILL_EPOCHS),
             "--batch-size", "64", "--hidden-dim", "128", "--latent-dim", "8", "--patience", "10",
             "--address", ray.get_runtime_context().gcs_address, "--stream-epochs", "--no-progress"]
     driver = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
@@ -274,11 +275,11 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
         driver.kill()
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
 
-    job = job_for(local_storage_config, epochs=12, run_id=run_id, stream_epochs=True)
+    job = job_for(local_storage_config, epochs=KILL_EPOCHS, run_id=run_id, stream_epochs=True)
     result = train_model(job, progress=False)
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and restarts[-1] >= 1, restarts
-    assert [m.epoch for m in result.history] == list(range(12))
+    assert [m.epoch for m in result.history] == list(range(KILL_EPOCHS))
     assert Registry(storage).versions("fm-mlp") == [result.ref.version]
 
 

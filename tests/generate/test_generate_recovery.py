@@ -1,18 +1,17 @@
-"""Faults on real processes: a DecoderWorker killed by pid mid-shard, the driver (the CLI) killed mid-job,
-two workers racing on one shard, a writer that throws. After each, every id is present exactly once and the
-shards are byte-identical to what an undisturbed worker builds."""
+"""Generation meeting trouble without a kill: a second driver of the same job waits on its lease, two workers
+racing on one shard publish one object, a damaged finished job is withdrawn before its repair, a writer that
+throws publishes nothing, a full disk or a worker's OSError is one line. After each, every id is present exactly
+once and the shards are byte for byte what an undisturbed worker builds."""
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-import torch
-from generate_support import all_rows, publish_tiny_model, sha256_hex, shard_objects
+from generate_support import assert_complete_and_exact, publish_tiny_model, spec, wait_for, worker_in_stage
 
 from cluster.generate.commit import read_committed_manifest
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
@@ -22,114 +21,13 @@ from cluster.generate.pool import start_workers
 from cluster.generate.settings import RunSettings
 from cluster.generate.shards import ShardMaker
 from cluster.generate.writers import ParquetShardWriter
-from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
+from cluster.store.layout import LEASE, RECEIPTS, SUCCESS
+from cluster.store.records import sha256_hex
 from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from vae_core.config import StorageConfig
-from vae_core.use_configs import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def spec(**overrides) -> GenerateConfig:
-    return GenerateConfig(**{"model": "tiny", "count": 48, "shard_size": 8, "seed": 3, "decode_batch": 4,
-                             **overrides})
-
-
-def expected_shards(storage, job: GenerateConfig) -> dict[str, str]:
-    """sha256 of each shard as one undisturbed worker builds it (one torch thread, as in the actors)."""
-    plan = plan_job(job, storage)
-    maker = ShardMaker(plan, storage, Registry(storage).load(job.model).model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return {r["name"]: r["sha256"] for r in (maker.build(i)[1] for i in range(plan.num_shards))}
-    finally:
-        torch.set_num_threads(threads)
-
-
-def assert_complete_and_exact(storage, manifest, job):
-    assert sorted(all_rows(storage, manifest)["id"]) == list(range(job.count))
-    assert {k: sha256_hex(v) for k, v in shard_objects(storage, manifest).items()} == expected_shards(storage, job)
-    assert storage.exists(f"{manifest['prefix']}/{SUCCESS}")
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def worker_in_stage(job_id: str, stage: str) -> int | None:
-    """The pid of a DecoderWorker of this job now inside `stage`, asked through its status() method."""
-    import ray
-    for name in ray.util.list_named_actors():
-        if job_id in name:
-            try:
-                status = ray.get(ray.get_actor(name).status.remote(), timeout=2)
-            except Exception:                      # restarting or gone: ask the next one
-                continue
-            if status["stage"] == stage:
-                return status["pid"]
-    return None
-
-
-@pytest.mark.parametrize("stage, where", [("encode", "local"), ("publish", "s3"),
-                                          pytest.param("encode", "s3", marks=pytest.mark.slow),
-                                          pytest.param("publish", "local", marks=pytest.mark.slow)])
-def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_local, request, monkeypatch, stage, where):
-    storage_config = request.getfixturevalue(f"{where}_storage_config")
-    storage = open_storage(storage_config, for_writing=True)
-    publish_tiny_model(storage)
-    job = spec()
-    job_id = plan_job(job, storage).job_id
-    monkeypatch.setenv(STAGE_DELAY_ENV, f"{stage}=0.3")
-    result: dict = {}
-    driver = threading.Thread(target=lambda: result.update(run_generation(job, storage_config, workers=2,
-                                                                          progress=False)))
-    driver.start()
-    pid = wait_for(lambda: worker_in_stage(job_id, stage), what=f"a worker in stage {stage}")
-    os.kill(pid, signal.SIGKILL)
-    assert not storage.exists(f"outputs/{job_id}/{SUCCESS}")
-    driver.join(timeout=300)
-
-    assert result["job_id"] == job_id and result["run"]["shards_written"] == 6
-    assert_complete_and_exact(storage, result, job)
-
-
-def test_the_driver_killed_mid_job_resumes_where_it_stopped(ray_local, local_storage_config):
-    storage = open_storage(local_storage_config, for_writing=True)
-    publish_tiny_model(storage)
-    job = spec()
-    prefix = plan_job(job, storage).prefix
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=REPO, **{STAGE_DELAY_ENV: "publish=0.5"})
-    cmd = [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--count", "48", "--shard-size", "8",
-           "--seed", "3", "--decode-batch", "4", "--workers", "1", "--root", local_storage_config.root,
-           "--no-progress"]
-    driver = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: len(storage.list(f"{prefix}/{RECEIPTS}")) >= 2 or driver.poll() is not None,
-                 timeout=180, what="two finished shards")
-        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)                # the CLI and the local Ray it started
-        driver.wait()
-        driver.stderr.close()
-    finished = len(storage.list(f"{prefix}/{RECEIPTS}"))
-    assert 2 <= finished < 6
-    assert not storage.exists(f"{prefix}/{SUCCESS}") and not storage.exists(JobKeys(prefix).manifest)
-
-    resumed = run_generation(job, local_storage_config, workers=2, progress=False)
-    assert resumed["run"]["shards_skipped"] >= finished
-    assert resumed["run"]["shards_written"] + resumed["run"]["shards_skipped"] == 6
-    assert_complete_and_exact(storage, resumed, job)
-    assert not [e.key for e in storage.list(prefix, recursive=True) if ".tmp-" in e.key]   # no temp file left
 
 
 def test_the_same_shard_written_twice_at_once_is_one_object(ray_local, storage_config):

@@ -1,18 +1,20 @@
-"""Chaos: three drivers of one generation job at once, as separate processes joined to one Ray, over S3 behind
-a fault-injecting proxy (409/500/503/SlowDown answers, connections reset mid-body, delays), with drivers and
-DecoderWorker actors SIGKILLed at random over several rounds. Then one clean driver finishes the job, and:
-every id is there exactly once, manifest.json and _SUCCESS agree, and the shards are byte for byte what a clean
-one-worker run of the same spec writes to a fresh root."""
+"""Generation survives kills on real processes: a DecoderWorker SIGKILLed mid-shard, the driver (the CLI) killed
+mid-job, and chaos, three drivers of one job at once as separate processes joined to one Ray, over S3 behind a
+fault-injecting proxy (409/500/503/SlowDown answers, connections reset mid-body, delays), with drivers and
+DecoderWorker actors SIGKILLed at random over several rounds. After each, every id is present exactly once and the
+shards are byte for byte what an undisturbed worker builds."""
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from generate_support import all_rows, publish_tiny_model, shard_objects
+from generate_support import (all_rows, assert_complete_and_exact, publish_tiny_model, shard_objects, spec, wait_for,
+                              worker_in_stage)
 from s3_fault_proxy import FaultProxy
 
 from cluster.generate.commit import read_committed_manifest
@@ -20,12 +22,71 @@ from cluster.generate.drill import STAGE_DELAY_ENV
 from cluster.generate.driver import run_generation
 from cluster.generate.lease import LEASE_TTL_ENV
 from cluster.generate.plan import plan_job
-from cluster.store.layout import LEASE, RECEIPTS
+from cluster.store.layout import LEASE, RECEIPTS, SUCCESS, JobKeys
 from cluster.store.storage import open_storage
 from vae_core.config import StorageConfig
 from vae_core.use_configs import GenerateConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("stage, where", [("encode", "local"), ("publish", "s3"),
+                                          pytest.param("encode", "s3", marks=pytest.mark.slow),
+                                          pytest.param("publish", "local", marks=pytest.mark.slow)])
+def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_local, request, monkeypatch, stage, where):
+    storage_config = request.getfixturevalue(f"{where}_storage_config")
+    storage = open_storage(storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    job = spec()
+    job_id = plan_job(job, storage).job_id
+    monkeypatch.setenv(STAGE_DELAY_ENV, f"{stage}=0.3")
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(run_generation(job, storage_config, workers=2,
+                                                                          progress=False)))
+    driver.start()
+    pid = wait_for(lambda: worker_in_stage(job_id, stage), what=f"a worker in stage {stage}")
+    os.kill(pid, signal.SIGKILL)
+    assert not storage.exists(f"outputs/{job_id}/{SUCCESS}")
+    driver.join(timeout=300)
+
+    assert result["job_id"] == job_id and result["run"]["shards_written"] == 6
+    assert_complete_and_exact(storage, result, job)
+
+
+def test_the_driver_killed_mid_job_resumes_where_it_stopped(ray_local, local_storage_config):
+    storage = open_storage(local_storage_config, for_writing=True)
+    publish_tiny_model(storage)
+    job = spec()
+    prefix = plan_job(job, storage).prefix
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A short lease TTL: the killed driver's lease then blocks the resume for seconds, not the default minute (a
+    # lease that outlives its driver is tests/generate/test_generate.py's subject, not this test's).
+    env.update(PYTHONPATH=REPO, **{STAGE_DELAY_ENV: "publish=0.5", LEASE_TTL_ENV: "4"})
+    cmd = [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--count", "48", "--shard-size", "8",
+           "--seed", "3", "--decode-batch", "4", "--workers", "1", "--root", local_storage_config.root,
+           "--no-progress"]
+    driver = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(storage.list(f"{prefix}/{RECEIPTS}")) >= 2 or driver.poll() is not None,
+                 timeout=180, what="two finished shards")
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)                # the CLI and the local Ray it started
+        driver.wait()
+        driver.stderr.close()
+    finished = len(storage.list(f"{prefix}/{RECEIPTS}"))
+    assert 2 <= finished < 6
+    assert not storage.exists(f"{prefix}/{SUCCESS}") and not storage.exists(JobKeys(prefix).manifest)
+
+    resumed = run_generation(job, local_storage_config, workers=2, progress=False)
+    assert resumed["run"]["shards_skipped"] >= finished
+    assert resumed["run"]["shards_written"] + resumed["run"]["shards_skipped"] == 6
+    assert_complete_and_exact(storage, resumed, job)
+    assert not [e.key for e in storage.list(prefix, recursive=True) if ".tmp-" in e.key]   # no temp file left
+
+
+# -- chaos: three drivers, faults and kills ---------------------------------------------------------------------------
 SHARDS = 12
 JOB = GenerateConfig(model="tiny", count=SHARDS * 64, shard_size=64, seed=5, decode_batch=16)
 DRIVERS, ROUNDS = 3, 3
