@@ -444,10 +444,10 @@ def test_vaegen_outputs_ingest_back_with_their_labels_and_class_names(own_jobs, 
     plan = plan_source(kind, folder, LOCAL, IngestOptions(image_key="png;jpg"))
     assert plan.label_names == FASHION_MNIST_LABELS and len(plan.items) == 2
     got = read_all(plan, options=IngestOptions(image_key="png;jpg"))
-    assert list(got) == ["train"]                          # the jobs' shards are data/train-0000N-of-00002.*
+    assert list(got) == ["test"]                           # reconstructions of test: data/test-0000N-of-00002.*
     written = all_rows(Storage(StorageConfig(root=folder.rsplit("/outputs/", 1)[0])), manifest)
-    assert got["train"][1].tolist() == labels == written["label"]
-    assert np.array_equal(got["train"][0], np.stack(written["image"]))
+    assert got["test"][1].tolist() == labels == written["label"]
+    assert np.array_equal(got["test"][0], np.stack(written["image"]))
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------

@@ -201,9 +201,9 @@ def test_a_spec_submitted_while_it_runs_is_attached_to_not_started_again(ray_hea
     assert Registry(Storage(s3_dataset)).versions("fm-attach") == []
 
 
-def train_tiny(cfg: StorageConfig, name: str) -> str:
+def train_tiny(cfg: StorageConfig, name: str, seed: int = 0) -> str:
     job = TrainJobConfig(storage=cfg, dataset="fm", name=name, model=ModelConfig(hidden_dim=32, latent_dim=2),
-                         train=TrainConfig(epochs=1, max_images=500))
+                         train=TrainConfig(epochs=1, max_images=500, seed=seed))
     return train_model(job, progress=False).ref.version              # job.ray is None: one process
 
 
@@ -221,7 +221,7 @@ def test_generate_with_the_champion_is_a_new_job_once_the_champion_changes(ray_h
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"--model fm-champ@champion is fm-champ@{first_version} now" in run.stdout
 
-    second_version = train_tiny(s3_dataset, "fm-champ")
+    second_version = train_tiny(s3_dataset, "fm-champ", seed=1)       # the same settings again would be the same run
     assert swap_champion(registry, "fm-champ", {"version": second_version}, expected_version=first_version)
     again = vaegen("submit", "--address", address, "--wait", "--", *argv, token_path=token)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
