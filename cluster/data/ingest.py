@@ -92,6 +92,15 @@ def default_name(source: str, path: str | None) -> str:
     return base
 
 
+def recorded_source(uri: str) -> str:
+    """What the manifest and the card say the dataset came from: an s3:// URI as given, a local input by its
+    folder's or file's own name, since a record under the root never names a place on the machine that wrote it
+    (a root is portable)."""
+    if uri.startswith("s3://"):
+        return uri
+    return os.path.basename(os.path.abspath(uri).rstrip("/")) or uri
+
+
 def source_generation(plan: SourcePlan, shard_rows: int, options: IngestOptions) -> str:
     """The generation an ingest of `plan` writes: same input, flags and layout, same generation."""
     identity = [LAYOUT, shard_rows, plan.kind, plan.fingerprint, dataclasses.asdict(options)]
@@ -123,7 +132,8 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
         with ingest_runtime(plan) as use_ray:
             try:
                 pieces = read_pieces(job, plan, use_ray, progress)
-                manifest = new_manifest(name, generation, check_pieces(pieces), plan.label_names or (), plan.uri,
+                manifest = new_manifest(name, generation, check_pieces(pieces), plan.label_names or (),
+                                        recorded_source(plan.uri),
                                         skipped=skipped_record(pieces))
                 manifest["splits"] = write_shards(job, pieces, shard_rows, use_ray)
             finally:

@@ -214,7 +214,7 @@ def card_text(manifest: dict, rows: RowLayout, source: Provenance) -> str:
     class_names = ", ".join(map(markdown_text, manifest.get("label_names", [])))
     lines = [f"# {manifest['job_id']}", "",
              f"{how_made(manifest, source)} the VAE `{manifest['model']}` (weights sha256 "
-             f"`{manifest['weights_sha256'][:16]}…`), in {totals['shards']} {fmt} shards ({totals['bytes']:,} "
+             f"`{manifest['weights_sha256'][:16]}…`), in {totals['shards']} {fmt} shard{'' if totals['shards'] == 1 else 's'} ({totals['bytes']:,} "
              f"bytes), made {made} by vaegen {manifest['libraries']['vaegen']}.", "", origin, "",
              *([f"- seed: {spec['seed']} (shard i draws its latents from a generator seeded by (seed, i))"]
                if spec["kind"] == "samples" else []),

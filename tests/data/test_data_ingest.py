@@ -77,6 +77,18 @@ def test_image_folder_reads_classes_from_subfolders(tmp_path):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_dataset_names_its_input_by_name_not_by_the_place_it_was_read_from(tmp_path):
+    """A root is portable: the manifest and the card say where the images came from by the folder's own name,
+    never by a path on the machine that ingested them."""
+    make_folder(tmp_path / "inputs" / "imgs", {"cats": (8, 8), "dogs": (8, 8)})
+    root = tmp_path / "root"
+    manifest = ingest_source("image-folder", str(tmp_path / "inputs" / "imgs"), StorageConfig(root=str(root)),
+                             name="pets", progress=False)
+    assert manifest["source"] == "imgs"
+    assert [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and str(tmp_path).encode() in p.read_bytes()] == []
+
+
 def test_image_folder_of_mixed_shapes_is_refused(tmp_path):
     make_folder(tmp_path / "imgs", {"a": (32, 32), "b": (16, 16)})
     with pytest.raises(VaegenError, match="images differ in size"):
