@@ -91,17 +91,13 @@ def read_file(uri: str, cfg: StorageConfig) -> bytes:
 def open_file(uri: str, cfg: StorageConfig):
     """A seekable pyarrow file for `uri` (what pyarrow.parquet and tarfile read from)."""
     folder, name = split_uri(uri)
-    storage = storage_at(folder, cfg)
-    path = storage.path(name)
-    return storage._arrow(lambda: storage.fs.open_input_file(path), name)
+    return storage_at(folder, cfg).open_input(name)
 
 
 def open_stream(uri: str, cfg: StorageConfig, buffer_size: int = 1 << 20):
     """A buffered, forward-only pyarrow stream of `uri` (one sequential read of a tar)."""
     folder, name = split_uri(uri)
-    storage = storage_at(folder, cfg)
-    path = storage.path(name)
-    return storage._arrow(lambda: storage.fs.open_input_stream(path, buffer_size=buffer_size), name)
+    return storage_at(folder, cfg).open_input(name, stream_buffer=buffer_size)
 
 
 def file_info(uri: str, cfg: StorageConfig) -> FileRef | None:
@@ -116,8 +112,7 @@ def file_info(uri: str, cfg: StorageConfig) -> FileRef | None:
     if uri.count("/") < 3:
         return None                                  # s3://bucket: a folder
     folder, name = split_uri(uri)
-    storage = storage_at(folder, cfg)
-    info = storage._arrow(lambda: storage.fs.get_file_info(storage.path(name)), name)
+    info = storage_at(folder, cfg).file_info(name)
     return FileRef(uri, info.size, _mtime_ns(info)) if info.type == pafs.FileType.File else None
 
 
@@ -134,11 +129,8 @@ def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
                 if _visible(e.key)]
     else:
         storage.check_readable()
-        infos = storage._arrow(lambda: storage.fs.get_file_info(
-            pafs.FileSelector(storage.path(""), recursive=True, allow_not_found=True)), "")
-        start = len(storage.base) + 1
-        refs = [FileRef(f"{uri}/{i.path[start:]}", i.size, _mtime_ns(i)) for i in infos
-                if i.type == pafs.FileType.File and not i.path.endswith("/") and _visible(i.path[start:])]
+        refs = [FileRef(f"{uri}/{key}", info.size, _mtime_ns(info)) for key, info in storage.s3_files("")
+                if _visible(key)]
     return sorted(refs, key=lambda r: r.uri)
 
 

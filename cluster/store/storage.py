@@ -151,8 +151,7 @@ class Storage(S3Requests):
 
     # -- reads -------------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        check_key(key, root_ok=True)
-        return self._arrow(lambda: self.fs.get_file_info(self.path(key)).type == pafs.FileType.File, key)
+        return self.file_info(key).type == pafs.FileType.File
 
     def read_bytes(self, key: str) -> bytes:
         """The whole object. On S3 one GET, so one version of it: pyarrow's read (a HEAD for the size, then a
@@ -169,16 +168,33 @@ class Storage(S3Requests):
                 return f.read()
         return self._arrow(read, key)
 
+    def file_info(self, key: str) -> pafs.FileInfo:
+        """pyarrow's FileInfo of `key` (type, size, mtime); its type is NotFound where there is nothing."""
+        return self._arrow(lambda: self.fs.get_file_info(self.path(key)), key)
+
+    def open_input(self, key: str, stream_buffer: int = 0):
+        """A pyarrow file of `key` to read from: seekable (what pyarrow.parquet and tarfile take), or with
+        `stream_buffer` bytes a buffered forward-only stream (one sequential read)."""
+        path = self.path(key)
+        if stream_buffer:
+            return self._arrow(lambda: self.fs.open_input_stream(path, buffer_size=stream_buffer), key)
+        return self._arrow(lambda: self.fs.open_input_file(path), key)
+
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
         if not self.is_s3:
             return sorted((Entry(key, size) for key, size in self._local_walk(prefix, recursive) if size >= 0),
                           key=lambda e: e.key)
+        return sorted((Entry(key, info.size) for key, info in self.s3_files(prefix, recursive)), key=lambda e: e.key)
+
+    def s3_files(self, prefix: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
+        """(key, pyarrow FileInfo: size, mtime) of each object under a prefix of an S3 root, S3's zero-byte
+        'dir/' marker keys skipped. Local roots are walked by `list`, which refuses links; pyarrow would follow."""
+        assert self.is_s3, "s3_files lists an S3 root"
         infos = self._arrow(lambda: self.fs.get_file_info(
             pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)), prefix)
         start = len(self.base) + 1
-        return sorted((Entry(i.path[start:], i.size) for i in infos
-                       if i.type == pafs.FileType.File and not i.path.endswith("/")), key=lambda e: e.key)
+        return [(i.path[start:], i) for i in infos if i.type == pafs.FileType.File and not i.path.endswith("/")]
 
     def list_dirs(self, prefix: str) -> list[str]:
         if not self.is_s3:
