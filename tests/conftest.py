@@ -268,6 +268,21 @@ def rng_images(n: int, shape=(1, 28, 28), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 
 
+@pytest.fixture
+def tiny_root(tmp_path):
+    """A local root holding one untrained 1x8x8 model version, `tiny`: enough for the verbs that read a model."""
+    from cluster.store.registry import Registry
+    from cluster.store.storage import open_storage
+    from vae_core.checkpoint import checkpoint_files
+    from vae_core.config import ModelConfig
+    from vae_core.models import build_model
+    root = tmp_path / "root"
+    storage = open_storage(StorageConfig(root=str(root)), for_writing=True)
+    Registry(storage).publish("tiny", checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4,
+                                                                                latent_dim=2))))
+    return root
+
+
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

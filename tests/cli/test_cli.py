@@ -186,15 +186,6 @@ def test_the_model_spec_rule():
             check_model_spec(bad)
 
 
-@pytest.fixture
-def tiny_root(tmp_path):
-    root = tmp_path / "root"
-    storage = open_storage(StorageConfig(root=str(root)), for_writing=True)
-    Registry(storage).publish("tiny", checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4,
-                                                                                latent_dim=2))))
-    return root
-
-
 def test_sample_out_is_replaced_in_one_step_or_not_at_all(tiny_root, tmp_path, monkeypatch, capsys):
     import vae_core.artifacts
     from jobs.cli import main

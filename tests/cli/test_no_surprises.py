@@ -6,24 +6,12 @@ import uuid
 
 import pytest
 
-from cluster.store.registry import Registry
 from cluster.store.storage import open_storage
 from jobs.cli import main
-from vae_core.checkpoint import checkpoint_files
-from vae_core.config import ModelConfig, StorageConfig
+from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
-from vae_core.models import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    root = tmp_path / "root"
-    storage = open_storage(StorageConfig(root=str(root)), for_writing=True)
-    Registry(storage).publish("tiny", checkpoint_files(build_model(ModelConfig(image_shape=(1, 8, 8), hidden_dim=4,
-                                                                                latent_dim=2))))
-    return root
 
 
 def test_sample_writes_an_s3_out_to_the_bucket(tiny_root, s3_server, capsys):
