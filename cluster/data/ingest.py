@@ -79,13 +79,20 @@ class IngestJob:
         return dataset_key(self.name, PENDING, f"{GENERATION_PREFIX}{self.generation}")
 
 
+def input_name(uri: str) -> str:
+    """An input's own name: the last segment of an s3:// URI, else of the local path made absolute (so '.' is the
+    current folder's name)."""
+    if uri.startswith("s3://"):
+        return uri.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(os.path.abspath(uri).rstrip("/"))
+
+
 def default_name(source: str, path: str | None) -> str:
-    """The dataset name when --name is not given: fashion-mnist or parquet, else the input folder's own name, from
-    its absolute path (so '.' names the current folder); one that is not a valid name asks for --name."""
+    """The dataset name when --name is not given: fashion-mnist or parquet, else the input folder's own name; one
+    that is not a valid name asks for --name."""
     if source in DEFAULT_NAMES:
         return DEFAULT_NAMES[source]
-    base = os.path.basename(os.path.abspath(path).rstrip("/")) if not path.startswith("s3://") else \
-        path.rstrip("/").rsplit("/", 1)[-1]
+    base = input_name(path)
     if not is_valid_name(base):
         raise VaegenError(f"cannot name the dataset after the folder {path!r} ({base!r} is not a valid name): "
                           "pass --name")
@@ -93,12 +100,9 @@ def default_name(source: str, path: str | None) -> str:
 
 
 def recorded_source(uri: str) -> str:
-    """What the manifest and the card say the dataset came from: an s3:// URI as given, a local input by its
-    folder's or file's own name, since a record under the root never names a place on the machine that wrote it
-    (a root is portable)."""
-    if uri.startswith("s3://"):
-        return uri
-    return os.path.basename(os.path.abspath(uri).rstrip("/")) or uri
+    """What the manifest and the card say the dataset came from: an s3:// URI as given, a local input by its own
+    name, since a record under the root never names a place on the machine that wrote it (a root is portable)."""
+    return uri if uri.startswith("s3://") else input_name(uri) or uri
 
 
 def source_generation(plan: SourcePlan, shard_rows: int, options: IngestOptions) -> str:
