@@ -7,7 +7,7 @@ import argparse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from vae_core.config import AUTO_WORKERS
+from vae_core.config import AUTO_WORKERS, TrainJobConfig
 from vae_core.use_configs import GenerateConfig
 
 from .args import (
@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
+    from cluster.runtime.placement import joined_for_sizing
+    config = train_job_config(args)
+    with joined_for_sizing(config, args.address, args.connect_timeout):     # one join, for sizing and every step
+        return run_steps(config, args)
+
+
+def run_steps(config: TrainJobConfig, args: argparse.Namespace) -> int:
     from cluster.data.datasets import read_manifest
     from cluster.data.ingest import ingest_source
     from cluster.generate.driver import run_generation, run_reconstruction
@@ -50,7 +57,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     from .train_cmds import already_trained
 
-    job = sized_training(train_job_config(args), args.address, args.connect_timeout)   # --workers auto: sized now
+    job = sized_training(config, args.address, args.connect_timeout)   # --workers auto: sized now
     samples = build(GenerateConfig, args, only=SAMPLE_FLAGS, model="pending",
                     seed=job.train.seed)                         # checks --count/--shard-size before any work
     storage = open_storage(storage_config(args), for_writing=True)

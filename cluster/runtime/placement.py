@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
-from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
+from cluster.runtime.ray_join import CONNECT_TIMEOUT_S, ray_target
 from vae_core.config import AUTO_WORKERS, MAX_WORKERS, TrainJobConfig
 
 RESERVED_CPUS_PER_NODE = 1.0           # left to the raylet, the object store and a driver on the node
@@ -54,6 +54,21 @@ def sized_training(job: TrainJobConfig, address: str | None = None,
         return job
     workers, cpus, gpus = size_training(ray_nodes(address, connect_timeout), batch_size=job.train.batch_size)
     return replace(job, ray=replace(job.ray, workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus))
+
+
+@contextmanager
+def joined_for_sizing(job: TrainJobConfig, address: str | None = None,
+                      connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[None]:
+    """Around sized_training and the work that follows it: where --workers auto is sized on a cluster (an
+    address, or $RAY_ADDRESS as inside a Ray Job), the one join both use. Else nothing: sizing would join, leave,
+    and the training would join the same cluster again."""
+    import ray
+    if job.ray is None or job.ray.workers != AUTO_WORKERS or ray.is_initialized() or ray_target(address) is None:
+        yield
+        return
+    from cluster.runtime.ray_session import ray_runtime
+    with ray_runtime(address, connect_timeout=connect_timeout):
+        yield
 
 
 def ray_nodes(address: str | None, connect_timeout: float = CONNECT_TIMEOUT_S) -> list[dict]:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from cluster.data.datasets import bind_model_to_dataset, read_manifest
-from cluster.runtime.placement import sized_training
+from cluster.runtime.placement import joined_for_sizing, sized_training
 from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.store.name_binding import Binding, check_binding
 from cluster.store.storage import open_storage_to_write_later
@@ -38,8 +38,15 @@ def train_model(job: TrainJobConfig, *, address: str | None = None, progress: bo
     finished run returns its published version (TrainResult.already_trained). `address` joins a Ray cluster (Ray
     backend only), waiting `connect_timeout` s for it; `initial_state` is a warm start (e.g. the champion's
     weights)."""
+    with joined_for_sizing(job, address, connect_timeout):
+        job = sized_training(job, address, connect_timeout)    # --workers auto: numbers before anything records them
+        return train_sized(job, address, progress, initial_state, connect_timeout)
+
+
+def train_sized(job: TrainJobConfig, address: str | None, progress: bool,
+                initial_state: dict[str, torch.Tensor] | None, connect_timeout: float) -> TrainResult:
+    """train_model once the job's workers are numbers."""
     started = time.time()
-    job = sized_training(job, address, connect_timeout)        # --workers auto: numbers before anything records them
     storage = open_storage_to_write_later(job.storage)
     manifest = read_manifest(storage, job.dataset)            # no dataset: refused before the root is written
     storage.check_writable()

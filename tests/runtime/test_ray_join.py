@@ -129,3 +129,22 @@ def test_a_live_cluster_is_joined_through_the_bounded_wait(ray_cluster, capsys):
         assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 1
     assert capsys.readouterr().out.startswith(f"vaegen: joining Ray at {cluster.address} (from --address)")
     assert not ray.is_initialized()
+
+
+def test_workers_auto_on_a_cluster_joins_it_once_for_the_sizing_and_the_training(ray_cluster, capsys):
+    """`--workers auto --address A`: the cluster is joined once; its nodes size the job, and the training that
+    follows runs on that same connection (it does not leave and join again)."""
+    import ray
+
+    from cluster.runtime.placement import joined_for_sizing, sized_training
+    from cluster.runtime.ray_session import ray_runtime
+    from vae_core.config import RayTrainConfig, TrainConfig, TrainJobConfig
+    cluster = ray_cluster()
+    job = TrainJobConfig(ray=RayTrainConfig(workers="auto"), train=TrainConfig(batch_size=128))
+    with joined_for_sizing(job, cluster.address, connect_timeout=30):
+        sized = sized_training(job, cluster.address, connect_timeout=30)
+        with ray_runtime(cluster.address, connect_timeout=30):          # what the training enters
+            assert ray.is_initialized()
+    assert isinstance(sized.ray.workers, int) and sized.ray.workers >= 1
+    assert capsys.readouterr().out.count("vaegen: joining Ray at") == 1
+    assert not ray.is_initialized()
