@@ -2,7 +2,7 @@
 # Set up (once) and run vaegen on a fresh machine:
 #   ./dev.sh pipeline [flags]   the main job: ingest Fashion-MNIST, train, generate, into ./vaegen-data
 #   ./dev.sh test [pytest args] the test suite (what CI runs): two pytest processes, each test file in one of them
-#   ./dev.sh unit [pytest args] the unit tier: no Ray, no S3 server, nothing slow (-n 0: one process)
+#   ./dev.sh unit [pytest args] the unit tier: no Ray, no S3 server, nothing slow (one pytest process per core)
 #   ./dev.sh vaegen VERB ...    any vaegen command inside the project's environment
 # It installs what is missing: the Debian package dataset-fashion-mnist and a venv (.venv) with the pins.
 set -euo pipefail
