@@ -177,6 +177,33 @@ def stage_one_shard(maker: PrecomputedMaker, index: int, stages: dict) -> None:
                           maker.storage.publish(plan.receipt_key(index), receipt)))
 
 
+def parquet_frame(shape, floats, args, machine: dict) -> None:
+    """Parquet's frame stage split, CPU µs per sample (median of --repeat, same rows): the Arrow table (with the
+    PNG files: the encode stage), Parquet's encoding uncompressed, and zstd (the writer's write less that)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from cluster.generate.writers.parquet import parquet_write_options
+    info = ShardInfo(0, 1, "bench@v0001", "0" * 64, "bench", ())
+    images, latents = np.concatenate([CONVERT(f.clone()) for f in floats[0]]), floats[1].numpy()
+    writer = writer_for(job_plan("parquet", shape, args.shard_size, 1, args.decode_batch).spec)(info)
+    writer.write(DecodedBatch(np.arange(len(images), dtype=np.int64), None, latents[:len(images)], images))
+    table = writer.table()
+
+    def write(**override):
+        return lambda: pq.write_table(table, io.BytesIO(), **{**parquet_write_options(table), **override})
+
+    parts = {"table": writer.table, "parquet encode (uncompressed)": write(compression="none", compression_level=None), "zstd": write()}
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(args.repeat):
+        for k, fn in parts.items():
+            times[k].append(timed(fn)[0])
+    times["zstd"] = [z - u for z, u in zip(times["zstd"], times["parquet encode (uncompressed)"])]
+    emit({"measure": "parquet frame breakdown", "format": "parquet", "shape": list(shape),
+          "cpu_us_per_sample": {k: statistics.median(v) * 1e6 / len(images) for k, v in times.items()}, **machine})
+
+
 def codec_alone(fmt: str, shape, floats) -> float | None:
     """CPU seconds of the codec alone over the images: libdeflate per image (PNG), encode_jpeg per batch
     (JPEG); None for Parquet (its PNGs are stored blocks: no codec)."""
@@ -236,6 +263,7 @@ def run(fmt: str, shape, args, machine: dict) -> dict:
         result["target_ratio_to_codec"] = TARGET_CODEC_RATIO
     else:
         result["target_cpu_us_per_sample"] = TARGET_PARQUET_US
+        parquet_frame(shape, floats, args, machine)
     emit(result)
     return result
 

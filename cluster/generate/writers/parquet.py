@@ -169,6 +169,21 @@ def decode_image_column(table: pa.Table, image_shape=None) -> np.ndarray:
     return out.transpose(0, 3, 1, 2).copy()
 
 
+def parquet_write_options(table: pa.Table) -> dict:
+    """pq.write_table's settings for a shard's table (one row group): part of the shard's bytes.
+    - zstd level 1 on every column: it Huffman-codes the literals, which is where noisy pixels shrink; every
+      faster codec or level leaves them raw (zstd's negative levels, lz4, snappy: much larger files), and higher
+      levels cost more for the same size. zstd is most of a small-image shard's CPU: the floor of its cost.
+    - Dictionary encoding and min/max statistics only where they pay: pixel strings and latent lists are all
+      distinct, so a dictionary or min/max of them costs write time and helps no reader.
+    - No page index, bloom filter or content-defined chunking: readers scan whole shards. The default data page
+      size: smaller or larger pages compress alike and cost no less."""
+    return {"compression": "zstd", "compression_level": 1, "row_group_size": len(table),
+            "use_dictionary": [k for k in DICTIONARY_COLUMNS if k in table.column_names],
+            "write_statistics": ["id", *(k for k in DICTIONARY_COLUMNS if k in table.column_names)],
+            "write_page_index": False, "use_content_defined_chunking": False}
+
+
 class ParquetShardWriter:
     """Columns: id, shard, seed, label (only for labelled rows), latent (fixed-size list float32), image
     (struct<bytes, path>: a stored-deflate PNG file, see IMAGE_TYPE), height, width, channels; zstd; model and
@@ -186,7 +201,7 @@ class ParquetShardWriter:
         n, (c, h, w), z = len(rows), rows.images.shape[1:], rows.latents.shape[1]
         image = pa.StructArray.from_arrays([png_images(rows.images),
                                             pa.nulls(n, pa.string())], fields=list(IMAGE_TYPE))
-        latent = pa.FixedSizeListArray.from_arrays(pa.array(rows.latents.astype(np.float32).ravel()), z)
+        latent = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows.latents, np.float32).ravel()), z)
         columns = {
             "id": pa.array(rows.ids, pa.int64()),
             "shard": pa.array(np.full(n, self.info.index, np.int32)),
@@ -203,11 +218,7 @@ class ParquetShardWriter:
             raise ValueError(f"shard {self.info.index}: no rows to write")
         table = self.table()
         buf = io.BytesIO()
-        # Dictionary encoding and min/max statistics only where they pay: pixel strings and latent lists are all
-        # distinct, so a dictionary or min/max of them costs write time and helps no reader.
-        pq.write_table(table, buf, compression="zstd", row_group_size=len(table),
-                       use_dictionary=[k for k in DICTIONARY_COLUMNS if k in table.column_names],
-                       write_statistics=["id", *(k for k in DICTIONARY_COLUMNS if k in table.column_names)])
+        pq.write_table(table, buf, **parquet_write_options(table))
         data = buf.getvalue()
         # The footer parses and counts the rows: a writer bug or a truncated buffer fails here, before anything
         # is published (reading the footer alone costs nothing next to the write).
