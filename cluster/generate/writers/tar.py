@@ -25,19 +25,22 @@ def latent_texts(latents: np.ndarray) -> list[str]:
     json.loads reads (shorter than repr's 17 digits: a small latent's .json stays within one 512-byte tar block).
     Rows where %g and json differ (non-finite or integral values, |v| >= 1e8, where %g
     switches to exponents before repr does) are written by json.dumps instead."""
-    rows = latents.tolist()
+    row_format = ", ".join([LATENT_FORMAT] * latents.shape[1])
+    return [json.dumps(row)[1:-1] if unusual else row_format % tuple(row)
+            for row, unusual in zip(latents.tolist(), unusual_rows(latents).tolist())]
+
+
+def unusual_rows(latents: np.ndarray) -> np.ndarray:
+    """The rows (B, Z) that latent_texts writes by json.dumps: any value non-finite, integral or |v| >= 1e8."""
     values = np.asarray(latents, np.float64)
     with np.errstate(invalid="ignore"):
-        odd = (~np.isfinite(values) | (np.abs(values) >= 1e8) | (values == np.round(values))).any(axis=1).tolist()
-    row_format = ", ".join([LATENT_FORMAT] * latents.shape[1])
-    return [json.dumps(row)[1:-1] if unusual else row_format % tuple(row) for row, unusual in zip(rows, odd)]
+        return (~np.isfinite(values) | (np.abs(values) >= 1e8) | (values == np.round(values))).any(axis=1)
 
 
 def json_members(ids: np.ndarray, labels: np.ndarray | None, latents: np.ndarray, head: str, tail: str) -> list[bytes]:
     """Every sample's `.json` text, `head` id, label and latent `tail`, as json.dumps(meta, sort_keys=True) writes it
     (head and tail hold the other keys, sorted). One %-format over the whole batch, split at its newlines (which no
-    JSON text from json.dumps holds), spares the per-sample Python; rows latent_texts writes by json.dumps are
-    redone one by one as before."""
+    JSON text from json.dumps holds), spares the per-sample Python; the rare unusual_rows are written one by one."""
     n, z = latents.shape
     label = "null" if labels is None else "%d"
     sample = (head.replace("%", "%%") + f'%d, "label": {label}, "latent": [{", ".join([LATENT_FORMAT] * z)}]'
@@ -46,9 +49,7 @@ def json_members(ids: np.ndarray, labels: np.ndarray | None, latents: np.ndarray
     args = ([x for i, row in zip(ids.tolist(), rows) for x in (i, *row)] if labels is None else
             [x for i, y, row in zip(ids.tolist(), labels.tolist(), rows) for x in (i, y, *row)])
     texts = ("\n".join([sample] * n) % tuple(args)).encode().split(b"\n")
-    values = np.asarray(latents, np.float64)
-    with np.errstate(invalid="ignore"):
-        odd = np.flatnonzero((~np.isfinite(values) | (np.abs(values) >= 1e8) | (values == np.round(values))).any(axis=1))
+    odd = np.flatnonzero(unusual_rows(latents))
     for row, text in zip(odd.tolist(), latent_texts(latents[odd])):
         y = "null" if labels is None else int(labels[row])
         texts[row] = f'{head}{int(ids[row])}, "label": {y}, "latent": [{text}]{tail}'.encode()
