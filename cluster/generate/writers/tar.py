@@ -25,12 +25,35 @@ def latent_texts(latents: np.ndarray) -> list[str]:
     json.loads reads (shorter than repr's 17 digits: a small latent's .json stays within one 512-byte tar block).
     Rows where %g and json differ (non-finite or integral values, |v| >= 1e8, where %g
     switches to exponents before repr does) are written by json.dumps instead."""
-    rows = latents.tolist()
+    row_format = ", ".join([LATENT_FORMAT] * latents.shape[1])
+    return [json.dumps(row)[1:-1] if unusual else row_format % tuple(row)
+            for row, unusual in zip(latents.tolist(), unusual_rows(latents).tolist())]
+
+
+def unusual_rows(latents: np.ndarray) -> np.ndarray:
+    """The rows (B, Z) that latent_texts writes by json.dumps: any value non-finite, integral or |v| >= 1e8."""
     values = np.asarray(latents, np.float64)
     with np.errstate(invalid="ignore"):
-        odd = (~np.isfinite(values) | (np.abs(values) >= 1e8) | (values == np.round(values))).any(axis=1).tolist()
-    row_format = ", ".join([LATENT_FORMAT] * latents.shape[1])
-    return [json.dumps(row)[1:-1] if unusual else row_format % tuple(row) for row, unusual in zip(rows, odd)]
+        return (~np.isfinite(values) | (np.abs(values) >= 1e8) | (values == np.round(values))).any(axis=1)
+
+
+def json_members(ids: np.ndarray, labels: np.ndarray | None, latents: np.ndarray, head: str, tail: str) -> list[bytes]:
+    """Every sample's `.json` text, `head` id, label and latent `tail`, as json.dumps(meta, sort_keys=True) writes it
+    (head and tail hold the other keys, sorted). One %-format over the whole batch, split at its newlines (which no
+    JSON text from json.dumps holds), spares the per-sample Python; the rare unusual_rows are written one by one."""
+    n, z = latents.shape
+    label = "null" if labels is None else "%d"
+    sample = (head.replace("%", "%%") + f'%d, "label": {label}, "latent": [{", ".join([LATENT_FORMAT] * z)}]'
+              + tail.replace("%", "%%"))
+    rows = latents.tolist()
+    args = ([x for i, row in zip(ids.tolist(), rows) for x in (i, *row)] if labels is None else
+            [x for i, y, row in zip(ids.tolist(), labels.tolist(), rows) for x in (i, y, *row)])
+    texts = ("\n".join([sample] * n) % tuple(args)).encode().split(b"\n")
+    odd = np.flatnonzero(unusual_rows(latents))
+    for row, text in zip(odd.tolist(), latent_texts(latents[odd])):
+        y = "null" if labels is None else int(labels[row])
+        texts[row] = f'{head}{int(ids[row])}, "label": {y}, "latent": [{text}]{tail}'.encode()
+    return texts
 
 
 USTAR_MODE_IDS = b"%07o\0" % TAR_MODE + b"0000000\0" * 2                  # mode, uid, gid
@@ -122,7 +145,7 @@ class TarShardWriter:
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
-        self.parts: list[bytes] = []            # one run of whole members per batch
+        self.parts: list = []                   # every member's header, body and padding, in order
         self.sizes: list[np.ndarray] = []       # each member's size, in order: what close() checks
         self.rows = 0
 
@@ -131,17 +154,16 @@ class TarShardWriter:
 
     def write(self, batch: DecodedBatch) -> None:
         c, h, w = batch.images.shape[1:]
-        # The JSON text is formatted by hand, sparing json.dumps's per-call work on every sample, to exactly
-        # what json.dumps(meta, sort_keys=True) writes for what json.loads reads back from it: keys sorted, ", " and
-        # ": " separators, latents as in latent_texts.
+        # The JSON text is formatted by hand (json_members), sparing json.dumps's per-call work on every sample,
+        # to exactly what json.dumps(meta, sort_keys=True) writes for what json.loads reads back from it: keys
+        # sorted, ", " and ": " separators, latents as in latent_texts.
         head = f'{{"channels": {c}, "height": {h}, "id": '
         tail = (f', "model": {json.dumps(self.info.model)}, "seed": {json.dumps(self.info.seed)}, '
                 f'"shard": {self.info.index}, "width": {w}}}')
         ids = batch.ids.tolist()
-        labels = [None] * len(batch) if batch.labels is None else batch.labels.tolist()
-        metas = [f'{head}{i}, "label": {"null" if y is None else y}, "latent": [{z}]{tail}'.encode()
-                 for i, y, z in zip(ids, labels, latent_texts(batch.latents))]
-        members = [self.encode(batch.images), *([] if batch.labels is None else [[b"%d" % y for y in labels]]),
+        labels = None if batch.labels is None else batch.labels.tolist()
+        metas = json_members(batch.ids, batch.labels, batch.latents, head, tail)
+        members = [self.encode(batch.images), *([] if labels is None else [[b"%d" % y for y in labels]]),
                    metas]
         extensions = [self.image_ext, *([] if batch.labels is None else ["cls"]), "json"]
         if any(len(kind) != len(ids) for kind in members):                  # zip below would drop samples
@@ -155,15 +177,16 @@ class TarShardWriter:
             flat = memoryview(ustar_headers(batch.ids, extensions, sizes.reshape(len(ids), -1)).tobytes())
             headers = [flat[k:k + 512] for k in range(0, len(flat), 512)]
         pads = [PADDING[p] for p in (-sizes % 512).tolist()]
-        self.parts.append(b"".join([part for member in zip(headers, bodies, pads) for part in member]))
+        self.parts += [part for member in zip(headers, bodies, pads) for part in member]   # joined once, in close
         self.sizes.append(sizes)
         self.rows += len(batch)
 
     def close(self) -> bytes:
         if not self.rows:
             raise ValueError(f"shard {self.info.index}: no rows to write")
-        body = b"".join(self.parts)
-        data = body + b"\0" * (-(len(body) + 1024) % tarfile.RECORDSIZE + 1024)   # end blocks, whole records
+        length = 512 * int(sum(int((1 + -(-sizes // 512)).sum()) for sizes in self.sizes))
+        self.parts.append(b"\0" * (-(length + 1024) % tarfile.RECORDSIZE + 1024))   # end blocks, whole records
+        data, self.parts = b"".join(self.parts), []                     # one copy of the shard
         check_members(data, np.concatenate(self.sizes))                # the bytes as published parse as written
         return data
 
