@@ -18,7 +18,7 @@ from PIL import Image
 
 from cluster.store.storage import Storage
 from vae_core.config import IngestOptions, StorageConfig
-from vae_core.data import open_user_image, shape_chw, shape_image
+from vae_core.data import is_wide, open_user_image, shape_chw, shape_image
 from vae_core.errors import VaegenError
 
 
@@ -30,6 +30,13 @@ class SourceItem:
     start: int = 0                         # a row/member range inside the file where it holds many images
     stop: int = -1                         # -1: to the end
     label: int = -1                        # the label of every image in the item, where its path names it
+    raw: bool = False                      # its pixels are stored as they are (IDX, a Parquet `pixels` column):
+                                           # nothing to decode, so a row costs a copy, not a decode
+
+
+def item_fields(item: SourceItem) -> list:
+    """An item as a JSON list (a task's row), without dataclasses.astuple's deep copy."""
+    return [item.split, item.uri, item.start, item.stop, item.label, item.raw]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class SourceImage:
     pixels: np.ndarray | None              # uint8 (C, H, W); None when the image is bad and options.skip_bad is set
     label: int                             # >= 0, or -1 when the dataset is unlabelled
     error: str = ""                        # why it is bad (one line), when pixels is None
+    note: str = ""                         # what reading changed about it, for the user (WIDE_NOTE), counted
+
+
+WIDE_NOTE = "16-bit image(s) scaled to 8 bits (round(v / 257))"
 
 
 @dataclass(frozen=True)
@@ -145,8 +156,10 @@ def _mtime_ns(info: pafs.FileInfo) -> int:
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:
     """The identity of an input as planned: same files (size and time), items, names and options, same value."""
     digest = hashlib.sha256(json.dumps([kind, uri, dataclasses.asdict(options), label_names], default=str).encode())
-    for entry in (*items, *files):                      # one line each: a million files never make one string
-        digest.update(json.dumps([type(entry).__name__, *dataclasses.astuple(entry)]).encode() + b"\n")
+    for item in items:                                  # one line each: a million files never make one string
+        digest.update(json.dumps(["SourceItem", *item_fields(item)]).encode() + b"\n")
+    for f in files:
+        digest.update(json.dumps(["FileRef", f.uri, f.size, f.mtime_ns]).encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -163,7 +176,8 @@ def decode_image(data: bytes, name: str, label: int, options: IngestOptions) -> 
     """Encoded image bytes (any format Pillow reads) → a SourceImage shaped by the options."""
     try:
         with open_user_image(io.BytesIO(data)) as im:
-            return SourceImage(name, shape_image(im, options.size, options.mode), label)
+            note = WIDE_NOTE if is_wide(im) else ""
+            return SourceImage(name, shape_image(im, options.size, options.mode), label, note=note)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, VaegenError) as e:
         return bad_image(name, e, label, options)       # PIL's UnidentifiedImageError is an OSError
 
