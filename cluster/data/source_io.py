@@ -22,6 +22,9 @@ from vae_core.data import is_wide, open_user_image, shape_chw, shape_image
 from vae_core.errors import VaegenError
 
 
+FINGERPRINT_BATCH = 4096                   # items or files per JSON string hashed
+
+
 @dataclass(frozen=True)
 class SourceItem:
     """One unit of read work, small and picklable (a Ray Data row)."""
@@ -135,8 +138,8 @@ def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise VaegenError(f"{uri} does not exist" if not os.path.exists(uri) else f"{uri} is not a folder")
-        entries = storage.list("", recursive=True)
-        refs = [FileRef(f"{uri}/{e.key}", e.size, os.stat(storage.path(e.key)).st_mtime_ns) for e in entries
+        entries = storage.list("", recursive=True)      # refuses any link it meets: the paths below have none
+        refs = [FileRef(f"{uri}/{e.key}", e.size, os.stat(f"{uri}/{e.key}").st_mtime_ns) for e in entries
                 if _visible(e.key)]
     else:
         storage.check_readable()
@@ -156,10 +159,9 @@ def _mtime_ns(info: pafs.FileInfo) -> int:
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:
     """The identity of an input as planned: same files (size and time), items, names and options, same value."""
     digest = hashlib.sha256(json.dumps([kind, uri, dataclasses.asdict(options), label_names], default=str).encode())
-    for item in items:                                  # one line each: a million files never make one string
-        digest.update(json.dumps(["SourceItem", *item_fields(item)]).encode() + b"\n")
-    for f in files:
-        digest.update(json.dumps(["FileRef", f.uri, f.size, f.mtime_ns]).encode() + b"\n")
+    rows = [["SourceItem", *item_fields(i)] for i in items] + [["FileRef", f.uri, f.size, f.mtime_ns] for f in files]
+    for at in range(0, len(rows), FINGERPRINT_BATCH):   # a batch at a time: a million files never make one string
+        digest.update(json.dumps(rows[at:at + FINGERPRINT_BATCH]).encode())
     return digest.hexdigest()
 
 
