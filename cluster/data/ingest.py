@@ -11,7 +11,7 @@
    into uncompressed pieces under the ingest's _pending folder (a bad image, with --skip-bad, is counted); the
    rows are numbered from the runs' counts, and Ray Data maps the shards, each read from the pieces it covers.
 4. Commit: one manifest swap (generations.commit_generation); the pieces are deleted whatever happens.
-The tasks (cluster/data/ingest_tasks.py) return only small records: the driver never sees a pixel. An input that
+The tasks (cluster/data/shard_tasks.py) return only small records: the driver never sees a pixel. An input that
 costs little by the plan's estimate (IN_PROCESS_MAX_IMAGES decoded-image equivalents; a raw-pixel row costs a
 copy, a fraction of a decode) runs the same task functions in this process instead: starting Ray, or a Ray Data
 execution, would take longer than the work. An input to decode still goes to a Ray already running here."""
@@ -38,7 +38,7 @@ from cluster.data.generations import (
     discard_folder,
     new_manifest,
 )
-from cluster.data.ingest_tasks import (
+from cluster.data.shard_tasks import (
     RUN_IMAGES,
     SKIPPED_EXAMPLES,
     IngestJob,
