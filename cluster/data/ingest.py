@@ -3,13 +3,15 @@
 1. plan_source lists the input into small items (cluster/data/sources.py); the generation is named from the
    plan's fingerprint, the layout, --shard-rows and the options, so the same input and flags give the same keys,
    and re-ingesting what is current writes nothing (begin_generation).
-2. Where the plan counts every item's images (image folders, IDX, Parquet row ranges) and none may be skipped
-   (no --skip-bad), one pass: the rows are numbered 0..N-1 per split from the plan, cut into shards of
-   --shard-rows, and Ray Data maps the shards: a task decodes and shapes its images (read_item), checks them
-   (one shape, labels below the class count; a bad image is one line) and writes the final shard.
-3. Else two passes: Ray Data maps runs of items (about RUN_IMAGES images each) that decode and check their images
-   into uncompressed pieces under the ingest's _pending folder (a bad image, with --skip-bad, is counted); the
-   rows are numbered from the runs' counts, and Ray Data maps the shards, each read from the pieces it covers.
+2. Where the plan counts every item's images (image folders, IDX, Parquet row ranges), none may be skipped
+   (no --skip-bad) and there are at least as many shards as CPUs, one pass: the rows are numbered 0..N-1 per
+   split from the plan, cut into shards of --shard-rows, and Ray Data maps the shards: a task decodes and shapes
+   its images (read_item), checks them (one shape, labels below the class count; a bad image is one line) and
+   writes the final shard.
+3. Else two passes (which keep every CPU busy however few the shards): Ray Data maps runs of items (about
+   RUN_IMAGES images each) that decode and check their images into uncompressed pieces under the ingest's
+   _pending folder (a bad image, with --skip-bad, is counted); the rows are numbered from the runs' counts, and
+   Ray Data maps the shards, each read from the pieces it covers.
 4. Commit: one manifest swap (generations.commit_generation); the pieces are deleted whatever happens.
 The tasks (cluster/data/shard_tasks.py) return only small records: the driver never sees a pixel. An input that
 costs little by the plan's estimate (IN_PROCESS_MAX_IMAGES decoded-image equivalents; a raw-pixel row costs a
@@ -117,7 +119,7 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
     job = IngestJob(source, name, generation, storage_cfg, options, plan.label_names)
     try:
         with ingest_runtime(plan, options) as use_ray:
-            if counted_in_plan(plan, options):
+            if one_pass(plan, options, shard_rows, use_ray):
                 manifest = write_in_one_pass(job, plan, shard_rows, use_ray, progress)
             else:
                 manifest = write_in_two_passes(job, plan, shard_rows, use_ray, progress)
@@ -127,9 +129,15 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
     return commit_generation(storage, manifest, keep_superseded_s)
 
 
-def counted_in_plan(plan: SourcePlan, options: IngestOptions) -> bool:
-    """Whether the plan knows every split's row count: every item counts its images and none may be dropped."""
-    return not options.skip_bad and all(item.stop >= 0 for item in plan.items)
+def one_pass(plan: SourcePlan, options: IngestOptions, shard_rows: int, use_ray: bool) -> bool:
+    """Whether the plan knows every split's row count (every item counts its images, none may be dropped) and
+    has a shard for every CPU: a shard is one task, so fewer would leave CPUs idle where two passes' runs do not."""
+    if options.skip_bad or any(item.stop < 0 for item in plan.items):
+        return False
+    rows = Counter()
+    for item in plan.items:
+        rows[item.split] += item.stop - item.start
+    return sum(-(-n // shard_rows) for n in rows.values()) >= cluster_cpus(use_ray)
 
 
 @contextmanager
