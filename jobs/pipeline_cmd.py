@@ -67,7 +67,7 @@ def run_steps(config: TrainJobConfig, args: argparse.Namespace) -> int:
             read_manifest(storage, job.dataset)
             print(f"[1/{STEPS}] dataset {job.dataset} already in {storage.uri}")
         except VaegenError:
-            print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri} on Ray Data")
+            print(f"[1/{STEPS}] ingesting Fashion-MNIST into {storage.uri}")
             ingest_source("fashion-mnist", args.source, job.storage, name=job.dataset, progress=args.progress)
         backend = "in this process"
         if job.ray:

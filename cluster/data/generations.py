@@ -8,7 +8,8 @@ Layout (root-relative keys):
                                                                    shards (hard links; copies on S3)
     datasets/<name>/README.md, _view.json                          the card; which generation the view shows
     datasets/<name>/_pending/g-<generation>.json                   an ingest in progress (when it started)
-    datasets/<name>/_pending/__g-<generation>/<split>/run-*.parquet   its decoded images before they are shards
+    datasets/<name>/_pending/__g-<generation>/<split>/run-*.parquet   a two-pass ingest's decoded images before
+                                                                      they are shards (cluster/data/ingest.py)
 Rows: id (int64, 0..N-1 per split in input order), label (int64; -1 in an unlabelled dataset, whose manifest has
 no class names), pixels (fixed-size binary, C·H·W uint8 in CHW order).
 

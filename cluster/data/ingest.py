@@ -3,15 +3,20 @@
 1. plan_source lists the input into small items (cluster/data/sources.py); the generation is named from the
    plan's fingerprint, the layout, --shard-rows and the options, so the same input and flags give the same keys,
    and re-ingesting what is current writes nothing (begin_generation).
-2. Read: Ray Data maps runs of items (about RUN_IMAGES images each) over the cluster's CPUs; a task decodes and
-   shapes its images (read_item), checks them (one shape, labels below the class count; a bad image is one line,
-   or with --skip-bad is counted) and writes them to storage as uncompressed pieces under the ingest's _pending
-   folder, returning only a small record. The driver sums the records: it never sees a pixel.
-3. Write: the rows are numbered 0..N-1 per split in input order, cut into shards of --shard-rows, and Ray Data
-   maps the shards: a task reads its rows from the pieces and writes the shard (generations.write_shard).
+2. Where the plan counts every item's images (image folders, IDX, Parquet row ranges), none may be skipped
+   (no --skip-bad) and there are at least as many shards as CPUs, one pass: the rows are numbered 0..N-1 per
+   split from the plan, cut into shards of --shard-rows, and Ray Data maps the shards: a task decodes and shapes
+   its images (read_item), checks them (one shape, labels below the class count; a bad image is one line) and
+   writes the final shard.
+3. Else two passes (which keep every CPU busy however few the shards): Ray Data maps runs of items (about
+   RUN_IMAGES images each) that decode and check their images into uncompressed pieces under the ingest's
+   _pending folder (a bad image, with --skip-bad, is counted); the rows are numbered from the runs' counts, and
+   Ray Data maps the shards, each read from the pieces it covers.
 4. Commit: one manifest swap (generations.commit_generation); the pieces are deleted whatever happens.
-A tiny input (at most IN_PROCESS_MAX_IMAGES images by the plan, and no Ray running here) runs the same two
-task functions in this process instead: starting Ray would take longer than the work."""
+The tasks (cluster/data/shard_tasks.py) return only small records: the driver never sees a pixel. An input that
+costs little by the plan's estimate (IN_PROCESS_MAX_IMAGES decoded-image equivalents; a raw-pixel row costs a
+copy, a fraction of a decode) runs the same task functions in this process instead: starting Ray, or a Ray Data
+execution, would take longer than the work. An input to decode still goes to a Ray already running here."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,64 +24,44 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import numpy as np
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cluster.data.datasets import table_arrays
 from cluster.data.generations import (
     DEFAULT_SHARD_ROWS,
-    GENERATION_PREFIX,
     KEEP_SUPERSEDED_S,
     LAYOUT,
-    PENDING,
     abandon_generation,
     begin_generation,
     commit_generation,
     discard_folder,
     new_manifest,
-    part_name,
-    write_shard,
 )
-from cluster.data.readable import PIXELS_AS_IS, split_table
-from cluster.data.sources import (
-    IngestOptions,
-    SourceItem,
-    SourcePlan,
-    plan_source,
-    read_item,
+from cluster.data.shard_tasks import (
+    RUN_IMAGES,
+    SKIPPED_EXAMPLES,
+    IngestJob,
+    mixed_shapes,
+    read_run,
+    shard_task,
+    write_shard_task,
 )
-from cluster.store.layout import dataset_key
-from cluster.store.storage import Storage, open_storage
+from cluster.data.sources import IngestOptions, SourceItem, SourcePlan, item_fields, plan_source
+from cluster.store.storage import open_storage
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
 
 DEFAULT_NAMES = {"fashion-mnist": "fashion-mnist", "parquet": "parquet"}
-RUN_IMAGES = 1024                  # at most, images per read task and per piece: what one worker holds at once
-MIN_RUN_IMAGES = 64                # at least (a task costs a few ms to schedule) ...
+MIN_RUN_IMAGES = 64                # at least, images per two-pass run (a task costs a few ms to schedule) ...
 RUNS_PER_CPU = 4                   # ... else enough runs for every CPU to get several (an even finish)
-IN_PROCESS_MAX_IMAGES = 2048
-SKIPPED_EXAMPLES = 5               # bad images named in the manifest and the card (--skip-bad)
+IN_PROCESS_MAX_IMAGES = 2048       # the most work, in decoded images, that this process does rather than Ray
+RAW_ROW_COST = 0.02                # a raw-pixel row (IDX, a Parquet `pixels` column) against a decoded image ...
+RAW_RESHAPED_COST = 0.15           # ... and one that --size or --mode resizes or converts
 INGEST_OBJECT_STORE_MB = 256       # only records pass through it
-
-
-@dataclass(frozen=True)
-class IngestJob:
-    """What every task needs (picklable)."""
-    kind: str
-    name: str
-    generation: str
-    storage: StorageConfig
-    options: IngestOptions
-    label_names: tuple[str, ...] | None
-
-    def pieces_folder(self) -> str:
-        return dataset_key(self.name, PENDING, f"{GENERATION_PREFIX}{self.generation}")
 
 
 def input_name(uri: str) -> str:
@@ -133,33 +118,48 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
         return done
     job = IngestJob(source, name, generation, storage_cfg, options, plan.label_names)
     try:
-        with ingest_runtime(plan) as use_ray:
-            try:
-                pieces = read_pieces(job, plan, use_ray, progress)
-                manifest = new_manifest(name, generation, check_pieces(pieces), plan.label_names or (),
-                                        recorded_source(plan.uri),
-                                        skipped=skipped_record(pieces))
-                manifest["splits"] = write_shards(job, pieces, shard_rows, use_ray)
-            finally:
-                discard_folder(storage, job.pieces_folder())
+        with ingest_runtime(plan, options) as use_ray:
+            if one_pass(plan, options, shard_rows, use_ray):
+                manifest = write_in_one_pass(job, plan, shard_rows, use_ray, progress)
+            else:
+                manifest = write_in_two_passes(job, plan, shard_rows, use_ray, progress)
     except VaegenError:
         abandon_generation(storage, name, generation)        # bad input publishes nothing, not even its marker
         raise
     return commit_generation(storage, manifest, keep_superseded_s)
 
 
+def one_pass(plan: SourcePlan, options: IngestOptions, shard_rows: int, use_ray: bool) -> bool:
+    """Whether the plan knows every split's row count (every item counts its images, none may be dropped) and
+    has a shard for every CPU: a shard is one task, so fewer would leave CPUs idle where two passes' runs do not."""
+    if options.skip_bad or any(item.stop < 0 for item in plan.items):
+        return False
+    rows = Counter()
+    for item in plan.items:
+        rows[item.split] += item.stop - item.start
+    return sum(-(-n // shard_rows) for n in rows.values()) >= cluster_cpus(use_ray)
+
+
 @contextmanager
-def ingest_runtime(plan: SourcePlan) -> Iterator[bool]:
-    """Ray (the one running here, else RAY_ADDRESS's, else a local one): True; this process for a tiny input."""
+def ingest_runtime(plan: SourcePlan, options: IngestOptions) -> Iterator[bool]:
+    """Ray (the one running here, else RAY_ADDRESS's, else a local one): True. This process (False) for an input
+    that costs little (estimated_cost) and either holds only raw pixels or finds no Ray to use."""
     ray = sys.modules.get("ray")
-    estimate = sum(weight(i) for i in plan.items)
-    if (ray is None or not ray.is_initialized()) and estimate <= IN_PROCESS_MAX_IMAGES \
-            and not os.environ.get("RAY_ADDRESS"):
+    ray_here = (ray is not None and ray.is_initialized()) or bool(os.environ.get("RAY_ADDRESS"))
+    if estimated_cost(plan, options) <= IN_PROCESS_MAX_IMAGES and \
+            (not ray_here or all(item.raw for item in plan.items)):
         yield False
         return
     from cluster.runtime.ray_session import ray_runtime
     with ray_runtime(object_store_mb=int(os.environ.get("VAEGEN_OBJECT_STORE_MB", "0")) or INGEST_OBJECT_STORE_MB):
         yield True
+
+
+def estimated_cost(plan: SourcePlan, options: IngestOptions) -> float:
+    """The plan's work in decoded images: an encoded image is one, a raw-pixel row a copy (RAW_ROW_COST), or a
+    resize or conversion where --size or --mode asks for one."""
+    raw = RAW_RESHAPED_COST if options.size is not None or options.mode is not None else RAW_ROW_COST
+    return sum(weight(item) * (raw if item.raw else 1.0) for item in plan.items)
 
 
 # -- tasks: the same functions on Ray Data or in this process ----------------------------------------------
@@ -172,6 +172,9 @@ def run_tasks(fn: Callable[[dict, IngestJob], dict], rows: list[dict], job: Inge
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True      # a task's VaegenError, not Ray Data's UserCodeException around it
+    # Ray Data reserves part of the CPUs for each operator; with one map it then starts its tasks about a second
+    # apart, leaving CPUs idle: a two-task ingest on 2 CPUs took a second longer. There is no other operator here.
+    ctx.op_resource_reservation_enabled = False
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(fn, fn_kwargs={"job": job}, num_cpus=1)
     try:
         yield from dataset.iter_rows()
@@ -194,75 +197,63 @@ def task_error(error: BaseException) -> BaseException:
     return error
 
 
-def read_run(row: dict, job: IngestJob) -> dict:
-    """One run of items: decode, check, write pieces of at most RUN_IMAGES images; its record (as JSON)."""
-    storage, pieces, bad = Storage(job.storage), [], []
-    images, labels, first = [], [], None
-
-    def flush():
-        key = f"{job.pieces_folder()}/{row['split']}/run-{row['run']:07d}-{len(pieces):05d}.parquet"
-        # Scratch, not a published object: written in place, unsynced (a killed ingest's pieces are collected).
-        path = storage.path(key)
-        if not storage.is_s3:
-            storage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(split_table(np.stack(images), np.asarray(labels, np.int64), 0), path, filesystem=storage.fs,
-                       compression="none", **PIXELS_AS_IS)
-        pieces.append({"key": key, "rows": len(images)})
-        images.clear(), labels.clear()
-
-    for fields in json.loads(row["items"]):
-        for image in read_item(job.kind, SourceItem(*fields), job.storage, job.options):
-            if image.pixels is None:
-                bad.append({"name": image.name, "error": image.error})
-                continue
-            if first is None:
-                first = (image.name, list(image.pixels.shape))
-            elif list(image.pixels.shape) != first[1]:
-                raise VaegenError(mixed_shapes(first, (image.name, list(image.pixels.shape))))
-            check_label(image.name, image.label, job.label_names)
-            images.append(image.pixels)
-            labels.append(image.label if job.label_names is not None else -1)
-            if len(images) >= RUN_IMAGES:
-                flush()
-    if images:
-        flush()
-    return {"record": json.dumps({"run": row["run"], "split": row["split"], "pieces": pieces, "first": first,
-                                  "bad": len(bad), "examples": bad[:SKIPPED_EXAMPLES]})}
+# -- one pass: the plan's rows → shard specs → shard records ---------------------------------------------
+def write_in_one_pass(job: IngestJob, plan: SourcePlan, shard_rows: int, use_ray: bool, progress: bool) -> dict:
+    """Each split's rows numbered 0..N-1 in plan order and cut into shards, each a task; the manifest."""
+    specs, rows_of = [], {}
+    for split in dict.fromkeys(item.split for item in plan.items):
+        check_name(split, "split name")
+        rows_of[split], split_specs = planned_shards(split, [i for i in plan.items if i.split == split], shard_rows)
+        if rows_of[split] == 0:
+            raise VaegenError(f"split {split!r} of {job.name!r} holds no images")
+        specs += split_specs
+    records = []
+    with tqdm(total=sum(rows_of.values()), unit="img", desc=f"ingest {job.name}", disable=not progress,
+              delay=1) as bar:
+        for result in run_tasks(shard_task, specs, job, use_ray):
+            records.append(json.loads(result["record"]))
+            bar.update(records[-1]["shard"]["rows"])
+    manifest = records_manifest(job, plan, records)
+    manifest["splits"] = splits_record(rows_of, records)
+    return manifest
 
 
-def check_label(name: str, label: int, label_names: tuple[str, ...] | None) -> None:
-    if label_names is None:
-        return
-    if not 0 <= label < len(label_names):
-        raise VaegenError(f"image {name} has label {label} but the dataset has {len(label_names)} class names "
-                          f"(labels 0..{len(label_names) - 1})")
+def planned_shards(split: str, items: list[SourceItem], shard_rows: int) -> tuple[int, list[dict]]:
+    """(the split's row count, its shards' specs): shard k holds rows [k·shard_rows, (k+1)·shard_rows), as the
+    items, or the parts of items (row ranges), that the plan counts there."""
+    specs, parts, filled, first = [], [], 0, 0
+
+    def cut():
+        specs.append({"spec": json.dumps({"split": split, "index": len(specs), "first_id": first, "rows": filled,
+                                          "items": parts})})
+
+    for item in items:
+        at = item.start
+        while at < item.stop:
+            take = min(item.stop - at, shard_rows - filled)
+            whole = at == item.start and take == item.stop - item.start
+            parts.append(item_fields(item if whole else dataclasses.replace(item, start=at, stop=at + take)))
+            at, filled = at + take, filled + take
+            if filled == shard_rows:
+                cut()
+                parts, first, filled = [], first + filled, 0
+    if filled:
+        cut()
+    return first + filled, specs
 
 
-def mixed_shapes(first: tuple[str, list], other: tuple[str, list]) -> str:
-    (a, (ca, ha, wa)), (b, (cb, hb, wb)) = first, other
-    if (ha, wa) != (hb, wb):
-        return (f"images differ in size: {a} is {ha}x{wa} but {b} is {hb}x{wb}: pass --size HxW to resize them "
-                "all to one size")
-    return (f"images differ in channels: {a} has {ca} but {b} has {cb}: pass --mode L or --mode RGB")
+# -- two passes: runs of items → pieces → shard specs → shard records ------------------------------------------
+def write_in_two_passes(job: IngestJob, plan: SourcePlan, shard_rows: int, use_ray: bool, progress: bool) -> dict:
+    storage = open_storage(job.storage, for_writing=True)
+    try:
+        pieces = read_pieces(job, plan, use_ray, progress)
+        manifest = records_manifest(job, plan, pieces)
+        manifest["splits"] = write_shards(job, pieces, shard_rows, manifest["image_shape"], use_ray)
+    finally:
+        discard_folder(storage, job.pieces_folder())
+    return manifest
 
 
-def write_shard_task(row: dict, job: IngestJob) -> dict:
-    """One shard from the pieces' rows it covers; its manifest record (as JSON)."""
-    storage = Storage(job.storage)
-    spec = json.loads(row["spec"])
-    shape = tuple(spec["shape"])
-    parts = []
-    for key, start, stop in spec["pieces"]:
-        _, labels, images = table_arrays(pq.read_table(storage.path(key), filesystem=storage.fs), shape)
-        parts.append((images[start:stop], labels[start:stop]))
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    record = write_shard(storage, job.name, spec["split"], part_name(spec["index"], job.generation), images, labels,
-                         spec["first_id"], job.label_names or ())
-    return {"record": json.dumps({"split": spec["split"], "index": spec["index"], "shard": record})}
-
-
-# -- the driver: runs of items → records → shard specs → shard records --------------------------------------
 def read_pieces(job: IngestJob, plan: SourcePlan, use_ray: bool, progress: bool) -> list[dict]:
     """Stage 1: the runs' records, in input order."""
     total = sum(weight(i) for i in plan.items)
@@ -293,15 +284,41 @@ def cluster_cpus(use_ray: bool) -> int:
 
 
 def weight(item: SourceItem) -> int:
+    """An item's images: counted by the plan, else (a tar, an Arrow file, whose count is unknown) 1."""
     return item.stop - item.start if item.stop >= 0 else 1
 
 
 def run_row(index: int, items: list[SourceItem]) -> dict:
-    return {"run": index, "split": items[0].split, "items": json.dumps([dataclasses.astuple(i) for i in items])}
+    return {"run": index, "split": items[0].split, "items": json.dumps([item_fields(i) for i in items])}
 
 
-def check_pieces(records: list[dict]) -> list[int]:
-    """The one image shape of every run (runs checked their own); a split with no image is one line."""
+def write_shards(job: IngestJob, records: list[dict], shard_rows: int, shape: list[int], use_ray: bool) -> dict:
+    """Stage 2: each split's rows numbered 0..N-1 in input order, cut into shards; the manifest's splits."""
+    specs, rows_of = [], {}
+    for split in dict.fromkeys(r["split"] for r in records):
+        pieces = [(p["key"], p["rows"]) for r in records if r["split"] == split for p in r["pieces"]]
+        rows_of[split] = total = sum(n for _, n in pieces)
+        if total == 0:
+            raise VaegenError(f"split {split!r} of {job.name!r} holds no images")
+        check_name(split, "split name")
+        specs += shard_specs(split, pieces, shard_rows, shape)
+    return splits_record(rows_of, [json.loads(r["record"]) for r in run_tasks(write_shard_task, specs, job, use_ray)])
+
+
+# -- what both leave: the tasks' records → the manifest ------------------------------------------------------
+def records_manifest(job: IngestJob, plan: SourcePlan, records: list[dict]) -> dict:
+    """The manifest (splits to come) from the tasks' records: their one image shape, skipped images, notes."""
+    examples = [e for r in records for e in r["examples"]][:SKIPPED_EXAMPLES]
+    notes = Counter()
+    for record in records:
+        notes.update(record["notes"])
+    return new_manifest(job.name, job.generation, image_shape(records), plan.label_names or (),
+                        recorded_source(plan.uri), [f"{n:,} {note}" for note, n in sorted(notes.items())],
+                        skipped={"count": sum(r["bad"] for r in records), "examples": examples})
+
+
+def image_shape(records: list[dict]) -> list[int]:
+    """The one image shape of every task (each checked its own); an input with no image is one line."""
     firsts = [r["first"] for r in records if r["first"] is not None]
     if not firsts:
         raise VaegenError("the input holds no readable image" + (" (every one was skipped as bad)"
@@ -312,26 +329,11 @@ def check_pieces(records: list[dict]) -> list[int]:
     return firsts[0][1]
 
 
-def skipped_record(records: list[dict]) -> dict:
-    examples = [e for r in records for e in r["examples"]][:SKIPPED_EXAMPLES]
-    return {"count": sum(r["bad"] for r in records), "examples": examples}
-
-
-def write_shards(job: IngestJob, records: list[dict], shard_rows: int, use_ray: bool) -> dict:
-    """Stage 2: each split's rows numbered 0..N-1 in input order, cut into shards; the manifest's splits."""
-    shape = check_pieces(records)
-    specs, rows_of = [], {}
-    for split in dict.fromkeys(r["split"] for r in records):
-        pieces = [(p["key"], p["rows"]) for r in records if r["split"] == split for p in r["pieces"]]
-        rows_of[split] = total = sum(n for _, n in pieces)
-        if total == 0:
-            raise VaegenError(f"split {split!r} of {job.name!r} holds no images")
-        check_name(split, "split name")
-        specs += shard_specs(split, pieces, shard_rows, shape)
-    done = [json.loads(r["record"]) for r in run_tasks(write_shard_task, specs, job, use_ray)]
-    return {split: {"rows": rows_of[split],
-                    "shards": [d["shard"] for d in sorted(done, key=lambda d: d["index"]) if d["split"] == split]}
-            for split in rows_of}
+def splits_record(rows_of: dict[str, int], done: list[dict]) -> dict:
+    """The manifest's splits: each one's rows and its shards' records in order."""
+    ordered = sorted(done, key=lambda d: d["index"])
+    return {split: {"rows": rows, "shards": [d["shard"] for d in ordered if d["split"] == split]}
+            for split, rows in rows_of.items()}
 
 
 def shard_specs(split: str, pieces: list[tuple[str, int]], shard_rows: int, shape: list[int]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -54,7 +55,7 @@ def plan_fashion_mnist(uri: str | None, cfg: StorageConfig, options: IngestOptio
             raise VaegenError(f"{refs[1].uri} holds {labels.shape}, not one label per image")
         if labels.max(initial=0) >= len(FASHION_MNIST_LABELS):
             raise VaegenError(f"{split}: label {labels.max()} is outside the 10 Fashion-MNIST classes")
-        items += [SourceItem(split, refs[0].uri, start, min(start + IDX_ROWS_PER_ITEM, len(labels)))
+        items += [SourceItem(split, refs[0].uri, start, min(start + IDX_ROWS_PER_ITEM, len(labels)), raw=True)
                   for start in range(0, len(labels), IDX_ROWS_PER_ITEM)]
     return SourcePlan("fashion-mnist", uri or FASHION_MNIST_DIR, tuple(items), FASHION_MNIST_LABELS,
                       fingerprint("fashion-mnist", folder, items, files, FASHION_MNIST_LABELS, options))
@@ -68,6 +69,14 @@ def _listing_or_empty(folder: str, cfg: StorageConfig):
 
 
 def _read_idx(uri: str, cfg: StorageConfig) -> np.ndarray:
+    """An IDX file's array. The last four files read (a split's images and labels, two splits) are kept, by name,
+    size and time: each task reads its range of the same gzipped file, which it would otherwise unzip again."""
+    ref = file_info(uri, cfg)
+    return _parsed_idx(uri, cfg, *((ref.size, ref.mtime_ns) if ref else (-1, -1)))
+
+
+@lru_cache(maxsize=4)
+def _parsed_idx(uri: str, cfg: StorageConfig, size: int, mtime_ns: int) -> np.ndarray:
     return parse_idx(gunzip_if_gzip(read_file(uri, cfg), uri), uri)
 
 
@@ -116,7 +125,7 @@ def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> S
         sub = relative[nested.index(True)]
         raise VaegenError(f"image folder {uri} holds images both at its top ({top}) and in subfolders ({sub}): "
                           "put every image in a class subfolder (labelled) or all at the top (unlabelled)")
-    items = tuple(SourceItem(options.split, files[i].uri, label=labels[i]) for i in order)
+    items = tuple(SourceItem(options.split, files[i].uri, 0, 1, labels[i]) for i in order)     # one image each
     return SourcePlan("image-folder", uri, items, label_names,
                       fingerprint("image-folder", folder, items, files, label_names, options))
 

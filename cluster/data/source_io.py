@@ -18,8 +18,11 @@ from PIL import Image
 
 from cluster.store.storage import Storage
 from vae_core.config import IngestOptions, StorageConfig
-from vae_core.data import open_user_image, shape_chw, shape_image
+from vae_core.data import is_wide, open_user_image, shape_chw, shape_image
 from vae_core.errors import VaegenError
+
+
+FINGERPRINT_BATCH = 4096                   # items or files per JSON string hashed
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class SourceItem:
     start: int = 0                         # a row/member range inside the file where it holds many images
     stop: int = -1                         # -1: to the end
     label: int = -1                        # the label of every image in the item, where its path names it
+    raw: bool = False                      # its pixels are stored as they are (IDX, a Parquet `pixels` column):
+                                           # nothing to decode, so a row costs a copy, not a decode
+
+
+def item_fields(item: SourceItem) -> list:
+    """An item as a JSON list (a task's row), without dataclasses.astuple's deep copy."""
+    return [item.split, item.uri, item.start, item.stop, item.label, item.raw]
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,10 @@ class SourceImage:
     pixels: np.ndarray | None              # uint8 (C, H, W); None when the image is bad and options.skip_bad is set
     label: int                             # >= 0, or -1 when the dataset is unlabelled
     error: str = ""                        # why it is bad (one line), when pixels is None
+    note: str = ""                         # what reading changed about it, for the user (WIDE_NOTE), counted
+
+
+WIDE_NOTE = "16-bit image(s) scaled to 8 bits (round(v / 257))"
 
 
 @dataclass(frozen=True)
@@ -124,8 +138,8 @@ def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise VaegenError(f"{uri} does not exist" if not os.path.exists(uri) else f"{uri} is not a folder")
-        entries = storage.list("", recursive=True)
-        refs = [FileRef(f"{uri}/{e.key}", e.size, os.stat(storage.path(e.key)).st_mtime_ns) for e in entries
+        entries = storage.list("", recursive=True)      # refuses any link it meets: the paths below have none
+        refs = [FileRef(f"{uri}/{e.key}", e.size, os.stat(f"{uri}/{e.key}").st_mtime_ns) for e in entries
                 if _visible(e.key)]
     else:
         storage.check_readable()
@@ -145,8 +159,9 @@ def _mtime_ns(info: pafs.FileInfo) -> int:
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:
     """The identity of an input as planned: same files (size and time), items, names and options, same value."""
     digest = hashlib.sha256(json.dumps([kind, uri, dataclasses.asdict(options), label_names], default=str).encode())
-    for entry in (*items, *files):                      # one line each: a million files never make one string
-        digest.update(json.dumps([type(entry).__name__, *dataclasses.astuple(entry)]).encode() + b"\n")
+    rows = [["SourceItem", *item_fields(i)] for i in items] + [["FileRef", f.uri, f.size, f.mtime_ns] for f in files]
+    for at in range(0, len(rows), FINGERPRINT_BATCH):   # a batch at a time: a million files never make one string
+        digest.update(json.dumps(rows[at:at + FINGERPRINT_BATCH]).encode())
     return digest.hexdigest()
 
 
@@ -163,7 +178,8 @@ def decode_image(data: bytes, name: str, label: int, options: IngestOptions) -> 
     """Encoded image bytes (any format Pillow reads) → a SourceImage shaped by the options."""
     try:
         with open_user_image(io.BytesIO(data)) as im:
-            return SourceImage(name, shape_image(im, options.size, options.mode), label)
+            note = WIDE_NOTE if is_wide(im) else ""
+            return SourceImage(name, shape_image(im, options.size, options.mode), label, note=note)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, VaegenError) as e:
         return bad_image(name, e, label, options)       # PIL's UnidentifiedImageError is an OSError
 

@@ -91,7 +91,8 @@ def plan_table_source(kind: str, uri: str, cfg: StorageConfig, options: IngestOp
         check_statistics(meta, columns, options, ref.uri)
         labelled |= columns[1] is not None
         names = names or (class_names(meta.schema.to_arrow_schema(), columns[1]) if columns[1] else None)
-        items += [SourceItem(split, ref.uri, start, min(start + ROWS_PER_ITEM, meta.num_rows))
+        raw = is_raw(meta.schema.to_arrow_schema(), columns[0])
+        items += [SourceItem(split, ref.uri, start, min(start + ROWS_PER_ITEM, meta.num_rows), raw=raw)
                   for start in range(0, meta.num_rows, ROWS_PER_ITEM)]
     if not items:
         raise VaegenError(f"Parquet input {uri} holds no rows")
@@ -169,6 +170,11 @@ def check_statistics(meta: pq.FileMetaData, columns: tuple[str, str | None], opt
 def shape_columns(schema: pa.Schema, image: str) -> list[str]:
     """The per-row shape columns of a `pixels` image column (none where the metadata gives one shape)."""
     return list(SHAPE_COLUMNS) if image == "pixels" and set(SHAPE_COLUMNS) <= set(schema.names) else []
+
+
+def is_raw(schema: pa.Schema, image: str) -> bool:
+    """Whether the image column holds pixels as they are (C·H·W bytes with a shape), not encoded images."""
+    return bool(shape_columns(schema, image)) or (image == "pixels" and fixed_shape(schema) is not None)
 
 
 def fixed_shape(schema: pa.Schema) -> tuple[int, int, int] | None:

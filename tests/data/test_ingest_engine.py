@@ -117,3 +117,29 @@ def test_a_bad_image_on_ray_data_is_the_same_one_line(tmp_path, local_storage_co
     with pytest.raises(VaegenError, match=r"^cannot read image .*0004\.png: [^\n]*$"):
         ingest_source("image-folder", str(source), local_storage_config, progress=False)
     assert not (tmp_path / "root").exists() or tree(tmp_path / "root") == {}
+
+
+def test_one_pass_and_two_passes_write_the_same_shards(tmp_path):
+    """Without --skip-bad the plan numbers the rows and each task writes its final shard; with it (nothing bad
+    here) the images go through pieces first: the shards' bytes are the same."""
+    from cluster.data.sources import IngestOptions
+    from vae_core.config import StorageConfig
+    source = str(image_folder(tmp_path / "imgs", 30))
+    for root, skip_bad in (("one", False), ("two", True)):
+        manifest = ingest_source("image-folder", source, StorageConfig(root=str(tmp_path / root)), shard_rows=8,
+                                 progress=False, options=IngestOptions(skip_bad=skip_bad))
+        assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 8, 6]
+    shards = lambda root: sorted(v for k, v in tree(root / "datasets").items() if "/__g-" in k)
+    assert shards(tmp_path / "one") == shards(tmp_path / "two")
+
+
+def test_16_bit_images_scaled_are_counted_in_the_manifest_notes(tmp_path, local_storage_config):
+    from cluster.data.sources import IngestOptions
+    source = image_folder(tmp_path / "imgs", 4, size=(2, 3), classes=("a",))
+    for i in range(2):
+        Image.fromarray(np.full((2, 3), 1000 * (i + 1), np.uint16)).save(source / "a" / f"deep{i}.png")
+    manifest = ingest_source("image-folder", str(source), local_storage_config, progress=False,
+                             options=IngestOptions(mode="RGB"))
+    assert manifest["notes"] == ["2 16-bit image(s) scaled to 8 bits (round(v / 257))"]
+    card = open_storage(local_storage_config).read_bytes(dataset_key("imgs", "README.md")).decode()
+    assert "2 16-bit image(s) scaled to 8 bits" in card
