@@ -104,6 +104,31 @@ def test_image_folder_split_option_names_the_split(tmp_path):
     assert {i.split for i in plan.items} == {"val"}
 
 
+def test_top_level_train_test_validation_folders_are_splits_with_classes_below(tmp_path):
+    """As `datasets`' imagefolder reads them: split folders (val/ is validation), class folders below them, class
+    names from every split; without classes below, the splits are unlabelled."""
+    make_class_folder(tmp_path / "pets" / "train")
+    make_class_folder(tmp_path / "pets" / "test", classes=("cats", "dogs"), per_class=2)
+    make_class_folder(tmp_path / "pets" / "val", classes=("birds", "dogs"), per_class=1)
+    plan = plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions(split="ignored"))
+    assert plan.label_names == ("birds", "cats", "dogs")
+    got = read_all(plan)
+    assert list(got) == ["train", "validation", "test"]
+    assert got["train"][1].tolist() == [1, 1, 1, 2, 2, 2] and got["test"][1].tolist() == [1, 1, 2, 2]
+    assert got["validation"][1].tolist() == [0, 2] and got["test"][2][2].endswith("pets/test/dogs/0.png")
+    assert np.array_equal(got["test"][0][3], pattern(12, 10, 3, 11).transpose(2, 0, 1))
+    for split in ("train", "test"):
+        (tmp_path / "flat" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(pattern(8, 8, 1, i)).save(tmp_path / "flat" / split / f"{i}.png")
+    flat = plan_source("image-folder", str(tmp_path / "flat"), LOCAL, IngestOptions())
+    assert flat.label_names is None and {k: v[1].tolist() for k, v in read_all(flat).items()} == {
+        "train": [-1, -1], "test": [-1, -1]}
+    make_class_folder(tmp_path / "pets" / "extra")
+    with pytest.raises(VaegenError, match="has a split folder \\(test/\\) and extra/cats/0.png outside any"):
+        plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions())
+
+
 def test_empty_or_missing_image_folder_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(VaegenError, match="holds no images"):
