@@ -30,6 +30,8 @@ class SourceItem:
     start: int = 0                         # a row/member range inside the file where it holds many images
     stop: int = -1                         # -1: to the end
     label: int = -1                        # the label of every image in the item, where its path names it
+    label_key: str = ""                    # a tar's: the label members' extensions (';'-separated) every sample
+                                           # must have one of; '' unlabelled
 
 
 @dataclass(frozen=True)
