@@ -5,11 +5,11 @@ the current generation, and the dataset card.
   ClassLabel with the class names, or a plain int64 for an unlabelled dataset, whose labels are all -1), and the
   image shape (`vaegen.image_shape`, C,H,W: `pixels` is C·H·W uint8 bytes in CHW order).
 - The view: after each commit, `<split>/part-00000-of-00003.parquet` are the current generation's shards, as hard
-  links on a local root (no byte copied) or copies on S3; view files of an older generation are removed. The
-  generations themselves live in `__g-<id>/` folders, which pyarrow (`_`) and Hugging Face `datasets` (`__`) both
-  skip, so `pandas.read_parquet(<dataset>/<split>)` and `datasets.load_dataset(<dataset>)` read the current rows.
-  A temp link left by an update killed midway is collected by the next update once older than the generations'
-  grace.
+  links on a local root (no byte copied) or server-side copies on S3 (no byte through the client, but stored
+  twice); view files of an older generation are removed. The generations themselves live in `__g-<id>/` folders,
+  which pyarrow (`_`) and Hugging Face `datasets` (`__`) both skip, so `pandas.read_parquet(<dataset>/<split>)`
+  and `datasets.load_dataset(<dataset>)` read the current rows. A temp link left by an update killed midway is
+  collected by the next update once older than the generations' grace.
 - The card, README.md (the file `datasets` reads): its YAML header maps each split to its view files, the body
   says what the rows are and what the ingest skipped.
 The view and card follow the commit (the manifest swap); vaegen's own readers never use them. A reader of the
@@ -110,9 +110,9 @@ def stale_temp(storage: Storage, key: str, now: float) -> bool:
 
 
 def place(storage: Storage, source: str, dest: str) -> None:
-    """`dest` becomes `source`'s bytes: a hard link swapped in by one rename locally, a copy on S3."""
+    """`dest` becomes `source`'s bytes: a hard link swapped in by one rename locally, a server-side copy on S3."""
     if storage.is_s3:
-        storage.publish(dest, storage.read_bytes(source))
+        storage.copy(source, dest)
         return
     src, dst = storage.path(source), storage.path(dest)
     if os.path.exists(dst) and os.path.samefile(src, dst):

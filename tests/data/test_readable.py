@@ -4,6 +4,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cluster.data.generations import KEEP_SUPERSEDED_S, current_manifest
@@ -38,3 +39,14 @@ def test_temp_links_of_a_killed_view_update_are_collected_by_the_next_once_past_
     publish_view(storage, current_manifest(storage, "ds"), now=time.time() + KEEP_SUPERSEDED_S + 60)
     left = sorted(os.listdir(split))
     assert [n for n in left if not n.startswith("__g-")] == [f"part-{i:05d}-of-00003.parquet" for i in range(3)]
+
+
+@pytest.mark.s3
+def test_the_view_on_s3_holds_the_current_generation_s_bytes(tmp_path, s3_storage_config):
+    storage = open_storage(s3_storage_config, for_writing=True)
+    manifest = ingest_source("image-folder", image_folder(tmp_path / "v1", 10), s3_storage_config, name="ds",
+                             shard_rows=4, progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    for i, shard in enumerate(shards):
+        assert storage.read_bytes(dataset_key("ds", "train", f"part-{i:05d}-of-{len(shards):05d}.parquet")) == \
+            storage.read_bytes(dataset_key("ds", "train", shard["name"]))
