@@ -46,4 +46,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     for note in manifest.get("notes", ()):
         print(f"note: {note}")
     print(f"dataset {manifest['name']} {tuple(manifest['image_shape'])}: {splits}")
+    skipped = manifest.get("skipped") or {}
+    if skipped.get("count"):
+        first = skipped["examples"][0]
+        print(f"skipped {counted(skipped['count'], 'unreadable image')} (--skip-bad; named in the card), the first: "
+              f"{first['name']}: {first['error']}")
     return 0

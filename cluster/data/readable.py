@@ -5,9 +5,11 @@ the current generation, and the dataset card.
   ClassLabel with the class names, or a plain int64 for an unlabelled dataset, whose labels are all -1), and the
   image shape (`vaegen.image_shape`, C,H,W: `pixels` is C·H·W uint8 bytes in CHW order).
 - The view: after each commit, `<split>/part-00000-of-00003.parquet` are the current generation's shards, as hard
-  links on a local root (no byte copied) or copies on S3; view files of an older generation are removed. The
-  generations themselves live in `__g-<id>/` folders, which pyarrow (`_`) and Hugging Face `datasets` (`__`) both
-  skip, so `pandas.read_parquet(<dataset>/<split>)` and `datasets.load_dataset(<dataset>)` read the current rows.
+  links on a local root (no byte copied) or server-side copies on S3 (no byte through the client, but stored
+  twice); view files of an older generation are removed. The generations themselves live in `__g-<id>/` folders,
+  which pyarrow (`_`) and Hugging Face `datasets` (`__`) both skip, so `pandas.read_parquet(<dataset>/<split>)`
+  and `datasets.load_dataset(<dataset>)` read the current rows. A temp link left by an update killed midway is
+  collected by the next update once older than the generations' grace.
 - The card, README.md (the file `datasets` reads): its YAML header maps each split to its view files, the body
   says what the rows are and what the ingest skipped.
 The view and card follow the commit (the manifest swap); vaegen's own readers never use them. A reader of the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import uuid
 
 import numpy as np
@@ -31,6 +34,7 @@ from vae_core.errors import VaegenError
 VIEW_RECORD = "_view.json"          # the generation the view shows, written after the view is complete
 CARD = "README.md"
 VIEW_PREFIX = "part-"
+TEMP_PREFIX = "_tmp-"               # a view file being swapped in (`_`: readers skip it); a stale one is collected
 # Parquet's defaults would try a dictionary of every image and keep min/max pixels per page: hashing and comparing
 # kilobytes a row for nothing (images rarely repeat, and no reader filters on pixels).
 PIXELS_AS_IS = {"use_dictionary": ["label"], "write_statistics": ["id", "label"]}
@@ -65,8 +69,9 @@ def view_name(index: int, count: int) -> str:
     return f"{VIEW_PREFIX}{index:05d}-of-{count:05d}.parquet"
 
 
-def publish_view(storage: Storage, manifest: dict) -> None:
-    """Make the view and the card show `manifest`'s generation (idempotent; a no-op when they already do)."""
+def publish_view(storage: Storage, manifest: dict, now: float | None = None) -> None:
+    """Make the view and the card show `manifest`'s generation (idempotent; a no-op when they already do), and
+    collect the temp links of updates killed midway (`now`: the time their age is taken at)."""
     name = manifest["name"]
     record_key = dataset_key(name, VIEW_RECORD)
     if shown_generation(storage, record_key) == manifest["generation"]:
@@ -80,7 +85,9 @@ def publish_view(storage: Storage, manifest: dict) -> None:
     for split in storage.list_dirs(dataset_key(name)):
         if not split.startswith(("_", ".")):
             for entry in storage.list(dataset_key(name, split)):
-                if entry.key not in wanted and entry.key.rsplit("/", 1)[-1].startswith(VIEW_PREFIX):
+                base = entry.key.rsplit("/", 1)[-1]
+                if (entry.key not in wanted and base.startswith(VIEW_PREFIX)) or \
+                        (base.startswith(TEMP_PREFIX) and stale_temp(storage, entry.key, now or time.time())):
                     storage.delete(entry.key)
     storage.publish(dataset_key(name, CARD), card(manifest).encode())
     storage.publish(record_key, json.dumps({"generation": manifest["generation"]}).encode())
@@ -94,15 +101,23 @@ def shown_generation(storage: Storage, record_key: str) -> str | None:
         return None
 
 
+def stale_temp(storage: Storage, key: str, now: float) -> bool:
+    """A temp link older than the generations' grace: left by an update killed between its link and its rename.
+    Its age is its inode's ctime (a link's mtime is its shard's, however old): making the link sets it, so a live
+    update's temp link is never that old."""
+    from cluster.data.generations import KEEP_SUPERSEDED_S       # generations imports this module
+    return now - os.stat(storage.path(key)).st_ctime > KEEP_SUPERSEDED_S
+
+
 def place(storage: Storage, source: str, dest: str) -> None:
-    """`dest` becomes `source`'s bytes: a hard link swapped in by one rename locally, a copy on S3."""
+    """`dest` becomes `source`'s bytes: a hard link swapped in by one rename locally, a server-side copy on S3."""
     if storage.is_s3:
-        storage.publish(dest, storage.read_bytes(source))
+        storage.copy(source, dest)
         return
     src, dst = storage.path(source), storage.path(dest)
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return
-    temp = os.path.join(os.path.dirname(dst), f"_tmp-{uuid.uuid4().hex}")   # one per call; `_`: readers skip it
+    temp = os.path.join(os.path.dirname(dst), f"{TEMP_PREFIX}{uuid.uuid4().hex}")   # one per call; `_`: readers skip it
     os.link(src, temp)
     os.replace(temp, dst)
     fsync_dir(os.path.dirname(dst))

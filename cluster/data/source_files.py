@@ -1,5 +1,6 @@
 """Two sources of plain files: Fashion-MNIST's IDX files (items: row ranges) and a folder of images, labelled
-`<folder>/<class>/<image>` or flat (unlabelled), local or under an s3:// prefix (items: one image file each)."""
+`<folder>/<class>/<image>` or flat (unlabelled), optionally below split folders (train/, test/, ...), local or
+under an s3:// prefix (items: one image file each)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from cluster.data.source_io import (
     read_file,
     shaped_array,
 )
+from cluster.data.source_parquet import SPLIT_KEYWORDS, split_order
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.data import (
     FASHION_MNIST_DIR,
@@ -100,7 +102,10 @@ def image_suffixes() -> set[str]:
 
 def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> SourcePlan:
     """`<uri>/<class>/.../<image>` (labelled, classes sorted by name) or `<uri>/<image>` (unlabelled): one item
-    per image file, any format Pillow opens; other files (and names starting with '.' or '_') are skipped."""
+    per image file, any format Pillow opens; other files (and names starting with '.' or '_') are skipped.
+    Top-level folders named as splits (`train/`, `test/`, `validation/` and `datasets`' other keywords for them,
+    such as `val/`) are splits, each holding classes or flat images as above, as `datasets`' imagefolder reads
+    them; otherwise every image is in --split."""
     folder = absolute(uri)
     suffixes = image_suffixes()
     files = [f for f in list_files(folder, cfg) if "." in f.uri.rsplit("/", 1)[-1]
@@ -108,26 +113,45 @@ def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> S
     if not files:
         raise VaegenError(f"image folder {uri} holds no images (<folder>/<class>/<image>.png, or "
                           "<folder>/<image>.png unlabelled)")
-    relative = [f.uri[len(folder) + 1:] for f in files]
-    nested = ["/" in r for r in relative]
-    if all(nested):
-        classes = sorted({r.split("/", 1)[0] for r in relative})
-        if len(classes) > MAX_CLASSES:
-            raise VaegenError(f"image folder {uri} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index[r.split("/", 1)[0]] for r in relative]
-        order = sorted(range(len(files)), key=lambda i: (labels[i], relative[i]))
-        label_names: tuple[str, ...] | None = tuple(classes)
-    elif not any(nested):
-        labels, order, label_names = [-1] * len(files), range(len(files)), None
-    else:
-        top = relative[nested.index(False)]
-        sub = relative[nested.index(True)]
-        raise VaegenError(f"image folder {uri} holds images both at its top ({top}) and in subfolders ({sub}): "
-                          "put every image in a class subfolder (labelled) or all at the top (unlabelled)")
-    items = tuple(SourceItem(options.split, files[i].uri, 0, 1, labels[i]) for i in order)     # one image each
+    splits, relative = _folder_splits(uri, [f.uri[len(folder) + 1:] for f in files], options.split)
+    labels, label_names = _folder_labels(uri, relative)
+    order = sorted(range(len(files)), key=lambda i: (split_order(splits[i]), labels[i], relative[i]))
+    items = tuple(SourceItem(splits[i], files[i].uri, 0, 1, labels[i]) for i in order)     # one image each
     return SourcePlan("image-folder", uri, items, label_names,
                       fingerprint("image-folder", folder, items, files, label_names, options))
+
+
+SPLIT_FOLDERS = {keyword: split for split, keywords in SPLIT_KEYWORDS.items() for keyword in keywords}
+
+
+def _folder_splits(uri: str, relative: list[str], default: str) -> tuple[list[str], list[str]]:
+    """Each image's split and its path below the split's folder: the top-level folders when one of them is named
+    as a split (then every image must be in one), else `default` and the path as it is."""
+    tops = [r.split("/", 1)[0] if "/" in r else None for r in relative]
+    if not any(t is not None and t.lower() in SPLIT_FOLDERS for t in tops):
+        return [default] * len(relative), relative
+    for top, path in zip(tops, relative):
+        if top is None or top.lower() not in SPLIT_FOLDERS:
+            split_folder = next(t for t in tops if t is not None and t.lower() in SPLIT_FOLDERS)
+            raise VaegenError(f"image folder {uri} has a split folder ({split_folder}/) and {path} outside any: "
+                              f"put every image under a split folder ({', '.join(SPLIT_KEYWORDS)}), or none")
+    return [SPLIT_FOLDERS[t.lower()] for t in tops], [r.split("/", 1)[1] for r in relative]
+
+
+def _folder_labels(uri: str, relative: list[str]) -> tuple[list[int], tuple[str, ...] | None]:
+    """Each image's label and the class names: `<class>/.../<image>` labelled, `<image>` unlabelled (-1)."""
+    nested = ["/" in r for r in relative]
+    if not any(nested):
+        return [-1] * len(relative), None
+    if not all(nested):
+        top, sub = relative[nested.index(False)], relative[nested.index(True)]
+        raise VaegenError(f"image folder {uri} holds images both at its top ({top}) and in subfolders ({sub}): "
+                          "put every image in a class subfolder (labelled) or all at the top (unlabelled)")
+    classes = sorted({r.split("/", 1)[0] for r in relative})
+    if len(classes) > MAX_CLASSES:
+        raise VaegenError(f"image folder {uri} has {len(classes):,} class subfolders: at most {MAX_CLASSES:,}")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[r.split("/", 1)[0]] for r in relative], tuple(classes)
 
 
 def read_image_file_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) -> Iterator[SourceImage]:

@@ -35,11 +35,13 @@ class SourceItem:
     label: int = -1                        # the label of every image in the item, where its path names it
     raw: bool = False                      # its pixels are stored as they are (IDX, a Parquet `pixels` column):
                                            # nothing to decode, so a row costs a copy, not a decode
+    label_key: str = ""                    # a tar's: the label members' extensions (';'-separated) every sample
+                                           # must have one of; '' unlabelled
 
 
 def item_fields(item: SourceItem) -> list:
     """An item as a JSON list (a task's row), without dataclasses.astuple's deep copy."""
-    return [item.split, item.uri, item.start, item.stop, item.label, item.raw]
+    return [item.split, item.uri, item.start, item.stop, item.label, item.raw, item.label_key]
 
 
 @dataclass(frozen=True)

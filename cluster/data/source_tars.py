@@ -4,16 +4,19 @@ Members are grouped into samples as webdataset does (the key is the member's nam
 base name, the rest, lower-cased, is the extension; consecutive members with one key are one sample). The image
 is the first of --image-key's ';'-separated extensions a sample has, the label the first of --label-key's
 (a decimal text member such as `cls`, or `json`: the `label` field of the sample's .json), as webdataset's
-`.to_tuple("png;jpg", "cls")` picks them. Without --label-key the tars are labelled when their first sample has a
-`cls`. Splits come from the file names as for Parquet; class names from the dataset card beside the tars (README.md,
-`datasets`' cls ClassLabel: vaegen's own tar jobs write one), else are '0'..max label, which planning finds by
-reading the label members. Items: one tar each, read as a stream."""
+`.to_tuple("png;jpg", "cls")` picks them. The dataset is labelled or not as a whole: by --label-key, else by
+whether the first sample has a `cls`; in a labelled dataset a sample without its label is one line naming it
+(--label-key '' ingests every sample unlabelled), or with --skip-bad is skipped. Splits come from the file names
+as for Parquet; class names from the dataset card beside the tars (README.md, `datasets`' cls ClassLabel: vaegen's
+own tar jobs write one), else are '0'..max label, which planning finds by reading the label members alone (a
+local tar's other members are seeked over). Items: one tar each, read as a stream."""
 from __future__ import annotations
 
 import json
 import re
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cluster.data.source_io import (
     IngestOptions,
@@ -25,7 +28,9 @@ from cluster.data.source_io import (
     decode_image,
     file_info,
     fingerprint,
+    is_s3,
     list_files,
+    open_file,
     open_stream,
     read_file,
 )
@@ -84,23 +89,25 @@ def plan_webdataset(uri: str, cfg: StorageConfig, options: IngestOptions) -> Sou
     root, refs = _tar_files(uri, cfg)
     splits = infer_splits([r.uri[len(root) + 1:] for r in refs], options.split)
     chosen = sorted(((s, r) for s, r in zip(splits, refs) if s is not None), key=lambda c: (split_order(c[0]), c[1].uri))
-    items = tuple(SourceItem(split, ref.uri) for split, ref in chosen)
-    first = next(samples(items[0].uri, cfg), None)
+    first = next(samples(chosen[0][1].uri, cfg), None) if chosen else None
     if first is None:
-        raise VaegenError(f"{items[0].uri} holds no samples (members named <key>.<extension>)")
-    image_choice(first, options, items[0].uri)
-    label_ext = label_choice(first, options, items[0].uri)
+        raise VaegenError(f"{chosen[0][1].uri if chosen else uri} holds no samples (members named <key>.<extension>)")
+    image_choice(first, options, chosen[0][1].uri)
+    label_ext = label_choice(first, options, chosen[0][1].uri)
+    label_key = "" if label_ext is None else options.label_key or label_ext
+    items = tuple(SourceItem(split, ref.uri, label_key=label_key) for split, ref in chosen)
     names = None
     if label_ext is not None:
-        names = card_class_names(root, label_ext, cfg) or _numbered_names(items, label_ext, cfg)
+        names = card_class_names(root, label_ext, cfg) or _numbered_names(items, cfg)
     return SourcePlan("webdataset", uri, items, names, fingerprint("webdataset", uri, items, refs, names, options))
 
 
 # -- samples --------------------------------------------------------------------------------------------
-def samples(uri: str, cfg: StorageConfig) -> Iterator[dict]:
-    """A tar's samples as webdataset groups them: {'__key__': key, ext: bytes, ...}, read as one stream."""
+def samples(uri: str, cfg: StorageConfig, only: frozenset[str] | None = None) -> Iterator[dict]:
+    """A tar's samples as webdataset groups them: {'__key__': key, ext: bytes, ...}, read as one stream. With
+    `only`, a sample holds only those extensions' members, and a local tar's others are seeked over, never read."""
     try:
-        with open_stream(uri, cfg) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with _open_tar(uri, cfg, seekable=only is not None) as tar:
             sample: dict | None = None
             for member in tar:
                 if not member.isreg() or (member.name.startswith("__") and member.name.endswith("__")):
@@ -113,12 +120,25 @@ def samples(uri: str, cfg: StorageConfig) -> Iterator[dict]:
                     if sample is not None:
                         yield sample
                     sample = {"__key__": key}
-                sample[ext] = tar.extractfile(member).read()
+                if only is None or ext in only:
+                    sample[ext] = tar.extractfile(member).read()
                 tar.members = []                       # a stream: keep no index of what went by
             if sample is not None:
                 yield sample
     except (tarfile.TarError, EOFError, OSError) as e:
         raise VaegenError(f"cannot read tar {uri}: {str(e).splitlines()[0] or type(e).__name__}") from None
+
+
+@contextmanager
+def _open_tar(uri: str, cfg: StorageConfig, seekable: bool) -> Iterator[tarfile.TarFile]:
+    """The tar as one forward stream; `seekable` on a local file: opened so that skipped members are seeked over
+    (on S3 a seek is a request, so it stays a stream)."""
+    if seekable and not is_s3(uri):
+        with open_file(uri, cfg) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            yield tar
+        return
+    with open_stream(uri, cfg) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        yield tar
 
 
 def image_choice(sample: dict, options: IngestOptions, uri: str) -> str | None:
@@ -151,7 +171,8 @@ def label_choice(sample: dict, options: IngestOptions, uri: str) -> str | None:
 def sample_label(sample: dict, ext: str) -> int:
     """The label a member holds: decimal text, or a .json's `label` field; ValueError if neither."""
     if ext == "json":
-        value = json.loads(sample[ext]).get("label")
+        record = json.loads(sample[ext])
+        value = record.get("label") if isinstance(record, dict) else None
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"its .json has label {value!r}, not an integer")
         label = value
@@ -181,13 +202,15 @@ def card_class_names(root: str, label_ext: str, cfg: StorageConfig) -> tuple[str
     return None
 
 
-def _numbered_names(items, label_ext: str, cfg: StorageConfig) -> tuple[str, ...]:
+def _numbered_names(items, cfg: StorageConfig) -> tuple[str, ...]:
     high = -1
     for item in items:
-        for sample in samples(item.uri, cfg):
+        exts = item.label_key.split(";")
+        for sample in samples(item.uri, cfg, only=frozenset(exts)):
+            ext = next((e for e in exts if e in sample), None)
             try:
-                high = max(high, sample_label(sample, label_ext)) if label_ext in sample else high
-            except ValueError:
+                high = max(high, sample_label(sample, ext)) if ext is not None else high
+            except (ValueError, UnicodeDecodeError):
                 continue                                   # read_item names it
     if high >= MAX_CLASSES:
         raise VaegenError(f"input has label {high}: at most {MAX_CLASSES:,} classes (labels 0..{MAX_CLASSES - 1})")
@@ -196,20 +219,21 @@ def _numbered_names(items, label_ext: str, cfg: StorageConfig) -> tuple[str, ...
 
 def read_tar_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) -> Iterator[SourceImage]:
     """Every sample of the tar (or of its sample range [start, stop)), in order."""
-    label_ext: str | None = "?"
+    label_exts = item.label_key.split(";") if item.label_key else []
     for index, sample in enumerate(samples(item.uri, cfg)):
         if index < item.start or (0 <= item.stop <= index):
             continue
         name = f"{item.uri}:{sample['__key__']}"
-        if label_ext == "?":
-            label_ext = label_choice(sample, options, item.uri)
         label = -1
-        if label_ext is not None:
+        if label_exts:
+            ext = next((e for e in label_exts if e in sample), None)
+            if ext is None:
+                yield missing_label(item, sample, options)
+                continue
             try:
-                label = sample_label(sample, label_ext)
-            except (KeyError, ValueError, UnicodeDecodeError) as e:
-                why = f"no .{label_ext} member" if isinstance(e, KeyError) else f"bad label ({e})"
-                yield bad_image(name, why, -1, options)
+                label = sample_label(sample, ext)
+            except (ValueError, UnicodeDecodeError) as e:
+                yield bad_image(name, f"bad label ({e})", -1, options)
                 continue
         ext = image_choice(sample, options, "")
         if ext is None:
@@ -218,3 +242,16 @@ def read_tar_item(item: SourceItem, cfg: StorageConfig, options: IngestOptions) 
                             options)
             continue
         yield decode_image(sample[ext], f"{name}.{ext}", label, options)
+
+
+def missing_label(item: SourceItem, sample: dict, options: IngestOptions) -> SourceImage:
+    """A labelled dataset's sample without its label: skipped with --skip-bad, else the one line that says why the
+    dataset is labelled and how to ingest it unlabelled."""
+    wanted = item.label_key.replace(";", " or ")
+    why = (f"(--label-key {options.label_key})" if options.label_key else
+           f"(the first sample has a {wanted}, so the dataset is labelled: --label-key {item.label_key})")
+    if options.skip_bad:
+        return SourceImage(f"{item.uri}:{sample['__key__']}", None, -1, f"no {wanted} member {why}")
+    seen = ", ".join(k for k in sample if k != "__key__")
+    raise VaegenError(f"{item.uri}: sample {sample['__key__']} has no {wanted} member {why}; its keys: {seen}. "
+                      "Give every sample one, or pass --label-key '' to ingest all of them unlabelled")

@@ -135,6 +135,12 @@ class S3Requests:
             return self._landed_after_all(key, data, uncertain)
         return True
 
+    def _copy(self, source: str, dest: str) -> None:
+        """One CopyObject: S3 copies the object itself (no byte passes through here), atomically, as a PUT does."""
+        copy_source = {"Bucket": self.bucket, "Key": self.object_key(source)}
+        self._s3_call(lambda c: c.copy_object(Bucket=self.bucket, Key=self.object_key(dest), CopySource=copy_source),
+                      what=dest)
+
     def _get(self, key: str) -> tuple[str | None, bytes | None]:
         """(ETag, bytes) of an S3 object, (None, None) if absent; the body read is retried with the request."""
         from botocore.exceptions import ClientError

@@ -279,6 +279,15 @@ class Storage(S3Requests):
             if os.path.lexists(tmp):
                 os.unlink(tmp)
 
+    def copy(self, source: str, dest: str) -> None:
+        """Make `dest` hold `source`'s bytes, atomically as publish does. S3: a server-side copy (CopyObject), so
+        no byte passes through this process; local: read and published."""
+        check_key(source), check_key(dest)
+        if self.is_s3:
+            self._copy(source, dest)
+        else:
+            self.publish(dest, self.read_bytes(source))
+
     def compare_and_swap(self, key: str, data: bytes, accept: Callable[[bytes | None], bool]) -> bool:
         """Write `data` only if `accept(current contents or None)` holds and nobody wrote `key` in between.
 

@@ -42,3 +42,18 @@ def test_size_parses_height_by_width():
     assert parse_size("28x28") == (28, 28) and parse_size(" 64X32 ") == (64, 32)
     with pytest.raises(VaegenError, match="not HxW"):
         parse_size("64x64x3")
+
+
+def test_skip_bad_says_how_many_images_it_skipped_in_one_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((4, 4, 3), i * 40, np.uint8)).save(tmp_path / f"{i}.png")
+    for name in ("3.png", "4.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    assert vaegen(["ingest", "image-folder", str(tmp_path), "--name", "ds", "--skip-bad", "--no-progress",
+                   "--root", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "dataset ds (3, 4, 4): train: 3 rows in 1 shard"
+    assert out[1].startswith("skipped 2 unreadable images (--skip-bad; named in the card), the first: ")
+    assert "3.png: cannot identify image file" in out[1] and len(out) == 2

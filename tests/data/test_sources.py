@@ -104,6 +104,31 @@ def test_image_folder_split_option_names_the_split(tmp_path):
     assert {i.split for i in plan.items} == {"val"}
 
 
+def test_top_level_train_test_validation_folders_are_splits_with_classes_below(tmp_path):
+    """As `datasets`' imagefolder reads them: split folders (val/ is validation), class folders below them, class
+    names from every split; without classes below, the splits are unlabelled."""
+    make_class_folder(tmp_path / "pets" / "train")
+    make_class_folder(tmp_path / "pets" / "test", classes=("cats", "dogs"), per_class=2)
+    make_class_folder(tmp_path / "pets" / "val", classes=("birds", "dogs"), per_class=1)
+    plan = plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions(split="ignored"))
+    assert plan.label_names == ("birds", "cats", "dogs")
+    got = read_all(plan)
+    assert list(got) == ["train", "validation", "test"]
+    assert got["train"][1].tolist() == [1, 1, 1, 2, 2, 2] and got["test"][1].tolist() == [1, 1, 2, 2]
+    assert got["validation"][1].tolist() == [0, 2] and got["test"][2][2].endswith("pets/test/dogs/0.png")
+    assert np.array_equal(got["test"][0][3], pattern(12, 10, 3, 11).transpose(2, 0, 1))
+    for split in ("train", "test"):
+        (tmp_path / "flat" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(pattern(8, 8, 1, i)).save(tmp_path / "flat" / split / f"{i}.png")
+    flat = plan_source("image-folder", str(tmp_path / "flat"), LOCAL, IngestOptions())
+    assert flat.label_names is None and {k: v[1].tolist() for k, v in read_all(flat).items()} == {
+        "train": [-1, -1], "test": [-1, -1]}
+    make_class_folder(tmp_path / "pets" / "extra")
+    with pytest.raises(VaegenError, match="has a split folder \\(test/\\) and extra/cats/0.png outside any"):
+        plan_source("image-folder", str(tmp_path / "pets"), LOCAL, IngestOptions())
+
+
 def test_empty_or_missing_image_folder_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(VaegenError, match="holds no images"):
@@ -369,6 +394,39 @@ def test_webdataset_keys_chosen_like_to_tuple(tmp_path):
     unlabelled = IngestOptions(image_key="ppm", label_key="")
     assert read_all(plan_source("webdataset", str(tmp_path), LOCAL, unlabelled), options=unlabelled)["train"][1]\
         .tolist() == [-1] * 4
+
+
+def test_a_labelled_dataset_is_labelled_in_every_tar_as_to_tuple_reads_it(tmp_path):
+    """The first sample decides (or --label-key): a later tar whose samples have no cls is one line naming its
+    sample and --label-key, as to_tuple("png", "cls") fails on it; --label-key '' reads every sample unlabelled,
+    as to_tuple("png") does; --skip-bad skips the unlabelled ones. Labels found by the planning scan (no card)."""
+    import webdataset as wds
+    write_shards(str(tmp_path / "a-%d.tar"), 4, 10)
+    write_shards(str(tmp_path / "b-%d.tar"), 2, 10, label=False)
+    for name in ("a-0.tar", "b-0.tar"):
+        os.rename(tmp_path / name, tmp_path / name.replace("-0", ""))
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    assert plan.label_names == ("0", "1", "2") and {i.label_key for i in plan.items} == {"cls"}
+    first_line = f"{tmp_path}/b.tar: sample sample0000 has no cls member \\(the first sample has a cls, so the " \
+                 "dataset is labelled: --label-key cls\\); its keys: png. Give every sample one, or pass " \
+                 "--label-key '' to ingest all of them unlabelled$"
+    with pytest.raises(VaegenError, match=first_line):
+        read_all(plan)
+    with pytest.raises(ValueError, match="didn't find"):
+        list(wds.WebDataset(str(tmp_path / "b.tar"), shardshuffle=False).to_tuple("png", "cls"))
+    with pytest.raises(VaegenError, match="b.tar: sample sample0000 has no cls member \\(--label-key cls\\)"):
+        read_all(plan, options=IngestOptions(label_key="cls"))
+    unlabelled = IngestOptions(label_key="")
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, unlabelled)
+    assert plan.label_names is None and read_all(plan, options=unlabelled)["train"][1].tolist() == [-1] * 6
+    skip = IngestOptions(skip_bad=True)
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, skip)
+    got = [list(read_item(plan.kind, item, LOCAL, skip)) for item in plan.items]
+    assert [i.label for i in got[0]] == [0, 1, 2, 0] and [i.pixels is None for i in got[1]] == [True, True]
+    assert got[1][0].error.startswith("no cls member (the first sample has a cls")
+    os.rename(tmp_path / "a.tar", tmp_path / "c.tar")               # an unlabelled first sample: all unlabelled
+    plan = plan_source("webdataset", str(tmp_path), LOCAL, IngestOptions())
+    assert plan.label_names is None and read_all(plan)["train"][1].tolist() == [-1] * 6
 
 
 def test_webdataset_errors_are_one_line(tmp_path):
