@@ -53,7 +53,7 @@ import time
 
 import numpy as np
 
-from cluster.data.readable import publish_view, shard_bytes
+from cluster.data.readable import KEEP_SUPERSEDED_S, publish_view, shard_bytes
 from cluster.store.layout import DATASETS, dataset_key, dataset_manifest_key
 from cluster.store.records import OtherFormat, as_object, fields, parse_record
 from cluster.store.storage import Storage
@@ -63,7 +63,6 @@ PENDING = "_pending"
 GENERATION_PREFIX = "__g-"          # `_` hides it from pyarrow, `__` from Hugging Face datasets
 LAYOUT = "vaegen-dataset-3"             # part of every generation hash: a layout change never reuses old keys
 DEFAULT_SHARD_ROWS = 10_000
-KEEP_SUPERSEDED_S = 24 * 3600.0
 PENDING_TIMEOUT_S = 24 * 3600.0
 COMMIT_ATTEMPTS = 20
 

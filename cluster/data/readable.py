@@ -31,6 +31,8 @@ from cluster.store.local_files import fsync_dir
 from cluster.store.storage import Storage
 from vae_core.errors import VaegenError
 
+KEEP_SUPERSEDED_S = 24 * 3600.0     # a superseded generation, and a view's stale temp file, outlive their commit
+
 VIEW_RECORD = "_view.json"          # the generation the view shows, written after the view is complete
 CARD = "README.md"
 VIEW_PREFIX = "part-"
@@ -105,7 +107,6 @@ def stale_temp(storage: Storage, key: str, now: float) -> bool:
     """A temp link older than the generations' grace: left by an update killed between its link and its rename.
     Its age is its inode's ctime (a link's mtime is its shard's, however old): making the link sets it, so a live
     update's temp link is never that old."""
-    from cluster.data.generations import KEEP_SUPERSEDED_S       # generations imports this module
     return now - os.stat(storage.path(key)).st_ctime > KEEP_SUPERSEDED_S
 
 
