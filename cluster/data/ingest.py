@@ -50,7 +50,7 @@ from cluster.data.shard_tasks import (
     write_shard_task,
 )
 from cluster.data.sources import IngestOptions, SourceItem, SourcePlan, item_fields, plan_source
-from cluster.store.storage import open_storage
+from cluster.store.storage import Storage, open_storage
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.names import check_name, is_valid_name
@@ -122,7 +122,7 @@ def ingest_source(source: str, path: str | None, storage_cfg: StorageConfig, *, 
             if one_pass(plan, options, shard_rows, use_ray):
                 manifest = write_in_one_pass(job, plan, shard_rows, use_ray, progress)
             else:
-                manifest = write_in_two_passes(job, plan, shard_rows, use_ray, progress)
+                manifest = write_in_two_passes(storage, job, plan, shard_rows, use_ray, progress)
     except VaegenError:
         abandon_generation(storage, name, generation)        # bad input publishes nothing, not even its marker
         raise
@@ -243,8 +243,8 @@ def planned_shards(split: str, items: list[SourceItem], shard_rows: int) -> tupl
 
 
 # -- two passes: runs of items → pieces → shard specs → shard records ------------------------------------------
-def write_in_two_passes(job: IngestJob, plan: SourcePlan, shard_rows: int, use_ray: bool, progress: bool) -> dict:
-    storage = open_storage(job.storage, for_writing=True)
+def write_in_two_passes(storage: Storage, job: IngestJob, plan: SourcePlan, shard_rows: int, use_ray: bool,
+                        progress: bool) -> dict:
     try:
         pieces = read_pieces(job, plan, use_ray, progress)
         manifest = records_manifest(job, plan, pieces)
