@@ -107,6 +107,8 @@ def stale_temp(storage: Storage, key: str, now: float) -> bool:
     """A temp link older than the generations' grace: left by an update killed between its link and its rename.
     Its age is its inode's ctime (a link's mtime is its shard's, however old): making the link sets it, so a live
     update's temp link is never that old."""
+    if storage.is_s3:
+        return False                                   # S3's view is copied server-side: no temp object is made
     return now - os.stat(storage.path(key)).st_ctime > KEEP_SUPERSEDED_S
 
 
