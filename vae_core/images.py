@@ -46,8 +46,7 @@ IDAT_CRC = zlib.crc32(b"IDAT")
 def png_files(images: np.ndarray, level: int = PNG_DEFLATE_LEVEL) -> list[bytes]:
     """One deterministic PNG per uint8 (B, C, H, W) image, C = 1 (grey) or 3 (RGB): signature, IHDR, one IDAT,
     IEND, nothing else (no timestamps or text). The filtered rows of the whole batch are laid out once with NumPy;
-    only the deflate and the IDAT crc32 (libdeflate's: zlib's value, twice as fast here) and the chunk framing are
-    per image."""
+    only the deflate and the IDAT crc32 (libdeflate's: zlib's value, faster) and the chunk framing are per image."""
     n, c, h, w = images.shape
     if c not in PNG_COLOUR_TYPES:
         raise ValueError(f"PNG images need 1 or 3 channels, got {c}")
