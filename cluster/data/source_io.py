@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from cluster.store.storage import Storage
+from cluster.store.storage import Storage, mtime_ns
 from vae_core.config import IngestOptions, StorageConfig
 from vae_core.data import is_wide, open_user_image, shape_chw, shape_image
 from vae_core.errors import VaegenError
@@ -129,7 +129,7 @@ def file_info(uri: str, cfg: StorageConfig) -> FileRef | None:
         return None                                  # s3://bucket: a folder
     folder, name = split_uri(uri)
     info = storage_at(folder, cfg).file_info(name)
-    return FileRef(uri, info.size, _mtime_ns(info)) if info.type == pafs.FileType.File else None
+    return FileRef(uri, info.size, mtime_ns(info)) if info.type == pafs.FileType.File else None
 
 
 def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
@@ -140,22 +140,16 @@ def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise VaegenError(f"{uri} does not exist" if not os.path.exists(uri) else f"{uri} is not a folder")
-        entries = storage.list("", recursive=True)      # refuses any link it meets: the paths below have none
-        refs = [FileRef(f"{uri}/{e.key}", e.size, os.stat(f"{uri}/{e.key}").st_mtime_ns) for e in entries
-                if _visible(e.key)]
     else:
         storage.check_readable()
-        refs = [FileRef(f"{uri}/{key}", info.size, _mtime_ns(info)) for key, info in storage.s3_files("")
-                if _visible(key)]
-    return sorted(refs, key=lambda r: r.uri)
+    # Sorted by key, so by URI; a local listing refuses any link it meets: the paths below have none.
+    return [FileRef(f"{uri}/{e.key}", e.size, e.mtime_ns) for e in storage.list("", recursive=True)
+            if _visible(e.key)]
 
 
 def _visible(key: str) -> bool:
-    return not any(part.startswith((".", "_")) for part in key.split("/"))
-
-
-def _mtime_ns(info: pafs.FileInfo) -> int:
-    return int(info.mtime.timestamp() * 1e9) if info.mtime is not None else 0
+    slashed = "/" + key
+    return "/." not in slashed and "/_" not in slashed
 
 
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:

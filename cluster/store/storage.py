@@ -46,6 +46,12 @@ def check_key(key: object, *, root_ok: bool = False) -> str:
 class Entry:
     key: str          # relative to the root
     size: int
+    mtime_ns: int     # when it was last written (what fingerprints an input)
+
+
+def mtime_ns(info: pafs.FileInfo) -> int:
+    """A pyarrow FileInfo's modification time in ns (0 where the store gives none)."""
+    return int(info.mtime.timestamp() * 1e9) if info.mtime is not None else 0
 
 
 class Storage(S3Requests):
@@ -183,9 +189,10 @@ class Storage(S3Requests):
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
         if not self.is_s3:
-            return sorted((Entry(key, size) for key, size in self._local_walk(prefix, recursive) if size >= 0),
-                          key=lambda e: e.key)
-        return sorted((Entry(key, info.size) for key, info in self.s3_files(prefix, recursive)), key=lambda e: e.key)
+            return sorted((Entry(key, size, mtime_ns) for key, size, mtime_ns in self._local_walk(prefix, recursive)
+                           if size >= 0), key=lambda e: e.key)
+        return sorted((Entry(key, info.size, mtime_ns(info)) for key, info in self.s3_files(prefix, recursive)),
+                      key=lambda e: e.key)
 
     def s3_files(self, prefix: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
         """(key, pyarrow FileInfo: size, mtime) of each object under a prefix of an S3 root, S3's zero-byte
@@ -198,16 +205,16 @@ class Storage(S3Requests):
 
     def list_dirs(self, prefix: str) -> list[str]:
         if not self.is_s3:
-            return sorted(key.rsplit("/", 1)[-1] for key, size in self._local_walk(prefix, False) if size < 0)
+            return sorted(key.rsplit("/", 1)[-1] for key, size, _ in self._local_walk(prefix, False) if size < 0)
         infos = self._arrow(lambda: self.fs.get_file_info(
             pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)), prefix)
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def _local_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int]]:
-        """(key, size) of each regular file and (key, -1) of each folder under `prefix`, never through a link: a
-        link met on the way is refused in one line. An entry that another process renames or deletes meanwhile
+    def _local_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int, int]]:
+        """(key, size, mtime_ns) of each regular file and (key, -1, 0) of each folder under `prefix`, never through
+        a link: a link met on the way is refused in one line. An entry that another process renames or deletes meanwhile
         (a publish's temp file) is skipped; a prefix that is missing or not a folder lists nothing."""
-        found: list[tuple[str, int]] = []
+        found: list[tuple[str, int, int]] = []
         pending = [prefix]
         while pending:
             folder = pending.pop()
@@ -224,11 +231,12 @@ class Storage(S3Requests):
                     raise_link(entry.path)
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        found.append((key, -1))
+                        found.append((key, -1, 0))
                         if recursive:
                             pending.append(key)
                     elif entry.is_file(follow_symlinks=False):
-                        found.append((key, entry.stat(follow_symlinks=False).st_size))
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((key, st.st_size, st.st_mtime_ns))
                 except FileNotFoundError:
                     continue
         return found
