@@ -109,7 +109,10 @@ def stale_temp(storage: Storage, key: str, now: float) -> bool:
     update's temp link is never that old."""
     if storage.is_s3:
         return False                                   # S3's view is copied server-side: no temp object is made
-    return now - os.stat(storage.path(key)).st_ctime > KEEP_SUPERSEDED_S
+    try:
+        return now - os.stat(storage.path(key)).st_ctime > KEEP_SUPERSEDED_S
+    except FileNotFoundError:
+        return False                                   # a concurrent update renamed it into the view meanwhile
 
 
 def place(storage: Storage, source: str, dest: str) -> None:
