@@ -38,15 +38,24 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+# Every process compiles vaegen's modules, and pytest rewrites each test file, unless the bytecode can be kept: a
+# machine that sets PYTHONDONTWRITEBYTECODE would pay that again in every test, vaegen process and Ray worker. It is
+# kept in the venv, so the checkout stays free of __pycache__ folders.
+use_bytecode_cache() {
+    unset PYTHONDONTWRITEBYTECODE
+    PYTHONPYCACHEPREFIX="$(cd "$VENV" && pwd)/pycache"
+    export PYTHONPYCACHEPREFIX
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
+    pipeline) ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/vaegen" pipeline "$@" ;;
     # Two processes, each with its own local Ray: more would starve the Ray tests of CPUs. A file runs whole in one
     # process (loadfile), so a setup its tests share (a module fixture: jobs made on Ray, the adversarial table)
     # is built once.
-    test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" ;;
-    unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
-    vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
+    test)     ensure_dataset; ensure_chromium; ensure_venv; use_bytecode_cache; exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" ;;
+    unit)     ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
+    vaegen)   ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/vaegen" "$@" ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

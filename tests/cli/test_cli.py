@@ -268,6 +268,7 @@ def test_sample_out_to_a_symlink_replaces_its_target_and_keeps_the_link(tiny_roo
     capsys.readouterr()
 
 
+@pytest.mark.slow                          # vaegen processes that load torch and decode
 def test_sample_out_to_a_character_device_and_to_stdout(tiny_root, tmp_path):
     # Through a link of the test's own: a vaegen that renamed over its --out replaces the link, never /dev/null.
     link = tmp_path / "null"
@@ -280,6 +281,7 @@ def test_sample_out_to_a_character_device_and_to_stdout(tiny_root, tmp_path):
     assert proc.stdout[:8] == PNG_MAGIC and b"wrote 4 samples" in proc.stderr   # the report stays off the image
 
 
+@pytest.mark.slow                          # vaegen processes, each a cold start
 def test_show_out_to_stdout_and_to_a_fifo(tiny_root, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "show", "tiny", "--root", str(tiny_root), "--out", "-"],
                           capture_output=True, timeout=300)

@@ -32,6 +32,7 @@ def test_the_workers_uint8_conversion_gives_to_uint8s_bytes_at_every_rounding_ed
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.slow                          # the bench itself, end to end: seconds of packaging
 def test_the_packaging_bench_smoke_mode_measures_every_format_and_shape(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "package.py"), "--smoke", "--tmp", str(tmp_path)],
