@@ -38,13 +38,11 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
-# Every process compiles vaegen's modules, and pytest rewrites each test file, unless the bytecode can be kept: a
-# machine that sets PYTHONDONTWRITEBYTECODE would pay that again in every test, vaegen process and Ray worker. It is
-# kept in the venv, so the checkout stays free of __pycache__ folders.
+# Python keeps each module's bytecode beside it (__pycache__, ignored by git) unless PYTHONDONTWRITEBYTECODE is set.
+# A machine that sets it makes every process compile vaegen's modules again and pytest rewrite every test file
+# again: every test, vaegen process and Ray worker. The installed packages' bytecode was written by pip either way.
 use_bytecode_cache() {
     unset PYTHONDONTWRITEBYTECODE
-    PYTHONPYCACHEPREFIX="$(cd "$VENV" && pwd)/pycache"
-    export PYTHONPYCACHEPREFIX
 }
 
 cmd=${1:-}

@@ -39,21 +39,6 @@ RAY_FIXTURES = {"ray_local", "ray_cluster", "starts_ray"}
 S3_FIXTURES = {"s3_server", "starts_moto"}
 
 
-# The files that take longest, first. `./dev.sh test` hands whole files to two processes, each taking the next file
-# in collection order as it finishes one: a long file collected last would run alone while the other process
-# idles, so the long ones go first and the short ones fill in around them. Within a file the order is kept.
-LONGEST_FILES = ("train/test_train_ray.py", "generate/test_generate_kills.py", "generate/test_generate.py",
-                 "runtime/test_submit.py", "data/test_dataset_replace.py", "cli/test_adversarial.py",
-                 "cli/test_readme_usage.py", "show/test_gallery.py", "show/test_readers.py",
-                 "generate/test_placement.py", "generate/test_formats_round_trip.py",
-                 "generate/test_generate_recovery.py", "train/test_retrain.py")
-
-
-def file_rank(item) -> int:
-    path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
-    return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
-
-
 @pytest.hookimpl(tryfirst=True)           # before -m deselects: the marks must exist when it reads them
 def pytest_collection_modifyitems(items):
     for item in items:
@@ -62,7 +47,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         if used & S3_FIXTURES:
             item.add_marker(pytest.mark.s3)
-    items.sort(key=file_rank)                 # stable: each file's tests stay together and in order
 
 
 @pytest.fixture(scope="session")

@@ -105,8 +105,3 @@ def test_every_library_whose_version_is_in_the_bytes_is_pinned_exactly_and_insta
     pins = dict(re.findall(r'"([a-z_]+)==([0-9.]+)"', (REPO / "pyproject.toml").read_text()))
     for library in ("pyarrow", "deflate", "torchvision"):   # Parquet's created_by, PNG deflate streams, JPEGs
         assert pins.get(library) == version(library), library
-
-
-def test_the_files_the_suite_runs_first_exist():
-    from conftest import LONGEST_FILES
-    assert [name for name in LONGEST_FILES if not (REPO / "tests" / name).is_file()] == []
