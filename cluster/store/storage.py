@@ -189,7 +189,7 @@ class Storage(S3Requests):
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
         if not self.is_s3:
-            return sorted((Entry(key, size, mtime_ns) for key, size, mtime_ns in self._local_walk(prefix, recursive)
+            return sorted((Entry(key, size, mtime) for key, size, mtime in self._local_walk(prefix, recursive)
                            if size >= 0), key=lambda e: e.key)
         return sorted((Entry(key, info.size, mtime_ns(info)) for key, info in self.s3_files(prefix, recursive)),
                       key=lambda e: e.key)
@@ -212,8 +212,8 @@ class Storage(S3Requests):
 
     def _local_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int, int]]:
         """(key, size, mtime_ns) of each regular file and (key, -1, 0) of each folder under `prefix`, never through
-        a link: a link met on the way is refused in one line. An entry that another process renames or deletes meanwhile
-        (a publish's temp file) is skipped; a prefix that is missing or not a folder lists nothing."""
+        a link: a link met on the way is refused in one line. An entry that another process renames or deletes
+        meanwhile (a publish's temp file) is skipped; a prefix that is missing or not a folder lists nothing."""
         found: list[tuple[str, int, int]] = []
         pending = [prefix]
         while pending:

@@ -283,7 +283,8 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     import torch
     last = max(checkpoint_keys(storage, run_id))
     optimizer = torch.load(io.BytesIO(storage.read_bytes(last)), weights_only=True)["optimizer"]
-    assert optimizer["step"] == KILL_EPOCHS * 29       # the averager's count went on from the checkpoint's
+    # 29 steps an epoch (900 images a worker, 32 a batch): the averager's count went on from the checkpoint's
+    assert optimizer["step"] == KILL_EPOCHS * 29
 
 
 # -- bad input: one clear line, nothing published ------------------------------------------------------
