@@ -188,20 +188,18 @@ class Storage(S3Requests):
 
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
-        if not self.is_s3:
-            return sorted((Entry(key, size, mtime) for key, size, mtime in self._local_walk(prefix, recursive)
-                           if size >= 0), key=lambda e: e.key)
-        return sorted((Entry(key, info.size, mtime_ns(info)) for key, info in self.s3_files(prefix, recursive)),
+        walk = self._s3_walk if self.is_s3 else self._local_walk
+        return sorted((Entry(key, size, mtime) for key, size, mtime in walk(prefix, recursive) if size >= 0),
                       key=lambda e: e.key)
 
-    def s3_files(self, prefix: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
-        """(key, pyarrow FileInfo: size, mtime) of each object under a prefix of an S3 root, S3's zero-byte
-        'dir/' marker keys skipped. Local roots are walked by `list`, which refuses links; pyarrow would follow."""
-        assert self.is_s3, "s3_files lists an S3 root"
+    def _s3_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int, int]]:
+        """(key, size, mtime_ns) of each object under a prefix of an S3 root, S3's zero-byte 'dir/' marker keys
+        skipped. Local roots are walked by _local_walk, which refuses links; pyarrow would follow them."""
         infos = self._arrow(lambda: self.fs.get_file_info(
             pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)), prefix)
         start = len(self.base) + 1
-        return [(i.path[start:], i) for i in infos if i.type == pafs.FileType.File and not i.path.endswith("/")]
+        return [(i.path[start:], i.size, mtime_ns(i)) for i in infos
+                if i.type == pafs.FileType.File and not i.path.endswith("/")]
 
     def list_dirs(self, prefix: str) -> list[str]:
         if not self.is_s3:
