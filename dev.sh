@@ -41,19 +41,17 @@ ensure_venv() {
 # Python keeps each module's bytecode beside it (__pycache__, ignored by git) unless PYTHONDONTWRITEBYTECODE is set.
 # A machine that sets it makes every process compile vaegen's modules again and pytest rewrite every test file
 # again: every test, vaegen process and Ray worker. The installed packages' bytecode was written by pip either way.
-use_bytecode_cache() {
-    unset PYTHONDONTWRITEBYTECODE
-}
+unset PYTHONDONTWRITEBYTECODE
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    pipeline) ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/vaegen" pipeline "$@" ;;
+    pipeline) ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" pipeline "$@" ;;
     # Two processes, each with its own local Ray: more would starve the Ray tests of CPUs. A file runs whole in one
     # process (loadfile), so a setup its tests share (a module fixture: jobs made on Ray, the adversarial table)
     # is built once.
-    test)     ensure_dataset; ensure_chromium; ensure_venv; use_bytecode_cache; exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" ;;
-    unit)     ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
-    vaegen)   ensure_dataset; ensure_venv; use_bytecode_cache; exec "$VENV/bin/vaegen" "$@" ;;
+    test)     ensure_dataset; ensure_chromium; ensure_venv; exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" ;;
+    unit)     ensure_dataset; ensure_venv; exec "$VENV/bin/python" -m pytest -n auto -m "not ray and not s3 and not slow" "$@" ;;
+    vaegen)   ensure_dataset; ensure_venv; exec "$VENV/bin/vaegen" "$@" ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
