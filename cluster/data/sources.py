@@ -6,7 +6,9 @@ and hf (Parquet files, a Hugging Face Hub layout, a save_to_disk folder: source_
 source_tars.py)."""
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cluster.data.source_files import (
     plan_fashion_mnist,
@@ -38,12 +40,27 @@ def plan_source(kind: str, uri: str | None, storage_cfg: StorageConfig, options:
         raise VaegenError(f"ingest {kind} needs the input's path ({WHAT_PATH[kind]})")
     planners = {"fashion-mnist": plan_fashion_mnist, "image-folder": plan_image_folder,
                 "webdataset": plan_webdataset}
-    plan = (planners[kind](uri, storage_cfg, options) if kind in planners
-            else plan_table_source(kind, uri, storage_cfg, options))
+    with collector_paused():
+        plan = (planners[kind](uri, storage_cfg, options) if kind in planners
+                else plan_table_source(kind, uri, storage_cfg, options))
     for split in dict.fromkeys(item.split for item in plan.items):
         if not is_valid_name(split):
             raise VaegenError(f"{uri}: its files name a split {split!r}, which is not a valid name ({NAME_RULE})")
     return plan
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a plan makes its few objects per input file, none of them in a
+    cycle: each full collection would otherwise walk every live object of the process (Ray's and pyarrow's
+    included) again as they pile up, which costs more than the listing itself on a large folder."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def read_item(plan_kind: str, item: SourceItem, storage_cfg: StorageConfig,
