@@ -71,6 +71,8 @@ class GenerateConfig:
 class ClassifierConfig:
     # `vaegen evaluate` sets the seed to its own --seed; the other settings are fixed for comparable figures.
     epochs: int = flag("--classifier-epochs", "epochs for the reference and TSTR classifiers", default=5)
+    max_images: int = flag("--classifier-max-images", "the reference classifier learns from the train split's "
+                           "first N images and is scored on the test split's first N; 0 = all", default=0, metavar="N")
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -79,6 +81,8 @@ class ClassifierConfig:
         check_finite(self)
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise VaegenError(f"classifier settings must be positive: {self}")
+        if self.max_images < 0:
+            raise VaegenError(f"--classifier-max-images={self.max_images} must be >= 0 (0 = all)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,7 +43,8 @@ def classifier_key(dataset: str, fname: str) -> str:
 def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
                          progress: bool = False) -> tuple[ReferenceCNN, dict]:
     """The dataset's reference classifier: loaded if stored for these exact shards and settings, else
-    trained on the train split (test accuracy recorded when there is a test split) and stored."""
+    trained on the train split (test accuracy recorded when there is a test split), each cut to its first
+    cfg.max_images images where that is set, and stored."""
     manifest = read_manifest(storage, dataset)
     digest = manifest_digest(manifest)
     meta_key = classifier_key(dataset, CLASSIFIER_CONFIG)
@@ -54,7 +55,7 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
             return model, meta
     if "train" not in manifest["splits"]:
         raise VaegenError(f"dataset {dataset!r} has no train split to fit its reference classifier on")
-    train = to_image_set(read_split(storage, dataset, "train"))
+    train = to_image_set(read_split(storage, dataset, "train", cfg.max_images, manifest))
     started = time.perf_counter()
     # A bar over every epoch's images: the classifier is a few minutes on a CPU, done once per dataset.
     with tqdm(total=cfg.epochs * len(train), unit="img", unit_scale=True, disable=not progress,
@@ -63,7 +64,7 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
     meta = {"dataset": dataset, "dataset_manifest_sha256": digest, "settings": cfg.to_dict(),
             "train_images": len(train), "train_seconds": time.perf_counter() - started}
     if "test" in manifest["splits"]:
-        test = to_image_set(read_split(storage, dataset, "test"))
+        test = to_image_set(read_split(storage, dataset, "test", cfg.max_images, manifest))
         meta.update(test_accuracy=accuracy(model, test.images, test.labels), test_images=len(test))
     files = classifier_files(model, meta)
     storage.publish(classifier_key(dataset, CLASSIFIER_WEIGHTS), files[CLASSIFIER_WEIGHTS])

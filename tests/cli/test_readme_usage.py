@@ -27,7 +27,8 @@ SHRINK = {
     "train": TINY_TRAIN,
     "generate": ["--count", "20", "--shard-size", "10", "--workers", "1", "--no-progress"],
     "reconstruct": ["--workers", "1", "--no-progress"],
-    "evaluate": ["--k", "2", "--limit", "32", "--samples", "64", "--classifier-epochs", "1", "--no-progress"],
+    "evaluate": ["--k", "2", "--limit", "32", "--samples", "64", "--classifier-epochs", "1",
+                 "--classifier-max-images", "512", "--no-progress"],
     "retrain": [*TINY_TRAIN, "--eval-max-images", "64"],
 }
 

@@ -197,6 +197,10 @@ def test_vaegen_evaluate_writes_its_results_into_the_model_version(fashion_root,
     assert storage.read_bytes(classifier_key("fm-small", CLASSIFIER_WEIGHTS)) == stored
     again = json.loads(storage.read_bytes(f"{version}/evaluation.json"))
     assert (again["likelihood"]["nll"], again["quality"]) == (report["likelihood"]["nll"], report["quality"])  # seeded
+    assert main(argv + ["--classifier-max-images", "300"]) == 0     # other settings: a classifier of their own
+    cut = json.loads(storage.read_bytes(f"{version}/evaluation.json"))["quality"]["reference_classifier"]
+    assert cut["train_images"] == 300 and cut["settings"]["max_images"] == 300
+    assert storage.read_bytes(classifier_key("fm-small", CLASSIFIER_WEIGHTS)) != stored
     quick = quick_evaluation(name, fashion_root, k=5, limit=20)        # what `vaegen pipeline` prints at its end
     assert quick.report["likelihood"]["images"] == 20 and "quality" not in quick.report
     assert summary_table([quick]).strip().startswith(f"{name}@v0001  NLL ")
