@@ -42,9 +42,9 @@ def jobs(starts_ray, small_fashion, tmp_path_factory) -> list[tuple[str, dict]]:
     for fmt in FORMATS:
         for model in ("plain", "cond"):
             made.append(run_generation(GenerateConfig(model=model, count=ROWS, shard_size=ROWS // 2, format=fmt),
-                                       cfg, workers=2, progress=False))
+                                       cfg, workers=1, progress=False))
         made.append(run_reconstruction(GenerateConfig(model="plain", kind="reconstructions", dataset="fm",
-                                                      split="test", format=fmt), cfg, workers=2, progress=False))
+                                                      split="test", format=fmt), cfg, workers=1, progress=False))
     return [(os.path.join(cfg.root, m["prefix"]), m) for m in made]
 
 
