@@ -29,7 +29,7 @@ from vae_core.errors import VaegenError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASET = "fm"
-KILL_EPOCHS = 3            # a run interrupted after its first epoch's checkpoint still has streamed epochs to resume
+INTERRUPTED_EPOCHS = 2     # a run interrupted after its first epoch's checkpoint still has a streamed epoch to resume
 # In-memory epochs of this data take a fraction of a second each: a run of this many, whose worker is killed as its
 # first checkpoint lands, is still far from its end then, however loaded the machine (both slow down together).
 KILLED_WORKER_EPOCHS = 30
@@ -264,8 +264,9 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
     storage = ingest_small_fashion(local_storage_config, small_fashion)
     run_id = unique_name("run")
     argv = [sys.executable, "-m", "jobs.cli", "train", "--workers", "2", "--run-id", run_id,
-            "--root", local_storage_config.root, "--dataset", DATASET, "--name", "fm-mlp", "--epochs", str(KILL_EPOCHS),
-            "--batch-size", "64", "--hidden-dim", "128", "--latent-dim", "8", "--patience", "10",
+            "--root", local_storage_config.root, "--dataset", DATASET, "--name", "fm-mlp",
+            "--epochs", str(INTERRUPTED_EPOCHS), "--batch-size", "64", "--hidden-dim", "128", "--latent-dim", "8",
+            "--patience", "10",
             "--address", ray.get_runtime_context().gcs_address, "--stream-epochs", "--sync-every", "4", "--no-progress"]
     driver = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -277,17 +278,17 @@ def test_an_interrupted_driver_resumes_with_the_same_run_id(ray_local, local_sto
         driver.kill()
     assert Registry(storage).versions("fm-mlp") == []         # interrupted: nothing published
 
-    job = job_for(local_storage_config, epochs=KILL_EPOCHS, run_id=run_id, stream_epochs=True, sync_every=4)
+    job = job_for(local_storage_config, epochs=INTERRUPTED_EPOCHS, run_id=run_id, stream_epochs=True, sync_every=4)
     result = train_model(job, progress=False)
     restarts = result.summary["resumed_at_epochs"]
     assert restarts[0] == 0 and restarts[-1] >= 1, restarts
-    assert [m.epoch for m in result.history] == list(range(KILL_EPOCHS))
+    assert [m.epoch for m in result.history] == list(range(INTERRUPTED_EPOCHS))
     assert Registry(storage).versions("fm-mlp") == [result.ref.version]
     import torch
     last = max(checkpoint_keys(storage, run_id))
     optimizer = torch.load(io.BytesIO(storage.read_bytes(last)), weights_only=True)["optimizer"]
     # 29 steps an epoch (900 images a worker, 32 a batch): the averager's count went on from the checkpoint's
-    assert optimizer["step"] == KILL_EPOCHS * 29
+    assert optimizer["step"] == INTERRUPTED_EPOCHS * 29
 
 
 # -- bad input: one clear line, nothing published ------------------------------------------------------
