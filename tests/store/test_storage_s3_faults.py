@@ -237,20 +237,20 @@ def test_ls_against_a_silent_endpoint_fails_in_one_line_within_its_timeout(silen
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     started = time.monotonic()
-    code = main(["ls", "--root", "s3://vaegen-test/x", "--s3-endpoint", silent_endpoint, "--s3-timeout", "3"])
+    code = main(["ls", "--root", "s3://vaegen-test/x", "--s3-endpoint", silent_endpoint, "--s3-timeout", "1"])
     elapsed = time.monotonic() - started
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("vaegen: error:") and silent_endpoint in err[0] and "--s3-timeout" in err[0], err
-    assert elapsed < 30, elapsed                       # 3 s asked: far from boto3's 8 tries of 60 s
+    assert elapsed < 30, elapsed                       # 1 s asked: far from boto3's 8 tries of 60 s
 
 
 def test_a_boto3_call_to_a_silent_endpoint_starts_no_try_after_the_deadline(silent_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    storage = Storage(StorageConfig(root="s3://vaegen-test/x", s3_endpoint=silent_endpoint, s3_timeout_s=2))
+    storage = Storage(StorageConfig(root="s3://vaegen-test/x", s3_endpoint=silent_endpoint, s3_timeout_s=1))
     started = time.monotonic()
-    with pytest.raises(VaegenError, match="did not answer within 2 s") as failed:
+    with pytest.raises(VaegenError, match="did not answer within 1 s") as failed:
         storage.publish("a", b"x")
     assert time.monotonic() - started < 10 and silent_endpoint in str(failed.value)
 
