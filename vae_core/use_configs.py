@@ -71,8 +71,9 @@ class GenerateConfig:
 class ClassifierConfig:
     # `vaegen evaluate` sets the seed to its own --seed; the other settings are fixed for comparable figures.
     epochs: int = flag("--classifier-epochs", "epochs for the reference and TSTR classifiers", default=5)
-    max_images: int = flag("--classifier-max-images", "the reference classifier learns from the train split's "
-                           "first N images and is scored on the test split's first N; 0 = all", default=0, metavar="N")
+    max_images: int = flag("--classifier-max-images", "the reference classifier learns from N of the train split's "
+                           "images, evenly spaced over it, and is scored on N of the test split's; 0 = all",
+                           default=0, metavar="N")
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

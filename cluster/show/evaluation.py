@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
@@ -43,8 +44,8 @@ def classifier_key(dataset: str, fname: str) -> str:
 def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
                          progress: bool = False) -> tuple[ReferenceCNN, dict]:
     """The dataset's reference classifier: loaded if stored for these exact shards and settings, else
-    trained on the train split (test accuracy recorded when there is a test split), each cut to its first
-    cfg.max_images images where that is set, and stored."""
+    trained on the train split (test accuracy recorded when there is a test split), each cut to cfg.max_images
+    rows where that is set (split_sample), and stored."""
     manifest = read_manifest(storage, dataset)
     digest = manifest_digest(manifest)
     meta_key = classifier_key(dataset, CLASSIFIER_CONFIG)
@@ -55,7 +56,7 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
             return model, meta
     if "train" not in manifest["splits"]:
         raise VaegenError(f"dataset {dataset!r} has no train split to fit its reference classifier on")
-    train = to_image_set(read_split(storage, dataset, "train", cfg.max_images, manifest))
+    train = split_sample(storage, dataset, "train", cfg.max_images, manifest)
     started = time.perf_counter()
     # A bar over every epoch's images: the classifier is a few minutes on a CPU, done once per dataset.
     with tqdm(total=cfg.epochs * len(train), unit="img", unit_scale=True, disable=not progress,
@@ -64,12 +65,27 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
     meta = {"dataset": dataset, "dataset_manifest_sha256": digest, "settings": cfg.to_dict(),
             "train_images": len(train), "train_seconds": time.perf_counter() - started}
     if "test" in manifest["splits"]:
-        test = to_image_set(read_split(storage, dataset, "test", cfg.max_images, manifest))
+        test = split_sample(storage, dataset, "test", cfg.max_images, manifest)
         meta.update(test_accuracy=accuracy(model, test.images, test.labels), test_images=len(test))
     files = classifier_files(model, meta)
     storage.publish(classifier_key(dataset, CLASSIFIER_WEIGHTS), files[CLASSIFIER_WEIGHTS])
     storage.publish(meta_key, files[CLASSIFIER_CONFIG])
     return model, json.loads(files[CLASSIFIER_CONFIG])
+
+
+def split_sample(storage: Storage, dataset: str, split: str, most: int, manifest: dict) -> ImageSet:
+    """A split's rows, or `most` of them evenly spaced over it (0: all of them): an image folder is ingested class
+    by class, so its first rows would be its first class only."""
+    rows = read_split(storage, dataset, split, manifest=manifest)
+    if not most or len(rows.labels) <= most:
+        return to_image_set(rows)
+    picked = evenly_spaced(len(rows.labels), most)
+    return ImageSet(torch.from_numpy(rows.images[picked]), torch.from_numpy(rows.labels[picked]))
+
+
+def evenly_spaced(count: int, most: int) -> np.ndarray:
+    """`most` of the row numbers 0..count-1 (most < count), evenly spaced from the first."""
+    return np.arange(most, dtype=np.int64) * count // most
 
 
 def model_dataset(loaded: LoadedModel) -> str:

@@ -13,7 +13,13 @@ from PIL import Image
 
 from cluster.data.datasets import ingest
 from cluster.data.ingest import ingest_source
-from cluster.show.evaluation import classifier_key, quick_evaluation, reference_classifier, summary_table
+from cluster.show.evaluation import (
+    classifier_key,
+    evenly_spaced,
+    quick_evaluation,
+    reference_classifier,
+    summary_table,
+)
 from cluster.store.storage import open_storage
 from jobs.args import train_job_config
 from jobs.cli import build_parser, main
@@ -95,6 +101,13 @@ def test_iwae_refuses_k_below_one_and_unlabelled_conditional_models():
     cond = build_model(ModelConfig(image_shape=(1, 28, 28), num_classes=10))
     with pytest.raises(VaegenError, match="labels"):
         model_likelihood(cond, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), None, k=2)
+
+
+def test_a_reference_classifier_cut_to_fewer_images_sees_every_class_of_a_class_by_class_split():
+    labels = np.repeat(np.arange(10), 100)             # as an image folder is ingested: class after class
+    rows = evenly_spaced(len(labels), 50)
+    assert len(set(rows.tolist())) == 50 and rows.max() < len(labels)
+    assert np.bincount(labels[rows]).tolist() == [5] * 10
 
 
 # -- Fréchet distance ------------------------------------------------------------------------------------
