@@ -265,7 +265,8 @@ def test_a_training_verb_is_not_pinned_to_a_registry_version(capsys):
 
 
 def test_a_registry_this_machine_cannot_read_is_not_deduplicated(capsys):
-    unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}"]
+    unreachable = ["--root", "s3://vaegen-test/x", "--s3-endpoint", f"http://127.0.0.1:{free_port()}",
+                   "--s3-timeout", "1"]
     argv, _, dedup = check_command(["--", "generate", "--model", "m@champion", "--count", "10", *unreachable])
     assert not dedup and argv[2] == "m@champion"
     assert "submitting without de-duplication" in capsys.readouterr().out
