@@ -48,7 +48,7 @@ def test_a_recorded_address_that_refuses_ends_within_the_bound_in_one_line(tmp_p
         env["RAY_TMPDIR"] = str(tmp_path / "tmp")
         flag = ["--address", "auto"]
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--root", str(tmp_path / "root"),
-                           "--workers", "auto", *flag, "--connect-timeout", "2"],
+                           "--workers", "auto", *flag, "--connect-timeout", "1"],
                           capture_output=True, text=True, env=env, timeout=120, check=False)
     named = {"--address": "(from --address)", "RAY_ADDRESS": "(from RAY_ADDRESS)",
              "auto": f"(from --address auto: the address `ray start` recorded in {tmp_path}/tmp/ray/"}[source]
@@ -56,7 +56,7 @@ def test_a_recorded_address_that_refuses_ends_within_the_bound_in_one_line(tmp_p
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"vaegen: error: cannot join Ray at {address} {named}"), line
-    assert "connection refused for 2 s" in line and "Fix: " in line and "--connect-timeout" in line
+    assert "connection refused for 1 s" in line and "Fix: " in line and "--connect-timeout" in line
     if source == "auto":
         assert "`ray stop`" in line
     assert not (tmp_path / "root" / "models").exists() and not (tmp_path / "root" / "train-runs").exists()
