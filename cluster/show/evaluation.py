@@ -76,11 +76,10 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
 def split_sample(storage: Storage, dataset: str, split: str, most: int, manifest: dict) -> ImageSet:
     """A split's rows, or `most` of them evenly spaced over it (0: all of them): an image folder is ingested class
     by class, so its first rows would be its first class only."""
-    rows = read_split(storage, dataset, split, manifest=manifest)
-    if not most or len(rows.labels) <= most:
-        return to_image_set(rows)
-    picked = evenly_spaced(len(rows.labels), most)
-    return ImageSet(torch.from_numpy(rows.images[picked]), torch.from_numpy(rows.labels[picked]))
+    rows = to_image_set(read_split(storage, dataset, split, manifest=manifest))
+    if not most or len(rows) <= most:
+        return rows
+    return rows.subset(torch.from_numpy(evenly_spaced(len(rows), most)))
 
 
 def evenly_spaced(count: int, most: int) -> np.ndarray:
