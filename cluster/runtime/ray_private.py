@@ -8,11 +8,14 @@ work with a slower start and stop:
 - a local Ray starts with Ray's own system settings (local_ray_options() adds no _system_config);
 - Ray Train keeps all its controller helpers (trainer_class() is Ray's DataParallelTrainer);
 - whether this process started its Ray cannot be told, so it counts as joined (ray_started_here() is False);
-- stopping Ray is ray.shutdown() alone (local_raylet_pids() is empty, so kill_stray_workers() finds nothing)."""
+- stopping Ray is ray.shutdown() alone (local_raylet_pids() is empty, so kill_stray_workers() finds nothing);
+- a Parquet read starts Ray Data's default number of footer-reading actors (footer_readers_for() sets none)."""
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PINNED_RAY_VERSION = "2.60.0"             # pyproject.toml's ray[...]==; the hooks are written against this release
 HOOKS_ENV = "VAEGEN_RAY_PRIVATE_HOOKS"    # "0": every hook takes its public fallback, as on another Ray version
@@ -27,6 +30,15 @@ HOOKS_ENV = "VAEGEN_RAY_PRIVATE_HOOKS"    # "0": every hook takes its public fal
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False,
                            "raylet_client_connect_timeout_milliseconds": 100,
                            "raylet_client_num_connect_attempts": 100}
+
+
+# Ray Data's Parquet reader lists its files on a pool of footer-reading actors, started anew for each execution of
+# the read (each streamed epoch), 32 of them unless this variable, read when read_parquet builds the datasource,
+# says otherwise. It hands them FOOTER_BATCH_FILES files at a time, so an actor beyond the files' batches does
+# nothing but start a worker process: seconds of CPU an epoch on a small node, for a dataset of a few shards.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_BATCH_FILES = 10
+FOOTER_ACTORS_MAX = 32
 
 
 def hooks_apply(ray_version: str, switch: str | None) -> bool:
@@ -140,3 +152,17 @@ def recorded_address_file() -> str:
         return get_ray_address_file(None)
     return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray",
                         "ray_current_cluster")
+
+
+@contextmanager
+def footer_readers_for(files: int) -> Iterator[None]:
+    """Around ray.data.read_parquet of `files` files: its footer-reading pool is one actor per batch of files Ray
+    Data hands out (see FOOTER_ACTORS_ENV), at most Ray's own default. A value the user set is kept."""
+    if not hooks_enabled() or FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(max(1, min(FOOTER_ACTORS_MAX, -(-files // FOOTER_BATCH_FILES))))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)

@@ -29,7 +29,7 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from cluster.data.datasets import shard_keys, table_arrays
 from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
-from cluster.runtime.ray_private import ray_started_here, trainer_class
+from cluster.runtime.ray_private import footer_readers_for, ray_started_here, trainer_class
 from cluster.runtime.ray_session import ray_runtime
 from cluster.store.storage import Storage, open_storage
 from cluster.train.epoch_samples import EpochSampleWriter
@@ -142,11 +142,11 @@ def check_cluster_fits(job: TrainJobConfig) -> None:
 def training_images(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray):
     """Ray Data over the manifest's shards: the training rows (by row id), decoded to uint8 images."""
     import ray.data
-    return ray.data.read_parquet(
-        [storage.path(k) for k in shard_keys(storage, job.dataset, "train", manifest)], filesystem=storage.fs,
-        columns=["id", "label", "pixels"],
-    ).map_batches(select_rows, batch_format="pyarrow", zero_copy_batch=True,
-                  fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
+    paths = [storage.path(k) for k in shard_keys(storage, job.dataset, "train", manifest)]
+    with footer_readers_for(len(paths)):
+        images = ray.data.read_parquet(paths, filesystem=storage.fs, columns=["id", "label", "pixels"])
+    return images.map_batches(select_rows, batch_format="pyarrow", zero_copy_batch=True,
+                             fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
 
 
 def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from cluster.runtime.ray_private import HOOKS_ENV, PINNED_RAY_VERSION, hooks_apply
+from cluster.runtime.ray_private import FOOTER_ACTORS_ENV, HOOKS_ENV, PINNED_RAY_VERSION, footer_readers_for, hooks_apply
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("vae_core", "cluster", "jobs")
@@ -102,6 +102,19 @@ def test_the_hooks_run_on_the_pinned_ray_unless_switched_off_and_on_no_other():
     assert not hooks_apply(PINNED_RAY_VERSION, "0") and not hooks_apply(PINNED_RAY_VERSION, "false")
     assert not hooks_apply("2.61.0", None) and not hooks_apply("2.6.0", "1")
 
+
+
+def test_a_parquet_read_of_a_few_shards_starts_a_footer_reader_per_batch_of_ten(monkeypatch):
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    for files, actors in ((1, 1), (4, 1), (25, 3), (10_000, 32)):
+        with footer_readers_for(files):
+            # what read_parquet builds, inside the block: the pool it will start on each execution
+            assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == actors
+        assert FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")                       # the user's own setting stands
+    with footer_readers_for(4):
+        assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 7
 
 TRAIN_WITHOUT_HOOKS = """
 import sys
