@@ -24,8 +24,9 @@ def eval_job_config(args: argparse.Namespace) -> EvalJobConfig:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    job = eval_job_config(args)                     # a bad flag is refused before torch is imported (seconds)
     from cluster.show.evaluation import EVALUATION_JSON, EVALUATION_PNG, evaluate_model, summary_line
-    result = evaluate_model(eval_job_config(args), progress=args.progress)
+    result = evaluate_model(job, progress=args.progress)
     print(f"{result.ref}: {summary_line(result.report)}")
     print(f"  wrote {EVALUATION_JSON}, {EVALUATION_PNG} (and a summary in metrics.json) in {result.uri}")
     return 0

@@ -49,12 +49,12 @@ def report(manifest: dict) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    spec, settings = build(GenerateConfig, args, kind="samples"), run_settings(args)   # before torch is imported
     from cluster.generate.driver import run_generation
-    spec = build(GenerateConfig, args, kind="samples")
-    return report(run_generation(spec, storage_config(args), run_settings(args)))
+    return report(run_generation(spec, storage_config(args), settings))
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    spec, settings = build(GenerateConfig, args, kind="reconstructions"), run_settings(args)
     from cluster.generate.driver import run_reconstruction
-    spec = build(GenerateConfig, args, kind="reconstructions")
-    return report(run_reconstruction(spec, storage_config(args), run_settings(args)))
+    return report(run_reconstruction(spec, storage_config(args), settings))

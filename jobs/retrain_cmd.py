@@ -41,10 +41,8 @@ def generation_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from cluster.generate.driver import run_generation
-
     from .generate_cmds import report
-    cfg = retrain_config(args)
+    cfg = retrain_config(args)                       # a bad flag is refused before torch is imported (seconds)
     samples = None
     if args.then_generate:                # checked before hours of training; the version is known after them
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)
@@ -57,5 +55,6 @@ def run_retrain(args: argparse.Namespace) -> int:
     if samples is not None and outcome.promoted:
         champion = f"{cfg.job.name}@{outcome.champion}"
         print(f"  generating {counted(samples.count, 'sample')} with {champion}")
+        from cluster.generate.driver import run_generation
         return report(run_generation(replace(samples, model=champion), cfg.job.storage, settings))
     return 0

@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    job = train_job_config(args)                    # a bad flag is refused before torch is imported (seconds)
     from cluster.train.driver import train_model
-    result = train_model(train_job_config(args), address=args.address, progress=args.progress,
-                         connect_timeout=args.connect_timeout)
+    result = train_model(job, address=args.address, progress=args.progress, connect_timeout=args.connect_timeout)
     s = result.summary
     if result.already_trained:
         print(already_trained(result, given_id=bool(args.run_id)))
@@ -62,19 +62,18 @@ def already_trained(result, *, given_id: bool) -> str:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    check_model_spec(args.model, "--model")
+    if not 0 < args.count <= MAX_GRID_SAMPLES:
+        raise VaegenError(f"--count={args.count} must be between 1 and {MAX_GRID_SAMPLES:,} "
+                          "(`vaegen generate` writes more, as shards)")
+    to_s3 = s3_out(args.out, storage_config(args))    # before torch and the model load: a typo costs nothing
+    if to_s3 is None:
+        check_out(args.out)
     import torch
 
     from cluster.store.registry import Registry
     from cluster.store.storage import open_storage
     from vae_core.artifacts import NROW, grid_png
-
-    check_model_spec(args.model, "--model")
-    if not 0 < args.count <= MAX_GRID_SAMPLES:
-        raise VaegenError(f"--count={args.count} must be between 1 and {MAX_GRID_SAMPLES:,} "
-                          "(`vaegen generate` writes more, as shards)")
-    to_s3 = s3_out(args.out, storage_config(args))    # before the model loads: a typo costs nothing
-    if to_s3 is None:
-        check_out(args.out)
     loaded = Registry(open_storage(storage_config(args))).load(args.model)
     cfg = loaded.model.cfg
     labels = None

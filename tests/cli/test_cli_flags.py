@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -161,6 +163,26 @@ def test_jobs_has_no_import_cycle():
         return any(n == goal or n not in seen and reaches(n, goal, seen | {n}) for n in graph.get(start, ()))
     assert [m for m in graph if reaches(m, m, {m})] == []
 
+
+# A bad flag is refused in a fraction of a second: before torch (seconds to import) or any model is loaded.
+REFUSED_BEFORE_TORCH = {
+    "train": (["train", "--dataset", "fm", "--name", ".."], "--name='..'"),
+    "sample": (["sample", "--model", "tiny", "--count", "0"], "--count=0"),
+    "evaluate": (["evaluate", "--model", "../tiny"], "--model="),
+    "generate": (["generate", "--model", "tiny", "--count", "8", "--cpus-per-worker", "nan"], "--cpus-per-worker=nan"),
+    "reconstruct": (["reconstruct", "--model", "tiny", "--dataset", "a/b"], "--dataset="),
+    "retrain": (["retrain", "--dataset", "fm", "--name", "../tiny"], "--name="),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(REFUSED_BEFORE_TORCH))
+def test_a_bad_flag_is_refused_before_torch_is_imported(verb, tmp_path):
+    argv, fragment = REFUSED_BEFORE_TORCH[verb]
+    check = "import sys; from jobs.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(code)"
+    out = subprocess.run([sys.executable, "-c", check, *argv, "--root", str(tmp_path / "root")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and fragment in out.stderr, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"], out.stdout
 
 def test_no_help_text_carries_measured_figures():
     """Help says what a setting does; speed-ups and timings belong to docs/BENCHMARKS.md."""
