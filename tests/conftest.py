@@ -10,6 +10,7 @@ the mark itself, and a fixture that does so asks for `starts_ray` / `starts_moto
 starts one anyway (in this process, or in any process it spawns), so the marks cannot silently go stale."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -150,9 +151,17 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1: all are held while they are picked, since a port let go may be
+    handed out again at once (two of a Ray head's components given one port refuse to start)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @pytest.fixture(scope="session")

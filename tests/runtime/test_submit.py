@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, free_ports
 
 from cluster.data.datasets import ingest
 from cluster.runtime.submit import (
@@ -55,11 +55,11 @@ def ray_head(s3_server, starts_ray):
     token_path = os.path.join(temp_dir, "auth_token")
     with open(token_path, "w") as f:
         f.write(secrets.token_hex(16))
-    dashboard = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    flags = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port",
+             "--object-manager-port")
+    ports = dict(zip(flags, free_ports(len(flags))))
+    dashboard = ports["--dashboard-port"]
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, OMP_NUM_THREADS="1",
                PATH=f"{VENV_BIN}:{os.environ['PATH']}")          # `python` in job entrypoints = this venv's
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -90,12 +90,13 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """SIGTERM to the head's process group (`ray start --block` then stops what it started), SIGKILL if it lingers;
     then any straggler of this head (its processes name its own temp dir, e.g. workers in their own process
     group) is killed by pid."""
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(10)
+    with contextlib.suppress(ProcessLookupError):            # a head that failed to start has exited already
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
     for pid in own_processes(temp_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
