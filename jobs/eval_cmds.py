@@ -24,7 +24,7 @@ def eval_job_config(args: argparse.Namespace) -> EvalJobConfig:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    job = eval_job_config(args)                     # a bad flag is refused before torch is imported (seconds)
+    job = eval_job_config(args)                     # a bad flag is refused before the slow import of torch
     from cluster.show.evaluation import EVALUATION_JSON, EVALUATION_PNG, evaluate_model, summary_line
     result = evaluate_model(job, progress=args.progress)
     print(f"{result.ref}: {summary_line(result.report)}")

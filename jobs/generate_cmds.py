@@ -49,7 +49,7 @@ def report(manifest: dict) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    spec, settings = build(GenerateConfig, args, kind="samples"), run_settings(args)   # before torch is imported
+    spec, settings = build(GenerateConfig, args, kind="samples"), run_settings(args)   # checked before torch loads
     from cluster.generate.driver import run_generation
     return report(run_generation(spec, storage_config(args), settings))
 

@@ -42,7 +42,7 @@ def generation_settings(args: argparse.Namespace) -> RunSettings:
 
 def run_retrain(args: argparse.Namespace) -> int:
     from .generate_cmds import report
-    cfg = retrain_config(args)                       # a bad flag is refused before torch is imported (seconds)
+    cfg = retrain_config(args)                       # a bad flag is refused before the slow import of torch
     samples = None
     if args.then_generate:                # checked before hours of training; the version is known after them
         samples = GenerateConfig(model=cfg.job.name, count=args.then_generate)

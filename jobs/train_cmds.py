@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    job = train_job_config(args)                    # a bad flag is refused before torch is imported (seconds)
+    job = train_job_config(args)                    # a bad flag is refused before the slow import of torch
     from cluster.train.driver import train_model
     result = train_model(job, address=args.address, progress=args.progress, connect_timeout=args.connect_timeout)
     s = result.summary

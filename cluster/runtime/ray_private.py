@@ -35,7 +35,7 @@ LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False,
 # Ray Data's Parquet reader lists its files on a pool of footer-reading actors, started anew for each execution of
 # the read (each streamed epoch), 32 of them unless this variable, read when read_parquet builds the datasource,
 # says otherwise. It hands them FOOTER_BATCH_FILES files at a time, so an actor beyond the files' batches does
-# nothing but start a worker process: seconds of CPU an epoch on a small node, for a dataset of a few shards.
+# nothing but start a worker process, every epoch: on a small node, CPU the training workers are waiting for.
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_BATCH_FILES = 10
 FOOTER_ACTORS_MAX = 32

@@ -178,7 +178,8 @@ REFUSED_BEFORE_TORCH = {
 @pytest.mark.parametrize("verb", sorted(REFUSED_BEFORE_TORCH))
 def test_a_bad_flag_is_refused_before_torch_is_imported(verb, tmp_path):
     argv, fragment = REFUSED_BEFORE_TORCH[verb]
-    check = "import sys; from jobs.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(code)"
+    check = ("import sys; from jobs.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); "
+             "sys.exit(code)")
     out = subprocess.run([sys.executable, "-c", check, *argv, "--root", str(tmp_path / "root")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and fragment in out.stderr, out.stderr[-2000:]

@@ -12,7 +12,13 @@ import sys
 import uuid
 from pathlib import Path
 
-from cluster.runtime.ray_private import FOOTER_ACTORS_ENV, HOOKS_ENV, PINNED_RAY_VERSION, footer_readers_for, hooks_apply
+from cluster.runtime.ray_private import (
+    FOOTER_ACTORS_ENV,
+    HOOKS_ENV,
+    PINNED_RAY_VERSION,
+    footer_readers_for,
+    hooks_apply,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("vae_core", "cluster", "jobs")
