@@ -146,7 +146,7 @@ def training_images(storage: Storage, job: TrainJobConfig, manifest: dict, train
     with footer_readers_for(len(paths)):
         images = ray.data.read_parquet(paths, filesystem=storage.fs, columns=["id", "label", "pixels"])
     return images.map_batches(select_rows, batch_format="pyarrow", zero_copy_batch=True,
-                             fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
+                              fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
 
 
 def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -185,6 +185,7 @@ def test_a_bad_flag_is_refused_before_torch_is_imported(verb, tmp_path):
     assert out.returncode == 2 and fragment in out.stderr, out.stderr[-2000:]
     assert out.stdout.split() == ["False"], out.stdout
 
+
 def test_no_help_text_carries_measured_figures():
     """Help says what a setting does; speed-ups and timings belong to docs/BENCHMARKS.md."""
     figure = re.compile(r"~\s*\d|\b\d+(\.\d+)?\s*x\b|\b\d+(\.\d+)?\s*(s|ms|min|%)\b|\bfaster\b")

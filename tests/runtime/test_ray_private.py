@@ -109,7 +109,6 @@ def test_the_hooks_run_on_the_pinned_ray_unless_switched_off_and_on_no_other():
     assert not hooks_apply("2.61.0", None) and not hooks_apply("2.6.0", "1")
 
 
-
 def test_a_parquet_read_of_a_few_shards_starts_a_footer_reader_per_batch_of_ten(monkeypatch):
     from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
     monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
@@ -121,6 +120,7 @@ def test_a_parquet_read_of_a_few_shards_starts_a_footer_reader_per_batch_of_ten(
     monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")                       # the user's own setting stands
     with footer_readers_for(4):
         assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 7
+
 
 TRAIN_WITHOUT_HOOKS = """
 import sys
