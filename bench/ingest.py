@@ -1,15 +1,19 @@
 """Ingest throughput and memory, in one run. One JSON line per measurement.
 
-1. Throughput: a folder of `--images` PNGs (96×96 RGB, smooth shapes, 10 class folders) ingested with --size 64x64
-   on Ray Data (`ingest_source`, Ray started once before, a fresh root each time) against the bound: a plain PIL
-   open + decode + RGB + resize loop in one process per core (multiprocessing.Pool, started and warmed before it
-   is timed). The two alternate, `--repeat` times; the line reports each median and the ratio of medians.
+1. Throughput, at each of `--images` (default 20k and 100k): a folder of PNGs (96×96 RGB, smooth shapes, 10 class
+   folders) ingested with --size 64x64 on Ray Data (`ingest_source`, Ray started once before, a fresh root each
+   time) against the bound: a plain PIL open + decode + RGB + resize loop in one process per core
+   (multiprocessing.Pool, started and warmed before it is timed). The two alternate, `--repeat` times; a line per
+   size reports each median, the ratio of medians and the median of the pairs' ratios (a pair runs back to back,
+   so it shares the machine's moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's
+   start, the last shard's finish), so the two sizes bracket a small input and a sustained one.
 2. Memory: folders of 64×64 RGB PNGs at each of `--rss-images` (default 10k and 100k), each ingested by a fresh
    process that reports its own peak RSS (VmHWM) and the largest peak RSS of its Ray workers (`ray::` processes
    under it, sampled while it runs): flat as the input grows, since no process holds the dataset.
 
-    .venv/bin/python bench/ingest.py [--images 20000] [--repeat 3] [--rss-images 10000 100000]
+    .venv/bin/python bench/ingest.py [--images 20000 100000] [--repeat 3] [--rss-images 10000 100000]
     quick check: .venv/bin/python bench/ingest.py --images 2000 --repeat 1 --rss-images 3000
+    (`--images` or `--rss-images` with no sizes skips that part)
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -73,22 +79,29 @@ def ingest_s(folder: str, root: str, size) -> float:
     return time.perf_counter() - start
 
 
-def throughput(args, tmp: str) -> dict:
+def throughput(args, tmp: str) -> Iterator[dict]:
     from cluster.runtime.ray_session import ray_runtime
-    folder = make_folder(f"{tmp}/tp", args.images, 96)
-    files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
-    bounds, ingests = [], []
+    if not args.images:
+        return
     with ray_runtime(num_cpus=os.cpu_count(), object_store_mb=256), multiprocessing.Pool(os.cpu_count()) as pool:
-        pool.map(pil_decode_resize, files[:512])                   # warm: the pool's processes are up
         ingest_s(make_folder(f"{tmp}/warm", 256, 96), f"{tmp}/warm-root", SIZE)   # warm: Ray Data's workers
-        for i in range(args.repeat):
-            bounds.append(bound_s(pool, files))
-            ingests.append(ingest_s(folder, f"{tmp}/root-{i}", SIZE))
-    b, g = args.images / statistics.median(bounds), args.images / statistics.median(ingests)
-    return {"measure": "ingest_throughput", "images": args.images, "source": "96x96 PNG → --size 64x64",
-            "cores": os.cpu_count(), "bound_images_per_s": round(b), "ingest_images_per_s": round(g),
-            "ratio": round(g / b, 3), "bound_s": [round(x, 2) for x in bounds],
-            "ingest_s": [round(x, 2) for x in ingests]}
+        for n in args.images:
+            folder = make_folder(f"{tmp}/tp-{n}", n, 96)
+            files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
+            pool.map(pil_decode_resize, files[:512])               # warm: the pool's processes are up
+            bounds, ingests = [], []
+            for i in range(args.repeat):
+                bounds.append(bound_s(pool, files))
+                root = f"{tmp}/root-{n}-{i}"
+                ingests.append(ingest_s(folder, root, SIZE))
+                shutil.rmtree(root)
+            shutil.rmtree(folder)
+            b, g = n / statistics.median(bounds), n / statistics.median(ingests)
+            yield {"measure": "ingest_throughput", "images": n, "source": "96x96 PNG → --size 64x64",
+                   "cores": os.cpu_count(), "bound_images_per_s": round(b), "ingest_images_per_s": round(g),
+                   "ratio": round(g / b, 3),
+                   "pair_ratio_median": round(statistics.median(x / y for x, y in zip(bounds, ingests)), 3),
+                   "bound_s": [round(x, 2) for x in bounds], "ingest_s": [round(x, 2) for x in ingests]}
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -161,10 +174,9 @@ def memory(args, tmp: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--images", type=int, nargs="*", default=[20_000, 100_000])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rss-images", type=int, nargs="*", default=[10_000, 100_000])
-    p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -172,8 +184,8 @@ def main() -> None:
         return
     machine = {"machine": platform.node(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory(prefix="vaegen-bench-ingest-") as tmp:
-        if not args.skip_throughput:
-            print(json.dumps({**throughput(args, tmp), **machine}), flush=True)
+        for line in throughput(args, tmp):
+            print(json.dumps({**line, **machine}), flush=True)
         for line in memory(args, tmp):
             print(json.dumps({**line, **machine}), flush=True)
 
