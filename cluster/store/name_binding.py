@@ -61,10 +61,13 @@ def bound_to(storage: Storage, name: str) -> Binding | None:
     """The name's binding; None for a name nothing was published under yet."""
     key = binding_key(name)
     if not storage.exists(key):
-        if any(re.fullmatch(r"v[0-9]{4,}", d) for d in storage.list_dirs(f"{MODELS}/{name}")):    # claimed
+        if not any(re.fullmatch(r"v[0-9]{4,}", d) for d in storage.list_dirs(f"{MODELS}/{name}")):  # none claimed
+            return None
+        # A claim found after the binding was looked for may be a concurrent first publish's, which bound the name
+        # just before it claimed: only a binding still missing now means an earlier vaegen's name.
+        if not storage.exists(key):
             raise VaegenError(f"model name {name!r} holds versions from an earlier vaegen, which bound no dataset to "
                               f"a name (no {storage.uri_of(key)}): train under a new --name")
-        return None
     fix = (f"write {{\"format_version\": {BINDING_FORMAT}, \"dataset\": \"<name>\", \"image_shape\": [C, H, W]}} "
            f"naming what {name!r}'s versions were trained on")
     record = read_record(storage, key, fix, binding_record)

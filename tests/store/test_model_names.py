@@ -68,6 +68,31 @@ def test_first_publishes_of_two_datasets_at_once_bind_the_name_to_one(storage_co
         assert registry.config(registry.resolve(f"m@{version}"))["train_job"]["dataset"] == winner
 
 
+class ListingAfterAnotherFirstPublish(Storage):
+    """A root where another process binds `name` to `dataset` and claims its first version at the moment this one
+    lists the name's folder: the interleaving that the concurrent test above meets by chance, made certain."""
+
+    def __init__(self, cfg, name: str, dataset: str):
+        super().__init__(cfg)
+        self.other = (name, dataset)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        if self.other and prefix == f"models/{self.other[0]}":
+            name, dataset = self.other
+            self.other = None
+            Registry(Storage(self.cfg)).publish(name, trained_on(dataset))
+        return super().list_dirs(prefix)
+
+
+def test_a_first_publish_that_lands_while_another_checks_the_name_is_seen_as_the_binding(local_storage_config):
+    refused = Registry(ListingAfterAnotherFirstPublish(local_storage_config, "m", "a"))
+    with pytest.raises(VaegenError, match=r"model name 'm' is bound to 'a'"):
+        refused.publish("m", trained_on("b"))
+    same = Registry(ListingAfterAnotherFirstPublish(local_storage_config, "n", "a"))
+    assert same.publish("n", trained_on("a")).version == "v0002"
+    assert same.versions("n") == ["v0001", "v0002"]
+
+
 def test_a_name_published_by_an_earlier_vaegen_is_refused_in_one_line(local_storage_config):
     registry = Registry(Storage(local_storage_config))
     registry.publish("old", trained_on("fashion-mnist"))
