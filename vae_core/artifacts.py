@@ -1,7 +1,7 @@
 """Everything a model version holds besides its weights, as bytes: metrics, sample and reconstruction grids,
 loss curves, and the per-epoch sample grid (the same latents decoded after every epoch, as in PyTorch's VAE
 example). The single-process and the Ray trainers both call these; every grid is grid_png's (which says how it
-differs from torchvision's), and each grid has a caption saying what its rows are (the gallery shows it)."""
+differs from torchvision's), laid out as vae_core.grids says (whose captions the gallery shows beside them)."""
 from __future__ import annotations
 
 import io
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import checkpoint_files
+from .grids import NROW, PER_CLASS, SAMPLES
 from .images import image_grid
 from .models import VAE
 from .plots import loss_curves_png
@@ -20,9 +21,6 @@ from .train import EpochMetrics
 
 GRID_SEED = 1234
 EPOCH_SAMPLES_SEED = 4321     # the fixed latents decoded after every epoch
-SAMPLES = 64                  # an 8 x 8 grid of unconditional samples
-PER_CLASS = 8                 # a conditional grid: a row of this many per class
-NROW = 8                      # images a row: make_grid's default
 # The one difference from torchvision's defaults: make_grid pads with black (pad_value=0); Fashion-MNIST's clothes
 # sit on black, so black borders would run the tiles together. White ones (pad_value=1) keep each image apart.
 PAD_VALUE = 1.0
@@ -62,26 +60,9 @@ def epoch_latents(model: VAE, n: int = SAMPLES) -> tuple[torch.Tensor, torch.Ten
     return torch.randn(n if labels is None else len(labels), model.cfg.latent_dim, generator=g), labels
 
 
-def samples_caption(model_cfg: Any) -> str:
-    if getattr(model_cfg, "conditional", False):
-        return (f"decoder means of latents from the prior: one row per class (row 1 = class 0), "
-                f"{PER_CLASS} samples each")
-    return f"{SAMPLES} decoder means of latents from the prior, {NROW} a row"
-
-
-def epoch_samples_caption(model_cfg: Any) -> str:
-    layout = (f"one row per class, {PER_CLASS} each" if getattr(model_cfg, "conditional", False)
-              else f"{SAMPLES} samples, {NROW} a row")
-    return f"the same latents from N(0, I) decoded after each epoch ({layout}), as in PyTorch's VAE example"
-
-
-RECON_CAPTION = ("odd rows (1st, 3rd, ...): validation images; the row below each: their reconstructions "
-                 "(decoder mean at the posterior mean)")
-
-
 @torch.no_grad()
 def sample_grid(model: VAE, n: int = SAMPLES, seed: int = GRID_SEED) -> bytes:
-    """Decoder means of latents from the prior (samples_caption says how they are laid out)."""
+    """Decoder means of latents from the prior (grids.samples_caption says how they are laid out)."""
     z, labels = prior_latents(model, seed, n)
     return grid_png(model.generate(z, labels), nrow=PER_CLASS if labels is not None else NROW)
 
@@ -98,7 +79,7 @@ def epoch_sample_grid(model: VAE, latents: tuple[torch.Tensor, torch.Tensor | No
 
 @torch.no_grad()
 def reconstruction_grid(model: VAE, images: torch.Tensor, labels: torch.Tensor | None, n: int = 32) -> bytes:
-    """Row pairs (RECON_CAPTION): originals above, reconstructions (from the posterior mean) below."""
+    """Row pairs (grids.RECON_CAPTION): originals above, reconstructions (from the posterior mean) below."""
     images = images[:n]
     labels = None if labels is None else labels[:n]
     originals = images.float() / 255.0

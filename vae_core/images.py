@@ -1,4 +1,5 @@
-"""Pixels: float [0, 1] ↔ uint8, PNG and JPEG bytes, image grids."""
+"""Pixels: float [0, 1] ↔ uint8, PNG and JPEG bytes, image grids. torch loads only where a function takes a tensor
+or encodes a JPEG, so a reader of shards (`vaegen show`) runs without it."""
 from __future__ import annotations
 
 import io
@@ -7,13 +8,16 @@ import struct
 import warnings
 import zlib
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import deflate
 import numpy as np
-import torch
 from PIL import Image
 
 from .data import open_user_image, pil_to_chw
+
+if TYPE_CHECKING:
+    import torch
 
 # PNG: rows unfiltered (filter type 0 on every row) and one zlib stream per image from libdeflate. Both are part
 # of the bytes: changing the level, the filter or the deflate package's version changes every PNG. Level 4 and no
@@ -27,6 +31,7 @@ JPEG_QUALITY = 95                        # img2dataset's default
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [0, 1] → uint8, rounded to nearest."""
+    import torch
     return images.detach().clamp(0, 1).mul(255).round_().to(torch.uint8).cpu().numpy()
 
 
@@ -75,6 +80,7 @@ def png_encoder(level: int = PNG_DEFLATE_LEVEL) -> dict:
 def jpeg_files(images, quality: int = JPEG_QUALITY) -> list[bytes]:
     """One JPEG per uint8 (B, C, H, W) image (C = 1: a one-channel greyscale JPEG; C = 3: a colour JPEG) with
     torchvision's libjpeg-turbo encoder, on the host."""
+    import torch
     batch = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] not in (1, 3):
         raise ValueError(f"JPEG images must be uint8 (B, 1 or 3, H, W), got {batch.dtype} {tuple(batch.shape)}")

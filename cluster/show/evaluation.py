@@ -3,35 +3,30 @@
 The reference classifier is trained once per dataset and kept at classifiers/<dataset>/ (weights written
 first, classifier.json last: a classifier without its json does not exist); it is retrained only when the
 dataset's shards change. Results go into the model version: evaluation.json and evaluation.png, and a
-short "evaluation" entry merged into metrics.json (one atomic rewrite of the whole file)."""
+short "evaluation" entry merged into metrics.json (one atomic rewrite of the whole file).
+
+torch, the classifier and the training code load when an evaluation runs, inside the functions that run it:
+`vaegen show` reads a report with this module's names and summary_line alone, and stays free of them."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from vae_core.progress import Progress as tqdm      # plain lines when not on a terminal
 
 from cluster.data.datasets import read_manifest, read_split, split_shards
 from cluster.store.registry import LoadedModel, ModelRef, Registry
 from cluster.store.storage import Storage, open_storage_to_write_later
-from cluster.train.runs import manifest_digest, to_image_set
-from vae_core.classifier import (
-    CLASSIFIER_CONFIG,
-    CLASSIFIER_WEIGHTS,
-    ReferenceCNN,
-    accuracy,
-    classifier_files,
-    load_classifier,
-    train_classifier,
-)
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
-from vae_core.evaluate import evaluation_png, model_likelihood, sample_quality
-from vae_core.train import ImageSet
 from vae_core.use_configs import ClassifierConfig, EvalJobConfig
+
+if TYPE_CHECKING:
+    from vae_core.classifier import ReferenceCNN
+    from vae_core.train import ImageSet
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "evaluation.png"
@@ -46,6 +41,15 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
     """The dataset's reference classifier: loaded if stored for these exact shards and settings, else
     trained on the train split (test accuracy recorded when there is a test split), each cut to cfg.max_images
     rows where that is set (split_sample), and stored."""
+    from cluster.train.runs import manifest_digest
+    from vae_core.classifier import (
+        CLASSIFIER_CONFIG,
+        CLASSIFIER_WEIGHTS,
+        accuracy,
+        classifier_files,
+        load_classifier,
+        train_classifier,
+    )
     manifest = read_manifest(storage, dataset)
     digest = manifest_digest(manifest)
     meta_key = classifier_key(dataset, CLASSIFIER_CONFIG)
@@ -76,6 +80,9 @@ def reference_classifier(storage: Storage, dataset: str, cfg: ClassifierConfig,
 def split_sample(storage: Storage, dataset: str, split: str, most: int, manifest: dict) -> ImageSet:
     """A split's rows, or `most` of them evenly spaced over it (0: all of them): an image folder is ingested class
     by class, so its first rows would be its first class only."""
+    import torch
+
+    from cluster.train.runs import to_image_set
     rows = to_image_set(read_split(storage, dataset, split, manifest=manifest))
     if not most or len(rows) <= most:
         return rows
@@ -111,6 +118,10 @@ class EvaluationResult:
 def evaluate_model(cfg: EvalJobConfig, progress: bool = True) -> EvaluationResult:
     """Likelihood (IWAE_k NLL and −ELBO) on a split, and with cfg.quality the classifier metrics; writes
     evaluation.json + evaluation.png into the model version and merges a summary into metrics.json."""
+    import torch
+
+    from cluster.train.runs import to_image_set
+    from vae_core.evaluate import evaluation_png, model_likelihood
     storage = open_storage_to_write_later(cfg.storage)
     registry = Registry(storage)
     loaded = registry.load(cfg.model)          # no model: refused before the root is written
@@ -155,6 +166,7 @@ def quick_evaluation(model: str | ModelRef, storage: StorageConfig, *, k: int = 
 
 
 def _quality(storage: Storage, dataset: str, model, data: ImageSet, cfg: EvalJobConfig, progress: bool) -> dict:
+    from vae_core.evaluate import sample_quality
     if data.labels is None or len(read_manifest(storage, dataset)["label_names"]) < 2:
         return {"skipped": f"dataset {dataset!r} has fewer than 2 labels: no classifier to judge samples with"}
     reference, meta = reference_classifier(storage, dataset, cfg.classifier, progress)

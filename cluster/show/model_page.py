@@ -12,8 +12,8 @@ from cluster.show.inventory import read_metrics
 from cluster.store.records import RECORD_ERRORS, as_object
 from cluster.store.registry import ModelRef, Registry
 from cluster.train.epoch_samples import SAMPLE_RE, SAMPLES_DIR
-from vae_core.artifacts import RECON_CAPTION, epoch_samples_caption, samples_caption
 from vae_core.config import ModelConfig, RayTrainConfig, TrainConfig
+from vae_core.grids import RECON_CAPTION, epoch_samples_caption, samples_caption
 from vae_core.plots import loss_curves_png
 
 EPOCH_GRIDS_SHOWN = 24        # a long run shows this many of its per-epoch grids, evenly spaced, first and last

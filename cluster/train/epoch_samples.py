@@ -1,14 +1,17 @@
 """Per-epoch sample grids, as in PyTorch's VAE example (`sample_N.png`): the same fixed latents decoded after
 every epoch, by the single process or Ray Train's rank 0, written through Storage beside the run's checkpoints
 (train-runs/<run-id>/samples/sample_N.png, N = 1-based epoch) and copied into the model version it publishes
-(models/<name>/<version>/samples/sample_N.png). One decode of 64 latents an epoch: a few milliseconds."""
+(models/<name>/<version>/samples/sample_N.png). One decode of 64 latents an epoch: a few milliseconds.
+The drawing code (and torch) loads with the writer: `vaegen show` lists the grids by these names alone."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from cluster.store.storage import Storage
-from vae_core.artifacts import epoch_latents, epoch_sample_grid
-from vae_core.models import VAE
+
+if TYPE_CHECKING:
+    from vae_core.models import VAE
 
 SAMPLES_DIR = "samples"
 SAMPLE_RE = re.compile(r"^sample_(\d+)\.png$")
@@ -23,10 +26,12 @@ class EpochSampleWriter:
     """Decodes the run's fixed latents after each epoch and publishes the grid under `prefix`/samples/."""
 
     def __init__(self, storage: Storage, prefix: str, model: VAE) -> None:
+        from vae_core.artifacts import epoch_latents
         self.storage, self.prefix = storage, prefix
         self.latents = epoch_latents(model)
 
     def __call__(self, model: VAE, epoch: int) -> None:
+        from vae_core.artifacts import epoch_sample_grid
         grid = epoch_sample_grid(model, self.latents)
         self.storage.publish(f"{self.prefix}/{SAMPLES_DIR}/{sample_name(epoch)}", grid)
 

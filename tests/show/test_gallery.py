@@ -33,6 +33,7 @@ from vae_core.models import build_model
 from vae_core.plots import loss_curves_png
 from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                     reason=f"{CHROMIUM} missing: apt-get install -y chromium (./dev.sh installs it)")
@@ -202,6 +203,18 @@ def test_a_trained_and_evaluated_model_version_shows_everything_with_every_image
     assert "classifier-FID (real vs generated)" in dom and "TSTR accuracy" in dom
     assert inline_image(dom, "evaluation").size[0] > 100
     assert shot.shape[0] > 500 and shot.std() > 10
+
+
+def test_show_of_an_evaluated_model_version_imports_no_torch(root):
+    """The model page reads metrics, grids and evaluation.json; drawing its loss curves needs matplotlib alone."""
+    cfg, _, _, _, trained = root
+    code = ("import sys; from jobs.cli import main\nstatus = main(sys.argv[1:])\n"
+            "print(status, 'torch' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, "show", str(trained.ref), "--root", cfg.root],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.stderr.strip().splitlines()[-1] == "0 False", proc.stderr[-2000:]
+    assert 'data-evaluated="yes"' in open(os.path.join(cfg.root, "models", trained.ref.name, trained.ref.version,
+                                                       GALLERY)).read()
 
 
 def test_each_epoch_writes_its_sample_grid_beside_the_run_and_into_the_version(root):
