@@ -6,7 +6,10 @@
    (multiprocessing.Pool, started and warmed before it is timed). The two alternate, `--repeat` times; a line per
    size reports each median, the ratio of medians and the median of the pairs' ratios (a pair runs back to back,
    so it shares the machine's moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's
-   start, the last shard's finish), so the two sizes bracket a small input and a sustained one.
+   start, the last shard's finish), so the two sizes bracket a small input and a sustained one. Beside the wall
+   times, the CPU each side used (/proc: the Pool's processes for the bound; this process and every other process
+   under it, Ray's included, for the ingest): `cpu_ratio`, the bound's CPU over the ingest's, is what the ingest
+   would reach with every core busy to the end, and the gap from it to `ratio` is cores left idle.
 2. Memory: folders of 64×64 RGB PNGs at each of `--rss-images` (default 10k and 100k), each ingested by a fresh
    process that reports its own peak RSS (VmHWM) and the largest peak RSS of its Ray workers (`ray::` processes
    under it, sampled while it runs): flat as the input grows, since no process holds the dataset.
@@ -85,15 +88,21 @@ def throughput(args, tmp: str) -> Iterator[dict]:
         return
     with ray_runtime(num_cpus=os.cpu_count(), object_store_mb=256), multiprocessing.Pool(os.cpu_count()) as pool:
         ingest_s(make_folder(f"{tmp}/warm", 256, 96), f"{tmp}/warm-root", SIZE)   # warm: Ray Data's workers
+        pool_pids = {p.pid for p in multiprocessing.active_children()}     # the Pool's: Ray's are not multiprocessing's
         for n in args.images:
             folder = make_folder(f"{tmp}/tp-{n}", n, 96)
             files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
             pool.map(pil_decode_resize, files[:512])               # warm: the pool's processes are up
-            bounds, ingests = [], []
+            bounds, ingests, bound_cpu, ingest_cpu = [], [], [], []
             for i in range(args.repeat):
+                before = cpu_s(pool_pids)
                 bounds.append(bound_s(pool, files))
+                bound_cpu.append(cpu_s(pool_pids) - before)
+                before = ingest_cpu_parts(pool_pids)
                 root = f"{tmp}/root-{n}-{i}"
                 ingests.append(ingest_s(folder, root, SIZE))
+                after = ingest_cpu_parts(pool_pids)
+                ingest_cpu.append({part: after[part] - before.get(part, 0) for part in after})
                 shutil.rmtree(root)
             shutil.rmtree(folder)
             b, g = n / statistics.median(bounds), n / statistics.median(ingests)
@@ -101,7 +110,32 @@ def throughput(args, tmp: str) -> Iterator[dict]:
                    "cores": os.cpu_count(), "bound_images_per_s": round(b), "ingest_images_per_s": round(g),
                    "ratio": round(g / b, 3),
                    "pair_ratio_median": round(statistics.median(x / y for x, y in zip(bounds, ingests)), 3),
-                   "bound_s": [round(x, 2) for x in bounds], "ingest_s": [round(x, 2) for x in ingests]}
+                   "cpu_ratio": round(sum(bound_cpu) / sum(sum(c.values()) for c in ingest_cpu), 3),
+                   "bound_s": [round(x, 2) for x in bounds], "ingest_s": [round(x, 2) for x in ingests],
+                   "bound_cpu_s": [round(x, 2) for x in bound_cpu],
+                   "ingest_cpu_s": {part: [round(c[part], 2) for c in ingest_cpu] for part in ingest_cpu[0]}}
+
+
+def ingest_cpu_parts(exclude: set[int]) -> dict[str, float]:
+    """CPU seconds so far of this process (the driver), of its Ray workers (`ray::`, the tasks among them) and of
+    every other process under it (Ray's daemons), `exclude` left out."""
+    me = os.getpid()
+    workers = set(ray_workers_under(me)) - exclude
+    rest = set(descendants(me)) - workers - exclude
+    return {"driver": cpu_s([me]), "ray_workers": cpu_s(workers), "ray_daemons": cpu_s(rest)}
+
+
+def cpu_s(pids) -> float:
+    """CPU seconds (user + system) the live processes among `pids` have used, each its own threads' only."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -112,8 +146,8 @@ def status_kib(pid: int, field: str) -> int:
         return 0
 
 
-def ray_workers_under(pid: int) -> list[int]:
-    """Every `ray::` process descending from `pid` (this driver's own Ray, not another user's)."""
+def descendants(pid: int) -> list[int]:
+    """Every process descending from `pid`."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -128,12 +162,20 @@ def ray_workers_under(pid: int) -> list[int]:
         while q in parents and q != pid and q > 1:
             q = parents[q]
         if q == pid and p != pid:
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::"):
-                        found.append(p)
-            except OSError:
-                pass
+            found.append(p)
+    return found
+
+
+def ray_workers_under(pid: int) -> list[int]:
+    """Every `ray::` process descending from `pid` (this driver's own Ray, not another user's)."""
+    found = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::"):
+                    found.append(p)
+        except OSError:
+            pass
     return found
 
 
