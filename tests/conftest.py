@@ -11,6 +11,7 @@ starts one anyway (in this process, or in any process it spawns), so the marks c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -148,6 +149,22 @@ def pytest_runtest_teardown(item, nextitem):
             pytest.fail(message, pytrace=False)         # it is in the unit tier, which promises neither
         warnings.warn(pytest.PytestWarning(message))     # outside the unit tier: a mark to fix, not a broken promise
     return result
+
+
+def vaegen_in_a_fresh_process(argv: list[str], watched: tuple[str, ...] = ("torch",)) -> tuple[int, list[str], str]:
+    """`vaegen ARGV` in a new interpreter, where nothing is imported yet: (its exit status, which modules of
+    `watched` it imported, its stderr)."""
+    code = ("import json, sys\nfrom jobs.cli import main\ntry:\n    status = main(sys.argv[2:])\n"
+            "except SystemExit as e:\n    status = e.code if isinstance(e.code, int) else 1\n"
+            "watched = [m for m in sys.argv[1].split(',') if m in sys.modules]\n"
+            "print(json.dumps([status, sorted(watched)]), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, ",".join(watched), *argv], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    try:
+        status, imported = json.loads(proc.stderr.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise AssertionError(f"vaegen {' '.join(argv)} ended without its report: {proc.stderr[-2000:]}") from None
+    return status, imported, proc.stderr
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from conftest import vaegen_in_a_fresh_process
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = ("vae_core", "cluster", "jobs")                 # each may import only the ones before it
@@ -94,11 +95,8 @@ def test_importing_every_module_changes_no_environment_variable_or_warning_filte
     (["ls", "--root", "{tmp}"], ("torch", "ray")),                 # a listing reads storage, through pyarrow
 ])
 def test_help_and_ls_import_no_torch_and_no_ray(argv, unwanted, tmp_path):
-    argv = [a.format(tmp=tmp_path) for a in argv]
-    code = ("import sys; from jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            f"print(sorted(m for m in {unwanted!r} if m in sys.modules), file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
-    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
+    _, imported, stderr = vaegen_in_a_fresh_process([a.format(tmp=tmp_path) for a in argv], unwanted)
+    assert imported == [], stderr[-2000:]
 
 
 def test_every_library_whose_version_is_in_the_bytes_is_pinned_exactly_and_installed():

@@ -6,10 +6,9 @@ import ast
 import dataclasses
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
+from conftest import vaegen_in_a_fresh_process
 
 from cluster.generate.settings import RunSettings
 from jobs.args import storage_config, train_job_config
@@ -178,12 +177,9 @@ REFUSED_BEFORE_TORCH = {
 @pytest.mark.parametrize("verb", sorted(REFUSED_BEFORE_TORCH))
 def test_a_bad_flag_is_refused_before_torch_is_imported(verb, tmp_path):
     argv, fragment = REFUSED_BEFORE_TORCH[verb]
-    check = ("import sys; from jobs.cli import main; code = main(sys.argv[1:]); print('torch' in sys.modules); "
-             "sys.exit(code)")
-    out = subprocess.run([sys.executable, "-c", check, *argv, "--root", str(tmp_path / "root")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and fragment in out.stderr, out.stderr[-2000:]
-    assert out.stdout.split() == ["False"], out.stdout
+    status, imported, stderr = vaegen_in_a_fresh_process([*argv, "--root", str(tmp_path / "root")])
+    assert status == 2 and fragment in stderr, stderr[-2000:]
+    assert imported == [], stderr[-2000:]
 
 
 def test_no_help_text_carries_measured_figures():

@@ -3,12 +3,10 @@ reconstructions) and model (conditional, unconditional) is shown by `vaegen show
 `vaegen ls`, and loaded by Hugging Face `datasets` and, for the tar formats, by `webdataset`, all given the job
 folder (or its shard pattern) as it is."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import start_local_ray
+from conftest import start_local_ray, vaegen_in_a_fresh_process
 from generate_support import IMAGE_SHAPE, publish_tiny_model, shard_objects
 
 from cluster.data.datasets import ingest
@@ -22,7 +20,6 @@ from vae_core.data import FASHION_MNIST_LABELS, ArrayDataset, ArraySplit
 from vae_core.use_configs import GenerateConfig
 
 os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")     # nothing may reach the network
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROWS, SHARD_ROWS = 8, 4
 FORMATS = ("parquet", "png", "jpeg")
@@ -115,11 +112,8 @@ def test_vaegen_show_reads_every_format_without_importing_torch(jobs, fmt):
     second instead of the seconds torch takes to import."""
     cfg, _, made = jobs
     manifest = made[fmt, "reconstructions", "conditional"]
-    code = ("import sys; from jobs.cli import main\nstatus = main(sys.argv[1:])\n"
-            "print(status, 'torch' in sys.modules, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code, "show", manifest["job_id"], "--root", cfg.root],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.stderr.strip().splitlines()[-1] == "0 False", proc.stderr[-2000:]
+    status, imported, stderr = vaegen_in_a_fresh_process(["show", manifest["job_id"], "--root", cfg.root])
+    assert (status, imported) == (0, []), stderr[-2000:]
 
 
 def test_vaegen_ls_lists_every_job_as_finished(jobs, capsys):

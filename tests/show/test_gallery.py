@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import start_local_ray
+from conftest import start_local_ray, vaegen_in_a_fresh_process
 from PIL import Image
 
 from cluster.data.datasets import ingest
@@ -33,7 +33,6 @@ from vae_core.models import build_model
 from vae_core.plots import loss_curves_png
 from vae_core.use_configs import ClassifierConfig, EvalJobConfig, GenerateConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                     reason=f"{CHROMIUM} missing: apt-get install -y chromium (./dev.sh installs it)")
@@ -208,11 +207,8 @@ def test_a_trained_and_evaluated_model_version_shows_everything_with_every_image
 def test_show_of_an_evaluated_model_version_imports_no_torch(root):
     """The model page reads metrics, grids and evaluation.json; drawing its loss curves needs matplotlib alone."""
     cfg, _, _, _, trained = root
-    code = ("import sys; from jobs.cli import main\nstatus = main(sys.argv[1:])\n"
-            "print(status, 'torch' in sys.modules, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code, "show", str(trained.ref), "--root", cfg.root],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.stderr.strip().splitlines()[-1] == "0 False", proc.stderr[-2000:]
+    status, imported, stderr = vaegen_in_a_fresh_process(["show", str(trained.ref), "--root", cfg.root])
+    assert (status, imported) == (0, []), stderr[-2000:]
     assert 'data-evaluated="yes"' in open(os.path.join(cfg.root, "models", trained.ref.name, trained.ref.version,
                                                        GALLERY)).read()
 
