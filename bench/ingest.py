@@ -9,7 +9,11 @@
    start, the last shard's finish), so the two sizes bracket a small input and a sustained one. Beside the wall
    times, the CPU each side used (/proc: the Pool's processes for the bound; this process and every other process
    under it, Ray's included, for the ingest): `cpu_ratio`, the bound's CPU over the ingest's, is what the ingest
-   would reach with every core busy to the end, and the gap from it to `ratio` is cores left idle.
+   would reach with every core busy to the end, and the gap from it to `ratio` is cores left idle. A third side,
+   the same loop that also encodes its images as the ingest's shards are encoded (each 256-image chunk stacked
+   as (C, H, W) and put through `shard_bytes`, Parquet with zstd, then sha256), alternates with the two:
+   `ratio_to_encoding_loop` is the ingest against a plain loop that does the same work, what the engine (Ray
+   Data, the plan, one task per shard) costs beyond it.
 2. Memory: folders of 64×64 RGB PNGs at each of `--rss-images` (default 10k and 100k), each ingested by a fresh
    process that reports its own peak RSS (VmHWM) and the largest peak RSS of its Ray workers (`ray::` processes
    under it, sampled while it runs): flat as the input grows, since no process holds the dataset.
@@ -21,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -38,11 +43,14 @@ import numpy as np
 from PIL import Image
 
 from cluster.data.ingest import ingest_source
+from cluster.data.readable import shard_bytes
 from cluster.data.sources import IngestOptions
 from vae_core.config import StorageConfig
 from vae_core.data import RESIZE_FILTER
 
 SIZE = (64, 64)
+CHUNK = 256                        # images per piece of work a Pool process takes
+LABEL_NAMES = tuple(f"c{k}" for k in range(10))
 
 
 def make_image(args: tuple[str, int, int]) -> None:
@@ -71,7 +79,24 @@ def pil_decode_resize(path: str) -> int:
 
 def bound_s(pool, files: list[str]) -> float:
     start = time.perf_counter()
-    pool.map(pil_decode_resize, files, chunksize=256)
+    pool.map(pil_decode_resize, files, chunksize=CHUNK)
+    return time.perf_counter() - start
+
+
+def decode_resize_encode(paths: list[str]) -> int:
+    """The loop's work on a chunk, then the ingest's encoding of it: (C, H, W) rows, a shard's bytes, sha256."""
+    images = np.empty((len(paths), 3, *SIZE), np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as im:
+            images[i] = np.asarray(im.convert("RGB").resize(SIZE[::-1], RESIZE_FILTER)).transpose(2, 0, 1)
+    body = shard_bytes(images, np.zeros(len(paths), np.int64), 0, LABEL_NAMES)
+    hashlib.sha256(body).hexdigest()
+    return len(body)
+
+
+def encoding_loop_s(pool, files: list[str]) -> float:
+    start = time.perf_counter()
+    pool.map(decode_resize_encode, [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)], chunksize=1)
     return time.perf_counter() - start
 
 
@@ -93,11 +118,14 @@ def throughput(args, tmp: str) -> Iterator[dict]:
             folder = make_folder(f"{tmp}/tp-{n}", n, 96)
             files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
             pool.map(pil_decode_resize, files[:512])               # warm: the pool's processes are up
-            bounds, ingests, bound_cpu, ingest_cpu = [], [], [], []
+            bounds, ingests, bound_cpu, ingest_cpu, encoding, encoding_cpu = [], [], [], [], [], []
             for i in range(args.repeat):
                 before = cpu_s(pool_pids)
                 bounds.append(bound_s(pool, files))
                 bound_cpu.append(cpu_s(pool_pids) - before)
+                before = cpu_s(pool_pids)
+                encoding.append(encoding_loop_s(pool, files))
+                encoding_cpu.append(cpu_s(pool_pids) - before)
                 before = ingest_cpu_parts(pool_pids)
                 root = f"{tmp}/root-{n}-{i}"
                 ingests.append(ingest_s(folder, root, SIZE))
@@ -109,10 +137,16 @@ def throughput(args, tmp: str) -> Iterator[dict]:
             yield {"measure": "ingest_throughput", "images": n, "source": "96x96 PNG → --size 64x64",
                    "cores": os.cpu_count(), "bound_images_per_s": round(b), "ingest_images_per_s": round(g),
                    "ratio": round(g / b, 3),
-                   "pair_ratio_median": round(statistics.median(x / y for x, y in zip(bounds, ingests)), 3),
+                   "pair_ratio_median": round(statistics.median(
+                       x / y for x, y in zip(bounds, ingests, strict=True)), 3),
                    "cpu_ratio": round(sum(bound_cpu) / sum(sum(c.values()) for c in ingest_cpu), 3),
+                   "encoding_loop_images_per_s": round(n / statistics.median(encoding)),
+                   "ratio_to_encoding_loop": round(statistics.median(encoding) / statistics.median(ingests), 3),
+                   "encoding_loop_cpu_ratio": round(sum(encoding_cpu) / sum(sum(c.values()) for c in ingest_cpu), 3),
                    "bound_s": [round(x, 2) for x in bounds], "ingest_s": [round(x, 2) for x in ingests],
+                   "encoding_loop_s": [round(x, 2) for x in encoding],
                    "bound_cpu_s": [round(x, 2) for x in bound_cpu],
+                   "encoding_loop_cpu_s": [round(x, 2) for x in encoding_cpu],
                    "ingest_cpu_s": {part: [round(c[part], 2) for c in ingest_cpu] for part in ingest_cpu[0]}}
 
 
