@@ -61,11 +61,13 @@ def starts_moto():
     """Ask for this in a fixture that starts a moto server of its own: every test using it is marked `s3`."""
 
 
-def _service_processes() -> dict[int, str]:
+def _service_processes(token: str = SESSION_TOKEN) -> dict[int, str]:
     """This session's Ray and moto server processes, pid → 'ray' or 's3' (a Ray's gcs_server and raylets; moto
-    run as `moto_server` or `python -m moto.server`). Found by the session token in their environment, wherever
-    they were reparented."""
-    found = {}
+    run as `moto_server` or `python -m moto.server`). Found by the session `token` in their environment, wherever
+    they were reparented. A raylet starts each Ray worker by fork, then exec: for the milliseconds between, the
+    child still shows the raylet's command line and environment, so a process whose parent is one of these is
+    such a child, not a server."""
+    found, parents = {}, {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -77,11 +79,13 @@ def _service_processes() -> dict[int, str]:
                     else "s3" if b"moto_server" in programs or b"moto.server" in argv[:3] else None)
             if kind:
                 with open(f"/proc/{entry.name}/environ", "rb") as f:
-                    if SESSION_TOKEN.encode() in f.read().split(b"\0"):
+                    if token.encode() in f.read().split(b"\0"):
+                        with open(f"/proc/{entry.name}/stat") as f:
+                            parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
                         found[int(entry.name)] = kind
-        except OSError:                       # gone, or not ours to read
+        except (OSError, IndexError, ValueError):       # gone, or not ours to read
             continue
-    return found
+    return {pid: kind for pid, kind in found.items() if parents[pid] not in found}
 
 
 def _ray_running_here() -> bool:
