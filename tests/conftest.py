@@ -79,10 +79,11 @@ def _service_processes(token: str = SESSION_TOKEN) -> dict[int, str]:
                     else "s3" if b"moto_server" in programs or b"moto.server" in argv[:3] else None)
             if kind:
                 with open(f"/proc/{entry.name}/environ", "rb") as f:
-                    if token.encode() in f.read().split(b"\0"):
-                        with open(f"/proc/{entry.name}/stat") as f:
-                            parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-                        found[int(entry.name)] = kind
+                    ours = token.encode() in f.read().split(b"\0")
+                if ours:
+                    with open(f"/proc/{entry.name}/stat") as f:
+                        parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                    found[int(entry.name)] = kind
         except (OSError, IndexError, ValueError):       # gone, or not ours to read
             continue
     return {pid: kind for pid, kind in found.items() if parents[pid] not in found}

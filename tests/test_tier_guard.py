@@ -22,17 +22,16 @@ time.sleep(60)
 
 def test_a_server_is_found_by_its_token_and_its_unexeced_fork_is_not():
     token = uuid.uuid4().hex          # not the session's: the guard watching this test does not see these processes
-    server = subprocess.Popen(["raylet", "-c", FORK_AND_WAIT], executable=sys.executable, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "VAEGEN_TEST_SESSION": token})
-    child = None
-    try:
-        child = int(server.stdout.readline())
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            assert f.read().split(b"\0")[0] == b"raylet"            # the fork looks like the server
-        assert _service_processes(f"VAEGEN_TEST_SESSION={token}") == {server.pid: "ray"}
-        assert server.pid not in _service_processes()               # another session's server is not ours
-    finally:
-        server.kill()
-        server.wait()
-        if child is not None:
-            os.kill(child, signal.SIGKILL)
+    with subprocess.Popen(["raylet", "-c", FORK_AND_WAIT], executable=sys.executable, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "VAEGEN_TEST_SESSION": token}) as server:
+        child = None
+        try:
+            child = int(server.stdout.readline())
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                assert f.read().split(b"\0")[0] == b"raylet"            # the fork looks like the server
+            assert _service_processes(f"VAEGEN_TEST_SESSION={token}") == {server.pid: "ray"}
+            assert server.pid not in _service_processes()               # another session's server is not ours
+        finally:
+            server.kill()
+            if child is not None:
+                os.kill(child, signal.SIGKILL)
