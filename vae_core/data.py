@@ -49,17 +49,34 @@ def is_wide(im: Image.Image) -> bool:
 
 
 @contextmanager
+def bombs_refused() -> Iterator[None]:
+    """Pillow's decompression-bomb warning (a header that claims more pixels than Image.MAX_IMAGE_PIXELS) raised as
+    an error while images from outside are opened: around one image (open_user_image), or once around a task's many
+    (cluster/data/shard_tasks.py), where entering and leaving the filter for each image would be a visible part of
+    a small image's cost."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def bomb_error(error: object) -> VaegenError:
+    return VaegenError(f"image too large to decode safely: {str(error).splitlines()[0]}")
+
+
+@contextmanager
 def open_user_image(source) -> Iterator[Image.Image]:
     """Image.open for an image from outside (a path or a file object). One whose header claims more pixels than
     Pillow's decompression-bomb limit is a VaegenError (Pillow would warn, or raise an error of its own that is
     neither an OSError nor a ValueError), before its pixels are decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with bombs_refused():
         try:
             with Image.open(source) as im:
                 yield im
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise VaegenError(f"image too large to decode safely: {str(e).splitlines()[0]}") from None
+        except BOMB_ERRORS as e:
+            raise bomb_error(e) from None
 
 
 def pil_to_chw(im: Image.Image) -> np.ndarray:
@@ -114,8 +131,15 @@ def shape_image(im: Image.Image, size: tuple[int, int] | None = None, mode: str 
                             math.ceil(im.height * scale * RESIZE_REDUCING_GAP)))
     if im.mode in IMAGE_MODES and mode in (None, im.mode) and size is not None:
         # The common case, resized by PIL before its one copy into NumPy: the same pixels shape_chw gives.
-        return _chw(np.asarray(_resize_cover_pil(im, size)))
+        return _chw(pil_array(_resize_cover_pil(im, size)))
     return shape_chw(pil_to_chw(im), size, mode)
+
+
+def pil_array(im: Image.Image) -> np.ndarray:
+    """np.asarray(im) of an 'L' or 'RGB' image, read-only, by way of tobytes: NumPy's array interface of a PIL image
+    costs more than the copy it makes."""
+    shape = (im.height, im.width) if im.mode == "L" else (im.height, im.width, 3)
+    return np.frombuffer(im.tobytes(), np.uint8).reshape(shape)
 
 
 def _chw(arr: np.ndarray) -> np.ndarray:

@@ -101,9 +101,15 @@ def pending_key(name: str, generation: str) -> str:
 
 def write_shard(storage: Storage, name: str, split: str, shard_name: str, images: np.ndarray, labels: np.ndarray,
                 first_id: int, label_names) -> dict:
-    """One shard of a generation, published; its manifest record."""
-    body = shard_bytes(images, labels, first_id, label_names)
-    record = {"name": shard_name, "rows": len(labels), "first_id": first_id, "last_id": first_id + len(labels) - 1,
+    """One shard of a generation from arrays in memory, published; its manifest record."""
+    return publish_encoded_shard(storage, name, split, shard_name, shard_bytes(images, labels, first_id, label_names),
+                                 len(labels), first_id)
+
+
+def publish_encoded_shard(storage: Storage, name: str, split: str, shard_name: str, body: bytes, rows: int,
+                          first_id: int) -> dict:
+    """One shard of a generation, encoded (readable.ShardWriter), published; its manifest record."""
+    record = {"name": shard_name, "rows": rows, "first_id": first_id, "last_id": first_id + rows - 1,
               "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     publish_shard(storage, dataset_key(name, split, shard_name), body, record["sha256"])
     return record

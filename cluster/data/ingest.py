@@ -232,7 +232,7 @@ def planned_shards(split: str, items: list[SourceItem], shard_rows: int) -> tupl
         while at < item.stop:
             take = min(item.stop - at, shard_rows - filled)
             whole = at == item.start and take == item.stop - item.start
-            parts.append(item_fields(item if whole else dataclasses.replace(item, start=at, stop=at + take)))
+            parts.append(item_fields(item if whole else item._replace(start=at, stop=at + take)))
             at, filled = at + take, filled + take
             if filled == shard_rows:
                 cut()

@@ -40,6 +40,7 @@ TEMP_PREFIX = "_tmp-"               # a view file being swapped in (`_`: readers
 # Parquet's defaults would try a dictionary of every image and keep min/max pixels per page: hashing and comparing
 # kilobytes a row for nothing (images rarely repeat, and no reader filters on pixels).
 PIXELS_AS_IS = {"use_dictionary": ["label"], "write_statistics": ["id", "label"]}
+ROW_GROUP_BYTES = 16 << 20          # a shard's row group, in pixels: what its writer holds, and a reader decodes, at once
 
 
 def hf_features(label_names: tuple[str, ...] | list[str]) -> dict:
@@ -57,14 +58,60 @@ def split_table(images: np.ndarray, labels: np.ndarray, first_id: int) -> pa.Tab
                      "pixels": pixels})
 
 
+class ShardWriter:
+    """A dataset shard, encoded a row group at a time: id, label, pixels, zstd, the features and image shape in its
+    schema metadata. Its images are added one by one or as arrays (each copied once, into the group); the writer
+    holds one group's pixels and the shard's encoded bytes, never the shard's pixels: a shard of --shard-rows large
+    images would otherwise be a task's largest allocation, touched page by page."""
+
+    def __init__(self, image_shape: tuple[int, ...] | list[int], label_names, first_id: int):
+        self.shape, self.first_id = tuple(image_shape), first_id
+        self.rows, self.written = 0, 0                  # rows added so far; rows encoded (the group holds the rest)
+        self.group = np.empty((max(1, ROW_GROUP_BYTES // int(np.prod(self.shape))), *self.shape), np.uint8)
+        self.labels = np.empty(len(self.group), np.int64)
+        schema = split_table(self.group[:0], self.labels[:0], 0).schema.with_metadata({
+            "huggingface": json.dumps({"info": {"features": hf_features(label_names)}}),
+            "vaegen.image_shape": json.dumps(list(self.shape))})
+        self.sink = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd", **PIXELS_AS_IS)
+
+    def add(self, pixels: np.ndarray, label: int) -> None:
+        """One uint8 (C, H, W) image of the shard's shape and its label, as the next row."""
+        filled = self.rows - self.written
+        self.group[filled], self.labels[filled] = pixels, label
+        self.rows += 1
+        if filled + 1 == len(self.group):
+            self._write(self.group, self.labels)
+
+    def add_arrays(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Rows in memory, (N, C, H, W) and (N,), as the next rows, in groups of the same size as add's."""
+        at = 0
+        while at < len(labels):
+            filled = self.rows - self.written
+            take = min(len(self.group) - filled, len(labels) - at)
+            self.group[filled:filled + take], self.labels[filled:filled + take] = \
+                images[at:at + take], labels[at:at + take]
+            self.rows, at = self.rows + take, at + take
+            if filled + take == len(self.group):
+                self._write(self.group, self.labels)
+
+    def _write(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.writer.write_table(split_table(images, labels, self.first_id + self.written))
+        self.written += len(labels)
+
+    def finish(self) -> bytes:
+        """The shard's bytes (its `rows` rows)."""
+        if self.rows > self.written:
+            self._write(self.group[:self.rows - self.written], self.labels[:self.rows - self.written])
+        self.writer.close()
+        return self.sink.getvalue()
+
+
 def shard_bytes(images: np.ndarray, labels: np.ndarray, first_id: int, label_names) -> bytes:
-    """A dataset shard: id, label, pixels, zstd, the features and image shape in its schema metadata."""
-    table = split_table(images, labels, first_id).replace_schema_metadata({
-        "huggingface": json.dumps({"info": {"features": hf_features(label_names)}}),
-        "vaegen.image_shape": json.dumps(list(images.shape[1:]))})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", **PIXELS_AS_IS)
-    return buf.getvalue()
+    """A dataset shard of arrays in memory (see ShardWriter)."""
+    writer = ShardWriter(images.shape[1:], label_names, first_id)
+    writer.add_arrays(images, labels)
+    return writer.finish()
 
 
 def view_name(index: int, count: int) -> str:

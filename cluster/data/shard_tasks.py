@@ -17,12 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cluster.data.datasets import table_arrays
-from cluster.data.generations import GENERATION_PREFIX, PENDING, part_name, write_shard
-from cluster.data.readable import PIXELS_AS_IS, split_table
+from cluster.data.generations import GENERATION_PREFIX, PENDING, part_name, publish_encoded_shard
+from cluster.data.readable import PIXELS_AS_IS, ShardWriter, split_table
 from cluster.data.sources import IngestOptions, SourceItem, read_item
 from cluster.store.layout import dataset_key
 from cluster.store.storage import Storage
 from vae_core.config import StorageConfig
+from vae_core.data import bombs_refused
 from vae_core.errors import VaegenError
 
 RUN_IMAGES = 1024                  # at most, images per piece of a two-pass read: what one worker holds at once
@@ -52,22 +53,23 @@ class CheckedImages:
 
     def read(self, items: list[list]) -> Iterator[tuple[np.ndarray, int]]:
         """(uint8 (C, H, W) pixels, label) of every good image of the items, in order."""
-        job = self.job
-        for fields in items:
-            for image in read_item(job.kind, SourceItem(*fields), job.storage, job.options):
-                if image.pixels is None:
-                    self.bad += 1
-                    if len(self.examples) < SKIPPED_EXAMPLES:
-                        self.examples.append({"name": image.name, "error": image.error})
-                    continue
-                if self.first is None:
-                    self.first = (image.name, list(image.pixels.shape))
-                elif image.pixels.shape != tuple(self.first[1]):
-                    raise VaegenError(mixed_shapes(self.first, (image.name, list(image.pixels.shape))))
-                check_label(image.name, image.label, job.label_names)
-                if image.note:
-                    self.notes[image.note] += 1
-                yield image.pixels, image.label if job.label_names is not None else -1
+        job, shape = self.job, None
+        with bombs_refused():
+            for fields in items:
+                for image in read_item(job.kind, SourceItem(*fields), job.storage, job.options):
+                    if image.pixels is None:
+                        self.bad += 1
+                        if len(self.examples) < SKIPPED_EXAMPLES:
+                            self.examples.append({"name": image.name, "error": image.error})
+                        continue
+                    if shape is None:
+                        shape, self.first = image.pixels.shape, (image.name, list(image.pixels.shape))
+                    elif image.pixels.shape != shape:
+                        raise VaegenError(mixed_shapes(self.first, (image.name, list(image.pixels.shape))))
+                    check_label(image.name, image.label, job.label_names)
+                    if image.note:
+                        self.notes[image.note] += 1
+                    yield image.pixels, image.label if job.label_names is not None else -1
 
     def record(self) -> dict:
         return {"first": self.first, "bad": self.bad, "examples": self.examples, "notes": dict(self.notes)}
@@ -93,23 +95,24 @@ def mixed_shapes(first: tuple[str, list], other: tuple[str, list]) -> str:
 def shard_task(row: dict, job: IngestJob) -> dict:
     """One final shard: its items' images (exactly the rows the plan counted), written with the plan's ids."""
     spec = json.loads(row["spec"])
-    rows, checked = spec["rows"], CheckedImages(job)
-    images, labels, n = None, np.empty(rows, np.int64), 0
+    rows, checked, writer = spec["rows"], CheckedImages(job), None
     for pixels, label in checked.read(spec["items"]):
-        if n == rows:
-            n += 1                                                  # more than the plan counted
-            break
-        if images is None:
-            images = np.empty((rows, *pixels.shape), np.uint8)     # filled in place: no list of images to stack
-        images[n], labels[n] = pixels, label
-        n += 1
-    if n != rows:
-        raise VaegenError(f"{spec['items'][0][1]}: the input changed while it was read (shard {spec['index']} of "
-                          f"split {spec['split']!r} should hold {rows} images): rerun the ingest")
-    record = write_shard(Storage(job.storage), job.name, spec["split"], part_name(spec["index"], job.generation),
-                         images, labels, spec["first_id"], job.label_names or ())
+        if writer is None:
+            writer = ShardWriter(pixels.shape, job.label_names or (), spec["first_id"])
+        elif writer.rows == rows:
+            raise changed_input(spec)                               # more than the plan counted
+        writer.add(pixels, label)
+    if writer is None or writer.rows != rows:
+        raise changed_input(spec)
+    record = publish_encoded_shard(Storage(job.storage), job.name, spec["split"],
+                                   part_name(spec["index"], job.generation), writer.finish(), rows, spec["first_id"])
     return {"record": json.dumps({"split": spec["split"], "index": spec["index"], "shard": record,
                                   **checked.record()})}
+
+
+def changed_input(spec: dict) -> VaegenError:
+    return VaegenError(f"{spec['items'][0][1]}: the input changed while it was read (shard {spec['index']} of "
+                       f"split {spec['split']!r} should hold {spec['rows']} images): rerun the ingest")
 
 
 # -- two passes ----------------------------------------------------------------------------------------------
@@ -144,12 +147,10 @@ def write_shard_task(row: dict, job: IngestJob) -> dict:
     storage = Storage(job.storage)
     spec = json.loads(row["spec"])
     shape = tuple(spec["shape"])
-    parts = []
+    writer = ShardWriter(shape, job.label_names or (), spec["first_id"])
     for key, start, stop in spec["pieces"]:
         _, labels, images = table_arrays(pq.read_table(storage.path(key), filesystem=storage.fs), shape)
-        parts.append((images[start:stop], labels[start:stop]))
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    record = write_shard(storage, job.name, spec["split"], part_name(spec["index"], job.generation), images, labels,
-                         spec["first_id"], job.label_names or ())
+        writer.add_arrays(images[start:stop], labels[start:stop])
+    record = publish_encoded_shard(storage, job.name, spec["split"], part_name(spec["index"], job.generation),
+                                   writer.finish(), writer.rows, spec["first_id"])
     return {"record": json.dumps({"split": spec["split"], "index": spec["index"], "shard": record})}

@@ -1,4 +1,4 @@
-"""What every ingest source shares: the plan's dataclasses (re-exported by sources.py, the interface, with
+"""What every ingest source shares: the plan's records (re-exported by sources.py, the interface, with
 vae_core.config.IngestOptions, the flags' config), files named by URI (a local path or s3://bucket/key) read
 through Storage, listings with the sizes and times that fingerprint an input, and one image's decode with
 --skip-bad's rule."""
@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -18,16 +19,16 @@ from PIL import Image
 
 from cluster.store.storage import Storage, mtime_ns
 from vae_core.config import IngestOptions, StorageConfig
-from vae_core.data import is_wide, open_user_image, shape_chw, shape_image
+from vae_core.data import BOMB_ERRORS, bomb_error, is_wide, shape_chw, shape_image
 from vae_core.errors import VaegenError
 
 
 FINGERPRINT_BATCH = 4096                   # items or files per JSON string hashed
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    """One unit of read work, small and picklable (a Ray Data row)."""
+class SourceItem(NamedTuple):
+    """One unit of read work, small and picklable (a Ray Data row). A tuple, not a dataclass: a plan makes one per
+    image file, and a task rebuilds each from its row, where a frozen dataclass's __init__ costs several times more."""
     split: str
     uri: str                               # one file: a local path or s3://bucket/key
     start: int = 0                         # a row/member range inside the file where it holds many images
@@ -40,8 +41,8 @@ class SourceItem:
 
 
 def item_fields(item: SourceItem) -> list:
-    """An item as a JSON list (a task's row), without dataclasses.astuple's deep copy."""
-    return [item.split, item.uri, item.start, item.stop, item.label, item.raw, item.label_key]
+    """An item as a JSON list (a task's row)."""
+    return list(item)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class SourcePlan:
     fingerprint: str                       # every item, each file's size and time, the options: same input, same value
 
 
-@dataclass(frozen=True)
-class SourceImage:
+class SourceImage(NamedTuple):
+    """One image as a source reads it (one per image read: a tuple, as SourceItem)."""
     name: str                              # what names the image to a user (a path, "file.parquet row 12", a member)
     pixels: np.ndarray | None              # uint8 (C, H, W); None when the image is bad and options.skip_bad is set
     label: int                             # >= 0, or -1 when the dataset is unlabelled
@@ -171,12 +172,19 @@ def bad_image(name: str, why: str, label: int, options: IngestOptions) -> Source
 
 
 def decode_image(data: bytes, name: str, label: int, options: IngestOptions) -> SourceImage:
-    """Encoded image bytes (any format Pillow reads) → a SourceImage shaped by the options."""
+    """Encoded image bytes (any format Pillow reads) → a SourceImage shaped by the options. Its caller holds
+    vae_core.data.bombs_refused() (a task, once for all its images), so an image that claims more pixels than
+    Pillow's limit is refused before it is decoded; else Pillow warns of it first."""
     try:
-        with open_user_image(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise bomb_error(f"{im.width}x{im.height} pixels, more than Pillow's limit of "
+                                 f"{Image.MAX_IMAGE_PIXELS:,}")
             note = WIDE_NOTE if is_wide(im) else ""
             return SourceImage(name, shape_image(im, options.size, options.mode), label, note=note)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, VaegenError) as e:
+    except BOMB_ERRORS as e:
+        return bad_image(name, bomb_error(e), label, options)
+    except (OSError, ValueError, SyntaxError, VaegenError) as e:
         return bad_image(name, e, label, options)       # PIL's UnidentifiedImageError is an OSError
 
 

@@ -35,6 +35,20 @@ def raise_link(path: str) -> None:
                       "its root (the root itself may be a link); remove the link or point --root at its target")
 
 
+def read_whole(path: str) -> bytes:
+    """A file's bytes, its last segment not followed if it is a link (ELOOP): an fstat, then reads to its end, with
+    no Python file object or pyarrow stream around them (an ingest reads each of its images this way)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks, want = [], os.fstat(fd).st_size + 1              # + 1: a file that grew is read to its new end
+        while chunk := os.read(fd, want):
+            chunks.append(chunk)
+            want = 1 << 20
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def file_uri_path(uri: str) -> str:
     """The local path of a file: URI as RFC 8089 has it: file:///absolute/path or file://localhost/absolute/path.
     A host (file://server/path) or a relative path (file://folder) is one line, never a guess."""

@@ -8,6 +8,7 @@ deletion outside it.
 S3's side (the endpoint, bounded retries) is in s3.py, a local root's file operations in local_files.py."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 import stat
@@ -20,7 +21,15 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.store.local_files import create_temp, file_uri_path, fsync_dir, make_dirs, raise_link, space_checked
+from cluster.store.local_files import (
+    create_temp,
+    file_uri_path,
+    fsync_dir,
+    make_dirs,
+    raise_link,
+    read_whole,
+    space_checked,
+)
 from cluster.store.s3 import ARROW_TIMED_OUT, REFUSED_CREDENTIALS, S3Endpoint, S3Requests
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
@@ -162,17 +171,21 @@ class Storage(S3Requests):
     def read_bytes(self, key: str) -> bytes:
         """The whole object. On S3 one GET, so one version of it: pyarrow's read (a HEAD for the size, then a
         ranged GET) returns the first bytes of a newer, longer version when the key is replaced in between."""
-        check_key(key, root_ok=True)
         if self.is_s3:
+            check_key(key, root_ok=True)
             body = self._get(key)[1]
             if body is None:
                 raise VaegenError(f"{self.uri_of(key)} does not exist")
             return body
-
-        def read() -> bytes:
-            with self.fs.open_input_file(self.path(key)) as f:
-                return f.read()
-        return self._arrow(read, key)
+        path = self.path(key)
+        try:
+            return read_whole(path)
+        except FileNotFoundError:
+            raise VaegenError(f"{path} does not exist") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP and os.path.islink(path):
+                raise_link(path)                       # made a link since path() looked
+            raise VaegenError(f"cannot read {path}: {e.strerror or e}") from None
 
     def file_info(self, key: str) -> pafs.FileInfo:
         """pyarrow's FileInfo of `key` (type, size, mtime); its type is NotFound where there is nothing."""

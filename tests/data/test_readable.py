@@ -1,15 +1,20 @@
-"""The readable view of a dataset folder (cluster/data/readable.py): what an update killed midway leaves is
-collected, and on S3 the view is made by server-side copies."""
+"""A dataset folder as other readers see it (cluster/data/readable.py): shards written a row group at a time read
+back whole, what an update of the view killed midway leaves is collected, and on S3 the view is made by
+server-side copies."""
+import io
 import os
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cluster.data import readable
+from cluster.data.datasets import table_arrays
 from cluster.data.generations import KEEP_SUPERSEDED_S, current_manifest
 from cluster.data.ingest import ingest_source
-from cluster.data.readable import VIEW_RECORD, publish_view
+from cluster.data.readable import VIEW_RECORD, ShardWriter, publish_view, shard_bytes
 from cluster.store.layout import dataset_key
 from cluster.store.storage import open_storage
 
@@ -21,6 +26,27 @@ def image_folder(path, n: int, seed: int = 0):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
     return str(path)
+
+
+def test_a_shard_added_image_by_image_is_written_in_row_groups_and_reads_back_whole(monkeypatch):
+    monkeypatch.setattr(readable, "ROW_GROUP_BYTES", 4 * 3 * 8 * 8)          # four 3x8x8 images a group
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, 8, 8), dtype=np.uint8)
+    labels = np.arange(10) % 3
+    writer = ShardWriter((3, 8, 8), ("a", "b", "c"), first_id=100)
+    for image, label in zip(images, labels, strict=True):
+        writer.add(image, label)
+    body = writer.finish()
+
+    assert writer.rows == 10
+    assert shard_bytes(images, labels, 100, ("a", "b", "c")) == body        # from arrays: the same shard
+    meta = pq.ParquetFile(io.BytesIO(body)).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 4, 2]
+    table = pq.read_table(io.BytesIO(body))
+    assert table.schema.metadata[b"vaegen.image_shape"] == b"[3, 8, 8]"
+    ids, read_labels, read_images = table_arrays(table, (3, 8, 8))
+    assert ids.tolist() == list(range(100, 110))
+    assert read_labels.tolist() == labels.tolist()
+    assert np.array_equal(read_images, images)
 
 
 def test_temp_links_of_a_killed_view_update_are_collected_by_the_next_once_past_the_grace(tmp_path,

@@ -2,6 +2,7 @@
 back through cluster.data.sources, locally and on S3 over HTTP."""
 import io
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cluster.data.sources import IngestOptions, plan_source, read_item
+from cluster.data.shard_tasks import CheckedImages, IngestJob
+from cluster.data.sources import IngestOptions, SourceItem, item_fields, plan_source, read_item
 from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from vae_core.errors import VaegenError
@@ -236,6 +238,17 @@ def test_a_corrupt_image_is_one_line_or_skipped_with_skip_bad(tmp_path):
     bad = [i for i in images if i.pixels is None]
     assert len(images) == 5 and len(bad) == 1 and bad[0].name.endswith("broken.png") and bad[0].error
     assert "\n" not in bad[0].error and bad[0].label == 0
+
+
+def test_an_image_past_pillows_pixel_limit_is_refused_in_a_task_without_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)    # Pillow warns past it and raises only past twice it
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")     # 1,600 pixels: the warning's range
+    checked = CheckedImages(IngestJob("image-folder", "ds", "g", LOCAL, IngestOptions(skip_bad=True), None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(checked.read([item_fields(SourceItem("train", str(tmp_path / "big.png")))])) == []
+    assert checked.bad == 1 and checked.examples[0]["error"].startswith("image too large to decode safely")
+    assert caught == []                                       # the task made Pillow's warning its error
 
 
 @pytest.mark.s3
