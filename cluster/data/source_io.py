@@ -66,8 +66,8 @@ class SourceImage(NamedTuple):
 WIDE_NOTE = "16-bit image(s) scaled to 8 bits (round(v / 257))"
 
 
-@dataclass(frozen=True)
-class FileRef:
+class FileRef(NamedTuple):
+    """An input file as listed (a tuple, as SourceItem)."""
     uri: str
     size: int
     mtime_ns: int

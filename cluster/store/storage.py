@@ -14,8 +14,8 @@ import random
 import stat
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -49,10 +49,8 @@ def check_key(key: object, *, root_ok: bool = False) -> str:
     return key
 
 
-@dataclass(frozen=True)
-
-
-class Entry:
+class Entry(NamedTuple):
+    """A file under a root (a tuple: a listing makes one per file)."""
     key: str          # relative to the root
     size: int
     mtime_ns: int     # when it was last written (what fingerprints an input)
@@ -202,8 +200,7 @@ class Storage(S3Requests):
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
         walk = self._s3_walk if self.is_s3 else self._local_walk
-        return sorted((Entry(key, size, mtime) for key, size, mtime in walk(prefix, recursive) if size >= 0),
-                      key=lambda e: e.key)
+        return sorted(Entry(key, size, mtime) for key, size, mtime in walk(prefix, recursive) if size >= 0)
 
     def _s3_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int, int]]:
         """(key, size, mtime_ns) of each object under a prefix of an S3 root, S3's zero-byte 'dir/' marker keys
