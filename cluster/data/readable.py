@@ -40,7 +40,7 @@ TEMP_PREFIX = "_tmp-"               # a view file being swapped in (`_`: readers
 # Parquet's defaults would try a dictionary of every image and keep min/max pixels per page: hashing and comparing
 # kilobytes a row for nothing (images rarely repeat, and no reader filters on pixels).
 PIXELS_AS_IS = {"use_dictionary": ["label"], "write_statistics": ["id", "label"]}
-ROW_GROUP_BYTES = 16 << 20          # a shard's row group, in pixels: what its writer holds, and a reader decodes, at once
+ROW_GROUP_BYTES = 16 << 20          # a shard's row group, in pixels: what its writer holds and a reader decodes at once
 
 
 def hf_features(label_names: tuple[str, ...] | list[str]) -> dict:

@@ -116,7 +116,7 @@ def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> S
     splits, relative = _folder_splits(uri, [f.uri[len(folder) + 1:] for f in files], options.split)
     labels, label_names = _folder_labels(uri, relative)
     rank = {split: split_order(split) for split in set(splits)}
-    order = sorted(zip(map(rank.__getitem__, splits), labels, relative, range(len(files))))   # no two alike
+    order = sorted(zip(map(rank.__getitem__, splits), labels, relative, range(len(files)), strict=True))
     items = tuple(SourceItem(splits[i], files[i].uri, 0, 1, label) for _, label, _, i in order)   # one image each
     return SourcePlan("image-folder", uri, items, label_names,
                       fingerprint("image-folder", folder, items, files, label_names, options))
