@@ -65,13 +65,13 @@ class ShardWriter:
     images would otherwise be a task's largest allocation, touched page by page."""
 
     def __init__(self, image_shape: tuple[int, ...] | list[int], label_names, first_id: int):
-        self.shape, self.first_id = tuple(image_shape), first_id
+        self.first_id = first_id
         self.rows, self.written = 0, 0                  # rows added so far; rows encoded (the group holds the rest)
-        self.group = np.empty((max(1, ROW_GROUP_BYTES // int(np.prod(self.shape))), *self.shape), np.uint8)
+        self.group = np.empty((max(1, ROW_GROUP_BYTES // int(np.prod(image_shape))), *image_shape), np.uint8)
         self.labels = np.empty(len(self.group), np.int64)
         schema = split_table(self.group[:0], self.labels[:0], 0).schema.with_metadata({
             "huggingface": json.dumps({"info": {"features": hf_features(label_names)}}),
-            "vaegen.image_shape": json.dumps(list(self.shape))})
+            "vaegen.image_shape": json.dumps(list(image_shape))})
         self.sink = io.BytesIO()
         self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd", **PIXELS_AS_IS)
 

@@ -53,7 +53,7 @@ class CheckedImages:
 
     def read(self, items: list[list]) -> Iterator[tuple[np.ndarray, int]]:
         """(uint8 (C, H, W) pixels, label) of every good image of the items, in order."""
-        job, shape = self.job, None
+        job = self.job
         with bombs_refused():
             for fields in items:
                 for image in read_item(job.kind, SourceItem(*fields), job.storage, job.options):
@@ -62,10 +62,10 @@ class CheckedImages:
                         if len(self.examples) < SKIPPED_EXAMPLES:
                             self.examples.append({"name": image.name, "error": image.error})
                         continue
-                    if shape is None:
-                        shape, self.first = image.pixels.shape, (image.name, list(image.pixels.shape))
-                    elif image.pixels.shape != shape:
-                        raise VaegenError(mixed_shapes(self.first, (image.name, list(image.pixels.shape))))
+                    if self.first is None:
+                        self.first = (image.name, image.pixels.shape)          # the record's JSON makes it a list
+                    elif image.pixels.shape != self.first[1]:
+                        raise VaegenError(mixed_shapes(self.first, (image.name, image.pixels.shape)))
                     check_label(image.name, image.label, job.label_names)
                     if image.note:
                         self.notes[image.note] += 1
