@@ -49,7 +49,7 @@ from cluster.data.shard_tasks import (
     shard_task,
     write_shard_task,
 )
-from cluster.data.sources import IngestOptions, SourceItem, SourcePlan, item_fields, plan_source
+from cluster.data.sources import IngestOptions, SourceItem, SourcePlan, plan_source
 from cluster.store.storage import Storage, open_storage
 from vae_core.config import MAX_CLASSES, StorageConfig
 from vae_core.errors import VaegenError
@@ -232,7 +232,7 @@ def planned_shards(split: str, items: list[SourceItem], shard_rows: int) -> tupl
         while at < item.stop:
             take = min(item.stop - at, shard_rows - filled)
             whole = at == item.start and take == item.stop - item.start
-            parts.append(item_fields(item if whole else item._replace(start=at, stop=at + take)))
+            parts.append(item if whole else item._replace(start=at, stop=at + take))
             at, filled = at + take, filled + take
             if filled == shard_rows:
                 cut()
@@ -289,7 +289,7 @@ def weight(item: SourceItem) -> int:
 
 
 def run_row(index: int, items: list[SourceItem]) -> dict:
-    return {"run": index, "split": items[0].split, "items": json.dumps([item_fields(i) for i in items])}
+    return {"run": index, "split": items[0].split, "items": json.dumps(items)}
 
 
 def write_shards(job: IngestJob, records: list[dict], shard_rows: int, shape: list[int], use_ray: bool) -> dict:

@@ -108,8 +108,8 @@ def plan_image_folder(uri: str, cfg: StorageConfig, options: IngestOptions) -> S
     them; otherwise every image is in --split."""
     folder = absolute(uri)
     suffixes = image_suffixes()
-    files = [f for f in list_files(folder, cfg) if "." in f.uri.rsplit("/", 1)[-1]
-             and "." + f.uri.rsplit(".", 1)[-1].lower() in suffixes]
+    # A file name's suffix from its last '.' (a '.' only in a folder's name gives a slice with a '/': no suffix).
+    files = [f for f in list_files(folder, cfg) if f.uri[f.uri.rfind("."):].lower() in suffixes]
     if not files:
         raise VaegenError(f"image folder {uri} holds no images (<folder>/<class>/<image>.png, or "
                           "<folder>/<image>.png unlabelled)")
@@ -131,7 +131,7 @@ def _folder_splits(uri: str, relative: list[str], default: str) -> tuple[list[st
     tops = [r.split("/", 1)[0] if "/" in r else None for r in relative]
     if not any(t is not None and t.lower() in SPLIT_FOLDERS for t in tops):
         return [default] * len(relative), relative
-    for top, path in zip(tops, relative):
+    for top, path in zip(tops, relative, strict=True):
         if top is None or top.lower() not in SPLIT_FOLDERS:
             split_folder = next(t for t in tops if t is not None and t.lower() in SPLIT_FOLDERS)
             raise VaegenError(f"image folder {uri} has a split folder ({split_folder}/) and {path} outside any: "

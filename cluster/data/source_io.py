@@ -27,8 +27,9 @@ FINGERPRINT_BATCH = 4096                   # items or files per JSON string hash
 
 
 class SourceItem(NamedTuple):
-    """One unit of read work, small and picklable (a Ray Data row). A tuple, not a dataclass: a plan makes one per
-    image file, and a task rebuilds each from its row, where a frozen dataclass's __init__ costs several times more."""
+    """One unit of read work, small and picklable; in a task's row, the JSON list of its fields. A tuple, not a
+    dataclass: a plan makes one per image file, and a task rebuilds each from its row, where a frozen dataclass's
+    __init__ costs several times more."""
     split: str
     uri: str                               # one file: a local path or s3://bucket/key
     start: int = 0                         # a row/member range inside the file where it holds many images
@@ -38,11 +39,6 @@ class SourceItem(NamedTuple):
                                            # nothing to decode, so a row costs a copy, not a decode
     label_key: str = ""                    # a tar's: the label members' extensions (';'-separated) every sample
                                            # must have one of; '' unlabelled
-
-
-def item_fields(item: SourceItem) -> list:
-    """An item as a JSON list (a task's row)."""
-    return list(item)
 
 
 @dataclass(frozen=True)
@@ -144,8 +140,9 @@ def list_files(uri: str, cfg: StorageConfig) -> list[FileRef]:
     else:
         storage.check_readable()
     # Sorted by key, so by URI; a local listing refuses any link it meets: the paths below have none.
-    return [FileRef(f"{uri}/{e.key}", e.size, e.mtime_ns) for e in storage.list("", recursive=True)
-            if _visible(e.key)]
+    above = uri + "/"
+    return [FileRef(above + key, size, mtime) for key, size, mtime in storage.list("", recursive=True)
+            if _visible(key)]
 
 
 def _visible(key: str) -> bool:
@@ -156,9 +153,10 @@ def _visible(key: str) -> bool:
 def fingerprint(kind: str, uri: str, items, files: list[FileRef], label_names, options: IngestOptions) -> str:
     """The identity of an input as planned: same files (size and time), items, names and options, same value."""
     digest = hashlib.sha256(json.dumps([kind, uri, dataclasses.asdict(options), label_names], default=str).encode())
-    rows = [["SourceItem", *item_fields(i)] for i in items] + [["FileRef", f.uri, f.size, f.mtime_ns] for f in files]
-    for at in range(0, len(rows), FINGERPRINT_BATCH):   # a batch at a time: a million files never make one string
-        digest.update(json.dumps(rows[at:at + FINGERPRINT_BATCH]).encode())
+    for section, rows in (("SourceItem", items), ("FileRef", files)):   # tuples: JSON lists, each field in order
+        digest.update(json.dumps([section, len(rows)]).encode())
+        for at in range(0, len(rows), FINGERPRINT_BATCH):   # a batch at a time: a million files never make one string
+            digest.update(json.dumps(rows[at:at + FINGERPRINT_BATCH]).encode())
     return digest.hexdigest()
 
 

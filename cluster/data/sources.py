@@ -16,15 +16,14 @@ from cluster.data.source_files import (
     read_fashion_mnist_item,
     read_image_file_item,
 )
-from cluster.data.source_io import IngestOptions, SourceImage, SourceItem, SourcePlan, item_fields
+from cluster.data.source_io import IngestOptions, SourceImage, SourceItem, SourcePlan
 from cluster.data.source_parquet import plan_table_source, read_table_item
 from cluster.data.source_tars import plan_webdataset, read_tar_item
 from vae_core.config import StorageConfig
 from vae_core.errors import VaegenError
 from vae_core.names import NAME_RULE, is_valid_name
 
-__all__ = ["SOURCES", "IngestOptions", "SourceImage", "SourceItem", "SourcePlan", "item_fields", "plan_source",
-           "read_item"]
+__all__ = ["SOURCES", "IngestOptions", "SourceImage", "SourceItem", "SourcePlan", "plan_source", "read_item"]
 
 SOURCES = ("fashion-mnist", "image-folder", "parquet", "hf", "webdataset")
 WHAT_PATH = {"image-folder": "an image folder, local or s3://", "parquet": "a Parquet file or folder, local or s3://",

@@ -200,7 +200,9 @@ class Storage(S3Requests):
     def list(self, prefix: str, recursive: bool = False) -> list[Entry]:
         """Files under a key prefix (a 'folder'), sorted; S3's zero-byte 'dir/' marker keys are skipped."""
         walk = self._s3_walk if self.is_s3 else self._local_walk
-        return sorted(Entry(key, size, mtime) for key, size, mtime in walk(prefix, recursive) if size >= 0)
+        found = [f for f in walk(prefix, recursive) if f[1] >= 0]
+        found.sort()
+        return list(map(Entry._make, found))
 
     def _s3_walk(self, prefix: str, recursive: bool) -> list[tuple[str, int, int]]:
         """(key, size, mtime_ns) of each object under a prefix of an S3 root, S3's zero-byte 'dir/' marker keys
@@ -233,18 +235,18 @@ class Storage(S3Requests):
                 continue
             except OSError as e:
                 raise VaegenError(f"cannot read {self.uri_of(folder)}: {e.strerror or e}") from None
-            for entry in listed:
-                key = f"{folder}/{entry.name}" if folder else entry.name
+            above = f"{folder}/" if folder else ""
+            for entry in listed:                   # a file first: a large listing is mostly files
                 if entry.is_symlink():
                     raise_link(entry.path)
                 try:
-                    if entry.is_dir(follow_symlinks=False):
-                        found.append((key, -1, 0))
-                        if recursive:
-                            pending.append(key)
-                    elif entry.is_file(follow_symlinks=False):
+                    if entry.is_file(follow_symlinks=False):
                         st = entry.stat(follow_symlinks=False)
-                        found.append((key, st.st_size, st.st_mtime_ns))
+                        found.append((above + entry.name, st.st_size, st.st_mtime_ns))
+                    elif entry.is_dir(follow_symlinks=False):
+                        found.append((above + entry.name, -1, 0))
+                        if recursive:
+                            pending.append(above + entry.name)
                 except FileNotFoundError:
                     continue
         return found

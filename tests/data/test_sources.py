@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cluster.data.shard_tasks import CheckedImages, IngestJob
-from cluster.data.sources import IngestOptions, SourceItem, item_fields, plan_source, read_item
+from cluster.data.sources import IngestOptions, SourceItem, plan_source, read_item
 from vae_core.config import StorageConfig
 from vae_core.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from vae_core.errors import VaegenError
@@ -217,6 +217,17 @@ def test_image_folder_reads_any_pillow_format_by_pil_to_chw_rules(tmp_path):
     assert np.abs(images["photo.jpg"].astype(int) - rgb.transpose(2, 0, 1)).mean() < 8
 
 
+def test_an_image_folder_takes_a_file_by_its_own_suffix_in_any_case(tmp_path):
+    """A name's suffix is what follows its last '.', in any case; a '.' in a folder's name is no file's suffix."""
+    (tmp_path / "v1.png").mkdir()
+    Image.fromarray(pattern(8, 8, 3, 1)).save(tmp_path / "v1.png" / "SHOUT.PNG", format="PNG")
+    (tmp_path / "v1.png" / "LICENSE").write_text("not an image: skipped")
+    (tmp_path / "v1.png" / "scan.png.txt").write_text("not an image: skipped")
+    plan = plan_source("image-folder", str(tmp_path), LOCAL, IngestOptions())
+    assert [item.uri.rsplit("/", 1)[-1] for item in plan.items] == ["SHOUT.PNG"]
+    assert plan.label_names == ("v1.png",)
+
+
 def test_size_and_mode_shape_every_image_and_mixed_sizes_come_out_one_shape(tmp_path):
     (tmp_path / "x").mkdir()
     Image.fromarray(np.full((40, 20, 3), 90, np.uint8)).save(tmp_path / "x" / "tall.png")
@@ -246,7 +257,7 @@ def test_an_image_past_pillows_pixel_limit_is_refused_in_a_task_without_a_warnin
     checked = CheckedImages(IngestJob("image-folder", "ds", "g", LOCAL, IngestOptions(skip_bad=True), None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert list(checked.read([item_fields(SourceItem("train", str(tmp_path / "big.png")))])) == []
+        assert list(checked.read([SourceItem("train", str(tmp_path / "big.png"))])) == []
     assert checked.bad == 1 and checked.examples[0]["error"].startswith("image too large to decode safely")
     assert caught == []                                       # the task made Pillow's warning its error
 
