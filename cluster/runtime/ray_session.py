@@ -83,8 +83,12 @@ def ray_runtime(address: str | None = None, *, num_cpus: int | None = None, obje
         # address="local": always a new Ray; plain ray.init() would join whatever `ray start` left recorded
         # in /tmp/ray/ray_current_cluster, even a cluster that no longer runs.
         # Seconds of start-up before any bar can move: said, so that a blank terminal is never the only sign.
-        print(f"vaegen: starting a local Ray ({num_cpus or os.cpu_count()} CPUs)...", flush=True)
-        context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+        cpus = num_cpus or os.cpu_count()
+        # Ray's CPUs are scheduling slots: a training's local Ray may have more than the machine (local_cpus).
+        slots = (f"{cpus} CPUs" if cpus == os.cpu_count()
+                 else f"{cpus} CPU slots on this machine's {os.cpu_count()} CPUs")
+        print(f"vaegen: starting a local Ray ({slots})...", flush=True)
+        context = ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", object_store_memory=store * 2**20 if store else None,
                            **kwargs)
         if dashboard:
