@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +51,9 @@ class CheckedImages:
     def __init__(self, job: IngestJob):
         self.job, self.first, self.bad, self.examples, self.notes = job, None, 0, [], Counter()
 
-    def read(self, items: list[list]) -> Iterator[tuple[np.ndarray, int]]:
-        """(uint8 (C, H, W) pixels, label) of every good image of the items, in order."""
+    def read(self, items: Iterable[Sequence]) -> Iterator[tuple[np.ndarray, int]]:
+        """(uint8 (C, H, W) pixels, label) of every good image of the items (SourceItems, or their fields as a
+        spec's JSON lists), in order."""
         job = self.job
         with bombs_refused():
             for fields in items:
