@@ -151,6 +151,16 @@ def table_arrays(table: pa.Table, image_shape: tuple[int, ...]) -> tuple[np.ndar
             flat.reshape(len(pixels), *image_shape))
 
 
+def rows_with_ids(table: pa.Table, image_shape: tuple[int, ...], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of a dataset table whose id is in `ids` (sorted, unique): id, label and uint8 image arrays. A Ray Data
+    map function for training's reads (cluster/train/on_ray.py). It lives here, where nothing imports torch, because
+    every process that runs or plans it imports its module first: a read task's worker, the streaming split's
+    coordinator."""
+    row_ids, labels, images = table_arrays(table, image_shape)
+    keep = np.isin(row_ids, ids, assume_unique=True)
+    return {"id": row_ids[keep], "label": labels[keep], "image": images[keep]}
+
+
 @dataclass
 class LoadedSplit:
     ids: np.ndarray

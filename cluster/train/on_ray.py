@@ -23,11 +23,10 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from cluster.data.datasets import shard_keys, table_arrays
+from cluster.data.datasets import rows_with_ids, shard_keys
 from cluster.runtime.ray_join import CONNECT_TIMEOUT_S
 from cluster.runtime.ray_private import footer_readers_for, ray_started_here, trainer_class
 from cluster.runtime.ray_session import ray_runtime
@@ -145,14 +144,8 @@ def training_images(storage: Storage, job: TrainJobConfig, manifest: dict, train
     paths = [storage.path(k) for k in shard_keys(storage, job.dataset, "train", manifest)]
     with footer_readers_for(len(paths)):
         images = ray.data.read_parquet(paths, filesystem=storage.fs, columns=["id", "label", "pixels"])
-    return images.map_batches(select_rows, batch_format="pyarrow", zero_copy_batch=True,
+    return images.map_batches(rows_with_ids, batch_format="pyarrow", zero_copy_batch=True,
                               fn_kwargs={"image_shape": tuple(job.model.image_shape), "ids": train_ids})
-
-
-def select_rows(table: pa.Table, image_shape: tuple[int, int, int], ids: np.ndarray) -> dict[str, np.ndarray]:
-    row_ids, labels, images = table_arrays(table, image_shape)
-    keep = np.isin(row_ids, ids, assume_unique=True)
-    return {"id": row_ids[keep], "label": labels[keep], "image": images[keep]}
 
 
 def run_trainer(storage: Storage, job: TrainJobConfig, manifest: dict, train_ids: np.ndarray,

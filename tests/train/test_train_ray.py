@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 from conftest import free_port, unique_name
 
-from cluster.data.datasets import ingest, shard_keys
+from cluster.data.datasets import bind_model_to_dataset, ingest, read_manifest, shard_keys
 from cluster.store.registry import Registry
 from cluster.store.storage import Storage, open_storage
 from cluster.train.driver import train_model
@@ -214,6 +214,25 @@ def test_one_worker_runs_without_a_process_group_and_its_controller_imports_no_t
     assert controller.stdout.decode().strip() == "False"
     assert process_group(2, use_gpu=False) == TorchConfig(backend="gloo")
     assert process_group(4, use_gpu=True) == TorchConfig(backend="nccl")
+
+
+def test_the_training_dataset_unpickles_without_torch(ray_local, local_storage_config, small_fashion):
+    """Ray Data's processes of a run that reads through it (each read task, the streaming split's coordinator, the
+    dataset manager) unpickle the training dataset, and so import the module of its map function: without torch
+    there, none of them spends seconds importing it."""
+    import numpy as np
+    import ray.cloudpickle
+
+    from cluster.train.on_ray import training_images
+    storage = ingest_small_fashion(local_storage_config, small_fashion)
+    manifest, job = read_manifest(storage, DATASET), job_for(local_storage_config)
+    job = replace(job, model=bind_model_to_dataset(job.model, manifest, job.conditional))
+    dataset = training_images(storage, job, manifest, np.arange(100))
+    load = "import sys, ray.cloudpickle; ray.cloudpickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+    process = subprocess.run([sys.executable, "-c", load], input=ray.cloudpickle.dumps(dataset), capture_output=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert process.returncode == 0, process.stderr.decode()[-2000:]
+    assert process.stdout.decode().split()[-1] == "False"
 
 
 def test_rerunning_a_finished_run_returns_its_version(s3_fashion, two_worker_run):
