@@ -12,8 +12,9 @@
 - Device: an actor given a GPU decodes on CUDA; one that sees no CUDA (a fake or misdeclared GPU resource)
   decodes on the CPU rather than failing.
 - Faults: an actor that dies is restarted by Ray (max_restarts) and its shard retried; a call lost to an
-  unreachable actor (its node removed) is resubmitted, since shards are idempotent; past those limits the run
-  stops, keeping every finished shard for the next run to resume."""
+  unreachable actor (its node removed) is resubmitted, since shards are idempotent; past those limits, or when a
+  shard fails (a full disk), the run stops once the other shards in flight have ended (none is killed mid-write),
+  keeping every finished shard for the next run to resume."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ IN_FLIGHT_PER_WORKER = 2         # one shard decoding, one encoding/publishing: 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_PLACEMENT_TIMEOUT_S", "120"))
 JOINED_PLACEMENT_TIMEOUT_S = float(os.environ.get("VAEGEN_JOINED_PLACEMENT_TIMEOUT_S", "900"))
 UNAVAILABLE_RETRIES = 5          # a shard's calls lost to an unreachable actor (its node removed) before giving up
+SETTLE_S = 60.0                  # how long a failing run lets its other in-flight shards end before the kill
 
 
 def decoder_worker_class():
@@ -168,7 +170,8 @@ def stop_workers(actors: list) -> None:
 
 def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -> None:
     """Feed shard indices to the actors, at most IN_FLIGHT_PER_WORKER each (backpressure): the driver holds
-    only the in-flight futures and small records, whatever the job's size."""
+    only the in-flight futures and small records, whatever the job's size. When a shard fails, the others in
+    flight end first (settle), then the failure is raised."""
     import ray
     pending = deque(todo)
     futures: dict = {}
@@ -179,10 +182,8 @@ def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -
             index = pending.popleft()
             futures[actor.run_shard.remote(index)] = (actor, index)
 
-    for _ in range(IN_FLIGHT_PER_WORKER):
-        for actor in actors:
-            submit(actor)
-    while futures:
+    def next_record() -> dict | None:
+        """The record of the next shard to end (then its actor gets another), or None when it is to be rerun."""
         ready, _ = ray.wait(list(futures), num_returns=1)
         actor, index = futures.pop(ready[0])
         try:
@@ -200,9 +201,29 @@ def run_shards(actors: list, todo: list[int], on_done: Callable[[dict], None]) -
             time.sleep(0.5 * unavailable[index])                     # rare: give the restart a moment
             pending.appendleft(index)
             submit(actor)
-            continue
+            return None
         except ray.exceptions.RayActorError as e:
             raise RuntimeError(f"a DecoderWorker died on shard {index} more often than its restarts allow "
                                f"({str(e).splitlines()[0]}); finished shards are kept: rerun to resume") from None
-        on_done(record)
         submit(actor)
+        return record
+
+    for _ in range(IN_FLIGHT_PER_WORKER):
+        for actor in actors:
+            submit(actor)
+    try:
+        while futures:
+            if (record := next_record()) is not None:
+                on_done(record)
+    except Exception:
+        settle(futures)
+        raise
+
+
+def settle(futures: dict) -> None:
+    """Let the shards still in flight when a run fails end (each publishes whole, or fails and removes its temp
+    file) before stop_workers kills their actors: a kill mid-write would leave a temp file on a local disk.
+    Bounded, since a shard on a hung actor may never end; Ctrl-C (not an Exception) does not wait."""
+    import ray
+    if futures:
+        ray.wait(list(futures), num_returns=len(futures), timeout=SETTLE_S)

@@ -17,7 +17,7 @@ from cluster.generate.commit import read_committed_manifest
 from cluster.generate.drill import STAGE_DELAY_ENV, stage_pause
 from cluster.generate.driver import run_generation
 from cluster.generate.plan import plan_job
-from cluster.generate.pool import start_workers
+from cluster.generate.pool import run_shards, start_workers, stop_workers
 from cluster.generate.settings import RunSettings
 from cluster.generate.shards import ShardMaker
 from cluster.generate.writers import ParquetShardWriter
@@ -154,6 +154,31 @@ def test_generate_onto_a_full_disk_is_one_line_and_a_rerun_with_space_resumes(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     written, skipped = map(int, re.search(r"\((\d+) written, (\d+) already there\)", resumed.stdout).groups())
     assert written + skipped == 30 and skipped >= len(receipts) >= 1
+
+
+def test_a_failing_shard_lets_the_others_in_flight_end_before_its_error_is_raised(ray_local, tmp_path):
+    """A shard that fails ends the run, but a shard mid-publish on the same actor is not killed mid-write (that
+    would leave a temp file on a local disk): run_shards raises only once it has ended."""
+    import ray
+
+    @ray.remote(max_concurrency=2)
+    class SlowAndFailingWorker:
+        def run_shard(self, index: int) -> dict:
+            if index == 0:
+                time.sleep(0.2)
+                raise OSError(28, "No space left on device")
+            time.sleep(2.0)
+            (tmp_path / f"shard-{index}").write_text("whole")
+            return {"index": index}
+
+    worker = SlowAndFailingWorker.remote()
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            run_shards([worker], [0, 1, 2], on_done=lambda record: None)
+        assert (tmp_path / "shard-1").read_text() == "whole"          # the shard in flight ended
+        assert not (tmp_path / "shard-2").exists()                    # and no new one started
+    finally:
+        stop_workers([worker])
 
 
 def test_a_workers_os_error_reaches_the_driver_as_itself_not_as_rays_coloured_traceback(ray_local,
