@@ -3,9 +3,11 @@
 1. Throughput, at each of `--images` (default 20k and 100k): a folder of PNGs (96×96 RGB, smooth shapes, 10 class
    folders) ingested with --size 64x64 on Ray Data (`ingest_source`, Ray started once before, a fresh root each
    time) against the bound: a plain PIL open + decode + RGB + resize loop in one process per core
-   (multiprocessing.Pool, started and warmed before it is timed). The two alternate, `--repeat` times; a line per
-   size reports each median, the ratio of medians and the median of the pairs' ratios (a pair runs back to back,
-   so it shares the machine's moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's
+   (multiprocessing.Pool, started and warmed before it is timed). The sides (the encoding loop, below, is the
+   third) take turns, `--repeat` times, each repeat starting with the next side, so that none always runs first
+   or last while the machine's speed drifts. A line per size reports each median, the ratio of medians and the
+   median of the pairs' ratios (a pair, a repeat's bound and ingest, runs close together: it shares the machine's
+   moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's
    start, the last shard's finish), so the two sizes bracket a small input and a sustained one. Beside the wall
    times, the CPU each side used (/proc: the Pool's processes for the bound; this process and every other process
    under it, Ray's included, for the ingest): `cpu_ratio`, the bound's CPU over the ingest's, is what the ingest
@@ -51,6 +53,7 @@ from vae_core.data import RESIZE_FILTER
 SIZE = (64, 64)
 CHUNK = 256                        # images per piece of work a Pool process takes
 LABEL_NAMES = tuple(f"c{k}" for k in range(10))
+SIDES = ["bound", "encoding loop", "ingest"]
 
 
 def make_image(args: tuple[str, int, int]) -> None:
@@ -120,18 +123,22 @@ def throughput(args, tmp: str) -> Iterator[dict]:
             pool.map(pil_decode_resize, files[:512])               # warm: the pool's processes are up
             bounds, ingests, bound_cpu, ingest_cpu, encoding, encoding_cpu = [], [], [], [], [], []
             for i in range(args.repeat):
-                before = cpu_s(pool_pids)
-                bounds.append(bound_s(pool, files))
-                bound_cpu.append(cpu_s(pool_pids) - before)
-                before = cpu_s(pool_pids)
-                encoding.append(encoding_loop_s(pool, files))
-                encoding_cpu.append(cpu_s(pool_pids) - before)
-                before = ingest_cpu_parts(pool_pids)
-                root = f"{tmp}/root-{n}-{i}"
-                ingests.append(ingest_s(folder, root, SIZE))
-                after = ingest_cpu_parts(pool_pids)
-                ingest_cpu.append({part: after[part] - before.get(part, 0) for part in after})
-                shutil.rmtree(root)
+                for side in SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]:     # each side takes each place in turn
+                    if side == "bound":
+                        before = cpu_s(pool_pids)
+                        bounds.append(bound_s(pool, files))
+                        bound_cpu.append(cpu_s(pool_pids) - before)
+                    elif side == "encoding loop":
+                        before = cpu_s(pool_pids)
+                        encoding.append(encoding_loop_s(pool, files))
+                        encoding_cpu.append(cpu_s(pool_pids) - before)
+                    else:
+                        before = ingest_cpu_parts(pool_pids)
+                        root = f"{tmp}/root-{n}-{i}"
+                        ingests.append(ingest_s(folder, root, SIZE))
+                        after = ingest_cpu_parts(pool_pids)
+                        ingest_cpu.append({part: after[part] - before.get(part, 0) for part in after})
+                        shutil.rmtree(root)
             shutil.rmtree(folder)
             b, g = n / statistics.median(bounds), n / statistics.median(ingests)
             yield {"measure": "ingest_throughput", "images": n, "source": "96x96 PNG → --size 64x64",
