@@ -7,8 +7,8 @@
    third) take turns, `--repeat` times, each repeat starting with the next side, so that none always runs first
    or last while the machine's speed drifts. A line per size reports each median, the ratio of medians and the
    median of the pairs' ratios (a pair, a repeat's bound and ingest, runs close together: it shares the machine's
-   moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's
-   start, the last shard's finish), so the two sizes bracket a small input and a sustained one. Beside the wall
+   moment). A larger input weighs the ingest's fixed costs less (the plan, Ray Data's start, the last shard's
+   finish), so the two sizes bracket a small input and a sustained one. Beside the wall
    times, the CPU each side used (/proc: the Pool's processes for the bound; this process and every other process
    under it, Ray's included, for the ingest): `cpu_ratio`, the bound's CPU over the ingest's, is what the ingest
    would reach with every core busy to the end, and the gap from it to `ratio` is cores left idle. A third side,
@@ -122,16 +122,15 @@ def throughput(args, tmp: str) -> Iterator[dict]:
             files = sorted(f"{folder}/{c}/{f}" for c in os.listdir(folder) for f in os.listdir(f"{folder}/{c}"))
             pool.map(pil_decode_resize, files[:512])               # warm: the pool's processes are up
             bounds, ingests, bound_cpu, ingest_cpu, encoding, encoding_cpu = [], [], [], [], [], []
+            pool_sides = {"bound": (bound_s, bounds, bound_cpu),                 # side: (timed run, walls, CPUs)
+                          "encoding loop": (encoding_loop_s, encoding, encoding_cpu)}
             for i in range(args.repeat):
                 for side in SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]:     # each side takes each place in turn
-                    if side == "bound":
+                    if side in pool_sides:
+                        timed, walls, cpus = pool_sides[side]
                         before = cpu_s(pool_pids)
-                        bounds.append(bound_s(pool, files))
-                        bound_cpu.append(cpu_s(pool_pids) - before)
-                    elif side == "encoding loop":
-                        before = cpu_s(pool_pids)
-                        encoding.append(encoding_loop_s(pool, files))
-                        encoding_cpu.append(cpu_s(pool_pids) - before)
+                        walls.append(timed(pool, files))
+                        cpus.append(cpu_s(pool_pids) - before)
                     else:
                         before = ingest_cpu_parts(pool_pids)
                         root = f"{tmp}/root-{n}-{i}"
